@@ -1,0 +1,34 @@
+"""The agent protocol: what a session's voice agent sees and how it speaks.
+
+The session's media tick calls the ``on_*`` hooks synchronously, so they must
+return within microseconds: they may only update state or hand work to the
+agent's own task through a bounded channel. An agent speaks by pushing 20 ms
+PCM16 frames onto its :class:`~voxgate.pipeline.playout.Playout`. Agents with
+slow work (recognition, synthesis, webhooks) override :meth:`Agent.run`, which
+the session starts in its own nursery and cancels when the call ends.
+"""
+
+from __future__ import annotations
+
+from voxgate.pipeline.playout import Playout
+from voxgate.pipeline.vad import SpeechStarted, SpeechStopped
+from voxgate.rtp.dtmf import DtmfEvent
+
+
+class Agent:
+    """Base class: every hook does nothing; :meth:`run` returns at once."""
+
+    def __init__(self, playout: Playout) -> None:
+        self.playout = playout
+
+    def on_frame(self, pcm: bytes, now: float) -> None:
+        """One inbound 20 ms frame of 16-bit signed little-endian mono PCM."""
+
+    def on_speech(self, event: SpeechStarted | SpeechStopped) -> None:
+        """The caller started or stopped speaking (VAD with hysteresis)."""
+
+    def on_dtmf(self, event: DtmfEvent) -> None:
+        """The caller pressed a key (RFC 4733 telephone-event)."""
+
+    async def run(self) -> None:
+        """Long-running work in the session's nursery; cancelled at call end."""

@@ -1,0 +1,210 @@
+"""Configuration: a TOML file (``tomllib``) loaded into frozen dataclasses.
+
+Every section is a dataclass whose fields are the keys, with their defaults
+(the *embedded default*: a file may leave any key out) and a ``range`` in the
+field metadata. Unknown sections or keys, wrong types and out-of-range values
+raise :class:`~voxgate.errors.ConfigError` naming the file and the key, e.g.
+``/etc/voxgate/voxgate.toml: [rtp] port_min: must be between 1024 and 65535``.
+``config/voxgate.toml`` documents every key with its unit and default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from voxgate.errors import ConfigError
+
+DEFAULT_PATH = Path("/etc/voxgate/voxgate.toml")
+LOG_LEVELS = ("debug", "info", "warning", "error")
+AGENT_KINDS = ("echo",)
+CODECS = ("PCMU", "PCMA")
+
+
+def _range(lo: float, hi: float) -> dict[str, tuple[float, float]]:
+    return {"range": (lo, hi)}
+
+
+@dataclass(frozen=True)
+class SipConfig:
+    listen: str = "127.0.0.1:5060"
+    answer_delay_ms: int = field(default=0, metadata=_range(0, 60_000))
+
+    @property
+    def host(self) -> str:
+        return split_host_port(self.listen)[0]
+
+    @property
+    def port(self) -> int:
+        return split_host_port(self.listen)[1]
+
+
+@dataclass(frozen=True)
+class RtpConfig:
+    address: str = "127.0.0.1"
+    port_min: int = field(default=20000, metadata=_range(1024, 65535))
+    port_max: int = field(default=20999, metadata=_range(1024, 65535))
+    codecs: tuple[str, ...] = CODECS
+    jitter_buffer_ms: int = field(default=20, metadata=_range(0, 1000))
+    jitter_buffer_max_ms: int = field(default=200, metadata=_range(20, 5000))
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_sessions: int = field(default=100, metadata=_range(1, 100_000))
+    drain_timeout_s: float = field(default=30.0, metadata=_range(0, 86_400))
+
+
+@dataclass(frozen=True)
+class TimersConfig:
+    max_duration_s: float = field(default=3600.0, metadata=_range(1, 7 * 86_400))
+    media_inactivity_s: float = field(default=30.0, metadata=_range(0.1, 3600))
+
+
+@dataclass(frozen=True)
+class VadConfig:
+    aggressiveness: int = field(default=2, metadata=_range(0, 3))
+    start_ms: int = field(default=200, metadata=_range(20, 10_000))
+    stop_ms: int = field(default=600, metadata=_range(20, 10_000))
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    kind: str = "echo"
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    socket: str = "/run/voxgate/control.sock"
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "info"
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole daemon configuration; ``source`` is the file it came from."""
+
+    sip: SipConfig = field(default_factory=SipConfig)
+    rtp: RtpConfig = field(default_factory=RtpConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    timers: TimersConfig = field(default_factory=TimersConfig)
+    vad: VadConfig = field(default_factory=VadConfig)
+    agent: AgentConfig = field(default_factory=AgentConfig)
+    control: ControlConfig = field(default_factory=ControlConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    source: str = "<embedded default>"
+
+
+def split_host_port(text: str) -> tuple[str, int]:
+    """Split ``host:port`` or ``[v6]:port``; raises ValueError when malformed."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise ValueError("must be HOST:PORT")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    ipaddress.ip_address(host)
+    number = int(port)
+    if not 1 <= number <= 65535:
+        raise ValueError("port must be between 1 and 65535")
+    return host, number
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate ``path``. Raises ConfigError naming the file and key."""
+    try:
+        with path.open("rb") as f:
+            data = tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read: {e.strerror}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    return parse_config(data, str(path))
+
+
+def parse_config(data: dict[str, Any], source: str) -> Config:
+    """Validate an already-decoded TOML document (see :func:`load_config`)."""
+    sections: dict[str, Any] = {}
+    section_types = {
+        f.name: f.default_factory  # type: ignore[misc]
+        for f in dataclasses.fields(Config)
+        if f.name != "source"
+    }
+    for name, value in data.items():
+        if name not in section_types:
+            raise ConfigError(f"{source}: [{name}]: unknown section")
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: [{name}]: must be a table")
+        sections[name] = _parse_section(section_types[name], name, value, source)
+    config = Config(**sections, source=source)
+    _check_consistency(config)
+    return config
+
+
+def _parse_section(cls: Any, section: str, values: dict[str, Any], source: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in values.items():
+        where = f"{source}: [{section}] {key}"
+        if key not in fields:
+            raise ConfigError(f"{where}: unknown key")
+        kwargs[key] = _check_value(fields[key], value, where)
+    return cls(**kwargs)
+
+
+def _check_value(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else None
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: must be true or false")
+    elif isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: must be an integer")
+    elif isinstance(default, float):
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise ConfigError(f"{where}: must be a number")
+        value = float(value)
+    elif isinstance(default, str):
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: must be a string")
+    elif isinstance(default, tuple):
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            raise ConfigError(f"{where}: must be a list of strings")
+        value = tuple(value)
+    lo_hi = f.metadata.get("range")
+    if lo_hi is not None and not lo_hi[0] <= value <= lo_hi[1]:
+        lo, hi = (int(x) if float(x).is_integer() else x for x in lo_hi)
+        raise ConfigError(f"{where}: must be between {lo} and {hi}, got {value}")
+    return value
+
+
+def _check_consistency(config: Config) -> None:
+    src = config.source
+    try:
+        split_host_port(config.sip.listen)
+    except ValueError as e:
+        raise ConfigError(f"{src}: [sip] listen: {e}, got {config.sip.listen!r}") from e
+    try:
+        ipaddress.ip_address(config.rtp.address)
+    except ValueError as e:
+        raise ConfigError(f"{src}: [rtp] address: must be an IP address") from e
+    if config.rtp.port_min > config.rtp.port_max:
+        raise ConfigError(f"{src}: [rtp] port_min: must not be above port_max")
+    if config.rtp.port_max - config.rtp.port_min < 1:
+        raise ConfigError(f"{src}: [rtp] port_max: the range must hold at least one even port")
+    if not config.rtp.codecs or any(c not in CODECS for c in config.rtp.codecs):
+        raise ConfigError(f"{src}: [rtp] codecs: must be a non-empty list of {', '.join(CODECS)}")
+    if config.rtp.jitter_buffer_max_ms <= config.rtp.jitter_buffer_ms:
+        raise ConfigError(f"{src}: [rtp] jitter_buffer_max_ms: must be above jitter_buffer_ms")
+    if config.vad.start_ms % 20 or config.vad.stop_ms % 20:
+        raise ConfigError(f"{src}: [vad] start_ms/stop_ms: must be multiples of 20 ms")
+    if config.agent.kind not in AGENT_KINDS:
+        raise ConfigError(f"{src}: [agent] kind: must be one of {', '.join(AGENT_KINDS)}")
+    if config.log.level not in LOG_LEVELS:
+        raise ConfigError(f"{src}: [log] level: must be one of {', '.join(LOG_LEVELS)}")

@@ -1,0 +1,127 @@
+"""One SIP call's media: a non-blocking UDP socket ticked by the media clock.
+
+Each tick (20 ms): drain the socket into the :class:`~voxgate.rtp.stream.RtpStream`
+(jitter buffer, DTMF, symmetric-RTP latching), decode one frame for the
+pipeline, encode the pipeline's outbound frame (or G.711 silence) and send one
+packet to where the peer's packets come from. No awaits, no task switches:
+the work per call per tick is a few microseconds of C calls.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+
+from voxgate.codec.g711 import G711Codec
+from voxgate.logging import log_event
+from voxgate.pipeline.pipeline import Pipeline
+from voxgate.rtp.jitter import FrameState
+from voxgate.rtp.stream import RtpStream
+from voxgate.transports.rtp_media import PortPool
+
+MAX_DATAGRAM_BYTES = 2048
+"""Largest RTP datagram read; G.711 at 20 ms is 172 bytes."""
+
+MAX_PACKETS_PER_TICK = 32
+"""A flood beyond this per 20 ms stays in the kernel buffer (and is dropped there)."""
+
+SAMPLES_PER_FRAME = 160
+"""8 kHz × 20 ms."""
+
+_PCM_SILENCE = bytes(2 * SAMPLES_PER_FRAME)
+
+
+class RtpLeg:
+    """The RTP side of one session; implements :class:`~voxgate.session.SessionMedia`."""
+
+    __slots__ = (
+        "_pool", "_silence", "_sock", "codec", "inactivity_s", "local_port",
+        "pipeline", "receiving", "send_errors", "sending", "started_at", "stream",
+    )
+
+    def __init__(
+        self,
+        *,
+        pool: PortPool,
+        sock: socket.socket,
+        stream: RtpStream,
+        codec: G711Codec,
+        pipeline: Pipeline,
+        inactivity_s: float,
+    ) -> None:
+        self._pool = pool
+        self._sock: socket.socket | None = sock
+        self.local_port: int = sock.getsockname()[1]
+        self.stream = stream
+        self.codec = codec
+        self.pipeline = pipeline
+        self.inactivity_s = inactivity_s
+        self._silence = codec.silence(SAMPLES_PER_FRAME)
+        self.sending = True
+        self.receiving = True
+        self.send_errors = 0
+        self.started_at: float | None = None
+
+    @property
+    def packets_in(self) -> int:
+        return self.stream.stats.packets_in
+
+    @property
+    def packets_out(self) -> int:
+        return self.stream.stats.packets_out
+
+    def set_direction(self, *, sending: bool, receiving: bool) -> None:
+        """Hold/resume (RFC 3264 §8.4): stop sending and/or stop expecting media."""
+        self.sending = sending
+        self.receiving = receiving
+
+    def tick(self, now: float, frames_elapsed: int) -> str | None:
+        """One 20 ms media step (see the module docstring).
+
+        Returns an end reason (``media-timeout``) when no RTP has arrived for
+        ``inactivity_s`` while media is expected, else None.
+        """
+        if self.started_at is None:
+            self.started_at = now
+        sock = self._sock
+        if sock is None:
+            return None
+        stream = self.stream
+        for _ in range(MAX_PACKETS_PER_TICK):
+            try:
+                data, source = sock.recvfrom(MAX_DATAGRAM_BYTES)
+            except BlockingIOError:
+                break
+            except OSError:
+                break
+            dtmf = stream.receive_datagram_untrusted(data, source[:2], now)
+            if dtmf is not None:
+                self.pipeline.dtmf(dtmf)
+        pipeline = self.pipeline
+        for _ in range(frames_elapsed):
+            state, payload = stream.pop_frame()
+            if state is FrameState.PLAYED and payload is not None:
+                pipeline.inbound(self.codec.decode(payload), now)
+            elif state is FrameState.LOST:
+                pipeline.inbound(_PCM_SILENCE, now)
+        out = pipeline.outbound()
+        remote = stream.remote_addr
+        if self.sending and remote is not None:
+            payload = self._silence if out is None else self.codec.encode(out)
+            try:
+                sock.sendto(stream.build_outbound(payload, frames_elapsed=frames_elapsed), remote)
+            except OSError as e:
+                self.send_errors += 1
+                if self.send_errors == 1:
+                    log_event(logging.WARNING, "rtp_send_failed", str(e), remote=f"{remote}")
+        if self.receiving:
+            last = stream.last_received_at
+            if now - (self.started_at if last is None else last) > self.inactivity_s:
+                return "media-timeout"
+        return None
+
+    def close(self) -> None:
+        """Close the socket and return its port to the pool (idempotent)."""
+        if self._sock is not None:
+            self._pool.release(self._sock)
+            self._sock = None

@@ -1,0 +1,352 @@
+"""Trio driver for SIP over UDP: the socket, the timers and the calls.
+
+The protocol lives in the sans-IO :class:`~voxgate.sip.uas.UasCore`; this
+driver feeds it datagrams and clock ticks, sends what it produces, and turns
+its events into sessions: an ``IncomingCall`` is checked (capacity, SDP
+offer/answer, an RTP port) and becomes a :class:`~voxgate.session.Session`
+started in the endpoint's nursery. A failure while handling one event is
+logged with its Call-ID and ends or refuses only that call.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import math
+import random
+import socket
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from voxgate.agents.echo import EchoAgent
+from voxgate.codec.g711 import codec_for
+from voxgate.config import Config
+from voxgate.errors import RemoteProtocolError
+from voxgate.logging import log_event
+from voxgate.pipeline.pipeline import Pipeline
+from voxgate.pipeline.playout import Playout
+from voxgate.pipeline.vad import VoiceActivityDetector
+from voxgate.rtp.stream import RtpStream
+from voxgate.session import Session
+from voxgate.sip import uas
+from voxgate.sip.sdp import Negotiated, SessionDescription, build_answer, negotiate, parse_sdp_untrusted
+from voxgate.transports.rtp_leg import RtpLeg
+from voxgate.transports.rtp_media import FRAME_S, MediaClock, PortPool
+
+MAX_SIP_DATAGRAM_BYTES = 65_535
+MAX_DATAGRAMS_PER_WAKEUP = 64
+PLAYOUT_CAPACITY_FRAMES = 50
+"""1 s of agent speech queued at most (echo needs one frame)."""
+
+_Action = Callable[[uas.UasCore, float], None]
+
+# Session end reason → SIP answer to a still-unanswered INVITE.
+_REFUSAL_STATUS = {"shutdown": 503, "error": 500, "ack-timeout": 408}
+
+
+@dataclass
+class _Call:
+    """What the endpoint keeps per call: the session and its SDP state."""
+
+    call_key: str
+    session: Session
+    leg: RtpLeg
+    offer: SessionDescription
+    negotiated: Negotiated
+    sdp_session_id: int
+    sdp_version: int
+
+
+class _Signaling:
+    """:class:`~voxgate.session.CallSignaling` for one SIP call."""
+
+    def __init__(self, endpoint: SipEndpoint, call_key: str) -> None:
+        self._endpoint = endpoint
+        self._call_key = call_key
+
+    def ring(self) -> None:
+        self._endpoint.act(lambda core, now: core.send_provisional(self._call_key, 180, now))
+
+    def answer(self) -> None:
+        self._endpoint.answer(self._call_key)
+
+    def refuse(self, reason: str) -> None:
+        status = _REFUSAL_STATUS.get(reason, 480)
+        self._endpoint.act(lambda core, now: core.reject(self._call_key, status, now, reason=reason))
+
+    def hangup(self, reason: str) -> None:
+        self._endpoint.hangup(self._call_key, reason)
+
+    def release(self) -> None:
+        self._endpoint.release(self._call_key)
+
+
+class SipEndpoint:
+    """The UAS on ``[sip] listen``; owns every SIP call's session."""
+
+    def __init__(self, config: Config, clock: MediaClock) -> None:
+        self.config = config
+        self._clock = clock
+        host, port = config.sip.host, config.sip.port
+        self.core = uas.UasCore(local_host=host, local_port=port,
+                                max_dialogs=4 * config.limits.max_sessions + 64)
+        self.ports = PortPool(config.rtp.address, config.rtp.port_min, config.rtp.port_max)
+        self._sock: socket.socket | None = None
+        self._nursery: trio.Nursery | None = None
+        self._calls: dict[str, _Call] = {}
+        self._hangups_pending: set[str] = set()
+        self._timers_changed = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self.admitting = True
+
+    # -- life cycle -------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind the SIP socket, report started, then serve until cancelled.
+
+        Raises OSError when ``[sip] listen`` cannot be bound.
+        """
+        host, port = self.config.sip.host, self.config.sip.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            sock.setblocking(False)
+            sock.bind((host, port))
+            self._sock = sock
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                nursery.start_soon(self._timer_loop)
+                task_status.started()
+                await self._receive_loop(sock)
+        finally:
+            sock.close()
+
+    @property
+    def active_sessions(self) -> int:
+        return len(self._calls)
+
+    async def shutdown(self, grace_s: float) -> None:
+        """Stop admitting (503), end every call with BYE, wait up to ``grace_s``
+        for the sessions to end and our BYEs to be answered."""
+        self.admitting = False
+        self.core.available = False
+        self.core.unavailable_reason = "draining"
+        for call in list(self._calls.values()):
+            call.session.end("shutdown")
+        with trio.move_on_after(grace_s):
+            await self._idle.wait()
+
+    # -- actions from sessions -------------------------------------------
+
+    def act(self, action: _Action) -> None:
+        """Run one UAS action now and send what it produced."""
+        action(self.core, trio.current_time())
+        self._pump()
+
+    def answer(self, call_key: str) -> None:
+        call = self._calls[call_key]
+        sdp = build_answer(
+            call.offer, call.negotiated,
+            local_address=self.config.rtp.address, local_port=call.leg.local_port,
+            session_id=call.sdp_session_id, session_version=call.sdp_version,
+        )
+        self.act(lambda core, now: core.accept(call_key, sdp, now))
+
+    def hangup(self, call_key: str, reason: str) -> None:
+        self._hangups_pending.add(call_key)
+        self.act(lambda core, now: core.hangup(call_key, now, reason=reason))
+
+    def release(self, call_key: str) -> None:
+        self._calls.pop(call_key, None)
+        self._update_idle()
+
+    # -- the loops --------------------------------------------------------
+
+    async def _receive_loop(self, sock: socket.socket) -> None:
+        while True:
+            await trio.lowlevel.wait_readable(sock)
+            now = trio.current_time()
+            for _ in range(MAX_DATAGRAMS_PER_WAKEUP):
+                try:
+                    data, source = sock.recvfrom(MAX_SIP_DATAGRAM_BYTES)
+                except BlockingIOError:
+                    break
+                except OSError as e:
+                    log_event(logging.WARNING, "sip_receive_error", str(e))
+                    break
+                try:
+                    self.core.receive_datagram(data, (source[0], source[1]), now)
+                except Exception as exc:
+                    log_event(logging.ERROR, "sip_core_error", f"UAS core failed: {exc!r}",
+                              source=f"{source[0]}:{source[1]}", exc_info=exc)
+            self._pump()
+
+    async def _timer_loop(self) -> None:
+        while True:
+            deadline = self.core.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._timers_changed.wait()
+            self._timers_changed = trio.Event()
+            self.core.handle_timer(trio.current_time())
+            self._pump()
+
+    def _pump(self) -> None:
+        """Handle every queued event, send every queued datagram, re-arm timers."""
+        while (event := self.core.next_event()) is not None:
+            try:
+                self._handle(event)
+            except Exception as exc:
+                call_key = getattr(event, "call_key", None)
+                log_event(logging.ERROR, "sip_event_error", f"handling {type(event).__name__} "
+                          f"failed: {exc!r}", call_id=getattr(event, "call_id", None),
+                          exc_info=exc)
+                if call_key is not None and call_key in self._calls:
+                    self._calls[call_key].session.end("error")
+        sock = self._sock
+        for data, addr in self.core.datagrams_to_send():
+            if sock is None or not _is_ip(addr[0]):
+                continue
+            try:
+                sock.sendto(data, addr)
+            except OSError as e:
+                log_event(logging.WARNING, "sip_send_failed", str(e), dest=f"{addr[0]}:{addr[1]}")
+        self._timers_changed.set()
+
+    # -- events -------------------------------------------------------------
+
+    def _handle(self, event: uas.SipEvent) -> None:
+        if isinstance(event, uas.IncomingCall):
+            self._incoming_call(event)
+        elif isinstance(event, uas.CallAcked):
+            pass
+        elif isinstance(event, uas.CallCancelled):
+            self._end(event.call_key, "cancel")
+        elif isinstance(event, uas.CallEnded):
+            self._end(event.call_key, event.reason)
+        elif isinstance(event, uas.ReInvite):
+            self._reinvite(event)
+        elif isinstance(event, uas.HangupCompleted):
+            self._hangups_pending.discard(event.call_key)
+            self._update_idle()
+        elif isinstance(event, uas.BadMessageReceived):
+            log_event(logging.WARNING, "sip_bad_message", event.reason, call_id=event.call_id,
+                      source=f"{event.source[0]}:{event.source[1]}")
+
+    def _end(self, call_key: str, reason: str) -> None:
+        call = self._calls.get(call_key)
+        if call is not None:
+            call.session.end(reason)
+
+    def _refuse(self, event: uas.IncomingCall, status: int, reason: str) -> None:
+        log_event(logging.INFO, "call_refused", f"refused with {status}", call_id=event.call_id,
+                  status=status, reason=reason)
+        retry = 5 if status == 503 else None
+        self.core.reject(event.call_key, status, trio.current_time(), reason=reason,
+                         retry_after_s=retry)
+
+    def _incoming_call(self, event: uas.IncomingCall) -> None:
+        cfg = self.config
+        if not self.admitting:
+            self._refuse(event, 503, "draining")
+            return
+        if len(self._calls) >= cfg.limits.max_sessions:
+            self._refuse(event, 503, "full")
+            return
+        try:
+            offer = parse_sdp_untrusted(event.sdp_offer)
+            negotiated = negotiate(offer, preference=cfg.rtp.codecs)
+        except RemoteProtocolError as e:
+            self._refuse(event, e.status_hint or 400, e.reason)
+            return
+        sock = self.ports.open_socket()
+        if sock is None:
+            self._refuse(event, 503, "no-rtp-port")
+            return
+        codec = codec_for(negotiated.codec.name)
+        stream = RtpStream(
+            payload_type=negotiated.codec.payload_type,
+            telephone_event_pt=negotiated.telephone_event_pt,
+            ssrc=random.getrandbits(32),
+            initial_sequence=random.getrandbits(16),
+            initial_timestamp=random.getrandbits(32),
+            jitter_capacity_frames=max(2, cfg.rtp.jitter_buffer_max_ms // 20),
+            jitter_prefetch_frames=max(1, cfg.rtp.jitter_buffer_ms // 20),
+            remote_addr=negotiated.remote_rtp,
+        )
+        playout = Playout(PLAYOUT_CAPACITY_FRAMES)
+        vad = VoiceActivityDetector(aggressiveness=cfg.vad.aggressiveness,
+                                    start_ms=cfg.vad.start_ms, stop_ms=cfg.vad.stop_ms)
+        agent = EchoAgent(playout)
+        leg = RtpLeg(pool=self.ports, sock=sock, stream=stream, codec=codec,
+                     pipeline=Pipeline(vad, agent, playout),
+                     inactivity_s=cfg.timers.media_inactivity_s)
+        _apply_direction(leg, negotiated)
+        session = Session(
+            session_id=uuid.uuid4().hex[:12], call_id=event.call_id, transport="sip",
+            codec=codec.name, signaling=_Signaling(self, event.call_key), media=leg,
+            agent=agent, clock=self._clock, answer_delay_s=cfg.sip.answer_delay_ms / 1000,
+            max_duration_s=cfg.timers.max_duration_s,
+        )
+        self._calls[event.call_key] = _Call(
+            call_key=event.call_key, session=session, leg=leg, offer=offer,
+            negotiated=negotiated, sdp_session_id=random.getrandbits(31), sdp_version=1,
+        )
+        self._idle = trio.Event()
+        log_event(logging.INFO, "call_start", "call started", session_id=session.session_id,
+                  call_id=event.call_id, codec=codec.name, local_rtp_port=leg.local_port,
+                  remote=_fmt(negotiated.remote_rtp), source=_fmt(event.source))
+        assert self._nursery is not None
+        self._nursery.start_soon(session.run)
+
+    def _reinvite(self, event: uas.ReInvite) -> None:
+        call = self._calls.get(event.call_key)
+        now = trio.current_time()
+        if call is None:
+            self.core.answer_reinvite(event.call_key, None, 481, now)
+            return
+        try:
+            offer = parse_sdp_untrusted(event.sdp_offer)
+            negotiated = negotiate(offer, preference=(call.negotiated.codec.name,))
+        except RemoteProtocolError as e:
+            self.core.answer_reinvite(event.call_key, None, e.status_hint or 488, now)
+            return
+        call.offer, call.negotiated = offer, negotiated
+        call.sdp_version += 1
+        call.leg.stream.set_remote_addr(negotiated.remote_rtp)
+        _apply_direction(call.leg, negotiated)
+        sdp = build_answer(offer, negotiated, local_address=self.config.rtp.address,
+                           local_port=call.leg.local_port, session_id=call.sdp_session_id,
+                           session_version=call.sdp_version)
+        self.core.answer_reinvite(event.call_key, sdp, 200, now)
+        log_event(logging.INFO, "call_reinvite", "media updated", call_id=call.session.call_id,
+                  direction=negotiated.direction, remote=_fmt(negotiated.remote_rtp))
+
+    def _update_idle(self) -> None:
+        if not self._calls and not self._hangups_pending:
+            self._idle.set()
+
+
+def _apply_direction(leg: RtpLeg, negotiated: Negotiated) -> None:
+    direction = negotiated.direction
+    leg.set_direction(
+        sending=negotiated.remote_rtp is not None and direction in ("sendrecv", "sendonly"),
+        receiving=direction in ("sendrecv", "recvonly"),
+    )
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def _fmt(addr: tuple[str, int] | None) -> str | None:
+    return None if addr is None else f"{addr[0]}:{addr[1]}"
+
+

@@ -1,0 +1,90 @@
+"""Config loading: defaults, the shipped file, and errors naming file and key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from voxgate.config import Config, load_config
+from voxgate.errors import EX_CONFIG, ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+SHIPPED = REPO / "config" / "voxgate.toml"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "voxgate.toml"
+    path.write_text(text)
+    return path
+
+
+def test_shipped_file_equals_embedded_defaults():
+    config = load_config(SHIPPED)
+    assert config == Config(source=str(SHIPPED))
+
+
+def test_shipped_file_documents_every_key_with_a_comment():
+    lines = SHIPPED.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if "=" in line and not line.lstrip().startswith("#"):
+            assert lines[i - 1].lstrip().startswith("#"), f"undocumented key: {line}"
+
+
+def test_partial_file_takes_defaults(tmp_path):
+    config = load_config(write(tmp_path, '[sip]\nlisten = "[::1]:5070"\n'))
+    assert (config.sip.host, config.sip.port) == ("::1", 5070)
+    assert config.limits.max_sessions == 100
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[sip]\nlisten = 5060\n", "[sip] listen: must be a string"),
+        ('[sip]\nlisten = "localhost"\n', "[sip] listen: must be HOST:PORT"),
+        ("[sip]\nbogus = 1\n", "[sip] bogus: unknown key"),
+        ("[nosuch]\nx = 1\n", "[nosuch]: unknown section"),
+        ("[limits]\nmax_sessions = 0\n", "[limits] max_sessions: must be between 1 and 100000"),
+        ("[limits]\nmax_sessions = true\n", "[limits] max_sessions: must be an integer"),
+        ("[rtp]\nport_min = 30000\nport_max = 20000\n", "[rtp] port_min: must not be above"),
+        ('[rtp]\ncodecs = ["G729"]\n', "[rtp] codecs"),
+        ('[agent]\nkind = "parrot"\n', "[agent] kind: must be one of echo"),
+        ("[timers]\nmax_duration_s = -1\n", "[timers] max_duration_s: must be between"),
+        ("not toml [", "invalid TOML"),
+    ],
+)
+def test_errors_name_file_and_key(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(path) in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "absent.toml")
+
+
+def run_voxgated(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "voxgate.supervisor", *args],
+        capture_output=True, text=True, timeout=30, check=False,
+    )
+
+
+def test_check_config_exit_codes(tmp_path):
+    ok = run_voxgated("--check-config", str(SHIPPED))
+    assert ok.returncode == 0, ok.stderr
+    bad = run_voxgated("--check-config", str(write(tmp_path, "[sip]\nlisten = 1\n")))
+    assert bad.returncode == EX_CONFIG
+    assert bad.stderr.count("\n") == 1
+    assert "[sip] listen" in bad.stderr
+
+
+def test_daemon_refuses_bad_config_with_78(tmp_path):
+    bad = run_voxgated("--config", str(write(tmp_path, "[limits]\nmax_sessions = -5\n")))
+    assert bad.returncode == EX_CONFIG
+    assert "[limits] max_sessions" in bad.stderr

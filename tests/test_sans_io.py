@@ -1,0 +1,39 @@
+"""The protocol cores import no trio, no sockets and no clock (STYLE.md)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+SANS_IO_MODULES = [
+    "voxgate.sip.message",
+    "voxgate.sip.parser",
+    "voxgate.sip.transaction",
+    "voxgate.sip.dialog",
+    "voxgate.sip.uas",
+    "voxgate.sip.sdp",
+    "voxgate.rtp.packet",
+    "voxgate.rtp.jitter",
+    "voxgate.rtp.dtmf",
+    "voxgate.rtp.stream",
+    "voxgate.codec.g711",
+    "voxgate.pipeline.vad",
+    "voxgate.pipeline.playout",
+    "voxgate.pipeline.pipeline",
+]
+
+FORBIDDEN = ("trio", "socket", "asyncio", "selectors", "threading")
+
+
+@pytest.mark.parametrize("module", SANS_IO_MODULES)
+def test_core_imports_no_io(module):
+    code = (
+        f"import sys, {module}\n"
+        f"bad = [m for m in {FORBIDDEN!r} if m in sys.modules]\n"
+        "print(','.join(bad))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=60, check=True)
+    assert out.stdout.strip() == "", f"{module} pulls in {out.stdout.strip()}"
