@@ -132,7 +132,7 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     """Validate an already-decoded TOML document (see :func:`load_config`)."""
     sections: dict[str, Any] = {}
     section_types = {
-        f.name: f.default_factory  # type: ignore[misc]
+        f.name: f.default_factory
         for f in dataclasses.fields(Config)
         if f.name != "source"
     }

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 
-from systemd import daemon
+import systemd.daemon
 
 from voxgate.logging import log_event
 
@@ -25,7 +25,7 @@ class Notifier:
         """Send ``lines`` (e.g. ``"READY=1"``, ``"STATUS=…"``) as one datagram."""
         if not self.enabled:
             return
-        if not daemon.notify("\n".join(lines)) and not self._warned:
+        if not systemd.daemon.notify("\n".join(lines)) and not self._warned:
             self._warned = True
             log_event(logging.WARNING, "notify_failed", "cannot reach $NOTIFY_SOCKET",
                       notify_socket=os.environ.get("NOTIFY_SOCKET"))

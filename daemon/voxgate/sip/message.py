@@ -228,12 +228,12 @@ def make_response(
     for value in request.headers.get_all("Via"):
         headers.add("Via", value)
     for name in ("From", "To", "Call-ID", "CSeq"):
-        value = request.headers.get(name)
-        if value is None:
+        found = request.headers.get(name)
+        if found is None:
             continue
-        if name == "To" and to_tag is not None and ";tag=" not in value.lower().replace(" ", ""):
-            value = f"{value};tag={to_tag}"
-        headers.add(name, value)
+        if name == "To" and to_tag is not None and ";tag=" not in found.lower().replace(" ", ""):
+            found = f"{found};tag={to_tag}"
+        headers.add(name, found)
     for name, value in extra:
         headers.add(name, value)
     return Response(status, reason or REASON_PHRASES.get(status, "Unknown"), headers, body)

@@ -26,7 +26,7 @@ MAX_PACKETS_PER_TICK = 32
 """A flood beyond this per 20 ms stays in the kernel buffer (and is dropped there)."""
 
 SAMPLES_PER_FRAME = 160
-"""8 kHz × 20 ms."""
+"""8 kHz x 20 ms."""
 
 _PCM_SILENCE = bytes(2 * SAMPLES_PER_FRAME)
 

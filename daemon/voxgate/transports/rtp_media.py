@@ -114,7 +114,8 @@ class PortPool:
                 continue
             return sock
         self.exhausted += 1
-        log_event(logging.WARNING, "rtp_ports_exhausted", "no free RTP port", capacity=self.capacity)
+        log_event(logging.WARNING, "rtp_ports_exhausted", "no free RTP port",
+                  capacity=self.capacity)
         return None
 
     def release(self, sock: socket.socket) -> None:

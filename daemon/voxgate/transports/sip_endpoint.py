@@ -32,9 +32,15 @@ from voxgate.pipeline.vad import VoiceActivityDetector
 from voxgate.rtp.stream import RtpStream
 from voxgate.session import Session
 from voxgate.sip import uas
-from voxgate.sip.sdp import Negotiated, SessionDescription, build_answer, negotiate, parse_sdp_untrusted
+from voxgate.sip.sdp import (
+    Negotiated,
+    SessionDescription,
+    build_answer,
+    negotiate,
+    parse_sdp_untrusted,
+)
 from voxgate.transports.rtp_leg import RtpLeg
-from voxgate.transports.rtp_media import FRAME_S, MediaClock, PortPool
+from voxgate.transports.rtp_media import MediaClock, PortPool
 
 MAX_SIP_DATAGRAM_BYTES = 65_535
 MAX_DATAGRAMS_PER_WAKEUP = 64
@@ -75,7 +81,8 @@ class _Signaling:
 
     def refuse(self, reason: str) -> None:
         status = _REFUSAL_STATUS.get(reason, 480)
-        self._endpoint.act(lambda core, now: core.reject(self._call_key, status, now, reason=reason))
+        key = self._call_key
+        self._endpoint.act(lambda core, now: core.reject(key, status, now, reason=reason))
 
     def hangup(self, reason: str) -> None:
         self._endpoint.hangup(self._call_key, reason)
