@@ -9,6 +9,9 @@ import pytest
 
 SANS_IO_MODULES = [
     "voxgate.sip.message",
+    "voxgate.sip.grammar",
+    "voxgate.sip.uri",
+    "voxgate.sip.headers",
     "voxgate.sip.parser",
     "voxgate.sip.transaction",
     "voxgate.sip.dialog",

@@ -206,6 +206,7 @@ REASON_PHRASES: dict[int, str] = {
     501: "Not Implemented",
     503: "Service Unavailable",
     505: "Version Not Supported",
+    513: "Message Too Large",
 }
 
 
