@@ -1,0 +1,512 @@
+"""SIP transactions over UDP (RFC 3261 §17, RFC 6026), sans-IO.
+
+Every state transition lives in :data:`TRANSITIONS` below (the h11
+``_state.py`` idea): ``(kind, state, input) -> next state``. Handlers feed
+inputs; the table decides. Timers are absolute deadlines in monotonic seconds
+(``now`` is always passed in); outputs go to a shared bounded :class:`Outbox`
+of ``(datagram, (host, port))`` pairs that the driver drains.
+
+Only UDP is supported, so the unreliable-transport timer values always apply
+(Timer G/E retransmissions, Timer I = T4, Timer J = 64·T1, Timer K = T4).
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from voxgate.errors import LocalProtocolError
+from voxgate.sip.headers import Via, parse_cseq, parse_name_addr, parse_via
+from voxgate.sip.message import Request, Response
+
+Address = tuple[str, int]
+
+MAGIC_COOKIE = "z9hG4bK"
+"""RFC 3261 §8.1.1.7: a branch starting with this is an RFC 3261 transaction id."""
+
+
+class Kind(enum.Enum):
+    SERVER_INVITE = "server-invite"  # §17.2.1 + RFC 6026 Accepted
+    SERVER_NON_INVITE = "server-non-invite"  # §17.2.2
+    CLIENT_NON_INVITE = "client-non-invite"  # §17.1.2
+
+
+class State(enum.Enum):
+    TRYING = "Trying"
+    PROCEEDING = "Proceeding"
+    COMPLETED = "Completed"
+    ACCEPTED = "Accepted"
+    CONFIRMED = "Confirmed"
+    TERMINATED = "Terminated"
+
+
+class Input(enum.Enum):
+    SEND_1XX = "send 1xx"
+    SEND_2XX = "send 2xx"
+    SEND_FINAL = "send 3xx-6xx"
+    RECV_REQUEST = "request retransmission"
+    RECV_ACK = "ACK (non-2xx)"
+    ACK_2XX = "ACK for 2xx (matched by dialog)"
+    RECV_1XX = "receive 1xx"
+    RECV_FINAL = "receive final"
+    TIMER_E = "Timer E"
+    TIMER_F = "Timer F"
+    TIMER_G = "Timer G"
+    TIMER_H = "Timer H"
+    TIMER_I = "Timer I"
+    TIMER_J = "Timer J"
+    TIMER_K = "Timer K"
+
+
+_SI, _SN, _CN = Kind.SERVER_INVITE, Kind.SERVER_NON_INVITE, Kind.CLIENT_NON_INVITE
+_T, _P, _C = State.TRYING, State.PROCEEDING, State.COMPLETED
+_A, _F, _X = State.ACCEPTED, State.CONFIRMED, State.TERMINATED
+
+# The whole state machine. A pair missing from this table is an input that
+# does not apply in that state: ignored when it came from the network,
+# LocalProtocolError when it is our own send.
+TRANSITIONS: dict[Kind, dict[State, dict[Input, State]]] = {
+    # §17.2.1, with RFC 6026: a 2xx moves to Accepted, where Timer G
+    # retransmits it until the dialog layer reports the ACK (ACK_2XX); Timer H
+    # there means "no ACK" (it doubles as RFC 6026 Timer L, also 64·T1).
+    _SI: {
+        _P: {
+            Input.SEND_1XX: _P,
+            Input.SEND_2XX: _A,
+            Input.SEND_FINAL: _C,
+            Input.RECV_REQUEST: _P,  # resend the last provisional
+        },
+        _C: {
+            Input.RECV_REQUEST: _C,  # resend the final response
+            Input.TIMER_G: _C,
+            Input.RECV_ACK: _F,
+            Input.TIMER_H: _X,
+        },
+        _A: {
+            Input.RECV_REQUEST: _A,  # absorbed
+            Input.TIMER_G: _A,
+            Input.ACK_2XX: _F,
+            Input.TIMER_H: _X,
+        },
+        _F: {
+            Input.RECV_REQUEST: _F,  # absorbed
+            Input.RECV_ACK: _F,  # absorbed
+            Input.TIMER_I: _X,
+        },
+    },
+    # §17.2.2
+    _SN: {
+        _T: {
+            Input.SEND_1XX: _P,
+            Input.SEND_2XX: _C,
+            Input.SEND_FINAL: _C,
+            Input.RECV_REQUEST: _T,  # absorbed
+        },
+        _P: {
+            Input.SEND_1XX: _P,
+            Input.SEND_2XX: _C,
+            Input.SEND_FINAL: _C,
+            Input.RECV_REQUEST: _P,  # resend the last provisional
+        },
+        _C: {
+            Input.RECV_REQUEST: _C,  # resend the final response
+            Input.TIMER_J: _X,
+        },
+    },
+    # §17.1.2
+    _CN: {
+        _T: {
+            Input.TIMER_E: _T,
+            Input.RECV_1XX: _P,
+            Input.RECV_FINAL: _C,
+            Input.TIMER_F: _X,
+        },
+        _P: {
+            Input.TIMER_E: _P,
+            Input.RECV_1XX: _P,
+            Input.RECV_FINAL: _C,
+            Input.TIMER_F: _X,
+        },
+        _C: {
+            Input.RECV_1XX: _C,  # absorbed
+            Input.RECV_FINAL: _C,  # absorbed
+            Input.TIMER_K: _X,
+        },
+    },
+}
+
+# Timers armed on entering a state (replacing every running timer), as
+# ``timer -> name of the TimerConfig duration``. States not listed keep theirs.
+ON_ENTER: dict[tuple[Kind, State], dict[Input, str]] = {
+    (_SI, _C): {Input.TIMER_G: "t1_s", Input.TIMER_H: "timeout_s"},
+    (_SI, _A): {Input.TIMER_G: "t1_s", Input.TIMER_H: "timeout_s"},
+    (_SI, _F): {Input.TIMER_I: "t4_s"},
+    (_SN, _C): {Input.TIMER_J: "timeout_s"},
+    (_CN, _T): {Input.TIMER_E: "t1_s", Input.TIMER_F: "timeout_s"},
+    (_CN, _C): {Input.TIMER_K: "t4_s"},
+}
+
+# How a transaction ends when it ends by these inputs (otherwise "completed").
+TIMEOUT_OUTCOMES: dict[tuple[State, Input], str] = {
+    (_C, Input.TIMER_H): "timeout",  # no ACK for our 3xx-6xx
+    (_A, Input.TIMER_H): "ack-timeout",  # no ACK for our 2xx (§13.3.1.4)
+    (_T, Input.TIMER_F): "timeout",
+    (_P, Input.TIMER_F): "timeout",
+}
+
+_RETRANSMIT_TIMERS = frozenset({Input.TIMER_E, Input.TIMER_G})
+_RESEND_STATES = frozenset({_P, _C})  # a retransmitted request gets the last response again
+
+
+@dataclass(frozen=True, slots=True)
+class TimerConfig:
+    """RFC 3261 §17.1.1.1 timer values in seconds (Table 4)."""
+
+    t1_s: float = 0.5
+    t2_s: float = 4.0
+    t4_s: float = 5.0
+
+    @property
+    def timeout_s(self) -> float:
+        """64·T1: Timers B, F, H and J."""
+        return 64 * self.t1_s
+
+
+@dataclass(frozen=True, slots=True)
+class TransactionKey:
+    """Identifies a transaction (§17.2.3, §17.1.3).
+
+    ``branch`` is the RFC 3261 branch, or ``None`` for an RFC 2543 peer whose
+    key is then ``legacy`` = (Request-URI, From tag, Call-ID, CSeq number,
+    top Via). ``method`` is the request method, with ACK folded into INVITE.
+    """
+
+    branch: str | None
+    sent_by: str
+    method: str
+    legacy: tuple[str, ...] = ()
+
+
+def server_key(request: Request, via: Via, method: str | None = None) -> TransactionKey:
+    """The §17.2.3 matching key of ``request`` whose top Via is ``via``.
+
+    ``method`` overrides the request's method (CANCEL looks up its INVITE
+    with ``"INVITE"``, §9.2). Raises RemoteProtocolError(400) when the
+    RFC 2543 fallback needs a CSeq or From that does not parse.
+    """
+    method = method or ("INVITE" if request.method == "ACK" else request.method)
+    sent_by = f"{via.host.lower()}:{via.port or 5060}"
+    branch = via.branch
+    if branch is not None and branch.startswith(MAGIC_COOKIE) and len(branch) > len(MAGIC_COOKIE):
+        return TransactionKey(branch, sent_by, method)
+    cseq = parse_cseq(request.headers.get("CSeq") or "")
+    from_tag = parse_name_addr(request.headers.get("From") or "").tag or ""
+    legacy = (request.uri, from_tag, request.call_id, str(cseq.number), via.serialize())
+    return TransactionKey(None, sent_by, method, legacy)
+
+
+class Outbox:
+    """A bounded queue of datagrams to send; overflow is dropped and counted.
+
+    Dropping is safe: UDP loses datagrams anyway and the transactions
+    retransmit.
+    """
+
+    def __init__(self, max_datagrams: int) -> None:
+        self.max_datagrams = max_datagrams
+        self._queue: list[tuple[bytes, Address]] = []
+        self.dropped = 0
+        self.retransmissions = 0
+
+    def send(self, data: bytes, destination: Address, *, retransmission: bool = False) -> None:
+        """Queue one datagram (``retransmission`` only feeds the counter)."""
+        if retransmission:
+            self.retransmissions += 1
+        if len(self._queue) >= self.max_datagrams:
+            self.dropped += 1
+            return
+        self._queue.append((data, destination))
+
+    def drain(self) -> list[tuple[bytes, Address]]:
+        """Every queued datagram, oldest first; the queue is left empty."""
+        out, self._queue = self._queue, []
+        return out
+
+
+class Transaction:
+    """State, timers and table-driven transitions shared by every kind.
+
+    ``call_key`` is an opaque label for the transaction user (the UAS core).
+    ``outcome`` is set on termination: ``"completed"``, ``"timeout"``
+    (Timer H on a 3xx-6xx, Timer F) or ``"ack-timeout"`` (Timer H on a 2xx).
+    """
+
+    def __init__(
+        self,
+        kind: Kind,
+        key: TransactionKey,
+        request: Request,
+        destination: Address,
+        outbox: Outbox,
+        timers: TimerConfig,
+        initial: State,
+        now: float,
+    ) -> None:
+        self.kind = kind
+        self.key = key
+        self.request = request
+        self.destination = destination
+        self.call_key: str | None = None
+        self.outcome: str | None = None
+        self.state = initial
+        self._outbox = outbox
+        self._config = timers
+        self._deadlines: dict[Input, float] = {}
+        self._intervals: dict[Input, float] = {}
+        self._last_sent: bytes | None = None
+        self._enter(initial, now)
+
+    @property
+    def terminated(self) -> bool:
+        return self.state is State.TERMINATED
+
+    def next_deadline(self) -> float | None:
+        """The earliest running timer (monotonic seconds), ``None`` when idle."""
+        return min(self._deadlines.values(), default=None)
+
+    def handle_timer(self, now: float) -> None:
+        """Fire every timer due at ``now``, earliest first."""
+        due = sorted((d, t.value, t) for t, d in self._deadlines.items() if d <= now)
+        for deadline, _, timer in due:
+            if self._deadlines.get(timer) != deadline:
+                continue  # cancelled or re-armed by an earlier timer
+            del self._deadlines[timer]
+            outcome = TIMEOUT_OUTCOMES.get((self.state, timer))
+            if outcome is not None:
+                self.outcome = outcome  # kept by _enter(TERMINATED)
+            if self._fire(timer, now) and timer in _RETRANSMIT_TIMERS:
+                self._retransmit(timer, now)
+
+    def _retransmit(self, timer: Input, now: float) -> None:
+        if self._last_sent is not None:
+            self._outbox.send(self._last_sent, self.destination, retransmission=True)
+        interval = self._intervals.get(timer, self._config.t1_s)
+        if self.state is State.PROCEEDING:  # §17.1.2.2: Timer E at T2 once provisional
+            interval = self._config.t2_s
+        else:
+            interval = min(2 * interval, self._config.t2_s)
+        self._intervals[timer] = interval
+        self._deadlines[timer] = now + interval
+
+    def _fire(self, event: Input, now: float) -> bool:
+        """Apply ``event`` per TRANSITIONS; False when it does not apply."""
+        new_state = TRANSITIONS[self.kind].get(self.state, {}).get(event)
+        if new_state is None:
+            return False
+        if new_state is not self.state:
+            self._enter(new_state, now)
+        return True
+
+    def _enter(self, state: State, now: float) -> None:
+        self.state = state
+        if state is State.TERMINATED:
+            self._deadlines.clear()
+            if self.outcome is None:
+                self.outcome = "completed"
+            return
+        armed = ON_ENTER.get((self.kind, state))
+        if armed is not None:
+            self._deadlines = {t: now + getattr(self._config, d) for t, d in armed.items()}
+            self._intervals = {t: getattr(self._config, d) for t, d in armed.items()}
+
+    def _send(self, data: bytes) -> None:
+        self._last_sent = data
+        self._outbox.send(data, self.destination)
+
+
+def _response_input(status: int) -> Input:
+    if status < 200:
+        return Input.SEND_1XX
+    return Input.SEND_2XX if status < 300 else Input.SEND_FINAL
+
+
+class ServerTransaction(Transaction):
+    """A server transaction (§17.2): INVITE or non-INVITE, chosen by method."""
+
+    def __init__(
+        self,
+        key: TransactionKey,
+        request: Request,
+        destination: Address,
+        outbox: Outbox,
+        timers: TimerConfig,
+        now: float,
+    ) -> None:
+        invite = request.method == "INVITE"
+        super().__init__(
+            Kind.SERVER_INVITE if invite else Kind.SERVER_NON_INVITE,
+            key,
+            request,
+            destination,
+            outbox,
+            timers,
+            State.PROCEEDING if invite else State.TRYING,
+            now,
+        )
+        self.last_response: Response | None = None
+
+    def send_response(self, response: Response, now: float) -> None:
+        """Send ``response`` (to ``destination``, §18.2.2) and advance the state.
+
+        Raises LocalProtocolError when the state does not allow it (e.g. a
+        second final response).
+        """
+        if not self._fire(_response_input(response.status), now):
+            raise LocalProtocolError(
+                f"cannot send {response.status} in {self.kind.value} state {self.state.value}"
+            )
+        self.last_response = response
+        self._send(response.serialize())
+
+    def receive_retransmission(self, now: float) -> None:
+        """A retransmission of our request arrived: absorb it or answer again."""
+        resend = self._fire(Input.RECV_REQUEST, now) and self.state in _RESEND_STATES
+        if resend and self._last_sent is not None:
+            self._outbox.send(self._last_sent, self.destination, retransmission=True)
+
+    def receive_ack(self, now: float) -> bool:
+        """The ACK for our 3xx-6xx (§17.2.1); False when not applicable."""
+        return self._fire(Input.RECV_ACK, now)
+
+    def confirm_2xx_ack(self, now: float) -> bool:
+        """The dialog layer matched the ACK for our 2xx: stop retransmitting it.
+
+        Returns False when no 2xx is awaiting its ACK.
+        """
+        return self._fire(Input.ACK_2XX, now)
+
+
+class ClientTransaction(Transaction):
+    """A client non-INVITE transaction (§17.1.2), used for our BYE.
+
+    The request is sent on construction; Timer E retransmits it.
+    """
+
+    def __init__(
+        self,
+        key: TransactionKey,
+        request: Request,
+        destination: Address,
+        outbox: Outbox,
+        timers: TimerConfig,
+        now: float,
+    ) -> None:
+        super().__init__(
+            Kind.CLIENT_NON_INVITE, key, request, destination, outbox, timers, State.TRYING, now
+        )
+        self.final_status: int | None = None
+        self._send(request.serialize())
+
+    def receive_response(self, response: Response, now: float) -> bool:
+        """Feed a matching response; True when it is the first final one."""
+        first_final = response.status >= 200 and self.final_status is None
+        if not self._fire(Input.RECV_1XX if response.status < 200 else Input.RECV_FINAL, now):
+            return False
+        if first_final:
+            self.final_status = response.status
+        return first_final
+
+
+class TransactionTable:
+    """Every live transaction, bounded by ``max_transactions``.
+
+    ``refused`` counts new requests turned away because the table was full
+    (the caller answers them 503); terminated transactions are removed by
+    :meth:`handle_timer`.
+    """
+
+    def __init__(
+        self, *, outbox: Outbox, max_transactions: int, timers: TimerConfig | None = None
+    ) -> None:
+        self.max_transactions = max_transactions
+        self.timers = timers or TimerConfig()
+        self.refused = 0
+        self._outbox = outbox
+        self._server: dict[TransactionKey, ServerTransaction] = {}
+        self._client: dict[tuple[str, str], ClientTransaction] = {}
+
+    def __len__(self) -> int:
+        return len(self._server) + len(self._client)
+
+    def match_server(self, request: Request, via: Via) -> ServerTransaction | None:
+        """The server transaction ``request`` belongs to (§17.2.3; ACK → its INVITE)."""
+        return self._server.get(server_key(request, via))
+
+    def match_cancelled_invite(self, cancel: Request, via: Via) -> ServerTransaction | None:
+        """The INVITE transaction a CANCEL targets (§9.2: same key, method INVITE)."""
+        return self._server.get(server_key(cancel, via, "INVITE"))
+
+    def match_response(self, response: Response) -> ClientTransaction | None:
+        """The client transaction of ``response`` (§17.1.3: branch + CSeq method)."""
+        via_value = response.headers.get("Via")
+        cseq_value = response.headers.get("CSeq")
+        if via_value is None or cseq_value is None:
+            return None
+        branch = parse_via(via_value).branch
+        if branch is None:
+            return None
+        return self._client.get((branch, parse_cseq(cseq_value).method))
+
+    def create_server(
+        self, request: Request, via: Via, destination: Address, now: float
+    ) -> ServerTransaction | None:
+        """A new server transaction, or ``None`` (counted in ``refused``) when full."""
+        if not self._has_room():
+            return None
+        txn = ServerTransaction(
+            server_key(request, via), request, destination, self._outbox, self.timers, now
+        )
+        self._server[txn.key] = txn
+        return txn
+
+    def create_client(
+        self, request: Request, branch: str, destination: Address, now: float
+    ) -> ClientTransaction | None:
+        """Start a client non-INVITE transaction (sends ``request`` at once).
+
+        ``branch`` must be the branch of the Via the caller put in ``request``.
+        Returns ``None`` (counted in ``refused``) when the table is full.
+        """
+        if not self._has_room():
+            return None
+        key = TransactionKey(branch, "", request.method)
+        txn = ClientTransaction(key, request, destination, self._outbox, self.timers, now)
+        self._client[(branch, request.method)] = txn
+        return txn
+
+    def _has_room(self) -> bool:
+        if len(self) >= self.max_transactions:
+            self.refused += 1
+            return False
+        return True
+
+    def next_deadline(self) -> float | None:
+        """The earliest timer of any transaction (O(n) scan)."""
+        return min((d for t in self._all() if (d := t.next_deadline()) is not None), default=None)
+
+    def handle_timer(self, now: float) -> list[Transaction]:
+        """Fire due timers; remove and return the transactions that terminated."""
+        for txn in self._all():
+            txn.handle_timer(now)
+        return self._sweep()
+
+    def _sweep(self) -> list[Transaction]:
+        """Remove and return terminated transactions."""
+        ended: list[Transaction] = [t for t in self._server.values() if t.terminated]
+        ended.extend(t for t in self._client.values() if t.terminated)
+        self._server = {k: t for k, t in self._server.items() if not t.terminated}
+        self._client = {k: t for k, t in self._client.items() if not t.terminated}
+        return ended
+
+    def _all(self) -> list[Transaction]:
+        return [*self._server.values(), *self._client.values()]

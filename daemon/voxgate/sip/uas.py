@@ -1,0 +1,832 @@
+"""The SIP UAS core (RFC 3261 §8.2, §12, §13.3, §15, §18.2), sans-IO, h11 shape.
+
+Datagrams go in with :meth:`UasCore.receive_datagram`, events come out of
+:meth:`UasCore.next_event`, datagrams to send out of
+:meth:`UasCore.datagrams_to_send`; the application answers calls with the
+action methods (``accept``, ``reject``, ``hangup`` …). Time is always the
+caller's ``now`` (monotonic seconds); timers are ``next_deadline()`` +
+``handle_timer(now)``.
+
+Policy choices: Max-Forwards is not checked (a UAS consumes the request, so
+``Max-Forwards: 0`` on OPTIONS is answered normally; §8.2 has no Max-Forwards
+step). An INVITE whose To tag matches no dialog is taken as a new call that
+re-creates the dialog with that tag (§12.2.2 allows it); other requests for
+an unknown dialog get 481. We never resolve host names: a response goes to
+the source address (we stamp ``received``), and our BYE goes to the remote
+target or first route when that is an IP literal, else to where the INVITE
+came from.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+import secrets
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
+
+from voxgate.errors import LocalProtocolError, RemoteProtocolError
+from voxgate.sip.dialog import Dialog, DialogId, DialogState
+from voxgate.sip.headers import (
+    Via,
+    parse_cseq,
+    parse_name_addr,
+    parse_token_list,
+    parse_via,
+    split_list_value,
+)
+from voxgate.sip.message import Headers, Request, Response, make_response
+from voxgate.sip.parser import BadMessage, parse_message_untrusted
+from voxgate.sip.transaction import (
+    MAGIC_COOKIE,
+    Outbox,
+    ServerTransaction,
+    State,
+    TimerConfig,
+    Transaction,
+    TransactionTable,
+)
+from voxgate.sip.uri import format_host_port, parse_uri_untrusted
+
+Address = tuple[str, int]
+
+ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS")
+ALLOW = ", ".join(ALLOWED_METHODS)
+KNOWN_UNSUPPORTED_METHODS = frozenset(
+    {"REGISTER", "MESSAGE", "SUBSCRIBE", "NOTIFY", "PUBLISH", "REFER", "INFO", "UPDATE", "PRACK"}
+)
+"""Methods we recognise but do not implement: 405 with Allow (§8.2.1); others get 501."""
+
+SUPPORTED_OPTION_TAGS: frozenset[str] = frozenset()
+"""Option tags we implement (§8.2.2.3): none, so any Require gets 420."""
+
+SDP = "application/sdp"
+_SDP_RANGES = frozenset({SDP, "application/*", "*/*"})
+WARN_AGENT = "voxgate"
+_UNSAFE_TEXT_RE = re.compile(r"[^\w .,:;/+=@()-]")
+_MAX_REASON_CHARS = 100
+
+
+# --- events -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class IncomingCall:
+    """A new INVITE (100 Trying already sent); answer with accept/reject."""
+
+    call_key: str
+    call_id: str
+    request: Request
+    source: Address
+    sdp_offer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class CallAcked:
+    """The ACK for our 2xx to the initial INVITE arrived."""
+
+    call_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallCancelled:
+    """The caller cancelled; 200 (CANCEL) and 487 (INVITE) were already sent."""
+
+    call_key: str
+
+
+@dataclass(frozen=True, slots=True)
+class CallEnded:
+    """``reason`` is ``"bye"`` (peer BYE, 200 sent) or ``"ack-timeout"``.
+
+    After ``"ack-timeout"`` (no ACK for our 2xx within 64·T1, §13.3.1.4) the
+    core sends no BYE by itself: call :meth:`UasCore.hangup`.
+    """
+
+    call_key: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ReInvite:
+    """A re-INVITE inside the dialog; answer with :meth:`UasCore.answer_reinvite`."""
+
+    call_key: str
+    request: Request
+    sdp_offer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class HangupCompleted:
+    """Our hangup finished: the BYE's final status, ``None`` on Timer F.
+
+    A hangup of a call not yet answered reports the status it was rejected with (480).
+    """
+
+    call_key: str
+    status: int | None
+
+
+@dataclass(frozen=True, slots=True)
+class BadMessageReceived:
+    """A malformed message (for the log); any possible 4xx was already sent."""
+
+    call_id: str | None
+    reason: str
+    source: Address
+
+
+SipEvent = (
+    IncomingCall
+    | CallAcked
+    | CallCancelled
+    | CallEnded
+    | ReInvite
+    | HangupCompleted
+    | BadMessageReceived
+)
+
+
+@dataclass(frozen=True, slots=True)
+class UasStats:
+    """Counters since start (a snapshot)."""
+
+    messages_in: int
+    bad_messages: int
+    responses_dropped: int  # stray responses, matching no client transaction
+    requests_absorbed: int  # retransmitted requests answered by their transaction
+    transactions_refused: int  # transaction table full: answered 503
+    dialogs_refused: int  # max_dialogs reached: answered 503
+    retransmissions: int
+    datagrams_dropped: int  # outbound queue full
+    messages_dropped_backlog: int  # event queue full: datagram ignored, the peer retransmits
+    late_actions: int  # an action on a call whose state had moved on (e.g. accept after CANCEL)
+
+
+# --- per-call state -----------------------------------------------------------------------
+
+
+class _Incoming(NamedTuple):
+    request: Request  # top Via already stamped with received/rport
+    via: Via  # the top Via as received (transaction key)
+    destination: Address  # §18.2.2
+    source: Address
+
+
+class _Call:
+    __slots__ = (
+        "awaiting_ack",
+        "bye_txn",
+        "dialog",
+        "hangup_deferred",
+        "hangup_reason",
+        "invite_txn",
+        "key",
+        "merge_key",
+        "reinvite_target",
+        "reinvite_txn",
+        "source",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        dialog: Dialog,
+        invite_txn: ServerTransaction,
+        source: Address,
+        merge_key: tuple[str, str, int],
+    ) -> None:
+        self.key = key
+        self.dialog = dialog
+        self.invite_txn = invite_txn
+        self.source = source
+        self.merge_key = merge_key
+        self.reinvite_txn: ServerTransaction | None = None
+        self.reinvite_target: str | None = None
+        self.awaiting_ack: ServerTransaction | None = None
+        self.bye_txn: Transaction | None = None
+        self.hangup_deferred = False
+        self.hangup_reason: str | None = None
+
+
+class UasCore:
+    """The whole UAS: transactions, dialogs, §8.2 checks, answers and BYE.
+
+    Bounds: ``max_transactions`` live transactions (beyond: 503, counted),
+    ``max_dialogs`` calls (beyond: INVITE answered 503, counted),
+    ``max_queued_events`` events (while full, incoming datagrams are dropped
+    and counted; timer events can add at most one per transaction),
+    ``max_queued_datagrams`` outbound datagrams (overflow dropped, counted).
+    ``random_token`` makes tags and branches (default: 64 random bits, hex).
+    """
+
+    def __init__(
+        self,
+        *,
+        local_host: str,
+        local_port: int,
+        user_agent: str = "voxgate",
+        max_transactions: int = 4096,
+        max_dialogs: int = 4096,
+        random_token: Callable[[], str] | None = None,
+        max_queued_events: int = 1024,
+        max_queued_datagrams: int = 4096,
+        timers: TimerConfig | None = None,
+    ) -> None:
+        self.local_host = local_host
+        self.local_port = local_port
+        self.user_agent = user_agent
+        self.available = True
+        self.unavailable_reason = "unavailable"
+        self.retry_after_s = 30
+        self._hostport = format_host_port(local_host, local_port)
+        self._contact = f"<sip:{self._hostport}>"
+        self._token = random_token or (lambda: secrets.token_hex(8))
+        self._max_dialogs = max_dialogs
+        self._max_queued_events = max_queued_events
+        self._outbox = Outbox(max_queued_datagrams)
+        self._transactions = TransactionTable(
+            outbox=self._outbox, max_transactions=max_transactions, timers=timers
+        )
+        self._events: deque[SipEvent] = deque()
+        self._calls: dict[str, _Call] = {}
+        self._calls_by_id: dict[DialogId, _Call] = {}
+        self._merge_index: dict[tuple[str, str, int], str] = {}
+        self._latest_now = float("-inf")  # the latest ``now`` seen, for forget()
+        self._counts = dict.fromkeys(
+            (
+                "messages_in", "bad_messages", "responses_dropped", "requests_absorbed",
+                "dialogs_refused", "messages_dropped_backlog", "late_actions",
+            ),
+            0,
+        )  # fmt: skip
+
+    # --- h11-style surface ----------------------------------------------------------------
+
+    def receive_datagram(self, data: bytes, source: Address, now: float) -> None:
+        """Process one UDP datagram from ``source`` (untrusted bytes, never raises on them)."""
+        self._counts["messages_in"] += 1
+        self._latest_now = max(self._latest_now, now)
+        if len(self._events) >= self._max_queued_events:
+            self._counts["messages_dropped_backlog"] += 1
+            return
+        try:
+            message = parse_message_untrusted(data)
+        except BadMessage as exc:
+            self._refuse_bad(exc, exc.partial, source)
+            return
+        if isinstance(message, Response):
+            self._receive_response(message, now)
+            return
+        try:
+            self._receive_request(message, source, now)
+        except RemoteProtocolError as exc:  # raised before any state was changed
+            self._refuse_bad(exc, message, source)
+
+    def next_event(self) -> SipEvent | None:
+        """The oldest pending event, or ``None``."""
+        return self._events.popleft() if self._events else None
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Address]]:
+        """Drain the outbound queue: ``[(datagram, (host, port)), …]``."""
+        return self._outbox.drain()
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`handle_timer` must next run (monotonic seconds), or ``None``."""
+        return self._transactions.next_deadline()
+
+    def handle_timer(self, now: float) -> None:
+        """Run due transaction timers; may queue events and datagrams."""
+        self._latest_now = max(self._latest_now, now)
+        for txn in self._transactions.handle_timer(now):
+            call = self._call_of(txn)
+            if call is None:
+                continue
+            if txn.outcome == "ack-timeout" and txn is call.awaiting_ack:
+                call.awaiting_ack = None
+                if call.hangup_deferred:
+                    self._send_bye(call, now)
+                elif call.dialog.state is DialogState.CONFIRMED:
+                    self._events.append(CallEnded(call.key, "ack-timeout"))
+            elif txn is call.bye_txn and txn.outcome == "timeout":
+                self._events.append(HangupCompleted(call.key, None))
+
+    @property
+    def active_transactions(self) -> int:
+        """Live transactions (server and client)."""
+        return len(self._transactions)
+
+    @property
+    def active_dialogs(self) -> int:
+        """Calls not yet forgotten by the application."""
+        return len(self._calls)
+
+    @property
+    def stats(self) -> UasStats:
+        """A snapshot of the counters."""
+        return UasStats(
+            **self._counts,
+            transactions_refused=self._transactions.refused,
+            retransmissions=self._outbox.retransmissions,
+            datagrams_dropped=self._outbox.dropped,
+        )
+
+    # --- application actions --------------------------------------------------------------
+
+    def send_provisional(self, call_key: str, status: int, now: float) -> None:
+        """Send a 101-199 (180 Ringing, 183 …) on a pending INVITE.
+
+        Raises LocalProtocolError for another status or an unknown call_key.
+        """
+        if not 101 <= status <= 199:
+            raise LocalProtocolError(f"{status} is not a provisional status")
+        call = self._call(call_key)
+        if self._pending(call.invite_txn):
+            call.invite_txn.send_response(self._dialog_response(call, call.invite_txn, status), now)
+
+    def accept(self, call_key: str, sdp_answer: bytes, now: float) -> None:
+        """Answer the INVITE with 200 OK, our Contact and ``sdp_answer`` (§13.3.1.4).
+
+        The 200 is retransmitted until the ACK (CallAcked) or 64·T1
+        (CallEnded "ack-timeout").
+        """
+        call = self._call(call_key)
+        if not self._pending(call.invite_txn):
+            return
+        response = self._dialog_response(
+            call, call.invite_txn, 200, body=sdp_answer, extra=[("Allow", ALLOW)]
+        )
+        call.invite_txn.send_response(response, now)
+        call.dialog.state = DialogState.CONFIRMED
+        call.awaiting_ack = call.invite_txn
+
+    def reject(
+        self,
+        call_key: str,
+        status: int,
+        now: float,
+        *,
+        reason: str | None = None,
+        retry_after_s: int | None = None,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> None:
+        """Answer the INVITE with a 300-699 (§13.3.1.3).
+
+        ``reason`` goes in ``Warning: 399 voxgate "<reason>"``,
+        ``retry_after_s`` in Retry-After, ``extra`` headers are appended.
+        Raises LocalProtocolError for another status or an unknown call_key.
+        """
+        if not 300 <= status <= 699:
+            raise LocalProtocolError(f"{status} is not a 3xx-6xx status")
+        call = self._call(call_key)
+        self._reject(call, status, now, [*_warning_headers(reason, retry_after_s), *extra])
+
+    def answer_reinvite(
+        self, call_key: str, sdp_answer: bytes | None, status: int, now: float
+    ) -> None:
+        """Answer the pending re-INVITE: 2xx (with ``sdp_answer``) or 3xx-6xx.
+
+        A 2xx applies the re-INVITE's Contact as the new remote target
+        (§12.2.2) and is retransmitted until its ACK.
+        """
+        if not 200 <= status <= 699:
+            raise LocalProtocolError(f"{status} is not a final status")
+        call = self._call(call_key)
+        txn = call.reinvite_txn
+        if txn is None or not self._pending(txn):
+            return
+        call.reinvite_txn = None
+        if status >= 300:
+            txn.send_response(self._dialog_response(call, txn, status), now)
+            return
+        txn.send_response(self._dialog_response(call, txn, status, body=sdp_answer or b""), now)
+        if call.reinvite_target is not None:
+            call.dialog.remote_target = call.reinvite_target
+        call.awaiting_ack = txn
+
+    def hangup(self, call_key: str, now: float, *, reason: str | None = None) -> None:
+        """End the call from our side (§15.1.1); completion comes as HangupCompleted.
+
+        Answered: a BYE (client transaction, Timers E/F), deferred until the
+        ACK or Timer H when the 2xx is not acknowledged yet. Not answered: the
+        INVITE gets 480. ``reason`` goes in ``Reason: Q.850;cause=16;text=…``
+        and ``X-Voxgate-Reason``. Ended already: nothing happens.
+        """
+        call = self._call(call_key)
+        call.hangup_reason = reason
+        state = call.dialog.state
+        if state is DialogState.TERMINATED:
+            self._counts["late_actions"] += 1
+        elif state is DialogState.EARLY:
+            self._reject(call, 480, now, _reason_headers(reason))
+            self._events.append(HangupCompleted(call_key, 480))
+        elif call.awaiting_ack is call.invite_txn:
+            call.hangup_deferred = True
+        else:
+            self._send_bye(call, now)
+
+    def forget(self, call_key: str) -> None:
+        """Drop the call's dialog state (unknown keys are ignored).
+
+        Its transactions run out their timers; they report no more events.
+        An INVITE or re-INVITE still unanswered gets 480 (so that no
+        transaction waits forever; the app should have answered it).
+        """
+        call = self._calls.pop(call_key, None)
+        if call is not None:
+            self._end_pending_invites(call, 480, self._latest_now)
+            del self._calls_by_id[call.dialog.id]
+            self._merge_index.pop(call.merge_key, None)
+
+    # --- receiving ------------------------------------------------------------------------
+
+    def _receive_response(self, response: Response, now: float) -> None:
+        try:
+            txn = self._transactions.match_response(response)
+        except RemoteProtocolError:
+            txn = None
+        if txn is None:
+            self._counts["responses_dropped"] += 1
+            return
+        call = self._call_of(txn)
+        if txn.receive_response(response, now) and call is not None:
+            self._events.append(HangupCompleted(call.key, response.status))
+
+    def _receive_request(self, request: Request, source: Address, now: float) -> None:
+        via = parse_via(request.headers.get("Via") or "")
+        inc = _Incoming(request, via, _stamp_top_via(request, via, source), source)
+        if request.method == "ACK":
+            self._receive_ack(inc, now)
+            return
+        txn = self._transactions.match_server(request, via)
+        if txn is not None:
+            self._counts["requests_absorbed"] += 1
+            txn.receive_retransmission(now)
+            return
+        rejection = _check_request(request)
+        if rejection is not None:
+            self._answer(inc, now, rejection[0], to_tag=self._token(), extra=rejection[1])
+        elif request.method == "INVITE":
+            self._receive_invite(inc, now)
+        elif request.method == "BYE":
+            self._receive_bye(inc, now)
+        elif request.method == "CANCEL":
+            self._receive_cancel(inc, now)
+        else:
+            self._receive_options(inc, now)
+
+    def _receive_ack(self, inc: _Incoming, now: float) -> None:
+        txn = self._transactions.match_server(inc.request, inc.via)
+        if txn is not None and txn.receive_ack(now):
+            return  # ACK for our 3xx-6xx (§17.2.1)
+        call = self._dialog_call(inc.request)
+        cseq = parse_cseq(inc.request.headers.get("CSeq") or "").number
+        pending = call.awaiting_ack if call is not None else None
+        if call is None or pending is None or _cseq_number(pending.request) != cseq:
+            self._counts["requests_absorbed"] += 1  # ACK retransmission or stray ACK
+            return
+        call.awaiting_ack = None
+        pending.confirm_2xx_ack(now)
+        if pending is call.invite_txn:
+            self._events.append(CallAcked(call.key))
+        if call.hangup_deferred:
+            self._send_bye(call, now)
+
+    def _receive_invite(self, inc: _Incoming, now: float) -> None:
+        request = inc.request
+        to = parse_name_addr(request.headers.get("To") or "")
+        remote_tag = parse_name_addr(request.headers.get("From") or "").tag or ""
+        cseq = parse_cseq(request.headers.get("CSeq") or "").number
+        if to.tag is not None:
+            call = self._calls_by_id.get(DialogId(request.call_id, to.tag, remote_tag))
+            if call is not None:
+                self._receive_reinvite(call, inc, cseq, now)
+                return
+        merge_key = (request.call_id, remote_tag, cseq)
+        if merge_key in self._merge_index:  # §8.2.2.2 merged request
+            self._answer(inc, now, 482, to_tag=self._token())
+            return
+        if len(self._calls) >= self._max_dialogs:
+            self._counts["dialogs_refused"] += 1
+            extra = _warning_headers("full", self.retry_after_s)
+            self._answer(inc, now, 503, to_tag=self._token(), extra=extra)
+            return
+        dialog = Dialog.from_invite_untrusted(
+            request, local_tag=self._token(), local_cseq=secrets.randbelow(2**31 - 2**20)
+        )
+        txn = self._answer(inc, now, 100, to_tag=None)
+        if txn is None:
+            return
+        key = f"{request.call_id};{dialog.id.remote_tag};{dialog.id.local_tag}"
+        call = _Call(key, dialog, txn, inc.source, merge_key)
+        txn.call_key = key
+        self._calls[key] = call
+        self._calls_by_id[dialog.id] = call
+        self._merge_index[merge_key] = key
+        self._events.append(IncomingCall(key, request.call_id, request, inc.source, request.body))
+
+    def _receive_reinvite(self, call: _Call, inc: _Incoming, cseq: int, now: float) -> None:
+        contact = inc.request.headers.get("Contact")
+        target = parse_name_addr(contact).uri if contact else None
+        tag = call.dialog.id.local_tag
+        if call.dialog.state is DialogState.TERMINATED:
+            self._answer(inc, now, 481, to_tag=tag)
+            return
+        try:
+            call.dialog.update_remote_cseq(cseq)
+        except RemoteProtocolError as exc:
+            self._answer(inc, now, exc.status_hint or 500, to_tag=tag)
+            return
+        if self._pending(call.invite_txn, count=False) or call.reinvite_txn or call.awaiting_ack:
+            # §14.2: an INVITE while one is unanswered (or unacknowledged) gets 500 + Retry-After
+            extra = [("Retry-After", str(secrets.randbelow(11)))]
+            self._answer(inc, now, 500, to_tag=tag, extra=extra)
+            return
+        txn = self._answer(inc, now, 100, to_tag=None)
+        if txn is None:
+            return
+        txn.call_key = call.key
+        call.reinvite_txn = txn
+        call.reinvite_target = target
+        self._events.append(ReInvite(call.key, inc.request, inc.request.body))
+
+    def _receive_bye(self, inc: _Incoming, now: float) -> None:
+        call = self._dialog_call(inc.request)
+        cseq = parse_cseq(inc.request.headers.get("CSeq") or "").number
+        if call is None or call.dialog.state is DialogState.TERMINATED:
+            self._answer(inc, now, 481, to_tag=self._token())
+            return
+        try:
+            call.dialog.update_remote_cseq(cseq)
+        except RemoteProtocolError as exc:
+            self._answer(inc, now, exc.status_hint or 500, to_tag=None)
+            return
+        if self._answer(inc, now, 200, to_tag=None) is None:
+            return
+        self._end_pending_invites(call, 487, now)  # §15.1.2
+        call.dialog.state = DialogState.TERMINATED
+        self._events.append(CallEnded(call.key, "bye"))
+
+    def _receive_cancel(self, inc: _Incoming, now: float) -> None:
+        invite_txn = self._transactions.match_cancelled_invite(inc.request, inc.via)
+        if invite_txn is None:
+            self._answer(inc, now, 481, to_tag=self._token())
+            return
+        call = self._call_of(invite_txn)
+        tag = call.dialog.id.local_tag if call is not None else self._token()
+        if self._answer(inc, now, 200, to_tag=tag) is None:
+            return
+        if not self._pending(invite_txn, count=False):
+            return  # §9.2: the final response already went; CANCEL has no effect
+        invite_txn.send_response(self._response(invite_txn.request, 487, to_tag=tag), now)
+        if call is None:
+            return
+        if invite_txn is call.invite_txn:
+            call.dialog.state = DialogState.TERMINATED
+            self._events.append(CallCancelled(call.key))
+        else:
+            call.reinvite_txn = None
+
+    def _receive_options(self, inc: _Incoming, now: float) -> None:
+        if self.available:
+            extra = [("Allow", ALLOW), ("Accept", SDP), ("Supported", "")]
+            self._answer(inc, now, 200, to_tag=self._token(), extra=extra)
+            return
+        extra = _warning_headers(self.unavailable_reason, self.retry_after_s)
+        self._answer(inc, now, 503, to_tag=self._token(), extra=extra)
+
+    def _refuse_bad(
+        self, exc: RemoteProtocolError, request: Request | None, source: Address
+    ) -> None:
+        """Log a bad message and answer it statelessly when possible (§8.2, §18.2.2)."""
+        self._counts["bad_messages"] += 1
+        call_id = request.call_id or None if request is not None else None
+        self._events.append(BadMessageReceived(call_id, exc.reason, source))
+        if exc.status_hint is None or request is None or request.method == "ACK":
+            return
+        if "Via" not in request.headers:
+            return
+        try:
+            via = parse_via(request.headers.get("Via") or "")
+            destination = _stamp_top_via(request, via, source)
+        except RemoteProtocolError:
+            destination = source
+        response = self._response(request, exc.status_hint, to_tag=self._token())
+        self._outbox.send(response.serialize(), destination)
+
+    # --- helpers --------------------------------------------------------------------------
+
+    def _answer(
+        self,
+        inc: _Incoming,
+        now: float,
+        status: int,
+        *,
+        to_tag: str | None,
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> ServerTransaction | None:
+        """Create the server transaction of ``inc`` and send ``status`` on it.
+
+        When the table is full, answer 503 statelessly and return ``None``.
+        """
+        txn = self._transactions.create_server(inc.request, inc.via, inc.destination, now)
+        if txn is None:
+            extra = _warning_headers("full", self.retry_after_s)
+            busy = self._response(inc.request, 503, to_tag=self._token(), extra=extra)
+            self._outbox.send(busy.serialize(), inc.destination)
+            return None
+        txn.send_response(self._response(inc.request, status, to_tag=to_tag, extra=extra), now)
+        return txn
+
+    def _response(
+        self,
+        request: Request,
+        status: int,
+        *,
+        to_tag: str | None,
+        extra: Sequence[tuple[str, str]] = (),
+        body: bytes = b"",
+    ) -> Response:
+        headers = [*extra, ("Server", self.user_agent)]
+        return make_response(request, status, to_tag=to_tag, extra=headers, body=body)
+
+    def _dialog_response(
+        self,
+        call: _Call,
+        txn: ServerTransaction,
+        status: int,
+        *,
+        body: bytes = b"",
+        extra: Sequence[tuple[str, str]] = (),
+    ) -> Response:
+        """A response to an INVITE of ``call``: our tag, Contact, Record-Route (§12.1.1)."""
+        headers: list[tuple[str, str]] = []
+        if txn is call.invite_txn:
+            headers.extend(("Record-Route", v) for v in txn.request.headers.get_all("Record-Route"))
+        if 101 <= status < 300:
+            headers.append(("Contact", self._contact))
+        headers.extend(extra)
+        if body:
+            headers.append(("Content-Type", SDP))
+        return self._response(
+            txn.request, status, to_tag=call.dialog.id.local_tag, extra=headers, body=body
+        )
+
+    def _reject(
+        self, call: _Call, status: int, now: float, extra: Sequence[tuple[str, str]]
+    ) -> None:
+        if not self._pending(call.invite_txn):
+            return
+        call.invite_txn.send_response(
+            self._dialog_response(call, call.invite_txn, status, extra=extra), now
+        )
+        call.dialog.state = DialogState.TERMINATED
+
+    def _end_pending_invites(self, call: _Call, status: int, now: float) -> None:
+        """Answer ``status`` to the call's INVITE and re-INVITE if still unanswered."""
+        for txn in (call.invite_txn, call.reinvite_txn):
+            if txn is not None and self._pending(txn, count=False):
+                txn.send_response(self._dialog_response(call, txn, status), now)
+        call.reinvite_txn = None
+
+    def _send_bye(self, call: _Call, now: float) -> None:
+        call.hangup_deferred = False
+        self._end_pending_invites(call, 487, now)
+        request = call.dialog.build_request("BYE", now)
+        branch = MAGIC_COOKIE + self._token()
+        request.headers.set("Via", f"SIP/2.0/UDP {self._hostport};branch={branch};rport")
+        request.headers.add("User-Agent", self.user_agent)
+        for name, value in _reason_headers(call.hangup_reason):
+            request.headers.add(name, value)
+        call.dialog.state = DialogState.TERMINATED
+        txn = self._transactions.create_client(request, branch, self._next_hop(call), now)
+        if txn is None:
+            self._events.append(HangupCompleted(call.key, None))
+            return
+        txn.call_key = call.key
+        call.bye_txn = txn
+
+    def _next_hop(self, call: _Call) -> Address:
+        """Where our in-dialog request goes (§8.1.2), without name resolution."""
+        try:
+            uri = parse_uri_untrusted(call.dialog.next_hop_uri())
+            ipaddress.ip_address(uri.host)
+        except (RemoteProtocolError, ValueError):
+            return call.source
+        return (uri.host, uri.port or 5060)
+
+    def _pending(self, txn: ServerTransaction, *, count: bool = True) -> bool:
+        """Whether ``txn`` still awaits its final response; else count a late action."""
+        if txn.state is State.PROCEEDING:
+            return True
+        if count:
+            self._counts["late_actions"] += 1
+        return False
+
+    def _call(self, call_key: str) -> _Call:
+        call = self._calls.get(call_key)
+        if call is None:
+            raise LocalProtocolError(f"unknown or forgotten call {call_key!r}")
+        return call
+
+    def _call_of(self, txn: Transaction) -> _Call | None:
+        return self._calls.get(txn.call_key) if txn.call_key is not None else None
+
+    def _dialog_call(self, request: Request) -> _Call | None:
+        """The call whose dialog ``request`` belongs to (§12.2.2), by Call-ID and tags."""
+        to_tag = parse_name_addr(request.headers.get("To") or "").tag
+        from_tag = parse_name_addr(request.headers.get("From") or "").tag or ""
+        if to_tag is None:
+            return None
+        return self._calls_by_id.get(DialogId(request.call_id, to_tag, from_tag))
+
+
+# --- §8.2 checks and §18.2 addressing (pure functions) -------------------------------------
+
+
+def _check_request(request: Request) -> tuple[int, list[tuple[str, str]]] | None:
+    """The §8.2 rejection of a new request as (status, extra headers), or ``None``.
+
+    Order of §8.2: method (405/501), Request-URI scheme (416), Require (420),
+    then for INVITE the body type (415) and Accept (406). Raises
+    RemoteProtocolError(400) for an unparsable Require.
+    """
+    method = request.method
+    if method in KNOWN_UNSUPPORTED_METHODS:
+        return 405, [("Allow", ALLOW)]
+    if method not in ALLOWED_METHODS:
+        return 501, []
+    try:
+        parse_uri_untrusted(request.uri)
+    except RemoteProtocolError as exc:
+        return exc.status_hint or 400, []
+    if method != "CANCEL":
+        required = parse_token_list(request.headers.get_all("Require"))
+        unknown = [tag for tag in required if tag not in SUPPORTED_OPTION_TAGS]
+        if unknown:
+            return 420, [("Unsupported", ", ".join(unknown))]
+    if method != "INVITE":
+        return None
+    content_type = request.headers.get("Content-Type") or ""
+    if request.body and _media_type(content_type) != SDP:
+        return 415, [("Accept", SDP)]
+    accepts = request.headers.get_all("Accept")
+    if accepts and not any(
+        _media_type(r) in _SDP_RANGES for value in accepts for r in split_list_value(value)
+    ):
+        return 406, []
+    return None
+
+
+def _media_type(value: str) -> str:
+    return value.split(";", 1)[0].strip().lower()
+
+
+def _cseq_number(request: Request) -> int:
+    return parse_cseq(request.headers.get("CSeq") or "").number
+
+
+def _stamp_top_via(request: Request, via: Via, source: Address) -> Address:
+    """Add received/rport to the top Via (§18.2.1, RFC 3581) and return where to answer.
+
+    The answer goes to ``received`` (else the sent-by host) at the rport
+    (else the sent-by port, else 5060), §18.2.2. ``request.headers`` is
+    replaced when the Via changes.
+    """
+    host, port = source
+    params: dict[str, str | None] = {}
+    if via.host.lower() != host.lower() or via.has_rport:
+        params["received"] = host
+    if via.has_rport and via.rport is None:
+        params["rport"] = str(port)
+    if params:
+        via = via.with_params(**params)
+        items = list(request.headers)
+        top = next(i for i, (name, _) in enumerate(items) if name == "Via")
+        items[top] = ("Via", via.serialize())
+        request.headers = Headers(items)
+    return (via.received or via.host, via.rport or via.port or 5060)
+
+
+def _safe_text(text: str) -> str:
+    """Local free text made safe for a header value (no quotes, CR/LF)."""
+    return _UNSAFE_TEXT_RE.sub("_", text)[:_MAX_REASON_CHARS]
+
+
+def _warning_headers(reason: str | None, retry_after_s: int | None) -> list[tuple[str, str]]:
+    headers = []
+    if reason:
+        headers.append(("Warning", f'399 {WARN_AGENT} "{_safe_text(reason)}"'))
+    if retry_after_s is not None:
+        headers.append(("Retry-After", str(retry_after_s)))
+    return headers
+
+
+def _reason_headers(reason: str | None) -> list[tuple[str, str]]:
+    """RFC 3326 Reason (Q.850 cause 16, normal clearing) plus X-Voxgate-Reason."""
+    if not reason:
+        return []
+    text = _safe_text(reason)
+    return [("Reason", f'Q.850;cause=16;text="{text}"'), ("X-Voxgate-Reason", text)]

@@ -1,0 +1,265 @@
+"""Transactions (RFC 3261 §17, RFC 6026) driven directly, with a hand-moved clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from voxgate.errors import LocalProtocolError
+from voxgate.sip.headers import parse_via
+from voxgate.sip.message import Headers, Request, Response, make_response
+from voxgate.sip.transaction import (
+    TRANSITIONS,
+    ClientTransaction,
+    Outbox,
+    ServerTransaction,
+    State,
+    TimerConfig,
+    Transaction,
+    TransactionTable,
+    server_key,
+)
+
+DEST = ("127.0.0.2", 5070)
+
+
+def request(
+    method: str,
+    *,
+    via: str = "SIP/2.0/UDP 127.0.0.2:5070;branch=z9hG4bKabc",
+    cseq: int = 1,
+    uri: str = "sip:agent@127.0.0.1",
+    to: str = "<sip:agent@127.0.0.1>",
+) -> Request:
+    return Request(
+        method,
+        uri,
+        Headers(
+            [
+                ("Via", via),
+                ("From", "<sip:caller@127.0.0.2>;tag=f1"),
+                ("To", to),
+                ("Call-ID", "c1"),
+                ("CSeq", f"{cseq} {method}"),
+            ]
+        ),
+    )
+
+
+def top_via(req: Request):
+    return parse_via(req.headers.get("Via") or "")
+
+
+def server(req: Request, outbox: Outbox, now: float = 0.0, **timers: float) -> ServerTransaction:
+    return ServerTransaction(
+        server_key(req, top_via(req)), req, DEST, outbox, TimerConfig(**timers), now
+    )
+
+
+def state_of(txn: Transaction) -> State:
+    """The state, read through a call so that mypy does not narrow it between steps."""
+    return txn.state
+
+
+def run_until(txn, end: float) -> list[float]:
+    """Fire the timers of ``txn`` up to ``end``; the times they fired at."""
+    fired = []
+    while (deadline := txn.next_deadline()) is not None and deadline <= end:
+        txn.handle_timer(deadline)
+        fired.append(deadline)
+    return fired
+
+
+def test_table_has_no_dead_ends() -> None:
+    for kind, states in TRANSITIONS.items():
+        for state, inputs in states.items():
+            assert inputs, (kind, state)
+            for target in inputs.values():
+                assert target is State.TERMINATED or target in states, (kind, state, target)
+
+
+def test_server_invite_error_retransmitted_until_timer_h() -> None:
+    outbox = Outbox(100)
+    invite = request("INVITE")
+    txn = server(invite, outbox)
+    assert state_of(txn) is State.PROCEEDING
+    assert txn.next_deadline() is None  # no timers while Proceeding
+    txn.send_response(make_response(invite, 100), 0.0)
+    txn.send_response(make_response(invite, 486, to_tag="t"), 0.0)
+    assert state_of(txn) is State.COMPLETED
+    fired = run_until(txn, 100.0)
+    # Timer G: 0.5, +1, +2, then T2 = 4 s steps; Timer H at 64·T1 = 32 s.
+    assert fired[:5] == [0.5, 1.5, 3.5, 7.5, 11.5]
+    assert fired[-1] == 32.0
+    assert state_of(txn) is State.TERMINATED
+    assert txn.outcome == "timeout"
+    sent = outbox.drain()
+    assert len(sent) == 2 + 10
+    assert all(dest == DEST for _, dest in sent)
+    assert sent[-1][0].startswith(b"SIP/2.0 486 ")
+    assert outbox.retransmissions == 10
+
+
+def test_server_invite_ack_confirms_then_timer_i() -> None:
+    outbox = Outbox(100)
+    invite = request("INVITE")
+    txn = server(invite, outbox)
+    txn.send_response(make_response(invite, 603, to_tag="t"), 0.0)
+    assert txn.receive_ack(0.2)
+    assert state_of(txn) is State.CONFIRMED
+    assert txn.next_deadline() == pytest.approx(5.2)  # Timer I = T4
+    outbox.drain()
+    txn.receive_retransmission(1.0)
+    assert txn.receive_ack(1.0)  # absorbed
+    assert outbox.drain() == []
+    txn.handle_timer(5.2)
+    assert (state_of(txn), txn.outcome) == (State.TERMINATED, "completed")
+
+
+def test_server_invite_2xx_accepted_until_dialog_ack() -> None:
+    outbox = Outbox(100)
+    invite = request("INVITE")
+    txn = server(invite, outbox)
+    txn.send_response(make_response(invite, 200, to_tag="t"), 0.0)
+    assert state_of(txn) is State.ACCEPTED
+    assert not txn.receive_ack(0.1)  # the 2xx ACK is matched by the dialog, not here
+    run_until(txn, 1.5)
+    assert len(outbox.drain()) == 3
+    txn.receive_retransmission(1.6)  # absorbed in Accepted (RFC 6026)
+    assert outbox.drain() == []
+    assert txn.confirm_2xx_ack(2.0)
+    assert not txn.confirm_2xx_ack(2.1)
+    run_until(txn, 100.0)
+    assert outbox.drain() == []
+    assert txn.outcome == "completed"
+
+
+def test_server_invite_2xx_without_ack_is_ack_timeout() -> None:
+    txn = server(request("INVITE"), Outbox(100), t1_s=0.1)
+    txn.send_response(make_response(txn.request, 200, to_tag="t"), 0.0)
+    assert run_until(txn, 100.0)[-1] == pytest.approx(6.4)  # H = 64·T1 with T1 = 0.1
+    assert txn.outcome == "ack-timeout"
+
+
+def test_second_final_response_is_local_error() -> None:
+    txn = server(request("INVITE"), Outbox(100))
+    txn.send_response(make_response(txn.request, 486, to_tag="t"), 0.0)
+    with pytest.raises(LocalProtocolError):
+        txn.send_response(make_response(txn.request, 200, to_tag="t"), 0.0)
+
+
+def test_server_non_invite() -> None:
+    outbox = Outbox(100)
+    bye = request("BYE")
+    txn = server(bye, outbox)
+    assert state_of(txn) is State.TRYING
+    txn.receive_retransmission(0.1)  # Trying: absorbed, nothing to resend
+    assert outbox.drain() == []
+    txn.send_response(make_response(bye, 200), 0.2)
+    assert state_of(txn) is State.COMPLETED
+    txn.receive_retransmission(0.3)
+    assert [d[:14] for d, _ in outbox.drain()] == [b"SIP/2.0 200 OK"] * 2
+    assert run_until(txn, 100.0) == [pytest.approx(32.2)]  # Timer J
+    assert state_of(txn) is State.TERMINATED
+
+
+def test_client_non_invite_timer_e_then_f() -> None:
+    outbox = Outbox(100)
+    bye = request("BYE")
+    txn = ClientTransaction(server_key(bye, top_via(bye)), bye, DEST, outbox, TimerConfig(), 0.0)
+    assert outbox.drain()[0][0].startswith(b"BYE ")
+    fired = run_until(txn, 100.0)
+    assert fired[:6] == [0.5, 1.5, 3.5, 7.5, 11.5, 15.5]
+    assert fired[-1] == 32.0
+    assert (state_of(txn), txn.outcome) == (State.TERMINATED, "timeout")
+    assert len(outbox.drain()) == 10
+
+
+def test_client_non_invite_provisional_then_final() -> None:
+    outbox = Outbox(100)
+    bye = request("BYE")
+    txn = ClientTransaction(server_key(bye, top_via(bye)), bye, DEST, outbox, TimerConfig(), 0.0)
+    txn.handle_timer(0.5)  # E: next in 1 s
+    assert not txn.receive_response(make_response(bye, 100), 0.6)
+    assert state_of(txn) is State.PROCEEDING
+    txn.handle_timer(1.5)
+    assert txn.next_deadline() == 5.5  # Proceeding: E at T2
+    assert txn.receive_response(make_response(bye, 200), 2.0)
+    assert not txn.receive_response(make_response(bye, 200), 2.1)  # retransmission
+    assert txn.final_status == 200
+    assert txn.next_deadline() == 7.0  # Timer K = T4
+    txn.handle_timer(7.0)
+    assert (state_of(txn), txn.outcome) == (State.TERMINATED, "completed")
+
+
+def test_matching_rfc3261() -> None:
+    table = TransactionTable(outbox=Outbox(100), max_transactions=10)
+    invite = request("INVITE")
+    txn = table.create_server(invite, top_via(invite), DEST, 0.0)
+    assert txn is not None
+    ack = request("ACK")
+    assert table.match_server(ack, top_via(ack)) is txn  # ACK matches its INVITE
+    assert table.match_server(invite, top_via(invite)) is txn
+    cancel = request("CANCEL")
+    assert table.match_server(cancel, top_via(cancel)) is None  # CANCEL is its own
+    assert table.match_cancelled_invite(cancel, top_via(cancel)) is txn
+    other_host = request("INVITE", via="SIP/2.0/UDP 127.0.0.3:5070;branch=z9hG4bKabc")
+    assert table.match_server(other_host, top_via(other_host)) is None
+    default_port = request("INVITE", via="SIP/2.0/UDP 127.0.0.2;branch=z9hG4bKabc")
+    assert table.match_server(default_port, top_via(default_port)) is None
+
+
+@pytest.mark.parametrize("branch", ["", ";branch=z9hG4bK", ";branch=1234"])
+def test_matching_rfc2543_fallback(branch: str) -> None:
+    via = f"SIP/2.0/UDP gw.example.com{branch}"
+    table = TransactionTable(outbox=Outbox(100), max_transactions=10)
+    invite = request("INVITE", via=via, cseq=56)
+    txn = table.create_server(invite, top_via(invite), DEST, 0.0)
+    assert txn is not None
+    assert txn.key.branch is None
+    ack = request("ACK", via=via, cseq=56, to="<sip:agent@127.0.0.1>;tag=ours")
+    assert table.match_server(ack, top_via(ack)) is txn
+    cancel = request("CANCEL", via=via, cseq=56)
+    assert table.match_cancelled_invite(cancel, top_via(cancel)) is txn
+    later = request("INVITE", via=via, cseq=57)
+    assert table.match_server(later, top_via(later)) is None
+    elsewhere = request("INVITE", via=via, cseq=56, uri="sip:other@127.0.0.1")
+    assert table.match_server(elsewhere, top_via(elsewhere)) is None
+
+
+def test_table_bound_and_sweep() -> None:
+    table = TransactionTable(outbox=Outbox(100), max_transactions=2)
+    reqs = [request("OPTIONS", via=f"SIP/2.0/UDP 127.0.0.2;branch=z9hG4bK{i}") for i in range(3)]
+    txns = [table.create_server(r, top_via(r), DEST, 0.0) for r in reqs]
+    assert txns[2] is None
+    assert table.refused == 1
+    assert len(table) == 2
+    for txn, req in zip(txns[:2], reqs, strict=False):
+        assert txn is not None
+        txn.send_response(make_response(req, 200), 0.0)
+    assert table.next_deadline() == 32.0
+    ended = table.handle_timer(32.0)
+    assert set(map(id, ended)) == set(map(id, txns[:2]))
+    assert len(table) == 0
+    assert table.next_deadline() is None
+
+
+def test_match_response_by_branch_and_method() -> None:
+    outbox = Outbox(100)
+    table = TransactionTable(outbox=outbox, max_transactions=4)
+    bye = request("BYE", via="SIP/2.0/UDP 127.0.0.1:5060;branch=z9hG4bKours")
+    txn = table.create_client(bye, "z9hG4bKours", DEST, 0.0)
+    assert txn is not None
+    assert table.match_response(make_response(bye, 200)) is txn
+    wrong_method = make_response(bye, 200)
+    wrong_method.headers.set("CSeq", "1 INVITE")
+    assert table.match_response(wrong_method) is None
+    assert table.match_response(Response(200, "OK")) is None  # no Via / CSeq
+
+
+def test_outbox_is_bounded() -> None:
+    outbox = Outbox(1)
+    outbox.send(b"a", DEST)
+    outbox.send(b"b", DEST, retransmission=True)
+    assert outbox.drain() == [(b"a", DEST)]
+    assert (outbox.dropped, outbox.retransmissions) == (1, 1)
+    assert outbox.drain() == []
