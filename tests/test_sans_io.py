@@ -25,6 +25,7 @@ SANS_IO_MODULES = [
     "voxgate.pipeline.vad",
     "voxgate.pipeline.playout",
     "voxgate.pipeline.pipeline",
+    "voxgate.admission",
 ]
 
 # webrtcvad's import pulls in socket/threading through importlib.metadata, so

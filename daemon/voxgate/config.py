@@ -56,7 +56,28 @@ class RtpConfig:
 @dataclass(frozen=True)
 class LimitsConfig:
     max_sessions: int = field(default=100, metadata=_range(1, 100_000))
+    default_tenant_max_sessions: int = field(default=0, metadata=_range(0, 100_000))
+    queue_size: int = field(default=0, metadata=_range(0, 100_000))
+    queue_timeout_s: float = field(default=10.0, metadata=_range(0.1, 3600))
+    retry_after_s: int = field(default=5, metadata=_range(1, 86_400))
     drain_timeout_s: float = field(default=30.0, metadata=_range(0, 86_400))
+
+
+@dataclass(frozen=True)
+class TenantConfig:
+    """One ``[[tenants]]`` entry: a cap and the rules that put a call in it.
+
+    Every rule given must match (AND); a tenant without rules matches nothing.
+    ``max_sessions`` 0 means no cap of its own (the global cap still holds).
+    """
+
+    name: str = ""
+    max_sessions: int = field(default=0, metadata=_range(0, 100_000))
+    ruri_user: str = ""
+    ruri_host: str = ""
+    header_name: str = ""
+    header_value: str = ""
+    source_cidrs: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,6 +101,12 @@ class AgentConfig:
 @dataclass(frozen=True)
 class ControlConfig:
     socket: str = "/run/voxgate/control.sock"
+    group: str = ""
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    listen: str = ""
 
 
 @dataclass(frozen=True)
@@ -99,6 +126,8 @@ class Config:
     agent: AgentConfig = field(default_factory=AgentConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    tenants: tuple[TenantConfig, ...] = ()
     source: str = "<embedded default>"
 
 
@@ -134,9 +163,12 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     section_types = {
         f.name: f.default_factory
         for f in dataclasses.fields(Config)
-        if f.name != "source"
+        if f.name not in ("source", "tenants")
     }
     for name, value in data.items():
+        if name == "tenants":
+            sections[name] = _parse_tenants(value, source)
+            continue
         if name not in section_types:
             raise ConfigError(f"{source}: [{name}]: unknown section")
         if not isinstance(value, dict):
@@ -145,6 +177,31 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     config = Config(**sections, source=source)
     _check_consistency(config)
     return config
+
+
+def _parse_tenants(value: Any, source: str) -> tuple[TenantConfig, ...]:
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{source}: [[tenants]]: must be an array of tables")
+    tenants = tuple(
+        _parse_section(TenantConfig, f"tenants.{i}", t, source) for i, t in enumerate(value)
+    )
+    names = [t.name for t in tenants]
+    for i, tenant in enumerate(tenants):
+        where = f"{source}: [[tenants]] #{i + 1} name"
+        if not tenant.name or not tenant.name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"{where}: must be a non-empty word (letters, digits, - and _)")
+        if tenant.name == "default" or names.count(tenant.name) > 1:
+            raise ConfigError(f"{where}: {tenant.name!r} is reserved or used twice")
+        if bool(tenant.header_name) != bool(tenant.header_value):
+            raise ConfigError(f"{source}: [[tenants]] {tenant.name} header_name: "
+                              "header_name and header_value go together")
+        for cidr in tenant.source_cidrs:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError as e:
+                raise ConfigError(f"{source}: [[tenants]] {tenant.name} source_cidrs: "
+                                  f"{cidr!r} is not a CIDR") from e
+    return tenants
 
 
 def _parse_section(cls: Any, section: str, values: dict[str, Any], source: str) -> Any:
@@ -206,5 +263,10 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"{src}: [vad] start_ms/stop_ms: must be multiples of 20 ms")
     if config.agent.kind not in AGENT_KINDS:
         raise ConfigError(f"{src}: [agent] kind: must be one of {', '.join(AGENT_KINDS)}")
+    if config.metrics.listen:
+        try:
+            split_host_port(config.metrics.listen)
+        except ValueError as e:
+            raise ConfigError(f"{src}: [metrics] listen: {e}, got {config.metrics.listen!r}") from e
     if config.log.level not in LOG_LEVELS:
         raise ConfigError(f"{src}: [log] level: must be one of {', '.join(LOG_LEVELS)}")
