@@ -39,6 +39,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Final
 
+from voxgate.config import Config
 from voxgate.errors import LocalProtocolError
 
 DEFAULT_TENANT: Final = "default"
@@ -516,3 +517,29 @@ class Admission:
             self._due[waiter.ticket] = (waiter, closed)
         self._waiting.clear()
         self._queues.clear()
+
+
+def limits_from_config(config: Config) -> AdmissionLimits:
+    """The ``[limits]`` and ``[[tenants]]`` of a validated config as AdmissionLimits.
+
+    In the file, 0 means "no cap of its own" and "" means "no such rule".
+    """
+    limits = config.limits
+    return AdmissionLimits(
+        max_sessions=limits.max_sessions,
+        queue_size=limits.queue_size,
+        queue_timeout_s=limits.queue_timeout_s,
+        retry_after_s=limits.retry_after_s,
+        default_tenant_max_sessions=limits.default_tenant_max_sessions or None,
+        tenants=tuple(
+            TenantRule(
+                name=t.name,
+                max_sessions=t.max_sessions or None,
+                ruri_user=t.ruri_user or None,
+                ruri_host=t.ruri_host or None,
+                header=(t.header_name, t.header_value) if t.header_name else None,
+                source_cidrs=tuple(ipaddress.ip_network(c, strict=False) for c in t.source_cidrs),
+            )
+            for t in config.tenants
+        ),
+    )

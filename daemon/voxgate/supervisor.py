@@ -18,6 +18,7 @@ from pathlib import Path
 import trio
 
 from voxgate import __version__
+from voxgate.admission import Admission, limits_from_config
 from voxgate.config import DEFAULT_PATH, Config, load_config
 from voxgate.errors import EX_CONFIG, ConfigError
 from voxgate.logging import log_event, setup_logging
@@ -35,7 +36,8 @@ async def serve(config: Config, notifier: Notifier) -> int:
         async with trio.open_nursery() as nursery:
             clock = MediaClock()
             await nursery.start(clock.run)
-            endpoint = SipEndpoint(config, clock)
+            admission = Admission(limits_from_config(config))
+            endpoint = SipEndpoint(config, clock, admission)
             try:
                 await nursery.start(endpoint.run)
             except OSError as e:

@@ -21,11 +21,13 @@ from dataclasses import dataclass
 
 import trio
 
+from voxgate import admission as adm
 from voxgate.agents.echo import EchoAgent
 from voxgate.codec.g711 import codec_for
 from voxgate.config import Config
 from voxgate.errors import RemoteProtocolError
 from voxgate.logging import log_event
+from voxgate.metrics import QUEUE_WAIT
 from voxgate.pipeline.pipeline import Pipeline
 from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import VoiceActivityDetector
@@ -39,6 +41,7 @@ from voxgate.sip.sdp import (
     negotiate,
     parse_sdp_untrusted,
 )
+from voxgate.sip.uri import parse_uri_untrusted
 from voxgate.transports.rtp_leg import RtpLeg
 from voxgate.transports.rtp_media import MediaClock, PortPool
 
@@ -54,10 +57,22 @@ _REFUSAL_STATUS = {"shutdown": 503, "error": 500, "ack-timeout": 408}
 
 
 @dataclass
+class _Pending:
+    """An INVITE whose offer is acceptable, waiting for (or just given) admission."""
+
+    ticket: str
+    event: uas.IncomingCall
+    offer: SessionDescription
+    negotiated: Negotiated
+
+
+@dataclass
 class _Call:
     """What the endpoint keeps per call: the session and its SDP state."""
 
     call_key: str
+    ticket: str
+    tenant: str
     session: Session
     leg: RtpLeg
     offer: SessionDescription
@@ -94,9 +109,10 @@ class _Signaling:
 class SipEndpoint:
     """The UAS on ``[sip] listen``; owns every SIP call's session."""
 
-    def __init__(self, config: Config, clock: MediaClock) -> None:
+    def __init__(self, config: Config, clock: MediaClock, admission: adm.Admission) -> None:
         self.config = config
         self._clock = clock
+        self.admission = admission
         host, port = config.sip.host, config.sip.port
         self.core = uas.UasCore(local_host=host, local_port=port,
                                 max_dialogs=4 * config.limits.max_sessions + 64)
@@ -104,11 +120,11 @@ class SipEndpoint:
         self._sock: socket.socket | None = None
         self._nursery: trio.Nursery | None = None
         self._calls: dict[str, _Call] = {}
+        self._queued: dict[str, _Pending] = {}  # ticket → call waiting for admission
         self._hangups_pending: set[str] = set()
         self._timers_changed = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
-        self.admitting = True
 
     # -- life cycle -------------------------------------------------------
 
@@ -139,9 +155,8 @@ class SipEndpoint:
     async def shutdown(self, grace_s: float) -> None:
         """Stop admitting (503), end every call with BYE, wait up to ``grace_s``
         for the sessions to end and our BYEs to be answered."""
-        self.admitting = False
-        self.core.available = False
-        self.core.unavailable_reason = "draining"
+        self.admission.set_draining(True)
+        self._pump()
         for call in list(self._calls.values()):
             call.session.end("shutdown")
         with trio.move_on_after(grace_s):
@@ -168,8 +183,12 @@ class SipEndpoint:
         self.act(lambda core, now: core.hangup(call_key, now, reason=reason))
 
     def release(self, call_key: str) -> None:
-        self._calls.pop(call_key, None)
+        call = self._calls.pop(call_key, None)
+        if call is not None:
+            for admitted in self.admission.release(call.ticket, trio.current_time()):
+                self._admitted_from_queue(admitted)
         self._update_idle()
+        self._pump()
 
     # -- the loops --------------------------------------------------------
 
@@ -194,11 +213,18 @@ class SipEndpoint:
 
     async def _timer_loop(self) -> None:
         while True:
-            deadline = self.core.next_deadline()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
+            deadlines = [d for d in (self.core.next_deadline(), self.admission.next_deadline())
+                         if d is not None]
+            with trio.move_on_at(min(deadlines, default=math.inf)):
                 await self._timers_changed.wait()
             self._timers_changed = trio.Event()
-            self.core.handle_timer(trio.current_time())
+            now = trio.current_time()
+            self.core.handle_timer(now)
+            for refusal in self.admission.handle_timer(now):
+                pending = self._queued.pop(refusal.ticket, None)
+                if pending is not None:
+                    self._refuse(pending.event, refusal.sip_status, refusal.reason,
+                                 retry_after_s=refusal.retry_after_s, tenant=refusal.tenant)
             self._pump()
 
     def _pump(self) -> None:
@@ -213,6 +239,10 @@ class SipEndpoint:
                           exc_info=exc)
                 if call_key is not None and call_key in self._calls:
                     self._calls[call_key].session.end("error")
+        available, why = self.admission.availability()
+        self.core.available = available
+        self.core.unavailable_reason = why or ""
+        self.core.retry_after_s = self.admission.limits.retry_after_s
         sock = self._sock
         for data, addr in self.core.datagrams_to_send():
             if sock is None or not _is_ip(addr[0]):
@@ -231,7 +261,7 @@ class SipEndpoint:
         elif isinstance(event, uas.CallAcked):
             pass
         elif isinstance(event, uas.CallCancelled):
-            self._end(event.call_key, "cancel")
+            self._cancel(event.call_key)
         elif isinstance(event, uas.CallEnded):
             self._end(event.call_key, event.reason)
         elif isinstance(event, uas.ReInvite):
@@ -248,30 +278,65 @@ class SipEndpoint:
         if call is not None:
             call.session.end(reason)
 
-    def _refuse(self, event: uas.IncomingCall, status: int, reason: str) -> None:
+    def _cancel(self, call_key: str) -> None:
+        for ticket, pending in self._queued.items():
+            if pending.event.call_key == call_key:
+                del self._queued[ticket]
+                self.admission.cancel(ticket, trio.current_time())
+                log_event(logging.INFO, "call_cancelled", "cancelled while queued",
+                          call_id=pending.event.call_id, session_id=ticket)
+                return
+        self._end(call_key, "cancel")
+
+    def _refuse(self, event: uas.IncomingCall, status: int, reason: str, *,
+                retry_after_s: int | None = None, tenant: str | None = None) -> None:
         log_event(logging.INFO, "call_refused", f"refused with {status}", call_id=event.call_id,
-                  status=status, reason=reason)
-        retry = 5 if status == 503 else None
+                  status=status, reason=reason, tenant=tenant)
         self.core.reject(event.call_key, status, trio.current_time(), reason=reason,
-                         retry_after_s=retry)
+                         retry_after_s=retry_after_s)
 
     def _incoming_call(self, event: uas.IncomingCall) -> None:
         cfg = self.config
-        if not self.admitting:
-            self._refuse(event, 503, "draining")
-            return
-        if len(self._calls) >= cfg.limits.max_sessions:
-            self._refuse(event, 503, "full")
-            return
         try:
             offer = parse_sdp_untrusted(event.sdp_offer)
             negotiated = negotiate(offer, preference=cfg.rtp.codecs)
         except RemoteProtocolError as e:
             self._refuse(event, e.status_hint or 400, e.reason)
             return
+        pending = _Pending(uuid.uuid4().hex[:12], event, offer, negotiated)
+        decision = self.admission.request(pending.ticket, _call_info(event),
+                                          trio.current_time())
+        result = {adm.Admitted: "admitted", adm.Queued: "queued", adm.Refusal: "refused"}
+        log_event(logging.INFO, "admission", result[type(decision)],
+                  call_id=event.call_id, session_id=pending.ticket, tenant=decision.tenant,
+                  reason=getattr(decision, "reason", None))
+        if isinstance(decision, adm.Refusal):
+            self._refuse(event, decision.sip_status, decision.reason,
+                         retry_after_s=decision.retry_after_s, tenant=decision.tenant)
+        elif isinstance(decision, adm.Queued):
+            self._queued[pending.ticket] = pending
+            self.core.send_provisional(event.call_key, 180, trio.current_time())
+        else:
+            self._start_call(pending, decision.tenant)
+
+    def _admitted_from_queue(self, admitted: adm.Admitted) -> None:
+        pending = self._queued.pop(admitted.ticket, None)
+        QUEUE_WAIT.observe(admitted.waited_s)
+        if pending is None:  # pragma: no cover - admission only dequeues what we queued
+            self.admission.release(admitted.ticket, trio.current_time())
+            return
+        log_event(logging.INFO, "admission", "dequeued", call_id=pending.event.call_id,
+                  session_id=admitted.ticket, tenant=admitted.tenant,
+                  waited_s=admitted.waited_s)
+        self._start_call(pending, admitted.tenant)
+
+    def _start_call(self, pending: _Pending, tenant: str) -> None:
+        cfg = self.config
+        event, negotiated = pending.event, pending.negotiated
         sock = self.ports.open_socket()
         if sock is None:
-            self._refuse(event, 503, "no-rtp-port")
+            self.admission.release(pending.ticket, trio.current_time())
+            self._refuse(event, 503, "no-rtp-port", retry_after_s=cfg.limits.retry_after_s)
             return
         codec = codec_for(negotiated.codec.name)
         stream = RtpStream(
@@ -293,19 +358,21 @@ class SipEndpoint:
                      inactivity_s=cfg.timers.media_inactivity_s)
         _apply_direction(leg, negotiated)
         session = Session(
-            session_id=uuid.uuid4().hex[:12], call_id=event.call_id, transport="sip",
+            session_id=pending.ticket, call_id=event.call_id, transport="sip",
             codec=codec.name, signaling=_Signaling(self, event.call_key), media=leg,
             agent=agent, clock=self._clock, answer_delay_s=cfg.sip.answer_delay_ms / 1000,
             max_duration_s=cfg.timers.max_duration_s,
         )
         self._calls[event.call_key] = _Call(
-            call_key=event.call_key, session=session, leg=leg, offer=offer,
-            negotiated=negotiated, sdp_session_id=random.getrandbits(31), sdp_version=1,
+            call_key=event.call_key, ticket=pending.ticket, tenant=tenant, session=session,
+            leg=leg, offer=pending.offer, negotiated=negotiated,
+            sdp_session_id=random.getrandbits(31), sdp_version=1,
         )
         self._idle = trio.Event()
         log_event(logging.INFO, "call_start", "call started", session_id=session.session_id,
-                  call_id=event.call_id, codec=codec.name, local_rtp_port=leg.local_port,
-                  remote=_fmt(negotiated.remote_rtp), source=_fmt(event.source))
+                  call_id=event.call_id, tenant=tenant, codec=codec.name,
+                  local_rtp_port=leg.local_port, remote=_fmt(negotiated.remote_rtp),
+                  source=_fmt(event.source))
         assert self._nursery is not None
         self._nursery.start_soon(session.run)
 
@@ -343,6 +410,20 @@ def _apply_direction(leg: RtpLeg, negotiated: Negotiated) -> None:
         sending=negotiated.remote_rtp is not None and direction in ("sendrecv", "sendonly"),
         receiving=direction in ("sendrecv", "recvonly"),
     )
+
+
+def _call_info(event: uas.IncomingCall) -> adm.CallInfo:
+    """What admission's tenant rules match on: Request-URI, headers, source."""
+    try:
+        uri = parse_uri_untrusted(event.request.uri)
+        user, host = uri.user_unescaped, uri.host
+    except RemoteProtocolError:
+        user = host = None
+    headers: dict[str, str] = {}
+    for name, value in event.request.headers:
+        headers.setdefault(name.lower(), value)
+    return adm.CallInfo(ruri_user=user, ruri_host=host, headers=headers,
+                        source_ip=event.source[0], transport="sip")
 
 
 def _is_ip(host: str) -> bool:
