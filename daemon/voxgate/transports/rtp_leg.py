@@ -120,6 +120,29 @@ class RtpLeg:
                 return "media-timeout"
         return None
 
+    def counters(self) -> dict[str, int]:
+        """This leg's counters by name (packets, drops by cause, DTMF, speech turns)."""
+        st = self.stream.stats
+        jitter = st.jitter
+        return {
+            "packets_in": st.packets_in,
+            "packets_out": st.packets_out,
+            "bytes_in": st.bytes_in,
+            "bytes_out": st.bytes_out,
+            "drop_bad_packet": st.bad_packets,
+            "drop_unknown_payload_type": st.unknown_payload_type,
+            "drop_late": jitter.late,
+            "drop_duplicate": jitter.duplicates,
+            "drop_jitter_overflow": jitter.overflow,
+            "drop_playout_overflow": self.pipeline.playout.dropped_frames,
+            "drop_send_error": self.send_errors,
+            "rtcp_ignored": st.rtcp_ignored,
+            "ssrc_changes": st.ssrc_changes,
+            "frames_concealed": jitter.lost,
+            "dtmf_events": self.pipeline.dtmf_events,
+            "speech_turns": self.pipeline.speech_turns,
+        }
+
     def close(self) -> None:
         """Close the socket and return its port to the pool (idempotent)."""
         if self._sock is not None:

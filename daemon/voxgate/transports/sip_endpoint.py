@@ -16,6 +16,7 @@ import math
 import random
 import socket
 import uuid
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -45,6 +46,8 @@ from voxgate.sip.uri import parse_uri_untrusted
 from voxgate.transports.rtp_leg import RtpLeg
 from voxgate.transports.rtp_media import MediaClock, PortPool
 
+HEARTBEAT_S = 1.0
+"""The SIP loops check in with the watchdog at least this often, even when idle."""
 MAX_SIP_DATAGRAM_BYTES = 65_535
 MAX_DATAGRAMS_PER_WAKEUP = 64
 PLAYOUT_CAPACITY_FRAMES = 50
@@ -109,10 +112,19 @@ class _Signaling:
 class SipEndpoint:
     """The UAS on ``[sip] listen``; owns every SIP call's session."""
 
-    def __init__(self, config: Config, clock: MediaClock, admission: adm.Admission) -> None:
+    def __init__(
+        self,
+        config: Config,
+        clock: MediaClock,
+        admission: adm.Admission,
+        check_in: Callable[[str], None] = lambda task: None,
+    ) -> None:
         self.config = config
         self._clock = clock
         self.admission = admission
+        self._check_in = check_in
+        self.ended_counters: Counter[str] = Counter()
+        """Media counters of the calls that have ended (live ones: :meth:`media_counters`)."""
         host, port = config.sip.host, config.sip.port
         self.core = uas.UasCore(local_host=host, local_port=port,
                                 max_dialogs=4 * config.limits.max_sessions + 64)
@@ -152,15 +164,97 @@ class SipEndpoint:
     def active_sessions(self) -> int:
         return len(self._calls)
 
-    async def shutdown(self, grace_s: float) -> None:
-        """Stop admitting (503), end every call with BYE, wait up to ``grace_s``
-        for the sessions to end and our BYEs to be answered."""
-        self.admission.set_draining(True)
-        self._pump()
+    def end_all(self, reason: str) -> None:
+        """End every call in progress with ``reason`` (BYE from us)."""
         for call in list(self._calls.values()):
-            call.session.end("shutdown")
-        with trio.move_on_after(grace_s):
+            call.session.end(reason)
+
+    async def wait_idle(self, timeout_s: float) -> bool:
+        """Wait until no call is left and our BYEs are answered; False on timeout."""
+        with trio.move_on_after(timeout_s):
             await self._idle.wait()
+            return True
+        return False
+
+    def apply_config(self, config: Config) -> None:
+        """Take a reloaded config: limits and tenants now, the rest for new calls.
+
+        Calls in progress keep their settings; a lowered cap ends nobody.
+        """
+        self.config = config
+        now = trio.current_time()
+        for admitted in self.admission.update_limits(adm.limits_from_config(config), now):
+            self._admitted_from_queue(admitted)
+        self._pump()
+
+    def poke(self) -> None:
+        """Re-evaluate admission gates and timers after an outside change (drain, health)."""
+        self._pump()
+
+    # -- inspection (control socket, metrics) -----------------------------
+
+    def sessions(self) -> list[dict[str, object]]:
+        """One summary dict per call in progress."""
+        now = trio.current_time()
+        return [self._summary(call, now) for call in self._calls.values()]
+
+    def describe(self, session_id: str) -> dict[str, object] | None:
+        """A call's summary plus its counters and buffers, or None."""
+        call = self._find(session_id)
+        if call is None:
+            return None
+        info = self._summary(call, trio.current_time())
+        info["stats"] = call.leg.counters()
+        info["buffers"] = {
+            "jitter_frames": call.leg.stream.jitter_buffer.buffered_frames,
+            "jitter_bytes": call.leg.stream.jitter_buffer.buffered_bytes,
+            "playout_frames": len(call.leg.pipeline.playout),
+            "playout_bytes": call.leg.pipeline.playout.buffered_bytes,
+        }
+        return info
+
+    def hangup_session(self, session_id: str) -> bool:
+        """End one call from the operator (reason ``operator``); False when unknown."""
+        call = self._find(session_id)
+        if call is None:
+            return False
+        call.session.end("operator")
+        return True
+
+    def active_by_tenant(self) -> Counter[str]:
+        return Counter(call.tenant for call in self._calls.values())
+
+    def media_counters(self) -> Counter[str]:
+        """Media counters summed over ended and live calls."""
+        total = Counter(self.ended_counters)
+        for call in self._calls.values():
+            total.update(call.leg.counters())
+        return total
+
+    def reap(self) -> int:
+        """Safety net: drop calls whose session ended without releasing them.
+
+        Returns how many were reaped (0 unless there is a bug); each is logged.
+        """
+        zombies = [k for k, c in self._calls.items() if c.session.state == "ended"]
+        for key in zombies:
+            log_event(logging.ERROR, "session_reaped", "ended session still registered",
+                      call_id=self._calls[key].session.call_id)
+            self.release(key)
+        return len(zombies)
+
+    def _find(self, session_id: str) -> _Call | None:
+        return next((c for c in self._calls.values() if c.ticket == session_id), None)
+
+    @staticmethod
+    def _summary(call: _Call, now: float) -> dict[str, object]:
+        session = call.session
+        return {
+            "id": session.session_id, "call_id": session.call_id, "tenant": call.tenant,
+            "transport": session.transport, "state": session.state, "codec": session.codec,
+            "age_s": round(now - session.started_at, 3),
+            "remote": _fmt(call.leg.stream.remote_addr),
+        }
 
     # -- actions from sessions -------------------------------------------
 
@@ -185,6 +279,7 @@ class SipEndpoint:
     def release(self, call_key: str) -> None:
         call = self._calls.pop(call_key, None)
         if call is not None:
+            self.ended_counters.update(call.leg.counters())
             for admitted in self.admission.release(call.ticket, trio.current_time()):
                 self._admitted_from_queue(admitted)
         self._update_idle()
@@ -194,7 +289,9 @@ class SipEndpoint:
 
     async def _receive_loop(self, sock: socket.socket) -> None:
         while True:
-            await trio.lowlevel.wait_readable(sock)
+            with trio.move_on_after(HEARTBEAT_S):
+                await trio.lowlevel.wait_readable(sock)
+            self._check_in("sip")
             now = trio.current_time()
             for _ in range(MAX_DATAGRAMS_PER_WAKEUP):
                 try:
@@ -215,9 +312,10 @@ class SipEndpoint:
         while True:
             deadlines = [d for d in (self.core.next_deadline(), self.admission.next_deadline())
                          if d is not None]
-            with trio.move_on_at(min(deadlines, default=math.inf)):
+            with trio.move_on_at(min(deadlines, default=math.inf)), \
+                    trio.move_on_after(HEARTBEAT_S):
                 await self._timers_changed.wait()
-            self._timers_changed = trio.Event()
+            self._check_in("admission")
             now = trio.current_time()
             self.core.handle_timer(now)
             for refusal in self.admission.handle_timer(now):
@@ -226,6 +324,8 @@ class SipEndpoint:
                     self._refuse(pending.event, refusal.sip_status, refusal.reason,
                                  retry_after_s=refusal.retry_after_s, tenant=refusal.tenant)
             self._pump()
+            # Re-arm after our own pump: its wake-up is for the other tasks' changes.
+            self._timers_changed = trio.Event()
 
     def _pump(self) -> None:
         """Handle every queued event, send every queued datagram, re-arm timers."""

@@ -1,0 +1,277 @@
+"""SIP/RTP load benchmark: N concurrent echo calls against one pinned daemon.
+
+Run from the repository root as ``python -m bench.sip_load`` (root, because
+tcpdump captures on ``lo``). For each N in ``--steps`` a fresh ``voxgated``
+is pinned to CPU 0 (``taskset -c 0``) with ``max_sessions`` above N; SIPp
+(pinned to the other core with tcpdump) ramps N calls up over ``--ramp``
+seconds, each streaming the looped speech clip for ``--duration`` seconds
+after the ramp. Over the steady window (every call up) it measures:
+
+- outbound (daemon → caller) RTP inter-packet gap p50/p99/max and loss from
+  sequence numbers; the same for inbound as a check that SIPp kept up;
+- echo latency p50/p99 (echoed payload matched to the caller's packet);
+- daemon CPU (utime+stime from /proc/PID/stat over the window) and RSS
+  (VmRSS), RSS per session = (RSS at N - idle RSS) / N;
+- tcpdump's "dropped by kernel" count (a non-zero count voids the figures).
+
+It prints a table, the largest N meeting gap p99 ≤ 30 ms, gap max ≤ 100 ms,
+loss ≤ 0.1 % and echo p99 ≤ 60 ms with every call successful, and stops
+stepping at the first N that fails. It prints figures; it never asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.harness.audio import SpeechClip, make_speech_clip
+from tests.harness.daemon import ConfigOverrides, free_udp_port, reserve_port_range, running_daemon
+from tests.harness.pcap import (
+    Capture,
+    FlowStats,
+    RtpPacket,
+    all_echo_latencies_s,
+    flow_stats,
+    percentile,
+    read_udp,
+    rtp_packets,
+)
+from tests.harness.sipp import Sipp
+
+DAEMON_CPU = 0
+PEER_CPU = 1
+GAP_P99_LIMIT_MS = 30.0
+GAP_MAX_LIMIT_MS = 100.0
+LOSS_LIMIT_PCT = 0.1
+ECHO_P99_LIMIT_MS = 60.0
+_EDGE_S = 1.0  # trimmed off both ends of the steady window
+_CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class StepResult:
+    """Figures for one N."""
+
+    sessions: int
+    calls_ok: int
+    out_gap_p50_ms: float
+    out_gap_p99_ms: float
+    out_gap_max_ms: float
+    out_loss_pct: float
+    in_gap_p99_ms: float
+    in_loss_pct: float
+    echo_p50_ms: float
+    echo_p99_ms: float
+    cpu_pct: float
+    rss_kib: int
+    idle_rss_kib: int
+    tcpdump_dropped: int
+
+    @property
+    def rss_per_session_kib(self) -> float:
+        """(RSS at N - idle RSS) / N."""
+        return (self.rss_kib - self.idle_rss_kib) / self.sessions
+
+    @property
+    def passed(self) -> bool:
+        """Every call succeeded and every limit of the module docstring holds."""
+        return (
+            self.calls_ok == self.sessions
+            and self.out_gap_p99_ms <= GAP_P99_LIMIT_MS
+            and self.out_gap_max_ms <= GAP_MAX_LIMIT_MS
+            and self.out_loss_pct <= LOSS_LIMIT_PCT
+            and self.echo_p99_ms <= ECHO_P99_LIMIT_MS
+        )
+
+
+def cpu_ticks(pid: int) -> int:
+    """utime + stime of ``pid`` in clock ticks (/proc/PID/stat fields 14 and 15)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return int(fields[11]) + int(fields[12])
+
+
+def rss_kib(pid: int) -> int:
+    """VmRSS of ``pid`` in KiB (0 if the line is missing)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def _flow_figures(flows: list[FlowStats]) -> tuple[list[float], float]:
+    """All gaps (ms) and the loss percentage over a set of flows."""
+    gaps_ms = [g * 1000 for f in flows for g in f.gaps_s]
+    expected = sum(f.expected for f in flows)
+    lost = sum(f.lost for f in flows)
+    return gaps_ms, (100.0 * lost / expected if expected else 100.0)
+
+
+def analyse(
+    packets: list[RtpPacket], daemon_ports: range, window: tuple[float, float]
+) -> tuple[list[float], float, list[float], float, list[float]]:
+    """Outbound gaps and loss, inbound gaps and loss, echo latencies (ms), in ``window``."""
+    start, stop = window
+    steady = [p for p in packets if start <= p.ts <= stop]
+    flows = flow_stats(steady)
+
+    def from_daemon(f: FlowStats) -> bool:
+        return f.src[1] in daemon_ports
+
+    out_gaps, out_loss = _flow_figures([f for f in flows.values() if from_daemon(f)])
+    in_gaps, in_loss = _flow_figures([f for f in flows.values() if not from_daemon(f)])
+    callers = {f.src for f in flows.values() if not from_daemon(f)}
+    echo_ms = [s * 1000 for s in all_echo_latencies_s(steady, callers)]
+    return out_gaps, out_loss, in_gaps, in_loss, echo_ms
+
+
+def run_step(
+    sessions: int, clip: SpeechClip, workdir: Path, duration_s: float, ramp_s: float
+) -> StepResult:
+    """One N: fresh daemon, capture, SIPp ramp + steady streaming, figures."""
+    overrides: ConfigOverrides = {
+        "limits": {"max_sessions": sessions + 50, "drain_timeout_s": 5},
+        "log": {"level": "warning"},
+    }
+    media = reserve_port_range(2 * sessions + 64)
+    try:
+        with running_daemon(
+            workdir / "daemon", overrides, rtp_ports=2 * sessions + 100, cpu=DAEMON_CPU
+        ) as daemon:
+            time.sleep(1.0)
+            idle_rss = rss_kib(daemon.pid)
+            pcap_path = workdir / "rtp.pcap"
+            capture = Capture(pcap_path, daemon.rtp.first, daemon.rtp.last, cpu=PEER_CPU)
+            sipp = Sipp(
+                "uac_echo", daemon.sip_address, workdir=workdir / "sipp",
+                local_port=free_udp_port(), media_port=media.first, clip=clip,
+                calls=sessions, limit=sessions, rate=sessions / ramp_s,
+                duration_ms=round((duration_s + ramp_s) * 1000),
+                timeout_s=duration_s + 2 * ramp_s + 60, cpu=PEER_CPU,
+            )
+            with capture, sipp:
+                t0 = time.time()
+                time.sleep(ramp_s + _EDGE_S)
+                window_start, ticks_start = time.time(), cpu_ticks(daemon.pid)
+                time.sleep(duration_s / 2 - _EDGE_S)
+                rss = rss_kib(daemon.pid)
+                time.sleep(max(0.0, t0 + ramp_s + duration_s - _EDGE_S - time.time()))
+                window_stop, ticks_stop = time.time(), cpu_ticks(daemon.pid)
+                result = sipp.wait()
+            capture_stats = capture.stats
+            daemon_ports = range(daemon.rtp.first, daemon.rtp.last + 1)
+    finally:
+        media.release()
+    cpu_pct = 100.0 * (ticks_stop - ticks_start) / _CLK_TCK / (window_stop - window_start)
+    packets = rtp_packets(read_udp(pcap_path))
+    out_gaps, out_loss, in_gaps, in_loss, echo_ms = analyse(
+        packets, daemon_ports, (window_start, window_stop)
+    )
+    pcap_path.unlink()
+    return StepResult(
+        sessions=sessions,
+        calls_ok=result.successful_calls,
+        out_gap_p50_ms=percentile(out_gaps, 50),
+        out_gap_p99_ms=percentile(out_gaps, 99),
+        out_gap_max_ms=max(out_gaps, default=float("nan")),
+        out_loss_pct=out_loss,
+        in_gap_p99_ms=percentile(in_gaps, 99),
+        in_loss_pct=in_loss,
+        echo_p50_ms=percentile(echo_ms, 50),
+        echo_p99_ms=percentile(echo_ms, 99),
+        cpu_pct=cpu_pct,
+        rss_kib=rss,
+        idle_rss_kib=idle_rss,
+        tcpdump_dropped=capture_stats.dropped_by_kernel if capture_stats else -1,
+    )
+
+
+_COLUMNS: tuple[tuple[str, str, Callable[[StepResult], object]], ...] = (
+    ("N", "d", lambda r: r.sessions),
+    ("ok", "d", lambda r: r.calls_ok),
+    ("gap50", ".1f", lambda r: r.out_gap_p50_ms),
+    ("gap99", ".1f", lambda r: r.out_gap_p99_ms),
+    ("gapmax", ".1f", lambda r: r.out_gap_max_ms),
+    ("loss%", ".3f", lambda r: r.out_loss_pct),
+    ("echo50", ".1f", lambda r: r.echo_p50_ms),
+    ("echo99", ".1f", lambda r: r.echo_p99_ms),
+    ("cpu%", ".1f", lambda r: r.cpu_pct),
+    ("rssMiB", ".1f", lambda r: r.rss_kib / 1024),
+    ("KiB/sess", ".1f", lambda r: r.rss_per_session_kib),
+    ("in_gap99", ".1f", lambda r: r.in_gap_p99_ms),
+    ("in_loss%", ".3f", lambda r: r.in_loss_pct),
+    ("tcpdrop", "d", lambda r: r.tcpdump_dropped),
+    ("pass", "s", lambda r: "yes" if r.passed else "NO"),
+)
+_WIDTH = 9
+
+
+def format_header() -> str:
+    """The table's header line (ms for gaps and echo, KiB per session)."""
+    return " ".join(name.rjust(_WIDTH) for name, _, _ in _COLUMNS)
+
+
+def format_row(result: StepResult) -> str:
+    """One table line, aligned with :func:`format_header`."""
+    return " ".join(format(get(result), spec).rjust(_WIDTH) for _, spec, get in _COLUMNS)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Parse options, step through N, print the table and the verdict."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.sip_load", description=(__doc__ or "").split("\n")[0]
+    )
+    parser.add_argument("--steps", default="50,100,200,300,400,500",
+                        help="comma-separated session counts (default: %(default)s)")
+    parser.add_argument("--duration", type=float, default=30.0,
+                        help="steady streaming seconds per step, all calls up (default: 30)")
+    parser.add_argument("--ramp", type=float, default=10.0,
+                        help="seconds over which the calls are started (default: 10)")
+    parser.add_argument("--workdir", type=Path, default=None,
+                        help="where to keep configs, logs and captures (default: a temp dir)")
+    args = parser.parse_args(argv)
+    steps = [int(s) for s in args.steps.split(",") if s.strip()]
+    if os.geteuid() != 0:
+        print("tcpdump needs root: run as root", file=sys.stderr)
+        return 2
+    if len(os.sched_getaffinity(0)) < 2:
+        print("needs two CPUs (daemon on 0, SIPp and tcpdump on 1)", file=sys.stderr)
+        return 2
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="voxgate-bench-"))
+    clip = make_speech_clip(workdir / "clip")
+    print(f"workdir {workdir}; clip {clip.duration_s:.2f} s; daemon on CPU {DAEMON_CPU}, "
+          f"SIPp and tcpdump on CPU {PEER_CPU}")
+    print(format_header(), flush=True)
+    results: list[StepResult] = []
+    for sessions in steps:
+        result = run_step(sessions, clip, workdir / f"n{sessions}", args.duration, args.ramp)
+        results.append(result)
+        print(format_row(result), flush=True)
+        if result.tcpdump_dropped:
+            print(f"  warning: tcpdump dropped {result.tcpdump_dropped} packets: "
+                  "figures for this step are not trustworthy")
+        if result.in_gap_p99_ms > GAP_P99_LIMIT_MS:
+            print("  warning: SIPp's own sending gaps exceed the limit: the load generator "
+                  "did not keep up")
+        if not result.passed:
+            break
+    sustained = [r for r in results if r.passed]
+    if sustained:
+        best = sustained[-1]
+        print(f"largest sustained N: {best.sessions} "
+              f"(RSS per session {best.rss_per_session_kib:.1f} KiB, CPU {best.cpu_pct:.1f} %)")
+    else:
+        print("no step met the limits")
+    print(f"limits: gap p99 <= {GAP_P99_LIMIT_MS} ms, gap max <= {GAP_MAX_LIMIT_MS} ms, "
+          f"loss <= {LOSS_LIMIT_PCT} %, echo p99 <= {ECHO_P99_LIMIT_MS} ms")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

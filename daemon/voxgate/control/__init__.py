@@ -1,0 +1,1 @@
+"""The control socket: a JSON-lines protocol (sans-IO), its Trio server and ``voxgatectl``."""

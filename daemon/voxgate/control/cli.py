@@ -1,0 +1,384 @@
+"""``voxgatectl``: talk to a running voxgated over its control socket.
+
+Usage: ``voxgatectl [--socket PATH] [--json] COMMAND [ARGS]``; the socket is
+``/run/voxgate/control.sock`` unless ``VOXGATE_CONTROL_SOCKET`` or
+``--socket`` says otherwise. Results print as human tables, or as the raw
+JSON result with ``--json``.
+
+Exit codes: 0 ok, 1 the daemon said no (an error reply), 2 usage error,
+69 (EX_UNAVAILABLE) the daemon cannot be reached or broke the protocol.
+
+The client is plain blocking :mod:`socket`: one connection, one request at a
+time, replies bounded by :data:`MAX_REPLY_BYTES`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import json
+import os
+import socket
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from types import TracebackType
+from typing import Any, TextIO
+
+from voxgate.control.protocol import ControlProtocolError, decode_reply, encode_request
+
+DEFAULT_SOCKET = "/run/voxgate/control.sock"
+SOCKET_ENV = "VOXGATE_CONTROL_SOCKET"
+DEFAULT_TIMEOUT_S = 10.0
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+RECEIVE_CHUNK_BYTES = 65_536
+TOP_INTERVAL_S = 1.0
+DRAIN_POLL_S = 0.5
+PROGRESS_BAR_WIDTH = 20
+CLEAR_SCREEN = "\x1b[H\x1b[2J"
+
+EX_OK = 0
+EX_REFUSED = 1
+"""The daemon answered with an error reply."""
+EX_UNAVAILABLE = 69
+"""sysexits.h: the daemon is not reachable (or answered garbage)."""
+EX_INTERRUPTED = 130
+
+
+class DaemonUnavailable(Exception):
+    """The daemon cannot be reached, closed the connection, or broke the protocol."""
+
+
+class CommandFailed(Exception):
+    """The daemon answered with ``ok: false``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{message} ({code})")
+        self.code = code
+        self.message = message
+
+
+class ControlClient:
+    """A blocking connection to the control socket at ``path``.
+
+    Raises:
+        DaemonUnavailable: connecting failed (the message names the path).
+    """
+
+    def __init__(self, path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self._path = path
+        self._ids = itertools.count(1)
+        self._buffer = b""
+        self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self._sock.settimeout(timeout_s)
+        try:
+            self._sock.connect(path)
+        except OSError as e:
+            self._sock.close()
+            raise DaemonUnavailable(
+                f"cannot connect to {path}: {_reason(e)} (is voxgated running?)") from None
+
+    def __enter__(self) -> ControlClient:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._sock.close()
+
+    def call(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
+        """Send one request and return its result.
+
+        Raises:
+            CommandFailed: the daemon answered ``ok: false``.
+            DaemonUnavailable: the connection broke, timed out, or the reply
+                was not a valid reply to this request.
+        """
+        request_id = next(self._ids)
+        try:
+            # Refused (busy, forbidden) before it read the request: the reply is buffered.
+            with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                self._sock.sendall(encode_request(request_id, cmd, args or {}))
+            reply = decode_reply(self._read_line())
+        except OSError as e:
+            raise DaemonUnavailable(f"{self._path}: {_reason(e)}") from None
+        except ControlProtocolError as e:
+            raise DaemonUnavailable(f"{self._path}: bad reply: {e.reason}") from None
+        if not reply.ok:
+            raise CommandFailed(reply.code, reply.message)
+        if reply.id != request_id:
+            raise DaemonUnavailable(f"{self._path}: reply to request {reply.id!r}, "
+                                    f"expected {request_id}")
+        return reply.result
+
+    def _read_line(self) -> bytes:
+        while b"\n" not in self._buffer:
+            if len(self._buffer) > MAX_REPLY_BYTES:
+                raise DaemonUnavailable(f"{self._path}: reply longer than {MAX_REPLY_BYTES} bytes")
+            data = self._sock.recv(RECEIVE_CHUNK_BYTES)
+            if not data:
+                raise DaemonUnavailable(f"{self._path}: connection closed by voxgated")
+            self._buffer += data
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        return line
+
+
+def _reason(error: OSError) -> str:
+    return error.strerror or str(error) or type(error).__name__
+
+
+# --- rendering: results as human text ---------------------------------------------------
+
+def _as_dict(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _as_list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.1f}"
+    if isinstance(value, dict | list):
+        return json.dumps(value)
+    return str(value)
+
+
+def _format_age(seconds: Any) -> str:
+    """``12.3s``, ``4m05s``, ``1h02m``."""
+    if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+        return "-"
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, secs = divmod(int(seconds), 60)
+    if minutes < 60:
+        return f"{minutes}m{secs:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """Left-aligned columns two spaces apart, headers on top."""
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    lines = [list(headers), *cells]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip()
+                     for line in lines)
+
+
+def _render_components(components: Any) -> str:
+    rows = [(name, _as_dict(c).get("healthy"), _as_dict(c).get("detail"))
+            for name, c in _as_dict(components).items()]
+    return table(("COMPONENT", "HEALTHY", "DETAIL"), rows)
+
+
+def render_health(result: Any) -> str:
+    """``health``: the verdict, then one row per component."""
+    health = _as_dict(result)
+    verdict = "healthy" if health.get("healthy") else "UNHEALTHY"
+    if not _as_dict(health.get("components")):
+        return verdict
+    return f"{verdict}\n\n{_render_components(health['components'])}"
+
+
+def render_status(result: Any) -> str:
+    """``status``: state, session counts, limits, health, tenants, admission counters."""
+    status = _as_dict(result)
+    sessions = _as_dict(status.get("sessions"))
+    limits = " ".join(f"{k}={_cell(v)}" for k, v in _as_dict(status.get("limits")).items())
+    health = _as_dict(status.get("health"))
+    lines = [
+        f"state:     {_cell(status.get('state'))}",
+        f"sessions:  {_cell(sessions.get('active'))} active, "
+        f"{_cell(sessions.get('queued'))} queued",
+        f"limits:    {limits or '-'}",
+        f"health:    {render_health(health) if health else '-'}",
+    ]
+    tenants = _as_dict(sessions.get("by_tenant"))
+    if tenants:
+        rows = [(name, _as_dict(t).get("active"), _as_dict(t).get("queued"),
+                 _as_dict(t).get("max_sessions")) for name, t in tenants.items()]
+        lines += ["", table(("TENANT", "ACTIVE", "QUEUED", "MAX"), rows)]
+    counters = _as_list(_as_dict(status.get("admission")).get("counters"))
+    if counters:
+        keys = ("result", "reason", "tenant", "count")
+        counter_rows = [[_as_dict(c).get(k) for k in keys] for c in counters]
+        lines += ["", "admission:", table([k.upper() for k in keys], counter_rows)]
+    return "\n".join(lines)
+
+
+def render_sessions(result: Any) -> str:
+    """``sessions``: one row per session, or ``no sessions``."""
+    sessions = [_as_dict(s) for s in _as_list(result)]
+    if not sessions:
+        return "no sessions"
+    keys = ("id", "call_id", "tenant", "transport", "state", "codec")
+    rows = [(*(s.get(k) for k in keys), _format_age(s.get("age_s")), s.get("remote"))
+            for s in sessions]
+    return table(("ID", "CALL-ID", "TENANT", "TRANSPORT", "STATE", "CODEC", "AGE", "REMOTE"),
+                 rows)
+
+
+def render_mapping(result: Any, indent: int = 0) -> str:
+    """``show``: ``key: value`` lines, nested dicts indented two spaces per level."""
+    if not isinstance(result, dict):
+        return _cell(result)
+    lines = []
+    for key, value in result.items():
+        if isinstance(value, dict) and value:
+            lines += [f"{' ' * indent}{key}:", render_mapping(value, indent + 2)]
+        else:
+            lines.append(f"{' ' * indent}{key}: {_cell(value)}")
+    return "\n".join(lines)
+
+
+def render_message(result: Any) -> str:
+    """``hangup``/``drain``/``resume``/``reload``: the daemon's message."""
+    return _cell(_as_dict(result).get("message", "ok"))
+
+
+def render_metrics(result: Any) -> str:
+    """``metrics``: the Prometheus exposition text as is."""
+    return str(_as_dict(result).get("text", "")).rstrip("\n")
+
+
+def render_hello(result: Any) -> str:
+    """``hello``: ``voxgated 0.1.0 (protocol 1)``."""
+    hello = _as_dict(result)
+    return (f"{_cell(hello.get('daemon'))} {_cell(hello.get('version'))} "
+            f"(protocol {_cell(hello.get('protocol'))})")
+
+
+def progress_bar(left: int, total: int) -> str:
+    """``[##########----------] 5/10 sessions left``; ``#`` are sessions ended."""
+    done = PROGRESS_BAR_WIDTH if total <= 0 else (total - left) * PROGRESS_BAR_WIDTH // total
+    return f"[{'#' * done}{'-' * (PROGRESS_BAR_WIDTH - done)}] {left}/{total} sessions left"
+
+
+# --- commands ------------------------------------------------------------------------------
+
+def _emit(args: argparse.Namespace, result: Any, render: Callable[[Any], str]) -> None:
+    print(json.dumps(result, indent=2) if args.json else render(result))
+
+
+def _simple(cmd: str, render: Callable[[Any], str]) -> Callable[[ControlClient,
+                                                                 argparse.Namespace], int]:
+    """A command that sends ``cmd`` (with ``id`` when the parser took one) and prints."""
+    def run(client: ControlClient, args: argparse.Namespace) -> int:
+        request_args = {"id": args.id} if "id" in args else {}
+        _emit(args, client.call(cmd, request_args), render)
+        return EX_OK
+    return run
+
+
+def _run_drain(client: ControlClient, args: argparse.Namespace) -> int:
+    _emit(args, client.call("drain"), render_message)
+    if args.wait:
+        _wait_for_drain(client, sys.stderr if args.json else sys.stdout)
+    return EX_OK
+
+
+def _wait_for_drain(client: ControlClient, out: TextIO) -> None:
+    """Poll ``status`` until no session is active or the daemon is gone."""
+    total = 0
+    last = ""
+    while True:
+        try:
+            sessions = _as_dict(_as_dict(client.call("status")).get("sessions"))
+        except DaemonUnavailable:
+            print("\nvoxgated is gone; drain done", file=out)
+            return
+        active = sessions.get("active")
+        left = active if isinstance(active, int) and not isinstance(active, bool) else 0
+        total = max(total, left)
+        line = progress_bar(left, total)
+        if line != last:
+            print(f"\r{line}" if out.isatty() else line, end="" if out.isatty() else "\n",
+                  file=out, flush=True)
+            last = line
+        if left == 0:
+            print("\ndrain done" if out.isatty() else "drain done", file=out)
+            return
+        time.sleep(DRAIN_POLL_S)
+
+
+def _run_top(client: ControlClient, args: argparse.Namespace) -> int:
+    try:
+        for i in itertools.count(1):
+            status, sessions = client.call("status"), client.call("sessions")
+            if args.json:
+                print(json.dumps({"status": status, "sessions": sessions}), flush=True)
+            else:
+                stamp = time.strftime("%H:%M:%S")
+                print(f"{CLEAR_SCREEN}voxgate top  {stamp}  (Ctrl-C to quit)\n\n"
+                      f"{render_status(status)}\n\n{render_sessions(sessions)}", flush=True)
+            if args.iterations is not None and i >= args.iterations:
+                break
+            time.sleep(TOP_INTERVAL_S)
+    except KeyboardInterrupt:
+        pass
+    return EX_OK
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="voxgatectl", description="Control a running voxgated.",
+        epilog="exit codes: 0 ok, 1 the daemon refused, 2 usage, 69 daemon not reachable")
+    parser.add_argument("--socket", default=os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET,
+                        help=f"control socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})")
+    parser.add_argument("--json", action="store_true", help="print the raw JSON result")
+    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+                        help=f"wait this long for each reply (default {DEFAULT_TIMEOUT_S:g})")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, run: Callable[[ControlClient, argparse.Namespace], int],
+            help_text: str) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub.set_defaults(run=run)
+        return sub
+
+    add("status", _simple("status", render_status), "daemon state, sessions, limits, health")
+    add("sessions", _simple("sessions", render_sessions), "list the sessions")
+    add("show", _simple("show", render_mapping), "show one session").add_argument("id")
+    add("hangup", _simple("hangup", render_message), "end one session").add_argument("id")
+    drain = add("drain", _run_drain, "stop admitting calls; sessions in progress go on")
+    drain.add_argument("--wait", action="store_true", help="wait until no session is left")
+    add("resume", _simple("resume", render_message), "admit calls again after drain")
+    add("reload", _simple("reload", render_message), "reload the configuration's limits")
+    add("health", _simple("health", render_health), "health of each component")
+    add("metrics", _simple("metrics", render_metrics), "Prometheus metrics text")
+    top = add("top", _run_top, "live view, refreshed every second")
+    top.add_argument("--iterations", type=int, default=None, metavar="N",
+                     help="stop after N refreshes")
+    add("hello", _simple("hello", render_hello), "daemon name, version and protocol")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``voxgatectl``; returns the exit code (argparse exits 2 on usage errors)."""
+    args = _build_parser().parse_args(argv)
+    try:
+        with ControlClient(args.socket, args.timeout) as client:
+            code: int = args.run(client, args)
+            return code
+    except CommandFailed as e:
+        print(f"voxgatectl: {args.command}: {e.message} ({e.code})", file=sys.stderr)
+        return EX_REFUSED
+    except DaemonUnavailable as e:
+        print(f"voxgatectl: {e}", file=sys.stderr)
+        return EX_UNAVAILABLE
+    except KeyboardInterrupt:
+        return EX_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,421 @@
+"""Trio driver for the control socket: bind, authorize, serve each connection.
+
+The protocol lives in the sans-IO :class:`~voxgate.control.protocol.ControlConnection`;
+this driver owns the Unix socket file, checks each peer's credentials
+(``SO_PEERCRED``, see unix(7)), runs one task per connection with its own
+error boundary, and calls the daemon's command handlers. ``hello`` is
+answered here.
+
+Who may connect: uid 0, the daemon's own uid, and members of the control
+group (primary gid, supplementary groups from ``/proc/<pid>/status``, or the
+group's member list). Anyone else gets one ``forbidden`` reply and is
+disconnected. The socket file is mode 0660, owned by the control group.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import grp
+import logging
+import os
+import pwd
+import socket
+import stat
+import struct
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from voxgate.control.protocol import (
+    BUSY,
+    DEFAULT_MAX_LINE_BYTES,
+    FORBIDDEN,
+    INTERNAL,
+    PROTOCOL_VERSION,
+    ControlConnection,
+    ProtocolError,
+    Reply,
+    Request,
+    encode_reply,
+)
+from voxgate.errors import LocalProtocolError, VoxgateError
+from voxgate.logging import log_event
+
+Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
+"""A command handler: takes ``args``, returns the JSON-able result.
+
+Raises :class:`CommandError` when the daemon says no; anything else it raises
+is a bug, answered with ``internal`` and logged.
+"""
+
+SOCKET_MODE = 0o660
+PARENT_DIR_MODE = 0o755
+LISTEN_BACKLOG = 16
+RECEIVE_CHUNK_BYTES = 4096
+DEFAULT_IDLE_TIMEOUT_S = 60.0
+"""A connection that neither sends a request nor takes its reply this long is closed."""
+REFUSE_TIMEOUT_S = 1.0
+"""How long a ``busy`` answer may take before the connection is just closed."""
+STALE_PROBE_TIMEOUT_S = 1.0
+ACCEPT_BACKOFF_S = 0.1
+"""Pause after accept() failed for lack of descriptors or memory (trio's serve_listeners)."""
+
+# accept() failures that mean "out of resources right now": log, back off, go on.
+_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
+
+# struct ucred { pid_t pid; uid_t uid; gid_t gid; } (Linux <sys/socket.h>):
+# three native 32-bit ints, 12 bytes.
+_UCRED = struct.Struct("=iII")
+
+
+class ControlSetupError(VoxgateError):
+    """The control socket cannot be set up; the message names the path."""
+
+
+class CommandError(VoxgateError):
+    """A handler's "the daemon said no": becomes an error reply with ``code``."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+
+
+@dataclass(frozen=True, slots=True)
+class PeerCredentials:
+    """The peer process's credentials when it connected (``SO_PEERCRED``)."""
+
+    pid: int
+    uid: int
+    gid: int
+
+
+class ServerStats:
+    """Counters of one control server, in connections (``internal_errors``: requests)."""
+
+    __slots__ = ("accepted", "forbidden", "idle_timeouts", "internal_errors", "refused_busy")
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.refused_busy = 0
+        self.forbidden = 0
+        self.idle_timeouts = 0
+        self.internal_errors = 0
+
+
+def peer_credentials(sock: trio.socket.SocketType) -> PeerCredentials:
+    """Read ``SO_PEERCRED`` of a connected Unix socket."""
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    pid, uid, gid = _UCRED.unpack(raw)
+    return PeerCredentials(pid, uid, gid)
+
+
+def parse_proc_groups(status_text: str, uid: int) -> frozenset[int]:
+    """Supplementary gids from the text of ``/proc/<pid>/status`` (proc(5)).
+
+    Returns an empty set unless the ``Uid:`` line's effective uid is ``uid``
+    (the pid may have been reused by another user's process).
+    """
+    fields: dict[str, list[str]] = {}
+    for line in status_text.splitlines():
+        name, sep, value = line.partition(":")
+        if sep:
+            fields[name] = value.split()
+    uids = fields.get("Uid", [])
+    if len(uids) < 2 or uids[1] != str(uid):
+        return frozenset()
+    return frozenset(int(g) for g in fields.get("Groups", []) if g.isdigit())
+
+
+def _proc_groups(cred: PeerCredentials) -> frozenset[int]:
+    if cred.pid <= 0:  # the peer lives in another pid namespace
+        return frozenset()
+    try:
+        with open(f"/proc/{cred.pid}/status", encoding="utf-8", errors="replace") as f:
+            return parse_proc_groups(f.read(), cred.uid)
+    except OSError:
+        return frozenset()
+
+
+def _listed_member(uid: int, gid: int) -> bool:
+    try:
+        return pwd.getpwuid(uid).pw_name in grp.getgrgid(gid).gr_mem
+    except KeyError:
+        return False
+
+
+def is_authorized(cred: PeerCredentials, *, own_uid: int, group_gid: int | None) -> bool:
+    """Whether ``cred`` may use the control socket; blocking (procfs, NSS).
+
+    Allowed: uid 0, ``own_uid``, and members of ``group_gid`` (primary gid,
+    supplementary groups of the process, or listed in the group database).
+    """
+    if cred.uid in (0, own_uid):
+        return True
+    if group_gid is None:
+        return False
+    return (
+        cred.gid == group_gid
+        or group_gid in _proc_groups(cred)
+        or _listed_member(cred.uid, group_gid)
+    )
+
+
+def _resolve_group(group: str | None) -> int | None:
+    if group is None:
+        return None
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        raise ControlSetupError(f"control socket group {group!r} does not exist") from None
+
+
+def _make_parent_dir(path: str) -> None:
+    parent = os.path.dirname(os.path.abspath(path))
+    if os.path.isdir(parent):
+        return
+    try:
+        os.makedirs(parent, PARENT_DIR_MODE)
+        os.chmod(parent, PARENT_DIR_MODE)
+    except OSError as e:
+        raise ControlSetupError(f"{parent}: cannot create directory: {e.strerror}") from e
+
+
+async def _remove_stale_socket(path: str) -> None:
+    """Unlink ``path`` if it is a socket nobody accepts on; else leave it and raise.
+
+    Raises:
+        ControlSetupError: ``path`` is not a socket, or a live one.
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    except OSError as e:
+        raise ControlSetupError(f"{path}: {e.strerror}") from e
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ControlSetupError(f"{path} exists and is not a socket; not replacing it")
+    probe = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    with probe:
+        try:
+            with trio.move_on_after(STALE_PROBE_TIMEOUT_S):
+                await probe.connect(path)
+        except ConnectionRefusedError:
+            os.unlink(path)
+            log_event(logging.INFO, "control_stale_socket", f"removed stale socket {path}",
+                      path=path)
+            return
+        except FileNotFoundError:
+            return
+        except OSError as e:
+            raise ControlSetupError(f"{path}: cannot probe existing socket: {e.strerror}") from e
+    raise ControlSetupError(f"{path} already in use (is another voxgated running?)")
+
+
+class ControlServer:
+    """Serves the control protocol on the Unix socket ``path``.
+
+    Args:
+        path: the socket file; its parent is created (0755) if missing.
+        handlers: command name -> :data:`Handler`; ``hello`` is answered by
+            the server itself and needs no handler.
+        group: the group name that owns the socket and may use it, or None
+            (then only root and the daemon's uid).
+        version: the daemon's version, reported by ``hello``.
+        max_connections: connections served at once; more are answered ``busy``.
+        max_line_bytes: longest request line accepted.
+        idle_timeout_s: a connection idle this long (no request, reply not
+            taken) is closed.
+    """
+
+    def __init__(
+        self,
+        path: str,
+        handlers: Mapping[str, Handler],
+        *,
+        group: str | None,
+        version: str,
+        max_connections: int = 32,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+    ) -> None:
+        self._path = path
+        self._handlers = dict(handlers)
+        self._commands = frozenset(self._handlers) | {"hello"}
+        self._group = group
+        self._group_gid: int | None = None
+        self._hello = {"protocol": PROTOCOL_VERSION, "daemon": "voxgated", "version": version}
+        self._max_connections = max_connections
+        self._max_line_bytes = max_line_bytes
+        self._idle_timeout_s = idle_timeout_s
+        self._own_uid = os.getuid()
+        self._active = 0
+        self.stats = ServerStats()
+
+    @property
+    def active_connections(self) -> int:
+        """Connections being served now."""
+        return self._active
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind the socket, report started, serve until cancelled, remove the socket file.
+
+        Raises:
+            ControlSetupError: unknown group, the path is taken (a live socket
+                or not a socket), or bind/chmod/chown failed.
+        """
+        self._group_gid = _resolve_group(self._group)
+        _make_parent_dir(self._path)
+        await _remove_stale_socket(self._path)
+        listener, identity = await self._bind()
+        try:
+            log_event(logging.INFO, "control_listening", f"control socket {self._path}",
+                      path=self._path, group=self._group)
+            task_status.started()
+            async with trio.open_nursery() as nursery:
+                await self._accept_loop(listener, nursery)
+        finally:
+            listener.socket.close()
+            self._unlink_if_ours(identity)
+
+    async def _bind(self) -> tuple[trio.SocketListener, tuple[int, int]]:
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        bound = False
+        try:
+            await sock.bind(self._path)
+            bound = True
+            os.chmod(self._path, SOCKET_MODE)
+            if self._group_gid is not None:
+                os.chown(self._path, -1, self._group_gid)
+            sock.listen(LISTEN_BACKLOG)
+            st = os.lstat(self._path)
+        except OSError as e:
+            sock.close()
+            if bound:
+                os.unlink(self._path)
+            raise ControlSetupError(f"{self._path}: cannot set up control socket: "
+                                    f"{e.strerror}") from e
+        return trio.SocketListener(sock), (st.st_dev, st.st_ino)
+
+    def _unlink_if_ours(self, identity: tuple[int, int]) -> None:
+        """Remove the socket file unless someone else replaced it meanwhile."""
+        try:
+            st = os.lstat(self._path)
+            if (st.st_dev, st.st_ino) == identity:
+                os.unlink(self._path)
+        except OSError:
+            pass
+
+    async def _accept_loop(self, listener: trio.SocketListener, nursery: trio.Nursery) -> None:
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as e:
+                if e.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                    raise
+                log_event(logging.ERROR, "control_accept_failed",
+                          f"accept on control socket failed: {e.strerror}; backing off")
+                await trio.sleep(ACCEPT_BACKOFF_S)
+                continue
+            if self._active >= self._max_connections:
+                self.stats.refused_busy += 1
+                log_event(logging.WARNING, "control_busy", "control connection refused: busy",
+                          active=self._active)
+                with trio.move_on_after(REFUSE_TIMEOUT_S):
+                    await self._refuse(stream, BUSY,
+                                       f"too many control connections ({self._max_connections})")
+                stream.socket.close()
+                continue
+            self.stats.accepted += 1
+            self._active += 1
+            nursery.start_soon(self._serve_connection, stream)
+
+    @staticmethod
+    async def _refuse(stream: trio.SocketStream, code: str, message: str) -> None:
+        """Send one ``id: null`` error reply; the caller closes the stream."""
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await stream.send_all(encode_reply(Reply.failure(None, code, message)))
+
+    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+        """One connection, inside its own error boundary; always closes the stream."""
+        cred: PeerCredentials | None = None
+        try:
+            async with stream:
+                cred = peer_credentials(stream.socket)
+                if await self._authorized(cred):
+                    await self._converse(stream, cred)
+                else:
+                    self.stats.forbidden += 1
+                    log_event(logging.WARNING, "control_forbidden",
+                              f"uid {cred.uid} may not use the control socket",
+                              uid=cred.uid, pid=cred.pid)
+                    with trio.move_on_after(REFUSE_TIMEOUT_S):
+                        await self._refuse(stream, FORBIDDEN,
+                                           f"uid {cred.uid} may not use the control socket")
+        except trio.TooSlowError:
+            self.stats.idle_timeouts += 1
+            log_event(logging.INFO, "control_idle_timeout", "control connection idle; closed",
+                      uid=cred.uid if cred else None, pid=cred.pid if cred else None)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the client went away mid-request: nothing to answer
+        except Exception as e:
+            log_event(logging.ERROR, "control_connection_failed", "control connection failed",
+                      exc_info=e, uid=cred.uid if cred else None)
+        finally:
+            self._active -= 1
+
+    async def _authorized(self, cred: PeerCredentials) -> bool:
+        if cred.uid in (0, self._own_uid):
+            return True
+        # Group lookups read procfs and may ask NSS (LDAP…): not on the event loop.
+        return await trio.to_thread.run_sync(
+            lambda: is_authorized(cred, own_uid=self._own_uid, group_gid=self._group_gid))
+
+    async def _converse(self, stream: trio.SocketStream, cred: PeerCredentials) -> None:
+        """Answer requests in order until EOF, a fatal error or idleness (TooSlowError)."""
+        conn = ControlConnection(self._commands, max_line_bytes=self._max_line_bytes)
+        while True:
+            event = conn.next_request()
+            if event is None:
+                if conn.closed:
+                    return
+                with trio.fail_after(self._idle_timeout_s):
+                    data = await stream.receive_some(RECEIVE_CHUNK_BYTES)
+                conn.receive_data(data)
+                continue
+            if isinstance(event, ProtocolError):
+                line = conn.send_reply(Reply.failure(event.id, event.code, event.message))
+            else:
+                reply = await self._dispatch(event, cred)
+                try:
+                    line = conn.send_reply(reply)
+                except LocalProtocolError as e:  # the handler's result is not JSON-able
+                    line = conn.send_reply(self._internal(event, cred, e))
+            with trio.fail_after(self._idle_timeout_s):
+                await stream.send_all(line)
+            if isinstance(event, ProtocolError) and event.fatal:
+                return
+
+    async def _dispatch(self, request: Request, cred: PeerCredentials) -> Reply:
+        log_event(logging.DEBUG, "control_command", f"control command {request.cmd}",
+                  cmd=request.cmd, uid=cred.uid, pid=cred.pid)
+        if request.cmd == "hello":
+            return Reply.success(request.id, self._hello)
+        try:
+            result = await self._handlers[request.cmd](request.args)
+        except CommandError as e:
+            return Reply.failure(request.id, e.code, e.message)
+        except Exception as e:
+            return self._internal(request, cred, e)
+        return Reply.success(request.id, result)
+
+    def _internal(self, request: Request, cred: PeerCredentials, error: Exception) -> Reply:
+        """Log a handler's bug and make the ``internal`` reply for it."""
+        self.stats.internal_errors += 1
+        log_event(logging.ERROR, "control_internal_error", f"control command {request.cmd} "
+                  "failed", exc_info=error, cmd=request.cmd, uid=cred.uid, pid=cred.pid)
+        return Reply.failure(request.id, INTERNAL, f"internal error in {request.cmd!r}: "
+                                                   f"{type(error).__name__}")

@@ -1,0 +1,122 @@
+"""Run baresip 1.0 headless as a caller that plays the clip and records the answer.
+
+A config directory (``-f DIR``) is generated per run: ``aufile`` is the audio
+source (the 16-bit clip; baresip hangs up at its end), ALSA's ``null`` device
+the player, ``sndfile`` dumps what was sent (``*-enc.wav``) and the decoded
+audio received (``*-dec.wav``) into a directory, ``g711`` is the only codec,
+``menu`` executes the ``-e "/dial URI"`` command, and the single account
+(``regint=0``) never registers. ``-t`` bounds the whole run.
+"""
+
+from __future__ import annotations
+
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from tests.harness.audio import SAMPLE_RATE_HZ, SpeechClip
+
+MODULE_PATH = Path("/usr/lib/baresip/modules")
+_KILL_TIMEOUT_S = 10.0
+_GRACE_S = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class BaresipResult:
+    """Exit code, console output and the decoded-audio recording (if any)."""
+
+    returncode: int
+    output: str
+    received_wav: Path | None
+    sent_wav: Path | None
+
+
+def write_config(
+    config_dir: Path,
+    *,
+    clip: SpeechClip,
+    sip_port: int,
+    rtp_first: int,
+    rtp_last: int,
+    record_dir: Path,
+) -> None:
+    """Write ``config`` and ``accounts`` for one headless PCMU/PCMA caller."""
+    config_dir.mkdir(parents=True, exist_ok=True)
+    record_dir.mkdir(parents=True, exist_ok=True)
+    settings = [
+        ("poll_method", "epoll"),
+        ("sip_listen", f"127.0.0.1:{sip_port}"),
+        ("call_local_timeout", "30"),
+        ("call_max_calls", "1"),
+        ("audio_source", f"aufile,{clip.pcm16_wav}"),
+        ("audio_player", "alsa,null"),
+        ("audio_alert", "alsa,null"),
+        ("ausrc_srate", str(SAMPLE_RATE_HZ)),
+        ("auplay_srate", str(SAMPLE_RATE_HZ)),
+        ("ausrc_channels", "1"),
+        ("auplay_channels", "1"),
+        ("audio_buffer", "20-160"),
+        ("rtp_ports", f"{rtp_first}-{rtp_last}"),
+        ("rtcp_mux", "no"),
+        ("jitter_buffer_delay", "5-10"),
+        ("module_path", str(MODULE_PATH)),
+        ("module", "g711.so"),
+        ("module", "aufile.so"),
+        ("module", "alsa.so"),
+        ("module", "sndfile.so"),
+        ("module_tmp", "account.so"),
+        ("module_app", "menu.so"),
+        ("snd_path", str(record_dir)),
+    ]
+    (config_dir / "config").write_text("".join(f"{k}\t{v}\n" for k, v in settings))
+    (config_dir / "accounts").write_text(
+        f"<sip:caller@127.0.0.1:{sip_port}>;regint=0;audio_codecs=PCMU,PCMA\n"
+    )
+
+
+def call_and_record(
+    target: tuple[str, int],
+    workdir: Path,
+    *,
+    clip: SpeechClip,
+    sip_port: int,
+    rtp_first: int,
+    rtp_last: int,
+    run_s: int,
+) -> BaresipResult:
+    """Dial ``sip:echo@HOST:PORT``, play the clip, quit after ``run_s`` seconds.
+
+    Raises:
+        subprocess.TimeoutExpired: baresip outlived ``run_s`` plus a grace period
+            (it is killed first).
+    """
+    config_dir = workdir / "baresip"
+    record_dir = workdir / "recordings"
+    write_config(
+        config_dir, clip=clip, sip_port=sip_port, rtp_first=rtp_first, rtp_last=rtp_last,
+        record_dir=record_dir,
+    )
+    argv = [
+        "baresip", "-f", str(config_dir),
+        "-e", f"/dial sip:echo@{target[0]}:{target[1]}", "-t", str(run_s),
+    ]
+    log_path = workdir / "baresip.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        returncode = proc.wait(timeout=run_s + _GRACE_S)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=_KILL_TIMEOUT_S)
+    return BaresipResult(
+        returncode=returncode,
+        output=log_path.read_text(errors="replace"),
+        received_wav=_newest(record_dir, "*-dec.wav"),
+        sent_wav=_newest(record_dir, "*-enc.wav"),
+    )
+
+
+def _newest(directory: Path, pattern: str) -> Path | None:
+    found = sorted(directory.glob(pattern), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None

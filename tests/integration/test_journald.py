@@ -1,0 +1,144 @@
+"""JournalHandler against a real systemd-journald, started by the test.
+
+Everything runs inside ``unshare --mount --pid``: tmpfs over /run/systemd and
+/run/log gives journald its sockets and a volatile journal of its own, so the
+host's journal (if any) is never touched and nothing stays mounted. When the
+namespace's first process exits, the kernel kills whatever is left in it
+(journald included), so a timeout cannot leak a process either.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+JOURNALD = Path("/lib/systemd/systemd-journald")
+NAMESPACE_TIMEOUT_S = 60.0
+
+# Runs as the namespace's PID 1: $1 the journal export to write, $2 a journal
+# match (FIELD=value), then the command to run while journald is up.
+_NAMESPACE_SCRIPT = r"""
+set -eu
+out=$1; match=$2; shift 2
+mount -t tmpfs -o mode=0755 tmpfs /run/systemd
+mount -t tmpfs -o mode=0755 tmpfs /run/log
+mkdir -p /run/systemd/journal /run/systemd/journald.conf.d
+printf '%s\n' '[Journal]' Storage=volatile ReadKMsg=no ForwardToSyslog=no ForwardToWall=no \
+    RateLimitBurst=0 > /run/systemd/journald.conf.d/test.conf
+"$JOURNALD" 2> /run/systemd/journald.log &
+for _ in $(seq 100); do [ -S /run/systemd/journal/socket ] && break; sleep 0.05; done
+[ -S /run/systemd/journal/socket ] || { cat /run/systemd/journald.log >&2; exit 90; }
+"$@"
+# journald stores entries asynchronously: wait (bounded) for the match to appear.
+for _ in $(seq 100); do
+    journalctl --directory=/run/log/journal --no-pager -o json "$match" > "$out" || true
+    [ -s "$out" ] && exit 0
+    sleep 0.05
+done
+echo "no journal entry matches $match" >&2
+exit 91
+"""
+
+_PROGRAM = '''
+import logging, os
+from systemd import journal
+from voxgate.journal import JournalHandler, under_journald
+from voxgate.logging import log_event, logger
+
+# What systemd does for a service with StandardError=journal: stderr is a
+# stream socket to journald and $JOURNAL_STREAM names its device and inode.
+os.dup2(journal.stream_fd("voxgate-test", 6, False), 2)
+st = os.fstat(2)
+os.environ["JOURNAL_STREAM"] = f"{st.st_dev}:{st.st_ino}"
+
+logger.handlers[:] = [JournalHandler()]
+logger.setLevel(logging.DEBUG)
+logger.propagate = False
+
+def start():
+    log_event(logging.INFO, "call_start", "call started", session_id="abc123",
+              call_id="c1@x", tenant="default", transport="sip",
+              under_journald=under_journald())
+
+def crash():
+    try:
+        raise ValueError("agent exploded")
+    except ValueError as e:
+        log_event(logging.ERROR, "session_crashed", session_id="abc123", reason="bug",
+                  exc_info=e)
+
+start()
+crash()
+'''
+
+
+def _skip_reason() -> str | None:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "needs root to mount tmpfs inside a mount namespace (unshare -m)"
+    for tool in ("unshare", "journalctl"):
+        if shutil.which(tool) is None:
+            return f"{tool} missing (apt-get install util-linux systemd)"
+    if not os.access(JOURNALD, os.X_OK):
+        return f"{JOURNALD} missing (apt-get install systemd)"
+    machine_id = Path("/etc/machine-id")
+    if not machine_id.exists() or not machine_id.read_text().strip():
+        return "journald needs /etc/machine-id (systemd-machine-id-setup)"
+    return None
+
+
+pytestmark = [
+    pytest.mark.skipif(_skip_reason() is not None, reason=_skip_reason() or ""),
+]
+
+
+def run_with_journald(tmp_path: Path, match: str, *command: str) -> list[dict[str, Any]]:
+    """Run ``command`` next to a private journald; the entries matching ``match``."""
+    script = tmp_path / "namespace.sh"
+    script.write_text(_NAMESPACE_SCRIPT)
+    out = tmp_path / "entries.json"
+    proc = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
+         "--mount-proc", "bash", str(script), str(out), match, *command],
+        env={**os.environ, "JOURNALD": str(JOURNALD)},
+        capture_output=True, text=True, timeout=NAMESPACE_TIMEOUT_S, check=False,
+    )
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
+    return [json.loads(line) for line in out.read_text().splitlines()]
+
+
+def _line_of(source: str, needle: str) -> int:
+    return next(i for i, line in enumerate(source.splitlines(), 1) if needle in line)
+
+
+def test_log_event_lands_in_journald_with_its_fields(tmp_path: Path) -> None:
+    program = tmp_path / "log_to_journal.py"
+    program.write_text(_PROGRAM)
+    entries = run_with_journald(tmp_path, "SESSION_ID=abc123", sys.executable, str(program))
+    by_event = {e["EVENT"]: e for e in entries}
+    assert set(by_event) == {"call_start", "session_crashed"}
+
+    start = by_event["call_start"]
+    assert start["MESSAGE"] == "call started"
+    assert start["SYSLOG_IDENTIFIER"] == "voxgate"
+    assert start["PRIORITY"] == "6"
+    assert start["CALL_ID"] == "c1@x"
+    assert start["TENANT"] == "default"
+    assert start["TRANSPORT"] == "sip"
+    assert start["UNDER_JOURNALD"] == "True"
+    assert start["_TRANSPORT"] == "journal"  # the native protocol, not stderr
+    assert start["CODE_FILE"] == str(program)
+    assert start["CODE_FUNC"] == "start"
+    assert start["CODE_LINE"] == str(_line_of(_PROGRAM, '"call_start"'))
+
+    crashed = by_event["session_crashed"]
+    assert crashed["PRIORITY"] == "3"
+    assert crashed["REASON"] == "bug"
+    assert crashed["CODE_FUNC"] == "crash"
+    assert "ValueError: agent exploded" in crashed["EXCEPTION"]
