@@ -21,6 +21,7 @@ from voxgate.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/voxgate/voxgate.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_TARGETS = ("auto", "journal", "stderr")
 AGENT_KINDS = ("echo",)
 CODECS = ("PCMU", "PCMA")
 
@@ -112,6 +113,13 @@ class MetricsConfig:
 @dataclass(frozen=True)
 class LogConfig:
     level: str = "info"
+    target: str = "auto"
+
+
+@dataclass(frozen=True)
+class WatchdogConfig:
+    max_loop_lag_ms: int = field(default=500, metadata=_range(10, 60_000))
+    test_block_s: float = field(default=0.0, metadata=_range(0, 600))
 
 
 @dataclass(frozen=True)
@@ -127,6 +135,7 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     tenants: tuple[TenantConfig, ...] = ()
     source: str = "<embedded default>"
 
@@ -270,3 +279,5 @@ def _check_consistency(config: Config) -> None:
             raise ConfigError(f"{src}: [metrics] listen: {e}, got {config.metrics.listen!r}") from e
     if config.log.level not in LOG_LEVELS:
         raise ConfigError(f"{src}: [log] level: must be one of {', '.join(LOG_LEVELS)}")
+    if config.log.target not in LOG_TARGETS:
+        raise ConfigError(f"{src}: [log] target: must be one of {', '.join(LOG_TARGETS)}")

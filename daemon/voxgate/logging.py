@@ -71,10 +71,53 @@ class LogfmtFormatter(logging.Formatter):
         return " ".join(parts)
 
 
-def setup_logging(level: str) -> None:
-    """Send voxgate's records to stderr as logfmt at ``level`` (debug … error)."""
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(LogfmtFormatter())
+class RateLimit(logging.Filter):
+    """At most ``burst`` warnings per event name every ``window_s`` seconds.
+
+    What is held back is counted; the first record of that event let through
+    afterwards carries ``suppressed=N``. Info and debug records pass freely
+    (they are one per call, never per packet).
+    """
+
+    def __init__(self, burst: int = 5, window_s: float = 10.0) -> None:
+        super().__init__()
+        self.burst = burst
+        self.window_s = window_s
+        self._windows: dict[str, tuple[float, int, int]] = {}  # event → (start, sent, held)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.WARNING:
+            return True
+        event, fields = getattr(record, _FIELDS_ATTR, ("log", {}))
+        now = time.monotonic()
+        start, sent, held = self._windows.get(event, (now, 0, 0))
+        if now - start >= self.window_s:
+            start, sent = now, 0
+        if sent >= self.burst:
+            self._windows[event] = (start, sent, held + 1)
+            return False
+        if held:
+            setattr(record, _FIELDS_ATTR, (event, {**fields, "suppressed": held}))
+        if len(self._windows) < 1024 or event in self._windows:
+            self._windows[event] = (start, sent + 1, 0)
+        return True
+
+
+def setup_logging(level: str, target: str = "auto") -> None:
+    """Send voxgate's records at ``level`` (debug … error) to ``target``.
+
+    ``journal`` (or ``auto`` when systemd connected stderr to the journal):
+    structured records through ``systemd.journal``; ``stderr``: logfmt lines.
+    """
+    from voxgate.journal import JournalHandler, under_journald
+
+    handler: logging.Handler
+    if target == "journal" or (target == "auto" and under_journald()):
+        handler = JournalHandler()
+    else:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(LogfmtFormatter())
+    handler.addFilter(RateLimit())
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False

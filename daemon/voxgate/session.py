@@ -22,6 +22,7 @@ import trio
 
 from voxgate.agents.base import Agent
 from voxgate.logging import log_event
+from voxgate.metrics import SESSION_DURATION, SESSIONS_ENDED
 from voxgate.transports.rtp_media import MediaClock
 
 # End reasons after which the peer is already gone: no BYE from us.
@@ -159,6 +160,8 @@ class Session:
             self.signaling.release()
             self.state = "ended"
             now = trio.current_time()
+            SESSIONS_ENDED.labels(self.transport, reason).inc()
+            SESSION_DURATION.labels(self.transport).observe(now - self.started_at)
             log_event(
                 logging.INFO, "call_end", "call ended",
                 session_id=self.session_id, call_id=self.call_id, transport=self.transport,

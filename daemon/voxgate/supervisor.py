@@ -1,18 +1,34 @@
-"""``voxgated``: parse the command line, load the config, run the daemon.
+"""``voxgated``: the supervisor that starts, reloads, drains and stops the daemon.
 
-The supervisor starts the components in order inside one Trio nursery (the
-media clock, then the SIP endpoint), sends ``READY=1`` once every listener
-is bound, and on SIGTERM or SIGINT stops admitting calls (SIP 503), ends the
-sessions in progress with BYE and exits 0. Exit codes: 0 clean stop, 1 a
-listener could not be bound, 78 (EX_CONFIG) an invalid configuration.
+Start-up order inside one Trio nursery: the media clock, the SIP endpoint,
+the control socket, the optional metrics listener; ``READY=1`` goes to
+systemd only once every listener has reported ``started``. Then:
+
+- SIGHUP (or ``voxgatectl reload``): ``RELOADING=1`` + ``MONOTONIC_USEC``,
+  re-read the config, apply limits and tenants without touching calls in
+  progress, ``READY=1``. An invalid file keeps the old config; ``STATUS=``
+  and the reply say why.
+- SIGTERM: drain. ``STOPPING=1``, admission closes (INVITE and OPTIONS get
+  503), calls in progress carry on while ``STATUS=`` counts them down and
+  ``EXTEND_TIMEOUT_USEC=`` keeps systemd patient; at ``[limits]
+  drain_timeout_s`` the rest end with BYE (reason ``drain-timeout``); exit 0
+  once idle. A second SIGTERM, or SIGINT, ends every call at once.
+- The watchdog (when ``$WATCHDOG_USEC`` is set) pings at half the interval
+  while the loop lag and the critical tasks' check-ins are fine.
+
+Exit codes: 0 clean stop, 1 a listener could not be bound, 78 (EX_CONFIG)
+an invalid configuration.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
+import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -20,45 +36,327 @@ import trio
 from voxgate import __version__
 from voxgate.admission import Admission, limits_from_config
 from voxgate.config import DEFAULT_PATH, Config, load_config
+from voxgate.control.server import ControlServer, ControlSetupError
 from voxgate.errors import EX_CONFIG, ConfigError
 from voxgate.logging import log_event, setup_logging
+from voxgate.metrics import LOOP_LAG, REGISTRY, LiveCollector, Snapshot
+from voxgate.metrics_http import serve_metrics
 from voxgate.systemd import Notifier
 from voxgate.transports.rtp_media import MediaClock
 from voxgate.transports.sip_endpoint import SipEndpoint
+from voxgate.watchdog import Watchdog
 
 SHUTDOWN_GRACE_S = 5.0
-"""How long SIGTERM waits for the BYEs it sent to be answered."""
+"""How long a stop waits for the BYEs it sent to be answered."""
+STATUS_REFRESH_S = 10.0
+LAG_PROBE_S = 0.1
+CRITICAL_TASKS = ("sip", "admission", "media", "control", "reaper")
+# Settings a reload cannot change in a running process (sockets are bound).
+_RESTART_ONLY = ("sip.listen", "rtp.address", "rtp.port_min", "rtp.port_max",
+                 "control.socket", "control.group", "metrics.listen")
 
 
-async def serve(config: Config, notifier: Notifier) -> int:
-    """Run the daemon until SIGTERM/SIGINT; returns the exit code."""
-    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-        async with trio.open_nursery() as nursery:
-            clock = MediaClock()
-            await nursery.start(clock.run)
-            admission = Admission(limits_from_config(config))
-            endpoint = SipEndpoint(config, clock, admission)
+_METRIC_HELP = {
+    "voxgate_rtp_packets": "RTP packets received and sent",
+    "voxgate_rtp_bytes": "RTP bytes received and sent",
+    "voxgate_media_drops": "Audio dropped, by cause (bad packet, late, duplicate, overflow …)",
+    "voxgate_rtp_frames_concealed": "Inbound frames lost and concealed",
+    "voxgate_rtcp_ignored": "RTCP packets that arrived on an RTP port",
+    "voxgate_dtmf_events": "RFC 4733 key presses received",
+    "voxgate_speech_turns": "Caller speech starts detected by the VAD",
+    "voxgate_media_clock_frames_skipped": "20 ms ticks the media clock was too late for",
+    "voxgate_sip_messages": "SIP datagrams received",
+    "voxgate_sip_bad_messages": "SIP messages refused as malformed",
+    "voxgate_sip_retransmissions": "SIP retransmissions sent by our transactions",
+    "voxgate_sip_drops": "SIP input or output dropped, by cause",
+    "voxgate_rtp_ports_exhausted": "Calls refused because no RTP port was free",
+    "voxgate_rtp_ports_free": "RTP ports free in the pool",
+    "voxgate_watchdog_pings_withheld": "Watchdog periods in which a check failed",
+}
+
+
+class ReloadFailed(Exception):
+    """The new config is invalid; the old one stays in force."""
+
+
+class Supervisor:
+    """The running daemon: its components, its state and its signals."""
+
+    def __init__(self, config: Config, config_path: Path | None, notifier: Notifier) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.notifier = notifier
+        self.watchdog = Watchdog(CRITICAL_TASKS, config.watchdog.max_loop_lag_ms / 1000)
+        self.clock = MediaClock(check_in=self.watchdog.check_in)
+        self.admission = Admission(limits_from_config(config))
+        self.endpoint = SipEndpoint(config, self.clock, self.admission,
+                                    check_in=self.watchdog.check_in)
+        self.started_at = time.time()
+        REGISTRY.register(LiveCollector(self.metrics_snapshot, _METRIC_HELP))
+        self.stopping = False
+        self._nursery: trio.Nursery | None = None
+        self._status_changed = trio.Event()
+        self._last_status = ""
+
+    # -- state shown to operators -------------------------------------------
+
+    @property
+    def state(self) -> str:
+        return "draining" if self.admission.statistics().draining else "running"
+
+    def status_line(self) -> str:
+        """The one-line summary for systemd's STATUS=."""
+        stats = self.admission.statistics()
+        admitting, why = self.admission.availability()
+        word = "admitting" if admitting else f"not admitting ({why})"
+        if stats.draining:
+            word = "draining"
+        return f"{stats.active} sessions, {stats.queued} queued, {word}"
+
+    def metrics_snapshot(self) -> Snapshot:
+        """Live values for the metrics collector (read at scrape time only)."""
+        stats = self.admission.statistics()
+        media = self.endpoint.media_counters()
+        sip = self.endpoint.core.stats
+        return Snapshot(
+            sessions_active={(t, "sip"): n for t, n in self.endpoint.active_by_tenant().items()},
+            queue_depth=stats.queued,
+            admissions=stats.counters,
+            counters={
+                "voxgate_rtp_packets": {(("direction", "in"),): media["packets_in"],
+                                        (("direction", "out"),): media["packets_out"]},
+                "voxgate_rtp_bytes": {(("direction", "in"),): media["bytes_in"],
+                                      (("direction", "out"),): media["bytes_out"]},
+                "voxgate_media_drops": {(("reason", k.removeprefix("drop_")),): v
+                                        for k, v in media.items() if k.startswith("drop_")},
+                "voxgate_rtp_frames_concealed": {(): media["frames_concealed"]},
+                "voxgate_rtcp_ignored": {(): media["rtcp_ignored"]},
+                "voxgate_dtmf_events": {(): media["dtmf_events"]},
+                "voxgate_speech_turns": {(): media["speech_turns"]},
+                "voxgate_media_clock_frames_skipped": {(): self.clock.frames_skipped},
+                "voxgate_sip_messages": {(): sip.messages_in},
+                "voxgate_sip_bad_messages": {(): sip.bad_messages},
+                "voxgate_sip_retransmissions": {(): sip.retransmissions},
+                "voxgate_sip_drops": {(("reason", "stray_response"),): sip.responses_dropped,
+                                      (("reason", "transaction_table_full"),):
+                                          sip.transactions_refused,
+                                      (("reason", "send_queue_full"),): sip.datagrams_dropped},
+                "voxgate_rtp_ports_exhausted": {(): self.endpoint.ports.exhausted},
+            },
+            gauges={"voxgate_rtp_ports_free": self.endpoint.ports.available,
+                    "voxgate_watchdog_pings_withheld": self.watchdog.withheld},
+        )
+
+    def status_changed(self) -> None:
+        self._status_changed.set()
+
+    # -- operations ----------------------------------------------------------
+
+    def reload(self) -> str:
+        """Re-read the config file and apply it; raises ReloadFailed."""
+        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        try:
+            if self.config_path is None:
+                raise ReloadFailed("running on the embedded defaults: no file to re-read")
             try:
-                await nursery.start(endpoint.run)
-            except OSError as e:
-                log_event(logging.ERROR, "listen_failed", f"cannot bind SIP {config.sip.listen}: "
-                          f"{e.strerror}", listen=config.sip.listen)
-                nursery.cancel_scope.cancel()
-                return 1
-            notifier.notify("READY=1", f"STATUS=listening on {config.sip.listen}")
-            log_event(logging.INFO, "ready", "voxgate ready", sip=config.sip.listen,
-                      rtp=f"{config.rtp.address}:{config.rtp.port_min}-{config.rtp.port_max}",
-                      max_sessions=config.limits.max_sessions, agent=config.agent.kind,
-                      config=config.source, version=__version__)
-            async for signum in signals:
-                log_event(logging.INFO, "shutdown", "stopping", signal=signal.Signals(signum).name,
-                          sessions=endpoint.active_sessions)
-                notifier.notify("STOPPING=1")
-                await endpoint.shutdown(SHUTDOWN_GRACE_S)
-                nursery.cancel_scope.cancel()
+                new = load_config(self.config_path)
+            except ConfigError as e:
+                raise ReloadFailed(str(e)) from e
+        except ReloadFailed as e:
+            log_event(logging.ERROR, "reload_failed", f"reload failed, old config kept: {e}")
+            self.notifier.notify("READY=1", f"STATUS=reload failed: {e}")
+            raise
+        pending = [key for key in _RESTART_ONLY if _get(new, key) != _get(self.config, key)]
+        self.config = new
+        setup_logging(new.log.level, new.log.target)
+        self.watchdog.max_loop_lag_s = new.watchdog.max_loop_lag_ms / 1000
+        self.endpoint.apply_config(new)
+        message = "config reloaded"
+        if pending:
+            message += f"; restart needed for {', '.join(pending)}"
+        log_event(logging.INFO, "reloaded", message, config=new.source,
+                  max_sessions=new.limits.max_sessions)
+        self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+        self.status_changed()
+        return message
+
+    def drain(self) -> None:
+        """Stop admitting new calls; calls in progress carry on."""
+        self.admission.set_draining(True)
+        self.endpoint.poke()
+        self.status_changed()
+
+    def resume(self) -> None:
+        """Admit again after a drain (not while stopping)."""
+        if not self.stopping:
+            self.admission.set_draining(False)
+            self.endpoint.poke()
+            self.status_changed()
+
+    # -- run -------------------------------------------------------------------
+
+    async def run(self) -> int:
+        """Run until stopped; returns the exit code."""
+        config = self.config
+        with trio.open_signal_receiver(*_signals(config)) as signals:
+            async with trio.open_nursery() as nursery:
+                self._nursery = nursery
+                await nursery.start(self.clock.run)
+                try:
+                    await nursery.start(self.endpoint.run)
+                    await nursery.start(self._control_server().run)
+                    if config.metrics.listen:
+                        await nursery.start(serve_metrics, config.metrics.listen)
+                except (OSError, ControlSetupError) as e:
+                    log_event(logging.ERROR, "listen_failed", f"cannot start: {e}")
+                    nursery.cancel_scope.cancel()
+                    return 1
+                for task in (self._status_loop, self._lag_probe, self._reaper, self._watchdog):
+                    nursery.start_soon(task)
+                self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+                log_event(logging.INFO, "ready", "voxgate ready", sip=config.sip.listen,
+                          rtp=f"{config.rtp.address}:{config.rtp.port_min}-{config.rtp.port_max}",
+                          control=config.control.socket, max_sessions=config.limits.max_sessions,
+                          agent=config.agent.kind, config=config.source, version=__version__)
+                async for signum in signals:
+                    await self._on_signal(signal.Signals(signum), nursery)
+        log_event(logging.INFO, "stopped", "voxgate stopped")
+        return 0
+
+    def _control_server(self) -> ControlServer:
+        from voxgate.control.commands import make_handlers
+
+        return ControlServer(self.config.control.socket, make_handlers(self),
+                             group=self.config.control.group or None, version=__version__)
+
+    async def _on_signal(self, sig: signal.Signals, nursery: trio.Nursery) -> None:
+        if sig == signal.SIGHUP:
+            with contextlib.suppress(ReloadFailed):  # logged and in STATUS= already
+                self.reload()
+        elif sig == signal.SIGUSR2:
+            block_s = self.config.watchdog.test_block_s
+            log_event(logging.WARNING, "test_block_loop", f"blocking the event loop {block_s} s")
+            time.sleep(block_s)  # noqa: ASYNC251 - the test hook blocks the loop on purpose
+        elif sig == signal.SIGTERM and not self.stopping:
+            self.stopping = True
+            nursery.start_soon(self._drain_and_exit, nursery.cancel_scope)
+        else:
+            log_event(logging.INFO, "shutdown", "stopping now", signal=sig.name,
+                      sessions=self.endpoint.active_sessions)
+            self.stopping = True
+            self.notifier.notify("STOPPING=1")
+            self.admission.set_draining(True)
+            self.endpoint.end_all("shutdown")
+            await self.endpoint.wait_idle(SHUTDOWN_GRACE_S)
+            nursery.cancel_scope.cancel()
+
+    async def _drain_and_exit(self, scope: trio.CancelScope) -> None:
+        timeout_s = self.config.limits.drain_timeout_s
+        log_event(logging.INFO, "drain", "draining before exit",
+                  sessions=self.endpoint.active_sessions, drain_timeout_s=timeout_s)
+        self.notifier.notify("STOPPING=1")
+        self.drain()
+        deadline = trio.current_time() + timeout_s
+        while self.endpoint.active_sessions and trio.current_time() < deadline:
+            left = deadline - trio.current_time()
+            self.notifier.notify(
+                f"STATUS=draining: {self.endpoint.active_sessions} sessions left, "
+                f"{left:.0f} s to the drain deadline",
+                f"EXTEND_TIMEOUT_USEC={int((left + SHUTDOWN_GRACE_S + 5) * 1e6)}",
+            )
+            if await self.endpoint.wait_idle(min(left, 1.0)):
                 break
-    log_event(logging.INFO, "stopped", "voxgate stopped")
-    return 0
+        if self.endpoint.active_sessions:
+            log_event(logging.WARNING, "drain_timeout", "drain deadline: ending the rest",
+                      sessions=self.endpoint.active_sessions)
+            self.endpoint.end_all("drain-timeout")
+        self.notifier.notify("STATUS=stopping",
+                             f"EXTEND_TIMEOUT_USEC={int((SHUTDOWN_GRACE_S + 5) * 1e6)}")
+        await self.endpoint.wait_idle(SHUTDOWN_GRACE_S)
+        scope.cancel()
+
+    async def _status_loop(self) -> None:
+        """STATUS= on change (checked every second) and at least every 10 s."""
+        last_sent = -STATUS_REFRESH_S
+        while True:
+            with trio.move_on_after(1.0):
+                await self._status_changed.wait()
+            self._status_changed = trio.Event()
+            if self.stopping:
+                continue
+            line = self.status_line()
+            now = trio.current_time()
+            if line != self._last_status or now - last_sent >= STATUS_REFRESH_S:
+                self.notifier.notify(f"STATUS={line}")
+                self._last_status, last_sent = line, now
+
+    async def _lag_probe(self) -> None:
+        """Measure how late a timer fires: the event loop's lag."""
+        while True:
+            expected = trio.current_time() + LAG_PROBE_S
+            await trio.sleep_until(expected)
+            lag_s = max(0.0, trio.current_time() - expected)
+            LOOP_LAG.observe(lag_s)
+            self.watchdog.record_lag(lag_s)
+
+    async def _reaper(self) -> None:
+        """Check for sessions that ended without being released; check in."""
+        while True:
+            await trio.sleep(1.0)
+            self.endpoint.reap()
+            self.watchdog.check_in("reaper")
+            self.status_changed()
+
+    async def _watchdog(self) -> None:
+        """WATCHDOG=1 at half of $WATCHDOG_USEC while the checks pass."""
+        interval_s = _watchdog_interval_s()
+        if interval_s is None:
+            return
+        withheld_logged = False
+        while True:
+            await trio.sleep(interval_s / 2)
+            if await self._control_alive():
+                self.watchdog.check_in("control")
+            verdict = self.watchdog.verdict()
+            if verdict.ping:
+                self.notifier.notify("WATCHDOG=1")
+                withheld_logged = False
+            elif not withheld_logged:
+                withheld_logged = True
+                log_event(logging.ERROR, "watchdog_withheld",
+                          "not pinging the watchdog: " + "; ".join(verdict.failures))
+
+    async def _control_alive(self) -> bool:
+        """Probe the control socket end to end with ``hello``."""
+        with trio.move_on_after(2.0):
+            try:
+                stream = await trio.open_unix_socket(self.config.control.socket)
+                async with stream:
+                    await stream.send_all(b'{"id": 0, "cmd": "hello", "args": {}}\n')
+                    return b'"ok": true' in await stream.receive_some(4096)
+            except OSError:
+                return False
+        return False
+
+
+def _get(config: Config, dotted: str) -> object:
+    section, key = dotted.split(".")
+    return getattr(getattr(config, section), key)
+
+
+def _signals(config: Config) -> list[signal.Signals]:
+    signals: list[signal.Signals] = [signal.SIGTERM, signal.SIGINT, signal.SIGHUP]
+    if config.watchdog.test_block_s > 0:
+        signals.append(signal.SIGUSR2)
+    return signals
+
+
+def _watchdog_interval_s() -> float | None:
+    usec = os.environ.get("WATCHDOG_USEC", "")
+    pid = os.environ.get("WATCHDOG_PID", "")
+    if not usec.isdigit() or int(usec) == 0 or (pid and pid != str(os.getpid())):
+        return None
+    return int(usec) / 1e6
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -72,29 +370,29 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def _load(args: argparse.Namespace) -> Config:
+def _config_path(args: argparse.Namespace) -> Path | None:
     if args.check_config is not None:
-        return load_config(args.check_config)
+        return Path(args.check_config)
     if args.config is not None:
-        return load_config(args.config)
-    if DEFAULT_PATH.exists():
-        return load_config(DEFAULT_PATH)
-    return Config()
+        return Path(args.config)
+    return DEFAULT_PATH if DEFAULT_PATH.exists() else None
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``voxgated``; returns the process exit code."""
     args = _parse_args(argv)
+    path = _config_path(args)
     try:
-        config = _load(args)
+        config = Config() if path is None else load_config(path)
     except ConfigError as e:
         print(f"voxgated: config error: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config is not None:
         print(f"voxgated: {args.check_config}: ok")
         return 0
-    setup_logging(config.log.level)
-    return trio.run(serve, config, Notifier())
+    setup_logging(config.log.level, config.log.target)
+    supervisor = Supervisor(config, path, Notifier())
+    return trio.run(supervisor.run)
 
 
 if __name__ == "__main__":

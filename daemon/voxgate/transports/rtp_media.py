@@ -17,6 +17,7 @@ import errno
 import logging
 import socket
 from collections import deque
+from collections.abc import Callable
 from typing import Protocol
 
 import trio
@@ -40,8 +41,11 @@ class MediaLeg(Protocol):
 class MediaClock:
     """One task that ticks every attached :class:`MediaLeg` every 20 ms."""
 
-    def __init__(self, frame_s: float = FRAME_S) -> None:
+    def __init__(
+        self, frame_s: float = FRAME_S, check_in: Callable[[str], None] = lambda task: None
+    ) -> None:
         self.frame_s = frame_s
+        self._check_in = check_in
         self._legs: dict[int, MediaLeg] = {}
         self.ticks = 0
         self.frames_skipped = 0
@@ -69,6 +73,7 @@ class MediaClock:
             frames_elapsed = 1 + late_frames
             self.frames_skipped += late_frames
             self.ticks += 1
+            self._check_in("media")
             for leg in list(self._legs.values()):
                 try:
                     leg.tick(now, frames_elapsed)

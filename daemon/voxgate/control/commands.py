@@ -1,0 +1,118 @@
+"""The daemon's control commands: what ``voxgatectl`` can ask and do.
+
+Each handler takes the request's ``args`` and returns a JSON-able result, or
+raises :class:`~voxgate.control.server.CommandError` when the daemon says no.
+The shapes of ``status`` (``state``, ``sessions.active/queued/by_tenant``,
+``limits``, ``health``) are read by outside tools: keep their names.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+from voxgate.control.protocol import RELOAD_FAILED
+from voxgate.control.server import CommandError, Handler
+from voxgate.metrics import exposition
+
+if TYPE_CHECKING:
+    from voxgate.supervisor import Supervisor
+
+NOT_FOUND = "not-found"
+BAD_ARGS = "bad-args"
+STOPPING = "stopping"
+
+
+def make_handlers(sup: Supervisor) -> dict[str, Handler]:
+    """The command table for ``sup``'s control server."""
+
+    def session_id(args: Mapping[str, Any]) -> str:
+        value = args.get("id")
+        if not isinstance(value, str) or not value:
+            raise CommandError(BAD_ARGS, "args.id must be a session id (see `sessions`)")
+        return value
+
+    def health() -> dict[str, Any]:
+        stats = sup.admission.statistics()
+        components = {name: {"healthy": h.healthy, "detail": h.detail}
+                      for name, h in stats.health.items()}
+        components["memory"] = {"healthy": stats.memory_ok, "detail": stats.memory_detail}
+        return {"healthy": all(c["healthy"] for c in components.values()),
+                "components": components}
+
+    async def status(args: Mapping[str, Any]) -> dict[str, Any]:
+        stats = sup.admission.statistics()
+        limits = sup.admission.limits
+        admitting, why = sup.admission.availability()
+        return {
+            "state": sup.state,
+            "admitting": admitting,
+            "not_admitting_because": why,
+            "sessions": {
+                "active": stats.active,
+                "queued": stats.queued,
+                "by_tenant": {name: {"active": t.active, "queued": t.queued,
+                                     "max_sessions": t.max_sessions}
+                              for name, t in stats.by_tenant.items()},
+            },
+            "limits": {
+                "max_sessions": limits.max_sessions,
+                "queue_size": limits.queue_size,
+                "queue_timeout_s": limits.queue_timeout_s,
+                "retry_after_s": limits.retry_after_s,
+                "default_tenant_max_sessions": limits.default_tenant_max_sessions,
+                "drain_timeout_s": sup.config.limits.drain_timeout_s,
+            },
+            "health": health(),
+            "admission": {"counters": [
+                {"result": r, "reason": why_, "tenant": t, "count": n}
+                for (r, why_, t), n in sorted(stats.counters.items())
+            ]},
+            "config": sup.config.source,
+        }
+
+    async def sessions(args: Mapping[str, Any]) -> list[dict[str, object]]:
+        return sup.endpoint.sessions()
+
+    async def show(args: Mapping[str, Any]) -> dict[str, object]:
+        info = sup.endpoint.describe(session_id(args))
+        if info is None:
+            raise CommandError(NOT_FOUND, f"no session {args.get('id')!r}")
+        return info
+
+    async def hangup(args: Mapping[str, Any]) -> dict[str, str]:
+        sid = session_id(args)
+        if not sup.endpoint.hangup_session(sid):
+            raise CommandError(NOT_FOUND, f"no session {sid!r}")
+        return {"message": f"session {sid} ending (reason operator)"}
+
+    async def drain(args: Mapping[str, Any]) -> dict[str, str]:
+        sup.drain()
+        return {"message": f"draining: admission closed, "
+                           f"{sup.endpoint.active_sessions} sessions in progress"}
+
+    async def resume(args: Mapping[str, Any]) -> dict[str, str]:
+        if sup.stopping:
+            raise CommandError(STOPPING, "the daemon is stopping; it cannot resume")
+        sup.resume()
+        return {"message": "admitting calls again"}
+
+    async def reload(args: Mapping[str, Any]) -> dict[str, str]:
+        from voxgate.supervisor import ReloadFailed
+
+        try:
+            return {"message": sup.reload()}
+        except ReloadFailed as e:
+            raise CommandError(RELOAD_FAILED, f"old config kept: {e}") from e
+
+    async def health_cmd(args: Mapping[str, Any]) -> dict[str, Any]:
+        return health()
+
+    async def metrics(args: Mapping[str, Any]) -> dict[str, str]:
+        return {"text": exposition()}
+
+    return {
+        "status": status, "sessions": sessions, "show": show, "hangup": hangup,
+        "drain": drain, "resume": resume, "reload": reload, "health": health_cmd,
+        "metrics": metrics,
+    }
