@@ -3,11 +3,12 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-APT_PACKAGES := python3-venv python3-dev gcc pkg-config libsystemd-dev \
-	sip-tester baresip espeak-ng sox libsox-fmt-all tcpdump util-linux procps
+APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev systemd \
+	sip-tester baresip kamailio espeak-ng sox libsox-fmt-all tcpdump util-linux procps \
+	dpkg-dev curl
 STAMP := $(VENV)/.installed
 
-.PHONY: setup run demo test bench lint clean
+.PHONY: setup run demo test bench deb lint clean
 
 setup: $(STAMP)
 
@@ -35,6 +36,9 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m bench.sip_load
+
+deb: setup
+	packaging/build-deb.sh dist
 
 lint: setup
 	$(BIN)/ruff check .

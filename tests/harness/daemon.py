@@ -296,6 +296,15 @@ class Daemon:
         self._notifications = notifications
 
     @property
+    def notifications(self) -> list[str]:
+        """Every line received on NOTIFY_SOCKET so far, in order."""
+        return self._notifications.lines
+
+    def wait_notify(self, line: str, timeout_s: float = 10.0) -> bool:
+        """Wait until ``line`` (exact, e.g. ``STOPPING=1``) arrived on NOTIFY_SOCKET."""
+        return self._notifications.wait_for(line, timeout_s, self.proc)
+
+    @property
     def pid(self) -> int:
         """Process id."""
         return self.proc.pid
@@ -403,6 +412,7 @@ def running_daemon(
     rtp_ports: int = 100,
     cpu: int | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[Daemon]:
     """Start ``voxgated`` with a per-test config in ``workdir`` and wait for READY=1.
 
@@ -434,7 +444,7 @@ def running_daemon(
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=log,
-                env=_env({"NOTIFY_SOCKET": str(notifications.path)}),
+                env=_env({"NOTIFY_SOCKET": str(notifications.path), **(env or {})}),
                 cwd=workdir,
             )
         daemon = Daemon(proc, sip_port, rtp, config_path, log_path, notifications)

@@ -14,7 +14,7 @@ from tests.harness.daemon import ConfigOverrides, Daemon, PortRange, running_dae
 from tests.harness.daemon import reserve_port_range as _reserve
 
 StartDaemon = Callable[..., Daemon]
-"""``start_daemon(overrides=None, *, rtp_ports=100)`` → a ready :class:`Daemon`."""
+"""``start_daemon(overrides=None, *, rtp_ports=100, env=None)`` → a ready :class:`Daemon`."""
 
 
 @pytest.fixture(scope="session")
@@ -32,11 +32,18 @@ def start_daemon(tmp_path: Path) -> Iterator[StartDaemon]:
     started = 0
     with contextlib.ExitStack() as stack:
 
-        def start(overrides: ConfigOverrides | None = None, *, rtp_ports: int = 100) -> Daemon:
+        def start(
+            overrides: ConfigOverrides | None = None,
+            *,
+            rtp_ports: int = 100,
+            env: dict[str, str] | None = None,
+        ) -> Daemon:
             nonlocal started
             started += 1
             workdir = tmp_path / f"daemon{started}"
-            return stack.enter_context(running_daemon(workdir, overrides, rtp_ports=rtp_ports))
+            return stack.enter_context(
+                running_daemon(workdir, overrides, rtp_ports=rtp_ports, env=env)
+            )
 
         yield start
 

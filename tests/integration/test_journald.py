@@ -20,13 +20,16 @@ from typing import Any
 import pytest
 
 JOURNALD = Path("/lib/systemd/systemd-journald")
+REPO = Path(__file__).resolve().parents[2]
 NAMESPACE_TIMEOUT_S = 60.0
 
 # Runs as the namespace's PID 1: $1 the journal export to write, $2 a journal
-# match (FIELD=value), then the command to run while journald is up.
+# match (FIELD=value), then the command to run while journald is up. The
+# command finds journalctl's directory in $JOURNAL_DIR.
 _NAMESPACE_SCRIPT = r"""
 set -eu
 out=$1; match=$2; shift 2
+export JOURNAL_DIR=/run/log/journal
 mount -t tmpfs -o mode=0755 tmpfs /run/systemd
 mount -t tmpfs -o mode=0755 tmpfs /run/log
 mkdir -p /run/systemd/journal /run/systemd/journald.conf.d
@@ -38,7 +41,7 @@ for _ in $(seq 100); do [ -S /run/systemd/journal/socket ] && break; sleep 0.05;
 "$@"
 # journald stores entries asynchronously: wait (bounded) for the match to appear.
 for _ in $(seq 100); do
-    journalctl --directory=/run/log/journal --no-pager -o json "$match" > "$out" || true
+    journalctl --directory="$JOURNAL_DIR" --no-pager -o json "$match" > "$out" || true
     [ -s "$out" ] && exit 0
     sleep 0.05
 done
@@ -79,6 +82,33 @@ crash()
 '''
 
 
+_DAEMON_DRIVER = '''
+import json, os, subprocess, sys, time
+from pathlib import Path
+from tests.harness.daemon import free_udp_port, running_daemon
+
+def journal(*matches):
+    done = subprocess.run(["journalctl", "--directory", os.environ["JOURNAL_DIR"], "--no-pager",
+                           "-o", "json", *matches], capture_output=True, text=True, timeout=10)
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+workdir = Path(sys.argv[1])
+with running_daemon(workdir, {"log": {"target": "journal"}}, rtp_ports=10) as daemon:
+    sipp = subprocess.run(
+        ["sipp", "-sn", "uac", f"127.0.0.1:{daemon.sip_port}", "-m", "1", "-d", "500",
+         "-nostdin", "-i", "127.0.0.1", "-p", str(free_udp_port()), "-timeout", "20s"],
+        capture_output=True, text=True, timeout=40, cwd=workdir)
+    assert sipp.returncode == 0, sipp.stdout[-3000:] + sipp.stderr
+    deadline = time.monotonic() + 10
+    while not (ends := journal("EVENT=call_end")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert ends, "no call_end in the journal"
+    # One call's story, by its SESSION_ID, is what an operator queries.
+    session = journal(f"SESSION_ID={ends[0]['SESSION_ID']}")
+    (workdir / "session.json").write_text(json.dumps(session))
+'''
+
+
 def _skip_reason() -> str | None:
     if sys.platform != "linux" or os.geteuid() != 0:
         return "needs root to mount tmpfs inside a mount namespace (unshare -m)"
@@ -106,7 +136,7 @@ def run_with_journald(tmp_path: Path, match: str, *command: str) -> list[dict[st
     proc = subprocess.run(
         ["unshare", "--mount", "--propagation", "private", "--pid", "--fork", "--kill-child",
          "--mount-proc", "bash", str(script), str(out), match, *command],
-        env={**os.environ, "JOURNALD": str(JOURNALD)},
+        env={**os.environ, "JOURNALD": str(JOURNALD), "PYTHONPATH": str(REPO)},
         capture_output=True, text=True, timeout=NAMESPACE_TIMEOUT_S, check=False,
     )
     assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout}\n{proc.stderr}"
@@ -142,3 +172,23 @@ def test_log_event_lands_in_journald_with_its_fields(tmp_path: Path) -> None:
     assert crashed["REASON"] == "bug"
     assert crashed["CODE_FUNC"] == "crash"
     assert "ValueError: agent exploded" in crashed["EXCEPTION"]
+
+
+@pytest.mark.skipif(shutil.which("sipp") is None,
+                    reason="sipp missing (apt-get install sip-tester)")
+def test_daemon_call_is_found_by_session_id(tmp_path: Path) -> None:
+    """The real voxgated with [log] target = "journal" and one SIPp call."""
+    driver = tmp_path / "daemon_driver.py"
+    driver.write_text(_DAEMON_DRIVER)
+    run_with_journald(tmp_path, "EVENT=call_end", sys.executable, str(driver), str(tmp_path))
+    session = json.loads((tmp_path / "session.json").read_text())
+    by_event = {e["EVENT"]: e for e in session}
+    assert {"call_start", "call_end"} <= set(by_event), sorted(by_event)
+    end = by_event["call_end"]
+    assert end["SYSLOG_IDENTIFIER"] == "voxgate"
+    assert end["PRIORITY"] == "6"
+    assert end["TRANSPORT"] == "sip"
+    assert end["CALL_ID"] == by_event["call_start"]["CALL_ID"]
+    assert end["REASON"]
+    assert end["CODE_FILE"].endswith("/voxgate/session.py")
+    assert end["_TRANSPORT"] == "journal"

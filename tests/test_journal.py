@@ -1,0 +1,175 @@
+"""voxgate.journal: field and priority mapping with systemd.journal.send faked."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import systemd.journal
+
+from voxgate.journal import JournalHandler, journal_field_name, syslog_priority, under_journald
+from voxgate.logging import log_event, logger
+
+
+class Sent:
+    """What the fake ``systemd.journal.send`` received, one dict per call."""
+
+    def __init__(self) -> None:
+        self.entries: list[dict[str, Any]] = []
+        self.fail_with: Exception | None = None
+
+    def __call__(self, MESSAGE: str, **fields: Any) -> None:
+        if self.fail_with is not None:
+            raise self.fail_with
+        self.entries.append({"MESSAGE": MESSAGE, **fields})
+
+
+@pytest.fixture
+def sent(monkeypatch: pytest.MonkeyPatch) -> Iterator[Sent]:
+    fake = Sent()
+    monkeypatch.setattr(systemd.journal, "send", fake)
+    handler = JournalHandler()
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    yield fake
+    logger.handlers[:] = handlers
+    logger.setLevel(level)
+    logger.propagate = propagate
+
+
+def test_log_event_fields_become_journal_fields(sent: Sent) -> None:
+    log_event(logging.INFO, "call_start", "call started", session_id="abc123",
+              call_id="c1@x", tenant="default", transport="sip", reason=None,
+              rtp_port=20002, remote="127.0.0.1:5062")
+    (entry,) = sent.entries
+    assert entry["MESSAGE"] == "call started"
+    assert entry["PRIORITY"] == 6
+    assert entry["SYSLOG_IDENTIFIER"] == "voxgate"
+    assert entry["EVENT"] == "call_start"
+    assert entry["LOGGER"] == "voxgate"
+    assert entry["SESSION_ID"] == "abc123"
+    assert entry["CALL_ID"] == "c1@x"
+    assert entry["TENANT"] == "default"
+    assert entry["TRANSPORT"] == "sip"
+    assert entry["RTP_PORT"] == 20002
+    assert entry["REMOTE"] == "127.0.0.1:5062"
+    assert "REASON" not in entry  # None values are left out by log_event
+    assert "EXCEPTION" not in entry
+
+
+def test_code_location_is_the_log_event_caller(sent: Sent) -> None:
+    log_event(logging.WARNING, "budget_soft", reason="rss")
+    (entry,) = sent.entries
+    assert entry["CODE_FILE"] == __file__
+    assert entry["CODE_FUNC"] == "test_code_location_is_the_log_event_caller"
+    assert isinstance(entry["CODE_LINE"], int)
+    assert entry["REASON"] == "rss"
+    assert entry["MESSAGE"] == "budget soft"
+
+
+def test_plain_records_get_event_log(sent: Sent) -> None:
+    logging.getLogger("voxgate.sip").error("plain %s", "text")
+    (entry,) = sent.entries
+    assert entry["MESSAGE"] == "plain text"
+    assert entry["EVENT"] == "log"
+    assert entry["PRIORITY"] == 3
+    assert entry["LOGGER"] == "voxgate.sip"
+
+
+def test_exception_traceback_is_sent(sent: Sent) -> None:
+    try:
+        raise RuntimeError("agent exploded")
+    except RuntimeError as e:
+        log_event(logging.ERROR, "session_crashed", session_id="s1", exc_info=e)
+    (entry,) = sent.entries
+    assert entry["EXCEPTION"].startswith("Traceback (most recent call last):")
+    assert "RuntimeError: agent exploded" in entry["EXCEPTION"]
+    assert entry["SESSION_ID"] == "s1"
+
+
+def test_field_names_that_clash_are_prefixed(sent: Sent) -> None:
+    odd_names: dict[str, Any] = {"peer.addr": "x", "9lives": 1}
+    log_event(logging.INFO, "odd", exception="e", priority="p", logger="l", **odd_names)
+    (entry,) = sent.entries
+    assert entry["MESSAGE"] == "odd"
+    assert entry["EVENT"] == "odd"
+    assert entry["FIELD_EXCEPTION"] == "e"
+    assert "EXCEPTION" not in entry
+    assert entry["LOGGER"] == "voxgate"
+    assert entry["FIELD_LOGGER"] == "l"
+    assert entry["PRIORITY"] == 6
+    assert entry["FIELD_PRIORITY"] == "p"
+    assert entry["PEER_ADDR"] == "x"
+    assert entry["FIELD_9LIVES"] == 1
+
+
+@pytest.mark.parametrize(("name", "expected"), [
+    ("session_id", "SESSION_ID"),
+    ("Call-ID", "CALL_ID"),
+    ("_private", "PRIVATE"),
+    ("", "FIELD_"),
+    ("code_file", "FIELD_CODE_FILE"),
+    ("x" * 80, "X" * 64),
+])
+def test_journal_field_name(name: str, expected: str) -> None:
+    assert journal_field_name(name) == expected
+
+
+@pytest.mark.parametrize(("levelno", "priority"), [
+    (logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+    (logging.INFO, 6), (logging.DEBUG, 7), (logging.INFO + 5, 6), (1, 7), (60, 2),
+])
+def test_syslog_priority(levelno: int, priority: int) -> None:
+    assert syslog_priority(levelno) == priority
+
+
+def test_send_failure_goes_to_handle_error(sent: Sent, monkeypatch: pytest.MonkeyPatch) -> None:
+    sent.fail_with = OSError(2, "No such file or directory")
+    handled: list[logging.LogRecord] = []
+    monkeypatch.setattr(JournalHandler, "handleError",
+                        lambda self, record: handled.append(record))
+    log_event(logging.INFO, "call_end", session_id="abc")  # must not raise
+    assert [r.getMessage() for r in handled] == ["call end"]
+
+
+def test_send_failure_does_not_raise_with_default_handle_error(
+    sent: Sent, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    sent.fail_with = OSError(11, "Resource temporarily unavailable")
+    monkeypatch.setattr(logging, "raiseExceptions", True)
+    log_event(logging.INFO, "call_end", session_id="abc")
+    assert "--- Logging error ---" in capsys.readouterr().err
+
+
+def _stderr_stream() -> str:
+    st = os.fstat(2)
+    return f"{st.st_dev}:{st.st_ino}"
+
+
+def test_under_journald_when_stream_matches_stderr(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("JOURNAL_STREAM", _stderr_stream())
+    assert under_journald()
+
+
+@pytest.mark.parametrize("value", ["", "1:2:3", "abc", "12", ":", "-1:5"])
+def test_not_under_journald_with_malformed_stream(
+    monkeypatch: pytest.MonkeyPatch, value: str,
+) -> None:
+    monkeypatch.setenv("JOURNAL_STREAM", value)
+    assert not under_journald()
+
+
+def test_not_under_journald_when_stream_is_another_file(monkeypatch: pytest.MonkeyPatch) -> None:
+    dev, ino = _stderr_stream().split(":")
+    monkeypatch.setenv("JOURNAL_STREAM", f"{dev}:{int(ino) + 1}")
+    assert not under_journald()
+
+
+def test_not_under_journald_without_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JOURNAL_STREAM", raising=False)
+    assert not under_journald()
