@@ -53,6 +53,14 @@ def test_partial_file_takes_defaults(tmp_path):
         ('[agent]\nkind = "parrot"\n', "[agent] kind: must be one of echo"),
         ("[timers]\nmax_duration_s = -1\n", "[timers] max_duration_s: must be between"),
         ("not toml [", "invalid TOML"),
+        ('[[tenants]]\nname = "default"\n', "reserved or used twice"),
+        ('[[tenants]]\nname = "a b"\n', "must be a non-empty word"),
+        ('[[tenants]]\nname = "a"\nsource_cidrs = ["nope"]\n', "is not a CIDR"),
+        ('[[tenants]]\nname = "a"\nheader_name = "X-T"\n', "go together"),
+        ('[[tenants]]\nname = "a"\nbogus = 1\n', "[tenants.0] bogus: unknown key"),
+        ("tenants = 3\n", "must be an array of tables"),
+        ('[log]\ntarget = "syslog"\n', "[log] target: must be one of"),
+        ('[metrics]\nlisten = "nowhere"\n', "[metrics] listen"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path, text, expected):
@@ -61,6 +69,32 @@ def test_errors_name_file_and_key(tmp_path, text, expected):
         load_config(path)
     assert str(path) in str(info.value)
     assert expected in str(info.value)
+
+
+def test_tenants_become_admission_rules(tmp_path):
+    from voxgate.admission import limits_from_config
+
+    config = load_config(write(tmp_path, """
+[limits]
+max_sessions = 10
+default_tenant_max_sessions = 4
+[[tenants]]
+name = "acme"
+max_sessions = 3
+ruri_user = "acme"
+source_cidrs = ["10.0.0.0/8"]
+[[tenants]]
+name = "globex"
+header_name = "X-Tenant"
+header_value = "globex"
+"""))
+    limits = limits_from_config(config)
+    assert limits.default_tenant_max_sessions == 4
+    acme, globex = limits.tenants
+    assert (acme.name, acme.max_sessions, acme.ruri_user) == ("acme", 3, "acme")
+    assert [str(n) for n in acme.source_cidrs] == ["10.0.0.0/8"]
+    assert globex.max_sessions is None
+    assert globex.header == ("X-Tenant", "globex")
 
 
 def test_missing_file(tmp_path):
