@@ -27,7 +27,8 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Mapping
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -42,7 +43,9 @@ _RANGE_FLOOR = 20000
 _LOGFMT_PAIR = re.compile(r'([A-Za-z0-9_.\-]+)=("(?:[^"\\]|\\.)*"|\S*)')
 
 TomlValue = str | int | float | bool | list[str]
-ConfigOverrides = Mapping[str, Mapping[str, TomlValue]]
+TomlTable = Mapping[str, TomlValue]
+ConfigOverrides = Mapping[str, TomlTable | Sequence[TomlTable]]
+"""section → key → value; a sequence of tables is an array of tables (``[[tenants]]``)."""
 
 
 @dataclass
@@ -117,8 +120,12 @@ def reserve_port_range(count: int, host: str = "127.0.0.1") -> PortRange:
     raise RuntimeError(f"no free range of {count} UDP ports")
 
 
-def render_toml(config: Mapping[str, Mapping[str, TomlValue]]) -> str:
-    """A TOML document of tables holding strings, numbers, booleans and string lists."""
+def render_toml(config: ConfigOverrides) -> str:
+    """A TOML document of tables holding strings, numbers, booleans and string lists.
+
+    A section given as a sequence of tables becomes an array of tables
+    (``[[section]]`` once per table).
+    """
 
     def value(v: TomlValue) -> str:
         if isinstance(v, bool):
@@ -129,11 +136,16 @@ def render_toml(config: Mapping[str, Mapping[str, TomlValue]]) -> str:
             return "[" + ", ".join(value(item) for item in v) + "]"
         return repr(v)
 
+    def table(header: str, keys: TomlTable) -> list[str]:
+        return [header, *(f"{key} = {value(v)}" for key, v in keys.items()), ""]
+
     lines: list[str] = []
     for section, keys in config.items():
-        lines.append(f"[{section}]")
-        lines += [f"{key} = {value(v)}" for key, v in keys.items()]
-        lines.append("")
+        if isinstance(keys, Mapping):
+            lines += table(f"[{section}]", keys)
+        else:
+            for entry in keys:
+                lines += table(f"[[{section}]]", entry)
     return "\n".join(lines)
 
 
@@ -296,6 +308,13 @@ class Daemon:
         self._notifications = notifications
 
     @property
+    def control_socket(self) -> str:
+        """The ``[control] socket`` path this daemon was configured with."""
+        with self.config_path.open("rb") as f:
+            path: str = tomllib.load(f)["control"]["socket"]
+        return path
+
+    @property
     def notifications(self) -> list[str]:
         """Every line received on NOTIFY_SOCKET so far, in order."""
         return self._notifications.lines
@@ -429,9 +448,15 @@ def running_daemon(
     proc: subprocess.Popen[bytes] | None = None
     try:
         sip_port = free_udp_port()
-        config = default_config(sip_port, rtp, sock_dir / "control.sock")
+        config: dict[str, TomlTable | Sequence[TomlTable]] = dict(
+            default_config(sip_port, rtp, sock_dir / "control.sock")
+        )
         for section, keys in (overrides or {}).items():
-            config.setdefault(section, {}).update(keys)
+            base = config.get(section)
+            if isinstance(base, Mapping) and isinstance(keys, Mapping):
+                config[section] = {**base, **keys}
+            else:
+                config[section] = keys
         config_path = workdir / "voxgate.toml"
         config_path.write_text(render_toml(config))
         log_path = workdir / "voxgated.log"

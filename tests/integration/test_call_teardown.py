@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from tests.harness import requires
 from tests.harness.audio import SpeechClip
@@ -80,3 +84,18 @@ def test_two_hundred_calls_leave_nothing_behind(
     assert rtp_sockets == 0, "RTP sockets left open after every call ended"
     assert fds <= baseline_fds, f"fd count {fds} > baseline {baseline_fds}"
     assert daemon.alive()
+    status = _status(daemon)
+    assert status["sessions"] == {"active": 0, "queued": 0,
+                                  "by_tenant": {"default": {"active": 0, "queued": 0,
+                                                            "max_sessions": None}}}
+    assert status["sip"]["dialogs"] == 0, "SIP dialog state left behind"
+
+
+def _status(daemon: Daemon) -> dict[str, Any]:
+    out = subprocess.run(
+        [sys.executable, "-m", "voxgate.control.cli", "--socket", daemon.control_socket,
+         "--json", "status"],
+        capture_output=True, text=True, timeout=30, check=True,
+    )
+    result: dict[str, Any] = json.loads(out.stdout)
+    return result

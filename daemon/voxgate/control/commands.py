@@ -64,6 +64,8 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
                 "drain_timeout_s": sup.config.limits.drain_timeout_s,
             },
             "health": health(),
+            "sip": {"dialogs": sup.endpoint.core.active_dialogs,
+                    "transactions": sup.endpoint.core.active_transactions},
             "admission": {"counters": [
                 {"result": r, "reason": why_, "tenant": t, "count": n}
                 for (r, why_, t), n in sorted(stats.counters.items())

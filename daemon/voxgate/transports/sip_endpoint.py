@@ -277,6 +277,10 @@ class SipEndpoint:
         self.act(lambda core, now: core.hangup(call_key, now, reason=reason))
 
     def release(self, call_key: str) -> None:
+        """The session is gone: free its admission slot and, unless our BYE is
+        still in flight (then at HangupCompleted), its dialog state."""
+        if call_key not in self._hangups_pending:
+            self.core.forget(call_key)
         call = self._calls.pop(call_key, None)
         if call is not None:
             self.ended_counters.update(call.leg.counters())
@@ -368,6 +372,8 @@ class SipEndpoint:
             self._reinvite(event)
         elif isinstance(event, uas.HangupCompleted):
             self._hangups_pending.discard(event.call_key)
+            if event.call_key not in self._calls:
+                self.core.forget(event.call_key)
             self._update_idle()
         elif isinstance(event, uas.BadMessageReceived):
             log_event(logging.WARNING, "sip_bad_message", event.reason, call_id=event.call_id,
@@ -383,6 +389,7 @@ class SipEndpoint:
             if pending.event.call_key == call_key:
                 del self._queued[ticket]
                 self.admission.cancel(ticket, trio.current_time())
+                self.core.forget(call_key)
                 log_event(logging.INFO, "call_cancelled", "cancelled while queued",
                           call_id=pending.event.call_id, session_id=ticket)
                 return
@@ -394,6 +401,7 @@ class SipEndpoint:
                   status=status, reason=reason, tenant=tenant)
         self.core.reject(event.call_key, status, trio.current_time(), reason=reason,
                          retry_after_s=retry_after_s)
+        self.core.forget(event.call_key)
 
     def _incoming_call(self, event: uas.IncomingCall) -> None:
         cfg = self.config
