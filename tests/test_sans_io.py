@@ -26,6 +26,8 @@ SANS_IO_MODULES = [
     "voxgate.pipeline.playout",
     "voxgate.pipeline.pipeline",
     "voxgate.admission",
+    "voxgate.budget",
+    "voxgate.deadman",
 ]
 
 # webrtcvad's import pulls in socket/threading through importlib.metadata, so
