@@ -15,7 +15,6 @@ from voxgate.budget import (
     choose_shed_victims,
     default_rss_limits,
     parse_statm_rss_bytes,
-    validate_budget,
 )
 from voxgate.errors import LocalProtocolError
 
@@ -350,23 +349,3 @@ def test_choose_shed_victims_newest_first():
 
 # --- config validation ------------------------------------------------------
 
-def test_validate_budget_accepts_a_sane_config():
-    assert validate_budget(1 << 20, CAPS_MS, SOFT, HARD) == []
-
-
-def test_validate_budget_names_each_problem():
-    problems = validate_budget(
-        100, {**CAPS_MS, "agent_in": 0, "video": 5}, HARD, SOFT
-    )
-    assert any(p.startswith("agent_in_ms:") for p in problems)
-    assert any(p.startswith("video_ms:") and "unknown" in p for p in problems)
-    assert any(p.startswith("rss_soft_bytes:") and "below" in p for p in problems)
-    assert any(p.startswith("session_bytes:") and "3200" in p for p in problems)
-    assert len(problems) == 4
-
-
-def test_validate_budget_rejects_nonpositive_values():
-    problems = validate_budget(0, CAPS_MS, 0, -1)
-    keys = sorted(p.split(":")[0] for p in problems)
-    assert keys == ["rss_hard_bytes", "rss_soft_bytes", "rss_soft_bytes", "session_bytes",
-                    "session_bytes"]

@@ -7,9 +7,13 @@ import trio
 import trio.testing
 
 from voxgate.agents.base import Agent
+from voxgate.budget import BufferCaps, SessionBudget
+from voxgate.deadman import DeadmanConfig, SessionTimers
 from voxgate.pipeline.playout import Playout
 from voxgate.session import Session
 from voxgate.transports.rtp_media import MediaClock
+
+FRAME = bytes(320)
 
 
 class FakeSignaling:
@@ -33,21 +37,25 @@ class FakeSignaling:
 
 
 class FakeMedia:
-    def __init__(self, *, fail_after: int | None = None, timeout_after: int | None = None):
+    """Media arrives on every tick except those listed in ``silent_ticks``."""
+
+    def __init__(self, *, fail_after: int | None = None, silent_ticks: range = range(0)):
         self.ticks = 0
         self.closed = 0
         self.fail_after = fail_after
-        self.timeout_after = timeout_after
+        self.silent_ticks = silent_ticks
         self.packets_in = 0
         self.packets_out = 0
+        self.sent: list[bytes | None] = []
+        self.playout: Playout | None = None
 
-    def tick(self, now: float, frames_elapsed: int) -> str | None:
+    def tick(self, now: float, frames_elapsed: int) -> bool:
         self.ticks += 1
         if self.fail_after is not None and self.ticks >= self.fail_after:
             raise RuntimeError("boom")
-        if self.timeout_after is not None and self.ticks >= self.timeout_after:
-            return "media-timeout"
-        return None
+        if self.playout is not None:
+            self.sent.append(self.playout.pop())
+        return self.ticks not in self.silent_ticks
 
     def close(self) -> None:
         self.closed += 1
@@ -63,15 +71,37 @@ class SlowAgent(Agent):
             SlowAgent.cancelled = True
 
 
+class FloodAgent(Agent):
+    def flood(self) -> None:
+        for _ in range(5):
+            self.playout.push(FRAME)
+
+
+TIMERS = DeadmanConfig(first_media_s=2, media_inactivity_s=1, recovery_window_s=2,
+                       agent_response_s=1, playback_deadman_s=0.5, max_duration_s=60,
+                       ring_timeout_s=30)
+
+
 def make(clock: MediaClock, media: FakeMedia, *, delay_s: float = 0, max_s: float = 60,
-         agent: Agent | None = None) -> tuple[Session, FakeSignaling]:
+         agent_cls: type[Agent] = Agent, session_bytes: int = 1 << 20,
+         prompt: tuple[bytes, ...] = ()) -> tuple[Session, FakeSignaling]:
     signaling = FakeSignaling()
+    budget = SessionBudget(BufferCaps.from_ms({"playout": 1000}, session_bytes, 500))
+    playout = Playout(budget)
+    media.playout = playout
+    timers = SessionTimers(_with_max(max_s), trio.current_time())
     session = Session(
         session_id="s1", call_id="c1", transport="test", codec="PCMU", signaling=signaling,
-        media=media, agent=agent or Agent(Playout(5)), clock=clock, answer_delay_s=delay_s,
-        max_duration_s=max_s,
+        media=media, agent=agent_cls(playout), playout=playout, timers=timers, budget=budget,
+        clock=clock, answer_delay_s=delay_s, fallback_prompt=prompt,
     )
     return session, signaling
+
+
+def _with_max(max_s: float) -> DeadmanConfig:
+    t = TIMERS
+    return DeadmanConfig(t.first_media_s, t.media_inactivity_s, t.recovery_window_s,
+                         t.agent_response_s, t.playback_deadman_s, max_s, t.ring_timeout_s)
 
 
 @pytest.fixture
@@ -89,7 +119,7 @@ async def run_with_clock(session: Session, clock: MediaClock) -> None:
 async def test_max_duration_hangs_up_and_cleans_up(autojump_clock):
     clock = MediaClock()
     media = FakeMedia()
-    session, signaling = make(clock, media, max_s=2.0, agent=SlowAgent(Playout(5)))
+    session, signaling = make(clock, media, max_s=2.0, agent_cls=SlowAgent)
     await run_with_clock(session, clock)
     assert session.end_reason == "max-duration"
     assert signaling.calls == ["answer", "hangup:max-duration", "release"]
@@ -126,6 +156,14 @@ async def test_cancel_while_ringing(autojump_clock):
     assert session.answered_at is None
 
 
+async def test_ring_timeout_refuses(autojump_clock):
+    clock = MediaClock()
+    session, signaling = make(clock, FakeMedia(), delay_s=100)
+    await run_with_clock(session, clock)
+    assert session.end_reason == "ring-timeout"
+    assert signaling.calls == ["ring", "refuse:ring-timeout", "release"]
+
+
 async def test_shutdown_while_ringing_refuses(autojump_clock):
     clock = MediaClock()
     session, signaling = make(clock, FakeMedia(), delay_s=5)
@@ -139,7 +177,7 @@ async def test_shutdown_while_ringing_refuses(autojump_clock):
 async def test_media_failure_is_contained(autojump_clock):
     clock = MediaClock()
     bad, bad_sig = make(clock, FakeMedia(fail_after=3))
-    good, good_sig = make(clock, FakeMedia(), max_s=5)
+    good, _ = make(clock, FakeMedia(), max_s=5)
     async with trio.open_nursery() as nursery:
         await nursery.start(clock.run)
         nursery.start_soon(bad.run)
@@ -153,9 +191,60 @@ async def test_media_failure_is_contained(autojump_clock):
     assert bad_sig.calls == ["answer", "hangup:error", "release"]
 
 
-async def test_media_timeout_reason(autojump_clock):
+async def test_pause_shorter_than_window_recovers(autojump_clock):
     clock = MediaClock()
-    session, signaling = make(clock, FakeMedia(timeout_after=10))
+    media = FakeMedia(silent_ticks=range(10, 110))  # 2 s gap: > 1 s inactivity, < 1 + 2 s
+    session, signaling = make(clock, media, max_s=4)
+    await run_with_clock(session, clock)
+    assert session.end_reason == "max-duration"
+    assert session.timers.stats.pauses == 1
+    assert session.timers.stats.recoveries == 1
+
+
+async def test_media_gone_for_good_ends_after_inactivity_plus_window(autojump_clock):
+    clock = MediaClock()
+    media = FakeMedia(silent_ticks=range(10, 10_000))
+    session, signaling = make(clock, media)
     await run_with_clock(session, clock)
     assert session.end_reason == "media-timeout"
+    # last media at 0.2 s; paused at 1.2 s; ended at 3.2 s
+    assert 155 <= media.ticks <= 165
     assert signaling.calls[-2:] == ["hangup:media-timeout", "release"]
+
+
+async def test_agent_fallback_plays_the_prompt(autojump_clock):
+    clock = MediaClock()
+    media = FakeMedia()
+    prompt = (b"\x01" * 320, b"\x02" * 320)
+    session, _ = make(clock, media, max_s=3, prompt=prompt)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(clock.run)
+        nursery.start_soon(session.run)
+        await trio.sleep(0.5)
+        session.timers.caller_turn_ended(trio.current_time())
+        await trio.sleep(1.5)
+        assert prompt[0] in media.sent and prompt[1] in media.sent
+        assert session.timers.stats.agent_fallbacks == 1
+        session.end("bye")
+        await trio.sleep(0.1)
+        nursery.cancel_scope.cancel()
+
+
+async def test_runaway_agent_is_dropped_then_ended_for_budget(autojump_clock):
+    clock = MediaClock()
+    media = FakeMedia()
+    session, signaling = make(clock, media, agent_cls=FloodAgent, session_bytes=8000)
+    agent = session.agent
+    assert isinstance(agent, FloodAgent)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(clock.run)
+        nursery.start_soon(session.run)
+        while session.end_reason is None:
+            agent.flood()
+            await trio.sleep(0.02)
+        nursery.cancel_scope.cancel()
+    assert session.end_reason == "budget"
+    assert session.budget.drops_frames["playout"] > 0
+    # the playout cap (1000 ms of PCM16) plus the one frame pushed before the drop
+    assert session.budget.peak_bytes <= 16000 + 320
+    assert signaling.calls[-2:] == ["hangup:budget", "release"]

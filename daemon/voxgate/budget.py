@@ -471,35 +471,3 @@ def choose_shed_victims(sessions: Sequence[tuple[str, float]], count: int) -> li
         raise LocalProtocolError(f"shed count must be >= 0, got {count}")
     newest = heapq.nlargest(count, sessions, key=lambda session: session[1])
     return [session_id for session_id, _ in newest]
-
-
-def validate_budget(
-    session_bytes: int, caps_ms: Mapping[str, int], soft: int, hard: int
-) -> list[str]:
-    """Problems with a ``[budget]`` configuration, each ``"<key>: <problem>"``.
-
-    Keys: ``session_bytes``, ``<buffer>_ms`` for each of ``caps_ms`` (buffer
-    name → cap in ms), ``rss_soft_bytes``, ``rss_hard_bytes``. Checks: every
-    value > 0, known buffer names, soft < hard, and ``session_bytes`` at least
-    the ``jitter`` + ``playout`` caps of a single call. An empty list is valid.
-    """
-    problems: list[str] = []
-    for name, ms in caps_ms.items():
-        if name not in BYTES_PER_MS:
-            problems.append(f"{name}_ms: unknown buffer (known: {', '.join(BYTES_PER_MS)})")
-        elif ms <= 0:
-            problems.append(f"{name}_ms: must be > 0, got {ms}")
-    for key, value in (
-        ("session_bytes", session_bytes), ("rss_soft_bytes", soft), ("rss_hard_bytes", hard)
-    ):
-        if value <= 0:
-            problems.append(f"{key}: must be > 0, got {value}")
-    if soft >= hard:
-        problems.append(f"rss_soft_bytes: must be below rss_hard_bytes ({soft} >= {hard})")
-    one_call = sum(caps_ms.get(name, 0) * BYTES_PER_MS[name] for name in ("jitter", "playout"))
-    if session_bytes < one_call:
-        problems.append(
-            f"session_bytes: {session_bytes} is below one call's jitter + playout caps "
-            f"({one_call} bytes)"
-        )
-    return problems

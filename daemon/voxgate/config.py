@@ -22,7 +22,7 @@ from voxgate.errors import ConfigError
 DEFAULT_PATH = Path("/etc/voxgate/voxgate.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_TARGETS = ("auto", "journal", "stderr")
-AGENT_KINDS = ("echo",)
+AGENT_KINDS = ("echo", "silent", "babble")
 CODECS = ("PCMU", "PCMA")
 
 
@@ -83,8 +83,22 @@ class TenantConfig:
 
 @dataclass(frozen=True)
 class TimersConfig:
+    first_media_s: float = field(default=10.0, metadata=_range(0.1, 3600))
+    media_inactivity_s: float = field(default=10.0, metadata=_range(0.1, 3600))
+    recovery_window_s: float = field(default=20.0, metadata=_range(0, 3600))
+    agent_response_s: float = field(default=5.0, metadata=_range(0, 3600))
+    playback_deadman_ms: int = field(default=1000, metadata=_range(0, 60_000))
     max_duration_s: float = field(default=3600.0, metadata=_range(1, 7 * 86_400))
-    media_inactivity_s: float = field(default=30.0, metadata=_range(0.1, 3600))
+    ring_timeout_s: float = field(default=60.0, metadata=_range(0, 3600))
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    session_bytes: int = field(default=256 * 1024, metadata=_range(4096, 1 << 30))
+    budget_grace_ms: int = field(default=2000, metadata=_range(0, 600_000))
+    playout_ms: int = field(default=30_000, metadata=_range(20, 3_600_000))
+    rss_soft_bytes: int = field(default=0, metadata=_range(0, 1 << 40))
+    rss_hard_bytes: int = field(default=0, metadata=_range(0, 1 << 40))
 
 
 @dataclass(frozen=True)
@@ -97,6 +111,7 @@ class VadConfig:
 @dataclass(frozen=True)
 class AgentConfig:
     kind: str = "echo"
+    fallback_prompt: str = ""
 
 
 @dataclass(frozen=True)
@@ -130,6 +145,7 @@ class Config:
     rtp: RtpConfig = field(default_factory=RtpConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     timers: TimersConfig = field(default_factory=TimersConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
     vad: VadConfig = field(default_factory=VadConfig)
     agent: AgentConfig = field(default_factory=AgentConfig)
     control: ControlConfig = field(default_factory=ControlConfig)
@@ -138,6 +154,21 @@ class Config:
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     tenants: tuple[TenantConfig, ...] = ()
     source: str = "<embedded default>"
+
+
+def rss_limits(config: Config) -> tuple[int, int]:
+    """The (soft, hard) RSS watermarks in bytes: ``[budget]``, or derived.
+
+    A key left at 0 is derived from ``[limits] max_sessions`` (see
+    :func:`voxgate.budget.default_rss_limits`: 64 MiB + 512 KiB per session
+    for soft, 1.25 x soft for hard).
+    """
+    from voxgate.budget import default_rss_limits
+
+    derived = default_rss_limits(config.limits.max_sessions)
+    soft = config.budget.rss_soft_bytes or derived.soft_bytes
+    hard = config.budget.rss_hard_bytes or max(derived.hard_bytes, soft + (soft >> 2))
+    return soft, hard
 
 
 def split_host_port(text: str) -> tuple[str, int]:
@@ -270,6 +301,14 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"{src}: [rtp] jitter_buffer_max_ms: must be above jitter_buffer_ms")
     if config.vad.start_ms % 20 or config.vad.stop_ms % 20:
         raise ConfigError(f"{src}: [vad] start_ms/stop_ms: must be multiples of 20 ms")
+    soft, hard = rss_limits(config)
+    if soft >= hard:
+        raise ConfigError(f"{src}: [budget] rss_soft_bytes: must be below rss_hard_bytes "
+                          f"({soft} >= {hard})")
+    jitter_bytes = config.rtp.jitter_buffer_max_ms * 8
+    if config.budget.session_bytes < jitter_bytes:
+        raise ConfigError(f"{src}: [budget] session_bytes: must hold at least the jitter "
+                          f"buffer ({jitter_bytes} bytes for [rtp] jitter_buffer_max_ms)")
     if config.agent.kind not in AGENT_KINDS:
         raise ConfigError(f"{src}: [agent] kind: must be one of {', '.join(AGENT_KINDS)}")
     if config.metrics.listen:

@@ -1,15 +1,20 @@
 """A session: one call, living in its own Trio nursery.
 
-The session owns its lifecycle (``ringing → active → ending → ended``), its
-deadman timers (``[timers] max_duration_s`` as the nursery's deadline; media
-inactivity checked by the media leg on each tick) and its agent's task. The
-transport plugs in through two small interfaces: :class:`CallSignaling`
+The session owns its lifecycle (``ringing → active ⇄ paused → ending →
+ended``), its deadman timers (:class:`~voxgate.deadman.SessionTimers`), its
+memory budget (:class:`~voxgate.budget.SessionBudget`) and its agent's task.
+The transport plugs in through two small interfaces: :class:`CallSignaling`
 (answer, refuse, hang up) and a media leg that the shared media clock ticks.
 
-Whatever ends the call (BYE from either side, CANCEL, a timer, shutdown, an
-error in its own code) ends only this session: :meth:`Session.run` is the
-error boundary; it always detaches the media, releases the port, tells the
-signaling layer and writes exactly one ``call_end`` log line with the reason.
+One timer mechanism: while the call is answered, the media clock's 20 ms
+tick checks the timers' next deadline (no task per timer, none per packet);
+before the answer, the session's own task waits for the ring deadline.
+
+Whatever ends the call (BYE from either side, CANCEL, a deadman, the budget,
+shutdown, an error in its own code) ends only this session:
+:meth:`Session.run` is the error boundary; it always detaches the media,
+releases the port, tells the signaling layer and writes exactly one
+``call_end`` log line with the reason.
 """
 
 from __future__ import annotations
@@ -21,8 +26,19 @@ from typing import Protocol
 import trio
 
 from voxgate.agents.base import Agent
+from voxgate.budget import SessionBudget
+from voxgate.deadman import (
+    AgentFallback,
+    End,
+    Paused,
+    PlaybackDeadman,
+    Recovered,
+    SessionTimers,
+    TimerEvent,
+)
 from voxgate.logging import log_event
 from voxgate.metrics import SESSION_DURATION, SESSIONS_ENDED
+from voxgate.pipeline.playout import Playout
 from voxgate.transports.rtp_media import MediaClock
 
 # End reasons after which the peer is already gone: no BYE from us.
@@ -57,10 +73,10 @@ class SessionMedia(Protocol):
     @property
     def packets_out(self) -> int: ...
 
-    def tick(self, now: float, frames_elapsed: int) -> str | None:
+    def tick(self, now: float, frames_elapsed: int) -> bool:
         """Receive, process one frame, send one frame; never blocks.
 
-        Returns an end reason (e.g. ``media-timeout``) or None.
+        Returns whether media arrived since the last tick.
         """
 
     def close(self) -> None:
@@ -80,9 +96,12 @@ class Session:
         signaling: CallSignaling,
         media: SessionMedia,
         agent: Agent,
+        playout: Playout,
+        timers: SessionTimers,
+        budget: SessionBudget,
         clock: MediaClock,
         answer_delay_s: float,
-        max_duration_s: float,
+        fallback_prompt: tuple[bytes, ...] = (),
     ) -> None:
         self.session_id = session_id
         self.call_id = call_id
@@ -91,9 +110,12 @@ class Session:
         self.signaling = signaling
         self.media = media
         self.agent = agent
+        self.playout = playout
+        self.timers = timers
+        self.budget = budget
         self._clock = clock
         self._answer_delay_s = answer_delay_s
-        self._max_duration_s = max_duration_s
+        self._fallback_prompt = fallback_prompt
         self.state = "ringing"
         self.end_reason: str | None = None
         self.started_at = math.nan
@@ -106,9 +128,24 @@ class Session:
             self.end_reason = reason
         self._end_requested.set()
 
+    def media_changed(self, expected: bool, now: float) -> None:
+        """The peer moved or held its media (re-INVITE): re-base the media timers."""
+        recovered = self.timers.media_expected(expected, now)
+        if recovered is not None:
+            self._on_timer(recovered)
+
     def tick(self, now: float, frames_elapsed: int) -> None:
         """The media clock's 20 ms tick (see :class:`~voxgate.transports.rtp_media.MediaLeg`)."""
-        reason = self.media.tick(now, frames_elapsed)
+        timers = self.timers
+        if self.media.tick(now, frames_elapsed):
+            recovered = timers.on_media(now)
+            if recovered is not None:
+                self._on_timer(recovered)
+        deadline = timers.next_deadline()
+        if deadline is not None and now >= deadline:
+            for event in timers.handle_timer(now):
+                self._on_timer(event)
+        reason = self.budget.check(now)
         if reason is not None:
             self.end(reason)
 
@@ -117,6 +154,19 @@ class Session:
         log_event(logging.ERROR, "session_error", f"session failed: {exc!r}",
                   session_id=self.session_id, call_id=self.call_id, exc_info=exc)
         self.end("error")
+
+    def counters(self) -> dict[str, int]:
+        """Deadman and budget counters of this session, by name."""
+        stats = self.timers.stats
+        counters = {
+            "session_pauses": stats.pauses,
+            "session_recoveries": stats.recoveries,
+            "agent_fallbacks": stats.agent_fallbacks,
+            "playback_deadmans": stats.playback_deadmans,
+        }
+        for buffer, frames in self.budget.drops_frames.items():
+            counters[f"budget_drop_{buffer}"] = frames
+        return counters
 
     async def run(self) -> None:
         """Run the call to its end. Never raises (but Cancelled); always cleans up."""
@@ -131,19 +181,47 @@ class Session:
             self._finish()
 
     async def _lifecycle(self, scope: trio.CancelScope) -> None:
+        answer_at = self.started_at + self._answer_delay_s
         if self._answer_delay_s > 0:
             self.signaling.ring()
-            with trio.move_on_after(self._answer_delay_s):
+        while self.end_reason is None and trio.current_time() < answer_at:
+            deadline = self.timers.next_deadline()
+            with trio.move_on_at(min(answer_at, math.inf if deadline is None else deadline)):
                 await self._end_requested.wait()
+            for event in self.timers.handle_timer(trio.current_time()):
+                self._on_timer(event)
         if self.end_reason is None:
             self.signaling.answer()
             self.answered_at = trio.current_time()
+            self.timers.answered(self.answered_at)
             self.state = "active"
             self._clock.attach(self)
-            with trio.move_on_at(self.answered_at + self._max_duration_s):
-                await self._end_requested.wait()
-            self.end("max-duration")
+            await self._end_requested.wait()
         scope.cancel()
+
+    def _on_timer(self, event: TimerEvent) -> None:
+        if isinstance(event, End):
+            self.end(event.reason)
+        elif isinstance(event, Paused):
+            self.state = "paused"
+            self._log(logging.INFO, "session_paused", "media stopped: waiting for it to return")
+        elif isinstance(event, Recovered):
+            self.state = "active"
+            self._log(logging.INFO, "session_recovered", "media is back",
+                      paused_s=event.paused_s)
+        elif isinstance(event, AgentFallback):
+            self._log(logging.INFO, "agent_fallback", "agent did not answer: fallback prompt",
+                      prompt_frames=len(self._fallback_prompt))
+            for frame in self._fallback_prompt:
+                self.playout.push(frame)
+        elif isinstance(event, PlaybackDeadman):
+            self._log(logging.WARNING, "playback_deadman",
+                      "no playback-completion signal: ending the turn anyway",
+                      utterance_id=event.utterance_id)
+
+    def _log(self, level: int, event: str, message: str, **fields: float | str) -> None:
+        log_event(level, event, message, exc_info=None, session_id=self.session_id,
+                  call_id=self.call_id, **fields)
 
     def _finish(self) -> None:
         self.state = "ending"
@@ -168,5 +246,5 @@ class Session:
                 reason=reason, duration_s=now - self.started_at,
                 talk_s=None if self.answered_at is None else now - self.answered_at,
                 packets_in=self.media.packets_in, packets_out=self.media.packets_out,
-                codec=self.codec,
+                codec=self.codec, peak_bytes=self.budget.peak_bytes,
             )

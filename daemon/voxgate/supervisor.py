@@ -35,12 +35,15 @@ import trio
 
 from voxgate import __version__
 from voxgate.admission import Admission, limits_from_config
-from voxgate.config import DEFAULT_PATH, Config, load_config
+from voxgate.budget import RssGate, RssLimits, choose_shed_victims, parse_statm_rss_bytes
+from voxgate.config import DEFAULT_PATH, Config, load_config, rss_limits
+from voxgate.control.protocol import decode_reply, encode_request
 from voxgate.control.server import ControlServer, ControlSetupError
-from voxgate.errors import EX_CONFIG, ConfigError
+from voxgate.errors import EX_CONFIG, ConfigError, RemoteProtocolError
 from voxgate.logging import log_event, setup_logging
 from voxgate.metrics import LOOP_LAG, REGISTRY, LiveCollector, Snapshot
 from voxgate.metrics_http import serve_metrics
+from voxgate.pipeline.prompt import load_prompt
 from voxgate.systemd import Notifier
 from voxgate.transports.rtp_media import MediaClock
 from voxgate.transports.sip_endpoint import SipEndpoint
@@ -91,6 +94,8 @@ class Supervisor:
         self.admission = Admission(limits_from_config(config))
         self.endpoint = SipEndpoint(config, self.clock, self.admission,
                                     check_in=self.watchdog.check_in)
+        self.endpoint.fallback_prompt = _prompt(config)
+        self.rss_gate = RssGate(RssLimits(*rss_limits(config)))
         self.started_at = time.time()
         REGISTRY.register(LiveCollector(self.metrics_snapshot, _METRIC_HELP))
         self.stopping = False
@@ -160,6 +165,7 @@ class Supervisor:
                 raise ReloadFailed("running on the embedded defaults: no file to re-read")
             try:
                 new = load_config(self.config_path)
+                prompt = _prompt(new)
             except ConfigError as e:
                 raise ReloadFailed(str(e)) from e
         except ReloadFailed as e:
@@ -170,6 +176,8 @@ class Supervisor:
         self.config = new
         setup_logging(new.log.level, new.log.target)
         self.watchdog.max_loop_lag_s = new.watchdog.max_loop_lag_ms / 1000
+        self.endpoint.fallback_prompt = prompt
+        self.rss_gate.update(RssLimits(*rss_limits(new)))
         self.endpoint.apply_config(new)
         message = "config reloaded"
         if pending:
@@ -211,7 +219,8 @@ class Supervisor:
                     log_event(logging.ERROR, "listen_failed", f"cannot start: {e}")
                     nursery.cancel_scope.cancel()
                     return 1
-                for task in (self._status_loop, self._lag_probe, self._reaper, self._watchdog):
+                for task in (self._status_loop, self._lag_probe, self._reaper, self._watchdog,
+                             self._memory_loop):
                     nursery.start_soon(task)
                 self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
                 log_event(logging.INFO, "ready", "voxgate ready", sip=config.sip.listen,
@@ -307,6 +316,28 @@ class Supervisor:
             self.watchdog.check_in("reaper")
             self.status_changed()
 
+    async def _memory_loop(self) -> None:
+        """Sample RSS every second: close admission above the soft mark, shed the
+        newest sessions (reason ``memory-shed``) above the hard one."""
+        page_size = os.sysconf("SC_PAGE_SIZE")
+        while True:
+            with open("/proc/self/statm") as f:  # noqa: ASYNC230 - procfs, never blocks
+                rss_bytes = parse_statm_rss_bytes(f.read(), page_size)
+            verdict = self.rss_gate.sample(rss_bytes, trio.current_time())
+            stats = self.admission.statistics()
+            if verdict.admit != stats.memory_ok:
+                log_event(logging.WARNING if not verdict.admit else logging.INFO,
+                          "memory_gate", verdict.detail, rss_bytes=rss_bytes,
+                          state=verdict.state)
+                self.admission.set_memory_ok(verdict.admit, verdict.detail)
+                self.endpoint.poke()
+                self.status_changed()
+            for victim in choose_shed_victims(self.endpoint.session_ages(), verdict.shed):
+                log_event(logging.WARNING, "memory_shed", "shedding the newest session",
+                          session_id=victim, rss_bytes=rss_bytes)
+                self.endpoint.hangup_session(victim, "memory-shed")
+            await trio.sleep(1.0)
+
     async def _watchdog(self) -> None:
         """WATCHDOG=1 at half of $WATCHDOG_USEC while the checks pass."""
         interval_s = _watchdog_interval_s()
@@ -332,11 +363,19 @@ class Supervisor:
             try:
                 stream = await trio.open_unix_socket(self.config.control.socket)
                 async with stream:
-                    await stream.send_all(b'{"id": 0, "cmd": "hello", "args": {}}\n')
-                    return b'"ok": true' in await stream.receive_some(4096)
-            except OSError:
+                    await stream.send_all(encode_request(0, "hello", {}))
+                    line = await stream.receive_some(4096)
+                return decode_reply(line.split(b"\n", 1)[0]).ok
+            except (OSError, RemoteProtocolError):
                 return False
         return False
+
+
+def _prompt(config: Config) -> tuple[bytes, ...]:
+    """The fallback prompt's frames; raises ConfigError naming the key."""
+    if not config.agent.fallback_prompt:
+        return ()
+    return load_prompt(config.agent.fallback_prompt, f"{config.source}: [agent] fallback_prompt")
 
 
 def _get(config: Config, dotted: str) -> object:
@@ -384,6 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     path = _config_path(args)
     try:
         config = Config() if path is None else load_config(path)
+        _prompt(config)
     except ConfigError as e:
         print(f"voxgated: config error: {e}", file=sys.stderr)
         return EX_CONFIG
@@ -391,8 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"voxgated: {args.check_config}: ok")
         return 0
     setup_logging(config.log.level, config.log.target)
-    supervisor = Supervisor(config, path, Notifier())
-    return trio.run(supervisor.run)
+    return trio.run(Supervisor(config, path, Notifier()).run)
 
 
 if __name__ == "__main__":

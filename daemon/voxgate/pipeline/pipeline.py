@@ -4,11 +4,14 @@ Sans-IO: the transport's tick hands in one inbound 20 ms PCM16 frame and
 takes out one outbound frame. The stages are called in-line because at 20 ms
 per frame a channel hop per stage would cost more than the work itself;
 stages that need time (recognition, synthesis) live in the agent's own task.
+The pipeline tells the session's deadman timers when the caller starts and
+ends a turn and when the agent starts answering.
 """
 
 from __future__ import annotations
 
 from voxgate.agents.base import Agent
+from voxgate.deadman import SessionTimers
 from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import SpeechStarted, VoiceActivityDetector
 from voxgate.rtp.dtmf import DtmfEvent
@@ -17,14 +20,18 @@ from voxgate.rtp.dtmf import DtmfEvent
 class Pipeline:
     """VAD → agent → playout for one session."""
 
-    __slots__ = ("agent", "dtmf_events", "playout", "speech_turns", "vad")
+    __slots__ = ("_awaiting_agent", "agent", "dtmf_events", "playout", "speech_turns",
+                 "timers", "vad")
 
-    def __init__(self, vad: VoiceActivityDetector, agent: Agent, playout: Playout) -> None:
+    def __init__(self, vad: VoiceActivityDetector, agent: Agent, playout: Playout,
+                 timers: SessionTimers) -> None:
         self.vad = vad
         self.agent = agent
         self.playout = playout
+        self.timers = timers
         self.speech_turns = 0
         self.dtmf_events = 0
+        self._awaiting_agent = False
 
     def inbound(self, pcm: bytes, now: float) -> None:
         """One inbound frame (320 bytes: 20 ms of 8 kHz 16-bit mono PCM)."""
@@ -32,12 +39,21 @@ class Pipeline:
         if event is not None:
             if isinstance(event, SpeechStarted):
                 self.speech_turns += 1
+                self._awaiting_agent = False
+                self.timers.caller_speaking(now)
+            else:
+                self._awaiting_agent = True
+                self.timers.caller_turn_ended(now)
             self.agent.on_speech(event)
         self.agent.on_frame(pcm, now)
 
-    def outbound(self) -> bytes | None:
+    def outbound(self, now: float) -> bytes | None:
         """The next frame to send, or None (the transport sends silence)."""
-        return self.playout.pop()
+        frame = self.playout.pop()
+        if frame is not None and self._awaiting_agent:
+            self._awaiting_agent = False
+            self.timers.agent_started(now)
+        return frame
 
     def dtmf(self, event: DtmfEvent) -> None:
         """A key press from the caller."""

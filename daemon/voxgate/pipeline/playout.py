@@ -1,53 +1,48 @@
 """The playout queue: agent speech waiting for the transport's 20 ms tick.
 
-Sans-IO and bounded: at most ``capacity_frames`` frames (20 ms of 16-bit mono
-PCM each) are held; pushing onto a full queue drops the oldest frame and
-counts it in ``dropped_frames``. ``clear()`` is barge-in: queued speech is
-discarded at once.
+Sans-IO and bounded by the session's memory budget (buffer ``playout``,
+``[budget] playout_ms``): pushing past the cap drops the oldest frames and
+counts them (``voxgate_budget_drops_total{buffer="playout"}``). ``clear()``
+is barge-in: queued speech is discarded at once and is not a drop.
 """
 
 from __future__ import annotations
 
-from collections import deque
+from voxgate.budget import BoundedAudioQueue, SessionBudget
 
 
 class Playout:
-    """Bounded FIFO of PCM16 frames (320 bytes each at 8 kHz / 20 ms)."""
+    """FIFO of PCM16 frames (320 bytes each at 8 kHz / 20 ms) held against a budget."""
 
-    __slots__ = ("_frames", "buffered_bytes", "dropped_frames", "played_frames")
+    __slots__ = ("_budget", "_queue", "played_frames")
 
-    def __init__(self, capacity_frames: int) -> None:
-        if capacity_frames < 1:
-            raise ValueError("capacity_frames must be at least 1")
-        self._frames: deque[bytes] = deque(maxlen=capacity_frames)
-        self.buffered_bytes = 0
-        self.dropped_frames = 0
+    def __init__(self, budget: SessionBudget) -> None:
+        self._budget = budget
+        self._queue = BoundedAudioQueue(budget, "playout")
         self.played_frames = 0
 
     def push(self, pcm: bytes) -> None:
-        """Queue one frame; on a full queue the oldest frame is dropped and counted."""
-        frames = self._frames
-        if len(frames) == frames.maxlen:
-            self.buffered_bytes -= len(frames[0])
-            self.dropped_frames += 1
-        frames.append(pcm)
-        self.buffered_bytes += len(pcm)
+        """Queue one frame; over the cap the oldest frames are dropped and counted."""
+        self._queue.push(pcm)
 
     def pop(self) -> bytes | None:
         """The next frame to send, or None when nothing is queued."""
-        if not self._frames:
-            return None
-        pcm = self._frames.popleft()
-        self.buffered_bytes -= len(pcm)
-        self.played_frames += 1
-        return pcm
+        frame = self._queue.pop()
+        if frame is not None:
+            self.played_frames += 1
+        return frame
 
     def clear(self) -> int:
         """Discard everything queued (barge-in); returns how many frames went."""
-        n = len(self._frames)
-        self._frames.clear()
-        self.buffered_bytes = 0
-        return n
+        return self._queue.clear()
+
+    @property
+    def buffered_bytes(self) -> int:
+        return self._queue.held_bytes
+
+    @property
+    def dropped_frames(self) -> int:
+        return self._budget.drops_frames["playout"]
 
     def __len__(self) -> int:
-        return len(self._frames)
+        return len(self._queue)

@@ -244,7 +244,8 @@ class UasCore:
         self._hostport = format_host_port(local_host, local_port)
         self._contact = f"<sip:{self._hostport}>"
         self._token = random_token or (lambda: secrets.token_hex(8))
-        self._max_dialogs = max_dialogs
+        self.max_dialogs = max_dialogs
+        """Most calls (dialogs) held at once; the app may change it (reload)."""
         self._max_queued_events = max_queued_events
         self._outbox = Outbox(max_queued_datagrams)
         self._transactions = TransactionTable(
@@ -508,7 +509,7 @@ class UasCore:
         if merge_key in self._merge_index:  # §8.2.2.2 merged request
             self._answer(inc, now, 482, to_tag=self._token())
             return
-        if len(self._calls) >= self._max_dialogs:
+        if len(self._calls) >= self.max_dialogs:
             self._counts["dialogs_refused"] += 1
             extra = _warning_headers("full", self.retry_after_s)
             self._answer(inc, now, 503, to_tag=self._token(), extra=extra)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import socket
 
+from voxgate.budget import SessionBudget
 from voxgate.codec.g711 import G711Codec
 from voxgate.logging import log_event
 from voxgate.pipeline.pipeline import Pipeline
@@ -35,8 +36,8 @@ class RtpLeg:
     """The RTP side of one session; implements :class:`~voxgate.session.SessionMedia`."""
 
     __slots__ = (
-        "_pool", "_silence", "_sock", "codec", "inactivity_s", "local_port",
-        "pipeline", "receiving", "send_errors", "sending", "started_at", "stream",
+        "_budget", "_pool", "_silence", "_sock", "codec", "local_port",
+        "pipeline", "send_errors", "sending", "stream",
     )
 
     def __init__(
@@ -47,7 +48,7 @@ class RtpLeg:
         stream: RtpStream,
         codec: G711Codec,
         pipeline: Pipeline,
-        inactivity_s: float,
+        budget: SessionBudget,
     ) -> None:
         self._pool = pool
         self._sock: socket.socket | None = sock
@@ -55,12 +56,10 @@ class RtpLeg:
         self.stream = stream
         self.codec = codec
         self.pipeline = pipeline
-        self.inactivity_s = inactivity_s
+        self._budget = budget
         self._silence = codec.silence(SAMPLES_PER_FRAME)
         self.sending = True
-        self.receiving = True
         self.send_errors = 0
-        self.started_at: float | None = None
 
     @property
     def packets_in(self) -> int:
@@ -70,23 +69,17 @@ class RtpLeg:
     def packets_out(self) -> int:
         return self.stream.stats.packets_out
 
-    def set_direction(self, *, sending: bool, receiving: bool) -> None:
-        """Hold/resume (RFC 3264 §8.4): stop sending and/or stop expecting media."""
-        self.sending = sending
-        self.receiving = receiving
-
-    def tick(self, now: float, frames_elapsed: int) -> str | None:
+    def tick(self, now: float, frames_elapsed: int) -> bool:
         """One 20 ms media step (see the module docstring).
 
-        Returns an end reason (``media-timeout``) when no RTP has arrived for
-        ``inactivity_s`` while media is expected, else None.
+        Returns whether valid RTP arrived since the last tick (the session's
+        deadman timers watch it).
         """
-        if self.started_at is None:
-            self.started_at = now
         sock = self._sock
         if sock is None:
-            return None
+            return False
         stream = self.stream
+        packets_before = stream.stats.packets_in
         for _ in range(MAX_PACKETS_PER_TICK):
             try:
                 data, source = sock.recvfrom(MAX_DATAGRAM_BYTES)
@@ -97,6 +90,11 @@ class RtpLeg:
             dtmf = stream.receive_datagram_untrusted(data, source[:2], now)
             if dtmf is not None:
                 self.pipeline.dtmf(dtmf)
+        jitter_held = stream.jitter_buffer.buffered_bytes - self._budget.held_bytes["jitter"]
+        if jitter_held > 0:
+            self._budget.add("jitter", jitter_held)
+        elif jitter_held < 0:
+            self._budget.release("jitter", -jitter_held)
         pipeline = self.pipeline
         for _ in range(frames_elapsed):
             state, payload = stream.pop_frame()
@@ -104,7 +102,7 @@ class RtpLeg:
                 pipeline.inbound(self.codec.decode(payload), now)
             elif state is FrameState.LOST:
                 pipeline.inbound(_PCM_SILENCE, now)
-        out = pipeline.outbound()
+        out = pipeline.outbound(now)
         remote = stream.remote_addr
         if self.sending and remote is not None:
             payload = self._silence if out is None else self.codec.encode(out)
@@ -114,14 +112,11 @@ class RtpLeg:
                 self.send_errors += 1
                 if self.send_errors == 1:
                     log_event(logging.WARNING, "rtp_send_failed", str(e), remote=f"{remote}")
-        if self.receiving:
-            last = stream.last_received_at
-            if now - (self.started_at if last is None else last) > self.inactivity_s:
-                return "media-timeout"
-        return None
+        return stream.stats.packets_in != packets_before
 
     def counters(self) -> dict[str, int]:
-        """This leg's counters by name (packets, drops by cause, DTMF, speech turns)."""
+        """This leg's counters by name (packets, drops by cause, DTMF, speech turns);
+        budget drops are the session's (:meth:`Session.counters`)."""
         st = self.stream.stats
         jitter = st.jitter
         return {
@@ -134,7 +129,6 @@ class RtpLeg:
             "drop_late": jitter.late,
             "drop_duplicate": jitter.duplicates,
             "drop_jitter_overflow": jitter.overflow,
-            "drop_playout_overflow": self.pipeline.playout.dropped_frames,
             "drop_send_error": self.send_errors,
             "rtcp_ignored": st.rtcp_ignored,
             "ssrc_changes": st.ssrc_changes,

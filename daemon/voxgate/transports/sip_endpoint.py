@@ -23,9 +23,11 @@ from dataclasses import dataclass
 import trio
 
 from voxgate import admission as adm
-from voxgate.agents.echo import EchoAgent
+from voxgate.agents.factory import make_agent
+from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.codec.g711 import codec_for
 from voxgate.config import Config
+from voxgate.deadman import DeadmanConfig, SessionTimers
 from voxgate.errors import RemoteProtocolError
 from voxgate.logging import log_event
 from voxgate.metrics import QUEUE_WAIT
@@ -50,13 +52,11 @@ HEARTBEAT_S = 1.0
 """The SIP loops check in with the watchdog at least this often, even when idle."""
 MAX_SIP_DATAGRAM_BYTES = 65_535
 MAX_DATAGRAMS_PER_WAKEUP = 64
-PLAYOUT_CAPACITY_FRAMES = 50
-"""1 s of agent speech queued at most (echo needs one frame)."""
 
 _Action = Callable[[uas.UasCore, float], None]
 
 # Session end reason → SIP answer to a still-unanswered INVITE.
-_REFUSAL_STATUS = {"shutdown": 503, "error": 500, "ack-timeout": 408}
+_REFUSAL_STATUS = {"shutdown": 503, "error": 500, "ack-timeout": 408, "ring-timeout": 480}
 
 
 @dataclass
@@ -123,11 +123,13 @@ class SipEndpoint:
         self._clock = clock
         self.admission = admission
         self._check_in = check_in
+        self.fallback_prompt: tuple[bytes, ...] = ()
+        """Frames of ``[agent] fallback_prompt`` (loaded by the supervisor)."""
         self.ended_counters: Counter[str] = Counter()
         """Media counters of the calls that have ended (live ones: :meth:`media_counters`)."""
         host, port = config.sip.host, config.sip.port
         self.core = uas.UasCore(local_host=host, local_port=port,
-                                max_dialogs=4 * config.limits.max_sessions + 64)
+                                max_dialogs=_max_dialogs(config))
         self.ports = PortPool(config.rtp.address, config.rtp.port_min, config.rtp.port_max)
         self._sock: socket.socket | None = None
         self._nursery: trio.Nursery | None = None
@@ -182,6 +184,7 @@ class SipEndpoint:
         Calls in progress keep their settings; a lowered cap ends nobody.
         """
         self.config = config
+        self.core.max_dialogs = _max_dialogs(config)
         now = trio.current_time()
         for admitted in self.admission.update_limits(adm.limits_from_config(config), now):
             self._admitted_from_queue(admitted)
@@ -204,22 +207,24 @@ class SipEndpoint:
         if call is None:
             return None
         info = self._summary(call, trio.current_time())
-        info["stats"] = call.leg.counters()
-        info["buffers"] = {
-            "jitter_frames": call.leg.stream.jitter_buffer.buffered_frames,
-            "jitter_bytes": call.leg.stream.jitter_buffer.buffered_bytes,
-            "playout_frames": len(call.leg.pipeline.playout),
-            "playout_bytes": call.leg.pipeline.playout.buffered_bytes,
-        }
+        info["stats"] = _counters(call)
+        info["budget"] = {"session_bytes": self.config.budget.session_bytes,
+                          "total_bytes": call.session.budget.total_bytes,
+                          "peak_bytes": call.session.budget.peak_bytes,
+                          "buffers": call.session.budget.snapshot()}
         return info
 
-    def hangup_session(self, session_id: str) -> bool:
-        """End one call from the operator (reason ``operator``); False when unknown."""
+    def hangup_session(self, session_id: str, reason: str = "operator") -> bool:
+        """End one call from our side with ``reason``; False when unknown."""
         call = self._find(session_id)
         if call is None:
             return False
-        call.session.end("operator")
+        call.session.end(reason)
         return True
+
+    def session_ages(self) -> list[tuple[str, float]]:
+        """(session id, started at) of every call: for choosing whom to shed."""
+        return [(c.ticket, c.session.started_at) for c in self._calls.values()]
 
     def active_by_tenant(self) -> Counter[str]:
         return Counter(call.tenant for call in self._calls.values())
@@ -228,7 +233,7 @@ class SipEndpoint:
         """Media counters summed over ended and live calls."""
         total = Counter(self.ended_counters)
         for call in self._calls.values():
-            total.update(call.leg.counters())
+            total.update(_counters(call))
         return total
 
     def reap(self) -> int:
@@ -283,7 +288,7 @@ class SipEndpoint:
             self.core.forget(call_key)
         call = self._calls.pop(call_key, None)
         if call is not None:
-            self.ended_counters.update(call.leg.counters())
+            self.ended_counters.update(_counters(call))
             for admitted in self.admission.release(call.ticket, trio.current_time()):
                 self._admitted_from_queue(admitted)
         self._update_idle()
@@ -323,6 +328,7 @@ class SipEndpoint:
             now = trio.current_time()
             self.core.handle_timer(now)
             for refusal in self.admission.handle_timer(now):
+                QUEUE_WAIT.observe(refusal.waited_s)
                 pending = self._queued.pop(refusal.ticket, None)
                 if pending is not None:
                     self._refuse(pending.event, refusal.sip_status, refusal.reason,
@@ -447,6 +453,12 @@ class SipEndpoint:
             self._refuse(event, 503, "no-rtp-port", retry_after_s=cfg.limits.retry_after_s)
             return
         codec = codec_for(negotiated.codec.name)
+        now = trio.current_time()
+        budget = SessionBudget(BufferCaps.from_ms(
+            {"jitter": cfg.rtp.jitter_buffer_max_ms, "playout": cfg.budget.playout_ms},
+            cfg.budget.session_bytes, cfg.budget.budget_grace_ms,
+        ))
+        timers = SessionTimers(_deadman_config(cfg), now)
         stream = RtpStream(
             payload_type=negotiated.codec.payload_type,
             telephone_event_pt=negotiated.telephone_event_pt,
@@ -457,20 +469,19 @@ class SipEndpoint:
             jitter_prefetch_frames=max(1, cfg.rtp.jitter_buffer_ms // 20),
             remote_addr=negotiated.remote_rtp,
         )
-        playout = Playout(PLAYOUT_CAPACITY_FRAMES)
+        playout = Playout(budget)
         vad = VoiceActivityDetector(aggressiveness=cfg.vad.aggressiveness,
                                     start_ms=cfg.vad.start_ms, stop_ms=cfg.vad.stop_ms)
-        agent = EchoAgent(playout)
+        agent = make_agent(cfg.agent.kind, playout)
         leg = RtpLeg(pool=self.ports, sock=sock, stream=stream, codec=codec,
-                     pipeline=Pipeline(vad, agent, playout),
-                     inactivity_s=cfg.timers.media_inactivity_s)
-        _apply_direction(leg, negotiated)
+                     pipeline=Pipeline(vad, agent, playout, timers), budget=budget)
         session = Session(
             session_id=pending.ticket, call_id=event.call_id, transport="sip",
             codec=codec.name, signaling=_Signaling(self, event.call_key), media=leg,
-            agent=agent, clock=self._clock, answer_delay_s=cfg.sip.answer_delay_ms / 1000,
-            max_duration_s=cfg.timers.max_duration_s,
+            agent=agent, playout=playout, timers=timers, budget=budget, clock=self._clock,
+            answer_delay_s=cfg.sip.answer_delay_ms / 1000, fallback_prompt=self.fallback_prompt,
         )
+        _apply_direction(leg, session, negotiated, now)
         self._calls[event.call_key] = _Call(
             call_key=event.call_key, ticket=pending.ticket, tenant=tenant, session=session,
             leg=leg, offer=pending.offer, negotiated=negotiated,
@@ -499,7 +510,7 @@ class SipEndpoint:
         call.offer, call.negotiated = offer, negotiated
         call.sdp_version += 1
         call.leg.stream.set_remote_addr(negotiated.remote_rtp)
-        _apply_direction(call.leg, negotiated)
+        _apply_direction(call.leg, call.session, negotiated, now)
         sdp = build_answer(offer, negotiated, local_address=self.config.rtp.address,
                            local_port=call.leg.local_port, session_id=call.sdp_session_id,
                            session_version=call.sdp_version)
@@ -512,12 +523,31 @@ class SipEndpoint:
             self._idle.set()
 
 
-def _apply_direction(leg: RtpLeg, negotiated: Negotiated) -> None:
+def _apply_direction(leg: RtpLeg, session: Session, negotiated: Negotiated, now: float) -> None:
+    """Hold/resume (RFC 3264 §8.4): what we send, and whether media is expected."""
     direction = negotiated.direction
-    leg.set_direction(
-        sending=negotiated.remote_rtp is not None and direction in ("sendrecv", "sendonly"),
-        receiving=direction in ("sendrecv", "recvonly"),
+    leg.sending = negotiated.remote_rtp is not None and direction in ("sendrecv", "sendonly")
+    session.media_changed(direction in ("sendrecv", "recvonly"), now)
+
+
+def _deadman_config(cfg: Config) -> DeadmanConfig:
+    t = cfg.timers
+    return DeadmanConfig(
+        first_media_s=t.first_media_s, media_inactivity_s=t.media_inactivity_s,
+        recovery_window_s=t.recovery_window_s, agent_response_s=t.agent_response_s,
+        playback_deadman_s=t.playback_deadman_ms / 1000, max_duration_s=t.max_duration_s,
+        ring_timeout_s=t.ring_timeout_s,
     )
+
+
+def _max_dialogs(config: Config) -> int:
+    """SIP calls the UAS core may hold: the admitted and queued ones, plus room for
+    the INVITEs being refused and the dialogs whose BYE is still in flight."""
+    return 2 * (config.limits.max_sessions + config.limits.queue_size) + 64
+
+
+def _counters(call: _Call) -> dict[str, int]:
+    return {**call.leg.counters(), **call.session.counters()}
 
 
 def _call_info(event: uas.IncomingCall) -> adm.CallInfo:
