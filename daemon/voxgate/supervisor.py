@@ -63,6 +63,11 @@ _METRIC_HELP = {
     "voxgate_rtp_packets": "RTP packets received and sent",
     "voxgate_rtp_bytes": "RTP bytes received and sent",
     "voxgate_media_drops": "Audio dropped, by cause (bad packet, late, duplicate, overflow …)",
+    "voxgate_budget_drops": "Audio frames dropped because a session buffer hit its cap",
+    "voxgate_session_pauses": "Sessions paused because media stopped",
+    "voxgate_session_recoveries": "Paused sessions whose media came back",
+    "voxgate_agent_fallbacks": "Fallback prompts played because the agent did not answer",
+    "voxgate_playback_deadmans": "Utterances ended by the playback deadman",
     "voxgate_rtp_frames_concealed": "Inbound frames lost and concealed",
     "voxgate_rtcp_ignored": "RTCP packets that arrived on an RTP port",
     "voxgate_dtmf_events": "RFC 4733 key presses received",
@@ -134,6 +139,13 @@ class Supervisor:
                                       (("direction", "out"),): media["bytes_out"]},
                 "voxgate_media_drops": {(("reason", k.removeprefix("drop_")),): v
                                         for k, v in media.items() if k.startswith("drop_")},
+                "voxgate_budget_drops": {(("buffer", k.removeprefix("budget_drop_")),): v
+                                         for k, v in media.items()
+                                         if k.startswith("budget_drop_")},
+                "voxgate_session_pauses": {(): media["session_pauses"]},
+                "voxgate_session_recoveries": {(): media["session_recoveries"]},
+                "voxgate_agent_fallbacks": {(): media["agent_fallbacks"]},
+                "voxgate_playback_deadmans": {(): media["playback_deadmans"]},
                 "voxgate_rtp_frames_concealed": {(): media["frames_concealed"]},
                 "voxgate_rtcp_ignored": {(): media["rtcp_ignored"]},
                 "voxgate_dtmf_events": {(): media["dtmf_events"]},
