@@ -36,6 +36,8 @@ test: setup
 
 bench: setup
 	$(BIN)/python -m bench.sip_load
+	$(BIN)/python -m bench.admission_latency
+	$(BIN)/python -m bench.rss_sessions
 
 deb: setup
 	packaging/build-deb.sh dist
