@@ -9,8 +9,10 @@ import trio.testing
 from voxgate.agents.base import Agent
 from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.deadman import DeadmanConfig, SessionTimers
+from voxgate.pipeline.pipeline import Pipeline
 from voxgate.pipeline.playout import Playout
-from voxgate.session import Session
+from voxgate.pipeline.vad import VoiceActivityDetector
+from voxgate.session import Session, SessionCore
 from voxgate.transports.rtp_media import MediaClock
 
 FRAME = bytes(320)
@@ -90,10 +92,12 @@ def make(clock: MediaClock, media: FakeMedia, *, delay_s: float = 0, max_s: floa
     playout = Playout(budget)
     media.playout = playout
     timers = SessionTimers(_with_max(max_s), trio.current_time())
+    agent = agent_cls(playout)
+    core = SessionCore(budget, timers, playout, agent,
+                       Pipeline(VoiceActivityDetector(), agent, playout, timers))
     session = Session(
         session_id="s1", call_id="c1", transport="test", codec="PCMU", signaling=signaling,
-        media=media, agent=agent_cls(playout), playout=playout, timers=timers, budget=budget,
-        clock=clock, answer_delay_s=delay_s, fallback_prompt=prompt,
+        media=media, core=core, clock=clock, answer_delay_s=delay_s, fallback_prompt=prompt,
     )
     return session, signaling
 

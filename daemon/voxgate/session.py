@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import logging
 import math
+from dataclasses import dataclass
 from typing import Protocol
 
 import trio
 
 from voxgate.agents.base import Agent
-from voxgate.budget import SessionBudget
+from voxgate.agents.factory import make_agent
+from voxgate.budget import BufferCaps, SessionBudget
+from voxgate.config import Config
 from voxgate.deadman import (
     AgentFallback,
+    DeadmanConfig,
     End,
     Paused,
     PlaybackDeadman,
@@ -38,7 +42,9 @@ from voxgate.deadman import (
 )
 from voxgate.logging import log_event
 from voxgate.metrics import SESSION_DURATION, SESSIONS_ENDED
+from voxgate.pipeline.pipeline import Pipeline
 from voxgate.pipeline.playout import Playout
+from voxgate.pipeline.vad import VoiceActivityDetector
 from voxgate.transports.rtp_media import MediaClock
 
 # End reasons after which the peer is already gone: no BYE from us.
@@ -83,6 +89,41 @@ class SessionMedia(Protocol):
         """Release the leg's socket/device (idempotent)."""
 
 
+@dataclass
+class SessionCore:
+    """The transport-independent parts of a session: budget, timers, pipeline."""
+
+    budget: SessionBudget
+    timers: SessionTimers
+    playout: Playout
+    agent: Agent
+    pipeline: Pipeline
+
+    @classmethod
+    def build(cls, config: Config, now: float) -> SessionCore:
+        """A new core from ``config`` (``[budget]``, ``[timers]``, ``[vad]``, ``[agent]``).
+
+        The ``jitter`` budget buffer is capped by ``[rtp] jitter_buffer_max_ms``
+        for every transport's inbound queue.
+        """
+        budget = SessionBudget(BufferCaps.from_ms(
+            {"jitter": config.rtp.jitter_buffer_max_ms, "playout": config.budget.playout_ms},
+            config.budget.session_bytes, config.budget.budget_grace_ms,
+        ))
+        t = config.timers
+        timers = SessionTimers(DeadmanConfig(
+            first_media_s=t.first_media_s, media_inactivity_s=t.media_inactivity_s,
+            recovery_window_s=t.recovery_window_s, agent_response_s=t.agent_response_s,
+            playback_deadman_s=t.playback_deadman_ms / 1000, max_duration_s=t.max_duration_s,
+            ring_timeout_s=t.ring_timeout_s,
+        ), now)
+        playout = Playout(budget)
+        vad = VoiceActivityDetector(aggressiveness=config.vad.aggressiveness,
+                                    start_ms=config.vad.start_ms, stop_ms=config.vad.stop_ms)
+        agent = make_agent(config.agent.kind, playout)
+        return cls(budget, timers, playout, agent, Pipeline(vad, agent, playout, timers))
+
+
 class Session:
     """One call. Create it, then ``nursery.start_soon(session.run)``."""
 
@@ -95,10 +136,7 @@ class Session:
         codec: str,
         signaling: CallSignaling,
         media: SessionMedia,
-        agent: Agent,
-        playout: Playout,
-        timers: SessionTimers,
-        budget: SessionBudget,
+        core: SessionCore,
         clock: MediaClock,
         answer_delay_s: float,
         fallback_prompt: tuple[bytes, ...] = (),
@@ -109,10 +147,11 @@ class Session:
         self.codec = codec
         self.signaling = signaling
         self.media = media
-        self.agent = agent
-        self.playout = playout
-        self.timers = timers
-        self.budget = budget
+        self.agent = core.agent
+        self.playout = core.playout
+        self.timers = core.timers
+        self.budget = core.budget
+        self.pipeline = core.pipeline
         self._clock = clock
         self._answer_delay_s = answer_delay_s
         self._fallback_prompt = fallback_prompt

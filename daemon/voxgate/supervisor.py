@@ -44,6 +44,7 @@ from voxgate.logging import log_event, setup_logging
 from voxgate.metrics import LOOP_LAG, REGISTRY, LiveCollector, Snapshot
 from voxgate.metrics_http import serve_metrics
 from voxgate.pipeline.prompt import load_prompt
+from voxgate.registry import Registry
 from voxgate.systemd import Notifier
 from voxgate.transports.rtp_media import MediaClock
 from voxgate.transports.sip_endpoint import SipEndpoint
@@ -97,7 +98,8 @@ class Supervisor:
         self.watchdog = Watchdog(CRITICAL_TASKS, config.watchdog.max_loop_lag_ms / 1000)
         self.clock = MediaClock(check_in=self.watchdog.check_in)
         self.admission = Admission(limits_from_config(config))
-        self.endpoint = SipEndpoint(config, self.clock, self.admission,
+        self.registry = Registry()
+        self.endpoint = SipEndpoint(config, self.clock, self.admission, self.registry,
                                     check_in=self.watchdog.check_in)
         self.endpoint.fallback_prompt = _prompt(config)
         self.rss_gate = RssGate(RssLimits(*rss_limits(config)))
@@ -126,10 +128,10 @@ class Supervisor:
     def metrics_snapshot(self) -> Snapshot:
         """Live values for the metrics collector (read at scrape time only)."""
         stats = self.admission.statistics()
-        media = self.endpoint.media_counters()
+        media = self.registry.counters()
         sip = self.endpoint.core.stats
         return Snapshot(
-            sessions_active={(t, "sip"): n for t, n in self.endpoint.active_by_tenant().items()},
+            sessions_active=self.registry.active_by_tenant(),
             queue_depth=stats.queued,
             admissions=stats.counters,
             counters={
@@ -263,34 +265,34 @@ class Supervisor:
             nursery.start_soon(self._drain_and_exit, nursery.cancel_scope)
         else:
             log_event(logging.INFO, "shutdown", "stopping now", signal=sig.name,
-                      sessions=self.endpoint.active_sessions)
+                      sessions=len(self.registry))
             self.stopping = True
             self.notifier.notify("STOPPING=1")
             self.admission.set_draining(True)
-            self.endpoint.end_all("shutdown")
+            self.registry.end_all("shutdown")
             await self.endpoint.wait_idle(SHUTDOWN_GRACE_S)
             nursery.cancel_scope.cancel()
 
     async def _drain_and_exit(self, scope: trio.CancelScope) -> None:
         timeout_s = self.config.limits.drain_timeout_s
         log_event(logging.INFO, "drain", "draining before exit",
-                  sessions=self.endpoint.active_sessions, drain_timeout_s=timeout_s)
+                  sessions=len(self.registry), drain_timeout_s=timeout_s)
         self.notifier.notify("STOPPING=1")
         self.drain()
         deadline = trio.current_time() + timeout_s
-        while self.endpoint.active_sessions and trio.current_time() < deadline:
+        while len(self.registry) and trio.current_time() < deadline:
             left = deadline - trio.current_time()
             self.notifier.notify(
-                f"STATUS=draining: {self.endpoint.active_sessions} sessions left, "
+                f"STATUS=draining: {len(self.registry)} sessions left, "
                 f"{left:.0f} s to the drain deadline",
                 f"EXTEND_TIMEOUT_USEC={int((left + SHUTDOWN_GRACE_S + 5) * 1e6)}",
             )
-            if await self.endpoint.wait_idle(min(left, 1.0)):
+            if await self.registry.wait_empty(min(left, 1.0)):
                 break
-        if self.endpoint.active_sessions:
+        if len(self.registry):
             log_event(logging.WARNING, "drain_timeout", "drain deadline: ending the rest",
-                      sessions=self.endpoint.active_sessions)
-            self.endpoint.end_all("drain-timeout")
+                      sessions=len(self.registry))
+            self.registry.end_all("drain-timeout")
         self.notifier.notify("STATUS=stopping",
                              f"EXTEND_TIMEOUT_USEC={int((SHUTDOWN_GRACE_S + 5) * 1e6)}")
         await self.endpoint.wait_idle(SHUTDOWN_GRACE_S)
@@ -324,7 +326,7 @@ class Supervisor:
         """Check for sessions that ended without being released; check in."""
         while True:
             await trio.sleep(1.0)
-            self.endpoint.reap()
+            self.registry.reap()
             self.watchdog.check_in("reaper")
             self.status_changed()
 
@@ -344,10 +346,10 @@ class Supervisor:
                 self.admission.set_memory_ok(verdict.admit, verdict.detail)
                 self.endpoint.poke()
                 self.status_changed()
-            for victim in choose_shed_victims(self.endpoint.session_ages(), verdict.shed):
+            for victim in choose_shed_victims(self.registry.session_ages(), verdict.shed):
                 log_event(logging.WARNING, "memory_shed", "shedding the newest session",
                           session_id=victim, rss_bytes=rss_bytes)
-                self.endpoint.hangup_session(victim, "memory-shed")
+                self.registry.hangup(victim, "memory-shed")
             await trio.sleep(1.0)
 
     async def _watchdog(self) -> None:

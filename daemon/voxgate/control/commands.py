@@ -74,24 +74,24 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
         }
 
     async def sessions(args: Mapping[str, Any]) -> list[dict[str, object]]:
-        return sup.endpoint.sessions()
+        return sup.registry.sessions()
 
     async def show(args: Mapping[str, Any]) -> dict[str, object]:
-        info = sup.endpoint.describe(session_id(args))
+        info = sup.registry.describe(session_id(args), sup.config.budget.session_bytes)
         if info is None:
             raise CommandError(NOT_FOUND, f"no session {args.get('id')!r}")
         return info
 
     async def hangup(args: Mapping[str, Any]) -> dict[str, str]:
         sid = session_id(args)
-        if not sup.endpoint.hangup_session(sid):
+        if not sup.registry.hangup(sid):
             raise CommandError(NOT_FOUND, f"no session {sid!r}")
         return {"message": f"session {sid} ending (reason operator)"}
 
     async def drain(args: Mapping[str, Any]) -> dict[str, str]:
         sup.drain()
         return {"message": f"draining: admission closed, "
-                           f"{sup.endpoint.active_sessions} sessions in progress"}
+                           f"{len(sup.registry)} sessions in progress"}
 
     async def resume(args: Mapping[str, Any]) -> dict[str, str]:
         if sup.stopping:

@@ -16,26 +16,20 @@ import math
 import random
 import socket
 import uuid
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
 from voxgate import admission as adm
-from voxgate.agents.factory import make_agent
-from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.codec.g711 import codec_for
 from voxgate.config import Config
-from voxgate.deadman import DeadmanConfig, SessionTimers
 from voxgate.errors import RemoteProtocolError
 from voxgate.logging import log_event
 from voxgate.metrics import QUEUE_WAIT
-from voxgate.pipeline.pipeline import Pipeline
-from voxgate.pipeline.playout import Playout
-from voxgate.pipeline.vad import VoiceActivityDetector
+from voxgate.registry import Entry, Registry
 from voxgate.rtp.stream import RtpStream
-from voxgate.session import Session
+from voxgate.session import Session, SessionCore
 from voxgate.sip import uas
 from voxgate.sip.sdp import (
     Negotiated,
@@ -75,7 +69,6 @@ class _Call:
 
     call_key: str
     ticket: str
-    tenant: str
     session: Session
     leg: RtpLeg
     offer: SessionDescription
@@ -117,16 +110,16 @@ class SipEndpoint:
         config: Config,
         clock: MediaClock,
         admission: adm.Admission,
+        registry: Registry,
         check_in: Callable[[str], None] = lambda task: None,
     ) -> None:
         self.config = config
         self._clock = clock
         self.admission = admission
+        self.registry = registry
         self._check_in = check_in
         self.fallback_prompt: tuple[bytes, ...] = ()
         """Frames of ``[agent] fallback_prompt`` (loaded by the supervisor)."""
-        self.ended_counters: Counter[str] = Counter()
-        """Media counters of the calls that have ended (live ones: :meth:`media_counters`)."""
         host, port = config.sip.host, config.sip.port
         self.core = uas.UasCore(local_host=host, local_port=port,
                                 max_dialogs=_max_dialogs(config))
@@ -162,15 +155,6 @@ class SipEndpoint:
         finally:
             sock.close()
 
-    @property
-    def active_sessions(self) -> int:
-        return len(self._calls)
-
-    def end_all(self, reason: str) -> None:
-        """End every call in progress with ``reason`` (BYE from us)."""
-        for call in list(self._calls.values()):
-            call.session.end(reason)
-
     async def wait_idle(self, timeout_s: float) -> bool:
         """Wait until no call is left and our BYEs are answered; False on timeout."""
         with trio.move_on_after(timeout_s):
@@ -193,73 +177,6 @@ class SipEndpoint:
     def poke(self) -> None:
         """Re-evaluate admission gates and timers after an outside change (drain, health)."""
         self._pump()
-
-    # -- inspection (control socket, metrics) -----------------------------
-
-    def sessions(self) -> list[dict[str, object]]:
-        """One summary dict per call in progress."""
-        now = trio.current_time()
-        return [self._summary(call, now) for call in self._calls.values()]
-
-    def describe(self, session_id: str) -> dict[str, object] | None:
-        """A call's summary plus its counters and buffers, or None."""
-        call = self._find(session_id)
-        if call is None:
-            return None
-        info = self._summary(call, trio.current_time())
-        info["stats"] = _counters(call)
-        info["budget"] = {"session_bytes": self.config.budget.session_bytes,
-                          "total_bytes": call.session.budget.total_bytes,
-                          "peak_bytes": call.session.budget.peak_bytes,
-                          "buffers": call.session.budget.snapshot()}
-        return info
-
-    def hangup_session(self, session_id: str, reason: str = "operator") -> bool:
-        """End one call from our side with ``reason``; False when unknown."""
-        call = self._find(session_id)
-        if call is None:
-            return False
-        call.session.end(reason)
-        return True
-
-    def session_ages(self) -> list[tuple[str, float]]:
-        """(session id, started at) of every call: for choosing whom to shed."""
-        return [(c.ticket, c.session.started_at) for c in self._calls.values()]
-
-    def active_by_tenant(self) -> Counter[str]:
-        return Counter(call.tenant for call in self._calls.values())
-
-    def media_counters(self) -> Counter[str]:
-        """Media counters summed over ended and live calls."""
-        total = Counter(self.ended_counters)
-        for call in self._calls.values():
-            total.update(_counters(call))
-        return total
-
-    def reap(self) -> int:
-        """Safety net: drop calls whose session ended without releasing them.
-
-        Returns how many were reaped (0 unless there is a bug); each is logged.
-        """
-        zombies = [k for k, c in self._calls.items() if c.session.state == "ended"]
-        for key in zombies:
-            log_event(logging.ERROR, "session_reaped", "ended session still registered",
-                      call_id=self._calls[key].session.call_id)
-            self.release(key)
-        return len(zombies)
-
-    def _find(self, session_id: str) -> _Call | None:
-        return next((c for c in self._calls.values() if c.ticket == session_id), None)
-
-    @staticmethod
-    def _summary(call: _Call, now: float) -> dict[str, object]:
-        session = call.session
-        return {
-            "id": session.session_id, "call_id": session.call_id, "tenant": call.tenant,
-            "transport": session.transport, "state": session.state, "codec": session.codec,
-            "age_s": round(now - session.started_at, 3),
-            "remote": _fmt(call.leg.stream.remote_addr),
-        }
 
     # -- actions from sessions -------------------------------------------
 
@@ -288,7 +205,7 @@ class SipEndpoint:
             self.core.forget(call_key)
         call = self._calls.pop(call_key, None)
         if call is not None:
-            self.ended_counters.update(_counters(call))
+            self.registry.remove(call.ticket)
             for admitted in self.admission.release(call.ticket, trio.current_time()):
                 self._admitted_from_queue(admitted)
         self._update_idle()
@@ -454,11 +371,7 @@ class SipEndpoint:
             return
         codec = codec_for(negotiated.codec.name)
         now = trio.current_time()
-        budget = SessionBudget(BufferCaps.from_ms(
-            {"jitter": cfg.rtp.jitter_buffer_max_ms, "playout": cfg.budget.playout_ms},
-            cfg.budget.session_bytes, cfg.budget.budget_grace_ms,
-        ))
-        timers = SessionTimers(_deadman_config(cfg), now)
+        core = SessionCore.build(cfg, now)
         stream = RtpStream(
             payload_type=negotiated.codec.payload_type,
             telephone_event_pt=negotiated.telephone_event_pt,
@@ -469,24 +382,21 @@ class SipEndpoint:
             jitter_prefetch_frames=max(1, cfg.rtp.jitter_buffer_ms // 20),
             remote_addr=negotiated.remote_rtp,
         )
-        playout = Playout(budget)
-        vad = VoiceActivityDetector(aggressiveness=cfg.vad.aggressiveness,
-                                    start_ms=cfg.vad.start_ms, stop_ms=cfg.vad.stop_ms)
-        agent = make_agent(cfg.agent.kind, playout)
         leg = RtpLeg(pool=self.ports, sock=sock, stream=stream, codec=codec,
-                     pipeline=Pipeline(vad, agent, playout, timers), budget=budget)
+                     pipeline=core.pipeline, budget=core.budget)
         session = Session(
             session_id=pending.ticket, call_id=event.call_id, transport="sip",
             codec=codec.name, signaling=_Signaling(self, event.call_key), media=leg,
-            agent=agent, playout=playout, timers=timers, budget=budget, clock=self._clock,
-            answer_delay_s=cfg.sip.answer_delay_ms / 1000, fallback_prompt=self.fallback_prompt,
+            core=core, clock=self._clock, answer_delay_s=cfg.sip.answer_delay_ms / 1000,
+            fallback_prompt=self.fallback_prompt,
         )
         _apply_direction(leg, session, negotiated, now)
         self._calls[event.call_key] = _Call(
-            call_key=event.call_key, ticket=pending.ticket, tenant=tenant, session=session,
+            call_key=event.call_key, ticket=pending.ticket, session=session,
             leg=leg, offer=pending.offer, negotiated=negotiated,
             sdp_session_id=random.getrandbits(31), sdp_version=1,
         )
+        self.registry.add(Entry(session, tenant, lambda: _fmt(stream.remote_addr), leg.counters))
         self._idle = trio.Event()
         log_event(logging.INFO, "call_start", "call started", session_id=session.session_id,
                   call_id=event.call_id, tenant=tenant, codec=codec.name,
@@ -530,24 +440,10 @@ def _apply_direction(leg: RtpLeg, session: Session, negotiated: Negotiated, now:
     session.media_changed(direction in ("sendrecv", "recvonly"), now)
 
 
-def _deadman_config(cfg: Config) -> DeadmanConfig:
-    t = cfg.timers
-    return DeadmanConfig(
-        first_media_s=t.first_media_s, media_inactivity_s=t.media_inactivity_s,
-        recovery_window_s=t.recovery_window_s, agent_response_s=t.agent_response_s,
-        playback_deadman_s=t.playback_deadman_ms / 1000, max_duration_s=t.max_duration_s,
-        ring_timeout_s=t.ring_timeout_s,
-    )
-
-
 def _max_dialogs(config: Config) -> int:
     """SIP calls the UAS core may hold: the admitted and queued ones, plus room for
     the INVITEs being refused and the dialogs whose BYE is still in flight."""
     return 2 * (config.limits.max_sessions + config.limits.queue_size) + 64
-
-
-def _counters(call: _Call) -> dict[str, int]:
-    return {**call.leg.counters(), **call.session.counters()}
 
 
 def _call_info(event: uas.IncomingCall) -> adm.CallInfo:

@@ -1,0 +1,132 @@
+"""Every session in progress, whatever its transport: what operators see and touch.
+
+Transports register a session when it starts and remove it when it ends; the
+control socket, the metrics collector, the memory gate and the supervisor's
+drain read it. Bounded by admission (``[limits] max_sessions``).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from voxgate.logging import log_event
+from voxgate.session import Session
+
+
+@dataclass
+class Entry:
+    """One registered session with its transport's views of it."""
+
+    session: Session
+    tenant: str
+    remote: Callable[[], str | None]
+    """Where the media comes from, for display (e.g. ``127.0.0.1:6000``)."""
+    counters: Callable[[], dict[str, int]]
+    """The transport's counters (packets, drops by cause …) by name."""
+
+
+class Registry:
+    """Sessions by id, plus the counters of those that have ended."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, Entry] = {}
+        self.ended_counters: Counter[str] = Counter()
+        self._empty = trio.Event()
+        self._empty.set()
+
+    def add(self, entry: Entry) -> None:
+        self._entries[entry.session.session_id] = entry
+        self._empty = trio.Event()
+
+    def remove(self, session_id: str) -> None:
+        """The session ended: keep its counters, forget it (idempotent)."""
+        entry = self._entries.pop(session_id, None)
+        if entry is not None:
+            self.ended_counters.update(_counters(entry))
+        if not self._entries:
+            self._empty.set()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    async def wait_empty(self, timeout_s: float) -> bool:
+        """Wait until no session is left; False on timeout."""
+        with trio.move_on_after(timeout_s):
+            await self._empty.wait()
+            return True
+        return False
+
+    def end_all(self, reason: str) -> None:
+        """End every session with ``reason``."""
+        for entry in list(self._entries.values()):
+            entry.session.end(reason)
+
+    def hangup(self, session_id: str, reason: str = "operator") -> bool:
+        """End one session with ``reason``; False when unknown."""
+        entry = self._entries.get(session_id)
+        if entry is None:
+            return False
+        entry.session.end(reason)
+        return True
+
+    def sessions(self) -> list[dict[str, object]]:
+        """One summary dict per session in progress."""
+        now = trio.current_time()
+        return [_summary(entry, now) for entry in self._entries.values()]
+
+    def describe(self, session_id: str, session_bytes: int) -> dict[str, object] | None:
+        """A session's summary plus its counters and budget, or None."""
+        entry = self._entries.get(session_id)
+        if entry is None:
+            return None
+        budget = entry.session.budget
+        return {
+            **_summary(entry, trio.current_time()),
+            "stats": _counters(entry),
+            "budget": {"session_bytes": session_bytes, "total_bytes": budget.total_bytes,
+                       "peak_bytes": budget.peak_bytes, "buffers": budget.snapshot()},
+        }
+
+    def session_ages(self) -> list[tuple[str, float]]:
+        """(session id, started at) of every session: for choosing whom to shed."""
+        return [(sid, e.session.started_at) for sid, e in self._entries.items()]
+
+    def active_by_tenant(self) -> Counter[tuple[str, str]]:
+        """(tenant, transport) → sessions in progress."""
+        return Counter((e.tenant, e.session.transport) for e in self._entries.values())
+
+    def counters(self) -> Counter[str]:
+        """Media and session counters summed over ended and live sessions."""
+        total = Counter(self.ended_counters)
+        for entry in self._entries.values():
+            total.update(_counters(entry))
+        return total
+
+    def reap(self) -> int:
+        """Safety net: drop sessions that ended without being removed (a bug: logged)."""
+        zombies = [sid for sid, e in self._entries.items() if e.session.state == "ended"]
+        for sid in zombies:
+            session = self._entries[sid].session
+            log_event(logging.ERROR, "session_reaped", "ended session still registered",
+                      session_id=sid, call_id=session.call_id)
+            session.signaling.release()
+            self.remove(sid)
+        return len(zombies)
+
+
+def _counters(entry: Entry) -> dict[str, int]:
+    return {**entry.counters(), **entry.session.counters()}
+
+
+def _summary(entry: Entry, now: float) -> dict[str, object]:
+    session = entry.session
+    return {
+        "id": session.session_id, "call_id": session.call_id, "tenant": entry.tenant,
+        "transport": session.transport, "state": session.state, "codec": session.codec,
+        "age_s": round(now - session.started_at, 3), "remote": entry.remote(),
+    }
