@@ -10,6 +10,7 @@ from voxgate.agents.base import Agent
 from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.deadman import DeadmanConfig, SessionTimers
 from voxgate.pipeline.pipeline import Pipeline
+from voxgate.pipeline.playback import PlaybackTracker
 from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import VoiceActivityDetector
 from voxgate.session import Session, SessionCore
@@ -93,8 +94,9 @@ def make(clock: MediaClock, media: FakeMedia, *, delay_s: float = 0, max_s: floa
     media.playout = playout
     timers = SessionTimers(_with_max(max_s), trio.current_time())
     agent = agent_cls(playout)
+    tracker = PlaybackTracker(timers, lambda uid, signal: None)
     core = SessionCore(budget, timers, playout, agent,
-                       Pipeline(VoiceActivityDetector(), agent, playout, timers))
+                       Pipeline(VoiceActivityDetector(), agent, playout, timers, tracker))
     session = Session(
         session_id="s1", call_id="c1", transport="test", codec="PCMU", signaling=signaling,
         media=media, core=core, clock=clock, answer_delay_s=delay_s, fallback_prompt=prompt,

@@ -52,6 +52,7 @@ class RtpConfig:
     codecs: tuple[str, ...] = CODECS
     jitter_buffer_ms: int = field(default=20, metadata=_range(0, 1000))
     jitter_buffer_max_ms: int = field(default=200, metadata=_range(20, 5000))
+    playback_allowance_ms: int = field(default=100, metadata=_range(0, 5000))
 
 
 @dataclass(frozen=True)

@@ -36,6 +36,11 @@ QUEUE_WAIT = Histogram(
     "voxgate_queue_wait_seconds", "Time calls waited in the admission queue",
     registry=REGISTRY, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, float("inf")),
 )
+PLAYBACK_COMPLETION = Counter(
+    "voxgate_playback_completion", "Utterances finished, by transport and by the signal "
+    "that ended them (drained, mark, paced, deadman, cleared)",
+    ["transport", "signal"], registry=REGISTRY,
+)
 LOOP_LAG = Histogram(
     "voxgate_loop_lag_seconds", "Event-loop lag measured by the watchdog",
     registry=REGISTRY, buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, float("inf")),

@@ -41,8 +41,9 @@ from voxgate.deadman import (
     TimerEvent,
 )
 from voxgate.logging import log_event
-from voxgate.metrics import SESSION_DURATION, SESSIONS_ENDED
+from voxgate.metrics import PLAYBACK_COMPLETION, SESSION_DURATION, SESSIONS_ENDED
 from voxgate.pipeline.pipeline import Pipeline
+from voxgate.pipeline.playback import DEADMAN, PlaybackTracker
 from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import VoiceActivityDetector
 from voxgate.transports.rtp_media import MediaClock
@@ -100,7 +101,7 @@ class SessionCore:
     pipeline: Pipeline
 
     @classmethod
-    def build(cls, config: Config, now: float) -> SessionCore:
+    def build(cls, config: Config, transport: str, now: float) -> SessionCore:
         """A new core from ``config`` (``[budget]``, ``[timers]``, ``[vad]``, ``[agent]``).
 
         The ``jitter`` budget buffer is capped by ``[rtp] jitter_buffer_max_ms``
@@ -121,7 +122,14 @@ class SessionCore:
         vad = VoiceActivityDetector(aggressiveness=config.vad.aggressiveness,
                                     start_ms=config.vad.start_ms, stop_ms=config.vad.stop_ms)
         agent = make_agent(config.agent.kind, playout)
-        return cls(budget, timers, playout, agent, Pipeline(vad, agent, playout, timers))
+
+        def done(utterance_id: int, signal: str) -> None:
+            PLAYBACK_COMPLETION.labels(transport, signal).inc()
+            agent.on_playback_done(utterance_id, signal)
+
+        playback = PlaybackTracker(timers, done)
+        return cls(budget, timers, playout, agent,
+                   Pipeline(vad, agent, playout, timers, playback))
 
 
 class Session:
@@ -184,6 +192,7 @@ class Session:
         if deadline is not None and now >= deadline:
             for event in timers.handle_timer(now):
                 self._on_timer(event)
+        self.pipeline.playback.tick(now)
         reason = self.budget.check(now)
         if reason is not None:
             self.end(reason)
@@ -202,6 +211,7 @@ class Session:
             "session_recoveries": stats.recoveries,
             "agent_fallbacks": stats.agent_fallbacks,
             "playback_deadmans": stats.playback_deadmans,
+            "barge_ins": self.pipeline.barge_ins,
         }
         for buffer, frames in self.budget.drops_frames.items():
             counters[f"budget_drop_{buffer}"] = frames
@@ -251,12 +261,13 @@ class Session:
         elif isinstance(event, AgentFallback):
             self._log(logging.INFO, "agent_fallback", "agent did not answer: fallback prompt",
                       prompt_frames=len(self._fallback_prompt))
-            for frame in self._fallback_prompt:
-                self.playout.push(frame)
+            if self._fallback_prompt:
+                self.playout.say(self._fallback_prompt)
         elif isinstance(event, PlaybackDeadman):
             self._log(logging.WARNING, "playback_deadman",
-                      "no playback-completion signal: ending the turn anyway",
+                      f"no {self.transport} playback-completion signal: ending the turn anyway",
                       utterance_id=event.utterance_id)
+            self.pipeline.playback.complete(event.utterance_id, DEADMAN, event.at)
 
     def _log(self, level: int, event: str, message: str, **fields: float | str) -> None:
         log_event(level, event, message, exc_info=None, session_id=self.session_id,

@@ -30,5 +30,12 @@ class Agent:
     def on_dtmf(self, event: DtmfEvent) -> None:
         """The caller pressed a key (RFC 4733 telephone-event)."""
 
+    def on_barge_in(self) -> None:
+        """The caller spoke over the agent: its queued speech was discarded."""
+
+    def on_playback_done(self, utterance_id: int, signal: str) -> None:
+        """An utterance from ``playout.say`` finished playing; ``signal`` says how we
+        know (``paced``, ``mark``, ``drained``, ``deadman`` or ``cleared``)."""
+
     async def run(self) -> None:
         """Long-running work in the session's nursery; cancelled at call end."""

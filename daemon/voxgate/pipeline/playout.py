@@ -2,39 +2,100 @@
 
 Sans-IO and bounded by the session's memory budget (buffer ``playout``,
 ``[budget] playout_ms``): pushing past the cap drops the oldest frames and
-counts them (``voxgate_budget_drops_total{buffer="playout"}``). ``clear()``
-is barge-in: queued speech is discarded at once and is not a drop.
+counts them (``voxgate_budget_drops_total{buffer="playout"}``).
+
+Speech comes as plain frames (:meth:`Playout.push`, e.g. the echo) or as an
+*utterance* (:meth:`Playout.say`), whose last frame is tracked: when it has
+left the queue (sent, or dropped) the utterance shows up in
+:meth:`Playout.take_sent`, and the transport's playback-completion strategy
+takes over. :meth:`Playout.clear` is barge-in: queued speech is discarded at
+once (not a drop) and the utterances it cut are returned.
 """
 
 from __future__ import annotations
 
+from collections import deque
+
 from voxgate.budget import BoundedAudioQueue, SessionBudget
+
+FRAME_S = 0.020
+MAX_TRACKED_UTTERANCES = 64
 
 
 class Playout:
     """FIFO of PCM16 frames (320 bytes each at 8 kHz / 20 ms) held against a budget."""
 
-    __slots__ = ("_budget", "_queue", "played_frames")
+    __slots__ = ("_budget", "_next_id", "_pushed", "_queue", "_queued", "_sent", "_tracked",
+                 "played_frames")
 
     def __init__(self, budget: SessionBudget) -> None:
         self._budget = budget
         self._queue = BoundedAudioQueue(budget, "playout")
         self.played_frames = 0
+        self._pushed = 0  # frames ever queued: the position of the next one
+        self._next_id = 1
+        self._tracked: deque[tuple[int, int]] = deque()  # (utterance id, last frame position)
+        self._sent: list[int] = []
+        self._queued: list[tuple[int, float]] = []
 
     def push(self, pcm: bytes) -> None:
         """Queue one frame; over the cap the oldest frames are dropped and counted."""
+        self._pushed += 1
         self._queue.push(pcm)
+        if self._tracked:
+            self._settle()
+
+    def say(self, frames: tuple[bytes, ...] | list[bytes]) -> int:
+        """Queue an utterance (at least one frame); returns its id."""
+        if not frames:
+            raise ValueError("an utterance needs at least one frame")
+        utterance_id = self._next_id
+        self._next_id += 1
+        for frame in frames:
+            self.push(frame)
+        if len(self._tracked) == MAX_TRACKED_UTTERANCES:
+            self._sent.append(self._tracked.popleft()[0])
+        self._tracked.append((utterance_id, self._pushed - 1))
+        self._queued.append((utterance_id, len(self._queue) * FRAME_S))
+        self._settle()
+        return utterance_id
 
     def pop(self) -> bytes | None:
         """The next frame to send, or None when nothing is queued."""
         frame = self._queue.pop()
         if frame is not None:
             self.played_frames += 1
+            if self._tracked:
+                self._settle()
         return frame
 
-    def clear(self) -> int:
-        """Discard everything queued (barge-in); returns how many frames went."""
-        return self._queue.clear()
+    def take_queued(self) -> list[tuple[int, float]]:
+        """Utterances queued since the last call: (id, seconds until their last frame)."""
+        queued, self._queued = self._queued, []
+        return queued
+
+    def take_sent(self) -> list[int]:
+        """Utterances whose last frame has left the queue since the last call."""
+        sent, self._sent = self._sent, []
+        return sent
+
+    def clear(self) -> list[int]:
+        """Barge-in: discard everything queued; returns the utterances cut short."""
+        self._queue.clear()
+        cut = [utterance_id for utterance_id, _ in self._tracked]
+        self._tracked.clear()
+        return cut
+
+    def _settle(self) -> None:
+        head = self._pushed - len(self._queue)  # position of the oldest frame still queued
+        tracked = self._tracked
+        while tracked and tracked[0][1] < head:
+            self._sent.append(tracked.popleft()[0])
+
+    @property
+    def speaking(self) -> bool:
+        """Whether an utterance is queued or being sent."""
+        return bool(self._tracked)
 
     @property
     def buffered_bytes(self) -> int:

@@ -36,7 +36,7 @@ class RtpLeg:
     """The RTP side of one session; implements :class:`~voxgate.session.SessionMedia`."""
 
     __slots__ = (
-        "_budget", "_pool", "_silence", "_sock", "codec", "local_port",
+        "_allowance_s", "_budget", "_pool", "_silence", "_sock", "codec", "local_port",
         "pipeline", "send_errors", "sending", "stream",
     )
 
@@ -49,6 +49,7 @@ class RtpLeg:
         codec: G711Codec,
         pipeline: Pipeline,
         budget: SessionBudget,
+        playback_allowance_s: float,
     ) -> None:
         self._pool = pool
         self._sock: socket.socket | None = sock
@@ -57,6 +58,7 @@ class RtpLeg:
         self.codec = codec
         self.pipeline = pipeline
         self._budget = budget
+        self._allowance_s = playback_allowance_s
         self._silence = codec.silence(SAMPLES_PER_FRAME)
         self.sending = True
         self.send_errors = 0
@@ -103,6 +105,8 @@ class RtpLeg:
             elif state is FrameState.LOST:
                 pipeline.inbound(_PCM_SILENCE, now)
         out = pipeline.outbound(now)
+        for utterance_id in pipeline.playout.take_sent():
+            pipeline.playback.sent_paced(utterance_id, now, self._allowance_s)
         remote = stream.remote_addr
         if self.sending and remote is not None:
             payload = self._silence if out is None else self.codec.encode(out)

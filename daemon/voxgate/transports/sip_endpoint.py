@@ -371,7 +371,7 @@ class SipEndpoint:
             return
         codec = codec_for(negotiated.codec.name)
         now = trio.current_time()
-        core = SessionCore.build(cfg, now)
+        core = SessionCore.build(cfg, "sip", now)
         stream = RtpStream(
             payload_type=negotiated.codec.payload_type,
             telephone_event_pt=negotiated.telephone_event_pt,
@@ -383,7 +383,8 @@ class SipEndpoint:
             remote_addr=negotiated.remote_rtp,
         )
         leg = RtpLeg(pool=self.ports, sock=sock, stream=stream, codec=codec,
-                     pipeline=core.pipeline, budget=core.budget)
+                     pipeline=core.pipeline, budget=core.budget,
+                     playback_allowance_s=cfg.rtp.playback_allowance_ms / 1000)
         session = Session(
             session_id=pending.ticket, call_id=event.call_id, transport="sip",
             codec=codec.name, signaling=_Signaling(self, event.call_key), media=leg,

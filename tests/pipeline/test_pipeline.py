@@ -1,0 +1,80 @@
+"""Pipeline: VAD events drive the deadman timers, barge-in and agent start."""
+
+from __future__ import annotations
+
+from voxgate.agents.base import Agent
+from voxgate.budget import BufferCaps, SessionBudget
+from voxgate.deadman import AgentFallback, DeadmanConfig, SessionTimers
+from voxgate.pipeline.pipeline import Pipeline
+from voxgate.pipeline.playback import CLEARED, PlaybackTracker
+from voxgate.pipeline.playout import Playout
+from voxgate.pipeline.vad import SpeechStarted, SpeechStopped, VadEvent
+
+F = bytes(320)
+CONFIG = DeadmanConfig(first_media_s=10, media_inactivity_s=10, recovery_window_s=10,
+                       agent_response_s=1, playback_deadman_s=0.5, max_duration_s=100,
+                       ring_timeout_s=0)
+
+
+class ScriptedVad:
+    def __init__(self) -> None:
+        self.next: VadEvent | None = None
+
+    def process(self, pcm: bytes, now: float) -> VadEvent | None:
+        event, self.next = self.next, None
+        return event
+
+
+class RecordingAgent(Agent):
+    def __init__(self, playout: Playout) -> None:
+        super().__init__(playout)
+        self.events: list[str] = []
+
+    def on_barge_in(self) -> None:
+        self.events.append("barge-in")
+
+
+def make() -> tuple[Pipeline, ScriptedVad, RecordingAgent, SessionTimers, list[tuple[int, str]]]:
+    timers = SessionTimers(CONFIG, 0.0)
+    timers.answered(0.0)
+    playout = Playout(SessionBudget(BufferCaps.from_ms({"playout": 1000}, 1 << 20, 0)))
+    agent = RecordingAgent(playout)
+    done: list[tuple[int, str]] = []
+    vad = ScriptedVad()
+    pipeline = Pipeline(vad, agent, playout, timers,  # type: ignore[arg-type]
+                        PlaybackTracker(timers, lambda u, s: done.append((u, s))))
+    return pipeline, vad, agent, timers, done
+
+
+def test_caller_speech_over_the_agent_cuts_it_off():
+    pipeline, vad, agent, _, done = make()
+    uid = pipeline.playout.say([F] * 10)
+    pipeline.outbound(0.0)
+    vad.next = SpeechStarted(at=0.1)
+    pipeline.inbound(F, 0.1)
+    assert agent.events == ["barge-in"]
+    assert done == [(uid, CLEARED)]
+    assert pipeline.cleared
+    assert pipeline.outbound(0.12) is None
+
+
+def test_barge_in_can_be_switched_off():
+    pipeline, vad, agent, _, done = make()
+    pipeline.barge_in = False
+    pipeline.playout.say([F] * 10)
+    vad.next = SpeechStarted(at=0.1)
+    pipeline.inbound(F, 0.1)
+    assert agent.events == []
+    assert len(pipeline.playout) == 10
+
+
+def test_agent_silence_after_turn_trips_fallback_and_speech_disarms_it():
+    pipeline, vad, _, timers, _ = make()
+    vad.next = SpeechStopped(at=1.0, duration_ms=800)
+    pipeline.inbound(F, 1.0)
+    assert any(isinstance(e, AgentFallback) for e in timers.handle_timer(2.0))
+    vad.next = SpeechStopped(at=3.0, duration_ms=800)
+    pipeline.inbound(F, 3.0)
+    pipeline.playout.push(F)
+    pipeline.outbound(3.2)  # the agent started answering
+    assert not any(isinstance(e, AgentFallback) for e in timers.handle_timer(4.5))
