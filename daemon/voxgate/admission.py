@@ -96,6 +96,9 @@ class CallInfo:
     headers: Mapping[str, str]
     source_ip: str | None
     transport: str = "sip"
+    tenant_hint: str | None = None
+    """A tenant named by the transport itself (an ALSA line's ``tenant``, a
+    WebSocket stream's ``customParameters.tenant``); used when configured."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -314,7 +317,13 @@ class Admission:
         return MappingProxyType(self._counters)
 
     def classify(self, call: CallInfo) -> str:
-        """The name of the first configured tenant matching ``call``, else ``default``."""
+        """The tenant ``call`` names (when configured), else the first configured tenant
+        matching it, else ``default``."""
+        if call.tenant_hint is not None and (
+            call.tenant_hint == DEFAULT_TENANT
+            or any(t.name == call.tenant_hint for t in self._limits.tenants)
+        ):
+            return call.tenant_hint
         return next((t.name for t in self._limits.tenants if t.matches(call)), DEFAULT_TENANT)
 
     def request(self, ticket: str, call: CallInfo, now: float) -> Decision:

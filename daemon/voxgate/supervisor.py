@@ -35,6 +35,7 @@ import trio
 
 from voxgate import __version__
 from voxgate.admission import Admission, limits_from_config
+from voxgate.admission_desk import AdmissionDesk
 from voxgate.budget import RssGate, RssLimits, choose_shed_victims, parse_statm_rss_bytes
 from voxgate.config import DEFAULT_PATH, Config, load_config, rss_limits
 from voxgate.control.protocol import decode_reply, encode_request
@@ -47,7 +48,7 @@ from voxgate.pipeline.prompt import load_prompt
 from voxgate.registry import Registry
 from voxgate.systemd import Notifier
 from voxgate.transports.rtp_media import MediaClock
-from voxgate.transports.sip_endpoint import SipEndpoint
+from voxgate.transports.sip_endpoint import HEARTBEAT_S, SipEndpoint
 from voxgate.watchdog import Watchdog
 
 SHUTDOWN_GRACE_S = 5.0
@@ -96,11 +97,14 @@ class Supervisor:
         self.config_path = config_path
         self.notifier = notifier
         self.watchdog = Watchdog(CRITICAL_TASKS, config.watchdog.max_loop_lag_ms / 1000)
-        self.clock = MediaClock(check_in=self.watchdog.check_in)
+        self.clock = MediaClock(check_in=self.check_in)
         self.admission = Admission(limits_from_config(config))
+        self.desk = AdmissionDesk(self.admission, self.check_in)
         self.registry = Registry()
-        self.endpoint = SipEndpoint(config, self.clock, self.admission, self.registry,
-                                    check_in=self.watchdog.check_in)
+        self.endpoint = SipEndpoint(config, self.clock, self.desk, self.registry,
+                                    check_in=self.check_in)
+        self.desk.subscribe(self.endpoint.poke)
+        self.desk.subscribe(self.status_changed)
         self.endpoint.fallback_prompt = _prompt(config)
         self.rss_gate = RssGate(RssLimits(*rss_limits(config)))
         self.started_at = time.time()
@@ -169,11 +173,17 @@ class Supervisor:
     def status_changed(self) -> None:
         self._status_changed.set()
 
+    def check_in(self, task: str) -> None:
+        """A critical task proves it is alive (see :mod:`voxgate.watchdog`)."""
+        self.watchdog.check_in(task, trio.current_time())
+
     # -- operations ----------------------------------------------------------
 
     def reload(self) -> str:
         """Re-read the config file and apply it; raises ReloadFailed."""
-        self.notifier.notify("RELOADING=1", f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
+        if not self.stopping:
+            self.notifier.notify("RELOADING=1",
+                                 f"MONOTONIC_USEC={time.monotonic_ns() // 1000}")
         try:
             if self.config_path is None:
                 raise ReloadFailed("running on the embedded defaults: no file to re-read")
@@ -184,7 +194,7 @@ class Supervisor:
                 raise ReloadFailed(str(e)) from e
         except ReloadFailed as e:
             log_event(logging.ERROR, "reload_failed", f"reload failed, old config kept: {e}")
-            self.notifier.notify("READY=1", f"STATUS=reload failed: {e}")
+            self._ready_again(f"STATUS=reload failed: {e}")
             raise
         pending = [key for key in _RESTART_ONLY if _get(new, key) != _get(self.config, key)]
         self.config = new
@@ -198,22 +208,25 @@ class Supervisor:
             message += f"; restart needed for {', '.join(pending)}"
         log_event(logging.INFO, "reloaded", message, config=new.source,
                   max_sessions=new.limits.max_sessions)
-        self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+        self._ready_again(f"STATUS={self.status_line()}")
         self.status_changed()
         return message
 
+    def _ready_again(self, status: str) -> None:
+        """End a reload: READY=1, unless the daemon is stopping (then STATUS only)."""
+        if self.stopping:
+            self.notifier.notify(status)
+        else:
+            self.notifier.notify("READY=1", status)
+
     def drain(self) -> None:
         """Stop admitting new calls; calls in progress carry on."""
-        self.admission.set_draining(True)
-        self.endpoint.poke()
-        self.status_changed()
+        self.desk.set_draining(True)
 
     def resume(self) -> None:
         """Admit again after a drain (not while stopping)."""
         if not self.stopping:
-            self.admission.set_draining(False)
-            self.endpoint.poke()
-            self.status_changed()
+            self.desk.set_draining(False)
 
     # -- run -------------------------------------------------------------------
 
@@ -224,6 +237,7 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 await nursery.start(self.clock.run)
+                await nursery.start(self.desk.run)
                 try:
                     await nursery.start(self.endpoint.run)
                     await nursery.start(self._control_server().run)
@@ -236,7 +250,8 @@ class Supervisor:
                 for task in (self._status_loop, self._lag_probe, self._reaper, self._watchdog,
                              self._memory_loop):
                     nursery.start_soon(task)
-                self.notifier.notify("READY=1", f"STATUS={self.status_line()}")
+                self._last_status = self.status_line()
+                self.notifier.notify("READY=1", f"STATUS={self._last_status}")
                 log_event(logging.INFO, "ready", "voxgate ready", sip=config.sip.listen,
                           rtp=f"{config.rtp.address}:{config.rtp.port_min}-{config.rtp.port_max}",
                           control=config.control.socket, max_sessions=config.limits.max_sessions,
@@ -268,7 +283,7 @@ class Supervisor:
                       sessions=len(self.registry))
             self.stopping = True
             self.notifier.notify("STOPPING=1")
-            self.admission.set_draining(True)
+            self.desk.set_draining(True)
             self.registry.end_all("shutdown")
             await self.endpoint.wait_idle(SHUTDOWN_GRACE_S)
             nursery.cancel_scope.cancel()
@@ -325,9 +340,9 @@ class Supervisor:
     async def _reaper(self) -> None:
         """Check for sessions that ended without being released; check in."""
         while True:
-            await trio.sleep(1.0)
             self.registry.reap()
-            self.watchdog.check_in("reaper")
+            self.check_in("reaper")
+            await trio.sleep(1.0)
             self.status_changed()
 
     async def _memory_loop(self) -> None:
@@ -343,9 +358,7 @@ class Supervisor:
                 log_event(logging.WARNING if not verdict.admit else logging.INFO,
                           "memory_gate", verdict.detail, rss_bytes=rss_bytes,
                           state=verdict.state)
-                self.admission.set_memory_ok(verdict.admit, verdict.detail)
-                self.endpoint.poke()
-                self.status_changed()
+                self.desk.set_memory_ok(verdict.admit, verdict.detail)
             for victim in choose_shed_victims(self.registry.session_ages(), verdict.shed):
                 log_event(logging.WARNING, "memory_shed", "shedding the newest session",
                           session_id=victim, rss_bytes=rss_bytes)
@@ -357,19 +370,21 @@ class Supervisor:
         interval_s = _watchdog_interval_s()
         if interval_s is None:
             return
-        withheld_logged = False
+        period_s = interval_s / 2
+        # Idle loops check in about once a second; allow two of those, or a period.
+        window_s = max(period_s, 2 * HEARTBEAT_S)
+        logged: tuple[str, ...] = ()
         while True:
-            await trio.sleep(interval_s / 2)
+            await trio.sleep(period_s)
             if await self._control_alive():
-                self.watchdog.check_in("control")
-            verdict = self.watchdog.verdict()
+                self.check_in("control")
+            verdict = self.watchdog.verdict(trio.current_time(), window_s)
             if verdict.ping:
                 self.notifier.notify("WATCHDOG=1")
-                withheld_logged = False
-            elif not withheld_logged:
-                withheld_logged = True
+            elif verdict.failures != logged:
                 log_event(logging.ERROR, "watchdog_withheld",
                           "not pinging the watchdog: " + "; ".join(verdict.failures))
+            logged = verdict.failures
 
     async def _control_alive(self) -> bool:
         """Probe the control socket end to end with ``hello``."""

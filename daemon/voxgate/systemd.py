@@ -25,7 +25,11 @@ class Notifier:
         """Send ``lines`` (e.g. ``"READY=1"``, ``"STATUS=…"``) as one datagram."""
         if not self.enabled:
             return
-        if not systemd.daemon.notify("\n".join(lines)) and not self._warned:
+        try:
+            sent = systemd.daemon.notify("\n".join(lines))
+        except OSError:
+            sent = False
+        if not sent and not self._warned:
             self._warned = True
             log_event(logging.WARNING, "notify_failed", "cannot reach $NOTIFY_SOCKET",
                       notify_socket=os.environ.get("NOTIFY_SOCKET"))

@@ -22,11 +22,11 @@ from dataclasses import dataclass
 import trio
 
 from voxgate import admission as adm
+from voxgate.admission_desk import AdmissionDesk
 from voxgate.codec.g711 import codec_for
 from voxgate.config import Config
 from voxgate.errors import RemoteProtocolError
 from voxgate.logging import log_event
-from voxgate.metrics import QUEUE_WAIT
 from voxgate.registry import Entry, Registry
 from voxgate.rtp.stream import RtpStream
 from voxgate.session import Session, SessionCore
@@ -109,13 +109,14 @@ class SipEndpoint:
         self,
         config: Config,
         clock: MediaClock,
-        admission: adm.Admission,
+        desk: AdmissionDesk,
         registry: Registry,
         check_in: Callable[[str], None] = lambda task: None,
     ) -> None:
         self.config = config
         self._clock = clock
-        self.admission = admission
+        self.desk = desk
+        self.admission = desk.admission
         self.registry = registry
         self._check_in = check_in
         self.fallback_prompt: tuple[bytes, ...] = ()
@@ -170,13 +171,12 @@ class SipEndpoint:
         self.config = config
         self.core.max_dialogs = _max_dialogs(config)
         now = trio.current_time()
-        for admitted in self.admission.update_limits(adm.limits_from_config(config), now):
-            self._admitted_from_queue(admitted)
+        self.desk.update_limits(adm.limits_from_config(config), now)
         self._pump()
 
     def poke(self) -> None:
-        """Re-evaluate admission gates and timers after an outside change (drain, health)."""
-        self._pump()
+        """Admission changed: refresh OPTIONS availability and timers soon (not re-entrant)."""
+        self._timers_changed.set()
 
     # -- actions from sessions -------------------------------------------
 
@@ -206,8 +206,7 @@ class SipEndpoint:
         call = self._calls.pop(call_key, None)
         if call is not None:
             self.registry.remove(call.ticket)
-            for admitted in self.admission.release(call.ticket, trio.current_time()):
-                self._admitted_from_queue(admitted)
+            self.desk.release(call.ticket, trio.current_time())
         self._update_idle()
         self._pump()
 
@@ -215,9 +214,9 @@ class SipEndpoint:
 
     async def _receive_loop(self, sock: socket.socket) -> None:
         while True:
+            self._check_in("sip")
             with trio.move_on_after(HEARTBEAT_S):
                 await trio.lowlevel.wait_readable(sock)
-            self._check_in("sip")
             now = trio.current_time()
             for _ in range(MAX_DATAGRAMS_PER_WAKEUP):
                 try:
@@ -236,20 +235,11 @@ class SipEndpoint:
 
     async def _timer_loop(self) -> None:
         while True:
-            deadlines = [d for d in (self.core.next_deadline(), self.admission.next_deadline())
-                         if d is not None]
-            with trio.move_on_at(min(deadlines, default=math.inf)), \
+            deadline = self.core.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline), \
                     trio.move_on_after(HEARTBEAT_S):
                 await self._timers_changed.wait()
-            self._check_in("admission")
-            now = trio.current_time()
-            self.core.handle_timer(now)
-            for refusal in self.admission.handle_timer(now):
-                QUEUE_WAIT.observe(refusal.waited_s)
-                pending = self._queued.pop(refusal.ticket, None)
-                if pending is not None:
-                    self._refuse(pending.event, refusal.sip_status, refusal.reason,
-                                 retry_after_s=refusal.retry_after_s, tenant=refusal.tenant)
+            self.core.handle_timer(trio.current_time())
             self._pump()
             # Re-arm after our own pump: its wake-up is for the other tasks' changes.
             self._timers_changed = trio.Event()
@@ -311,7 +301,7 @@ class SipEndpoint:
         for ticket, pending in self._queued.items():
             if pending.event.call_key == call_key:
                 del self._queued[ticket]
-                self.admission.cancel(ticket, trio.current_time())
+                self.desk.cancel(ticket, trio.current_time())
                 self.core.forget(call_key)
                 log_event(logging.INFO, "call_cancelled", "cancelled while queued",
                           call_id=pending.event.call_id, session_id=ticket)
@@ -335,8 +325,10 @@ class SipEndpoint:
             self._refuse(event, e.status_hint or 400, e.reason)
             return
         pending = _Pending(uuid.uuid4().hex[:12], event, offer, negotiated)
-        decision = self.admission.request(pending.ticket, _call_info(event),
-                                          trio.current_time())
+        decision = self.desk.request(
+            pending.ticket, _call_info(event), trio.current_time(),
+            on_admitted=self._admitted_from_queue, on_refused=self._refused_from_queue,
+        )
         result = {adm.Admitted: "admitted", adm.Queued: "queued", adm.Refusal: "refused"}
         log_event(logging.INFO, "admission", result[type(decision)],
                   call_id=event.call_id, session_id=pending.ticket, tenant=decision.tenant,
@@ -350,23 +342,26 @@ class SipEndpoint:
         else:
             self._start_call(pending, decision.tenant)
 
+    def _refused_from_queue(self, refusal: adm.Refusal) -> None:
+        pending = self._queued.pop(refusal.ticket)
+        self._refuse(pending.event, refusal.sip_status, refusal.reason,
+                     retry_after_s=refusal.retry_after_s, tenant=refusal.tenant)
+        self._pump()
+
     def _admitted_from_queue(self, admitted: adm.Admitted) -> None:
-        pending = self._queued.pop(admitted.ticket, None)
-        QUEUE_WAIT.observe(admitted.waited_s)
-        if pending is None:  # pragma: no cover - admission only dequeues what we queued
-            self.admission.release(admitted.ticket, trio.current_time())
-            return
+        pending = self._queued.pop(admitted.ticket)
         log_event(logging.INFO, "admission", "dequeued", call_id=pending.event.call_id,
                   session_id=admitted.ticket, tenant=admitted.tenant,
                   waited_s=admitted.waited_s)
         self._start_call(pending, admitted.tenant)
+        self._pump()
 
     def _start_call(self, pending: _Pending, tenant: str) -> None:
         cfg = self.config
         event, negotiated = pending.event, pending.negotiated
         sock = self.ports.open_socket()
         if sock is None:
-            self.admission.release(pending.ticket, trio.current_time())
+            self.desk.release(pending.ticket, trio.current_time())
             self._refuse(event, 503, "no-rtp-port", retry_after_s=cfg.limits.retry_after_s)
             return
         codec = codec_for(negotiated.codec.name)
