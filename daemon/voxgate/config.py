@@ -122,6 +122,34 @@ class ControlConfig:
 
 
 @dataclass(frozen=True)
+class WebSocketConfig:
+    listen: str = ""
+    path: str = "/media"
+    max_message_bytes: int = field(default=65_536, metadata=_range(1024, 16 << 20))
+    max_messages_per_s: int = field(default=200, metadata=_range(10, 100_000))
+
+
+@dataclass(frozen=True)
+class AlsaLineConfig:
+    """One ``[[alsa.lines]]`` entry: an analog or intercom line on a sound device."""
+
+    name: str = ""
+    capture: str = ""
+    playback: str = ""
+    rate: int = 8000
+    period_ms: int = field(default=20, metadata=_range(10, 100))
+    tenant: str = ""
+    mode: str = "always"
+
+
+@dataclass(frozen=True)
+class AlsaConfig:
+    lines: tuple[AlsaLineConfig, ...] = ()
+    retry_initial_s: float = field(default=1.0, metadata=_range(0.1, 600))
+    retry_max_s: float = field(default=30.0, metadata=_range(0.1, 3600))
+
+
+@dataclass(frozen=True)
 class MetricsConfig:
     listen: str = ""
 
@@ -152,6 +180,8 @@ class Config:
     control: ControlConfig = field(default_factory=ControlConfig)
     log: LogConfig = field(default_factory=LogConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
+    alsa: AlsaConfig = field(default_factory=AlsaConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
     tenants: tuple[TenantConfig, ...] = ()
     source: str = "<embedded default>"
@@ -252,8 +282,31 @@ def _parse_section(cls: Any, section: str, values: dict[str, Any], source: str) 
         where = f"{source}: [{section}] {key}"
         if key not in fields:
             raise ConfigError(f"{where}: unknown key")
+        if (section, key) == ("alsa", "lines"):
+            kwargs[key] = _parse_lines(value, source)
+            continue
         kwargs[key] = _check_value(fields[key], value, where)
     return cls(**kwargs)
+
+
+def _parse_lines(value: Any, source: str) -> tuple[AlsaLineConfig, ...]:
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{source}: [[alsa.lines]]: must be an array of tables")
+    lines = tuple(
+        _parse_section(AlsaLineConfig, f"alsa.lines.{i}", t, source) for i, t in enumerate(value)
+    )
+    names = [line.name for line in lines]
+    for i, line in enumerate(lines):
+        where = f"{source}: [[alsa.lines]] #{i + 1}"
+        if not line.name or names.count(line.name) > 1:
+            raise ConfigError(f"{where} name: must be set and unique")
+        if not line.capture or not line.playback:
+            raise ConfigError(f"{where} capture/playback: both ALSA PCM names are needed")
+        if line.rate not in (8000, 16000):
+            raise ConfigError(f"{where} rate: must be 8000 or 16000, got {line.rate}")
+        if line.mode not in ("always", "on-demand"):
+            raise ConfigError(f"{where} mode: must be \"always\" or \"on-demand\"")
+    return lines
 
 
 def _check_value(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
@@ -312,6 +365,16 @@ def _check_consistency(config: Config) -> None:
                           f"buffer ({jitter_bytes} bytes for [rtp] jitter_buffer_max_ms)")
     if config.agent.kind not in AGENT_KINDS:
         raise ConfigError(f"{src}: [agent] kind: must be one of {', '.join(AGENT_KINDS)}")
+    if config.websocket.listen:
+        try:
+            split_host_port(config.websocket.listen)
+        except ValueError as e:
+            raise ConfigError(f"{src}: [websocket] listen: {e}, "
+                              f"got {config.websocket.listen!r}") from e
+        if not config.websocket.path.startswith("/"):
+            raise ConfigError(f"{src}: [websocket] path: must start with /")
+    if config.alsa.retry_initial_s > config.alsa.retry_max_s:
+        raise ConfigError(f"{src}: [alsa] retry_initial_s: must not be above retry_max_s")
     if config.metrics.listen:
         try:
             split_host_port(config.metrics.listen)

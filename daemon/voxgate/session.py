@@ -148,8 +148,10 @@ class Session:
         clock: MediaClock,
         answer_delay_s: float,
         fallback_prompt: tuple[bytes, ...] = (),
+        tenant: str = "default",
     ) -> None:
         self.session_id = session_id
+        self.tenant = tenant
         self.call_id = call_id
         self.transport = transport
         self.codec = codec
@@ -168,6 +170,15 @@ class Session:
         self.started_at = math.nan
         self.answered_at: float | None = None
         self._end_requested = trio.Event()
+        self.agent.controls = self
+
+    def hangup(self, reason: str) -> None:
+        """The agent ends the call (:class:`~voxgate.agents.base.AgentControls`)."""
+        self.end(reason)
+
+    def set_barge_in(self, enabled: bool) -> None:
+        """The agent allows or forbids barge-in for its next utterances."""
+        self.pipeline.barge_in = enabled
 
     def end(self, reason: str) -> None:
         """Ask the session to end with ``reason``; the first reason given wins."""

@@ -10,13 +10,33 @@ the session starts in its own nursery and cancels when the call ends.
 
 from __future__ import annotations
 
+from typing import Protocol
+
 from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import SpeechStarted, SpeechStopped
 from voxgate.rtp.dtmf import DtmfEvent
 
 
+class AgentControls(Protocol):
+    """What an agent may know of and do to its session."""
+
+    session_id: str
+    call_id: str
+    tenant: str
+    transport: str
+
+    def hangup(self, reason: str) -> None:
+        """End the call (e.g. after "goodbye"); ``reason`` goes to the call record."""
+
+    def set_barge_in(self, enabled: bool) -> None:
+        """Whether caller speech may cut the agent's speech (default on)."""
+
+
 class Agent:
     """Base class: every hook does nothing; :meth:`run` returns at once."""
+
+    controls: AgentControls
+    """Set by the session before :meth:`run` starts."""
 
     def __init__(self, playout: Playout) -> None:
         self.playout = playout

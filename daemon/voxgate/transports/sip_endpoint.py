@@ -384,7 +384,7 @@ class SipEndpoint:
             session_id=pending.ticket, call_id=event.call_id, transport="sip",
             codec=codec.name, signaling=_Signaling(self, event.call_key), media=leg,
             core=core, clock=self._clock, answer_delay_s=cfg.sip.answer_delay_ms / 1000,
-            fallback_prompt=self.fallback_prompt,
+            fallback_prompt=self.fallback_prompt, tenant=tenant,
         )
         _apply_direction(leg, session, negotiated, now)
         self._calls[event.call_key] = _Call(
