@@ -21,7 +21,7 @@ Timers (``[timers]`` in the config, see :class:`DeadmanConfig`)::
     playback       start + expected duration + playback_deadman_s -> PlaybackDeadman(id)
 
 The media checks (first media, inactivity, recovery) run only while media is
-expected: a hold (the peer's SDP says ``inactive`` or ``recvonly``, RFC 3264
+expected: a hold (the peer's SDP says ``sendonly`` or ``inactive``, RFC 3264
 §8.4) suspends them, a resume or a new media address re-bases them at that
 time. Media that returns while paused (same or new SSRC, old or new address:
 the RTP stream sorts that out; here any valid packet counts) puts the session

@@ -1,9 +1,7 @@
 """Admission against the real daemon: burst, tenants, queue, OPTIONS, reload under load.
 
-Calls are placed by :class:`Phone`, a raw-SIP UAC on one UDP socket of
-127.0.0.1: it sends INVITEs built by the harness, and a thread reads every
-answer, ACKs final responses (RFC 3261 §17.1.1.3 for non-2xx, §13.2.2.4 for
-2xx, again for each retransmission) and answers the daemon's BYEs with 200.
+Calls are placed by :class:`~tests.harness.phone.Phone`, a raw-SIP UAC on one
+UDP socket of 127.0.0.1 (ACKs, BYE answers and the rest in the background).
 No RTP is sent; ``[timers] media_inactivity_s`` is left long enough.
 """
 
@@ -12,251 +10,15 @@ from __future__ import annotations
 import itertools
 import re
 import signal
-import socket
-import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from types import TracebackType
 
-from tests.harness.daemon import (
-    Daemon,
-    free_udp_port,
-    invite_request,
-    options_request,
-    status_code,
-)
+from tests.harness.daemon import Daemon, free_udp_port, options_request, status_code
+from tests.harness.phone import Call, Phone, headers_of
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import control_socket, ctl_json, voxgatectl
 
-ANSWER_TIMEOUT_S = 5.0
-RECEIVE_BUFFER_BYTES = 1 << 20
 RETRY_AFTER_S = 7
-_HEADER = re.compile(rb"^([A-Za-z-]+)[ \t]*:[ \t]*(.*)$", re.M)
-_CALL_NUMBERS = itertools.count(1)
-
-
-def _headers(message: bytes) -> dict[str, list[str]]:
-    """Lower-case header name → values, in order, from the message's head."""
-    head = message.split(b"\r\n\r\n", 1)[0]
-    found: dict[str, list[str]] = {}
-    for name, value in _HEADER.findall(head):
-        found.setdefault(name.decode().lower(), []).append(value.decode().strip())
-    return found
-
-
-@dataclass
-class Call:
-    """One INVITE placed by a :class:`Phone` and what came back for it."""
-
-    call_id: str
-    user: str
-    request_uri: str
-    statuses: list[int] = field(default_factory=list)
-    """Every response status to the INVITE, retransmissions included, in order."""
-    final: bytes | None = None
-    final_at: float | None = None
-    to: str | None = None
-    """The To header of the final response (with the daemon's tag)."""
-    remote_target: str | None = None
-    bye_status: int | None = None
-    cancel_status: int | None = None
-    byes_received: int = 0
-
-    @property
-    def final_status(self) -> int | None:
-        """Status of the first final response, or None while unanswered."""
-        return None if self.final is None else status_code(self.final)
-
-    def header(self, name: str) -> str | None:
-        """The first value of ``name`` in the final response."""
-        values = _headers(self.final or b"").get(name.lower())
-        return values[0] if values else None
-
-
-class Phone:
-    """A raw SIP UAC on 127.0.0.1 calling ``daemon``; use as a context manager."""
-
-    def __init__(self, daemon: Daemon) -> None:
-        self._daemon = daemon
-        self._sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, RECEIVE_BUFFER_BYTES)
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.settimeout(0.1)
-        self.port: int = self._sock.getsockname()[1]
-        # Offered as our RTP address; bound so that the daemon's RTP, if any, is absorbed.
-        self._media = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self._media.bind(("127.0.0.1", 0))
-        self._calls: dict[str, Call] = {}
-        self._cond = threading.Condition()
-        self._closed = False
-        self._thread = threading.Thread(target=self._receive, daemon=True)
-        self._thread.start()
-
-    def __enter__(self) -> Phone:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self._closed = True
-        self._thread.join(timeout=5)
-        self._sock.close()
-        self._media.close()
-
-    # -- requests --------------------------------------------------------------------------
-
-    def prepare(self, user: str = "echo", headers: Sequence[tuple[str, str]] = ()) -> tuple[
-            Call, bytes]:
-        """A new call to ``sip:user@…`` and its INVITE (with ``headers`` added), not sent."""
-        call_id = f"adm-{self.port}-{next(_CALL_NUMBERS)}"
-        invite = invite_request(self._daemon.sip_port, self.port, call_id,
-                                self._media.getsockname()[1])
-        invite = invite.replace(b"INVITE sip:echo@", f"INVITE sip:{user}@".encode(), 1)
-        extra = "".join(f"{name}: {value}\r\n" for name, value in headers).encode()
-        invite = invite.replace(b"Content-Type:", extra + b"Content-Type:", 1)
-        call = Call(call_id, user, f"sip:{user}@127.0.0.1:{self._daemon.sip_port}")
-        with self._cond:
-            self._calls[call_id] = call
-        return call, invite
-
-    def send(self, message: bytes) -> None:
-        """One datagram to the daemon's SIP port."""
-        self._sock.sendto(message, self._daemon.sip_address)
-
-    def place(self, user: str = "echo", headers: Sequence[tuple[str, str]] = ()) -> Call:
-        """Send an INVITE to ``sip:user@…``; the answers arrive in the background."""
-        call, invite = self.prepare(user, headers)
-        self.send(invite)
-        return call
-
-    def call(self, user: str = "echo", headers: Sequence[tuple[str, str]] = ()) -> Call:
-        """Place a call and wait for its final response."""
-        call = self.place(user, headers)
-        self.wait_final([call])
-        return call
-
-    def hang_up(self, call: Call) -> None:
-        """Send BYE in the call's dialog, wait for its 200 (RFC 3261 §15.1.1) and ``call_end``.
-
-        The daemon answers the BYE before the session has wound down and
-        given its admission slot back; ``call_end`` is logged after that.
-        """
-        assert call.to is not None and call.remote_target is not None, call
-        self.send(self._in_dialog("BYE", call, call.remote_target, call.to, cseq=2,
-                                  branch=f"z9hG4bK-bye-{call.call_id}"))
-        self.wait(lambda: call.bye_status is not None, f"the answer to BYE of {call.call_id}")
-        assert call.bye_status == 200, call
-        self._daemon.wait_log(rf"event=call_end\b.*\bcall_id={re.escape(call.call_id)}\s")
-
-    def cancel(self, call: Call) -> None:
-        """Send CANCEL for the call's INVITE (§9.1: same branch, R-URI, From, To, Call-ID)."""
-        self.send(self._in_dialog(
-            "CANCEL", call, call.request_uri,
-            f"<sip:echo@127.0.0.1:{self._daemon.sip_port}>", cseq=1,
-            branch=f"z9hG4bK-{call.call_id}"))
-
-    def _in_dialog(self, method: str, call: Call, uri: str, to: str, *, cseq: int,
-                   branch: str) -> bytes:
-        return (
-            f"{method} {uri} SIP/2.0\r\n"
-            f"Via: SIP/2.0/UDP 127.0.0.1:{self.port};branch={branch};rport\r\n"
-            "Max-Forwards: 70\r\n"
-            f"From: <sip:probe@127.0.0.1:{self.port}>;tag=probe-{call.call_id}\r\n"
-            f"To: {to}\r\n"
-            f"Call-ID: {call.call_id}\r\n"
-            f"CSeq: {cseq} {method}\r\n"
-            "Content-Length: 0\r\n\r\n"
-        ).encode()
-
-    # -- waiting ----------------------------------------------------------------------------
-
-    def wait(self, done: Callable[[], bool], what: str,
-             timeout_s: float = ANSWER_TIMEOUT_S) -> None:
-        """Wait until ``done()`` (checked under the lock at each datagram).
-
-        Raises:
-            AssertionError: naming ``what``, after ``timeout_s``.
-        """
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while not done():
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    raise AssertionError(f"no {what} within {timeout_s} s")
-                self._cond.wait(remaining)
-
-    def wait_final(self, calls: Iterable[Call], timeout_s: float = ANSWER_TIMEOUT_S) -> None:
-        """Wait until every call in ``calls`` has its final response."""
-        pending = list(calls)
-        self.wait(lambda: all(c.final is not None for c in pending),
-                  f"final response to {len(pending)} INVITEs", timeout_s)
-
-    def wait_status(self, call: Call, status: int) -> None:
-        """Wait until the INVITE of ``call`` got a ``status`` response."""
-        self.wait(lambda: status in call.statuses, f"{status} to {call.call_id}")
-
-    # -- the receiving thread ------------------------------------------------------------------
-
-    def _receive(self) -> None:
-        while not self._closed:
-            try:
-                data, source = self._sock.recvfrom(65536)
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            with self._cond:
-                self._handle(data, source)
-                self._cond.notify_all()
-
-    def _handle(self, data: bytes, source: tuple[str, int]) -> None:
-        headers = _headers(data)
-        call = self._calls.get((headers.get("call-id") or [""])[0])
-        if call is None:
-            return
-        status = status_code(data)
-        if status < 0:
-            if data.startswith(b"BYE "):
-                call.byes_received += 1
-                self._sock.sendto(_ok_to(data, headers), source)
-            return
-        method = (headers.get("cseq") or ["0 ?"])[0].split()[-1]
-        if method == "BYE":
-            call.bye_status = status
-        elif method == "CANCEL":
-            call.cancel_status = status
-        elif method == "INVITE":
-            call.statuses.append(status)
-            if status >= 200:
-                self._final(call, data, headers, status)
-
-    def _final(self, call: Call, data: bytes, headers: dict[str, list[str]],
-               status: int) -> None:
-        if call.final is None:
-            call.final, call.final_at = data, time.monotonic()
-            call.to = headers["to"][0]
-            contact = headers.get("contact", [f"<{call.request_uri}>"])[0]
-            call.remote_target = contact.strip("<>")
-        assert call.to is not None and call.remote_target is not None
-        if 200 <= status < 300:  # §13.2.2.4: a new transaction to the remote target
-            ack = self._in_dialog("ACK", call, call.remote_target, call.to, cseq=1,
-                                  branch=f"z9hG4bK-ack-{call.call_id}")
-        else:  # §17.1.1.3: part of the INVITE transaction
-            ack = self._in_dialog("ACK", call, call.request_uri, call.to, cseq=1,
-                                  branch=f"z9hG4bK-{call.call_id}")
-        self.send(ack)
-
-
-def _ok_to(request: bytes, headers: dict[str, list[str]]) -> bytes:
-    """200 OK to a request (§8.2.6.2): its Vias, From, To, Call-ID and CSeq copied."""
-    lines = ["SIP/2.0 200 OK"]
-    lines += [f"Via: {via}" for via in headers.get("via", [])]
-    lines += [f"{name}: {headers[name.lower()][0]}" for name in ("From", "To", "Call-ID", "CSeq")]
-    return ("\r\n".join([*lines, "Content-Length: 0", "", ""])).encode()
+_PROBE_NUMBERS = itertools.count(1)
 
 
 # --- helpers -------------------------------------------------------------------------------------
@@ -274,9 +36,9 @@ def _tenant_of(daemon: Daemon, call: Call) -> str:
 
 def _options(daemon: Daemon) -> tuple[int, dict[str, list[str]]]:
     answer = daemon.exchange(options_request(daemon.sip_port, free_udp_port(),
-                                             f"opt-{next(_CALL_NUMBERS)}"))
+                                             f"opt-{next(_PROBE_NUMBERS)}"))
     assert answer, "no answer to OPTIONS"
-    return status_code(answer[0]), _headers(answer[0])
+    return status_code(answer[0]), headers_of(answer[0])
 
 
 def _assert_options(daemon: Daemon, status: int, warning: str | None = None) -> None:

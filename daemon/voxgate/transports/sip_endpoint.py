@@ -433,7 +433,8 @@ def _apply_direction(leg: RtpLeg, session: Session, negotiated: Negotiated, now:
     """Hold/resume (RFC 3264 §8.4): what we send, and whether media is expected."""
     direction = negotiated.direction
     leg.sending = negotiated.remote_rtp is not None and direction in ("sendrecv", "sendonly")
-    session.media_changed(direction in ("sendrecv", "recvonly"), now)
+    # A caller that holds (sendonly, inactive, 0.0.0.0) may well send nothing.
+    session.media_changed(direction == "sendrecv", now)
 
 
 def _max_dialogs(config: Config) -> int:
