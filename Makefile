@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev systemd \
 	sip-tester baresip kamailio espeak-ng sox libsox-fmt-all tcpdump util-linux procps \
-	dpkg-dev curl
+	dpkg-dev curl libasound2-dev libasound2-plugins alsa-utils libportaudio2
 STAMP := $(VENV)/.installed
 
 .PHONY: setup run demo test bench deb lint clean

@@ -47,6 +47,7 @@ from voxgate.metrics_http import serve_metrics
 from voxgate.pipeline.prompt import load_prompt
 from voxgate.registry import Registry
 from voxgate.systemd import Notifier
+from voxgate.transports.alsa import AlsaLines
 from voxgate.transports.rtp_media import MediaClock
 from voxgate.transports.sip_endpoint import HEARTBEAT_S, SipEndpoint
 from voxgate.watchdog import Watchdog
@@ -55,7 +56,7 @@ SHUTDOWN_GRACE_S = 5.0
 """How long a stop waits for the BYEs it sent to be answered."""
 STATUS_REFRESH_S = 10.0
 LAG_PROBE_S = 0.1
-CRITICAL_TASKS = ("sip", "admission", "media", "control", "reaper")
+CRITICAL_TASKS = ("sip", "admission", "media", "control", "reaper", "alsa")
 # Settings a reload cannot change in a running process (sockets are bound).
 _RESTART_ONLY = ("sip.listen", "rtp.address", "rtp.port_min", "rtp.port_max",
                  "control.socket", "control.group", "metrics.listen")
@@ -106,6 +107,8 @@ class Supervisor:
         self.desk.subscribe(self.endpoint.poke)
         self.desk.subscribe(self.status_changed)
         self.endpoint.fallback_prompt = _prompt(config)
+        self.alsa = AlsaLines(config, self.clock, self.desk, self.registry,
+                              check_in=self.check_in, fallback_prompt=self.endpoint.fallback_prompt)
         self.rss_gate = RssGate(RssLimits(*rss_limits(config)))
         self.started_at = time.time()
         REGISTRY.register(LiveCollector(self.metrics_snapshot, _METRIC_HELP))
@@ -201,6 +204,8 @@ class Supervisor:
         setup_logging(new.log.level, new.log.target)
         self.watchdog.max_loop_lag_s = new.watchdog.max_loop_lag_ms / 1000
         self.endpoint.fallback_prompt = prompt
+        self.alsa.fallback_prompt = prompt
+        self.alsa.apply_config(new)
         self.rss_gate.update(RssLimits(*rss_limits(new)))
         self.endpoint.apply_config(new)
         message = "config reloaded"
@@ -241,6 +246,7 @@ class Supervisor:
                 try:
                     await nursery.start(self.endpoint.run)
                     await nursery.start(self._control_server().run)
+                    await nursery.start(self.alsa.run)
                     if config.metrics.listen:
                         await nursery.start(serve_metrics, config.metrics.listen)
                 except (OSError, ControlSetupError) as e:

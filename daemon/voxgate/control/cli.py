@@ -242,13 +242,31 @@ def render_mapping(result: Any, indent: int = 0) -> str:
 
 
 def render_message(result: Any) -> str:
-    """``hangup``/``drain``/``resume``/``reload``: the daemon's message."""
+    """``hangup``/``drain``/``resume``/``reload``/``line``: the daemon's message."""
     return _cell(_as_dict(result).get("message", "ok"))
 
 
 def render_metrics(result: Any) -> str:
     """``metrics``: the Prometheus exposition text as is."""
     return str(_as_dict(result).get("text", "")).rstrip("\n")
+
+
+def render_devices(result: Any) -> str:
+    """``devices``: the sound devices as a table (headers even when empty), then
+    the ALSA PCM names and what could not be listed."""
+    rows = [_as_dict(r) for r in _as_list(result)]
+    keys = ("index", "name", "hostapi", "inputs", "outputs", "default_rate_hz", "alsa",
+            "alsa_plug")
+    devices = [[r.get(k) for k in keys] for r in rows if r.get("kind") == "device"]
+    lines = [table(("#", "NAME", "API", "IN", "OUT", "RATE", "ALSA", "ALSA (CONVERTING)"),
+                   devices)]
+    pcms = [(r.get("name"), r.get("capture"), r.get("playback"))
+            for r in rows if r.get("kind") == "pcm"]
+    if pcms:
+        lines += ["", "ALSA PCMs:", table(("PCM", "CAPTURE", "PLAYBACK"), pcms)]
+    lines += [f"note: {_cell(r.get('name'))}: {_cell(r.get('detail'))}"
+              for r in rows if r.get("kind") == "error"]
+    return "\n".join(lines)
 
 
 def render_hello(result: Any) -> str:
@@ -311,6 +329,11 @@ def _wait_for_drain(client: ControlClient, out: TextIO) -> None:
         time.sleep(DRAIN_POLL_S)
 
 
+def _run_line(client: ControlClient, args: argparse.Namespace) -> int:
+    _emit(args, client.call("line", {"action": args.action, "name": args.name}), render_message)
+    return EX_OK
+
+
 def _run_top(client: ControlClient, args: argparse.Namespace) -> int:
     try:
         for i in itertools.count(1):
@@ -360,6 +383,11 @@ def _build_parser() -> argparse.ArgumentParser:
     top.add_argument("--iterations", type=int, default=None, metavar="N",
                      help="stop after N refreshes")
     add("hello", _simple("hello", render_hello), "daemon name, version and protocol")
+    add("devices", _simple("devices", render_devices),
+        "sound devices and the ALSA names for [[alsa.lines]]")
+    line = add("line", _run_line, "start or stop an on-demand ALSA line")
+    line.add_argument("action", choices=("start", "stop"))
+    line.add_argument("name", help="the line's [[alsa.lines]] name")
     return parser
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from voxgate.control.devices import devices_command
 from voxgate.control.protocol import RELOAD_FAILED
 from voxgate.control.server import CommandError, Handler
 from voxgate.metrics import exposition
@@ -116,5 +117,5 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
     return {
         "status": status, "sessions": sessions, "show": show, "hangup": hangup,
         "drain": drain, "resume": resume, "reload": reload, "health": health_cmd,
-        "metrics": metrics,
+        "metrics": metrics, "devices": devices_command, "line": sup.alsa.line_command,
     }
