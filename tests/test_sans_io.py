@@ -27,6 +27,7 @@ SANS_IO_MODULES = [
     "voxgate.pipeline.pipeline",
     "voxgate.admission",
     "voxgate.budget",
+    "voxgate.transports.media_stream",
     "voxgate.deadman",
 ]
 

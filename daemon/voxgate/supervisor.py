@@ -50,16 +50,17 @@ from voxgate.systemd import Notifier
 from voxgate.transports.alsa import AlsaLines
 from voxgate.transports.rtp_media import MediaClock
 from voxgate.transports.sip_endpoint import HEARTBEAT_S, SipEndpoint
+from voxgate.transports.websocket import WebSocketEndpoint
 from voxgate.watchdog import Watchdog
 
 SHUTDOWN_GRACE_S = 5.0
 """How long a stop waits for the BYEs it sent to be answered."""
 STATUS_REFRESH_S = 10.0
 LAG_PROBE_S = 0.1
-CRITICAL_TASKS = ("sip", "admission", "media", "control", "reaper", "alsa")
+CRITICAL_TASKS = ("sip", "admission", "media", "control", "reaper", "alsa", "websocket")
 # Settings a reload cannot change in a running process (sockets are bound).
 _RESTART_ONLY = ("sip.listen", "rtp.address", "rtp.port_min", "rtp.port_max",
-                 "control.socket", "control.group", "metrics.listen")
+                 "control.socket", "control.group", "metrics.listen", "websocket.listen")
 
 
 _METRIC_HELP = {
@@ -109,6 +110,9 @@ class Supervisor:
         self.endpoint.fallback_prompt = _prompt(config)
         self.alsa = AlsaLines(config, self.clock, self.desk, self.registry,
                               check_in=self.check_in, fallback_prompt=self.endpoint.fallback_prompt)
+        self.websocket = WebSocketEndpoint(config, self.clock, self.desk, self.registry,
+                                           check_in=self.check_in,
+                                           fallback_prompt=self.endpoint.fallback_prompt)
         self.rss_gate = RssGate(RssLimits(*rss_limits(config)))
         self.started_at = time.time()
         REGISTRY.register(LiveCollector(self.metrics_snapshot, _METRIC_HELP))
@@ -206,6 +210,8 @@ class Supervisor:
         self.endpoint.fallback_prompt = prompt
         self.alsa.fallback_prompt = prompt
         self.alsa.apply_config(new)
+        self.websocket.fallback_prompt = prompt
+        self.websocket.apply_config(new)
         self.rss_gate.update(RssLimits(*rss_limits(new)))
         self.endpoint.apply_config(new)
         message = "config reloaded"
@@ -245,6 +251,7 @@ class Supervisor:
                 await nursery.start(self.desk.run)
                 try:
                     await nursery.start(self.endpoint.run)
+                    await nursery.start(self.websocket.run)
                     await nursery.start(self._control_server().run)
                     await nursery.start(self.alsa.run)
                     if config.metrics.listen:

@@ -1,0 +1,632 @@
+"""Trio driver for WebSocket media streams (the Twilio Media Streams message set).
+
+A media server connects to ``ws://[websocket] listen[websocket] path``
+(``/media``; ``/media/<tenant>`` names the tenant, as does
+``start.customParameters.tenant``; any other path gets HTTP 404). The
+messages and close codes are :mod:`voxgate.transports.media_stream`'s
+(sans-IO); this module owns the sockets and the sessions:
+
+- One handler task per connection (trio-websocket's) reads messages into the
+  connection's :class:`~voxgate.transports.media_stream.MediaStream`; a writer
+  task sends what the session queued on the connection's bounded outbound
+  channel (``send_nowait``; a full channel drops and counts).
+- ``start`` asks admission, as SIP does: a refusal closes with 1013 (try
+  again later) and the reason; a queued stream waits, its media dropped and
+  counted, until admitted or refused; a stream that closes while queued
+  gives its place up.
+- The media path is :class:`WebSocketLeg`, ticked every 20 ms by the shared
+  :class:`~voxgate.transports.rtp_media.MediaClock` like the RTP leg: inbound
+  frames wait in a queue held against the session budget's ``jitter`` buffer
+  (oldest dropped and counted); each tick decodes one, runs the pipeline and
+  queues one ``media`` message (silence when the agent is quiet).
+- Playback completion is the echoed ``mark``: after an utterance's last
+  chunk the leg sends a mark named after the utterance id; the echo resolves
+  it (``mark``), the session's playback deadman covers a far end that never
+  echoes. Barge-in sends ``clear`` and discards the audio still queued.
+- Recovery: right after ``start`` voxgate sends the mark
+  ``voxgate-recovery:<token>`` (see the sans-IO module). A stream that closes
+  without ``stop`` leaves its session running without media: the deadman
+  timers pause it (``[timers] media_inactivity_s``) and end it after
+  ``recovery_window_s``; a connection whose ``start`` carries
+  ``customParameters.recoveryToken`` is attached to that session instead.
+  ``stop`` ends the session with reason ``bye``.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    Endpoint,
+    WebSocketConnection,
+    WebSocketRequest,
+    serve_websocket,
+)
+
+from voxgate import admission as adm
+from voxgate.admission_desk import AdmissionDesk
+from voxgate.budget import BoundedAudioQueue, SessionBudget
+from voxgate.codec.g711 import PCMU
+from voxgate.config import Config, split_host_port
+from voxgate.logging import log_event
+from voxgate.pipeline.pipeline import Pipeline
+from voxgate.pipeline.playback import MARK, MAX_PENDING
+from voxgate.registry import Entry, Registry
+from voxgate.rtp.dtmf import DtmfEvent
+from voxgate.session import Session, SessionCore
+from voxgate.transports import media_stream as ms
+from voxgate.transports.rtp_media import MediaClock
+
+HEARTBEAT_S = 1.0
+"""The listener task checks in with the watchdog this often."""
+OUTBOUND_QUEUE_MESSAGES = 32
+"""Messages queued for one connection's writer: 640 ms of media, then drops."""
+INBOUND_QUEUE_MESSAGES = 8
+"""Messages trio-websocket buffers ahead of the reader; then TCP pushes back."""
+HANDSHAKE_TIMEOUT_S = 10.0
+CLOSE_TIMEOUT_S = 2.0
+_TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+_SILENCE = PCMU.silence(ms.FRAME_BYTES)
+# Session end reason → close code (default 1000 with the reason).
+_END_CLOSE = {"shutdown": ms.CLOSE_GOING_AWAY, "drain-timeout": ms.CLOSE_GOING_AWAY,
+              "error": ms.CLOSE_INTERNAL_ERROR}
+
+
+class _Connection:
+    """One accepted WebSocket: its stream state, its outbound channel and its close."""
+
+    def __init__(self, ws: WebSocketConnection, stream: ms.MediaStream, remote: Endpoint | str,
+                 path_tenant: str | None, headers: dict[str, str]) -> None:
+        self.ws = ws
+        self.stream = stream
+        self.remote = _fmt(remote)
+        self.source_ip = str(remote.address) if isinstance(remote, Endpoint) else None
+        self.path_tenant = path_tenant
+        self.headers = headers
+        self.ticket: str | None = None
+        """The session id it carries (admitted, queued or resumed)."""
+        self.scope = trio.CancelScope()
+        self.closing = False
+        self.close_code = ms.CLOSE_GOING_AWAY
+        self.close_reason = "shutting down"
+        self.dropped = 0
+        self._out_send, self._out_receive = trio.open_memory_channel[tuple[bool, str]](
+            OUTBOUND_QUEUE_MESSAGES)
+
+    def send_nowait(self, message: str, *, media: bool) -> bool:
+        """Queue ``message`` for the writer; False (counted) when the channel is full."""
+        try:
+            self._out_send.send_nowait((media, message))
+        except trio.WouldBlock:
+            self.dropped += 1
+            return False
+        return True
+
+    def discard_media(self) -> None:
+        """Barge-in: drop the queued ``media`` messages, keep the marks in order."""
+        keep: list[str] = []
+        while True:
+            try:
+                media, message = self._out_receive.receive_nowait()
+            except trio.WouldBlock:
+                break
+            if not media:
+                keep.append(message)
+        for message in keep:
+            self._out_send.send_nowait((False, message))
+
+    def close(self, code: int, reason: str) -> None:
+        """Close with ``code`` and ``reason`` (the first close asked for wins)."""
+        if not self.closing:
+            self.closing = True
+            self.close_code, self.close_reason = code, reason
+        self.scope.cancel()
+
+    async def write_loop(self) -> None:
+        async for _, message in self._out_receive:
+            try:
+                await self.ws.send_message(message)
+            except ConnectionClosed:
+                return
+
+
+class WebSocketLeg:
+    """One session's media over its current stream; a :class:`~voxgate.session.SessionMedia`.
+
+    Between streams (a drop, before a resumption) nothing is sent and the
+    utterances finished meanwhile are left to the playback deadman.
+    """
+
+    __slots__ = ("_arrived", "_closed", "_conn", "_inbound", "_marks", "clears_sent",
+                 "drops_send_queue", "frames_in", "frames_out", "marks_echoed", "marks_sent",
+                 "marks_unknown", "pipeline")
+
+    def __init__(self, pipeline: Pipeline, budget: SessionBudget) -> None:
+        self.pipeline = pipeline
+        self._inbound = BoundedAudioQueue(budget, "jitter")
+        self._conn: _Connection | None = None
+        self._marks: dict[str, int] = {}  # mark name → utterance id, oldest first
+        self._arrived = False
+        self._closed = False
+        self.frames_in = 0
+        self.frames_out = 0
+        self.marks_sent = 0
+        self.marks_echoed = 0
+        self.marks_unknown = 0
+        self.clears_sent = 0
+        self.drops_send_queue = 0
+
+    @property
+    def packets_in(self) -> int:
+        return self.frames_in
+
+    @property
+    def packets_out(self) -> int:
+        return self.frames_out
+
+    def attach(self, conn: _Connection | None) -> None:
+        """Send on ``conn`` from the next tick on (None: the stream dropped)."""
+        self._conn = None if self._closed else conn
+
+    def receive_media_untrusted(self, payload: bytes, now: float) -> None:
+        """Queue a checked ``media`` payload (whole 160-byte frames of µ-law)."""
+        if self._closed:
+            return
+        step = ms.FRAME_BYTES
+        for start in range(0, len(payload), step):
+            self._inbound.push(payload[start:start + step])
+        self.frames_in += len(payload) // step
+        self._arrived = True
+
+    def receive_mark(self, name: str, now: float) -> None:
+        """The far end echoed mark ``name``: the utterance it closes has played."""
+        utterance_id = self._marks.pop(name, None)
+        if utterance_id is None:
+            self.marks_unknown += 1  # our recovery marks, or marks from before a resumption
+            return
+        self.marks_echoed += 1
+        self.pipeline.playback.complete(utterance_id, MARK, now)
+
+    def tick(self, now: float, frames_elapsed: int) -> bool:
+        """One 20 ms media step (see the module docstring); never blocks.
+
+        Returns whether caller media arrived since the last tick.
+        """
+        arrived, self._arrived = self._arrived, False
+        pipeline = self.pipeline
+        inbound = self._inbound
+        for _ in range(frames_elapsed):
+            payload = inbound.pop()
+            if payload is None:
+                break
+            pipeline.inbound(PCMU.decode(payload), now)
+        out = pipeline.outbound(now)
+        sent = pipeline.playout.take_sent()
+        conn = self._conn
+        if pipeline.cleared:
+            pipeline.cleared = False
+            if conn is not None:
+                conn.discard_media()
+                self._send(conn, conn.stream.clear())
+                self.clears_sent += 1
+        if conn is None:
+            return arrived
+        message = conn.stream.media(_SILENCE if out is None else PCMU.encode(out))
+        if conn.send_nowait(message, media=True):
+            self.frames_out += 1
+        else:
+            self.drops_send_queue += 1
+        for utterance_id in sent:
+            name = str(utterance_id)
+            if len(self._marks) >= MAX_PENDING:
+                del self._marks[next(iter(self._marks))]
+            self._marks[name] = utterance_id
+            if self._send(conn, conn.stream.mark(name)):
+                self.marks_sent += 1
+        return arrived
+
+    def _send(self, conn: _Connection, message: str) -> bool:
+        if conn.send_nowait(message, media=False):
+            return True
+        self.drops_send_queue += 1
+        return False
+
+    def counters(self) -> dict[str, int]:
+        """This leg's counters by name; budget drops are the session's."""
+        return {
+            "ws_frames_in": self.frames_in,
+            "ws_frames_out": self.frames_out,
+            "ws_marks_sent": self.marks_sent,
+            "ws_marks_echoed": self.marks_echoed,
+            "ws_marks_unknown": self.marks_unknown,
+            "ws_clears_sent": self.clears_sent,
+            "drop_ws_send_queue_full": self.drops_send_queue,
+            "dtmf_events": self.pipeline.dtmf_events,
+            "speech_turns": self.pipeline.speech_turns,
+        }
+
+    def close(self) -> None:
+        """Stop sending and give the queued inbound audio back to the budget (idempotent)."""
+        self._closed = True
+        self._conn = None
+        self._inbound.clear()
+
+
+@dataclass
+class _Call:
+    """An admitted stream's session, its leg and the connection it uses now."""
+
+    ticket: str
+    session: Session
+    leg: WebSocketLeg
+    conn: _Connection | None = None
+
+
+class _Signaling:
+    """:class:`~voxgate.session.CallSignaling` for one media stream."""
+
+    def __init__(self, endpoint: WebSocketEndpoint, ticket: str) -> None:
+        self._endpoint = endpoint
+        self._ticket = ticket
+
+    def ring(self) -> None:
+        """A media stream has no ringing."""
+
+    def answer(self) -> None:
+        """The stream flows already: nothing to send."""
+
+    def refuse(self, reason: str) -> None:
+        self._endpoint.close_call(self._ticket, reason)
+
+    def hangup(self, reason: str) -> None:
+        self._endpoint.close_call(self._ticket, reason)
+
+    def release(self) -> None:
+        self._endpoint.release(self._ticket)
+
+
+class WebSocketEndpoint:
+    """The media-stream server on ``[websocket] listen``; owns its streams' sessions.
+
+    ``counters()`` gives the connection-level counts (refusals, bad messages,
+    media dropped while queued …); the sessions' counters are in the registry.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        clock: MediaClock,
+        desk: AdmissionDesk,
+        registry: Registry,
+        check_in: Callable[[str], None] = lambda task: None,
+        fallback_prompt: tuple[bytes, ...] = (),
+        *,
+        start_timeout_s: float = ms.START_TIMEOUT_S,
+    ) -> None:
+        self.config = config
+        self.fallback_prompt = fallback_prompt
+        """Frames of ``[agent] fallback_prompt``."""
+        self.desk = desk
+        self.registry = registry
+        self._clock = clock
+        self._check_in = check_in
+        self._start_timeout_s = start_timeout_s
+        limits = config.limits
+        self.max_connections = 2 * (limits.max_sessions + limits.queue_size) + 64
+        self.tokens = ms.RecoveryTokens(self.max_connections)
+        self.stats: Counter[str] = Counter()
+        self.port: int | None = None
+        """The bound TCP port once :meth:`run` reported started (None: not listening)."""
+        self._calls: dict[str, _Call] = {}
+        self._queued: dict[str, _Connection] = {}
+        self._connections = 0
+        self._nursery: trio.Nursery | None = None
+
+    # -- life cycle -------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Listen on ``[websocket] listen`` (nothing when it is empty), report started,
+        serve and check in as ``websocket`` until cancelled.
+
+        Raises OSError when the address cannot be bound.
+        """
+        listen = self.config.websocket.listen
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            if listen:
+                host, port = split_host_port(listen)
+                server = await nursery.start(partial(
+                    serve_websocket, self._serve, host, port, None,
+                    message_queue_size=INBOUND_QUEUE_MESSAGES,
+                    max_message_size=self.config.websocket.max_message_bytes,
+                    connect_timeout=HANDSHAKE_TIMEOUT_S, disconnect_timeout=CLOSE_TIMEOUT_S,
+                ))
+                self.port = server.port
+                log_event(logging.INFO, "websocket_listening", "media streams listening",
+                          listen=f"{host}:{self.port}", path=self.config.websocket.path)
+            task_status.started()
+            while True:
+                self._check_in("websocket")
+                await trio.sleep(HEARTBEAT_S)
+
+    def apply_config(self, config: Config) -> None:
+        """A reload: new streams use ``config`` (path, limits, timers); ``listen`` stays."""
+        self.config = config
+
+    def counters(self) -> dict[str, int]:
+        """Connection-level counts by name (see the class docstring)."""
+        return dict(self.stats)
+
+    # -- actions from sessions -------------------------------------------
+
+    def close_call(self, ticket: str, reason: str) -> None:
+        """End the stream of session ``ticket``: close its WebSocket naming ``reason``."""
+        call = self._calls.get(ticket)
+        if call is not None and call.conn is not None:
+            call.conn.close(_END_CLOSE.get(reason, ms.CLOSE_NORMAL), reason)
+
+    def release(self, ticket: str) -> None:
+        """The session is gone: free its admission slot, token and connection."""
+        call = self._calls.pop(ticket, None)
+        if call is None:
+            return
+        self.tokens.forget(ticket)
+        self.registry.remove(ticket)
+        self.desk.release(ticket, trio.current_time())
+        if call.conn is not None:
+            call.conn.close(ms.CLOSE_NORMAL, call.session.end_reason or "ended")
+
+    # -- connections ----------------------------------------------------------
+
+    async def _serve(self, request: WebSocketRequest) -> None:
+        found, path_tenant = _match_path(request.path, self.config.websocket.path)
+        if not found:
+            self.stats["rejected_path"] += 1
+            await request.reject(404)
+            return
+        if self._connections >= self.max_connections:
+            self.stats["rejected_busy"] += 1
+            log_event(logging.WARNING, "websocket_busy", "too many connections: 503",
+                      remote=_fmt(request.remote), connections=self._connections)
+            retry = str(self.config.limits.retry_after_s).encode()
+            await request.reject(503, extra_headers=[(b"retry-after", retry)])
+            return
+        ws = await request.accept()
+        cfg = self.config.websocket
+        stream = ms.MediaStream(trio.current_time(), max_message_bytes=cfg.max_message_bytes,
+                                max_messages_per_s=cfg.max_messages_per_s,
+                                start_timeout_s=self._start_timeout_s)
+        headers: dict[str, str] = {}
+        for name, value in request.headers:
+            headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
+        conn = _Connection(ws, stream, request.remote, path_tenant, headers)
+        self._connections += 1
+        self.stats["connections"] += 1
+        try:
+            with conn.scope:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(conn.write_loop)
+                    await self._read_loop(conn)
+                    nursery.cancel_scope.cancel()
+        finally:
+            self._connections -= 1
+            self._gone(conn)
+            with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+                await ws.aclose(conn.close_code, conn.close_reason)
+
+    async def _read_loop(self, conn: _Connection) -> None:
+        """Read until the peer closes, sends ``stop`` or breaks the protocol."""
+        stream = conn.stream
+        try:
+            while True:
+                deadline = stream.next_deadline()
+                with trio.move_on_at(math.inf if deadline is None else deadline):
+                    data = await conn.ws.get_message()
+                    if self._on_message(conn, data, trio.current_time()):
+                        return
+                    continue
+                stream.handle_timer(trio.current_time())
+        except ConnectionClosed as e:
+            if e.reason is not None and e.reason.code == ms.CLOSE_MESSAGE_TOO_BIG:
+                self._bad_message(conn, ms.MediaStreamError(e.reason.code, e.reason.reason or ""))
+        except ms.MediaStreamError as e:
+            self._bad_message(conn, e)
+            conn.close(e.close_code, e.reason)
+        except Exception as exc:
+            log_event(logging.ERROR, "websocket_error", f"media stream failed: {exc!r}",
+                      session_id=conn.ticket, remote=conn.remote, exc_info=exc)
+            conn.close(ms.CLOSE_INTERNAL_ERROR, "internal error")
+
+    def _bad_message(self, conn: _Connection, error: ms.MediaStreamError) -> None:
+        self.stats[f"bad_message_{error.close_code}"] += 1
+        log_event(logging.WARNING, "websocket_bad_message", error.reason,
+                  close_code=error.close_code, remote=conn.remote, session_id=conn.ticket)
+
+    def _on_message(self, conn: _Connection, data: str | bytes, now: float) -> bool:
+        """Handle one message; True when the stream has stopped."""
+        event = conn.stream.receive_message_untrusted(data, now)
+        call = self._calls.get(conn.ticket) if conn.ticket is not None else None
+        if call is not None and call.conn is not conn:
+            call = None
+        if isinstance(event, ms.Media):
+            if call is None:
+                self.stats["media_dropped_not_admitted"] += 1
+            elif event.track != ms.INBOUND_TRACK:
+                self.stats["media_ignored_outbound_track"] += 1
+            else:
+                call.leg.receive_media_untrusted(event.payload, now)
+        elif isinstance(event, ms.Mark):
+            if call is not None:
+                call.leg.receive_mark(event.name, now)
+        elif isinstance(event, ms.Dtmf):
+            if call is not None:
+                call.leg.pipeline.dtmf(DtmfEvent(event.digit, 0, now))
+        elif isinstance(event, ms.Start):
+            self._on_start(conn, event, now)
+        elif isinstance(event, ms.Stop):
+            self._on_stop(conn, call, now)
+            return True
+        return False
+
+    def _on_start(self, conn: _Connection, start: ms.Start, now: float) -> None:
+        token = start.custom_parameters.get(ms.RECOVERY_TOKEN_PARAMETER)
+        if token is not None:
+            self._resume(conn, token)
+            return
+        hint = start.custom_parameters.get(ms.TENANT_PARAMETER)
+        if conn.path_tenant is not None and hint is not None and hint != conn.path_tenant:
+            raise ms.MediaStreamError(ms.CLOSE_POLICY_VIOLATION,
+                                      "the path and customParameters.tenant name other tenants")
+        ticket = uuid.uuid4().hex[:12]
+        conn.ticket = ticket
+        info = adm.CallInfo(ruri_user=None, ruri_host=None, headers=conn.headers,
+                            source_ip=conn.source_ip, transport="websocket",
+                            tenant_hint=conn.path_tenant or hint)
+        decision = self.desk.request(ticket, info, now, on_admitted=self._admitted_from_queue,
+                                     on_refused=self._refused_from_queue)
+        result = {adm.Admitted: "admitted", adm.Queued: "queued", adm.Refusal: "refused"}
+        log_event(logging.INFO, "admission", result[type(decision)], call_id=start.call_sid,
+                  session_id=ticket, tenant=decision.tenant, transport="websocket",
+                  reason=getattr(decision, "reason", None))
+        if isinstance(decision, adm.Refusal):
+            self._refuse(conn, decision)
+        elif isinstance(decision, adm.Queued):
+            self._queued[ticket] = conn
+        else:
+            self._start_call(conn, decision.tenant)
+
+    def _on_stop(self, conn: _Connection, call: _Call | None, now: float) -> None:
+        if conn.ticket is not None and self._queued.get(conn.ticket) is conn:
+            self._cancel_queued(conn.ticket, now)
+        elif call is not None:
+            call.conn = None
+            call.leg.attach(None)
+            call.session.end("bye")
+        conn.close(ms.CLOSE_NORMAL, "stop")
+
+    def _gone(self, conn: _Connection) -> None:
+        """The connection has ended: give up its queue place, or detach it from its session."""
+        ticket = conn.ticket
+        if ticket is None:
+            return
+        if self._queued.get(ticket) is conn:
+            self._cancel_queued(ticket, trio.current_time())
+            return
+        call = self._calls.get(ticket)
+        if call is None or call.conn is not conn:
+            return
+        call.conn = None
+        call.leg.attach(None)
+        if call.session.end_reason is None:
+            self.stats["streams_dropped"] += 1
+            log_event(logging.INFO, "stream_dropped", "stream closed without stop: the "
+                      "session waits for a resumption until its recovery window ends",
+                      session_id=ticket, call_id=call.session.call_id, remote=conn.remote)
+
+    def _cancel_queued(self, ticket: str, now: float) -> None:
+        del self._queued[ticket]
+        self.desk.cancel(ticket, now)
+        log_event(logging.INFO, "call_cancelled", "stream closed while queued",
+                  session_id=ticket, transport="websocket")
+
+    def _refuse(self, conn: _Connection, refusal: adm.Refusal) -> None:
+        self.stats[f"refused_{refusal.reason}"] += 1
+        log_event(logging.INFO, "call_refused", "closed with 1013", session_id=refusal.ticket,
+                  reason=refusal.reason, tenant=refusal.tenant, transport="websocket",
+                  remote=conn.remote)
+        conn.close(ms.CLOSE_TRY_AGAIN_LATER, refusal.reason)
+
+    def _refused_from_queue(self, refusal: adm.Refusal) -> None:
+        conn = self._queued.pop(refusal.ticket, None)
+        if conn is not None:
+            self._refuse(conn, refusal)
+
+    def _admitted_from_queue(self, admitted: adm.Admitted) -> None:
+        conn = self._queued.pop(admitted.ticket, None)
+        if conn is None:  # gone meanwhile (cancel came too late): give the slot back
+            self.desk.release(admitted.ticket, trio.current_time())
+            return
+        log_event(logging.INFO, "admission", "dequeued", session_id=admitted.ticket,
+                  tenant=admitted.tenant, waited_s=admitted.waited_s, transport="websocket")
+        self._start_call(conn, admitted.tenant)
+
+    def _start_call(self, conn: _Connection, tenant: str) -> None:
+        ticket, start = conn.ticket, conn.stream.start
+        assert ticket is not None and start is not None and self._nursery is not None
+        now = trio.current_time()
+        try:
+            core = SessionCore.build(self.config, "websocket", now)
+            leg = WebSocketLeg(core.pipeline, core.budget)
+            session = Session(
+                session_id=ticket, call_id=start.call_sid, transport="websocket",
+                codec=PCMU.name, signaling=_Signaling(self, ticket), media=leg, core=core,
+                clock=self._clock, answer_delay_s=0, fallback_prompt=self.fallback_prompt,
+                tenant=tenant,
+            )
+        except Exception as exc:
+            self.desk.release(ticket, now)
+            log_event(logging.ERROR, "websocket_error", f"cannot start the session: {exc!r}",
+                      session_id=ticket, call_id=start.call_sid, exc_info=exc)
+            conn.close(ms.CLOSE_INTERNAL_ERROR, "internal error")
+            return
+        call = _Call(ticket, session, leg)
+        self._calls[ticket] = call
+        self.registry.add(Entry(session, tenant, lambda: None if call.conn is None
+                                else call.conn.remote, leg.counters))
+        self._attach(call, conn)
+        log_event(logging.INFO, "call_start", "call started", session_id=ticket,
+                  call_id=start.call_sid, tenant=tenant, transport="websocket",
+                  codec=PCMU.name, remote=conn.remote, stream_sid=start.stream_sid)
+        self._nursery.start_soon(session.run)
+
+    def _resume(self, conn: _Connection, token: str) -> None:
+        ticket = self.tokens.redeem_untrusted(token)
+        call = None if ticket is None else self._calls.get(ticket)
+        if call is None or call.session.end_reason is not None:
+            self.stats["resume_refused"] += 1
+            raise ms.MediaStreamError(ms.CLOSE_POLICY_VIOLATION,
+                                      "unknown, used or expired recovery token")
+        self._attach(call, conn)
+        self.stats["streams_resumed"] += 1
+        log_event(logging.INFO, "stream_resumed", "stream resumed with its recovery token",
+                  session_id=call.ticket, call_id=call.session.call_id, remote=conn.remote,
+                  stream_sid=conn.stream.stream_sid)
+
+    def _attach(self, call: _Call, conn: _Connection) -> None:
+        """Make ``conn`` the call's stream and hand it a new recovery token."""
+        old = call.conn
+        if old is not None and old is not conn:
+            old.close(ms.CLOSE_NORMAL, "replaced by a resumed stream")
+        call.conn = conn
+        conn.ticket = call.ticket
+        call.leg.attach(conn)
+        token = self.tokens.issue(call.ticket)
+        conn.send_nowait(conn.stream.mark(ms.recovery_mark_name(token)), media=False)
+
+
+def _match_path(target: str, base: str) -> tuple[bool, str | None]:
+    """Whether ``target`` (query ignored) is ``base`` or ``base/<tenant>``; the tenant."""
+    path = target.split("?", 1)[0]
+    base = base.rstrip("/") or "/"
+    if path == base:
+        return True, None
+    prefix = base if base.endswith("/") else base + "/"
+    tenant = path.removeprefix(prefix)
+    if tenant != path and _TENANT_NAME.fullmatch(tenant):
+        return True, tenant
+    return False, None
+
+
+def _fmt(remote: Endpoint | str) -> str:
+    if isinstance(remote, Endpoint):
+        return f"{remote.address}:{remote.port}"
+    return remote
