@@ -38,6 +38,8 @@ bench: setup
 	$(BIN)/python -m bench.sip_load
 	$(BIN)/python -m bench.admission_latency
 	$(BIN)/python -m bench.rss_sessions
+	$(BIN)/python -m bench.ws_load
+	$(BIN)/python -m bench.agent_latency
 
 deb: setup
 	packaging/build-deb.sh dist

@@ -1,110 +1,106 @@
-"""``make demo``: the daemon plus real calls from SIPp and baresip, in under a minute.
+"""``make demo``: real conversations with the daemon's local voice agent, in about a minute.
 
-Starts ``voxgated`` (echo agent) on free loopback ports, synthesises a speech
-clip with espeak-ng, then places one SIPp call (streaming the clip as µ-law
-RTP, captured with tcpdump) and one baresip call (playing the clip from a
-file and recording what it hears). For each call it prints what was sent and
-what came back: duration, packets, and how closely the returned audio
-matches the caller's speech.
+Starts ``voxgated`` with ``[agent] kind = "local"`` (the built-in menu:
+balance, agent, goodbye) on free loopback ports and places three SIP calls
+from a test phone (:mod:`tests.harness.phone`). Each caller speaks
+espeak-ng phrases as PCMU RTP, waiting for the agent's answer after each;
+the last one talks over the greeting (barge-in). For each call the demo
+prints what the caller said, what the agent recognised (with confidence)
+and what it answered, with the response latency, and how the call ended.
 """
 
 from __future__ import annotations
 
-import math
 import sys
 import tempfile
+import time
 from pathlib import Path
 
+from tests.agents.speech import speak_ulaw
 from tests.harness import missing_tools
-from tests.harness.audio import SpeechClip, compare_echo, decode_g711, make_speech_clip, read_wav
-from tests.harness.baresip import call_and_record
-from tests.harness.daemon import Daemon, free_udp_port, reserve_port_range, running_daemon
-from tests.harness.pcap import (
-    Capture,
-    echo_latencies_s,
-    flow_payload,
-    flow_stats,
-    percentile,
-    read_udp,
-    rtp_packets,
+from tests.harness.audio import decode_g711, rms_dbfs
+from tests.harness.daemon import Daemon, running_daemon
+from tests.harness.phone import Phone, RtpPeer
+
+CONVERSATIONS = (
+    ("balance, an account number, no more", ("balance", "one two three", "no"), False),
+    ("an agent, then goodbye", ("agent", "yes", "goodbye"), False),
+    ("goodbye over the greeting", ("goodbye",), True),
 )
-from tests.harness.sipp import Sipp
+SPEECH_DBFS = -40.0
+QUIET_S = 0.8
 
 
-def _sipp_call(daemon: Daemon, clip: SpeechClip, workdir: Path) -> None:
-    media = reserve_port_range(4)
-    caller = ("127.0.0.1", media.first)
-    pcap_path = workdir / "sipp.pcap"
-    try:
-        with Capture(pcap_path, daemon.rtp.first, daemon.rtp.last):
-            result = Sipp(
-                "uac_echo", daemon.sip_address, workdir=workdir / "sipp",
-                local_port=free_udp_port(), media_port=media.first, clip=clip,
-                duration_ms=round(clip.duration_s * 1000) + 1500, timeout_s=40.0,
-            ).run()
-    finally:
-        media.release()
-    print(f"\nSIPp call: exit {result.returncode}, {result.successful_calls} successful")
-    packets = rtp_packets(read_udp(pcap_path))
-    for (src, dst), flow in sorted(flow_stats(packets).items()):
-        direction = "sent    " if src == caller else "received"
-        print(f"  {direction} {flow.packets:4d} RTP packets {src[0]}:{src[1]} -> "
-              f"{dst[0]}:{dst[1]}, {flow.rate_pps:.1f} packets/s, loss {flow.loss_ratio:.2%}")
-    outbound = [(src, dst) for (src, dst) in flow_stats(packets) if dst == caller]
-    if outbound:
-        echoed = decode_g711(flow_payload(packets, outbound[0][0], caller), "PCMU")
-        _print_match("  came back", echoed, clip)
-        latencies = echo_latencies_s(packets, caller)
-        if latencies:
-            print(f"  echo latency p50 {percentile(latencies, 50) * 1000:.1f} ms, "
-                  f"p99 {percentile(latencies, 99) * 1000:.1f} ms")
+def _wait_quiet(peer: RtpPeer, since: float, timeout_s: float = 20.0) -> None:
+    """Until the agent has spoken after ``since`` and then been quiet for ``QUIET_S``."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        loud = [p.at for p in peer.received(since)
+                if rms_dbfs(decode_g711(p.payload, "PCMU")) > SPEECH_DBFS]
+        if loud and time.monotonic() - loud[-1] >= QUIET_S:
+            return
+        time.sleep(0.1)
 
 
-def _baresip_call(daemon: Daemon, clip: SpeechClip, workdir: Path) -> None:
-    rtp = reserve_port_range(10)
-    try:
-        result = call_and_record(
-            daemon.sip_address, workdir / "baresip", clip=clip, sip_port=free_udp_port(),
-            rtp_first=rtp.first, rtp_last=rtp.last, run_s=math.ceil(clip.duration_s) + 6,
-        )
-    finally:
-        rtp.release()
-    print(f"\nbaresip call: exit {result.returncode}; sent {clip.duration_s:.1f} s of speech "
-          f"from {clip.pcm16_wav.name}")
-    if result.received_wav is None:
-        print("  nothing recorded")
-        return
-    _print_match("  recorded", read_wav(result.received_wav).to_pcm16(), clip)
+def _turns(daemon: Daemon, call_id: str) -> list[dict[str, str]]:
+    return [turn for turn in daemon.events("agent_turn") if turn["call_id"] == call_id]
 
 
-def _print_match(label: str, pcm16: bytes, clip: SpeechClip) -> None:
-    match = compare_echo(pcm16, clip.pcm16)
-    print(f"{label} {len(pcm16) / 16000:.1f} s of audio: correlation with the caller's speech "
-          f"{match.ncc:.2f} (energy envelope {match.envelope_corr:.2f}), "
-          f"delay {match.lag_s * 1000:.0f} ms")
+def _converse(daemon: Daemon, title: str, phrases: tuple[str, ...], barge_in: bool) -> None:
+    print(f"\ncall: {title}")
+    with Phone(daemon) as phone:
+        peer = phone.rtp_peer()
+        call = phone.call(media=peer)
+        if call.final_status != 200:
+            print(f"  INVITE answered {call.final_status}")
+            return
+        peer.resume()
+        if barge_in:
+            time.sleep(1.5)  # the greeting is playing
+        else:
+            _wait_quiet(peer, call.final_at or time.monotonic())
+        for phrase in phrases:
+            if call.bye is not None:
+                break
+            answered = len(_turns(daemon, call.call_id)) + 1
+            print(f"  caller says: {phrase!r}")
+            peer.play(speak_ulaw(phrase))
+            deadline = time.monotonic() + 10
+            while len(_turns(daemon, call.call_id)) < answered and time.monotonic() < deadline:
+                time.sleep(0.05)
+            _wait_quiet(peer, time.monotonic() - 0.5)
+        if call.bye is None:
+            phone.hang_up(call)
+    for turn in _turns(daemon, call.call_id):
+        if turn["input"] == "greeting":
+            print(f"  agent greets: {turn['say']!r}")
+            continue
+        heard = (f"keys {turn['dtmf']!r}" if turn["input"] == "dtmf" else
+                 f"heard {turn.get('transcript', '')!r} (confidence {turn.get('confidence')})")
+        cut = ", after cutting the agent short" if turn.get("barged_in") == "True" else ""
+        print(f"  agent {heard}{cut} -> says {turn['say']!r} "
+              f"[{turn.get('source')}, response {turn.get('response_ms', '-')} ms, "
+              f"recognition {turn.get('recognition_ms', '-')} ms, "
+              f"synthesis {turn.get('synthesis_ms')} ms]")
+    for end in daemon.events("call_end"):
+        if end["call_id"] == call.call_id:
+            print(f"  call ended: {end['reason']} after {float(end['duration_s']):.1f} s")
 
 
 def main() -> int:
-    missing = missing_tools("sipp", "baresip", "tcpdump", "espeak-ng", "sox")
+    missing = missing_tools("espeak-ng")
     if missing:
         print(f"demo: missing {', '.join(missing)}: run `make setup` as root", file=sys.stderr)
         return 1
-    with tempfile.TemporaryDirectory(prefix="voxgate-demo-") as tmp:
-        workdir = Path(tmp)
-        clip = make_speech_clip(workdir / "clip")
-        print(f"speech clip: {clip.duration_s:.1f} s, espeak-ng + sox, 8 kHz")
-        with running_daemon(workdir / "daemon") as daemon:
-            print(f"voxgated pid {daemon.pid}: SIP {daemon.sip_address[0]}:{daemon.sip_port}, "
-                  f"RTP {daemon.rtp.first}-{daemon.rtp.last}, echo agent")
-            _sipp_call(daemon, clip, workdir)
-            _baresip_call(daemon, clip, workdir)
-            print("\ndaemon log (calls):")
-            for event in ("call_start", "call_end"):
-                for fields in daemon.events(event):
-                    print(f"  {event}: " + " ".join(
-                        f"{k}={fields[k]}" for k in ("call_id", "codec", "reason", "duration_s",
-                                                     "packets_in", "packets_out") if k in fields))
-            print(f"\nstopping voxgated: exit {daemon.terminate()}")
+    with tempfile.TemporaryDirectory(prefix="voxgate-demo-") as tmp, running_daemon(
+        Path(tmp), {"agent": {"kind": "local"}, "vad": {"stop_ms": 500},
+                    "rtp": {"jitter_buffer_ms": 100}},
+    ) as daemon:
+        print(f"voxgated pid {daemon.pid}: SIP {daemon.sip_address[0]}:{daemon.sip_port}, "
+              f"local agent (pocketsphinx + espeak-ng, built-in menu)")
+        for title, phrases, barge_in in CONVERSATIONS:
+            _converse(daemon, title, phrases, barge_in)
+        print(f"\nstopping voxgated: exit {daemon.terminate()}")
     return 0
 
 

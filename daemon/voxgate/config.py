@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from voxgate.agents.dialogue import Choice, Menu, Step, menu_problem
 from voxgate.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/voxgate/voxgate.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_TARGETS = ("auto", "journal", "stderr")
-AGENT_KINDS = ("echo", "silent", "babble")
+AGENT_KINDS = ("echo", "local", "silent", "babble")
 CODECS = ("PCMU", "PCMA")
 
 
@@ -98,6 +100,7 @@ class BudgetConfig:
     session_bytes: int = field(default=256 * 1024, metadata=_range(4096, 1 << 30))
     budget_grace_ms: int = field(default=2000, metadata=_range(0, 600_000))
     playout_ms: int = field(default=30_000, metadata=_range(20, 3_600_000))
+    utterance_ms: int = field(default=10_000, metadata=_range(1000, 600_000))
     rss_soft_bytes: int = field(default=0, metadata=_range(0, 1 << 40))
     rss_hard_bytes: int = field(default=0, metadata=_range(0, 1 << 40))
 
@@ -110,9 +113,28 @@ class VadConfig:
 
 
 @dataclass(frozen=True)
+class WebhookConfig:
+    """``[agent.webhook]``: the integrator's HTTP endpoint ("" = none)."""
+
+    url: str = ""
+    max_concurrent: int = field(default=16, metadata=_range(1, 10_000))
+
+
+@dataclass(frozen=True)
 class AgentConfig:
+    """``[agent]``; ``menu`` None runs the local agent's built-in example menu."""
+
     kind: str = "echo"
     fallback_prompt: str = ""
+    voice: str = "en-us"
+    rate_wpm: int = field(default=160, metadata=_range(80, 450))
+    barge_in: bool = True
+    plugin: str = ""
+    recognizers: int = field(default=2, metadata=_range(1, 64))
+    synthesizers: int = field(default=2, metadata=_range(1, 64))
+    preroll_ms: int = field(default=300, metadata=_range(0, 2000))
+    webhook: WebhookConfig = field(default_factory=WebhookConfig)
+    menu: Menu | None = None
 
 
 @dataclass(frozen=True)
@@ -285,6 +307,10 @@ def _parse_section(cls: Any, section: str, values: dict[str, Any], source: str) 
         if (section, key) == ("alsa", "lines"):
             kwargs[key] = _parse_lines(value, source)
             continue
+        nested = _NESTED.get((cls, key))
+        if nested is not None:
+            kwargs[key] = nested(value, f"{section}.{key}", source)
+            continue
         kwargs[key] = _check_value(fields[key], value, where)
     return cls(**kwargs)
 
@@ -307,6 +333,36 @@ def _parse_lines(value: Any, source: str) -> tuple[AlsaLineConfig, ...]:
         if line.mode not in ("always", "on-demand"):
             raise ConfigError(f"{where} mode: must be \"always\" or \"on-demand\"")
     return lines
+
+
+def _parse_table(cls: Any, section: str, value: Any, source: str) -> Any:
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: [{section}]: must be a table")
+    return _parse_section(cls, section, value, source)
+
+
+def _parse_tables(cls: Any, section: str, value: Any, source: str) -> tuple[Any, ...]:
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise ConfigError(f"{source}: [[{section}]]: must be an array of tables")
+    return tuple(_parse_section(cls, f"{section}.{i}", t, source) for i, t in enumerate(value))
+
+
+def _parse_menu(value: Any, section: str, source: str) -> Menu:
+    menu: Menu = _parse_table(Menu, section, value, source)
+    problem = menu_problem(menu)
+    if problem is not None:
+        raise ConfigError(f"{source}: [{section}] {problem}")
+    return menu
+
+
+_NESTED: dict[tuple[type, str], Any] = {
+    (AgentConfig, "webhook"): lambda v, sec, src: _parse_table(WebhookConfig, sec, v, src),
+    (AgentConfig, "menu"): _parse_menu,
+    (Menu, "steps"): lambda v, sec, src: _parse_tables(Step, sec, v, src),
+    (Step, "choices"): lambda v, sec, src: _parse_tables(Choice, sec, v, src),
+}
+"""(section class, key) → parser of a nested table or array of tables under it."""
+_VOICE = re.compile(r"[A-Za-z0-9_+\-]+\Z")
 
 
 def _check_value(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
@@ -363,8 +419,7 @@ def _check_consistency(config: Config) -> None:
     if config.budget.session_bytes < jitter_bytes:
         raise ConfigError(f"{src}: [budget] session_bytes: must hold at least the jitter "
                           f"buffer ({jitter_bytes} bytes for [rtp] jitter_buffer_max_ms)")
-    if config.agent.kind not in AGENT_KINDS:
-        raise ConfigError(f"{src}: [agent] kind: must be one of {', '.join(AGENT_KINDS)}")
+    _check_agent(config.agent, src)
     if config.websocket.listen:
         try:
             split_host_port(config.websocket.listen)
@@ -384,3 +439,17 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"{src}: [log] level: must be one of {', '.join(LOG_LEVELS)}")
     if config.log.target not in LOG_TARGETS:
         raise ConfigError(f"{src}: [log] target: must be one of {', '.join(LOG_TARGETS)}")
+
+
+def _check_agent(agent: AgentConfig, src: str) -> None:
+    if agent.kind not in AGENT_KINDS:
+        raise ConfigError(f"{src}: [agent] kind: must be one of {', '.join(AGENT_KINDS)}")
+    if not _VOICE.match(agent.voice):
+        raise ConfigError(f"{src}: [agent] voice: an espeak-ng voice name (letters, digits, "
+                          f"+ - _), got {agent.voice!r}")
+    if agent.plugin and agent.webhook.url:
+        raise ConfigError(f"{src}: [agent] plugin: set either plugin or [agent.webhook] url")
+    if agent.plugin and agent.plugin.count(":") != 1:
+        raise ConfigError(f"{src}: [agent] plugin: must be \"module:callable\"")
+    if agent.webhook.url and not agent.webhook.url.startswith(("http://", "https://")):
+        raise ConfigError(f"{src}: [agent.webhook] url: must be an http:// or https:// URL")

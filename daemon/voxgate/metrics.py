@@ -41,6 +41,17 @@ PLAYBACK_COMPLETION = Counter(
     "that ended them (drained, mark, paced, deadman, cleared)",
     ["transport", "signal"], registry=REGISTRY,
 )
+TIME_TO_FIRST_VOICE = Histogram(
+    "voxgate_time_to_first_voice_seconds",
+    "From the answer to the agent's first audio played (local agent)",
+    registry=REGISTRY, buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, float("inf")),
+)
+RESPONSE_LATENCY = Histogram(
+    "voxgate_response_latency_seconds",
+    "From the end of the caller's speech to the agent's answer queued for playout "
+    "(VAD stop_ms, recognition, logic and synthesis; local agent)",
+    registry=REGISTRY, buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, float("inf")),
+)
 LOOP_LAG = Histogram(
     "voxgate_loop_lag_seconds", "Event-loop lag measured by the watchdog",
     registry=REGISTRY, buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, float("inf")),

@@ -85,12 +85,16 @@ class Registry:
         if entry is None:
             return None
         budget = entry.session.budget
-        return {
+        info: dict[str, object] = {
             **_summary(entry, trio.current_time()),
             "stats": _counters(entry),
             "budget": {"session_bytes": session_bytes, "total_bytes": budget.total_bytes,
                        "peak_bytes": budget.peak_bytes, "buffers": budget.snapshot()},
         }
+        agent = entry.session.agent.describe()
+        if agent:
+            info["agent"] = agent
+        return info
 
     def session_ages(self) -> list[tuple[str, float]]:
         """(session id, started at) of every session: for choosing whom to shed."""

@@ -105,10 +105,12 @@ class SessionCore:
         """A new core from ``config`` (``[budget]``, ``[timers]``, ``[vad]``, ``[agent]``).
 
         The ``jitter`` budget buffer is capped by ``[rtp] jitter_buffer_max_ms``
-        for every transport's inbound queue.
+        for every transport's inbound queue; ``utterance`` (the caller's speech
+        an agent collects for recognition) by ``[budget] utterance_ms``.
         """
         budget = SessionBudget(BufferCaps.from_ms(
-            {"jitter": config.rtp.jitter_buffer_max_ms, "playout": config.budget.playout_ms},
+            {"jitter": config.rtp.jitter_buffer_max_ms, "playout": config.budget.playout_ms,
+             "utterance": config.budget.utterance_ms},
             config.budget.session_bytes, config.budget.budget_grace_ms,
         ))
         t = config.timers
@@ -121,7 +123,7 @@ class SessionCore:
         playout = Playout(budget)
         vad = VoiceActivityDetector(aggressiveness=config.vad.aggressiveness,
                                     start_ms=config.vad.start_ms, stop_ms=config.vad.stop_ms)
-        agent = make_agent(config.agent.kind, playout)
+        agent = make_agent(config, playout, budget)
 
         def done(utterance_id: int, signal: str) -> None:
             PLAYBACK_COMPLETION.labels(transport, signal).inc()

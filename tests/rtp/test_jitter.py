@@ -224,3 +224,35 @@ def test_memory_stays_bounded_under_random_traffic():
 def test_inconsistent_sizes_are_rejected(capacity, prefetch, max_gap):
     with pytest.raises(LocalProtocolError):
         make(capacity, prefetch, max_gap)
+
+
+def test_a_phase_shift_grows_the_delay_instead_of_dropping_everything_late():
+    buffer = make(prefetch=1)
+    for seq in range(5):  # in phase: each packet arrives just before its tick
+        buffer.push(pkt(seq))
+        assert buffer.pop()[0] is FrameState.PLAYED
+    # The sender slips: frame 5 misses its tick, then every packet is one tick later.
+    assert buffer.pop()[0] is FrameState.LOST
+    played = []
+    for seq in range(5, 30):
+        buffer.push(pkt(seq))
+        state, payload = buffer.pop()
+        played.append(state)
+    assert buffer.stats.grown == 1
+    assert buffer.stats.late == 0
+    assert played.count(FrameState.PLAYED) >= 24
+
+
+def test_sustained_surplus_gives_delay_back():
+    from voxgate.rtp.jitter import SHRINK_AFTER_FRAMES
+
+    buffer = make(capacity=10, prefetch=1)
+    for seq in range(4):  # a burst: three frames beyond the prefetch
+        buffer.push(pkt(seq))
+    seq = 4
+    for _ in range(2 * SHRINK_AFTER_FRAMES + 2):
+        buffer.pop()
+        buffer.push(pkt(seq))
+        seq += 1
+    assert buffer.stats.shrunk == 2
+    assert buffer.buffered_frames <= 2

@@ -24,6 +24,8 @@ class AgentControls(Protocol):
     call_id: str
     tenant: str
     transport: str
+    answered_at: float | None
+    """When the call was answered (monotonic seconds, the media clock's); None before."""
 
     def hangup(self, reason: str) -> None:
         """End the call (e.g. after "goodbye"); ``reason`` goes to the call record."""
@@ -59,3 +61,7 @@ class Agent:
 
     async def run(self) -> None:
         """Long-running work in the session's nursery; cancelled at call end."""
+
+    def describe(self) -> dict[str, object]:
+        """What ``voxgatectl show ID`` shows of the agent (e.g. its turns); JSON-ready."""
+        return {}

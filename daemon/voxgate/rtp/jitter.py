@@ -22,6 +22,9 @@ from voxgate.errors import LocalProtocolError
 from voxgate.rtp.packet import RtpPacket
 from voxgate.rtp.seqnum import uint16_add, uint16_diff
 
+SHRINK_AFTER_FRAMES = 50
+"""Pops in a row with surplus frames before the buffer gives back one frame (1 s)."""
+
 
 class FrameState(enum.Enum):
     """What :meth:`JitterBuffer.pop` returns for one playout tick."""
@@ -37,9 +40,14 @@ class FrameState(enum.Enum):
 class JitterStats:
     """Counters of one jitter buffer, in packets (``played``, ``lost``: frames popped)."""
 
-    __slots__ = ("duplicates", "late", "lost", "overflow", "played", "received", "resets")
+    __slots__ = ("duplicates", "grown", "late", "lost", "overflow", "played", "received",
+                 "resets", "shrunk")
 
     def __init__(self) -> None:
+        self.grown = 0
+        """Times playout slipped back one frame for a frame that came just too late."""
+        self.shrunk = 0
+        """Times a frame was skipped because the buffer held surplus for a while."""
         self.received = 0
         self.played = 0
         self.lost = 0
@@ -73,6 +81,7 @@ class JitterBuffer:
         "_next_sequence",
         "_playing",
         "_prefetch",
+        "_surplus_run",
         "stats",
     )
 
@@ -92,6 +101,7 @@ class JitterBuffer:
         self._next_sequence = 0  # the frame the next pop() plays
         self._playing = False
         self._lost_run = 0
+        self._surplus_run = 0
         self._buffered_bytes = 0
         self.stats = JitterStats()
 
@@ -130,7 +140,12 @@ class JitterBuffer:
             self.reset()
             self._anchor(sequence)
         elif ahead < 0:
-            if self._playing or not self._rewind(sequence):
+            if ahead == -1 and self._playing and self._lost_run and self._rewind(sequence):
+                # The frame just concealed arrived a moment too late: the sender's
+                # phase moved. Play it next (one frame more delay) instead of
+                # dropping every packet from now on.
+                self.stats.grown += 1
+            elif self._playing or not self._rewind(sequence):
                 self.stats.late += 1
                 return
         elif ahead >= self._capacity:
@@ -158,6 +173,7 @@ class JitterBuffer:
             self._buffered_bytes -= len(payload)
             self.stats.played += 1
             self._lost_run = 0
+            self._shrink_if_surplus()
             return FrameState.PLAYED, payload
         self.stats.lost += 1
         self._lost_run += 1
@@ -165,6 +181,22 @@ class JitterBuffer:
             # The stream stopped (hold, silence suppression): re-anchor on the next packet.
             self.reset()
         return FrameState.LOST, None
+
+    def _shrink_if_surplus(self) -> None:
+        """Give back delay: after SHRINK_AFTER_FRAMES pops that each left more than
+        one frame beyond the prefetch, skip the oldest frame."""
+        if len(self._frames) <= self._prefetch:
+            self._surplus_run = 0
+            return
+        self._surplus_run += 1
+        if self._surplus_run >= SHRINK_AFTER_FRAMES:
+            self._surplus_run = 0
+            sequence = self._next_sequence
+            dropped = self._frames.pop(sequence, None)
+            if dropped is not None:
+                self._buffered_bytes -= len(dropped)
+            self._next_sequence = (sequence + 1) & 0xFFFF
+            self.stats.shrunk += 1
 
     def _anchor(self, sequence: int) -> None:
         self._anchored = True

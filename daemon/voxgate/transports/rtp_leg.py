@@ -137,6 +137,8 @@ class RtpLeg:
             "rtcp_ignored": st.rtcp_ignored,
             "ssrc_changes": st.ssrc_changes,
             "frames_concealed": jitter.lost,
+            "jitter_grown": jitter.grown,
+            "jitter_shrunk": jitter.shrunk,
             "dtmf_events": self.pipeline.dtmf_events,
             "speech_turns": self.pipeline.speech_turns,
         }

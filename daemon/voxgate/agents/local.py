@@ -1,0 +1,352 @@
+"""The local agent: offline recognition and synthesis, a menu, the integrator's logic.
+
+Per call::
+
+    media tick (50 Hz, O(1))           the agent's task (session nursery)
+    on_frame ─▶ pre-roll ring          greeting ─▶ synth ─▶ playout.say
+    on_speech start ─▶ utterance ◀─┐   loop: input ─▶ recognise (worker threads)
+    on_speech stop ─▶ send_nowait ─┼─▶       ─▶ menu answer / integrator (webhook, plugin)
+    on_dtmf ─▶ send_nowait ────────┘         ─▶ synth (espeak-ng) ─▶ playout.say
+
+The caller's speech is collected from ``SpeechStarted`` (with the pre-roll:
+the ``[vad] start_ms`` that made it start plus ``[agent] preroll_ms`` before)
+to ``SpeechStopped`` in the session's ``utterance`` budget buffer (``[budget]
+utterance_ms``: longer speech loses its start, counted), then handed to the
+task through a bounded channel; a full channel drops the input (counted).
+Speech that starts while the agent talks with barge-in off is ignored.
+
+Each turn is logged as one ``event=agent_turn`` line (transcript, confidence,
+recognition/logic/synthesis/response timings in ms) and kept for
+``voxgatectl show ID``. Response latency runs from the end of the caller's
+speech (``SpeechStopped.at``, so it includes ``[vad] stop_ms``) to when the
+answer's first frame is due out of the playout queue; time to first voice
+from the answer to the first agent frame played.
+
+A slow integrator: the session's agent-response deadman plays the fallback
+prompt at ``[timers] agent_response_s``; the integrator's reply is spoken
+after it if it comes within its own ``agent_response_s`` plus
+:data:`INTEGRATOR_GRACE_S` (so the fallback always comes first); later it is
+dropped and the menu's own answer is spoken instead.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections import deque
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from voxgate.agents.base import Agent
+from voxgate.agents.dialogue import (
+    BUILTIN_MENU,
+    Answer,
+    Dialogue,
+    Input,
+    KeyInput,
+    SpeechInput,
+    Step,
+)
+from voxgate.agents.recognizer import Recognizer, menu_grammars
+from voxgate.agents.synth import SynthesisError, Synthesizer
+from voxgate.agents.webhook import Ask, Integrator, integrator_for
+from voxgate.budget import BoundedAudioQueue, SessionBudget
+from voxgate.config import AgentConfig, Config
+from voxgate.logging import log_event
+from voxgate.metrics import RESPONSE_LATENCY, TIME_TO_FIRST_VOICE
+from voxgate.pipeline.playout import FRAME_S, Playout
+from voxgate.pipeline.vad import SpeechStarted, SpeechStopped
+from voxgate.rtp.dtmf import DtmfEvent
+
+INPUT_QUEUE = 4
+"""Inputs (utterances, keys) waiting for the agent's task; more are dropped."""
+MAX_TURNS_KEPT = 32
+"""Turns ``voxgatectl show`` lists (the most recent)."""
+HANGUP_REASON = "agent-hangup"
+_LOGGED_TEXT_CHARS = 200
+INTEGRATOR_GRACE_S = 0.5
+"""The integrator waits this much longer than the agent-response deadman, so a
+slow webhook always trips the fallback prompt before its answer is given up."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallerUtterance:
+    """The caller's speech from pre-roll to ``SpeechStopped`` (8 kHz PCM16), and when."""
+
+    pcm: bytes
+    started_at: float
+    stopped_at: float
+    speech_ms: int
+    barged_in: bool
+    """The caller cut the agent's speech to say this."""
+
+
+@dataclass(frozen=True, slots=True)
+class KeyPress:
+    """One DTMF key and when its first packet arrived."""
+
+    digit: str
+    at: float
+
+
+class LocalRuntime:
+    """What every local agent of one configuration shares (one per process).
+
+    Args:
+        agent: the ``[agent]`` section.
+        response_timeout_s: ``[timers] agent_response_s``, the integrator's time.
+
+    Raises:
+        ConfigError: ``[agent] plugin`` cannot be loaded.
+    """
+
+    def __init__(self, agent: AgentConfig, response_timeout_s: float) -> None:
+        self.config = agent
+        self.menu = agent.menu or BUILTIN_MENU
+        self.recognizer = Recognizer(menu_grammars(self.menu), workers=agent.recognizers)
+        self.synth = Synthesizer(agent.voice, agent.rate_wpm, processes=agent.synthesizers)
+        self.integrator: Integrator | None = integrator_for(
+            agent, response_timeout_s + INTEGRATOR_GRACE_S)
+
+
+_runtime: tuple[tuple[AgentConfig, float], LocalRuntime] | None = None
+
+
+def shared_runtime(config: Config) -> LocalRuntime:
+    """The process's :class:`LocalRuntime` for ``config`` (rebuilt when a reload changed it)."""
+    global _runtime
+    key = (config.agent, config.timers.agent_response_s)
+    if _runtime is None or _runtime[0] != key:
+        _runtime = (key, LocalRuntime(*key))
+    return _runtime[1]
+
+
+class LocalAgentStats:
+    """Counters of one local agent."""
+
+    __slots__ = ("barge_ins", "dropped_inputs", "ignored_utterances", "synthesis_errors", "turns")
+
+    def __init__(self) -> None:
+        self.turns = 0
+        self.dropped_inputs = 0
+        """Utterances or keys dropped because the input channel was full."""
+        self.ignored_utterances = 0
+        """Speech that started while the agent talked with barge-in off."""
+        self.barge_ins = 0
+        self.synthesis_errors = 0
+
+
+class LocalAgent(Agent):
+    """One call's local agent (``[agent] kind = "local"``).
+
+    Args:
+        playout: where it speaks.
+        budget: the session's budget, holding the ``utterance`` buffer.
+        runtime: the shared recogniser, synthesiser and integrator.
+        vad_start_ms: ``[vad] start_ms``: speech before ``SpeechStarted``, kept as pre-roll.
+    """
+
+    def __init__(self, playout: Playout, budget: SessionBudget, runtime: LocalRuntime, *,
+                 vad_start_ms: int) -> None:
+        super().__init__(playout)
+        self._runtime = runtime
+        self._dialogue = Dialogue(runtime.menu)
+        self._utterance = BoundedAudioQueue(budget, "utterance")
+        preroll_frames = math.ceil((vad_start_ms + runtime.config.preroll_ms) / 1000 / FRAME_S)
+        self._preroll: deque[bytes] = deque(maxlen=preroll_frames)
+        self._capturing = False
+        self._speech_at = 0.0
+        self._barged_in = False
+        self._inputs_in, self._inputs = trio.open_memory_channel[CallerUtterance | KeyPress](
+            INPUT_QUEUE)
+        self._turns: deque[dict[str, Any]] = deque(maxlen=MAX_TURNS_KEPT)
+        self._hangup_after: int | None = None
+        self._first_voice_s: float | None = None
+        self.stats = LocalAgentStats()
+
+    # -- the media tick's hooks: O(1), never block ---------------------------------------------
+
+    def on_frame(self, pcm: bytes, now: float) -> None:
+        if self._capturing:
+            self._utterance.push(pcm)
+        else:
+            self._preroll.append(pcm)
+        if self._first_voice_s is None and self.playout.played_frames:
+            answered_at = self.controls.answered_at
+            self._first_voice_s = 0.0 if answered_at is None else max(0.0, now - answered_at)
+            TIME_TO_FIRST_VOICE.observe(self._first_voice_s)
+
+    def on_speech(self, event: SpeechStarted | SpeechStopped) -> None:
+        if isinstance(event, SpeechStarted):
+            if self.playout.speaking:  # barge-in is off: the agent keeps the floor
+                self.stats.ignored_utterances += 1
+                return
+            self._capturing = True
+            self._speech_at = event.at
+            for frame in self._preroll:
+                self._utterance.push(frame)
+            self._preroll.clear()
+        elif self._capturing:
+            self._capturing = False
+            frames: list[bytes] = []
+            while (popped := self._utterance.pop()) is not None:
+                frames.append(popped)
+            self._offer(CallerUtterance(b"".join(frames), self._speech_at, event.at,
+                                        event.duration_ms, self._barged_in))
+            self._barged_in = False
+
+    def on_dtmf(self, event: DtmfEvent) -> None:
+        self._offer(KeyPress(event.digit, event.at))
+
+    def on_barge_in(self) -> None:
+        """Called just before the ``SpeechStarted`` of the speech that barged in."""
+        self.stats.barge_ins += 1
+        self._barged_in = True
+        if self._turns:
+            self._turns[-1]["cut_short"] = True
+
+    def on_playback_done(self, utterance_id: int, signal: str) -> None:
+        if utterance_id == self._hangup_after:
+            self.controls.hangup(HANGUP_REASON)
+
+    def _offer(self, item: CallerUtterance | KeyPress) -> None:
+        try:
+            self._inputs_in.send_nowait(item)
+        except trio.WouldBlock:
+            self.stats.dropped_inputs += 1
+
+    # -- the agent's task ------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        runtime = self._runtime
+        async with self._connect() as ask:
+            await self._speak(self._dialogue.greeting(), {"input": "greeting"}, None)
+            await runtime.recognizer.prepare()
+            while True:
+                await self._take_turn(await self._next_input(), ask)
+
+    def _connect(self) -> AbstractAsyncContextManager[Ask | None]:
+        integrator = self._runtime.integrator
+        return integrator.connect() if integrator is not None else _nothing()
+
+    async def _next_input(self) -> CallerUtterance | KeyInput:
+        """The next utterance, or key string the menu takes (keys are collected here)."""
+        dialogue = self._dialogue
+        while True:
+            deadline = dialogue.next_deadline()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                item = await self._inputs.receive()
+                if isinstance(item, CallerUtterance):
+                    return item
+                keys = dialogue.key(item.digit, item.at)
+                if keys is not None:
+                    return keys
+                continue
+            timed_out = dialogue.handle_timer(trio.current_time())
+            if timed_out is not None:
+                return timed_out
+
+    async def _take_turn(self, item: CallerUtterance | KeyInput, ask: Ask | None) -> None:
+        record: dict[str, Any] = {"step": self._dialogue.step.name}
+        heard: Input
+        caller_done_at = None
+        if isinstance(item, KeyInput):
+            heard = item
+            record.update(input="dtmf", dtmf=item.keys)
+        else:
+            started = trio.current_time()
+            recognition = await self._runtime.recognizer.recognize(item.pcm, record["step"])
+            heard = SpeechInput(recognition.transcript, recognition.confidence)
+            caller_done_at = item.stopped_at
+            record.update(input="speech", transcript=recognition.transcript,
+                          confidence=round(recognition.confidence, 3), speech_ms=item.speech_ms,
+                          recognition_ms=_ms_since(started), barged_in=item.barged_in)
+        answer = await self._decide(heard, ask, record)
+        await self._speak(answer, record, caller_done_at)
+
+    async def _decide(self, heard: Input, ask: Ask | None, record: dict[str, Any]) -> Answer:
+        """The menu's answer, or the integrator's where it gives one."""
+        dialogue = self._dialogue
+        answer = dialogue.respond(heard)
+        record.update(source="menu", matched=answer.matched)
+        if ask is None or not dialogue.step.webhook:
+            return answer
+        started = trio.current_time()
+        outcome = await ask(self._request(heard, dialogue.step))
+        record["logic_ms"] = _ms_since(started)
+        if outcome.error:
+            record["integrator_error"] = outcome.error[:_LOGGED_TEXT_CHARS]
+        reply = outcome.reply
+        if reply is None or reply.empty:
+            return answer
+        assert self._runtime.integrator is not None
+        record["source"] = self._runtime.integrator.kind
+        return dialogue.follow(reply.say, reply.next, reply.hangup)
+
+    def _request(self, heard: Input, step: Step) -> dict[str, object]:
+        speech = heard if isinstance(heard, SpeechInput) else None
+        controls = self.controls
+        return {
+            "session": controls.session_id, "tenant": controls.tenant, "call": controls.call_id,
+            "step": step.name,
+            "transcript": None if speech is None else speech.transcript,
+            "confidence": None if speech is None else round(speech.confidence, 3),
+            "dtmf": heard.keys if isinstance(heard, KeyInput) else None,
+        }
+
+    async def _speak(self, answer: Answer, record: dict[str, Any],
+                     caller_done_at: float | None) -> None:
+        """Synthesise and queue ``answer``; move the menu on; log and keep the turn."""
+        started = trio.current_time()
+        try:
+            frames = await self._runtime.synth.frames(answer.say)
+        except SynthesisError as e:
+            self.stats.synthesis_errors += 1
+            record["synthesis_error"] = str(e)[:_LOGGED_TEXT_CHARS]
+            frames = ()
+        now = trio.current_time()
+        self._dialogue.go(answer)
+        step = self._dialogue.step
+        self.controls.set_barge_in(self._runtime.config.barge_in and step.barge_in)
+        if frames:
+            utterance_id = self.playout.say(frames)
+            if answer.hangup:
+                self._hangup_after = utterance_id
+            if caller_done_at is not None:
+                ahead = max(0, len(self.playout) - len(frames))
+                response_s = now + ahead * FRAME_S - caller_done_at
+                RESPONSE_LATENCY.observe(response_s)
+                record["response_ms"] = round(response_s * 1000)
+        elif answer.hangup:
+            self.controls.hangup(HANGUP_REASON)
+        self.stats.turns += 1
+        record.update(turn=self.stats.turns, say=answer.say[:_LOGGED_TEXT_CHARS],
+                      next=step.name, hangup=answer.hangup, synthesis_ms=_ms_since(started),
+                      frames=len(frames))
+        self._turns.append(record)
+        log_event(logging.INFO, "agent_turn", "agent answered", session_id=self.controls.session_id,
+                  call_id=self.controls.call_id, **record)
+
+    def describe(self) -> dict[str, object]:
+        stats = self.stats
+        return {
+            "kind": "local",
+            "step": self._dialogue.step.name,
+            "time_to_first_voice_ms": None if self._first_voice_s is None
+            else round(self._first_voice_s * 1000),
+            "turns": [dict(turn) for turn in self._turns],
+            "stats": {name: getattr(stats, name) for name in LocalAgentStats.__slots__},
+        }
+
+
+@asynccontextmanager
+async def _nothing() -> AsyncIterator[None]:
+    yield None
+
+
+def _ms_since(started: float) -> int:
+    return round((trio.current_time() - started) * 1000)

@@ -1,0 +1,98 @@
+"""``[agent]``, ``[agent.webhook]`` and ``[agent.menu]``: parsing and errors naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from voxgate.agents.dialogue import Choice, Step
+from voxgate.config import Config, load_config
+from voxgate.errors import ConfigError
+
+MENU = """
+[agent]
+kind = "local"
+voice = "en-us+m3"
+rate_wpm = 140
+barge_in = false
+
+[agent.webhook]
+url = "http://127.0.0.1:8080/hook"
+max_concurrent = 4
+
+[agent.menu]
+greeting = "Hi."
+start = "main"
+
+[[agent.menu.steps]]
+name = "main"
+prompt = "Say yes."
+barge_in = false
+
+[[agent.menu.steps.choices]]
+phrases = ["yes"]
+say = "Okay."
+hangup = true
+
+[[agent.menu.steps.choices]]
+dtmf = "5"
+next = "main"
+"""
+
+
+def load(tmp_path: Path, text: str) -> Config:
+    path = tmp_path / "voxgate.toml"
+    path.write_text(text)
+    return load_config(path)
+
+
+def test_menu_and_webhook_parse(tmp_path):
+    agent = load(tmp_path, MENU).agent
+    assert (agent.kind, agent.voice, agent.rate_wpm, agent.barge_in) == (
+        "local", "en-us+m3", 140, False)
+    assert (agent.webhook.url, agent.webhook.max_concurrent) == ("http://127.0.0.1:8080/hook", 4)
+    assert agent.menu is not None
+    assert agent.menu.steps == (Step(name="main", prompt="Say yes.", barge_in=False, choices=(
+        Choice(phrases=("yes",), say="Okay.", hangup=True), Choice(dtmf="5", next="main"))),)
+
+
+def test_budget_utterance_ms(tmp_path):
+    assert load(tmp_path, "[budget]\nutterance_ms = 5000\n").budget.utterance_ms == 5000
+
+
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (('dtmf = "5"', 'dtmf = "5"\nbogus = 1'),
+         "[agent.menu.steps.0.choices.1] bogus: unknown key"),
+        (('greeting = "Hi."', 'greeting = "Hi."\nbogus = 1'), "[agent.menu] bogus: unknown key"),
+        (("max_concurrent = 4", "max_concurrent = 4\nbogus = 1"),
+         "[agent.webhook] bogus: unknown key"),
+        (('next = "main"', 'next = "elsewhere"'), "[agent.menu] steps #1 choices #2 next"),
+        (('phrases = ["yes"]', "phrases = [1]"), "phrases: must be a list of strings"),
+        (("rate_wpm = 140", "rate_wpm = 10"), "[agent] rate_wpm: must be between 80 and 450"),
+        (('voice = "en-us+m3"', 'voice = "-x; rm"'), "[agent] voice"),
+        (('url = "http://127.0.0.1:8080/hook"', 'url = "ftp://x"'), "[agent.webhook] url"),
+        (("barge_in = false\n", 'barge_in = false\nplugin = "m:f"\n'),
+         "set either plugin or [agent.webhook] url"),
+        (('start = "main"', 'start = "nowhere"'), "[agent.menu] start: no step"),
+    ],
+)
+def test_errors_name_the_key(tmp_path, change, expected):
+    old, new = change
+    assert old in MENU
+    with pytest.raises(ConfigError, match=None) as info:
+        load(tmp_path, MENU.replace(old, new, 1))
+    assert expected in str(info.value)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_bad_plugin_spec(tmp_path):
+    with pytest.raises(ConfigError, match="module:callable"):
+        load(tmp_path, '[agent]\nkind = "local"\nplugin = "nocolon"\n')
+
+
+def test_webhook_must_be_a_table(tmp_path):
+    with pytest.raises(ConfigError, match=r"\[agent.webhook\]: must be a table"):
+        load(tmp_path, '[agent]\nwebhook = "http://x"\n')

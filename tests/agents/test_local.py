@@ -1,0 +1,231 @@
+"""The local agent: capture with pre-roll, turns through the menu and the integrator, hang-up."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from voxgate.agents.local import CallerUtterance, LocalAgent, LocalRuntime, shared_runtime
+from voxgate.agents.recognizer import Recognition
+from voxgate.agents.webhook import PluginIntegrator
+from voxgate.budget import BufferCaps, SessionBudget
+from voxgate.config import AgentConfig, Config, TimersConfig
+from voxgate.pipeline.playout import Playout
+from voxgate.pipeline.vad import SpeechStarted, SpeechStopped
+from voxgate.rtp.dtmf import DtmfEvent
+
+
+class Controls:
+    session_id = "s1"
+    call_id = "c1"
+    tenant = "default"
+    transport = "sip"
+    answered_at: float | None = 0.0
+
+    def __init__(self) -> None:
+        self.hangups: list[str] = []
+        self.barge_in: list[bool] = []
+
+    def hangup(self, reason: str) -> None:
+        self.hangups.append(reason)
+
+    def set_barge_in(self, enabled: bool) -> None:
+        self.barge_in.append(enabled)
+
+
+class FakeRecognizer:
+    def __init__(self) -> None:
+        self.transcripts: list[str] = []
+        self.heard: list[tuple[bytes, str]] = []
+
+    async def prepare(self) -> None:
+        pass
+
+    async def recognize(self, pcm: bytes, grammar: str) -> Recognition:
+        self.heard.append((pcm, grammar))
+        return Recognition(self.transcripts.pop(0), 0.8, 0.01)
+
+
+class FakeSynth:
+    async def frames(self, text: str) -> tuple[bytes, ...]:
+        return tuple(bytes(320) for _ in range(len(text) // 10 + 1)) if text else ()
+
+
+def turns_of(agent: LocalAgent) -> list[dict[str, Any]]:
+    turns = agent.describe()["turns"]
+    assert isinstance(turns, list)
+    return turns
+
+
+def frame(n: int) -> bytes:
+    return bytes([n % 256]) * 320
+
+
+def make(config: AgentConfig | None = None) -> tuple[LocalAgent, Controls, FakeRecognizer]:
+    runtime = LocalRuntime(config or AgentConfig(kind="local"), 5.0)
+    recognizer = FakeRecognizer()
+    runtime.recognizer = recognizer  # type: ignore[assignment]
+    runtime.synth = FakeSynth()  # type: ignore[assignment]
+    budget = SessionBudget(BufferCaps.from_ms({"playout": 30_000, "utterance": 1000},
+                                              1 << 20, 2000))
+    agent = LocalAgent(Playout(budget), budget, runtime, vad_start_ms=200)
+    controls = Controls()
+    agent.controls = controls
+    return agent, controls, recognizer
+
+
+def speak(agent: LocalAgent, first: int, count: int, now: float = 1.0) -> None:
+    """Speech of ``count`` frames, numbered from ``first``, between VAD events; the agent's
+    speech was cut first, as the pipeline's barge-in does."""
+    agent.playout.clear()
+    agent.on_speech(SpeechStarted(now))
+    for n in range(first, first + count):
+        agent.on_frame(frame(n), now)
+    agent.on_speech(SpeechStopped(now + 0.5, count * 20))
+
+
+def test_utterance_keeps_the_preroll_and_is_bounded():
+    agent, _, _ = make()
+    for n in range(40):
+        agent.on_frame(frame(n), 0.0)
+    speak(agent, 100, 60)  # 1.2 s: over the 1 s utterance cap
+    item = agent._inputs.receive_nowait()
+    assert isinstance(item, CallerUtterance)
+    frames = [item.pcm[i:i + 320] for i in range(0, len(item.pcm), 320)]
+    assert len(frames) == 50  # capped at [budget] utterance_ms
+    assert frames[-1] == frame(159)
+    assert item.speech_ms == 1200
+
+
+def test_preroll_frames_come_first():
+    agent, _, _ = make()
+    for n in range(40):
+        agent.on_frame(frame(n), 0.0)
+    speak(agent, 100, 5)
+    pcm = agent._inputs.receive_nowait().pcm  # type: ignore[union-attr]
+    preroll = (200 + 300) // 20
+    assert pcm[:320] == frame(40 - preroll)
+    assert len(pcm) == (preroll + 5) * 320
+
+
+def test_full_input_channel_drops_and_counts():
+    agent, _, _ = make()
+    for _ in range(6):
+        agent.on_dtmf(DtmfEvent("1", 100, 0.0))
+    assert agent.stats.dropped_inputs == 2
+
+
+def test_speech_over_the_agent_with_barge_in_off_is_ignored():
+    agent, _, _ = make()
+    agent.playout.say([bytes(320)])
+    agent.on_speech(SpeechStarted(1.0))
+    agent.on_frame(frame(1), 1.0)
+    agent.on_speech(SpeechStopped(1.5, 20))
+    assert agent.stats.ignored_utterances == 1
+    with pytest.raises(trio.WouldBlock):
+        agent._inputs.receive_nowait()
+
+
+async def test_conversation_through_the_menu():
+    agent, controls, recognizer = make()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert turns_of(agent)[0]["input"] == "greeting"
+        assert agent.playout.speaking
+        agent.playout.clear()
+        recognizer.transcripts += ["balance", "one two three", "goodbye"]
+        speak(agent, 0, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        speak(agent, 0, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert controls.hangups == []
+        speak(agent, 0, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        turns = turns_of(agent)
+        assert [t.get("transcript") for t in turns] == [
+            None, "balance", "one two three", "goodbye"]
+        assert [g for _, g in recognizer.heard] == ["main", "account", "more"]
+        assert turns[2]["say"].startswith("The balance of account 1 2 3")
+        assert all(t["response_ms"] >= 0 for t in turns[1:])
+        last = turns[-1]
+        assert last["hangup"] and last["say"] == "Goodbye."
+        for utterance_id in range(1, 5):
+            agent.on_playback_done(utterance_id, "paced")
+        assert controls.hangups == ["agent-hangup"]
+        nursery.cancel_scope.cancel()
+
+
+async def test_dtmf_digit_string_and_first_voice():
+    agent, _, _ = make()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        agent.playout.pop()
+        agent.on_frame(frame(0), 0.25)
+        assert agent.describe()["time_to_first_voice_ms"] == 250
+        for digit in "1", "4", "2", "#":
+            agent.on_dtmf(DtmfEvent(digit, 100, trio.current_time()))
+            await trio.testing.wait_all_tasks_blocked()
+        turns = turns_of(agent)
+        assert [t.get("dtmf") for t in turns] == [None, "1", "42"]
+        assert turns[-1]["next"] == "more"
+        nursery.cancel_scope.cancel()
+
+
+async def _hook(request: dict[str, object]) -> dict[str, object] | None:
+    if request["transcript"] == "agent":
+        return {"say": f"Hello {request['call']}.", "next": "main"}
+    return None
+
+
+async def test_integrator_reply_overrides_the_menu():
+    agent, _, recognizer = make()
+    agent._runtime.integrator = PluginIntegrator(_hook, max_concurrent=1, timeout_s=1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        recognizer.transcripts += ["agent", "balance"]
+        speak(agent, 0, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        speak(agent, 0, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        first, second = turns_of(agent)[1:]
+        assert (first["source"], first["say"]) == (
+            "plugin", "Hello c1. Say balance, agent, or goodbye.")
+        assert (second["source"], second["next"]) == ("menu", "account")
+        nursery.cancel_scope.cancel()
+
+
+def test_barge_in_marks_the_cut_turn_and_the_utterance():
+    agent, _, _ = make()
+    agent._turns.append({"turn": 1})
+    agent.on_barge_in()
+    speak(agent, 0, 5)
+    assert agent.describe()["turns"] == [{"turn": 1, "cut_short": True}]
+    assert agent.stats.barge_ins == 1
+    item = agent._inputs.receive_nowait()
+    assert isinstance(item, CallerUtterance) and item.barged_in
+    speak(agent, 0, 5)
+    item = agent._inputs.receive_nowait()
+    assert isinstance(item, CallerUtterance) and not item.barged_in
+
+
+async def test_barge_in_setting_is_applied_before_speaking():
+    agent, controls, _ = make(AgentConfig(kind="local", barge_in=False))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        assert controls.barge_in == [False]
+        nursery.cancel_scope.cancel()
+
+
+def test_shared_runtime_follows_the_config():
+    config = Config(agent=AgentConfig(kind="local"))
+    runtime = shared_runtime(config)
+    assert shared_runtime(config) is runtime
+    changed = Config(agent=config.agent, timers=TimersConfig(agent_response_s=1.0))
+    assert shared_runtime(changed) is not runtime

@@ -1,0 +1,166 @@
+"""The integrator: reply parsing, the webhook over real HTTP, plugins, bounds and timeouts."""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import trio
+
+from voxgate.agents.webhook import (
+    Ask,
+    Outcome,
+    PluginIntegrator,
+    Reply,
+    WebhookIntegrator,
+    integrator_for,
+    load_plugin,
+    parse_reply_untrusted,
+)
+from voxgate.config import AgentConfig, WebhookConfig
+from voxgate.errors import ConfigError, RemoteProtocolError
+
+REQUEST = {"session": "s1", "tenant": "default", "call": "c1", "step": "main",
+           "transcript": "balance", "confidence": 0.9, "dtmf": None}
+
+
+@pytest.mark.parametrize(
+    ("body", "reply"),
+    [
+        (b"", Reply()),
+        (b"null", Reply()),
+        (b"{}", Reply()),
+        (b'{"say": "Hi.", "hangup": true, "next": "more"}', Reply("Hi.", True, "more")),
+        (b'{"say": null, "extra": 1}', Reply()),
+    ],
+)
+def test_replies(body, reply):
+    assert parse_reply_untrusted(body) == reply
+
+
+@pytest.mark.parametrize("body", [b"{", b"[1]", b'{"say": 3}', b'{"hangup": "yes"}', b"\xff"])
+def test_bad_replies(body):
+    with pytest.raises(RemoteProtocolError):
+        parse_reply_untrusted(body)
+
+
+def test_empty_reply():
+    assert Reply().empty and not Reply(next="x").empty
+
+
+class _Hook(BaseHTTPRequestHandler):
+    posts: list[dict[str, object]]
+    reply: bytes = b'{"say": "From the hook."}'
+    status = 200
+
+    def do_POST(self):
+        length = int(self.headers["Content-Length"])
+        self.posts.append(json.loads(self.rfile.read(length)))
+        self.send_response(self.status)
+        self.send_header("Content-Length", str(len(self.reply)))
+        self.end_headers()
+        self.wfile.write(self.reply)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def hook() -> Iterator[tuple[str, type[_Hook]]]:
+    handler = type("Hook", (_Hook,), {"posts": []})
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
+    server.shutdown()
+    server.server_close()
+
+
+async def test_webhook_posts_json_and_reads_the_reply(hook):
+    url, handler = hook
+    integrator = WebhookIntegrator(url, max_concurrent=2, timeout_s=5)
+    async with integrator.connect() as ask:
+        outcome = await ask(REQUEST)
+    assert outcome.reply == Reply("From the hook.")
+    assert handler.posts == [REQUEST]
+
+
+async def test_webhook_error_status_is_an_error(hook):
+    url, handler = hook
+    handler.status = 500
+    integrator = WebhookIntegrator(url, max_concurrent=2, timeout_s=5)
+    async with integrator.connect() as ask:
+        outcome = await ask(REQUEST)
+    assert outcome.reply is None and "HTTP 500" in outcome.error
+    assert integrator.stats.errors == 1
+
+
+async def test_unreachable_webhook_is_an_error():
+    integrator = WebhookIntegrator("http://127.0.0.1:9/", max_concurrent=1, timeout_s=5)
+    async with integrator.connect() as ask:
+        outcome = await ask(REQUEST)
+    assert outcome.reply is None and "ConnectError" in outcome.error
+
+
+async def _plugin(request: dict[str, object]) -> dict[str, object]:
+    await trio.lowlevel.checkpoint()
+    return {"say": f"You said {request['transcript']}."}
+
+
+async def _slow_plugin(request: dict[str, object]) -> None:
+    await trio.sleep(10)
+
+
+async def _broken_plugin(request: dict[str, object]) -> None:
+    raise ValueError("boom")
+
+
+async def test_plugin_answers():
+    async with PluginIntegrator(_plugin, max_concurrent=1, timeout_s=1).connect() as ask:
+        assert (await ask(REQUEST)).reply == Reply("You said balance.")
+
+
+async def test_plugin_exceptions_are_contained():
+    integrator = PluginIntegrator(_broken_plugin, max_concurrent=1, timeout_s=1)
+    async with integrator.connect() as ask:
+        outcome = await ask(REQUEST)
+    assert outcome.reply is None and "boom" in outcome.error
+
+
+async def test_slow_plugin_times_out_and_concurrency_is_bounded(autojump_clock):
+    integrator = PluginIntegrator(_slow_plugin, max_concurrent=1, timeout_s=2)
+    outcomes: list[Outcome] = []
+    async with integrator.connect() as ask, trio.open_nursery() as nursery:
+        for _ in range(3):
+            nursery.start_soon(_collect, ask, outcomes)
+    assert [o.reply for o in outcomes] == [None, None, None]
+    assert integrator.stats.timeouts == 3
+    assert trio.current_time() == pytest.approx(2.0)
+
+
+async def _collect(ask: Ask, outcomes: list[Outcome]) -> None:
+    outcomes.append(await ask(REQUEST))
+
+
+@pytest.fixture
+def autojump_clock() -> trio.testing.MockClock:
+    return trio.testing.MockClock(autojump_threshold=0)
+
+
+def test_load_plugin():
+    assert load_plugin("tests.agents.test_webhook:_plugin") is _plugin
+    for spec, message in [("nocolon", "module:callable"), ("no.such.module:f", "cannot load"),
+                          ("tests.agents.test_webhook:REQUEST", "not callable")]:
+        with pytest.raises(ConfigError, match=message):
+            load_plugin(spec)
+
+
+def test_integrator_for_config():
+    assert integrator_for(AgentConfig(), 5) is None
+    hook = integrator_for(AgentConfig(webhook=WebhookConfig(url="http://x/", max_concurrent=3)), 0)
+    assert isinstance(hook, WebhookIntegrator) and hook.timeout_s == 10.0
+    plugin = integrator_for(AgentConfig(plugin="tests.agents.test_webhook:_plugin"), 2)
+    assert isinstance(plugin, PluginIntegrator) and plugin.timeout_s == 2
