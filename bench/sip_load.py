@@ -26,7 +26,6 @@ import os
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,6 +42,8 @@ from tests.harness.pcap import (
     rtp_packets,
 )
 from tests.harness.sipp import Sipp
+
+from bench.table import Table
 
 DAEMON_CPU = 0
 PEER_CPU = 1
@@ -192,7 +193,7 @@ def run_step(
     )
 
 
-_COLUMNS: tuple[tuple[str, str, Callable[[StepResult], object]], ...] = (
+_TABLE: Table[StepResult] = Table((
     ("N", "d", lambda r: r.sessions),
     ("ok", "d", lambda r: r.calls_ok),
     ("gap50", ".1f", lambda r: r.out_gap_p50_ms),
@@ -208,18 +209,7 @@ _COLUMNS: tuple[tuple[str, str, Callable[[StepResult], object]], ...] = (
     ("in_loss%", ".3f", lambda r: r.in_loss_pct),
     ("tcpdrop", "d", lambda r: r.tcpdump_dropped),
     ("pass", "s", lambda r: "yes" if r.passed else "NO"),
-)
-_WIDTH = 9
-
-
-def format_header() -> str:
-    """The table's header line (ms for gaps and echo, KiB per session)."""
-    return " ".join(name.rjust(_WIDTH) for name, _, _ in _COLUMNS)
-
-
-def format_row(result: StepResult) -> str:
-    """One table line, aligned with :func:`format_header`."""
-    return " ".join(format(get(result), spec).rjust(_WIDTH) for _, spec, get in _COLUMNS)
+))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -247,12 +237,12 @@ def main(argv: list[str] | None = None) -> int:
     clip = make_speech_clip(workdir / "clip")
     print(f"workdir {workdir}; clip {clip.duration_s:.2f} s; daemon on CPU {DAEMON_CPU}, "
           f"SIPp and tcpdump on CPU {PEER_CPU}")
-    print(format_header(), flush=True)
+    print(_TABLE.header(), flush=True)
     results: list[StepResult] = []
     for sessions in steps:
         result = run_step(sessions, clip, workdir / f"n{sessions}", args.duration, args.ramp)
         results.append(result)
-        print(format_row(result), flush=True)
+        print(_TABLE.row(result), flush=True)
         if result.tcpdump_dropped:
             print(f"  warning: tcpdump dropped {result.tcpdump_dropped} packets: "
                   "figures for this step are not trustworthy")

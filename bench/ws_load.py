@@ -34,7 +34,6 @@ import sys
 import tempfile
 import time
 from collections import deque
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -55,6 +54,7 @@ from bench.sip_load import (
     cpu_ticks,
     rss_kib,
 )
+from bench.table import Table
 from voxgate.transports.media_stream import FRAME_BYTES, Connected, Media, Start, serialize
 
 FRAME_S = 0.020
@@ -286,7 +286,7 @@ def run_step(sessions: int, frames: list[bytes], workdir: Path, duration_s: floa
     )
 
 
-_COLUMNS: tuple[tuple[str, str, Callable[[StepResult], object]], ...] = (
+_TABLE: Table[StepResult] = Table((
     ("N", "d", lambda r: r.sessions),
     ("up", "d", lambda r: r.streams_up),
     ("gap50", ".1f", lambda r: r.gap_p50_ms),
@@ -300,16 +300,7 @@ _COLUMNS: tuple[tuple[str, str, Callable[[StepResult], object]], ...] = (
     ("KiB/sess", ".1f", lambda r: r.rss_per_session_kib),
     ("clilate99", ".1f", lambda r: r.client_late_p99_ms),
     ("pass", "s", lambda r: "yes" if r.passed else "NO"),
-)
-_WIDTH = 9
-
-
-def format_header() -> str:
-    return " ".join(name.rjust(_WIDTH) for name, _, _ in _COLUMNS)
-
-
-def format_row(result: StepResult) -> str:
-    return " ".join(format(get(result), spec).rjust(_WIDTH) for _, spec, get in _COLUMNS)
+))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -336,12 +327,12 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, {PEER_CPU})
     print(f"workdir {workdir}; clip {clip.duration_s:.2f} s; daemon on CPU {DAEMON_CPU}, "
           f"clients on CPU {PEER_CPU}")
-    print(format_header(), flush=True)
+    print(_TABLE.header(), flush=True)
     results: list[StepResult] = []
     for sessions in steps:
         result = run_step(sessions, frames, workdir / f"n{sessions}", args.duration, args.ramp)
         results.append(result)
-        print(format_row(result), flush=True)
+        print(_TABLE.row(result), flush=True)
         if result.client_late_p99_ms > GAP_P99_LIMIT_MS - 20:
             print("  warning: the clients sent late: the load generator did not keep up")
         if not result.passed:
