@@ -43,14 +43,10 @@ from tests.harness.pcap import (
 )
 from tests.harness.sipp import Sipp
 
-from bench.table import Table
+from bench.table import GAP_P99_LIMIT_MS, LIMITS_TEXT, Table, within_limits
 
 DAEMON_CPU = 0
 PEER_CPU = 1
-GAP_P99_LIMIT_MS = 30.0
-GAP_MAX_LIMIT_MS = 100.0
-LOSS_LIMIT_PCT = 0.1
-ECHO_P99_LIMIT_MS = 60.0
 _EDGE_S = 1.0  # trimmed off both ends of the steady window
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 
@@ -82,13 +78,8 @@ class StepResult:
     @property
     def passed(self) -> bool:
         """Every call succeeded and every limit of the module docstring holds."""
-        return (
-            self.calls_ok == self.sessions
-            and self.out_gap_p99_ms <= GAP_P99_LIMIT_MS
-            and self.out_gap_max_ms <= GAP_MAX_LIMIT_MS
-            and self.out_loss_pct <= LOSS_LIMIT_PCT
-            and self.echo_p99_ms <= ECHO_P99_LIMIT_MS
-        )
+        return self.calls_ok == self.sessions and within_limits(
+            self.out_gap_p99_ms, self.out_gap_max_ms, self.out_loss_pct, self.echo_p99_ms)
 
 
 def cpu_ticks(pid: int) -> int:
@@ -258,8 +249,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(RSS per session {best.rss_per_session_kib:.1f} KiB, CPU {best.cpu_pct:.1f} %)")
     else:
         print("no step met the limits")
-    print(f"limits: gap p99 <= {GAP_P99_LIMIT_MS} ms, gap max <= {GAP_MAX_LIMIT_MS} ms, "
-          f"loss <= {LOSS_LIMIT_PCT} %, echo p99 <= {ECHO_P99_LIMIT_MS} ms")
+    print(LIMITS_TEXT)
     return 0
 
 

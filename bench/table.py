@@ -1,4 +1,4 @@
-"""Fixed-width result tables for the benchmarks (one line per step)."""
+"""Result tables and pass criteria shared by the load benchmarks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,21 @@ from typing import Generic, TypeVar
 
 R = TypeVar("R")
 WIDTH = 9
+
+GAP_P99_LIMIT_MS = 30.0
+GAP_MAX_LIMIT_MS = 100.0
+LOSS_LIMIT_PCT = 0.1
+ECHO_P99_LIMIT_MS = 60.0
+LIMITS_TEXT = (f"limits: gap p99 <= {GAP_P99_LIMIT_MS} ms, gap max <= {GAP_MAX_LIMIT_MS} ms, "
+               f"loss <= {LOSS_LIMIT_PCT} %, echo p99 <= {ECHO_P99_LIMIT_MS} ms")
+"""The walking skeleton's sustained-load criteria, shared by the echo benchmarks."""
+
+
+def within_limits(gap_p99_ms: float, gap_max_ms: float, loss_pct: float,
+                  echo_p99_ms: float) -> bool:
+    """Whether one step's outbound media meets every limit (NaN fails)."""
+    return (gap_p99_ms <= GAP_P99_LIMIT_MS and gap_max_ms <= GAP_MAX_LIMIT_MS
+            and loss_pct <= LOSS_LIMIT_PCT and echo_p99_ms <= ECHO_P99_LIMIT_MS)
 
 
 class Table(Generic[R]):

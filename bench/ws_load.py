@@ -44,17 +44,8 @@ from tests.harness.daemon import ConfigOverrides, running_daemon
 from tests.harness.pcap import percentile
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
-from bench.sip_load import (
-    DAEMON_CPU,
-    ECHO_P99_LIMIT_MS,
-    GAP_MAX_LIMIT_MS,
-    GAP_P99_LIMIT_MS,
-    LOSS_LIMIT_PCT,
-    PEER_CPU,
-    cpu_ticks,
-    rss_kib,
-)
-from bench.table import Table
+from bench.sip_load import DAEMON_CPU, PEER_CPU, cpu_ticks, rss_kib
+from bench.table import GAP_P99_LIMIT_MS, LIMITS_TEXT, Table, within_limits
 from voxgate.transports.media_stream import FRAME_BYTES, Connected, Media, Start, serialize
 
 FRAME_S = 0.020
@@ -89,13 +80,8 @@ class StepResult:
     @property
     def passed(self) -> bool:
         """Every stream up and every limit of the module docstring holds."""
-        return (
-            self.streams_up == self.sessions
-            and self.gap_p99_ms <= GAP_P99_LIMIT_MS
-            and self.gap_max_ms <= GAP_MAX_LIMIT_MS
-            and self.loss_pct <= LOSS_LIMIT_PCT
-            and self.echo_p99_ms <= ECHO_P99_LIMIT_MS
-        )
+        return self.streams_up == self.sessions and within_limits(
+            self.gap_p99_ms, self.gap_max_ms, self.loss_pct, self.echo_p99_ms)
 
 
 @dataclass
@@ -344,8 +330,7 @@ def main(argv: list[str] | None = None) -> int:
               f"(RSS per stream {best.rss_per_session_kib:.1f} KiB, CPU {best.cpu_pct:.1f} %)")
     else:
         print("no step met the limits")
-    print(f"limits: gap p99 <= {GAP_P99_LIMIT_MS} ms, gap max <= {GAP_MAX_LIMIT_MS} ms, "
-          f"loss <= {LOSS_LIMIT_PCT} %, echo p99 <= {ECHO_P99_LIMIT_MS} ms")
+    print(LIMITS_TEXT)
     return 0
 
 
