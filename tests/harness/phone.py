@@ -236,6 +236,13 @@ class RtpPeer:
             self._port = new.getsockname()[1]
             return self._port
 
+    def send_raw(self, datagram: bytes) -> None:
+        """Send one datagram of our own making (e.g. RFC 4733 events) from this
+        peer's socket, so it comes from the source the daemon latched to."""
+        with self._lock:
+            if self.remote is not None:
+                self._sock.sendto(datagram, self.remote)
+
     def received(self, since: float = -math.inf) -> list[RtpReceived]:
         """The packets received at or after ``since`` (monotonic seconds), in arrival order."""
         with self._lock:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import random
 import re
-import socket
 import struct
 import subprocess
 import threading
@@ -261,28 +260,24 @@ def _offer_telephone_event(invite: bytes) -> bytes:
 
 
 def _press(peer: RtpPeer, keys: str) -> None:
-    """RFC 4733 key presses in the peer's stream (its SSRC), 100 ms each, 100 ms apart.
-
-    Sent from a socket of our own: the daemon latches to it for these packets
-    and back to the peer with its next audio packet 20 ms later.
-    """
+    """RFC 4733 key presses in the peer's stream (its SSRC, its socket), 100 ms each,
+    100 ms apart."""
     assert peer.remote is not None
     sequence = random.getrandbits(16)
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        for key in keys:
-            event = "0123456789*#".index(key)
-            # Each press starts later than the last one (RFC 4733 §2.5.1.2): the clock's.
-            timestamp = int(time.monotonic() * 8000) & 0xFFFFFFFF
-            for n in range(7):
-                end = n >= 4
-                duration = min(n + 1, 5) * 160
-                header = struct.pack("!BBHII", 0x80, (0x80 if n == 0 else 0) | TELEPHONE_EVENT_PT,
-                                     sequence, timestamp, peer.ssrc)
-                payload = struct.pack("!BBH", event, (0x80 if end else 0) | 10, duration)
-                sock.sendto(header + payload, peer.remote)
-                sequence = (sequence + 1) & 0xFFFF
-                time.sleep(0.02)
-            time.sleep(0.1)
+    for key in keys:
+        event = "0123456789*#".index(key)
+        # Each press starts later than the last one (RFC 4733 §2.5.1.2): the clock's.
+        timestamp = int(time.monotonic() * 8000) & 0xFFFFFFFF
+        for n in range(7):
+            end = n >= 4
+            duration = min(n + 1, 5) * 160
+            header = struct.pack("!BBHII", 0x80, (0x80 if n == 0 else 0) | TELEPHONE_EVENT_PT,
+                                 sequence, timestamp, peer.ssrc)
+            payload = struct.pack("!BBH", event, (0x80 if end else 0) | 10, duration)
+            peer.send_raw(header + payload)
+            sequence = (sequence + 1) & 0xFFFF
+            time.sleep(0.02)
+        time.sleep(0.1)
 
 
 def _say(peer: RtpPeer, text: str, *, wait: bool = True) -> bytes:

@@ -8,7 +8,7 @@ from voxgate.errors import LocalProtocolError
 from voxgate.rtp.dtmf import DtmfEvent
 from voxgate.rtp.jitter import FrameState
 from voxgate.rtp.packet import RtpPacket, pack_rtp_datagram
-from voxgate.rtp.stream import RtpStream
+from voxgate.rtp.stream import PROBATION_PACKETS, RtpStream
 
 PEER = ("192.0.2.10", 40000)
 NATTED = ("198.51.100.7", 61234)
@@ -102,15 +102,31 @@ def test_without_telephone_event_pt_dtmf_is_unknown():
     assert stream.stats.unknown_payload_type == 1
 
 
-def test_symmetric_rtp_latches_onto_the_latest_source():
+def test_symmetric_rtp_follows_a_new_source_after_probation():
     stream = make_stream()
     stream.receive_datagram_untrusted(audio(1), NATTED, 1.0)
     assert stream.remote_addr == NATTED
     other = ("198.51.100.7", 61300)  # the NAT rebinds
-    stream.receive_datagram_untrusted(audio(2), other, 1.02)
+    for seq in range(2, 2 + PROBATION_PACKETS - 1):
+        stream.receive_datagram_untrusted(audio(seq), other, 1.0 + seq / 50)
+        assert stream.remote_addr == NATTED
+    stream.receive_datagram_untrusted(audio(9), other, 1.2)
     assert stream.remote_addr == other
-    stream.receive_datagram_untrusted(b"\x00" * 20, NATTED, 1.04)  # bad: no latching
+    assert stream.stats.foreign_source == PROBATION_PACKETS - 1
+    stream.receive_datagram_untrusted(b"\x00" * 20, NATTED, 1.22)  # bad: no latching
     assert stream.remote_addr == other
+
+
+def test_spoofed_packets_interleaved_with_the_peer_never_take_over():
+    stream = make_stream()
+    attacker = ("203.0.113.66", 5004)
+    for seq in range(1, 40):
+        stream.receive_datagram_untrusted(audio(seq), PEER, seq / 50)
+        stream.receive_datagram_untrusted(audio(seq, ssrc=0x6666), attacker, seq / 50)
+    assert stream.remote_addr == PEER
+    assert stream.remote_ssrc == 0x1111
+    assert stream.stats.foreign_source == 39
+    assert stream.stats.ssrc_changes == 0
 
 
 def test_learns_the_remote_address_from_the_first_packet():
@@ -128,7 +144,10 @@ def test_hold_suspends_latching_until_a_new_address():
     assert stream.stats.packets_in == 1  # still received and played
     stream.set_remote_addr(PEER)
     assert stream.remote_addr == PEER
-    stream.receive_datagram_untrusted(audio(2), NATTED, 1.02)
+    stream.receive_datagram_untrusted(audio(2), PEER, 1.02)
+    assert stream.remote_addr == PEER
+    for seq in range(3, 3 + PROBATION_PACKETS):  # the peer is NATed after all
+        stream.receive_datagram_untrusted(audio(seq), NATTED, 1.02 + seq / 50)
     assert stream.remote_addr == NATTED
 
 
@@ -137,13 +156,13 @@ def test_ssrc_change_resets_the_jitter_buffer():
     stream.receive_datagram_untrusted(audio(100, ssrc=1), PEER, 1.0)
     stream.receive_datagram_untrusted(audio(101, ssrc=1), PEER, 1.02)
     assert stream.pop_frame()[0] is FrameState.PLAYED
-    stream.receive_datagram_untrusted(audio(5, ssrc=2), NATTED, 1.04)
+    stream.receive_datagram_untrusted(audio(5, ssrc=2), PEER, 1.04)  # the peer restarted
     assert stream.stats.ssrc_changes == 1
     assert stream.remote_ssrc == 2
-    assert stream.remote_addr == NATTED
+    assert stream.remote_addr == PEER
     assert stream.jitter_buffer.buffered_frames == 1  # 101 went with the old source
     assert stream.pop_frame() == (FrameState.IDLE, None)
-    stream.receive_datagram_untrusted(audio(6, ssrc=2), NATTED, 1.06)
+    stream.receive_datagram_untrusted(audio(6, ssrc=2), PEER, 1.06)
     assert stream.pop_frame() == (FrameState.PLAYED, bytes([5]) * 160)
     assert stream.stats.jitter.late == 0
     assert stream.stats.jitter.resets == 0

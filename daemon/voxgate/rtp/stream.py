@@ -7,9 +7,14 @@ returns to :attr:`RtpStream.remote_addr`. Payloads stay encoded (G.711 here);
 codecs live in :mod:`voxgate.codec`.
 
 Symmetric RTP (RFC 4961, "latching"): the peer behind a NAT is reached at the
-address its packets come from, so ``remote_addr`` follows the source of the
-latest valid packet of the current SSRC. A new SSRC (the peer restarted, a
-transfer) resets the jitter buffer and the DTMF receiver.
+address its packets come from, so ``remote_addr`` follows their source. The
+first packet's source is taken at once; after that a packet from another
+source is dropped (counted ``foreign_source``) until that source has sent
+:data:`PROBATION_PACKETS` valid packets in a row with one SSRC and none came
+from the current source meanwhile ("strict RTP"): a NAT rebinding or a moved
+phone is followed within 80 ms, while packets spoofed into a live call cannot
+redirect its audio. A new SSRC (the peer restarted, a transfer) resets the
+jitter buffer and the DTMF receiver.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ from voxgate.errors import BadPacket, LocalProtocolError
 from voxgate.rtp.dtmf import DtmfEvent, DtmfReceiver, DtmfStats
 from voxgate.rtp.jitter import FrameState, JitterBuffer, JitterStats
 from voxgate.rtp.packet import MAX_PAYLOAD_TYPE, RtpPacket, is_rtcp_untrusted, pack_rtp_datagram
+
+PROBATION_PACKETS = 4
+"""Consecutive packets a new source must send before media follows it."""
 
 
 class RtpStreamStats:
@@ -33,6 +41,7 @@ class RtpStreamStats:
         "bytes_in",
         "bytes_out",
         "dtmf",
+        "foreign_source",
         "jitter",
         "packets_in",
         "packets_out",
@@ -47,6 +56,7 @@ class RtpStreamStats:
         self.bytes_in = 0
         self.bytes_out = 0
         self.bad_packets = 0
+        self.foreign_source = 0
         self.rtcp_ignored = 0
         self.unknown_payload_type = 0
         self.ssrc_changes = 0
@@ -73,6 +83,8 @@ class RtpStream:
     """
 
     __slots__ = (
+        "_candidate",
+        "_candidate_count",
         "_dtmf",
         "_jitter",
         "_latching",
@@ -82,6 +94,7 @@ class RtpStream:
         "_out_timestamp",
         "_payload_type",
         "_samples_per_frame",
+        "_source",
         "_telephone_event_pt",
         "last_received_at",
         "remote_addr",
@@ -124,6 +137,9 @@ class RtpStream:
         self.last_received_at: float | None = None
         """``now`` of the latest accepted packet, for the media-inactivity deadman."""
         self._latching = True
+        self._source: tuple[str, int] | None = None  # the source media is latched to
+        self._candidate: tuple[tuple[str, int], int] | None = None  # (source, SSRC) on probation
+        self._candidate_count = 0
         self._out_sequence = initial_sequence & 0xFFFF
         self._out_timestamp = initial_timestamp & 0xFFFFFFFF
         self._out_started = False
@@ -142,6 +158,8 @@ class RtpStream:
         """
         self.remote_addr = addr
         self._latching = addr is not None
+        self._source = addr  # the announced address is trusted at once; others on probation
+        self._candidate = None
 
     def receive_datagram_untrusted(
         self, data: bytes, source: tuple[str, int], now: float
@@ -165,14 +183,19 @@ class RtpStream:
         if payload_type != self._payload_type and payload_type != self._telephone_event_pt:
             stats.unknown_payload_type += 1
             return None
+        if self._latching and self._source is not None and source != self._source \
+                and not self._passes_probation(source, packet.ssrc):
+            stats.foreign_source += 1
+            return None
+        if self._latching:
+            self._source = self.remote_addr = source
+            self._candidate = None
         if packet.ssrc != self.remote_ssrc:
             if self.remote_ssrc is not None:
                 stats.ssrc_changes += 1
                 self._jitter.reset()
                 self._dtmf.reset()
             self.remote_ssrc = packet.ssrc
-        if self._latching:
-            self.remote_addr = source
         self.last_received_at = now
         stats.packets_in += 1
         stats.bytes_in += len(data)
@@ -184,6 +207,15 @@ class RtpStream:
         except BadPacket:
             stats.bad_packets += 1
             return None
+
+    def _passes_probation(self, source: tuple[str, int], ssrc: int) -> bool:
+        """Count one more packet from a new ``source``; True once it has proven itself."""
+        if self._candidate == (source, ssrc):
+            self._candidate_count += 1
+        else:
+            self._candidate = (source, ssrc)
+            self._candidate_count = 1
+        return self._candidate_count >= PROBATION_PACKETS
 
     def pop_frame(self) -> tuple[FrameState, bytes | None]:
         """Return the next 20 ms of inbound audio (still encoded); see :meth:`JitterBuffer.pop`."""

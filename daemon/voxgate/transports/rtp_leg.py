@@ -130,6 +130,7 @@ class RtpLeg:
             "bytes_out": st.bytes_out,
             "drop_bad_packet": st.bad_packets,
             "drop_unknown_payload_type": st.unknown_payload_type,
+            "drop_foreign_source": st.foreign_source,
             "drop_late": jitter.late,
             "drop_duplicate": jitter.duplicates,
             "drop_jitter_overflow": jitter.overflow,
