@@ -43,7 +43,7 @@ from tests.harness.pcap import (
 )
 from tests.harness.sipp import Sipp
 
-from bench.table import GAP_P99_LIMIT_MS, LIMITS_TEXT, Table, within_limits
+from bench.table import GAP_P99_LIMIT_MS, Table, within_limits
 
 DAEMON_CPU = 0
 PEER_CPU = 1
@@ -203,6 +203,17 @@ _TABLE: Table[StepResult] = Table((
 ))
 
 
+def _warnings(result: StepResult) -> list[str]:
+    warnings = []
+    if result.tcpdump_dropped:
+        warnings.append(f"tcpdump dropped {result.tcpdump_dropped} packets: figures for this "
+                        "step are not trustworthy")
+    if result.in_gap_p99_ms > GAP_P99_LIMIT_MS:
+        warnings.append("SIPp's own sending gaps exceed the limit: the load generator did not "
+                        "keep up")
+    return warnings
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse options, step through N, print the table and the verdict."""
     parser = argparse.ArgumentParser(
@@ -228,28 +239,9 @@ def main(argv: list[str] | None = None) -> int:
     clip = make_speech_clip(workdir / "clip")
     print(f"workdir {workdir}; clip {clip.duration_s:.2f} s; daemon on CPU {DAEMON_CPU}, "
           f"SIPp and tcpdump on CPU {PEER_CPU}")
-    print(_TABLE.header(), flush=True)
-    results: list[StepResult] = []
-    for sessions in steps:
-        result = run_step(sessions, clip, workdir / f"n{sessions}", args.duration, args.ramp)
-        results.append(result)
-        print(_TABLE.row(result), flush=True)
-        if result.tcpdump_dropped:
-            print(f"  warning: tcpdump dropped {result.tcpdump_dropped} packets: "
-                  "figures for this step are not trustworthy")
-        if result.in_gap_p99_ms > GAP_P99_LIMIT_MS:
-            print("  warning: SIPp's own sending gaps exceed the limit: the load generator "
-                  "did not keep up")
-        if not result.passed:
-            break
-    sustained = [r for r in results if r.passed]
-    if sustained:
-        best = sustained[-1]
-        print(f"largest sustained N: {best.sessions} "
-              f"(RSS per session {best.rss_per_session_kib:.1f} KiB, CPU {best.cpu_pct:.1f} %)")
-    else:
-        print("no step met the limits")
-    print(LIMITS_TEXT)
+    _TABLE.step_through(
+        steps, lambda n: run_step(n, clip, workdir / f"n{n}", args.duration, args.ramp),
+        _warnings, "session")
     return 0
 
 

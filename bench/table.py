@@ -2,10 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import Generic, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Generic, Protocol, TypeVar
 
-R = TypeVar("R")
+
+class StepFigures(Protocol):
+    """What the stepping loop reads of one step's result."""
+
+    @property
+    def sessions(self) -> int: ...
+    @property
+    def passed(self) -> bool: ...
+    @property
+    def rss_per_session_kib(self) -> float: ...
+    @property
+    def cpu_pct(self) -> float: ...
+
+
+R = TypeVar("R", bound=StepFigures)
 WIDTH = 9
 
 GAP_P99_LIMIT_MS = 30.0
@@ -37,3 +51,24 @@ class Table(Generic[R]):
     def row(self, result: R) -> str:
         """One line for ``result``, aligned with :meth:`header`."""
         return " ".join(format(get(result), spec).rjust(WIDTH) for _, spec, get in self.columns)
+
+    def step_through(self, steps: Iterable[int], run: Callable[[int], R],
+                     warnings: Callable[[R], list[str]], unit: str) -> None:
+        """Run each step, print its row and warnings, stop at the first failure,
+        then print the largest sustained N (per ``unit``) and the limits."""
+        print(self.header(), flush=True)
+        best: R | None = None
+        for sessions in steps:
+            result = run(sessions)
+            print(self.row(result), flush=True)
+            for warning in warnings(result):
+                print(f"  warning: {warning}")
+            if not result.passed:
+                break
+            best = result
+        if best is None:
+            print("no step met the limits")
+        else:
+            print(f"largest sustained N: {best.sessions} (RSS per {unit} "
+                  f"{best.rss_per_session_kib:.1f} KiB, CPU {best.cpu_pct:.1f} %)")
+        print(LIMITS_TEXT)

@@ -45,7 +45,7 @@ from tests.harness.pcap import percentile
 from wsproto.events import AcceptConnection, CloseConnection, Request, TextMessage
 
 from bench.sip_load import DAEMON_CPU, PEER_CPU, cpu_ticks, rss_kib
-from bench.table import GAP_P99_LIMIT_MS, LIMITS_TEXT, Table, within_limits
+from bench.table import GAP_P99_LIMIT_MS, Table, within_limits
 from voxgate.transports.media_stream import FRAME_BYTES, Connected, Media, Start, serialize
 
 FRAME_S = 0.020
@@ -289,6 +289,12 @@ _TABLE: Table[StepResult] = Table((
 ))
 
 
+def _warnings(result: StepResult) -> list[str]:
+    if result.client_late_p99_ms > GAP_P99_LIMIT_MS - 20:
+        return ["the clients sent late: the load generator did not keep up"]
+    return []
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse options, step through N, print the table and the verdict."""
     parser = argparse.ArgumentParser(
@@ -313,24 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, {PEER_CPU})
     print(f"workdir {workdir}; clip {clip.duration_s:.2f} s; daemon on CPU {DAEMON_CPU}, "
           f"clients on CPU {PEER_CPU}")
-    print(_TABLE.header(), flush=True)
-    results: list[StepResult] = []
-    for sessions in steps:
-        result = run_step(sessions, frames, workdir / f"n{sessions}", args.duration, args.ramp)
-        results.append(result)
-        print(_TABLE.row(result), flush=True)
-        if result.client_late_p99_ms > GAP_P99_LIMIT_MS - 20:
-            print("  warning: the clients sent late: the load generator did not keep up")
-        if not result.passed:
-            break
-    sustained = [r for r in results if r.passed]
-    if sustained:
-        best = sustained[-1]
-        print(f"largest sustained N: {best.sessions} "
-              f"(RSS per stream {best.rss_per_session_kib:.1f} KiB, CPU {best.cpu_pct:.1f} %)")
-    else:
-        print("no step met the limits")
-    print(LIMITS_TEXT)
+    _TABLE.step_through(
+        steps, lambda n: run_step(n, frames, workdir / f"n{n}", args.duration, args.ramp),
+        _warnings, "stream")
     return 0
 
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -77,10 +78,9 @@ _METRIC_HELP = {
     "voxgate_dtmf_events": "RFC 4733 key presses received",
     "voxgate_speech_turns": "Caller speech starts detected by the VAD",
     "voxgate_media_clock_frames_skipped": "20 ms ticks the media clock was too late for",
-    "voxgate_sip_messages": "SIP datagrams received",
-    "voxgate_sip_bad_messages": "SIP messages refused as malformed",
-    "voxgate_sip_retransmissions": "SIP retransmissions sent by our transactions",
-    "voxgate_sip_drops": "SIP input or output dropped, by cause",
+    "voxgate_component_events": "Listener counters: SIP messages, bad input, refusals and "
+                                "drops; ALSA line opens, losses, retries; WebSocket streams "
+                                "refused or closed for bad input; control connections",
     "voxgate_rtp_ports_exhausted": "Calls refused because no RTP port was free",
     "voxgate_rtp_ports_free": "RTP ports free in the pool",
     "voxgate_watchdog_pings_withheld": "Watchdog periods in which a check failed",
@@ -115,9 +115,9 @@ class Supervisor:
                                            fallback_prompt=self.endpoint.fallback_prompt)
         self.rss_gate = RssGate(RssLimits(*rss_limits(config)))
         self.started_at = time.time()
+        self._control: ControlServer | None = None
         REGISTRY.register(LiveCollector(self.metrics_snapshot, _METRIC_HELP))
         self.stopping = False
-        self._nursery: trio.Nursery | None = None
         self._status_changed = trio.Event()
         self._last_status = ""
 
@@ -140,7 +140,6 @@ class Supervisor:
         """Live values for the metrics collector (read at scrape time only)."""
         stats = self.admission.statistics()
         media = self.registry.counters()
-        sip = self.endpoint.core.stats
         return Snapshot(
             sessions_active=self.registry.active_by_tenant(),
             queue_depth=stats.queued,
@@ -164,18 +163,27 @@ class Supervisor:
                 "voxgate_dtmf_events": {(): media["dtmf_events"]},
                 "voxgate_speech_turns": {(): media["speech_turns"]},
                 "voxgate_media_clock_frames_skipped": {(): self.clock.frames_skipped},
-                "voxgate_sip_messages": {(): sip.messages_in},
-                "voxgate_sip_bad_messages": {(): sip.bad_messages},
-                "voxgate_sip_retransmissions": {(): sip.retransmissions},
-                "voxgate_sip_drops": {(("reason", "stray_response"),): sip.responses_dropped,
-                                      (("reason", "transaction_table_full"),):
-                                          sip.transactions_refused,
-                                      (("reason", "send_queue_full"),): sip.datagrams_dropped},
+                "voxgate_component_events": {
+                    (("component", component), ("event", event)): value
+                    for component, events in self.component_counters().items()
+                    for event, value in events.items()
+                },
                 "voxgate_rtp_ports_exhausted": {(): self.endpoint.ports.exhausted},
             },
             gauges={"voxgate_rtp_ports_free": self.endpoint.ports.available,
                     "voxgate_watchdog_pings_withheld": self.watchdog.withheld},
         )
+
+    def component_counters(self) -> dict[str, dict[str, int]]:
+        """Each listener's own counters (refusals, bad input, drops …) by name."""
+        control = self._control
+        return {
+            "sip": dict(dataclasses.asdict(self.endpoint.core.stats)),
+            "alsa": self.alsa.counters(),
+            "websocket": self.websocket.counters(),
+            "control": {} if control is None else {
+                name: getattr(control.stats, name) for name in control.stats.__slots__},
+        }
 
     def status_changed(self) -> None:
         self._status_changed.set()
@@ -246,7 +254,6 @@ class Supervisor:
         config = self.config
         with trio.open_signal_receiver(*_signals(config)) as signals:
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
                 await nursery.start(self.clock.run)
                 await nursery.start(self.desk.run)
                 try:
@@ -277,8 +284,10 @@ class Supervisor:
     def _control_server(self) -> ControlServer:
         from voxgate.control.commands import make_handlers
 
-        return ControlServer(self.config.control.socket, make_handlers(self),
-                             group=self.config.control.group or None, version=__version__)
+        self._control = ControlServer(self.config.control.socket, make_handlers(self),
+                                      group=self.config.control.group or None,
+                                      version=__version__)
+        return self._control
 
     async def _on_signal(self, sig: signal.Signals, nursery: trio.Nursery) -> None:
         if sig == signal.SIGHUP:
