@@ -9,12 +9,12 @@ import trio.testing
 from voxgate.agents.base import Agent
 from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.deadman import DeadmanConfig, SessionTimers
+from voxgate.pipeline.clock import MediaClock
 from voxgate.pipeline.pipeline import Pipeline
 from voxgate.pipeline.playback import PlaybackTracker
 from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import VoiceActivityDetector
 from voxgate.session import Session, SessionCore
-from voxgate.transports.rtp_media import MediaClock
 
 FRAME = bytes(320)
 
@@ -50,15 +50,18 @@ class FakeMedia:
         self.packets_in = 0
         self.packets_out = 0
         self.sent: list[bytes | None] = []
-        self.playout: Playout | None = None
 
-    def tick(self, now: float, frames_elapsed: int) -> bool:
+    def receive(self, now: float, frames_elapsed: int) -> tuple[bool, list[bytes]]:
         self.ticks += 1
         if self.fail_after is not None and self.ticks >= self.fail_after:
             raise RuntimeError("boom")
-        if self.playout is not None:
-            self.sent.append(self.playout.pop())
-        return self.ticks not in self.silent_ticks
+        return self.ticks not in self.silent_ticks, []
+
+    def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
+        self.sent.append(pcm)
+
+    def clear(self) -> None:
+        pass
 
     def close(self) -> None:
         self.closed += 1
@@ -91,7 +94,6 @@ def make(clock: MediaClock, media: FakeMedia, *, delay_s: float = 0, max_s: floa
     signaling = FakeSignaling()
     budget = SessionBudget(BufferCaps.from_ms({"playout": 1000}, session_bytes, 500))
     playout = Playout(budget)
-    media.playout = playout
     timers = SessionTimers(_with_max(max_s), trio.current_time())
     agent = agent_cls(playout)
     tracker = PlaybackTracker(timers, lambda uid, signal: None)

@@ -36,6 +36,15 @@ def _range(lo: float, hi: float) -> dict[str, tuple[float, float]]:
 class SipConfig:
     listen: str = "127.0.0.1:5060"
     answer_delay_ms: int = field(default=0, metadata=_range(0, 60_000))
+    invites_per_source_per_s: float = field(default=100.0, metadata=_range(1, 100_000))
+    invite_burst: int = field(default=200, metadata=_range(1, 1_000_000))
+    options_per_source_per_s: float = field(default=20.0, metadata=_range(1, 100_000))
+    options_burst: int = field(default=40, metadata=_range(1, 1_000_000))
+    requests_per_source_per_s: float = field(default=50.0, metadata=_range(1, 100_000))
+    requests_burst: int = field(default=100, metadata=_range(1, 1_000_000))
+    flood_drop_factor: float = field(default=2.0, metadata=_range(1, 1000))
+    transaction_share_per_source: float = field(default=0.75, metadata=_range(0.01, 1))
+    unacked_failures_per_source: int = field(default=16, metadata=_range(0, 1_000_000))
 
     @property
     def host(self) -> str:
@@ -189,6 +198,33 @@ class WatchdogConfig:
 
 
 @dataclass(frozen=True)
+class RecordsConfig:
+    """``[records]``: call records (SQLite), their retention, and optional recordings."""
+
+    path: str = "/var/lib/voxgate/calls.sqlite3"
+    keep_days: float = field(default=90.0, metadata=_range(0, 36_500))
+    max_rows: int = field(default=1_000_000, metadata=_range(0, 1_000_000_000))
+    queue_size: int = field(default=10_000, metadata=_range(100, 1_000_000))
+    cost_per_minute: float = field(default=0.0, metadata=_range(0, 1_000_000))
+    recordings_dir: str = ""
+    recordings_max_bytes: int = field(default=1 << 30, metadata=_range(1 << 20, 1 << 44))
+    recording_buffer_ms: int = field(default=5000, metadata=_range(1000, 600_000))
+
+
+@dataclass(frozen=True)
+class PostCallConfig:
+    """``[postcall]``: ``call.completed`` jobs POSTed to ``webhook`` ("" = none)."""
+
+    webhook: str = ""
+    workers: int = field(default=2, metadata=_range(1, 64))
+    max_pending: int = field(default=10_000, metadata=_range(1, 10_000_000))
+    max_attempts: int = field(default=8, metadata=_range(1, 100))
+    backoff_initial_s: float = field(default=1.0, metadata=_range(0.01, 3600))
+    backoff_max_s: float = field(default=300.0, metadata=_range(0.01, 86_400))
+    timeout_s: float = field(default=10.0, metadata=_range(0.1, 600))
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole daemon configuration; ``source`` is the file it came from."""
 
@@ -205,6 +241,8 @@ class Config:
     websocket: WebSocketConfig = field(default_factory=WebSocketConfig)
     alsa: AlsaConfig = field(default_factory=AlsaConfig)
     watchdog: WatchdogConfig = field(default_factory=WatchdogConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    postcall: PostCallConfig = field(default_factory=PostCallConfig)
     tenants: tuple[TenantConfig, ...] = ()
     source: str = "<embedded default>"
 
@@ -435,6 +473,14 @@ def _check_consistency(config: Config) -> None:
             split_host_port(config.metrics.listen)
         except ValueError as e:
             raise ConfigError(f"{src}: [metrics] listen: {e}, got {config.metrics.listen!r}") from e
+    if config.postcall.webhook and not config.postcall.webhook.startswith(("http://",
+                                                                         "https://")):
+        raise ConfigError(f"{src}: [postcall] webhook: must be an http:// or https:// URL")
+    if config.postcall.webhook and not config.records.path:
+        raise ConfigError(f"{src}: [postcall] webhook: post-call jobs are kept in the records "
+                          "database: set [records] path")
+    if config.postcall.backoff_initial_s > config.postcall.backoff_max_s:
+        raise ConfigError(f"{src}: [postcall] backoff_initial_s: must not be above backoff_max_s")
     if config.log.level not in LOG_LEVELS:
         raise ConfigError(f"{src}: [log] level: must be one of {', '.join(LOG_LEVELS)}")
     if config.log.target not in LOG_TARGETS:

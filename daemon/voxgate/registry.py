@@ -1,20 +1,18 @@
 """Every session in progress, whatever its transport: what operators see and touch.
 
-Transports register a session when it starts and remove it when it ends; the
-control socket, the metrics collector, the memory gate and the supervisor's
-drain read it. Bounded by admission (``[limits] max_sessions``).
+The call lifecycle (:mod:`voxgate.calls`) registers a session when it starts
+and removes it when it ends; the control socket, the metrics collector, the
+memory gate and the supervisor's drain read it. Bounded by admission (``[limits] max_sessions``).
 """
 
 from __future__ import annotations
 
-import logging
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
 
-from voxgate.logging import log_event
 from voxgate.session import Session
 
 
@@ -61,11 +59,6 @@ class Registry:
             return True
         return False
 
-    def end_all(self, reason: str) -> None:
-        """End every session with ``reason``."""
-        for entry in list(self._entries.values()):
-            entry.session.end(reason)
-
     def hangup(self, session_id: str, reason: str = "operator") -> bool:
         """End one session with ``reason``; False when unknown."""
         entry = self._entries.get(session_id)
@@ -79,9 +72,17 @@ class Registry:
         now = trio.current_time()
         return [_summary(entry, now) for entry in self._entries.values()]
 
-    def describe(self, session_id: str, session_bytes: int) -> dict[str, object] | None:
-        """A session's summary plus its counters and budget, or None."""
-        entry = self._entries.get(session_id)
+    def find(self, key: str) -> Entry | None:
+        """The session whose id, or else whose Call-ID, is ``key``."""
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = next((e for e in self._entries.values() if e.session.call_id == key), None)
+        return entry
+
+    def describe(self, key: str, session_bytes: int) -> dict[str, object] | None:
+        """A session's summary plus its counters and budget, or None (``key``: the
+        session id or the Call-ID)."""
+        entry = self.find(key)
         if entry is None:
             return None
         budget = entry.session.budget
@@ -111,17 +112,6 @@ class Registry:
             total.update(_counters(entry))
         return total
 
-    def reap(self) -> int:
-        """Safety net: drop sessions that ended without being removed (a bug: logged)."""
-        zombies = [sid for sid, e in self._entries.items() if e.session.state == "ended"]
-        for sid in zombies:
-            session = self._entries[sid].session
-            log_event(logging.ERROR, "session_reaped", "ended session still registered",
-                      session_id=sid, call_id=session.call_id)
-            session.signaling.release()
-            self.remove(sid)
-        return len(zombies)
-
 
 def _counters(entry: Entry) -> dict[str, int]:
     return {**entry.counters(), **entry.session.counters()}
@@ -131,6 +121,6 @@ def _summary(entry: Entry, now: float) -> dict[str, object]:
     session = entry.session
     return {
         "id": session.session_id, "call_id": session.call_id, "tenant": entry.tenant,
-        "transport": session.transport, "state": session.state, "codec": session.codec,
+        "transport": session.transport, "state": session.state.value, "codec": session.codec,
         "age_s": round(now - session.started_at, 3), "remote": entry.remote(),
     }

@@ -1,27 +1,34 @@
 """A session: one call, living in its own Trio nursery.
 
-The session owns its lifecycle (``ringing → active ⇄ paused → ending →
-ended``), its deadman timers (:class:`~voxgate.deadman.SessionTimers`), its
-memory budget (:class:`~voxgate.budget.SessionBudget`) and its agent's task.
-The transport plugs in through two small interfaces: :class:`CallSignaling`
-(answer, refuse, hang up) and a media leg that the shared media clock ticks.
+The session owns its state (:data:`TRANSITIONS`), its deadman timers
+(:class:`~voxgate.deadman.SessionTimers`), its memory budget
+(:class:`~voxgate.budget.SessionBudget`), its agent's task and its media
+tasks. The transport plugs in through two small interfaces:
+:class:`CallSignaling` (answer, refuse, hang up) and a
+:class:`~voxgate.pipeline.pipeline.MediaLeg` that only does I/O; the session
+drives the pipeline on every 20 ms tick of the shared media clock.
 
 One timer mechanism: while the call is answered, the media clock's 20 ms
 tick checks the timers' next deadline (no task per timer, none per packet);
 before the answer, the session's own task waits for the ring deadline.
 
 Whatever ends the call (BYE from either side, CANCEL, a deadman, the budget,
-shutdown, an error in its own code) ends only this session:
-:meth:`Session.run` is the error boundary; it always detaches the media,
-releases the port, tells the signaling layer and writes exactly one
-``call_end`` log line with the reason.
+a drain deadline, an error in its own code) ends only this session:
+:meth:`Session.run` is the error boundary, correct for Trio's exception
+groups (a failure is logged even when it happens during cancellation, and
+``Cancelled`` still propagates). It always detaches the media, releases the
+port, tells the signaling layer and writes exactly one ``call_end`` log line
+with the reason. Admission, registry and the call record are the lifecycle's
+(:mod:`voxgate.calls`).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Protocol
 
 import trio
@@ -40,16 +47,39 @@ from voxgate.deadman import (
     SessionTimers,
     TimerEvent,
 )
+from voxgate.errors import LocalProtocolError
 from voxgate.logging import log_event
 from voxgate.metrics import PLAYBACK_COMPLETION, SESSION_DURATION, SESSIONS_ENDED
-from voxgate.pipeline.pipeline import Pipeline
+from voxgate.pipeline.clock import MediaClock
+from voxgate.pipeline.pipeline import MediaLeg, Pipeline
 from voxgate.pipeline.playback import DEADMAN, PlaybackTracker
 from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import VoiceActivityDetector
-from voxgate.transports.rtp_media import MediaClock
 
 # End reasons after which the peer is already gone: no BYE from us.
 _PEER_ENDED = frozenset({"bye", "cancel"})
+
+
+class SessionState(str, Enum):
+    """Where a session is in its life (shown by ``voxgatectl sessions``)."""
+
+    ADMITTING = "admitting"
+    RINGING = "ringing"
+    ACTIVE = "active"
+    PAUSED = "paused"
+    ENDING = "ending"
+    ENDED = "ended"
+
+
+TRANSITIONS: dict[SessionState, frozenset[SessionState]] = {
+    SessionState.ADMITTING: frozenset({SessionState.RINGING, SessionState.ENDING}),
+    SessionState.RINGING: frozenset({SessionState.ACTIVE, SessionState.ENDING}),
+    SessionState.ACTIVE: frozenset({SessionState.PAUSED, SessionState.ENDING}),
+    SessionState.PAUSED: frozenset({SessionState.ACTIVE, SessionState.ENDING}),
+    SessionState.ENDING: frozenset({SessionState.ENDED}),
+    SessionState.ENDED: frozenset(),
+}
+"""Every state change a session may make, in one table (anything else is a bug)."""
 
 
 class CallSignaling(Protocol):
@@ -69,25 +99,6 @@ class CallSignaling(Protocol):
 
     def release(self) -> None:
         """The session is gone: forget the call's state."""
-
-
-class SessionMedia(Protocol):
-    """A session's media transport, ticked every 20 ms by the media clock."""
-
-    @property
-    def packets_in(self) -> int: ...
-
-    @property
-    def packets_out(self) -> int: ...
-
-    def tick(self, now: float, frames_elapsed: int) -> bool:
-        """Receive, process one frame, send one frame; never blocks.
-
-        Returns whether media arrived since the last tick.
-        """
-
-    def close(self) -> None:
-        """Release the leg's socket/device (idempotent)."""
 
 
 @dataclass
@@ -145,13 +156,18 @@ class Session:
         transport: str,
         codec: str,
         signaling: CallSignaling,
-        media: SessionMedia,
+        media: MediaLeg,
         core: SessionCore,
         clock: MediaClock,
         answer_delay_s: float,
         fallback_prompt: tuple[bytes, ...] = (),
         tenant: str = "default",
+        tasks: tuple[Callable[[], Awaitable[None]], ...] = (),
+        stop_reason: Callable[[], str] = lambda: "shutdown",
     ) -> None:
+        """``tasks`` run in the session's nursery beside its agent (media readers);
+        ``stop_reason()`` names the end reason when the session is cancelled from
+        outside (a drain deadline, a stop)."""
         self.session_id = session_id
         self.tenant = tenant
         self.call_id = call_id
@@ -167,7 +183,9 @@ class Session:
         self._clock = clock
         self._answer_delay_s = answer_delay_s
         self._fallback_prompt = fallback_prompt
-        self.state = "ringing"
+        self._tasks = tasks
+        self._stop_reason = stop_reason
+        self.state = SessionState.ADMITTING
         self.end_reason: str | None = None
         self.started_at = math.nan
         self.answered_at: float | None = None
@@ -195,9 +213,9 @@ class Session:
             self._on_timer(recovered)
 
     def tick(self, now: float, frames_elapsed: int) -> None:
-        """The media clock's 20 ms tick (see :class:`~voxgate.transports.rtp_media.MediaLeg`)."""
+        """The media clock's 20 ms tick: the pipeline's step, the timers, the budget."""
         timers = self.timers
-        if self.media.tick(now, frames_elapsed):
+        if self.pipeline.step(self.media, now, frames_elapsed):
             recovered = timers.on_media(now)
             if recovered is not None:
                 self._on_timer(recovered)
@@ -225,20 +243,41 @@ class Session:
             "agent_fallbacks": stats.agent_fallbacks,
             "playback_deadmans": stats.playback_deadmans,
             "barge_ins": self.pipeline.barge_ins,
+            "dtmf_events": self.pipeline.dtmf_events,
+            "speech_turns": self.pipeline.speech_turns,
         }
         for buffer, frames in self.budget.drops_frames.items():
             counters[f"budget_drop_{buffer}"] = frames
         return counters
 
+    def set_state(self, state: SessionState) -> None:
+        """Move to ``state``; raises LocalProtocolError if :data:`TRANSITIONS` forbids it."""
+        if state not in TRANSITIONS[self.state]:
+            raise LocalProtocolError(f"session {self.session_id}: {self.state.value} → "
+                                     f"{state.value} is not a session transition")
+        self.state = state
+
     async def run(self) -> None:
-        """Run the call to its end. Never raises (but Cancelled); always cleans up."""
+        """Run the call to its end; always cleans up.
+
+        Raises nothing but ``Cancelled`` (then the end reason is
+        ``stop_reason()``); any other exception, alone or in a group, is logged
+        with the Call-ID and ends this session with reason ``error``.
+        """
         self.started_at = trio.current_time()
+        self.set_state(SessionState.RINGING)
         try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._lifecycle, nursery.cancel_scope)
-                nursery.start_soon(self.agent.run)
-        except Exception as exc:
-            self.fail(exc)
+            try:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._lifecycle, nursery.cancel_scope)
+                    nursery.start_soon(self.agent.run)
+                    for task in self._tasks:
+                        nursery.start_soon(task)
+            except* trio.Cancelled:
+                self.end(self._stop_reason())
+                raise
+            except* Exception as group:
+                self.fail(group.exceptions[0] if len(group.exceptions) == 1 else group)
         finally:
             self._finish()
 
@@ -256,7 +295,7 @@ class Session:
             self.signaling.answer()
             self.answered_at = trio.current_time()
             self.timers.answered(self.answered_at)
-            self.state = "active"
+            self.set_state(SessionState.ACTIVE)
             self._clock.attach(self)
             await self._end_requested.wait()
         scope.cancel()
@@ -265,10 +304,10 @@ class Session:
         if isinstance(event, End):
             self.end(event.reason)
         elif isinstance(event, Paused):
-            self.state = "paused"
+            self.set_state(SessionState.PAUSED)
             self._log(logging.INFO, "session_paused", "media stopped: waiting for it to return")
         elif isinstance(event, Recovered):
-            self.state = "active"
+            self.set_state(SessionState.ACTIVE)
             self._log(logging.INFO, "session_recovered", "media is back",
                       paused_s=event.paused_s)
         elif isinstance(event, AgentFallback):
@@ -287,7 +326,7 @@ class Session:
                   call_id=self.call_id, **fields)
 
     def _finish(self) -> None:
-        self.state = "ending"
+        self.set_state(SessionState.ENDING)
         self._clock.detach(self)
         self.media.close()
         reason = self.end_reason or "error"
@@ -299,7 +338,7 @@ class Session:
                     self.signaling.refuse(reason)
         finally:
             self.signaling.release()
-            self.state = "ended"
+            self.set_state(SessionState.ENDED)
             now = trio.current_time()
             SESSIONS_ENDED.labels(self.transport, reason).inc()
             SESSION_DURATION.labels(self.transport).observe(now - self.started_at)

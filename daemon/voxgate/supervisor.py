@@ -1,8 +1,11 @@
 """``voxgated``: the supervisor that starts, reloads, drains and stops the daemon.
 
-Start-up order inside one Trio nursery: the media clock, the SIP endpoint,
-the control socket, the optional metrics listener; ``READY=1`` goes to
-systemd only once every listener has reported ``started``. Then:
+Start-up order inside one Trio nursery: the media clock, admission, the call
+records and post-call jobs (which never hold up start: a bad disk makes them
+unhealthy, not the daemon), the sessions nursery (:mod:`voxgate.calls`), the
+SIP endpoint, the WebSocket listener, the control socket, the ALSA lines, the
+optional metrics listener; ``READY=1`` goes to systemd only once every
+listener has reported ``started``. Then:
 
 - SIGHUP (or ``voxgatectl reload``): ``RELOADING=1`` + ``MONOTONIC_USEC``,
   re-read the config, apply limits and tenants without touching calls in
@@ -10,9 +13,11 @@ systemd only once every listener has reported ``started``. Then:
   and the reply say why.
 - SIGTERM: drain. ``STOPPING=1``, admission closes (INVITE and OPTIONS get
   503), calls in progress carry on while ``STATUS=`` counts them down and
-  ``EXTEND_TIMEOUT_USEC=`` keeps systemd patient; at ``[limits]
-  drain_timeout_s`` the rest end with BYE (reason ``drain-timeout``); exit 0
-  once idle. A second SIGTERM, or SIGINT, ends every call at once.
+  ``EXTEND_TIMEOUT_USEC=`` keeps systemd patient; ``[limits]
+  drain_timeout_s`` is one deadline on the sessions nursery: the rest end
+  there with BYE (reason ``drain-timeout``); post-call deliveries in flight
+  get until the same deadline (the backlog stays queued for the next start);
+  exit 0 once idle. A second SIGTERM, or SIGINT, ends every call at once.
 - The watchdog (when ``$WATCHDOG_USEC`` is set) pings at half the interval
   while the loop lag and the critical tasks' check-ins are fine.
 
@@ -37,7 +42,9 @@ import trio
 from voxgate import __version__
 from voxgate.admission import Admission, limits_from_config
 from voxgate.admission_desk import AdmissionDesk
+from voxgate.agents.factory import check_agent
 from voxgate.budget import RssGate, RssLimits, choose_shed_victims, parse_statm_rss_bytes
+from voxgate.calls import Calls
 from voxgate.config import DEFAULT_PATH, Config, load_config, rss_limits
 from voxgate.control.protocol import decode_reply, encode_request
 from voxgate.control.server import ControlServer, ControlSetupError
@@ -45,11 +52,14 @@ from voxgate.errors import EX_CONFIG, ConfigError, RemoteProtocolError
 from voxgate.logging import log_event, setup_logging
 from voxgate.metrics import LOOP_LAG, REGISTRY, LiveCollector, Snapshot
 from voxgate.metrics_http import serve_metrics
+from voxgate.pipeline.clock import MediaClock
 from voxgate.pipeline.prompt import load_prompt
+from voxgate.postcall import PostCallQueue
+from voxgate.recording import Recordings
+from voxgate.records import Records
 from voxgate.registry import Registry
 from voxgate.systemd import Notifier
 from voxgate.transports.alsa import AlsaLines
-from voxgate.transports.rtp_media import MediaClock
 from voxgate.transports.sip_endpoint import HEARTBEAT_S, SipEndpoint
 from voxgate.transports.websocket import WebSocketEndpoint
 from voxgate.watchdog import Watchdog
@@ -58,10 +68,14 @@ SHUTDOWN_GRACE_S = 5.0
 """How long a stop waits for the BYEs it sent to be answered."""
 STATUS_REFRESH_S = 10.0
 LAG_PROBE_S = 0.1
-CRITICAL_TASKS = ("sip", "admission", "media", "control", "reaper", "alsa", "websocket")
+CRITICAL_TASKS = ("sip", "admission", "media", "control", "alsa", "websocket")
 # Settings a reload cannot change in a running process (sockets are bound).
 _RESTART_ONLY = ("sip.listen", "rtp.address", "rtp.port_min", "rtp.port_max",
-                 "control.socket", "control.group", "metrics.listen", "websocket.listen")
+                 "control.socket", "control.group", "metrics.listen", "websocket.listen",
+                 "records.path", "records.keep_days", "records.max_rows", "records.queue_size",
+                 "records.recordings_dir", "records.recordings_max_bytes", "postcall.webhook",
+                 "postcall.workers", "postcall.max_pending", "postcall.max_attempts",
+                 "postcall.backoff_initial_s", "postcall.backoff_max_s", "postcall.timeout_s")
 
 
 _METRIC_HELP = {
@@ -103,16 +117,27 @@ class Supervisor:
         self.admission = Admission(limits_from_config(config))
         self.desk = AdmissionDesk(self.admission, self.check_in)
         self.registry = Registry()
-        self.endpoint = SipEndpoint(config, self.clock, self.desk, self.registry,
-                                    check_in=self.check_in)
+        rec = config.records
+        self.records = None if not rec.path else Records(
+            rec.path, keep_days=rec.keep_days, max_rows=rec.max_rows, queue_size=rec.queue_size)
+        post = config.postcall
+        self.postcall = None if not post.webhook else PostCallQueue(
+            rec.path, webhook_url=post.webhook, workers=post.workers,
+            max_pending=post.max_pending, max_attempts=post.max_attempts,
+            backoff_initial_s=post.backoff_initial_s, backoff_max_s=post.backoff_max_s,
+            timeout_s=post.timeout_s)
+        # Stereo PCM16 at 8 kHz: 32 bytes per millisecond.
+        self.recordings = None if not rec.recordings_dir else Recordings(
+            rec.recordings_dir, max_bytes=rec.recordings_max_bytes,
+            max_buffer_bytes=32 * rec.recording_buffer_ms)
+        self.calls = Calls(config, self.desk, self.registry, self.clock, records=self.records,
+                           postcall=self.postcall, recordings=self.recordings)
+        self.calls.fallback_prompt = _prompt(config)
+        self.endpoint = SipEndpoint(config, self.calls, check_in=self.check_in)
         self.desk.subscribe(self.endpoint.poke)
         self.desk.subscribe(self.status_changed)
-        self.endpoint.fallback_prompt = _prompt(config)
-        self.alsa = AlsaLines(config, self.clock, self.desk, self.registry,
-                              check_in=self.check_in, fallback_prompt=self.endpoint.fallback_prompt)
-        self.websocket = WebSocketEndpoint(config, self.clock, self.desk, self.registry,
-                                           check_in=self.check_in,
-                                           fallback_prompt=self.endpoint.fallback_prompt)
+        self.alsa = AlsaLines(config, self.calls, check_in=self.check_in)
+        self.websocket = WebSocketEndpoint(config, self.calls, check_in=self.check_in)
         self.rss_gate = RssGate(RssLimits(*rss_limits(config)))
         self.started_at = time.time()
         self._control: ControlServer | None = None
@@ -215,12 +240,12 @@ class Supervisor:
         self.config = new
         setup_logging(new.log.level, new.log.target)
         self.watchdog.max_loop_lag_s = new.watchdog.max_loop_lag_ms / 1000
-        self.endpoint.fallback_prompt = prompt
-        self.alsa.fallback_prompt = prompt
+        self.calls.config = new
+        self.calls.fallback_prompt = prompt
         self.alsa.apply_config(new)
-        self.websocket.fallback_prompt = prompt
         self.websocket.apply_config(new)
         self.rss_gate.update(RssLimits(*rss_limits(new)))
+        self.desk.update_limits(limits_from_config(new), trio.current_time())
         self.endpoint.apply_config(new)
         message = "config reloaded"
         if pending:
@@ -256,6 +281,10 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.clock.run)
                 await nursery.start(self.desk.run)
+                for service in (self.records, self.postcall, self.recordings):
+                    if service is not None:
+                        await nursery.start(service.run)
+                await nursery.start(self.calls.run)
                 try:
                     await nursery.start(self.endpoint.run)
                     await nursery.start(self.websocket.run)
@@ -267,7 +296,7 @@ class Supervisor:
                     log_event(logging.ERROR, "listen_failed", f"cannot start: {e}")
                     nursery.cancel_scope.cancel()
                     return 1
-                for task in (self._status_loop, self._lag_probe, self._reaper, self._watchdog,
+                for task in (self._status_loop, self._lag_probe, self._watchdog,
                              self._memory_loop):
                     nursery.start_soon(task)
                 self._last_status = self.status_line()
@@ -306,7 +335,8 @@ class Supervisor:
             self.stopping = True
             self.notifier.notify("STOPPING=1")
             self.desk.set_draining(True)
-            self.registry.end_all("shutdown")
+            self.calls.stop("shutdown")
+            await self.registry.wait_empty(SHUTDOWN_GRACE_S)
             await self.endpoint.wait_idle(SHUTDOWN_GRACE_S)
             nursery.cancel_scope.cancel()
 
@@ -317,22 +347,27 @@ class Supervisor:
         self.notifier.notify("STOPPING=1")
         self.drain()
         deadline = trio.current_time() + timeout_s
-        while len(self.registry) and trio.current_time() < deadline:
-            left = deadline - trio.current_time()
+        self.calls.drain(deadline)
+        while len(self.registry):
+            left = max(0.0, deadline - trio.current_time())
             self.notifier.notify(
                 f"STATUS=draining: {len(self.registry)} sessions left, "
                 f"{left:.0f} s to the drain deadline",
                 f"EXTEND_TIMEOUT_USEC={int((left + SHUTDOWN_GRACE_S + 5) * 1e6)}",
             )
-            if await self.registry.wait_empty(min(left, 1.0)):
+            if left == 0:
+                log_event(logging.WARNING, "drain_timeout", "drain deadline: ending the rest",
+                          sessions=len(self.registry))
+                await self.registry.wait_empty(SHUTDOWN_GRACE_S)
                 break
-        if len(self.registry):
-            log_event(logging.WARNING, "drain_timeout", "drain deadline: ending the rest",
-                      sessions=len(self.registry))
-            self.registry.end_all("drain-timeout")
+            await self.registry.wait_empty(min(left, 1.0))
         self.notifier.notify("STATUS=stopping",
                              f"EXTEND_TIMEOUT_USEC={int((SHUTDOWN_GRACE_S + 5) * 1e6)}")
         await self.endpoint.wait_idle(SHUTDOWN_GRACE_S)
+        if self.postcall is not None:  # deliveries in flight, never the backlog
+            self.postcall.stop_claiming()
+            with trio.move_on_at(max(deadline, trio.current_time())):
+                await self.postcall.wait_idle()
         scope.cancel()
 
     async def _status_loop(self) -> None:
@@ -359,21 +394,23 @@ class Supervisor:
             LOOP_LAG.observe(lag_s)
             self.watchdog.record_lag(lag_s)
 
-    async def _reaper(self) -> None:
-        """Check for sessions that ended without being released; check in."""
-        while True:
-            self.registry.reap()
-            self.check_in("reaper")
-            await trio.sleep(1.0)
-            self.status_changed()
-
     async def _memory_loop(self) -> None:
         """Sample RSS every second: close admission above the soft mark, shed the
         newest sessions (reason ``memory-shed``) above the hard one."""
         page_size = os.sysconf("SC_PAGE_SIZE")
+        failed = False
         while True:
-            with open("/proc/self/statm") as f:  # noqa: ASYNC230 - procfs, never blocks
-                rss_bytes = parse_statm_rss_bytes(f.read(), page_size)
+            try:
+                with open("/proc/self/statm") as f:  # noqa: ASYNC230 - procfs, never blocks
+                    rss_bytes = parse_statm_rss_bytes(f.read(), page_size)
+            except OSError as e:  # EMFILE/ENFILE at the fd limit: skip this sample
+                if not failed:
+                    log_event(logging.ERROR, "memory_sample_failed",
+                              f"cannot read /proc/self/statm: {e}; retrying every second")
+                failed = True
+                await trio.sleep(1.0)
+                continue
+            failed = False
             verdict = self.rss_gate.sample(rss_bytes, trio.current_time())
             stats = self.admission.statistics()
             if verdict.admit != stats.memory_ok:
@@ -475,6 +512,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         config = Config() if path is None else load_config(path)
         _prompt(config)
+        check_agent(config)
     except ConfigError as e:
         print(f"voxgated: config error: {e}", file=sys.stderr)
         return EX_CONFIG

@@ -10,7 +10,8 @@ import wave
 import pytest
 
 from tests.harness import requires
-from voxgate.agents.synth import FRAME_BYTES, SynthesisError, Synthesizer, wav_to_frames
+from voxgate.agents.synth import SynthesisError, Synthesizer, wav_to_frames
+from voxgate.pipeline.frames import PCM_FRAME_BYTES as FRAME_BYTES
 
 
 def wav_bytes(samples: list[int], rate_hz: int, channels: int = 1) -> bytes:

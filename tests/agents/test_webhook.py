@@ -11,6 +11,7 @@ import pytest
 import trio
 
 from voxgate.agents.webhook import (
+    MAX_REPLY_BYTES,
     Ask,
     Outcome,
     PluginIntegrator,
@@ -45,6 +46,27 @@ def test_replies(body, reply):
 def test_bad_replies(body):
     with pytest.raises(RemoteProtocolError):
         parse_reply_untrusted(body)
+
+
+DEEP_ARRAY = b"[" * 30_000 + b"]" * 30_000
+HOSTILE_REPLIES = [
+    DEEP_ARRAY,
+    b'{"say": ' + b"[" * 33 + b"]" * 33 + b"}",
+    b"9" * 5000,
+    b'{"say": "Hi.", "n": ' + b"1" * 5000 + b"}",
+    b'{"say": NaN}',
+    b'{"hangup": Infinity}',
+    b'{"next": 1e400}',
+    b'{"say": "\\ud800"}',
+    b'{"say": "' + b"x" * MAX_REPLY_BYTES + b'"}',
+]
+
+
+@pytest.mark.parametrize("body", HOSTILE_REPLIES, ids=range(len(HOSTILE_REPLIES)))
+def test_hostile_replies_are_remote_protocol_errors(body):
+    with pytest.raises(RemoteProtocolError) as err:
+        parse_reply_untrusted(body)
+    assert err.value.status_hint is None
 
 
 def test_empty_reply():
@@ -95,6 +117,19 @@ async def test_webhook_error_status_is_an_error(hook):
     async with integrator.connect() as ask:
         outcome = await ask(REQUEST)
     assert outcome.reply is None and "HTTP 500" in outcome.error
+    assert integrator.stats.errors == 1
+
+
+async def test_hostile_reply_lets_the_menu_answer(hook):
+    url, handler = hook
+    handler.reply = DEEP_ARRAY
+    integrator = WebhookIntegrator(url, max_concurrent=2, timeout_s=5)
+    async with integrator.connect() as ask:
+        outcome = await ask(REQUEST)
+        handler.reply = b'{"say": "Back."}'
+        again = await ask(REQUEST)
+    assert outcome.reply is None and "nested deeper" in outcome.error
+    assert again.reply == Reply("Back.")
     assert integrator.stats.errors == 1
 
 

@@ -125,6 +125,42 @@ def test_bad_lines_become_errors_with_the_id_echoed(line, code, request_id):
     assert c.stats.errors == 1
 
 
+@pytest.mark.parametrize(("line", "code"), [
+    (b'{"id": 1e400, "cmd": "status"}', BAD_JSON),
+    (b'{"id": -1e400, "cmd": "reboot"}', BAD_JSON),
+    (b'{"id": 1' + b"0" * 5000 + b', "cmd": "status"}', BAD_JSON),
+    (b'{"id": "\\ud800", "cmd": "status"}', BAD_JSON),
+    (b'{"id": 1, "cmd": "status", "args": {"n": 1e999}}', BAD_JSON),
+    (b'{"id": 1, "cmd": "status", "args": ' + b"[" * 40 + b"]" * 40 + b"}", BAD_JSON),
+    (b'{"id": [1e3], "cmd": "status"}', BAD_REQUEST),
+    (b'{"id": {}, "cmd": "hello"}', BAD_REQUEST),
+])
+def test_unusable_ids_are_answered_with_id_null_and_the_next_request_too(line, code):
+    c = conn()
+    c.receive_data(line + b"\n" + encode_request(9, "hello", {}))
+    error, after = drain_events(c)
+    assert isinstance(error, ProtocolError)
+    assert (error.code, error.id, error.fatal) == (code, None, False)
+    reply = json.loads(c.send_reply(Reply.failure(error.id, error.code, error.message)))
+    assert reply == {"id": None, "ok": False,
+                     "error": {"code": code, "message": error.message}}
+    assert after == Request(9, "hello", {})
+    assert json.loads(c.send_reply(Reply.success(after.id, None)))["id"] == 9
+
+
+def test_every_id_a_request_can_carry_can_be_echoed():
+    c = conn()
+    c.receive_data(b'{"id": 1.7976931348623157e308, "cmd": "hello"}\n'
+                   b'{"id": -12345678901234567890, "cmd": "hello"}\n'
+                   b'{"id": "\\ud83d\\ude00", "cmd": "hello"}\n')
+    events = drain_events(c)
+    assert [e.id for e in events] == [1.7976931348623157e308, -12345678901234567890,
+                                      "\U0001f600"]
+    for event in events:
+        assert isinstance(event, Request)
+        assert decode_reply(c.send_reply(Reply.success(event.id, None))).id == event.id
+
+
 def test_parse_raises_one_remote_error_type():
     with pytest.raises(RemoteProtocolError) as info:
         parse_request_untrusted(b'{"id": 1, "cmd": "nope"}', COMMANDS)
@@ -206,6 +242,8 @@ def test_limits_must_be_positive():
     b'{"id": 1, "ok": false}',
     b'{"id": 1, "ok": false, "error": {"message": "x"}}',
     b'{"id": [1], "ok": true}',
+    b'{"id": 1e400, "ok": true}',
+    b'{"id": 1, "ok": true, "result": ' + b"[" * 10_000 + b"]" * 10_000 + b"}",
 ])
 def test_decode_reply_rejects_non_replies(line):
     with pytest.raises(ControlProtocolError):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import grp
 import json
 import logging
@@ -9,6 +10,7 @@ import os
 import shutil
 import socket
 import stat
+import subprocess
 import tempfile
 from typing import Any
 
@@ -16,8 +18,10 @@ import pytest
 import trio
 from trio.testing import wait_all_tasks_blocked
 
+from voxgate.control import server as control_server
 from voxgate.control.protocol import encode_request
 from voxgate.control.server import (
+    ROOT_RESERVED_CONNECTIONS,
     CommandError,
     ControlServer,
     ControlSetupError,
@@ -216,15 +220,91 @@ async def test_client_gone_mid_request_is_fine(start, sock_path, log_events):
 
 
 async def test_busy_beyond_max_connections(start, sock_path, log_events):
-    server = await start(max_connections=1)
-    async with await connect(sock_path) as first:
-        await first.send_all(encode_request(1, "hello", {}))
-        await read_replies(first, 1)
-        async with await connect(sock_path) as second:
-            reply = json.loads(await read_until_eof(second))
+    server = await start(max_connections=2)
+    async with await connect(sock_path) as first, await connect(sock_path) as second:
+        for stream in (first, second):  # root (this test) may take the reserved slot too
+            await stream.send_all(encode_request(1, "hello", {}))
+            await read_replies(stream, 1)
+        async with await connect(sock_path) as third:
+            reply = json.loads(await read_until_eof(third))
         assert (reply["id"], reply["error"]["code"]) == (None, "busy")
     assert server.stats.refused_busy == 1
     assert "control_busy" in log_events.names()
+
+
+def test_max_connections_must_leave_a_slot_beyond_roots(sock_path):
+    with pytest.raises(ValueError, match="reserved for root"):
+        ControlServer(sock_path, HANDLERS, group=None, version="0",
+                      max_connections=ROOT_RESERVED_CONNECTIONS)
+
+
+async def test_unusable_ids_are_answered_and_the_connection_goes_on(start, sock_path,
+                                                                    log_events):
+    await start()
+    async with await connect(sock_path) as stream:
+        await stream.send_all(b'{"id": 1e400, "cmd": "status"}\n'
+                              b'{"id": -1e400, "cmd": "hangup"}\n'
+                              b'{"id": [1], "cmd": "status"}\n'
+                              + encode_request(4, "status", {}))
+        replies = await read_replies(stream, 4)
+    assert [(r["id"], r["ok"]) for r in replies] == [
+        (None, False), (None, False), (None, False), (4, True)]
+    assert [r["error"]["code"] for r in replies[:3]] == ["bad-json", "bad-json", "bad-request"]
+    assert "control_connection_failed" not in log_events.names()
+    assert "control_internal_error" not in log_events.names()
+
+
+async def test_unreadable_credentials_close_the_connection_only(start, sock_path, monkeypatch,
+                                                                log_events):
+    server = await start()
+
+    def no_credentials(sock):
+        raise OSError(errno.ENOTCONN, "Transport endpoint is not connected")
+
+    monkeypatch.setattr(control_server, "peer_credentials", no_credentials)
+    async with await connect(sock_path) as stream:
+        assert await read_until_eof(stream) == b""
+    monkeypatch.undo()
+    assert (await ask(sock_path, "status"))["ok"] is True
+    assert server.stats.refused_no_credentials == 1
+    assert "control_no_credentials" in log_events.names()
+
+
+@pytest.fixture
+def mock_clock():
+    return trio.testing.MockClock()  # rate 0: time moves only on jump()
+
+
+async def test_slow_drip_is_closed_at_the_request_timeout(start, sock_path, mock_clock,
+                                                          log_events):
+    server = await start(request_timeout_s=10.0)
+    line = encode_request(1, "status", {})
+    async with await connect(sock_path) as stream:
+        for byte in line[:4]:  # a byte every 3 s: never idle (60 s), never complete
+            await stream.send_all(bytes([byte]))
+            await wait_all_tasks_blocked()
+            mock_clock.jump(3.0)
+        assert await read_until_eof(stream) == b""
+    await wait_all_tasks_blocked()
+    assert server.stats.request_timeouts == 1
+    assert server.stats.idle_timeouts == 0
+    assert server.active_connections == 0
+    assert "control_request_timeout" in log_events.names()
+
+
+async def test_request_timeout_starts_again_for_each_request(start, sock_path, mock_clock):
+    server = await start(request_timeout_s=10.0)
+    async with await connect(sock_path) as stream:
+        for i in range(3):
+            mock_clock.jump(8.0)  # 24 s on one connection, each request within 10 s
+            await stream.send_all(encode_request(i, "status", {}))
+            (reply,) = await read_replies(stream, 1)
+            assert (reply["id"], reply["ok"]) == (i, True)
+        await wait_all_tasks_blocked()
+        assert server.stats.request_timeouts == 0
+        mock_clock.jump(10.0)
+        assert await read_until_eof(stream) == b""
+    assert server.stats.request_timeouts == 1
 
 
 async def test_idle_connection_times_out(start, sock_path):
@@ -370,6 +450,42 @@ async def test_member_of_the_group_by_primary_gid(start, public_dir):
     reply = await ask_as_nobody(path)
     assert reply["ok"] is True
     assert reply["result"]["daemon"] == "voxgated"
+
+
+DRIP_CLIENT = """
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+s.sendall(b'{"id": 1, "cmd": "st')
+sys.stdout.write("sent\\n")
+sys.stdout.flush()
+s.recv(1)
+"""
+
+
+async def test_root_gets_the_reserved_slot_when_others_hold_the_rest(start, public_dir):
+    path = os.path.join(public_dir, "c.sock")
+    server = await start(path=path, group=grp.getgrgid(NOBODY).gr_name, max_connections=2,
+                         request_timeout_s=600)
+    as_nobody = ["setpriv", "--reuid", str(NOBODY), "--regid", str(NOBODY), "--clear-groups"]
+    dripper = await trio.lowlevel.open_process(
+        [*as_nobody, SYSTEM_PYTHON, "-c", DRIP_CLIENT, path], stdout=subprocess.PIPE)
+    try:
+        assert dripper.stdout is not None
+        with trio.fail_after(20):
+            assert await dripper.stdout.receive_some(64) == b"sent\n"
+        await wait_all_tasks_blocked()
+        assert server.active_connections == 1  # the dripping peer holds the one open slot
+        busy = await ask_as_nobody(path)
+        assert (busy["id"], busy["error"]["code"]) == (None, "busy")
+        reply = await ask(path, "status")  # uid 0: the reserved slot
+        assert reply["ok"] is True
+    finally:
+        dripper.kill()
+        await dripper.wait()
+        assert dripper.stdout is not None
+        await dripper.stdout.aclose()
+    assert server.stats.refused_busy == 1
 
 
 async def test_member_of_the_group_by_supplementary_gid(start, public_dir):

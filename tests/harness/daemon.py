@@ -267,9 +267,10 @@ class _Notifications:
 
 
 def default_config(
-    sip_port: int, rtp: PortRange, control_socket: Path
+    sip_port: int, rtp: PortRange, control_socket: Path, records_path: Path
 ) -> dict[str, dict[str, TomlValue]]:
-    """The test configuration before overrides: loopback, short timers off, echo agent."""
+    """The test configuration before overrides: loopback, short timers off, echo agent,
+    call records in the test's directory."""
     return {
         "sip": {"listen": f"127.0.0.1:{sip_port}", "answer_delay_ms": 0},
         "rtp": {
@@ -285,6 +286,7 @@ def default_config(
         "agent": {"kind": "echo"},
         "control": {"socket": str(control_socket)},
         "log": {"level": "info"},
+        "records": {"path": str(records_path)},
     }
 
 
@@ -449,7 +451,7 @@ def running_daemon(
     try:
         sip_port = free_udp_port()
         config: dict[str, TomlTable | Sequence[TomlTable]] = dict(
-            default_config(sip_port, rtp, sock_dir / "control.sock")
+            default_config(sip_port, rtp, sock_dir / "control.sock", workdir / "calls.sqlite3")
         )
         for section, keys in (overrides or {}).items():
             base = config.get(section)

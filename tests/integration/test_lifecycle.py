@@ -331,8 +331,8 @@ def _daemon_with_notify_socket(
     try:
         sip_port = free_udp_port()
         config_path = workdir / "voxgate.toml"
-        config_path.write_text(render_toml(default_config(sip_port, rtp,
-                                                          sock_dir / "control.sock")))
+        config_path.write_text(render_toml(default_config(
+            sip_port, rtp, sock_dir / "control.sock", workdir / "calls.sqlite3")))
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(
             p for p in (str(REPO_ROOT / "daemon"), os.environ.get("PYTHONPATH", "")) if p))
         env.pop("NOTIFY_SOCKET", None)

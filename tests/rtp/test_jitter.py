@@ -3,15 +3,17 @@ import pytest
 from voxgate.errors import LocalProtocolError
 from voxgate.rtp.jitter import FrameState, JitterBuffer
 from voxgate.rtp.packet import RtpPacket
-from voxgate.rtp.seqnum import uint16_add
+from voxgate.rtp.seqnum import uint16_add, uint16_diff, uint32_add
 
 PLAYED, LOST, IDLE = FrameState.PLAYED, FrameState.LOST, FrameState.IDLE
 
 
 def pkt(sequence: int, payload: bytes | None = None) -> RtpPacket:
+    """Frame `sequence` (20 ms, 160 samples); its timestamp wraps 32 bits where
+    the sequence number wraps 16 bits (65535 -> 0xFFFFFF60, 0 -> 0)."""
     if payload is None:
         payload = sequence.to_bytes(2, "big") * 80
-    return RtpPacket(0, sequence, sequence * 160 & 0xFFFFFFFF, 1234, payload)
+    return RtpPacket(0, sequence, uint32_add(0, uint16_diff(sequence, 0) * 160), 1234, payload)
 
 
 def payload_of(sequence: int) -> bytes:
@@ -27,8 +29,11 @@ def pop_all(buffer: JitterBuffer, count: int) -> list[tuple[FrameState, int | No
     return out
 
 
-def make(capacity: int = 10, prefetch: int = 1, max_gap: int = 50) -> JitterBuffer:
-    return JitterBuffer(capacity_frames=capacity, prefetch_frames=prefetch, max_gap_frames=max_gap)
+def make(
+    capacity: int = 10, prefetch: int = 1, max_gap: int = 50, silence_byte: int = 0xFF
+) -> JitterBuffer:
+    return JitterBuffer(capacity_frames=capacity, prefetch_frames=prefetch, max_gap_frames=max_gap,
+                        silence_byte=silence_byte)
 
 
 def test_in_order_playout():
@@ -256,3 +261,164 @@ def test_sustained_surplus_gives_delay_back():
         seq += 1
     assert buffer.stats.shrunk == 2
     assert buffer.buffered_frames <= 2
+
+
+def audio_at(timestamp: int, samples: int, value: int) -> RtpPacket:
+    """A packet of `samples` samples, all `value`, at `timestamp` (mod 2**32)."""
+    return RtpPacket(0, 0, timestamp & 0xFFFFFFFF, 1234, bytes([value % 256]) * samples)
+
+
+def play_timeline(
+    jb: JitterBuffer, packet_samples: int, packets: int, phase_ms: float, *,
+    first_timestamp: int = 0, skip: frozenset[int] = frozenset(),
+) -> list[tuple[FrameState, bytes | None]]:
+    """Packets of `packet_samples` (8 kHz) sent on time, one pop every 20 ms
+    starting `phase_ms` after the first packet; the pops' results in order."""
+    packet_ms = packet_samples / 8
+    events = [(k * packet_ms, 0, k) for k in range(packets) if k not in skip]
+    end_ms = packets * packet_ms + 200  # room for the playout delay
+    events += [(phase_ms + 20 * k, 1, k) for k in range(int((end_ms - phase_ms) // 20))]
+    popped = []
+    for _, kind, k in sorted(events):
+        if kind == 0:
+            jb.push(audio_at(first_timestamp + k * packet_samples, packet_samples, k))
+        else:
+            popped.append(jb.pop())
+    return popped
+
+
+@pytest.mark.parametrize("packet_samples", [40, 80, 160, 240, 320, 400])
+@pytest.mark.parametrize("phase_ms", [1, 5, 9, 11, 15, 19])
+@pytest.mark.parametrize("prefetch", [1, 3])
+def test_any_packet_duration_is_reframed_into_whole_20ms_frames(
+    packet_samples, phase_ms, prefetch
+):
+    jb = make(prefetch=prefetch)
+    packets = 4800 // packet_samples  # 600 ms of audio
+    popped = play_timeline(jb, packet_samples, packets, phase_ms, first_timestamp=2**32 - 1000)
+    played = [payload for state, payload in popped if state is PLAYED]
+    assert all(payload is not None and len(payload) == 160 for payload in played)
+    sent = b"".join(bytes([k]) * packet_samples for k in range(packets))
+    assert b"".join(p for p in played if p is not None) == sent[:160 * len(played)]
+    assert len(played) == packets * packet_samples // 160
+    assert jb.stats.partial == 0
+    assert jb.stats.late == jb.stats.duplicates == jb.stats.overflow == 0
+    first_played = next(i for i, (state, _) in enumerate(popped) if state is PLAYED)
+    lost_while_playing = [s for s, _ in popped[first_played:first_played + len(played)]
+                          if s is LOST]
+    assert len(lost_while_playing) <= 1  # at most one slip for packets longer than a frame
+
+
+def test_two_10ms_packets_make_one_frame():
+    jb = make()
+    jb.push(audio_at(1000, 80, 1))
+    assert jb.pop() == (IDLE, None)  # half a frame is not a prefetch
+    jb.push(audio_at(1080, 80, 2))
+    assert jb.pop() == (PLAYED, b"\x01" * 80 + b"\x02" * 80)
+    assert jb.buffered_bytes == 0
+
+
+def test_30ms_packet_is_split_and_its_tail_joined_with_the_next():
+    jb = make()
+    jb.push(audio_at(0, 240, 1))
+    assert jb.buffered_frames == 2
+    assert jb.buffered_bytes == 240
+    assert jb.pop() == (PLAYED, b"\x01" * 160)
+    assert jb.pop() == (LOST, None)  # the frame's second half is still in flight: wait once
+    assert jb.stats.grown == 1
+    jb.push(audio_at(240, 240, 2))
+    assert pop_all_payloads(jb, 3) == [b"\x01" * 80 + b"\x02" * 80, b"\x02" * 160, None]
+
+
+def pop_all_payloads(jb: JitterBuffer, count: int) -> list[bytes | None]:
+    return [jb.pop()[1] for _ in range(count)]
+
+
+def test_a_lost_10ms_packet_is_concealed_with_the_silence_byte():
+    jb = make(prefetch=2, silence_byte=0xD5)
+    for k in (0, 1, 3, 4, 5):  # 10 ms packets, the one at 240 is lost
+        jb.push(audio_at(k * 80, 80, k + 1))
+    assert pop_all_payloads(jb, 3) == [
+        b"\x01" * 80 + b"\x02" * 80,
+        b"\xd5" * 80 + b"\x04" * 80,
+        b"\x05" * 80 + b"\x06" * 80,
+    ]
+    assert jb.stats.partial == 1
+    assert jb.stats.played == 3
+    assert jb.buffered_bytes == 0
+
+
+def test_a_partial_frame_plays_after_one_wait_when_nothing_follows():
+    jb = make()
+    jb.push(audio_at(0, 240, 1))
+    jb.pop()
+    assert jb.pop() == (LOST, None)
+    assert jb.pop() == (PLAYED, b"\x01" * 80 + b"\xff" * 80)
+    assert jb.stats.partial == 1
+
+
+def test_a_packet_longer_than_the_buffer_keeps_its_newest_frames():
+    jb = make(capacity=2, prefetch=1)
+    jb.push(audio_at(0, 160, 9))
+    jb.push(RtpPacket(0, 1, 160, 1234, b"".join(bytes([k]) * 160 for k in range(5))))
+    assert jb.buffered_frames == 2
+    assert jb.buffered_bytes == 320
+    assert jb.stats.overflow == 2  # frame 0 of the buffer and the packet's first three frames
+    assert pop_all_payloads(jb, 2) == [b"\x03" * 160, b"\x04" * 160]
+
+
+def test_an_empty_payload_stores_nothing():
+    jb = make()
+    jb.push(audio_at(0, 0, 0))
+    assert jb.stats.received == 1
+    assert jb.buffered_frames == 0
+    assert jb.pop() == (IDLE, None)
+
+
+def test_misaligned_overlap_is_a_duplicate_and_leaves_held_audio_alone():
+    jb = make(prefetch=2)
+    jb.push(audio_at(0, 160, 1))
+    jb.push(audio_at(80, 160, 2))  # overlaps the held frame by half
+    assert jb.stats.duplicates == 1
+    jb.push(audio_at(160, 80, 3))
+    jb.push(audio_at(200, 80, 4))  # overlaps the held 10 ms by half
+    assert jb.stats.duplicates == 2
+    jb.push(audio_at(240, 80, 5))
+    assert pop_all_payloads(jb, 2) == [b"\x01" * 160, b"\x03" * 80 + b"\x05" * 80]
+
+
+def test_the_late_head_of_a_straddling_packet_is_dropped_its_tail_kept():
+    jb = make()
+    jb.push(audio_at(0, 160, 1))
+    assert jb.pop() == (PLAYED, b"\x01" * 160)
+    jb.push(audio_at(100, 100, 2))  # 100..160 was played: 160..200 is kept
+    assert jb.stats.late == 1
+    jb.push(audio_at(80, 160, 3))  # late head, and 160..200 is held: a duplicate
+    assert (jb.stats.late, jb.stats.duplicates) == (2, 1)
+    jb.push(audio_at(200, 80, 4))
+    assert jb.pop() == (LOST, None)  # the newest frame, partial: its rest may be in flight
+    assert jb.pop() == (PLAYED, b"\x02" * 40 + b"\x04" * 80 + b"\xff" * 40)
+    assert jb.stats.partial == 1
+
+
+def test_random_lengths_and_timestamps_keep_bounds_and_frame_size():
+    import random
+
+    rng = random.Random(16)
+    jb = make(capacity=6, prefetch=2, max_gap=20)
+    timestamp = 2**32 - 5000
+    for _ in range(4000):
+        samples = rng.choice([0, 1, 80, 160, 160, 240, 333, 1600, 1700])
+        timestamp += rng.choice([-400, -80, 0, 80, 160, 160, 160, 240, 7, 9000])
+        jb.push(audio_at(timestamp, samples, 1))
+        timestamp += samples
+        assert jb.buffered_frames <= 6
+        assert 0 <= jb.buffered_bytes <= 6 * 160
+        if rng.random() < 0.7:
+            state, payload = jb.pop()
+            if state is PLAYED:
+                assert payload is not None and len(payload) == 160
+            else:
+                assert payload is None
+    s = jb.stats
+    assert s.late and s.duplicates and s.overflow and s.resets and s.lost and s.partial

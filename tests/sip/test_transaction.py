@@ -194,7 +194,7 @@ def test_client_non_invite_provisional_then_final() -> None:
 def test_matching_rfc3261() -> None:
     table = TransactionTable(outbox=Outbox(100), max_transactions=10)
     invite = request("INVITE")
-    txn = table.create_server(invite, top_via(invite), DEST, 0.0)
+    txn = table.create_server(invite, top_via(invite), DEST, 0.0, source_host=DEST[0])
     assert txn is not None
     ack = request("ACK")
     assert table.match_server(ack, top_via(ack)) is txn  # ACK matches its INVITE
@@ -213,7 +213,7 @@ def test_matching_rfc2543_fallback(branch: str) -> None:
     via = f"SIP/2.0/UDP gw.example.com{branch}"
     table = TransactionTable(outbox=Outbox(100), max_transactions=10)
     invite = request("INVITE", via=via, cseq=56)
-    txn = table.create_server(invite, top_via(invite), DEST, 0.0)
+    txn = table.create_server(invite, top_via(invite), DEST, 0.0, source_host=DEST[0])
     assert txn is not None
     assert txn.key.branch is None
     ack = request("ACK", via=via, cseq=56, to="<sip:agent@127.0.0.1>;tag=ours")
@@ -229,7 +229,7 @@ def test_matching_rfc2543_fallback(branch: str) -> None:
 def test_table_bound_and_sweep() -> None:
     table = TransactionTable(outbox=Outbox(100), max_transactions=2)
     reqs = [request("OPTIONS", via=f"SIP/2.0/UDP 127.0.0.2;branch=z9hG4bK{i}") for i in range(3)]
-    txns = [table.create_server(r, top_via(r), DEST, 0.0) for r in reqs]
+    txns = [table.create_server(r, top_via(r), DEST, 0.0, source_host=DEST[0]) for r in reqs]
     assert txns[2] is None
     assert table.refused == 1
     assert len(table) == 2
@@ -263,3 +263,83 @@ def test_outbox_is_bounded() -> None:
     assert outbox.drain() == [(b"a", DEST)]
     assert (outbox.dropped, outbox.retransmissions) == (1, 1)
     assert outbox.drain() == []
+
+
+def _invites(host: str, count: int, first: int = 0) -> list[Request]:
+    return [request("INVITE", via=f"SIP/2.0/UDP {host}:5070;branch=z9hG4bK{host}-{i}")
+            for i in range(first, first + count)]
+
+
+def test_table_share_per_source() -> None:
+    table = TransactionTable(outbox=Outbox(100), max_transactions=8,
+                             transaction_share_per_source=0.25)
+    assert table.max_per_source == 2
+    flood = [table.create_server(r, top_via(r), DEST, 0.0, source_host="127.0.0.9")
+             for r in _invites("127.0.0.9", 3)]
+    assert [t is not None for t in flood] == [True, True, False]
+    assert (table.refused_share, table.refused) == (1, 0)
+    (other,) = _invites("127.0.0.2", 1)
+    assert table.create_server(other, top_via(other), DEST, 0.0, source_host="127.0.0.2")
+    # A terminated transaction gives its source room again.
+    first = flood[0]
+    assert first is not None
+    first.send_response(make_response(first.request, 486, to_tag="t"), 0.0)
+    assert first.receive_ack(0.1)
+    table.handle_timer(10.0)  # Timer I (T4 = 5 s) ended it
+    (again,) = _invites("127.0.0.9", 1, first=3)
+    assert table.create_server(again, top_via(again), DEST, 10.0, source_host="127.0.0.9")
+
+
+def test_table_share_never_below_one_transaction() -> None:
+    table = TransactionTable(outbox=Outbox(10), max_transactions=2,
+                             transaction_share_per_source=0.01)
+    assert table.max_per_source == 1
+
+
+def _rejected(table: TransactionTable, host: str, count: int, first: int = 0
+              ) -> list[ServerTransaction]:
+    txns = []
+    for invite in _invites(host, count, first):
+        txn = table.create_server(invite, top_via(invite), DEST, 0.0, source_host=host)
+        assert txn is not None
+        txn.send_response(make_response(invite, 503, to_tag="t"), 0.0)
+        txns.append(txn)
+    return txns
+
+
+def test_failure_retransmissions_capped_for_source_that_never_acks() -> None:
+    outbox = Outbox(1000)
+    table = TransactionTable(outbox=outbox, max_transactions=100, unacked_failures_per_source=2)
+    flood = _rejected(table, "127.0.0.9", 3)
+    polite = _rejected(table, "127.0.0.2", 2)
+    assert len(outbox.drain()) == 5  # every final response is sent once
+    table.handle_timer(0.5)  # first Timer G
+    resent = outbox.drain()
+    assert len(resent) == 2  # only the source within its allowance
+    assert table.failure_retransmissions_capped == 3
+    assert [t.next_deadline() for t in flood] == [32.0] * 3  # only Timer H left
+    assert all(t.next_deadline() == 1.5 for t in polite)
+    # A retransmitted INVITE still gets the response again (§17.2.1).
+    flood[0].receive_retransmission(1.0)
+    assert len(outbox.drain()) == 1
+    # ACKs bring the source back within its allowance: later failures are retransmitted.
+    for txn in flood:
+        assert txn.receive_ack(2.0)
+    later = _rejected(table, "127.0.0.9", 1, first=3)
+    outbox.drain()
+    table.handle_timer(2.5)
+    assert later[0].next_deadline() == 3.5
+    assert table.failure_retransmissions_capped == 3
+
+
+def test_2xx_retransmissions_never_capped() -> None:
+    outbox = Outbox(1000)
+    table = TransactionTable(outbox=outbox, max_transactions=100, unacked_failures_per_source=0)
+    (invite,) = _invites("127.0.0.9", 1)
+    txn = table.create_server(invite, top_via(invite), DEST, 0.0, source_host="127.0.0.9")
+    assert txn is not None
+    txn.send_response(make_response(invite, 200, to_tag="t"), 0.0)
+    outbox.drain()
+    table.handle_timer(0.5)
+    assert len(outbox.drain()) == 1
+    assert table.failure_retransmissions_capped == 0

@@ -2,18 +2,25 @@
 
 from __future__ import annotations
 
+import dataclasses
+import itertools
+
 import pytest
 
 from tests.sip.fakelink import (
     SDP_ANSWER,
     SDP_OFFER,
     UAC_ADDRESS,
+    UAS_ADDRESS,
     FakeLink,
+    ScriptedUac,
     to_tag_of,
 )
 from voxgate.errors import LocalProtocolError
 from voxgate.sip.headers import parse_via
 from voxgate.sip.message import Request
+from voxgate.sip.parser import parse_message_untrusted
+from voxgate.sip.ratelimit import FloodLimits
 from voxgate.sip.uas import (
     ALLOW,
     BadMessageReceived,
@@ -484,3 +491,170 @@ def test_event_backlog_drops_datagrams() -> None:
     core.receive_datagram(link.uac.request("OPTIONS").serialize(), UAC_ADDRESS, 0.0)
     assert core.stats.messages_dropped_backlog == 1
     assert [d for _, d in core.datagrams_to_send()] == [UAC_ADDRESS]
+
+
+# --- per-source flood protection ------------------------------------------------------------
+
+OTHER_SOURCE = ("127.0.0.3", 5080)
+
+
+def flood_link(limits: FloodLimits, max_transactions: int = 4096) -> FakeLink:
+    """A link whose UAC is the flooding source; the core uses ``limits``."""
+    tokens = itertools.count(1)
+    core = UasCore(local_host=UAS_ADDRESS[0], local_port=UAS_ADDRESS[1],
+                   random_token=lambda: f"tok{next(tokens):04d}", flood_limits=limits,
+                   max_transactions=max_transactions)  # fmt: skip
+    return FakeLink(core)
+
+
+def new_invite(uac: ScriptedUac, number: int) -> Request:
+    uac.call_id = f"flood-{number}@uac"
+    return uac.invite()
+
+
+def elsewhere_statuses(link: FakeLink, destination: tuple[str, int]) -> list[int]:
+    return [getattr(parse_message_untrusted(data), "status", 0)
+            for data, where in link.elsewhere if where == destination]
+
+
+def test_flood_from_one_source_does_not_stop_another() -> None:
+    link = flood_link(FloodLimits(invites_per_source_per_s=1.0, invite_burst=2,
+                                  flood_drop_factor=2.0))
+    for number in range(10):
+        link.send(new_invite(link.uac, number))
+    assert link.statuses() == [100, 100, 503, 503]  # 2 admitted, 2 refused, 6 dropped
+    refused = link.responses[2]
+    assert refused.headers.get("Warning") == '399 voxgate "rate-limited"'
+    assert refused.headers.get("Retry-After") == str(link.core.retry_after_s)
+    assert to_tag_of(refused) is not None
+    assert sum(isinstance(e, IncomingCall) for e in link.take_events()) == 2
+    assert (link.core.active_transactions, link.core.active_dialogs) == (2, 2)  # stateless
+    stats = link.core.stats
+    assert (stats.flood_refused_invite, stats.flood_dropped) == (2, 6)
+
+    caller = ScriptedUac(OTHER_SOURCE, call_id="normal@other")
+    link.send(caller.invite(), source=OTHER_SOURCE)
+    (event,) = link.take_events()
+    assert isinstance(event, IncomingCall)
+    assert event.source == OTHER_SOURCE
+    assert elsewhere_statuses(link, OTHER_SOURCE) == [100]
+
+    link.advance(1.0)  # one token back
+    link.send(new_invite(link.uac, 10))
+    assert link.statuses()[-1] == 100
+
+
+def test_options_and_other_requests_have_their_own_buckets() -> None:
+    limits = FloodLimits(options_burst=1, requests_burst=1, flood_drop_factor=2.0)
+    link = flood_link(limits)
+    link.send(link.uac.request("OPTIONS"))
+    link.send(link.uac.request("OPTIONS"))
+    link.send(link.uac.request("OPTIONS"))
+    link.send(link.uac.request("REGISTER"))
+    link.send(link.uac.request("REGISTER"))
+    assert link.statuses() == [200, 503, 405, 503]
+    stats = link.core.stats
+    assert (stats.flood_refused_options, stats.flood_refused_other, stats.flood_dropped) == (
+        1, 1, 1)
+    link.send(new_invite(link.uac, 1))  # INVITE's bucket is untouched
+    assert link.statuses()[-1] == 100
+
+
+def test_retransmissions_and_in_dialog_requests_never_limited() -> None:
+    limits = FloodLimits(invite_burst=1, options_burst=1, requests_burst=1, flood_drop_factor=1.0)
+    link = flood_link(limits)
+    invite = link.uac.invite()
+    link.send(invite)
+    (event,) = link.take_events()
+    assert isinstance(event, IncomingCall)
+    for _ in range(5):
+        link.send(invite)  # retransmissions: absorbed by the transaction
+    link.core.accept(event.call_key, SDP_ANSWER, link.clock.now)
+    link.pump()
+    ok = link.responses[-1]
+    for _ in range(3):
+        link.send(link.uac.ack_for(invite, ok))
+    tag = to_tag_of(ok)
+    for _ in range(3):  # re-INVITEs inside the dialog, each answered
+        reinvite = link.uac.invite(to_tag=tag)
+        link.send(reinvite)
+        link.core.answer_reinvite(event.call_key, SDP_ANSWER, 200, link.clock.now)
+        link.pump()
+        link.send(link.uac.ack_for(reinvite, link.responses[-1]))
+    link.send(link.uac.request("BYE", to_tag=tag))
+    assert link.statuses() == [100] * 6 + [200, 100, 200, 100, 200, 100, 200, 200]
+    assert link.take_events()[-1] == CallEnded(event.call_key, "bye")
+
+    link.uac.call_id = "second@uac"
+    link.clock.now += 1.0
+    second = link.uac.invite()
+    link.send(second)
+    link.send(link.uac.request("REGISTER"))  # takes the only "other" token
+    link.send(link.uac.cancel_for(second))  # CANCEL of a known INVITE: not limited
+    link.send(link.uac.cancel_for(second))  # a CANCEL retransmission
+    assert link.statuses()[-5:] == [100, 405, 200, 487, 200]
+    stats = link.core.stats
+    assert (stats.flood_refused_invite, stats.flood_refused_other, stats.flood_dropped) == (
+        0, 0, 0)
+
+
+def test_source_share_of_transaction_table() -> None:
+    link = flood_link(FloodLimits(transaction_share_per_source=0.25), max_transactions=8)
+    for _ in range(3):
+        link.send(link.uac.request("OPTIONS"))
+    assert link.statuses() == [200, 200, 503]
+    assert link.responses[-1].headers.get("Warning") == '399 voxgate "full"'
+    caller = ScriptedUac(OTHER_SOURCE)
+    link.send(caller.request("OPTIONS"), source=OTHER_SOURCE)
+    assert elsewhere_statuses(link, OTHER_SOURCE) == [200]
+    stats = link.core.stats
+    assert (stats.transactions_refused_share, stats.transactions_refused) == (1, 0)
+    assert link.core.active_transactions == 3
+
+
+def test_failures_to_a_source_that_never_acks_are_sent_once() -> None:
+    link = flood_link(FloodLimits(unacked_failures_per_source=1))
+    keys = []
+    for number in range(3):
+        link.send(new_invite(link.uac, number))
+        (event,) = link.take_events()
+        assert isinstance(event, IncomingCall)
+        keys.append(event.call_key)
+    for key in keys:
+        link.core.reject(key, 503, link.clock.now, retry_after_s=5)
+    link.pump()
+    link.advance(31.0)  # Timer G would have resent each about 10 times
+    assert link.statuses() == [100] * 3 + [503] * 3
+    assert link.core.stats.failure_retransmissions_capped == 3
+
+    caller = ScriptedUac(OTHER_SOURCE)
+    link.send(caller.invite(), source=OTHER_SOURCE)
+    (event,) = link.take_events()
+    assert isinstance(event, IncomingCall)
+    link.core.reject(event.call_key, 486, link.clock.now)
+    link.pump()
+    link.advance(0.5)
+    assert elsewhere_statuses(link, OTHER_SOURCE) == [100, 486, 486]  # still retransmitted
+
+
+def test_bad_requests_answered_within_the_other_bucket() -> None:
+    link = flood_link(FloodLimits(requests_burst=1, flood_drop_factor=1.0))
+    for _ in range(3):
+        request = link.uac.request("OPTIONS")
+        request.headers.set("CSeq", "2 INVITE")  # method mismatch: 400
+        link.send(request)
+    assert link.statuses() == [400]
+    assert (link.core.stats.bad_messages, link.core.stats.flood_dropped) == (3, 2)
+
+
+def test_flood_limits_can_change_at_run_time() -> None:
+    link = flood_link(FloodLimits(options_burst=1, flood_drop_factor=1.0))
+    link.send(link.uac.request("OPTIONS"))
+    link.send(link.uac.request("OPTIONS"))
+    assert link.statuses() == [200]
+    link.core.flood_limits = dataclasses.replace(
+        link.core.flood_limits, options_per_source_per_s=1000.0, options_burst=1000)
+    link.clock.now += 0.01
+    link.send(link.uac.request("OPTIONS"))
+    assert link.statuses() == [200, 200]
+    assert link.core.flood_limits.options_burst == 1000

@@ -25,10 +25,13 @@ import trio.testing
 
 from voxgate.admission import Admission, limits_from_config
 from voxgate.admission_desk import AdmissionDesk
+from voxgate.calls import Calls
 from voxgate.config import AlsaConfig, AlsaLineConfig, Config, LimitsConfig
 from voxgate.control.cli import render_devices
 from voxgate.control.devices import alsa_names, devices_command
 from voxgate.control.server import CommandError
+from voxgate.pipeline.clock import MediaClock
+from voxgate.pipeline.frames import PCM_FRAME_BYTES as FRAME_BYTES
 from voxgate.pipeline.playback import DRAINED
 from voxgate.registry import Registry
 from voxgate.session import SessionCore
@@ -39,9 +42,6 @@ from voxgate.transports.alsa import (
     Backoff,
 )
 from voxgate.transports.alsa_device import AlsaLineDevice, DeviceLost, LinePcms
-from voxgate.transports.rtp_media import MediaClock
-
-FRAME_BYTES = 320
 
 
 def require_alsaaudio() -> None:
@@ -92,12 +92,14 @@ class Harness:
         self.desk = AdmissionDesk(Admission(limits_from_config(config)), lambda task: None)
         self.registry = Registry()
         self.check_ins: list[str] = []
-        self.lines = AlsaLines(config, self.clock, self.desk, self.registry,
-                               check_in=self.check_ins.append, open_device=open_device)
+        self.calls = Calls(config, self.desk, self.registry, self.clock)
+        self.lines = AlsaLines(config, self.calls, check_in=self.check_ins.append,
+                               open_device=open_device)
 
     async def start(self, nursery: trio.Nursery) -> None:
         await nursery.start(self.clock.run)
         await nursery.start(self.desk.run)
+        await nursery.start(self.calls.run)
         await nursery.start(self.lines.run)
 
     def line(self, name: str = "door") -> dict[str, Any]:
@@ -192,12 +194,26 @@ class FailingDevice:
         self.inner.close()
 
 
+class SteppedLeg:
+    """An AlsaLeg driven as its session drives it: ``tick`` is the pipeline's step."""
+
+    def __init__(self, leg: AlsaLeg, core: SessionCore) -> None:
+        self.leg = leg
+        self.core = core
+
+    def tick(self, now: float, frames_elapsed: int) -> bool:
+        return self.core.pipeline.step(self.leg, now, frames_elapsed)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.leg, name)
+
+
 def make_leg(device: LinePcms, period_ms: int = 20,
-             lost: list[DeviceLost] | None = None) -> tuple[AlsaLeg, SessionCore]:
+             lost: list[DeviceLost] | None = None) -> tuple[SteppedLeg, SessionCore]:
     core = SessionCore.build(Config(), "alsa", 0.0)
-    leg = AlsaLeg(device=device, pipeline=core.pipeline, budget=core.budget, period_ms=period_ms,
-                  on_lost=(lost if lost is not None else []).append)
-    return leg, core
+    leg = AlsaLeg(device=device, playback=core.pipeline.playback, budget=core.budget,
+                  period_ms=period_ms, on_lost=(lost if lost is not None else []).append)
+    return SteppedLeg(leg, core), core
 
 
 def alsa_line_events(caplog: pytest.LogCaptureFixture) -> list[tuple[str, str | None]]:

@@ -193,6 +193,80 @@ def test_malformed_messages_name_the_defect_and_the_close_code(data, code, words
     assert len(err.value.reason.encode()) <= ms.MAX_CLOSE_REASON_BYTES
 
 
+def _start_with(path: str, value: object) -> str:
+    return _with(path, value, TWILIO_START)
+
+
+# Hostile ``start`` messages: every field of the wrong type or shape (hypothesis is not
+# pinned, so a hand-written table). Each must be a 1008 policy close, never a TypeError.
+BAD_TRACKS: tuple[object, ...] = (
+    [["inbound"]], [{}], [{"inbound": 1}], [None], [1], [True], "inbound", {},
+    {"inbound": 1}, [], ["inbound", "inbound"], ["inbound", "outbound", "inbound"], None,
+)
+BAD_CUSTOM_PARAMETERS: tuple[object, ...] = (
+    [], "tenant=acme", {"tenant": ["acme"]}, {"tenant": {}}, {"tenant": None},
+    {"tenant": 1.5}, {"x" * 200: "v"},
+)
+BAD_MEDIA_FORMATS: tuple[object, ...] = ([], "audio/x-mulaw", 8000)
+HOSTILE_STARTS = [
+    *[_start_with("start.tracks", tracks) for tracks in BAD_TRACKS],
+    *[_start_with("start.customParameters", params) for params in BAD_CUSTOM_PARAMETERS],
+    *[_start_with("start.mediaFormat", fmt) for fmt in BAD_MEDIA_FORMATS],
+    *[_start_with(f"start.{key}", value) for key in ("streamSid", "callSid", "accountSid")
+      for value in ([SID], {"sid": SID}, 5, True)],
+    _start_with("start", [TWILIO_START["start"]]),
+    _start_with("start", "start"),
+    _start_with("streamSid", [SID]),
+    _start_with("streamSid", {}),
+    _start_with("sequenceNumber", [1]),
+    _start_with("sequenceNumber", {}),
+    _start_with("sequenceNumber", 1.5),
+    _start_with("sequenceNumber", -1),
+    _start_with("event", ["start"]),
+    _start_with("event", {"start": 1}),
+]
+
+
+@pytest.mark.parametrize("data", HOSTILE_STARTS, ids=range(len(HOSTILE_STARTS)))
+def test_hostile_start_fields_are_policy_closes(data):
+    with pytest.raises(MediaStreamError) as err:
+        parse_message_untrusted(data)
+    assert err.value.close_code == ms.CLOSE_POLICY_VIOLATION
+    stream = MediaStream(0.0, max_message_bytes=65536, max_messages_per_s=200)
+    with pytest.raises(MediaStreamError) as err:
+        stream.receive_message_untrusted(data, 0.0)
+    assert err.value.close_code == ms.CLOSE_POLICY_VIOLATION
+    assert stream.state == ms.IDLE
+
+
+def test_unhashable_tracks_are_a_policy_close_naming_the_field():
+    with pytest.raises(MediaStreamError) as err:
+        parse_message_untrusted(_start_with("start.tracks", [["inbound"]]))
+    assert err.value.close_code == ms.CLOSE_POLICY_VIOLATION
+    assert "start.tracks" in err.value.reason
+
+
+HOSTILE_JSON = [
+    "[" * 30_000 + "]" * 30_000,
+    '{"event": "start", "start": ' + "[" * 40 + "]" * 40 + "}",
+    _start_with("sequenceNumber", 10 ** 80),
+    '{"event": "media", "streamSid": "' + SID + '", "sequenceNumber": ' + "7" * 5000 + "}",
+    '{"event": "media", "sequenceNumber": 1e400}',
+    '{"event": "media", "streamSid": Infinity}',
+    text(TWILIO_START).replace('"tenant"', '"\\ud800"'),  # an unpaired surrogate escape
+    '{"event": "start", "start": {"customParameters": {"\\udfff": "v"}}}',
+    '{"event": "connected", "protocol": "\ud800"}',  # a surrogate in the text itself
+]
+
+
+@pytest.mark.parametrize("data", HOSTILE_JSON, ids=range(len(HOSTILE_JSON)))
+def test_hostile_json_is_an_invalid_payload_close(data):
+    with pytest.raises(MediaStreamError) as err:
+        parse_message_untrusted(data)
+    assert err.value.close_code == ms.CLOSE_INVALID_PAYLOAD
+    assert "not valid JSON" in err.value.reason
+
+
 def test_close_reasons_are_cut_to_fit_a_close_frame():
     error = MediaStreamError(1008, "é" * 200)
     assert len(error.reason.encode()) <= ms.MAX_CLOSE_REASON_BYTES
@@ -260,6 +334,16 @@ def test_size_limit_closes_with_1009():
     stream.receive_message_untrusted(media_text(), 100.0)  # 160 bytes → ~290 characters
     with pytest.raises(MediaStreamError) as err:
         stream.receive_message_untrusted(media_text(FRAME * 2), 100.0)
+    assert err.value.close_code == ms.CLOSE_MESSAGE_TOO_BIG
+
+
+def test_size_limit_counts_utf8_bytes():
+    stream = started(max_message_bytes=400)
+    name = "\u20ac" * 120  # 3 bytes a character in UTF-8
+    mark = f'{{"event": "mark", "streamSid": "{SID}", "mark": {{"name": "{name}"}}}}'
+    assert len(mark) <= 400 < len(mark.encode())
+    with pytest.raises(MediaStreamError) as err:
+        stream.receive_message_untrusted(mark, 100.0)
     assert err.value.close_code == ms.CLOSE_MESSAGE_TOO_BIG
 
 

@@ -26,9 +26,11 @@ from voxgate.admission import Admission, limits_from_config
 from voxgate.admission_desk import AdmissionDesk
 from voxgate.agents.base import Agent
 from voxgate.agents.factory import AGENTS
+from voxgate.calls import Calls
 from voxgate.codec.g711 import PCMU
 from voxgate.config import Config, TenantConfig
 from voxgate.metrics import REGISTRY
+from voxgate.pipeline.clock import MediaClock
 from voxgate.registry import Registry
 from voxgate.transports import media_stream as ms
 from voxgate.transports.media_stream import (
@@ -41,7 +43,6 @@ from voxgate.transports.media_stream import (
     parse_message_untrusted,
     serialize,
 )
-from voxgate.transports.rtp_media import MediaClock
 from voxgate.transports.websocket import WebSocketEndpoint
 
 SID = "MZ00000000000000000000000000000001"
@@ -97,11 +98,13 @@ async def serving(config: Config, **kwargs: Any) -> AsyncIterator[Served]:
     clock = MediaClock(check_in=checked_in.append)
     desk = AdmissionDesk(Admission(limits_from_config(config)), checked_in.append)
     registry = Registry()
-    endpoint = WebSocketEndpoint(config, clock, desk, registry, check_in=checked_in.append,
-                                 **kwargs)
+    calls = Calls(config, desk, registry, clock)
+    calls.fallback_prompt = kwargs.pop("fallback_prompt", ())
+    endpoint = WebSocketEndpoint(config, calls, check_in=checked_in.append, **kwargs)
     async with trio.open_nursery() as nursery:
         await nursery.start(clock.run)
         await nursery.start(desk.run)
+        await nursery.start(calls.run)
         await nursery.start(endpoint.run)
         yield Served(endpoint, registry, desk, checked_in)
         nursery.cancel_scope.cancel()

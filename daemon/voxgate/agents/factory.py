@@ -7,6 +7,7 @@ from voxgate.agents.diagnostic import BabbleAgent, SilentAgent
 from voxgate.agents.echo import EchoAgent
 from voxgate.budget import SessionBudget
 from voxgate.config import Config
+from voxgate.errors import ConfigError
 from voxgate.pipeline.playout import Playout
 
 AGENTS: dict[str, type[Agent]] = {
@@ -15,6 +16,23 @@ AGENTS: dict[str, type[Agent]] = {
     "babble": BabbleAgent,
 }
 """The agents that need nothing but their playout; ``local`` is built below."""
+
+
+def check_agent(config: Config) -> None:
+    """Load now what would otherwise fail on the first call: the local agent's
+    ``[agent] plugin`` import and its menu's words in the recogniser's dictionary.
+
+    Raises:
+        ConfigError: naming the file and the key.
+    """
+    if config.agent.kind != "local":
+        return
+    from voxgate.agents.local import shared_runtime
+
+    try:
+        shared_runtime(config).recognizer.check_words()
+    except ConfigError as e:
+        raise ConfigError(f"{config.source}: {e}") from e
 
 
 def make_agent(config: Config, playout: Playout, budget: SessionBudget) -> Agent:

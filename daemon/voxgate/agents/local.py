@@ -58,7 +58,8 @@ from voxgate.budget import BoundedAudioQueue, SessionBudget
 from voxgate.config import AgentConfig, Config
 from voxgate.logging import log_event
 from voxgate.metrics import RESPONSE_LATENCY, TIME_TO_FIRST_VOICE
-from voxgate.pipeline.playout import FRAME_S, Playout
+from voxgate.pipeline.frames import FRAME_S
+from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import SpeechStarted, SpeechStopped
 from voxgate.rtp.dtmf import DtmfEvent
 

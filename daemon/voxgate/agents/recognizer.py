@@ -30,13 +30,13 @@ from pocketsphinx import Decoder, get_model_path
 
 from voxgate.agents.dialogue import DIGIT_WORDS, Menu, Step
 from voxgate.errors import ConfigError
+from voxgate.pipeline.frames import RATE_HZ
 
 with warnings.catch_warnings():
     # Python 3.11/3.12 deprecate audioop (PEP 594) with a DeprecationWarning at import.
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-PIPELINE_RATE_HZ = 8000
 MODEL_RATE_HZ = 16000
 _SAMPLE_WIDTH_BYTES = 2
 _FILLERS = frozenset({"<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "(NULL)"})
@@ -107,6 +107,11 @@ class Recognizer:
         self._free: list[Decoder] = []
         self.stats = RecognizerStats()
 
+    def check_words(self) -> None:
+        """Raise ConfigError when a grammar holds a word the dictionary does not know
+        (reads the dictionary file: for start-up and ``--check-config``)."""
+        load_lexicon(self._dictionary_path, self._words)
+
     async def prepare(self) -> None:
         """Load the grammars' pronunciations and build one decoder, if not done yet.
 
@@ -148,7 +153,7 @@ class Recognizer:
         if decoder is None:
             decoder = self._new_decoder()
         started = time.perf_counter()
-        audio, _ = audioop.ratecv(pcm, _SAMPLE_WIDTH_BYTES, 1, PIPELINE_RATE_HZ,
+        audio, _ = audioop.ratecv(pcm, _SAMPLE_WIDTH_BYTES, 1, RATE_HZ,
                                   MODEL_RATE_HZ, None)
         decoder.activate_search(grammar)  # (current_search() crashes before the first one)
         decoder.start_utt()

@@ -22,15 +22,13 @@ from collections import OrderedDict
 import trio
 
 from voxgate.errors import LocalProtocolError
+from voxgate.pipeline.frames import PCM_FRAME_BYTES, RATE_HZ, split_frames
 
 with warnings.catch_warnings():
     # Python 3.11/3.12 deprecate audioop (PEP 594) with a DeprecationWarning at import.
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-FRAME_BYTES = 320
-"""20 ms of 8 kHz PCM16 mono."""
-PIPELINE_RATE_HZ = 8000
 MAX_TEXT_CHARS = 1000
 """Longer texts are cut here (a webhook's ``say`` is not ours to trust)."""
 MAX_SPEECH_S = 60
@@ -93,14 +91,14 @@ class Synthesizer:
         return frames
 
     def _remember(self, text: str, frames: tuple[bytes, ...]) -> None:
-        size = len(frames) * FRAME_BYTES
+        size = len(frames) * PCM_FRAME_BYTES
         if size > self._cache_bytes:
             return
         self._cache[text] = frames
         self._cached_bytes += size
         while self._cached_bytes > self._cache_bytes:
             _, old = self._cache.popitem(last=False)
-            self._cached_bytes -= len(old) * FRAME_BYTES
+            self._cached_bytes -= len(old) * PCM_FRAME_BYTES
 
 
 def _check_output(done: subprocess.CompletedProcess[bytes]) -> tuple[bytes, ...]:
@@ -128,7 +126,6 @@ def wav_to_frames(wav_bytes: bytes) -> tuple[bytes, ...]:
         raise SynthesisError(f"unreadable WAV from espeak-ng: {e}") from e
     if len(pcm) > rate_hz * MAX_SPEECH_S * 2:
         raise SynthesisError(f"speech longer than {MAX_SPEECH_S} s")
-    if rate_hz != PIPELINE_RATE_HZ:
-        pcm, _ = audioop.ratecv(pcm, 2, 1, rate_hz, PIPELINE_RATE_HZ, None)
-    pcm += bytes(-len(pcm) % FRAME_BYTES)
-    return tuple(pcm[i:i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES))
+    if rate_hz != RATE_HZ:
+        pcm, _ = audioop.ratecv(pcm, 2, 1, rate_hz, RATE_HZ, None)
+    return split_frames(pcm)

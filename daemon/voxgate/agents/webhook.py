@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import abc
 import importlib
-import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
@@ -36,8 +35,11 @@ import trio
 
 from voxgate.config import AgentConfig
 from voxgate.errors import ConfigError, RemoteProtocolError
+from voxgate.jsonbounds import loads_untrusted
 
 MAX_REPLY_BYTES = 64 * 1024
+MAX_REPLY_DEPTH = 32
+"""Deepest nesting of arrays/objects in a reply (the fields used are 1 deep)."""
 TIMEOUT_WHEN_DEADMAN_OFF_S = 10.0
 """The integrator's time when ``[timers] agent_response_s`` is 0 (off)."""
 
@@ -79,17 +81,16 @@ def reply_from_untrusted(data: object) -> Reply:
 
 
 def parse_reply_untrusted(body: bytes) -> Reply:
-    """A webhook's response body (JSON, may be empty) → :class:`Reply`.
+    """A webhook's response body (UTF-8 JSON, may be empty) → :class:`Reply`.
 
     Raises:
-        RemoteProtocolError: not JSON, or as :func:`reply_from_untrusted`.
+        RemoteProtocolError: over :data:`MAX_REPLY_BYTES`, not JSON or beyond
+            its bounds (:func:`voxgate.jsonbounds.loads_untrusted` with
+            :data:`MAX_REPLY_DEPTH`), or as :func:`reply_from_untrusted`.
     """
     if not body.strip():
         return Reply()
-    try:
-        data = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise RemoteProtocolError(f"reply is not JSON: {e}", status_hint=None) from e
+    data = loads_untrusted(body, max_bytes=MAX_REPLY_BYTES, max_depth=MAX_REPLY_DEPTH)
     return reply_from_untrusted(data)
 
 

@@ -26,12 +26,16 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TextIO
 
-from voxgate.control.protocol import ControlProtocolError, decode_reply, encode_request
+from voxgate.control.protocol import (
+    MAX_REPLY_BYTES,
+    ControlProtocolError,
+    decode_reply,
+    encode_request,
+)
 
 DEFAULT_SOCKET = "/run/voxgate/control.sock"
 SOCKET_ENV = "VOXGATE_CONTROL_SOCKET"
 DEFAULT_TIMEOUT_S = 10.0
-MAX_REPLY_BYTES = 16 * 1024 * 1024
 RECEIVE_CHUNK_BYTES = 65_536
 TOP_INTERVAL_S = 1.0
 DRAIN_POLL_S = 0.5
@@ -228,6 +232,43 @@ def render_sessions(result: Any) -> str:
                  rows)
 
 
+def render_calls(result: Any) -> str:
+    """``calls``: one row per call record, newest first, or ``no calls``."""
+    calls = [_as_dict(c) for c in _as_list(result)]
+    if not calls:
+        return "no calls"
+    rows = [(c.get("started_at"), c.get("session_id"), c.get("call_id"), c.get("transport"),
+             c.get("tenant"), c.get("state"), c.get("reason"), c.get("duration_s"))
+            for c in calls]
+    return table(("STARTED", "SESSION", "CALL-ID", "TRANSPORT", "TENANT", "STATE", "REASON",
+                  "DURATION_S"), rows)
+
+
+def render_jobs(result: Any) -> str:
+    """``jobs``: the post-call queue's counts, then its recent failures."""
+    summary = dict(_as_dict(result))
+    failures = [_as_dict(f) for f in _as_list(summary.pop("recent_failures", []))]
+    text = render_mapping(summary)
+    if failures:
+        text += "\n\n" + table(("JOB", "KIND", "SESSION", "ATTEMPTS", "LAST ERROR"), [
+            (f.get("id"), f.get("kind"), f.get("session_id"), f.get("attempts"),
+             f.get("last_error")) for f in failures])
+    return text
+
+
+def parse_duration_s(text: str) -> float:
+    """``90``, ``90s``, ``15m``, ``2h``, ``7d`` → seconds; raises ArgumentTypeError."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        value = float(number)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 15m, 2h, 7d)")
+    return value * units[unit]
+
+
 def render_mapping(result: Any, indent: int = 0) -> str:
     """``show``: ``key: value`` lines, nested dicts indented two spaces per level."""
     if not isinstance(result, dict):
@@ -296,6 +337,14 @@ def _simple(cmd: str, render: Callable[[Any], str]) -> Callable[[ControlClient,
         _emit(args, client.call(cmd, request_args), render)
         return EX_OK
     return run
+
+
+def _run_calls(client: ControlClient, args: argparse.Namespace) -> int:
+    request = {"since_s": args.since, "tenant": args.tenant, "reason": args.reason,
+               "limit": args.limit}
+    _emit(args, client.call("calls", {k: v for k, v in request.items() if v is not None}),
+          render_calls)
+    return EX_OK
 
 
 def _run_drain(client: ControlClient, args: argparse.Namespace) -> int:
@@ -367,11 +416,22 @@ def _build_parser() -> argparse.ArgumentParser:
             help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text)
         sub.set_defaults(run=run)
+        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                         help="print the raw JSON result")
         return sub
 
     add("status", _simple("status", render_status), "daemon state, sessions, limits, health")
     add("sessions", _simple("sessions", render_sessions), "list the sessions")
-    add("show", _simple("show", render_mapping), "show one session").add_argument("id")
+    add("show", _simple("show", render_mapping),
+        "show one session or call record").add_argument("id", help="session id or Call-ID")
+    calls = add("calls", _run_calls, "list call records, newest first")
+    calls.add_argument("--since", type=parse_duration_s, metavar="DURATION",
+                       help="only calls started in the last DURATION (90s, 15m, 2h, 7d)")
+    calls.add_argument("--tenant", help="only this tenant's calls")
+    calls.add_argument("--reason", help="only calls that ended with this reason")
+    calls.add_argument("--limit", type=int, default=50, metavar="N",
+                       help="at most N calls (default 50)")
+    add("jobs", _simple("jobs", render_jobs), "post-call job queue: backlog and failures")
     add("hangup", _simple("hangup", render_message), "end one session").add_argument("id")
     drain = add("drain", _run_drain, "stop admitting calls; sessions in progress go on")
     drain.add_argument("--wait", action="store_true", help="wait until no session is left")

@@ -8,6 +8,7 @@ The shapes of ``status`` (``state``, ``sessions.active/queued/by_tenant``,
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
 NOT_FOUND = "not-found"
 BAD_ARGS = "bad-args"
 STOPPING = "stopping"
+UNAVAILABLE = "unavailable"
+MAX_CALLS_LISTED = 1000
 
 
 def make_handlers(sup: Supervisor) -> dict[str, Handler]:
@@ -38,6 +41,10 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
         components = {name: {"healthy": h.healthy, "detail": h.detail}
                       for name, h in stats.health.items()}
         components["memory"] = {"healthy": stats.memory_ok, "detail": stats.memory_detail}
+        for name, service in (("records", sup.records), ("postcall", sup.postcall)):
+            if service is not None:  # never gates admission: calls go on without them
+                components[name] = {"healthy": service.healthy,
+                                    "detail": service.last_error or ""}
         return {"healthy": all(c["healthy"] for c in components.values()),
                 "components": components}
 
@@ -78,10 +85,28 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
         return sup.registry.sessions()
 
     async def show(args: Mapping[str, Any]) -> dict[str, object]:
-        info = sup.registry.describe(session_id(args), sup.config.budget.session_bytes)
-        if info is None:
-            raise CommandError(NOT_FOUND, f"no session {args.get('id')!r}")
-        return info
+        key = session_id(args)
+        info = sup.registry.describe(key, sup.config.budget.session_bytes)
+        record = None if sup.records is None else await sup.records.get_call(key)
+        if info is None and record is None:
+            raise CommandError(NOT_FOUND, f"no session or call record {key!r}")
+        return {**(info or {}), "record": record}
+
+    async def calls(args: Mapping[str, Any]) -> list[dict[str, object]]:
+        if sup.records is None:
+            raise CommandError(UNAVAILABLE, "call records are off ([records] path is empty)")
+        since_s = _number(args, "since_s")
+        limit = _number(args, "limit")
+        return await sup.records.list_calls(
+            since=None if since_s is None else time.time() - since_s,
+            tenant=_text(args, "tenant"), reason=_text(args, "reason"),
+            limit=MAX_CALLS_LISTED if limit is None else max(1, min(int(limit),
+                                                                     MAX_CALLS_LISTED)))
+
+    async def jobs(args: Mapping[str, Any]) -> dict[str, object]:
+        if sup.postcall is None:
+            raise CommandError(UNAVAILABLE, "post-call jobs are off ([postcall] webhook is empty)")
+        return await sup.postcall.summary()
 
     async def hangup(args: Mapping[str, Any]) -> dict[str, str]:
         sid = session_id(args)
@@ -115,7 +140,24 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
         return {"text": exposition()}
 
     return {
-        "status": status, "sessions": sessions, "show": show, "hangup": hangup,
+        "status": status, "sessions": sessions, "show": show, "calls": calls, "jobs": jobs,
+        "hangup": hangup,
         "drain": drain, "resume": resume, "reload": reload, "health": health_cmd,
         "metrics": metrics, "devices": devices_command, "line": sup.alsa.line_command,
     }
+
+
+def _number(args: Mapping[str, Any], key: str) -> float | None:
+    value = args.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not value >= 0:
+        raise CommandError(BAD_ARGS, f"args.{key} must be a number >= 0")
+    return float(value)
+
+
+def _text(args: Mapping[str, Any], key: str) -> str | None:
+    value = args.get(key)
+    if value is not None and not isinstance(value, str):
+        raise CommandError(BAD_ARGS, f"args.{key} must be a string")
+    return value

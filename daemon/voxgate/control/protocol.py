@@ -6,9 +6,13 @@ One JSON object per line, UTF-8, each line ended by ``\\n``::
     reply    {"id": 7, "ok": true, "result": {...}}
     error    {"id": 7, "ok": false, "error": {"code": "unknown-command", "message": "..."}}
 
-``id`` is a string, a number or null and is echoed in the reply; ``args`` is
-an object and may be left out. The daemon answers requests in order, one
-reply per request. A line longer than ``max_line_bytes`` gets a ``too-large``
+``id`` is a string, a finite number or null and is echoed in the reply (a
+request whose id cannot be read or echoed gets its error with ``"id": null``);
+``args`` is an object and may be left out. The daemon answers requests in
+order, one reply per request. Lines are decoded within bounds
+(:func:`voxgate.jsonbounds.loads_untrusted`: nesting up to
+:data:`MAX_JSON_DEPTH`, no NaN/Infinity, no number a double cannot hold); a
+line beyond them is ``bad-json``. A line longer than ``max_line_bytes`` gets a ``too-large``
 error with ``"id": null`` and the connection is closed; the rest of the
 oversized input is discarded, never buffered.
 
@@ -29,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from voxgate.errors import LocalProtocolError, RemoteProtocolError
+from voxgate.jsonbounds import UntrustedJSONError, loads_untrusted
 
 PROTOCOL_VERSION = 1
 """Answered by ``hello`` as ``"protocol"``; bumped on incompatible changes."""
@@ -39,9 +44,16 @@ DEFAULT_MAX_LINE_BYTES = 65_536
 DEFAULT_MAX_PENDING_REQUESTS = 16
 """Requests received (complete lines) but not yet answered, per connection."""
 
+MAX_JSON_DEPTH = 32
+"""Deepest nesting of arrays/objects in a request or reply line."""
+
+MAX_REPLY_BYTES = 16 * 1024 * 1024
+"""Longest reply line :func:`decode_reply` takes."""
+
 # Error codes carried in ``error.code``.
 BAD_JSON = "bad-json"
-"""The line is not valid UTF-8 JSON."""
+"""The line is not valid UTF-8 JSON, or beyond bounds (:data:`MAX_JSON_DEPTH`, integers
+of :data:`~voxgate.jsonbounds.MAX_INTEGER_DIGITS` digits, numbers a double holds)."""
 BAD_REQUEST = "bad-request"
 """Valid JSON, but not a request object (cmd, args or id of the wrong type)."""
 TOO_LARGE = "too-large"
@@ -135,30 +147,32 @@ class ConnectionStats:
         """Bytes thrown away: the rest of an oversized line, input after close."""
 
 
-def _reject_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _loads_untrusted(line: bytes) -> Any:
+def _loads_untrusted(line: bytes, max_bytes: int) -> Any:
     """Parse one JSON value from ``line``; raises :class:`ControlProtocolError` (bad-json)."""
     try:
-        return json.loads(line.decode("utf-8"), parse_constant=_reject_constant)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
-        raise ControlProtocolError(BAD_JSON, f"malformed JSON: {e}") from None
+        return loads_untrusted(line, max_bytes=max_bytes, max_depth=MAX_JSON_DEPTH)
+    except UntrustedJSONError as e:
+        raise ControlProtocolError(BAD_JSON, f"malformed JSON: {e.reason}") from None
 
 
 def _is_request_id(value: object) -> bool:
     return value is None or (isinstance(value, str | int | float) and not isinstance(value, bool))
 
 
-def parse_request_untrusted(line: bytes, commands: Collection[str]) -> Request:
+def parse_request_untrusted(line: bytes, commands: Collection[str], *,
+                            max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> Request:
     """Turn one request line (without ``\\n``) into a :class:`Request`.
 
+    The id of a request is always one :func:`encode_reply` can echo (numbers
+    are finite, strings valid Unicode); a line whose id is not gives an error
+    with ``request_id`` ``None``.
+
     Raises:
-        ControlProtocolError: ``bad-json``, ``bad-request`` or
-            ``unknown-command``; ``request_id`` is set once the id was read.
+        ControlProtocolError: ``bad-json`` (also: over ``max_line_bytes``),
+            ``bad-request`` or ``unknown-command``; ``request_id`` is set once
+            the id was read.
     """
-    obj = _loads_untrusted(line)
+    obj = _loads_untrusted(line, max_line_bytes)
     if not isinstance(obj, dict):
         raise ControlProtocolError(BAD_REQUEST, "a request is a JSON object")
     request_id = obj.get("id")
@@ -298,7 +312,8 @@ class ControlConnection:
             self.stats.errors += 1
             return item
         try:
-            request = parse_request_untrusted(item, self._commands)
+            request = parse_request_untrusted(item, self._commands,
+                                              max_line_bytes=self._max_line)
         except ControlProtocolError as e:
             self.stats.errors += 1
             return ProtocolError(e.request_id, e.code, e.reason)
@@ -349,9 +364,10 @@ def decode_reply(line: bytes) -> Reply:
     """Parse one reply line (with or without its ``\\n``) from the daemon.
 
     Raises:
-        ControlProtocolError: ``bad-json`` or ``bad-request`` (not a reply).
+        ControlProtocolError: ``bad-json`` (also: over :data:`MAX_REPLY_BYTES`
+            or :data:`MAX_JSON_DEPTH`) or ``bad-request`` (not a reply).
     """
-    obj = _loads_untrusted(line)
+    obj = _loads_untrusted(line, MAX_REPLY_BYTES)
     if not isinstance(obj, dict) or not _is_request_id(obj.get("id")):
         raise ControlProtocolError(BAD_REQUEST, "a reply is a JSON object with an id")
     request_id = obj.get("id")

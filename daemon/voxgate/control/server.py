@@ -10,6 +10,14 @@ Who may connect: uid 0, the daemon's own uid, and members of the control
 group (primary gid, supplementary groups from ``/proc/<pid>/status``, or the
 group's member list). Anyone else gets one ``forbidden`` reply and is
 disconnected. The socket file is mode 0660, owned by the control group.
+
+Slots: at most ``max_connections`` connections are served at once, and the
+last :data:`ROOT_RESERVED_CONNECTIONS` of them only for uid 0, so that an
+operator's ``sudo voxgatectl drain`` gets through while every other slot is
+held; a peer beyond its limit gets one ``busy`` reply. A request line must be
+complete within ``request_timeout_s`` of the server being ready for it, so a
+peer dripping bytes cannot keep a slot forever. Every refusal and timeout is
+counted in :attr:`ControlServer.stats`.
 """
 
 from __future__ import annotations
@@ -56,7 +64,14 @@ PARENT_DIR_MODE = 0o755
 LISTEN_BACKLOG = 16
 RECEIVE_CHUNK_BYTES = 4096
 DEFAULT_IDLE_TIMEOUT_S = 60.0
-"""A connection that neither sends a request nor takes its reply this long is closed."""
+"""A connection that sends no byte while a request is awaited, or does not take its
+reply, this long is closed."""
+DEFAULT_REQUEST_TIMEOUT_S = 10.0
+"""The whole time a request line may take to arrive, from the connection being
+accepted or the previous reply sent; voxgatectl sends each request at once and
+polls at most every second."""
+ROOT_RESERVED_CONNECTIONS = 1
+"""Connection slots (out of ``max_connections``) that only uid 0 may take."""
 REFUSE_TIMEOUT_S = 1.0
 """How long a ``busy`` answer may take before the connection is just closed."""
 STALE_PROBE_TIMEOUT_S = 1.0
@@ -96,13 +111,19 @@ class PeerCredentials:
 class ServerStats:
     """Counters of one control server, in connections (``internal_errors``: requests)."""
 
-    __slots__ = ("accepted", "forbidden", "idle_timeouts", "internal_errors", "refused_busy")
+    __slots__ = ("accepted", "forbidden", "idle_timeouts", "internal_errors", "refused_busy",
+                 "refused_no_credentials", "request_timeouts")
 
     def __init__(self) -> None:
         self.accepted = 0
         self.refused_busy = 0
+        """Refused for lack of a slot, the reserved ones included."""
+        self.refused_no_credentials = 0
+        """Closed because ``SO_PEERCRED`` could not be read."""
         self.forbidden = 0
         self.idle_timeouts = 0
+        self.request_timeouts = 0
+        """Closed because a request line was not complete within ``request_timeout_s``."""
         self.internal_errors = 0
 
 
@@ -225,10 +246,18 @@ class ControlServer:
         group: the group name that owns the socket and may use it, or None
             (then only root and the daemon's uid).
         version: the daemon's version, reported by ``hello``.
-        max_connections: connections served at once; more are answered ``busy``.
+        max_connections: connections served at once, the last
+            :data:`ROOT_RESERVED_CONNECTIONS` of them for uid 0 only; a peer
+            beyond its limit is answered ``busy``.
         max_line_bytes: longest request line accepted.
-        idle_timeout_s: a connection idle this long (no request, reply not
-            taken) is closed.
+        idle_timeout_s: a connection that sends no byte while a request is
+            awaited, or does not take its reply, this long is closed.
+        request_timeout_s: a request line not complete this long after the
+            server became ready for it (connection accepted, previous reply
+            sent) closes the connection, however the bytes trickle in.
+
+    Raises:
+        ValueError: ``max_connections`` leaves no slot beyond the reserved ones.
     """
 
     def __init__(
@@ -241,7 +270,11 @@ class ControlServer:
         max_connections: int = 32,
         max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
         idle_timeout_s: float = DEFAULT_IDLE_TIMEOUT_S,
+        request_timeout_s: float = DEFAULT_REQUEST_TIMEOUT_S,
     ) -> None:
+        if max_connections <= ROOT_RESERVED_CONNECTIONS:
+            raise ValueError(f"max_connections must be over {ROOT_RESERVED_CONNECTIONS} "
+                             f"(the slots reserved for root), not {max_connections}")
         self._path = path
         self._handlers = dict(handlers)
         self._commands = frozenset(self._handlers) | {"hello"}
@@ -251,6 +284,7 @@ class ControlServer:
         self._max_connections = max_connections
         self._max_line_bytes = max_line_bytes
         self._idle_timeout_s = idle_timeout_s
+        self._request_timeout_s = request_timeout_s
         self._own_uid = os.getuid()
         self._active = 0
         self.stats = ServerStats()
@@ -320,18 +354,28 @@ class ControlServer:
                           f"accept on control socket failed: {e.strerror}; backing off")
                 await trio.sleep(ACCEPT_BACKOFF_S)
                 continue
-            if self._active >= self._max_connections:
+            try:
+                cred = peer_credentials(stream.socket)
+            except OSError as e:
+                self.stats.refused_no_credentials += 1
+                log_event(logging.WARNING, "control_no_credentials", "control connection "
+                          f"closed: cannot read its credentials: {e.strerror}")
+                stream.socket.close()
+                continue
+            limit = self._max_connections
+            if cred.uid != 0:
+                limit -= ROOT_RESERVED_CONNECTIONS
+            if self._active >= limit:
                 self.stats.refused_busy += 1
                 log_event(logging.WARNING, "control_busy", "control connection refused: busy",
-                          active=self._active)
+                          active=self._active, uid=cred.uid, pid=cred.pid)
                 with trio.move_on_after(REFUSE_TIMEOUT_S):
-                    await self._refuse(stream, BUSY,
-                                       f"too many control connections ({self._max_connections})")
+                    await self._refuse(stream, BUSY, f"too many control connections ({limit})")
                 stream.socket.close()
                 continue
             self.stats.accepted += 1
             self._active += 1
-            nursery.start_soon(self._serve_connection, stream)
+            nursery.start_soon(self._serve_connection, stream, cred)
 
     @staticmethod
     async def _refuse(stream: trio.SocketStream, code: str, message: str) -> None:
@@ -339,12 +383,10 @@ class ControlServer:
         with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
             await stream.send_all(encode_reply(Reply.failure(None, code, message)))
 
-    async def _serve_connection(self, stream: trio.SocketStream) -> None:
+    async def _serve_connection(self, stream: trio.SocketStream, cred: PeerCredentials) -> None:
         """One connection, inside its own error boundary; always closes the stream."""
-        cred: PeerCredentials | None = None
         try:
             async with stream:
-                cred = peer_credentials(stream.socket)
                 if await self._authorized(cred):
                     await self._converse(stream, cred)
                 else:
@@ -358,12 +400,12 @@ class ControlServer:
         except trio.TooSlowError:
             self.stats.idle_timeouts += 1
             log_event(logging.INFO, "control_idle_timeout", "control connection idle; closed",
-                      uid=cred.uid if cred else None, pid=cred.pid if cred else None)
+                      uid=cred.uid, pid=cred.pid)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass  # the client went away mid-request: nothing to answer
         except Exception as e:
             log_event(logging.ERROR, "control_connection_failed", "control connection failed",
-                      exc_info=e, uid=cred.uid if cred else None)
+                      exc_info=e, uid=cred.uid)
         finally:
             self._active -= 1
 
@@ -375,17 +417,27 @@ class ControlServer:
             lambda: is_authorized(cred, own_uid=self._own_uid, group_gid=self._group_gid))
 
     async def _converse(self, stream: trio.SocketStream, cred: PeerCredentials) -> None:
-        """Answer requests in order until EOF, a fatal error or idleness (TooSlowError)."""
+        """Answer requests in order until EOF, a fatal error, a request timeout or
+        idleness (TooSlowError)."""
         conn = ControlConnection(self._commands, max_line_bytes=self._max_line_bytes)
+        request_deadline: float | None = None
         while True:
             event = conn.next_request()
             if event is None:
                 if conn.closed:
                     return
-                with trio.fail_after(self._idle_timeout_s):
-                    data = await stream.receive_some(RECEIVE_CHUNK_BYTES)
+                if request_deadline is None:
+                    request_deadline = trio.current_time() + self._request_timeout_s
+                data = await self._receive(stream, request_deadline)
+                if data is None:
+                    self.stats.request_timeouts += 1
+                    log_event(logging.INFO, "control_request_timeout", "control connection "
+                              f"sent no complete request within {self._request_timeout_s} s; "
+                              "closed", uid=cred.uid, pid=cred.pid)
+                    return
                 conn.receive_data(data)
                 continue
+            request_deadline = None
             if isinstance(event, ProtocolError):
                 line = conn.send_reply(Reply.failure(event.id, event.code, event.message))
             else:
@@ -398,6 +450,16 @@ class ControlServer:
                 await stream.send_all(line)
             if isinstance(event, ProtocolError) and event.fatal:
                 return
+
+    async def _receive(self, stream: trio.SocketStream, deadline: float) -> bytes | None:
+        """The next bytes (``b""``: EOF), or None once ``deadline`` has passed.
+
+        Raises:
+            trio.TooSlowError: no byte within ``idle_timeout_s``.
+        """
+        with trio.move_on_at(deadline), trio.fail_after(self._idle_timeout_s):
+            return await stream.receive_some(RECEIVE_CHUNK_BYTES)
+        return None
 
     async def _dispatch(self, request: Request, cred: PeerCredentials) -> Reply:
         log_event(logging.DEBUG, "control_command", f"control command {request.cmd}",

@@ -1,7 +1,9 @@
 """A session's audio pipeline: VAD, then the agent; the playout queue out.
 
-Sans-IO: the transport's tick hands in one inbound 20 ms PCM16 frame and
-takes out one outbound frame. The stages are called in-line because at 20 ms
+Sans-IO: :meth:`Pipeline.step` is the one 20 ms media step of every
+transport. It takes the frames due from the session's :class:`MediaLeg`
+(which only does I/O), runs them through the stages, and hands the leg one
+outbound frame. The stages are called in-line because at 20 ms
 per frame a channel hop per stage would cost more than the work itself;
 stages that need time (recognition, synthesis) live in the agent's own task.
 The pipeline tells the session's deadman timers when the caller starts and
@@ -9,6 +11,8 @@ ends a turn and when the agent starts answering.
 """
 
 from __future__ import annotations
+
+from typing import Protocol
 
 from voxgate.agents.base import Agent
 from voxgate.deadman import SessionTimers
@@ -18,11 +22,49 @@ from voxgate.pipeline.vad import SpeechStarted, VoiceActivityDetector
 from voxgate.rtp.dtmf import DtmfEvent
 
 
+class MediaLeg(Protocol):
+    """A session's media transport: I/O only, driven by :meth:`Pipeline.step`.
+
+    Frames are 20 ms of 8 kHz PCM16 mono (320 bytes, :mod:`voxgate.pipeline.frames`);
+    a leg converts from and to its wire (G.711 over RTP, µ-law over a WebSocket,
+    a sound device's rate). It reports its transport's playback-completion
+    signal to the session's :class:`~voxgate.pipeline.playback.PlaybackTracker`
+    and key presses to :meth:`Pipeline.dtmf`. No method may block or await.
+    """
+
+    @property
+    def packets_in(self) -> int: ...
+
+    @property
+    def packets_out(self) -> int: ...
+
+    def receive(self, now: float, frames_elapsed: int) -> tuple[bool, list[bytes]]:
+        """What arrived since the last tick: whether any caller media came, and the
+        caller's frames due now (``frames_elapsed`` of them when the clock was late,
+        concealed or fewer when audio is missing)."""
+
+    def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
+        """Send one frame (None: silence); ``finished`` lists the utterances whose
+        last frame left the playout queue this tick (their completion signal starts)."""
+
+    def clear(self) -> None:
+        """Barge-in: drop the agent audio already handed to the far end or device."""
+
+    def close(self) -> None:
+        """Release the leg's socket, stream or device (idempotent)."""
+
+
+class FrameRecorder(Protocol):
+    """Something that records both directions of a call, one frame per tick."""
+
+    def frame(self, caller_pcm: bytes | None, agent_pcm: bytes | None) -> None: ...
+
+
 class Pipeline:
     """VAD → agent → playout for one session."""
 
     __slots__ = ("_awaiting_agent", "agent", "barge_in", "barge_ins", "cleared", "dtmf_events",
-                 "playback", "playout", "speech_turns", "timers", "vad")
+                 "playback", "playout", "recorder", "speech_turns", "timers", "vad")
 
     def __init__(self, vad: VoiceActivityDetector, agent: Agent, playout: Playout,
                  timers: SessionTimers, playback: PlaybackTracker) -> None:
@@ -34,11 +76,32 @@ class Pipeline:
         self.barge_in = True
         """Caller speech during agent speech stops it (agents may switch it off)."""
         self.cleared = False
-        """Set on barge-in; the transport reads and resets it (WebSocket sends ``clear``)."""
+        """Set on barge-in; :meth:`step` tells the leg to clear and resets it."""
+        self.recorder: FrameRecorder | None = None
+        """The call's recording, when ``[records] recordings_dir`` is set."""
         self.speech_turns = 0
         self.barge_ins = 0
         self.dtmf_events = 0
         self._awaiting_agent = False
+
+    def step(self, leg: MediaLeg, now: float, frames_elapsed: int) -> bool:
+        """The 20 ms media step: caller frames in, one agent frame out.
+
+        Returns whether caller media arrived since the last step (the
+        session's deadman timers watch it).
+        """
+        arrived, frames = leg.receive(now, frames_elapsed)
+        for pcm in frames:
+            self.inbound(pcm, now)
+        if self.cleared:
+            self.cleared = False
+            leg.clear()
+        out = self.outbound(now)
+        leg.send(out, self.playout.take_sent(), now)
+        recorder = self.recorder
+        if recorder is not None:
+            recorder.frame(b"".join(frames) or None, out)
+        return arrived
 
     def inbound(self, pcm: bytes, now: float) -> None:
         """One inbound frame (320 bytes: 20 ms of 8 kHz 16-bit mono PCM)."""

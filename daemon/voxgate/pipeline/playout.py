@@ -17,8 +17,8 @@ from __future__ import annotations
 from collections import deque
 
 from voxgate.budget import BoundedAudioQueue, SessionBudget
+from voxgate.pipeline.frames import FRAME_S
 
-FRAME_S = 0.020
 MAX_TRACKED_UTTERANCES = 64
 
 

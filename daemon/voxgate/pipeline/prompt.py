@@ -10,8 +10,8 @@ from __future__ import annotations
 import wave
 
 from voxgate.errors import ConfigError
+from voxgate.pipeline.frames import RATE_HZ, split_frames
 
-FRAME_BYTES = 320
 MAX_PROMPT_S = 60
 
 
@@ -22,12 +22,11 @@ def load_prompt(path: str, key: str) -> tuple[bytes, ...]:
     """
     try:
         with wave.open(path, "rb") as wav:
-            if (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) != (8000, 1, 2):
+            if (wav.getframerate(), wav.getnchannels(), wav.getsampwidth()) != (RATE_HZ, 1, 2):
                 raise ConfigError(f"{key}: {path} must be 8 kHz mono 16-bit PCM WAV")
-            if wav.getnframes() > 8000 * MAX_PROMPT_S:
+            if wav.getnframes() > RATE_HZ * MAX_PROMPT_S:
                 raise ConfigError(f"{key}: {path} is longer than {MAX_PROMPT_S} s")
             pcm = wav.readframes(wav.getnframes())
     except (OSError, EOFError, wave.Error) as e:
         raise ConfigError(f"{key}: cannot read {path}: {e}") from e
-    pcm += bytes(-len(pcm) % FRAME_BYTES)
-    return tuple(pcm[i:i + FRAME_BYTES] for i in range(0, len(pcm), FRAME_BYTES))
+    return split_frames(pcm)

@@ -1,4 +1,7 @@
-"""One session's RTP state: receive, latch, reorder, DTMF, send (RFC 3550, 4733, 4961); sans-IO.
+"""One session's RTP state: receive, latch, re-frame, DTMF, send; sans-IO.
+
+RFC 3550 (RTP), RFC 3551 §4.5 (G.711 packetization), RFC 4733 (DTMF),
+RFC 4961 (symmetric RTP).
 
 The transport driver hands every datagram from the session's RTP port to
 :meth:`RtpStream.receive_datagram_untrusted`, pops one frame per 20 ms tick
@@ -6,34 +9,91 @@ with :meth:`RtpStream.pop_frame`, and sends what :meth:`RtpStream.build_outbound
 returns to :attr:`RtpStream.remote_addr`. Payloads stay encoded (G.711 here);
 codecs live in :mod:`voxgate.codec`.
 
-Symmetric RTP (RFC 4961, "latching"): the peer behind a NAT is reached at the
-address its packets come from, so ``remote_addr`` follows their source. The
-first packet's source is taken at once; after that a packet from another
-source is dropped (counted ``foreign_source``) until that source has sent
-:data:`PROBATION_PACKETS` valid packets in a row with one SSRC and none came
-from the current source meanwhile ("strict RTP"): a NAT rebinding or a moved
-phone is followed within 80 ms, while packets spoofed into a live call cannot
-redirect its audio. A new SSRC (the peer restarted, a transfer) resets the
-jitter buffer and the DTMF receiver.
+Inbound audio of any packetization (RFC 3551 §4.5: a G.711 packet carries any
+whole number of samples, ptime 10, 20, 30 ms...) is re-framed by RTP timestamp
+in the :class:`~voxgate.rtp.jitter.JitterBuffer`, so :meth:`~RtpStream.pop_frame`
+always gives whole frames. A header-only packet carries no audio but counts as
+media (keep-alive, latching; counted ``empty_payloads``); one of more than
+:data:`MAX_PACKET_FRAMES` frames is dropped (counted ``oversize``).
+
+Where media comes from and goes to (symmetric RTP, RFC 4961, "strict RTP"):
+
+- The stream is *latched* to one source address. When the SDP names a usable
+  address (``remote_addr``, not 0.0.0.0/:: or port 0), it is latched there and
+  sends there; otherwise it latches to the first valid packet's source.
+- Packets from the latched source and from the SDP's address are always
+  accepted (the latter moves the latch back to it at once). Packets from any
+  other source are dropped (counted ``foreign_source``) and touch neither the
+  jitter buffer nor the SSRC, until that source re-latches the stream: the
+  latched source has been silent for ``relatch_after_silence_s`` (never heard:
+  since the first packet from anyone), and the new source has sent
+  :data:`PROBATION_PACKETS` packets in a row with one SSRC (counted
+  ``relatches``). A re-INVITE (:meth:`RtpStream.set_remote_addr`) latches the
+  new address at once.
+- A new SSRC from the latched source (a PBX re-anchoring media, a peer
+  restart) resets the jitter buffer and the DTMF receiver.
+
+Trade-offs. While the latched source keeps sending, packets spoofed into the
+call, bursts included, can neither redirect its audio nor disturb its buffer;
+and a sender left over from a previous process on a reused port cannot keep a
+new call from the caller its SDP names: that caller's first packet takes the
+latch back. The costs: a NAT rebinding or a moved phone is followed only after
+the old source has been silent for ``relatch_after_silence_s`` (that much
+audio lost). A PBX behind NAT, which advertises one address and sends from
+another, is followed the same way once its advertised address has been silent
+that long, so the first 0.5 s of its call are lost (again after a re-INVITE
+naming a new address), and it can be kept out by a sender that got in first
+(a leftover one, an attacker) as long as that one keeps sending. A source
+silent that long (no RTP during silence suppression or hold) can be replaced
+by an attacker until the SDP's address sends again or a re-INVITE comes.
 """
 
 from __future__ import annotations
 
+import ipaddress
+
 from voxgate.errors import BadPacket, LocalProtocolError
+from voxgate.pipeline.frames import SAMPLES_PER_FRAME
 from voxgate.rtp.dtmf import DtmfEvent, DtmfReceiver, DtmfStats
-from voxgate.rtp.jitter import FrameState, JitterBuffer, JitterStats
+from voxgate.rtp.jitter import ULAW_SILENCE_BYTE, FrameState, JitterBuffer, JitterStats
 from voxgate.rtp.packet import MAX_PAYLOAD_TYPE, RtpPacket, is_rtcp_untrusted, pack_rtp_datagram
 
 PROBATION_PACKETS = 4
-"""Consecutive packets a new source must send before media follows it."""
+"""Consecutive packets with one SSRC a new source must send before media follows it."""
+
+RELATCH_AFTER_SILENCE_S = 0.5
+"""Default silence of the latched source before another source may take over."""
+
+MAX_PACKET_FRAMES = 10
+"""Longest audio payload accepted, in frames (200 ms); longer ones are dropped."""
+
+Address = tuple[str, int]
+
+
+def _usable(addr: Address | None) -> Address | None:
+    """``addr`` with its IP in canonical text (as a socket reports sources), or
+    None when media cannot go there: None, an unspecified IP or port 0.
+
+    Raises:
+        LocalProtocolError: the host is not an IP literal.
+    """
+    if addr is None:
+        return None
+    try:
+        ip = ipaddress.ip_address(addr[0])
+    except ValueError as exc:
+        raise LocalProtocolError(f"RTP address {addr!r} is not an IP literal") from exc
+    return None if ip.is_unspecified or addr[1] == 0 else (str(ip), addr[1])
 
 
 class RtpStreamStats:
     """Counters of one :class:`RtpStream`; ``jitter`` and ``dtmf`` are its parts' counters.
 
     ``packets_in``/``bytes_in`` count accepted RTP datagrams (audio or
-    telephone-event payload type); the other inbound ones are counted only
-    by the reason they were dropped.
+    telephone-event payload type, header-only ones too, also counted in
+    ``empty_payloads``); the other inbound ones are counted only by the
+    reason they were dropped. ``relatches`` counts moves of the latch to a
+    new source by the silence rule.
     """
 
     __slots__ = (
@@ -41,10 +101,13 @@ class RtpStreamStats:
         "bytes_in",
         "bytes_out",
         "dtmf",
+        "empty_payloads",
         "foreign_source",
         "jitter",
+        "oversize",
         "packets_in",
         "packets_out",
+        "relatches",
         "rtcp_ignored",
         "ssrc_changes",
         "unknown_payload_type",
@@ -56,7 +119,10 @@ class RtpStreamStats:
         self.bytes_in = 0
         self.bytes_out = 0
         self.bad_packets = 0
+        self.empty_payloads = 0
+        self.oversize = 0
         self.foreign_source = 0
+        self.relatches = 0
         self.rtcp_ignored = 0
         self.unknown_payload_type = 0
         self.ssrc_changes = 0
@@ -73,28 +139,38 @@ class RtpStream:
         telephone_event_pt: the negotiated RFC 4733 payload type, or None.
         ssrc: our outbound SSRC.
         initial_sequence, initial_timestamp: of our first packet (random, RFC 3550 §5.1).
-        samples_per_frame: RTP timestamp units per 20 ms frame (160 at 8 kHz).
+        samples_per_frame: RTP timestamp units (= G.711 bytes) per 20 ms frame.
         jitter_capacity_frames, jitter_prefetch_frames, jitter_max_gap_frames:
             see :class:`~voxgate.rtp.jitter.JitterBuffer`.
-        remote_addr: where to send, from SDP; None to learn it from the first packet.
+        remote_addr: where to send and whose media to accept, from SDP; None
+            (or an unspecified address) to learn it from the first packet.
+        relatch_after_silence_s: how long the latched source must have been
+            silent before another source may take over (see the module).
+        silence_byte: the codec's silent sample, filling lost parts of frames
+            (µ-law 0xFF; A-law 0xD5).
 
     Raises:
-        LocalProtocolError: a payload type outside 0-127 or a bad jitter size.
+        LocalProtocolError: a payload type outside 0-127, a bad jitter size,
+            or a ``remote_addr`` host that is not an IP literal.
     """
 
     __slots__ = (
+        "_advertised",
         "_candidate",
         "_candidate_count",
         "_dtmf",
+        "_hold",
         "_jitter",
-        "_latching",
         "_mark_next",
+        "_max_payload_bytes",
         "_out_sequence",
         "_out_started",
         "_out_timestamp",
         "_payload_type",
+        "_relatch_after_silence_s",
         "_samples_per_frame",
         "_source",
+        "_source_quiet_from",
         "_telephone_event_pt",
         "last_received_at",
         "remote_addr",
@@ -111,11 +187,13 @@ class RtpStream:
         ssrc: int,
         initial_sequence: int,
         initial_timestamp: int,
-        samples_per_frame: int = 160,
+        samples_per_frame: int = SAMPLES_PER_FRAME,
         jitter_capacity_frames: int = 10,
         jitter_prefetch_frames: int = 1,
         jitter_max_gap_frames: int = 50,
-        remote_addr: tuple[str, int] | None = None,
+        remote_addr: Address | None = None,
+        relatch_after_silence_s: float = RELATCH_AFTER_SILENCE_S,
+        silence_byte: int = ULAW_SILENCE_BYTE,
     ) -> None:
         for pt in (payload_type, telephone_event_pt):
             if pt is not None and not 0 <= pt <= MAX_PAYLOAD_TYPE:
@@ -123,8 +201,10 @@ class RtpStream:
         self._payload_type = payload_type
         self._telephone_event_pt = telephone_event_pt
         self._samples_per_frame = samples_per_frame
+        self._max_payload_bytes = MAX_PACKET_FRAMES * samples_per_frame
         self._jitter = JitterBuffer(
-            jitter_capacity_frames, jitter_prefetch_frames, jitter_max_gap_frames
+            jitter_capacity_frames, jitter_prefetch_frames, jitter_max_gap_frames,
+            samples_per_frame=samples_per_frame, silence_byte=silence_byte,
         )
         self._dtmf = DtmfReceiver()
         self.stats = RtpStreamStats(self._jitter.stats, self._dtmf.stats)
@@ -132,13 +212,17 @@ class RtpStream:
         """Our outbound SSRC."""
         self.remote_ssrc: int | None = None
         """The SSRC of the packets we accept, from the latest valid packet."""
-        self.remote_addr = remote_addr
+        advertised = _usable(remote_addr)
+        self.remote_addr = advertised
         """Where :meth:`build_outbound` datagrams go; None: do not send."""
         self.last_received_at: float | None = None
         """``now`` of the latest accepted packet, for the media-inactivity deadman."""
-        self._latching = True
-        self._source: tuple[str, int] | None = None  # the source media is latched to
-        self._candidate: tuple[tuple[str, int], int] | None = None  # (source, SSRC) on probation
+        self._relatch_after_silence_s = relatch_after_silence_s
+        self._advertised = advertised  # the SDP's address: always accepted
+        self._hold = False  # set_remote_addr(None): do not send
+        self._source = advertised  # the source media is latched to
+        self._source_quiet_from: float | None = None  # see _follows
+        self._candidate: tuple[Address, int] | None = None  # (source, SSRC) on probation
         self._candidate_count = 0
         self._out_sequence = initial_sequence & 0xFFFF
         self._out_timestamp = initial_timestamp & 0xFFFFFFFF
@@ -150,25 +234,36 @@ class RtpStream:
         """The inbound jitter buffer (its ``buffered_bytes`` count against the session budget)."""
         return self._jitter
 
-    def set_remote_addr(self, addr: tuple[str, int] | None) -> None:
-        """Send to ``addr`` from now on (re-INVITE); None puts the call on hold.
+    def set_remote_addr(self, addr: Address | None) -> None:
+        """Send to ``addr`` and latch to it from now on (re-INVITE, RFC 3264 §8).
 
-        While on hold nothing is sent and latching is suspended, so packets
-        still arriving do not undo the hold; a new address resumes both.
+        None or an unspecified address puts the call on hold: nothing is sent
+        and the latch stays where it is, so packets still arriving from the
+        latched source play but do not undo the hold. A usable address resumes
+        sending; the same address as before keeps the latch (it may have
+        followed a NAT), a new one is latched at once.
+
+        Raises:
+            LocalProtocolError: the host is not an IP literal.
         """
-        self.remote_addr = addr
-        self._latching = addr is not None
-        self._source = addr  # the announced address is trusted at once; others on probation
-        self._candidate = None
+        usable = _usable(addr)
+        self._hold = usable is None
+        if usable is not None and usable != self._advertised:
+            self._advertised = self._source = usable
+            self._source_quiet_from = None
+            self._candidate = None
+        self.remote_addr = None if self._hold else self._source
 
     def receive_datagram_untrusted(
-        self, data: bytes, source: tuple[str, int], now: float
+        self, data: bytes, source: Address, now: float
     ) -> DtmfEvent | None:
         """Take one datagram from the RTP port; return a DTMF press when one completes.
 
-        Never raises: unparsable datagrams, RTCP and unknown payload types
-        are counted in :attr:`stats` and dropped. Audio goes to the jitter
-        buffer, telephone events to the DTMF receiver (RFC 4733).
+        ``source`` is the datagram's (host, port), ``now`` in seconds. Never
+        raises: unparsable, oversize and foreign-source datagrams, RTCP and
+        unknown payload types are counted in :attr:`stats` and dropped. Audio
+        goes to the jitter buffer, telephone events to the DTMF receiver
+        (RFC 4733).
         """
         stats = self.stats
         if is_rtcp_untrusted(data):
@@ -183,13 +278,14 @@ class RtpStream:
         if payload_type != self._payload_type and payload_type != self._telephone_event_pt:
             stats.unknown_payload_type += 1
             return None
-        if self._latching and self._source is not None and source != self._source \
-                and not self._passes_probation(source, packet.ssrc):
+        if len(packet.payload) > self._max_payload_bytes:
+            stats.oversize += 1
+            return None
+        if source != self._source and not self._follows(source, packet.ssrc, now):
             stats.foreign_source += 1
             return None
-        if self._latching:
-            self._source = self.remote_addr = source
-            self._candidate = None
+        self._source_quiet_from = now
+        self._candidate = None
         if packet.ssrc != self.remote_ssrc:
             if self.remote_ssrc is not None:
                 stats.ssrc_changes += 1
@@ -200,7 +296,10 @@ class RtpStream:
         stats.packets_in += 1
         stats.bytes_in += len(data)
         if payload_type == self._payload_type:
-            self._jitter.push(packet)
+            if packet.payload:
+                self._jitter.push(packet)
+            else:
+                stats.empty_payloads += 1
             return None
         try:
             return self._dtmf.receive(packet, now)
@@ -208,14 +307,27 @@ class RtpStream:
             stats.bad_packets += 1
             return None
 
-    def _passes_probation(self, source: tuple[str, int], ssrc: int) -> bool:
-        """Count one more packet from a new ``source``; True once it has proven itself."""
-        if self._candidate == (source, ssrc):
-            self._candidate_count += 1
-        else:
-            self._candidate = (source, ssrc)
-            self._candidate_count = 1
-        return self._candidate_count >= PROBATION_PACKETS
+    def _follows(self, source: Address, ssrc: int, now: float) -> bool:
+        """Whether a valid packet from ``source`` (not the latched one) moves the
+        latch there; if so, move it. Counts probation packets."""
+        if self._source is not None and source != self._advertised:
+            if self._source_quiet_from is None:  # the latched source never spoke
+                self._source_quiet_from = now
+            if self._candidate == (source, ssrc):
+                self._candidate_count += 1
+            else:
+                self._candidate = (source, ssrc)
+                self._candidate_count = 1
+            if (
+                self._candidate_count < PROBATION_PACKETS
+                or now - self._source_quiet_from < self._relatch_after_silence_s
+            ):
+                return False
+            self.stats.relatches += 1
+        self._source = source
+        if not self._hold:
+            self.remote_addr = source
+        return True
 
     def pop_frame(self) -> tuple[FrameState, bytes | None]:
         """Return the next 20 ms of inbound audio (still encoded); see :meth:`JitterBuffer.pop`."""

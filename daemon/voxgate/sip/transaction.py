@@ -13,6 +13,7 @@ Only UDP is supported, so the unreliable-transport timer values always apply
 from __future__ import annotations
 
 import enum
+from collections import Counter
 from dataclasses import dataclass
 
 from voxgate.errors import LocalProtocolError
@@ -331,7 +332,11 @@ def _response_input(status: int) -> Input:
 
 
 class ServerTransaction(Transaction):
-    """A server transaction (§17.2): INVITE or non-INVITE, chosen by method."""
+    """A server transaction (§17.2): INVITE or non-INVITE, chosen by method.
+
+    ``source_host`` is the IP address the request came from (the per-source
+    accounting of :class:`TransactionTable`).
+    """
 
     def __init__(
         self,
@@ -341,6 +346,8 @@ class ServerTransaction(Transaction):
         outbox: Outbox,
         timers: TimerConfig,
         now: float,
+        *,
+        source_host: str = "",
     ) -> None:
         invite = request.method == "INVITE"
         super().__init__(
@@ -354,6 +361,25 @@ class ServerTransaction(Transaction):
             now,
         )
         self.last_response: Response | None = None
+        self.source_host = source_host
+
+    @property
+    def awaiting_failure_ack(self) -> bool:
+        """An INVITE transaction whose 3xx-6xx is not acknowledged yet (Completed, §17.2.1)."""
+        return self.kind is Kind.SERVER_INVITE and self.state is State.COMPLETED
+
+    def failure_retransmission_due(self, now: float) -> bool:
+        """Whether Timer G would retransmit our 3xx-6xx at ``now``."""
+        deadline = self._deadlines.get(Input.TIMER_G)
+        return self.awaiting_failure_ack and deadline is not None and deadline <= now
+
+    def stop_retransmitting(self) -> None:
+        """Cancel Timer G: the 3xx-6xx was sent once and is not retransmitted.
+
+        Timer H still runs, so the ACK and retransmitted INVITEs are still
+        matched (the latter get the response again, §17.2.1).
+        """
+        self._deadlines.pop(Input.TIMER_G, None)
 
     def send_response(self, response: Response, now: float) -> None:
         """Send ``response`` (to ``destination``, §18.2.2) and advance the state.
@@ -418,22 +444,39 @@ class ClientTransaction(Transaction):
 
 
 class TransactionTable:
-    """Every live transaction, bounded by ``max_transactions``.
+    """Every live transaction, bounded by ``max_transactions``, fair across sources.
 
-    ``refused`` counts new requests turned away because the table was full
-    (the caller answers them 503); terminated transactions are removed by
-    :meth:`handle_timer`.
+    One source address may hold at most ``transaction_share_per_source`` of
+    ``max_transactions`` server transactions (at least one). ``refused``
+    counts new requests turned away because the table was full,
+    ``refused_share`` those whose source held its share (the caller answers
+    both 503). While a source has more than ``unacked_failures_per_source``
+    3xx-6xx to INVITE awaiting their ACK, :meth:`handle_timer` sends none of
+    them again by Timer G (RFC 3261 §17.2.1; ``None``: no cap), counted in
+    ``failure_retransmissions_capped``. Terminated transactions are removed
+    by :meth:`handle_timer`. The limits may be changed at any time.
     """
 
     def __init__(
-        self, *, outbox: Outbox, max_transactions: int, timers: TimerConfig | None = None
+        self,
+        *,
+        outbox: Outbox,
+        max_transactions: int,
+        timers: TimerConfig | None = None,
+        transaction_share_per_source: float = 1.0,
+        unacked_failures_per_source: int | None = None,
     ) -> None:
         self.max_transactions = max_transactions
         self.timers = timers or TimerConfig()
+        self.transaction_share_per_source = transaction_share_per_source
+        self.unacked_failures_per_source = unacked_failures_per_source
         self.refused = 0
+        self.refused_share = 0
+        self.failure_retransmissions_capped = 0
         self._outbox = outbox
         self._server: dict[TransactionKey, ServerTransaction] = {}
         self._client: dict[tuple[str, str], ClientTransaction] = {}
+        self._held: Counter[str] = Counter()  # source host → server transactions held
 
     def __len__(self) -> int:
         return len(self._server) + len(self._client)
@@ -457,16 +500,30 @@ class TransactionTable:
             return None
         return self._client.get((branch, parse_cseq(cseq_value).method))
 
+    @property
+    def max_per_source(self) -> int:
+        """Server transactions one source may hold: its share of the table, at least 1."""
+        return max(1, int(self.max_transactions * self.transaction_share_per_source))
+
     def create_server(
-        self, request: Request, via: Via, destination: Address, now: float
+        self, request: Request, via: Via, destination: Address, now: float, *, source_host: str
     ) -> ServerTransaction | None:
-        """A new server transaction, or ``None`` (counted in ``refused``) when full."""
+        """A new server transaction for a request from ``source_host``, or ``None``.
+
+        ``None`` when the table is full (counted in ``refused``) or the source
+        holds its share (counted in ``refused_share``).
+        """
         if not self._has_room():
             return None
+        if self._held[source_host] >= self.max_per_source:
+            self.refused_share += 1
+            return None
         txn = ServerTransaction(
-            server_key(request, via), request, destination, self._outbox, self.timers, now
+            server_key(request, via), request, destination, self._outbox, self.timers, now,
+            source_host=source_host,
         )
         self._server[txn.key] = txn
+        self._held[source_host] += 1
         return txn
 
     def create_client(
@@ -496,13 +553,33 @@ class TransactionTable:
 
     def handle_timer(self, now: float) -> list[Transaction]:
         """Fire due timers; remove and return the transactions that terminated."""
+        self._cap_failure_retransmissions(now)
         for txn in self._all():
             txn.handle_timer(now)
         return self._sweep()
 
+    def _cap_failure_retransmissions(self, now: float) -> None:
+        """Cancel the due Timer G of sources with too many un-ACKed 3xx-6xx."""
+        limit = self.unacked_failures_per_source
+        if limit is None:
+            return
+        due = [t for t in self._server.values() if t.failure_retransmission_due(now)]
+        if not due:
+            return
+        unacked = Counter(t.source_host for t in self._server.values() if t.awaiting_failure_ack)
+        for txn in due:
+            if unacked[txn.source_host] > limit:
+                txn.stop_retransmitting()
+                self.failure_retransmissions_capped += 1
+
     def _sweep(self) -> list[Transaction]:
         """Remove and return terminated transactions."""
-        ended: list[Transaction] = [t for t in self._server.values() if t.terminated]
+        ended_server = [t for t in self._server.values() if t.terminated]
+        for txn in ended_server:
+            self._held[txn.source_host] -= 1
+            if not self._held[txn.source_host]:
+                del self._held[txn.source_host]  # the counter holds live sources only
+        ended: list[Transaction] = [*ended_server]
         ended.extend(t for t in self._client.values() if t.terminated)
         self._server = {k: t for k, t in self._server.items() if not t.terminated}
         self._client = {k: t for k, t in self._client.items() if not t.terminated}

@@ -39,6 +39,7 @@ from voxgate.sip.headers import (
 )
 from voxgate.sip.message import Headers, Request, Response, make_response
 from voxgate.sip.parser import BadMessage, parse_message_untrusted
+from voxgate.sip.ratelimit import FloodLimits, RequestClass, SourceRateLimiter, Verdict
 from voxgate.sip.transaction import (
     MAGIC_COOKIE,
     Outbox,
@@ -66,6 +67,7 @@ SDP = "application/sdp"
 _SDP_RANGES = frozenset({SDP, "application/*", "*/*"})
 WARN_AGENT = "voxgate"
 _UNSAFE_TEXT_RE = re.compile(r"[^\w .,:;/+=@()-]")
+_REQUEST_CLASSES = {"INVITE": RequestClass.INVITE, "OPTIONS": RequestClass.OPTIONS}
 _MAX_REASON_CHARS = 100
 
 
@@ -163,6 +165,13 @@ class UasStats:
     datagrams_dropped: int  # outbound queue full
     messages_dropped_backlog: int  # event queue full: datagram ignored, the peer retransmits
     late_actions: int  # an action on a call whose state had moved on (e.g. accept after CANCEL)
+    transactions_refused_share: int  # the source held its share of the table: answered 503
+    flood_refused_invite: int  # new INVITE over its source's bucket: stateless 503
+    flood_refused_options: int  # new OPTIONS over its source's bucket: stateless 503
+    flood_refused_other: int  # other new request over its source's bucket: stateless 503
+    flood_dropped: int  # new or malformed request beyond flood_drop_factor: no answer
+    flood_sources_evicted: int  # least recently seen source forgotten by the bucket table
+    failure_retransmissions_capped: int  # 3xx-6xx to a source that does not ACK: sent once
 
 
 # --- per-call state -----------------------------------------------------------------------
@@ -216,6 +225,12 @@ class UasCore:
 
     Bounds: ``max_transactions`` live transactions (beyond: 503, counted),
     ``max_dialogs`` calls (beyond: INVITE answered 503, counted),
+    ``flood_limits`` per source address (see :mod:`voxgate.sip.ratelimit`:
+    new requests over the source's bucket get a stateless 503 + Retry-After
+    or, beyond ``flood_drop_factor``, no answer; a source holds at most its
+    share of the transaction table; the 3xx-6xx of a source that does not
+    ACK them are not retransmitted; all counted; retransmissions, ACK and
+    requests inside a known dialog or transaction are never limited),
     ``max_queued_events`` events (while full, incoming datagrams are dropped
     and counted; timer events can add at most one per transaction),
     ``max_queued_datagrams`` outbound datagrams (overflow dropped, counted).
@@ -234,6 +249,7 @@ class UasCore:
         max_queued_events: int = 1024,
         max_queued_datagrams: int = 4096,
         timers: TimerConfig | None = None,
+        flood_limits: FloodLimits | None = None,
     ) -> None:
         self.local_host = local_host
         self.local_port = local_port
@@ -251,6 +267,8 @@ class UasCore:
         self._transactions = TransactionTable(
             outbox=self._outbox, max_transactions=max_transactions, timers=timers
         )
+        self._rate_limiter = SourceRateLimiter()
+        self.flood_limits = flood_limits or FloodLimits()
         self._events: deque[SipEvent] = deque()
         self._calls: dict[str, _Call] = {}
         self._calls_by_id: dict[DialogId, _Call] = {}
@@ -260,6 +278,8 @@ class UasCore:
             (
                 "messages_in", "bad_messages", "responses_dropped", "requests_absorbed",
                 "dialogs_refused", "messages_dropped_backlog", "late_actions",
+                "flood_refused_invite", "flood_refused_options", "flood_refused_other",
+                "flood_dropped",
             ),
             0,
         )  # fmt: skip
@@ -276,7 +296,7 @@ class UasCore:
         try:
             message = parse_message_untrusted(data)
         except BadMessage as exc:
-            self._refuse_bad(exc, exc.partial, source)
+            self._refuse_bad(exc, exc.partial, source, now)
             return
         if isinstance(message, Response):
             self._receive_response(message, now)
@@ -284,7 +304,7 @@ class UasCore:
         try:
             self._receive_request(message, source, now)
         except RemoteProtocolError as exc:  # raised before any state was changed
-            self._refuse_bad(exc, message, source)
+            self._refuse_bad(exc, message, source, now)
 
     def next_event(self) -> SipEvent | None:
         """The oldest pending event, or ``None``."""
@@ -325,11 +345,27 @@ class UasCore:
         return len(self._calls)
 
     @property
+    def flood_limits(self) -> FloodLimits:
+        """The per-source limits in force."""
+        return self._rate_limiter.limits
+
+    @flood_limits.setter
+    def flood_limits(self, limits: FloodLimits) -> None:
+        """Apply new per-source limits at once (reload); nothing in progress is ended."""
+        self._rate_limiter.limits = limits
+        self._transactions.transaction_share_per_source = limits.transaction_share_per_source
+        self._transactions.unacked_failures_per_source = limits.unacked_failures_per_source
+
+    @property
     def stats(self) -> UasStats:
         """A snapshot of the counters."""
+        table = self._transactions
         return UasStats(
             **self._counts,
-            transactions_refused=self._transactions.refused,
+            transactions_refused=table.refused,
+            transactions_refused_share=table.refused_share,
+            failure_retransmissions_capped=table.failure_retransmissions_capped,
+            flood_sources_evicted=self._rate_limiter.evicted,
             retransmissions=self._outbox.retransmissions,
             datagrams_dropped=self._outbox.dropped,
         )
@@ -466,6 +502,8 @@ class UasCore:
             self._counts["requests_absorbed"] += 1
             txn.receive_retransmission(now)
             return
+        if not self._in_known_dialog(inc) and not self._admit_new(inc, now):
+            return
         rejection = _check_request(request)
         if rejection is not None:
             self._answer(inc, now, rejection[0], to_tag=self._token(), extra=rejection[1])
@@ -477,6 +515,25 @@ class UasCore:
             self._receive_cancel(inc, now)
         else:
             self._receive_options(inc, now)
+
+    def _in_known_dialog(self, inc: _Incoming) -> bool:
+        """A request inside a call we hold, or a CANCEL of a live INVITE transaction."""
+        if inc.request.method == "CANCEL":
+            return self._transactions.match_cancelled_invite(inc.request, inc.via) is not None
+        return self._dialog_call(inc.request) is not None
+
+    def _admit_new(self, inc: _Incoming, now: float) -> bool:
+        """Whether a new request is within its source's bucket; else refuse or drop it."""
+        request_class = _REQUEST_CLASSES.get(inc.request.method, RequestClass.OTHER)
+        verdict = self._rate_limiter.check(inc.source[0], request_class, now)
+        if verdict is Verdict.ADMIT:
+            return True
+        if verdict is Verdict.REFUSE:
+            self._counts[f"flood_refused_{request_class.value}"] += 1
+            self._refuse_stateless(inc.request, inc.destination, "rate-limited")
+        else:
+            self._counts["flood_dropped"] += 1
+        return False
 
     def _receive_ack(self, inc: _Incoming, now: float) -> None:
         txn = self._transactions.match_server(inc.request, inc.via)
@@ -599,15 +656,22 @@ class UasCore:
         self._answer(inc, now, 503, to_tag=self._token(), extra=extra)
 
     def _refuse_bad(
-        self, exc: RemoteProtocolError, request: Request | None, source: Address
+        self, exc: RemoteProtocolError, request: Request | None, source: Address, now: float
     ) -> None:
-        """Log a bad message and answer it statelessly when possible (§8.2, §18.2.2)."""
+        """Log a bad message and answer it statelessly when possible (§8.2, §18.2.2).
+
+        The answer draws from the source's "other requests" bucket; over it
+        the message gets no answer (counted in ``flood_dropped``).
+        """
         self._counts["bad_messages"] += 1
         call_id = request.call_id or None if request is not None else None
         self._events.append(BadMessageReceived(call_id, exc.reason, source))
         if exc.status_hint is None or request is None or request.method == "ACK":
             return
         if "Via" not in request.headers:
+            return
+        if self._rate_limiter.check(source[0], RequestClass.OTHER, now) is not Verdict.ADMIT:
+            self._counts["flood_dropped"] += 1
             return
         try:
             via = parse_via(request.headers.get("Via") or "")
@@ -630,16 +694,23 @@ class UasCore:
     ) -> ServerTransaction | None:
         """Create the server transaction of ``inc`` and send ``status`` on it.
 
-        When the table is full, answer 503 statelessly and return ``None``.
+        When the table is full or the source holds its share of it, answer
+        503 statelessly and return ``None``.
         """
-        txn = self._transactions.create_server(inc.request, inc.via, inc.destination, now)
+        txn = self._transactions.create_server(
+            inc.request, inc.via, inc.destination, now, source_host=inc.source[0]
+        )
         if txn is None:
-            extra = _warning_headers("full", self.retry_after_s)
-            busy = self._response(inc.request, 503, to_tag=self._token(), extra=extra)
-            self._outbox.send(busy.serialize(), inc.destination)
+            self._refuse_stateless(inc.request, inc.destination, "full")
             return None
         txn.send_response(self._response(inc.request, status, to_tag=to_tag, extra=extra), now)
         return txn
+
+    def _refuse_stateless(self, request: Request, destination: Address, reason: str) -> None:
+        """503 + Retry-After with no transaction or dialog (§8.2.6 statelessly, §21.5.4)."""
+        extra = _warning_headers(reason, self.retry_after_s)
+        busy = self._response(request, 503, to_tag=self._token(), extra=extra)
+        self._outbox.send(busy.serialize(), destination)
 
     def _response(
         self,

@@ -2,8 +2,8 @@
 
 Each ``[[alsa.lines]]`` entry is one line with one task: open its PCMs
 (:mod:`voxgate.transports.alsa_device`), ask admission like any call
-(``transport="alsa"``, the line's ``tenant`` as hint), run a
-:class:`~voxgate.session.Session` on it, and start over. An ``always`` line
+(``transport="alsa"``, the line's ``tenant`` as hint) and run a session on
+it through the call lifecycle (:mod:`voxgate.calls`), and start over. An ``always`` line
 runs a session whenever the daemon runs; an ``on-demand`` line waits for
 ``voxgatectl line start NAME`` and goes idle when ``line stop NAME`` or the
 agent ends the call. A line whose device cannot be opened, fails mid-call
@@ -11,9 +11,9 @@ agent ends the call. A line whose device cannot be opened, fails mid-call
 backoff from ``[alsa] retry_initial_s`` to ``retry_max_s``; each change of a
 line's state is logged once (``event=alsa_line``) and counted.
 
-Pacing. The shared 20 ms :class:`~voxgate.transports.rtp_media.MediaClock`
-ticks the line's :class:`AlsaLeg`, which feeds the captured frames to the
-pipeline and writes one 20 ms frame of playback per tick. Capture is read
+Pacing. The shared 20 ms :class:`~voxgate.pipeline.clock.MediaClock` ticks
+the session, whose pipeline takes the line's captured frames from its
+:class:`AlsaLeg` and has it write one 20 ms frame of playback per tick. Capture is read
 either when the PCM's poll descriptor says so (real ``/dev/snd`` devices: a
 capture task waits with ``trio.lowlevel.wait_readable``) or, where epoll
 refuses the descriptor (ALSA's ``null`` and ``file`` plugins, which deliver
@@ -41,18 +41,16 @@ from typing import Any
 
 import trio
 
-from voxgate.admission import Admitted, CallInfo, Queued, Refusal
-from voxgate.admission_desk import AdmissionDesk
+from voxgate.admission import CallInfo, Queued, Refusal
 from voxgate.budget import BoundedAudioQueue, SessionBudget
+from voxgate.calls import CallRequest, Calls, Leg
 from voxgate.config import AlsaLineConfig, Config
 from voxgate.control.server import CommandError
 from voxgate.logging import log_event
-from voxgate.pipeline.pipeline import Pipeline
-from voxgate.pipeline.playback import DRAINED
-from voxgate.registry import Entry, Registry
+from voxgate.pipeline.frames import FRAME_MS, PCM_FRAME_BYTES, PCM_SILENCE, RATE_HZ
+from voxgate.pipeline.playback import DRAINED, PlaybackTracker
 from voxgate.session import Session, SessionCore
 from voxgate.transports.alsa_device import AlsaLineDevice, DeviceLost, LinePcms
-from voxgate.transports.rtp_media import MediaClock
 
 with warnings.catch_warnings():
     # Python 3.11/3.12 deprecate audioop (PEP 594) with a DeprecationWarning at import.
@@ -70,10 +68,6 @@ DEVICE_LOST = "device-lost"
 STOP_REASON = "operator"
 """The end reason of a session ended by ``voxgatectl line stop``."""
 
-PIPELINE_RATE_HZ = 8000
-FRAME_MS = 20
-FRAME_BYTES = 320
-"""One pipeline frame: 20 ms of 8 kHz PCM16 mono."""
 MAX_READS_PER_WAKEUP = 8
 """Capture periods read at most per tick or poll wake-up."""
 BACKLOG_FRAMES = 3
@@ -107,7 +101,7 @@ class _Resampler:
 
 
 class AlsaLeg:
-    """One line's media for one session; implements :class:`~voxgate.session.SessionMedia`.
+    """One line's media for one session; a :class:`~voxgate.pipeline.pipeline.MediaLeg`.
 
     ``on_lost(error)`` is called once when the device fails (the driver ends
     the session with ``device-lost``). Captured audio waits in the session's
@@ -115,17 +109,17 @@ class AlsaLeg:
     counted by the budget.
     """
 
-    def __init__(self, *, device: LinePcms, pipeline: Pipeline, budget: SessionBudget,
-                 period_ms: int, on_lost: Callable[[DeviceLost], None]) -> None:
+    def __init__(self, *, device: LinePcms, playback: PlaybackTracker, budget: SessionBudget,
+                 period_ms: int, on_lost: Callable[[DeviceLost], object]) -> None:
         self._device: LinePcms | None = device
         self._pcms = device
-        self.pipeline = pipeline
+        self._playback = playback
         self._period_ms = period_ms
         self._on_lost = on_lost
         self._inbound = BoundedAudioQueue(budget, "jitter")
         self._partial = bytearray()  # captured audio short of a whole frame
-        self._to_pipeline = _Resampler(device.rate_hz, PIPELINE_RATE_HZ)
-        self._to_device = _Resampler(PIPELINE_RATE_HZ, device.rate_hz)
+        self._to_pipeline = _Resampler(device.rate_hz, RATE_HZ)
+        self._to_device = _Resampler(RATE_HZ, device.rate_hz)
         self._poll_fd = device.capture_poll_fd
         self.timer_paced = self._poll_fd is None
         """Capture is read by the tick (True) or by :meth:`run_capture` on poll wake-ups."""
@@ -155,30 +149,69 @@ class AlsaLeg:
             except DeviceLost as e:
                 self._lose(e)
 
-    def tick(self, now: float, frames_elapsed: int) -> bool:
-        """One 20 ms step: capture (timer-paced), frames to the pipeline, one frame out.
-
-        Returns whether captured audio reached the pipeline since the last tick.
-        """
+    def receive(self, now: float, frames_elapsed: int) -> tuple[bool, list[bytes]]:
+        """Capture (when timer-paced) and the frames due now; True when captured
+        audio is handed on."""
         device = self._device
         if device is None:
-            return False
-        try:
-            if self.timer_paced:
-                max_credit_ms = self._period_ms * MAX_READS_PER_WAKEUP
-                self._credit_ms = min(self._credit_ms + FRAME_MS * frames_elapsed, max_credit_ms)
-                while self._credit_ms >= self._period_ms:
+            return False, []
+        if self.timer_paced:
+            max_credit_ms = self._period_ms * MAX_READS_PER_WAKEUP
+            self._credit_ms = min(self._credit_ms + FRAME_MS * frames_elapsed, max_credit_ms)
+            while self._credit_ms >= self._period_ms:
+                try:
                     data = device.read()
-                    if data is None:  # a device behind the clock: catch up next tick
-                        break
-                    self._credit_ms -= self._period_ms
-                    self._capture(data)
-            fed = self._feed(now, frames_elapsed)
-            self._play(device, now)
+                except DeviceLost as e:
+                    self._lose(e)
+                    return False, []
+                if data is None:  # a device behind the clock: catch up next tick
+                    break
+                self._credit_ms -= self._period_ms
+                self._capture(data)
+        inbound = self._inbound
+        due = frames_elapsed + (len(inbound) > frames_elapsed + BACKLOG_FRAMES)
+        frames = []
+        for _ in range(due):
+            frame = inbound.pop()
+            if frame is None:
+                break
+            frames.append(frame)
+        self.frames_in += len(frames)
+        return bool(frames), frames
+
+    def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
+        """Write one frame; an utterance completes once the device's buffer has
+        played everything written up to its last frame."""
+        device = self._device
+        if device is None:
+            return
+        data = self._to_device.convert(PCM_SILENCE if pcm is None else pcm)
+        try:
+            taken = device.write(data)
+            self._written_bytes += taken
+            self.frames_out += 1
+            if taken < len(data):
+                self.drop_playback_full += 1
+            draining = self._draining
+            for utterance_id in finished:
+                draining.append((utterance_id, self._written_bytes))
+            if draining:
+                played = self._written_bytes - device.playback_queued_bytes()
+                while draining and draining[0][1] <= played:
+                    self._playback.complete(draining.popleft()[0], DRAINED, now)
         except DeviceLost as e:
             self._lose(e)
-            return False
-        return fed
+
+    def clear(self) -> None:
+        """Drop what the device still has queued for playback."""
+        device = self._device
+        if device is None:
+            return
+        self.clears += 1
+        try:
+            device.clear_playback()
+        except DeviceLost as e:
+            self._lose(e)
 
     def pump_capture(self) -> int:
         """Read what the device has captured (up to :data:`MAX_READS_PER_WAKEUP` periods);
@@ -227,43 +260,9 @@ class AlsaLeg:
         self.periods_in += 1
         partial = self._partial
         partial += self._to_pipeline.convert(data)
-        while len(partial) >= FRAME_BYTES:
-            self._inbound.push(bytes(partial[:FRAME_BYTES]))
-            del partial[:FRAME_BYTES]
-
-    def _feed(self, now: float, frames_elapsed: int) -> bool:
-        inbound = self._inbound
-        frames = frames_elapsed + (len(inbound) > frames_elapsed + BACKLOG_FRAMES)
-        fed = False
-        for _ in range(frames):
-            frame = inbound.pop()
-            if frame is None:
-                break
-            self.pipeline.inbound(frame, now)
-            self.frames_in += 1
-            fed = True
-        return fed
-
-    def _play(self, device: LinePcms, now: float) -> None:
-        pipeline = self.pipeline
-        if pipeline.cleared:
-            pipeline.cleared = False
-            self.clears += 1
-            device.clear_playback()
-        out = pipeline.outbound(now)
-        data = self._to_device.convert(bytes(FRAME_BYTES) if out is None else out)
-        taken = device.write(data)
-        self._written_bytes += taken
-        self.frames_out += 1
-        if taken < len(data):
-            self.drop_playback_full += 1
-        draining = self._draining
-        for utterance_id in pipeline.playout.take_sent():
-            draining.append((utterance_id, self._written_bytes))
-        if draining:
-            played = self._written_bytes - device.playback_queued_bytes()
-            while draining and draining[0][1] <= played:
-                pipeline.playback.complete(draining.popleft()[0], DRAINED, now)
+        while len(partial) >= PCM_FRAME_BYTES:
+            self._inbound.push(bytes(partial[:PCM_FRAME_BYTES]))
+            del partial[:PCM_FRAME_BYTES]
 
     def _lose(self, error: DeviceLost) -> None:
         if self.lost is None:
@@ -281,7 +280,6 @@ class AlsaLeg:
             "xruns_playback": self._pcms.xruns_playback,
             "drop_playback_full": self.drop_playback_full,
             "playback_clears": self.clears,
-            "speech_turns": self.pipeline.speech_turns,
         }
 
     def close(self) -> None:
@@ -349,16 +347,66 @@ class _Line:
     async def wait_changed(self, timeout_s: float) -> None:
         with trio.move_on_after(timeout_s):
             await self._changed.wait()
+        self.settle()
+
+    def settle(self) -> None:
+        """Forget the pokes so far (the call they were about is over; ``wanted`` stays)."""
         self._changed = trio.Event()
 
 
-class _LineSignaling:
-    """:class:`~voxgate.session.CallSignaling` for a line: no signaling but release."""
+class _LineCall:
+    """One session's try on a line: its :class:`~voxgate.calls.CallSetup` and its
+    :class:`~voxgate.session.CallSignaling` (a line has no signaling but release)."""
 
-    def __init__(self, lines: AlsaLines, line: _Line, ticket: str) -> None:
+    def __init__(self, lines: AlsaLines, line: _Line, device: LinePcms, ticket: str) -> None:
         self._lines = lines
         self._line = line
-        self._ticket: str | None = ticket
+        self.device = device
+        self.ticket = ticket
+        self.leg: AlsaLeg | None = None
+        self.refusal: Refusal | None = None
+        self.error: Exception | None = None
+
+    # -- CallSetup --
+
+    def queued(self, decision: Queued) -> None:
+        self._lines.set_state(self._line, "queued", f"position {decision.position}")
+
+    def refused(self, refusal: Refusal) -> None:
+        self.refusal = refusal
+        self._line.poke()
+
+    def build(self, ticket: str, core: SessionCore, now: float) -> Leg:
+        line = self._line
+        cfg = line.config
+        calls = self._lines.calls
+        leg = AlsaLeg(device=self.device, playback=core.pipeline.playback, budget=core.budget,
+                      period_ms=cfg.period_ms, on_lost=lambda e: calls.end(ticket, DEVICE_LOST))
+        self.leg = line.leg = leg
+        leg.start()
+        log_event(logging.INFO, "alsa_leg", "line open", session_id=ticket, line=cfg.name,
+                  capture=cfg.capture, playback=cfg.playback, rate_hz=cfg.rate,
+                  pacing="timer" if leg.timer_paced else "poll")
+        capture = () if leg.timer_paced or leg.lost is not None else (leg.run_capture,)
+        return Leg(media=leg, signaling=self, codec=f"L16/{cfg.rate}",
+                   remote=lambda: f"{cfg.capture}|{cfg.playback}", counters=leg.counters,
+                   tasks=capture)
+
+    def started(self, session: Session) -> None:
+        line = self._line
+        line.session = session
+        line.stats.sessions += 1
+        self._lines.set_state(line, "active")
+        if self.leg is not None and self.leg.lost is not None:
+            session.end(DEVICE_LOST)
+
+    def failed(self, exc: Exception) -> None:
+        self.error = exc
+        if self.leg is not None:
+            self.leg.close()
+        self._line.poke()
+
+    # -- CallSignaling --
 
     def ring(self) -> None:
         pass
@@ -373,9 +421,15 @@ class _LineSignaling:
         pass
 
     def release(self) -> None:
-        ticket, self._ticket = self._ticket, None
-        if ticket is not None:
-            self._lines._release(self._line, ticket)
+        """The session is gone: keep its xrun counts, wake the line's task."""
+        line, leg = self._line, self.leg
+        if leg is not None:
+            leg.close()
+            counters = leg.counters()
+            line.stats.xruns_capture += counters["xruns_capture"]
+            line.stats.xruns_playback += counters["xruns_playback"]
+        line.session = line.leg = None
+        line.poke()
 
 
 _Failure = tuple[str, str]
@@ -393,21 +447,14 @@ class AlsaLines:
     def __init__(
         self,
         config: Config,
-        clock: MediaClock,
-        desk: AdmissionDesk,
-        registry: Registry,
+        calls: Calls,
         *,
         check_in: Callable[[str], None] = lambda task: None,
-        fallback_prompt: tuple[bytes, ...] = (),
         open_device: Callable[[AlsaLineConfig], LinePcms] | None = None,
     ) -> None:
         self.config = config
-        self._clock = clock
-        self.desk = desk
-        self.registry = registry
+        self.calls = calls
         self._check_in = check_in
-        self.fallback_prompt = fallback_prompt
-        """Frames of ``[agent] fallback_prompt``; the supervisor refreshes it on reload."""
         self._open = open_device or _open_line
         self._lines = {line.name: _Line(line) for line in config.alsa.lines}
 
@@ -503,7 +550,7 @@ class AlsaLines:
     async def _serve(self, line: _Line) -> None:
         while True:
             if not line.wanted:
-                self._set_state(line, "idle")
+                self.set_state(line, "idle")
                 await line.wait_changed(math.inf)
                 continue
             failure = await self._attempt(line)
@@ -513,122 +560,60 @@ class AlsaLines:
             alsa = self.config.alsa
             delay_s = line.backoff.delay_s(alsa.retry_initial_s, alsa.retry_max_s)
             line.stats.retries += 1
-            self._set_state(line, "retrying", failure[0], detail=failure[1])
+            self.set_state(line, "retrying", failure[0], detail=failure[1])
             await line.wait_changed(delay_s)
 
     async def _attempt(self, line: _Line) -> _Failure | None:
-        """Open, admit, run one session; the failure to back off from, or None."""
+        """Open, then one call through the lifecycle; the failure to back off from, or None."""
         cfg = line.config
-        self._set_state(line, "opening")
+        self.set_state(line, "opening")
         try:
             device = self._open(cfg)
         except DeviceLost as e:
             line.stats.open_failures += 1
             return "open-failed", str(e)
         ticket = uuid.uuid4().hex[:12]
-        try:
-            decision = await self._admit(line, ticket)
-            if decision is None:
-                device.close()
-                return None
-            if isinstance(decision, Refusal):
-                device.close()
-                line.stats.refusals += 1
-                if cfg.mode == ON_DEMAND:
-                    line.wanted = False
-                    return None
-                return "refused", decision.reason
-        except BaseException:
-            device.close()
-            raise
-        return await self._run_session(line, device, ticket, decision.tenant)
-
-    async def _admit(self, line: _Line, ticket: str) -> Admitted | Refusal | None:
-        """Admission for a new session on ``line``; None when the line was stopped
-        while queued."""
-        cfg = line.config
-        answers: list[Admitted | Refusal] = []
-
-        def decided(answer: Admitted | Refusal) -> None:
-            answers.append(answer)
-            line.poke()
-
+        call = _LineCall(self, line, device, ticket)
         info = CallInfo(ruri_user=cfg.name, ruri_host=None, headers={}, source_ip=None,
                         transport=TRANSPORT, tenant_hint=cfg.tenant or None)
-        decision = self.desk.request(ticket, info, trio.current_time(),
-                                     on_admitted=decided, on_refused=decided)
-        _log_admission(cfg.name, decision, queued=False)
-        if isinstance(decision, Queued):
-            self._set_state(line, "queued", f"position {decision.position}")
-            try:
-                while not answers and line.wanted:
-                    await line.wait_changed(math.inf)
-            finally:
-                if not answers:
-                    self.desk.cancel(ticket, trio.current_time())
-            if not answers:
+        started = trio.current_time()
+        try:
+            handle = self.calls.start(CallRequest(ticket, f"{cfg.name}-{ticket}", info,
+                                                  from_uri=cfg.capture, to_uri=cfg.name), call)
+            while not handle.ended.is_set():
+                if not line.wanted and handle.session is None:  # stopped while queued
+                    self.calls.end(ticket, STOP_REASON)
+                    await handle.ended.wait()
+                    break
+                await line.wait_changed(HEARTBEAT_S)
+        finally:
+            line.settle()
+            if call.leg is None:  # never reached a session: the device is still ours
+                device.close()
+        if call.refusal is not None:
+            line.stats.refusals += 1
+            if cfg.mode == ON_DEMAND:
+                line.wanted = False
                 return None
-            decision = answers[0]
-            _log_admission(cfg.name, decision, queued=True)
-            if isinstance(decision, Admitted) and not line.wanted:
-                self.desk.release(ticket, trio.current_time())
-                return None
-        return decision
-
-    async def _run_session(self, line: _Line, device: LinePcms, ticket: str,
-                           tenant: str) -> _Failure | None:
-        cfg = line.config
-        now = trio.current_time()
-        core = SessionCore.build(self.config, TRANSPORT, now)
-        leg = AlsaLeg(device=device, pipeline=core.pipeline, budget=core.budget,
-                      period_ms=cfg.period_ms, on_lost=lambda e: session.end(DEVICE_LOST))
-        session = Session(
-            session_id=ticket, call_id=f"{cfg.name}-{ticket}", transport=TRANSPORT,
-            codec=f"L16/{cfg.rate}", signaling=_LineSignaling(self, line, ticket), media=leg,
-            core=core, clock=self._clock, answer_delay_s=0.0,
-            fallback_prompt=self.fallback_prompt, tenant=tenant,
-        )
-        line.session, line.leg = session, leg
-        self.registry.add(Entry(session, tenant, lambda: f"{cfg.capture}|{cfg.playback}",
-                                leg.counters))
-        line.stats.sessions += 1
-        self._set_state(line, "active")
-        log_event(logging.INFO, "call_start", "call started", session_id=ticket,
-                  call_id=session.call_id, tenant=tenant, transport=TRANSPORT, line=cfg.name,
-                  capture=cfg.capture, playback=cfg.playback, rate_hz=cfg.rate,
-                  pacing="timer" if leg.timer_paced else "poll")
-        leg.start()
-        async with trio.open_nursery() as nursery:
-            if not leg.timer_paced and leg.lost is None:
-                nursery.start_soon(leg.run_capture)
-            await session.run()
-            nursery.cancel_scope.cancel()
-        reason = session.end_reason or "error"
+            return "refused", call.refusal.reason
+        if call.error is not None:
+            return "error", repr(call.error)
+        if call.leg is None:  # stopped while queued
+            return None
+        reason = handle.reason or "error"
         line.last_end_reason = reason
         if reason == DEVICE_LOST:
             line.stats.device_lost += 1
-            return DEVICE_LOST, str(leg.lost)
+            return DEVICE_LOST, str(call.leg.lost)
         if cfg.mode == ON_DEMAND:
             line.wanted = False
             return None
         # An always line restarts at once, unless its sessions fail or end at once.
-        if reason == "error" or trio.current_time() - now < self.config.alsa.retry_initial_s:
+        if reason == "error" or trio.current_time() - started < self.config.alsa.retry_initial_s:
             return reason, "the session ended within [alsa] retry_initial_s"
         return None
 
-    def _release(self, line: _Line, ticket: str) -> None:
-        """The session on ``line`` is gone: free its slot, registry entry and device."""
-        leg = line.leg
-        if leg is not None:
-            leg.close()
-            counters = leg.counters()
-            line.stats.xruns_capture += counters["xruns_capture"]
-            line.stats.xruns_playback += counters["xruns_playback"]
-        line.session = line.leg = None
-        self.registry.remove(ticket)
-        self.desk.release(ticket, trio.current_time())
-
-    def _set_state(self, line: _Line, state: str, reason: str | None = None,
+    def set_state(self, line: _Line, state: str, reason: str | None = None,
                    detail: str | None = None) -> None:
         """Set ``line``'s state; log it when it differs from the last one logged
         (``opening`` is transient and never logged, so a retry loop logs once)."""
@@ -640,18 +625,6 @@ class AlsaLines:
         log_event(level, "alsa_line", f"line {line.config.name}: {state}",
                   line=line.config.name, state=state, reason=reason, detail=detail,
                   transport=TRANSPORT)
-
-
-def _log_admission(line: str, decision: Admitted | Queued | Refusal, *, queued: bool) -> None:
-    """One ``admission`` line, worded like the SIP endpoint's."""
-    if isinstance(decision, Admitted):
-        result = "dequeued" if queued else "admitted"
-    else:
-        result = "queued" if isinstance(decision, Queued) else "refused"
-    log_event(logging.INFO, "admission", result, session_id=decision.ticket,
-              tenant=decision.tenant, transport=TRANSPORT, line=line,
-              reason=getattr(decision, "reason", None),
-              waited_s=getattr(decision, "waited_s", None) if queued else None)
 
 
 def _open_line(line: AlsaLineConfig) -> LinePcms:

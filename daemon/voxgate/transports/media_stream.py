@@ -41,9 +41,10 @@ digits), good for one resumption, and die with their session.
 Errors: everything that reads the peer's bytes raises :class:`MediaStreamError`
 (a :class:`~voxgate.errors.RemoteProtocolError`) carrying the WebSocket close
 code to answer with (RFC 6455 §7.4.1): 1003 binary frames or an unsupported
-media format, 1007 bad JSON, bad base64 or a payload that is not whole
-frames, 1008 unknown events, missing or ill-typed fields, messages out of
-order and the rate limit, 1009 a message over the size limit.
+media format, 1007 bad JSON (or JSON beyond :func:`voxgate.jsonbounds.loads_untrusted`'s
+bounds), bad base64 or a payload that is not whole frames, 1008 unknown
+events, missing or ill-typed fields, messages out of order and the rate
+limit, 1009 a message over the size limit (in UTF-8 bytes).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from types import MappingProxyType
 from typing import Any, Final
 
 from voxgate.errors import LocalProtocolError, RemoteProtocolError
+from voxgate.jsonbounds import JSONTooLargeError, UntrustedJSONError, loads_untrusted
 from voxgate.rtp.dtmf import DTMF_DIGITS
 
 # Close codes (RFC 6455 §7.4.1; 1013 "Try Again Later" from the IANA registry).
@@ -89,6 +91,11 @@ TRACKS: Final = frozenset({"inbound", "outbound"})
 MAX_ID_CHARS: Final = 128
 """Longest streamSid, callSid, accountSid, mark name or custom parameter (name or value)."""
 MAX_CUSTOM_PARAMETERS: Final = 32
+MAX_MESSAGE_BYTES: Final = 16 << 20
+"""Largest message :func:`parse_message_untrusted` takes unless told (the ceiling of
+``[websocket] max_message_bytes``)."""
+MAX_MESSAGE_DEPTH: Final = 8
+"""Deepest nesting of arrays/objects in a message (Twilio's nest 3 deep)."""
 START_TIMEOUT_S: Final = 10.0
 """How long a connection may wait before its ``start`` message."""
 
@@ -261,8 +268,9 @@ def _parse_start(msg: dict[str, Any]) -> Start:
             f"{fmt.get('channels')!r}: only audio/x-mulaw 8000 Hz mono")
     tracks = start.get("tracks", [INBOUND_TRACK])
     if (not isinstance(tracks, list) or not 0 < len(tracks) <= len(TRACKS)
-            or not all(t in TRACKS for t in tracks)):
-        raise _policy("start.tracks must be a list of 'inbound'/'outbound'")
+            or not all(isinstance(t, str) and t in TRACKS for t in tracks)
+            or len(set(tracks)) != len(tracks)):
+        raise _policy("start.tracks must be a list of distinct 'inbound'/'outbound'")
     raw = _object(start.get("customParameters", {}), "start.customParameters")
     if len(raw) > MAX_CUSTOM_PARAMETERS:
         raise _policy(f"more than {MAX_CUSTOM_PARAMETERS} customParameters")
@@ -326,26 +334,33 @@ _PARSERS: Final[Mapping[str, Mapping[str, Callable[[dict[str, Any]], Event]]]] =
 }
 
 
-def _no_constants(name: str) -> object:
-    raise ValueError(f"{name} is not JSON")
-
-
-def parse_message_untrusted(data: str | bytes, sender: str = FROM_MEDIA_SERVER) -> Event:
+def parse_message_untrusted(data: str | bytes, sender: str = FROM_MEDIA_SERVER, *,
+                            max_bytes: int = MAX_MESSAGE_BYTES) -> Event:
     """One WebSocket message from ``sender`` (:data:`FROM_MEDIA_SERVER`, or
     :data:`FROM_VOXGATE` for a client reading our messages) as an event.
 
+    The JSON is decoded within bounds (:func:`voxgate.jsonbounds.loads_untrusted`:
+    ``max_bytes`` of UTF-8, :data:`MAX_MESSAGE_DEPTH` deep, no NaN/Infinity, no
+    integer over :data:`~voxgate.jsonbounds.MAX_INTEGER_DIGITS` digits, no unpaired
+    surrogate) and every field's type is checked, so nothing but
+    :class:`MediaStreamError` leaves.
+
     Raises:
-        MediaStreamError: a binary frame (1003), bad JSON (1007), an unknown
-            event or a field missing or wrong (1008), an unsupported media
-            format (1003), bad base64 or a partial frame (1007).
+        MediaStreamError: a binary frame (1003), over ``max_bytes`` (1009),
+            bad or unbounded JSON (1007), an unknown event or a field missing
+            or wrong (1008), an unsupported media format (1003), bad base64 or
+            a partial frame (1007).
     """
     if not isinstance(data, str):
         raise MediaStreamError(CLOSE_UNSUPPORTED_DATA, "binary messages are not part of the "
                                "protocol: send JSON text")
     try:
-        msg = json.loads(data, parse_constant=_no_constants)
-    except (ValueError, RecursionError):
-        raise MediaStreamError(CLOSE_INVALID_PAYLOAD, "message is not valid JSON") from None
+        msg = loads_untrusted(data, max_bytes=max_bytes, max_depth=MAX_MESSAGE_DEPTH)
+    except JSONTooLargeError as e:
+        raise MediaStreamError(CLOSE_MESSAGE_TOO_BIG, f"message {e.reason}") from None
+    except UntrustedJSONError as e:
+        raise MediaStreamError(CLOSE_INVALID_PAYLOAD,
+                               f"message is not valid JSON: {e.reason}") from None
     msg = _object(msg, "message")
     event = msg.get("event")
     parser = _PARSERS[sender].get(event) if isinstance(event, str) else None
@@ -480,16 +495,13 @@ class MediaStream:
                 (1008), malformed (see :func:`parse_message_untrusted`), out of
                 order, or for another ``streamSid`` (1008).
         """
-        if len(data) > self._max_bytes:
-            raise MediaStreamError(CLOSE_MESSAGE_TOO_BIG,
-                                   f"message of {len(data)} bytes over {self._max_bytes}")
         second = math.floor(now)
         if second != self._rate_second:
             self._rate_second, self._rate_count = second, 0
         self._rate_count += 1
         if self._rate_count > self._max_per_s:
             raise _policy(f"more than {self._max_per_s} messages per second")
-        event = parse_message_untrusted(data)
+        event = parse_message_untrusted(data, max_bytes=self._max_bytes)
         try:
             self.state = _TRANSITIONS[self.state, type(event)]
         except KeyError:

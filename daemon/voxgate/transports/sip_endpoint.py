@@ -1,10 +1,11 @@
 """Trio driver for SIP over UDP: the socket, the timers and the calls.
 
 The protocol lives in the sans-IO :class:`~voxgate.sip.uas.UasCore`; this
-driver feeds it datagrams and clock ticks, sends what it produces, and turns
-its events into sessions: an ``IncomingCall`` is checked (capacity, SDP
-offer/answer, an RTP port) and becomes a :class:`~voxgate.session.Session`
-started in the endpoint's nursery. A failure while handling one event is
+driver feeds it datagrams and clock ticks, sends what it produces, and hands
+each ``IncomingCall`` whose SDP offer is acceptable to the call lifecycle
+(:mod:`voxgate.calls`) with its answers: 180 while queued, the admission's
+refusal, an RTP leg once admitted (503 ``no-rtp-port`` when none is free,
+500 when the session cannot be built). A failure while handling one event is
 logged with its Call-ID and ends or refuses only that call.
 """
 
@@ -22,15 +23,15 @@ from dataclasses import dataclass
 import trio
 
 from voxgate import admission as adm
-from voxgate.admission_desk import AdmissionDesk
+from voxgate.calls import CallRequest, Calls, Leg
 from voxgate.codec.g711 import codec_for
 from voxgate.config import Config
 from voxgate.errors import RemoteProtocolError
 from voxgate.logging import log_event
-from voxgate.registry import Entry, Registry
 from voxgate.rtp.stream import RtpStream
 from voxgate.session import Session, SessionCore
 from voxgate.sip import uas
+from voxgate.sip.ratelimit import FloodLimits
 from voxgate.sip.sdp import (
     Negotiated,
     SessionDescription,
@@ -40,7 +41,7 @@ from voxgate.sip.sdp import (
 )
 from voxgate.sip.uri import parse_uri_untrusted
 from voxgate.transports.rtp_leg import RtpLeg
-from voxgate.transports.rtp_media import MediaClock, PortPool
+from voxgate.transports.rtp_ports import PortPool
 
 HEARTBEAT_S = 1.0
 """The SIP loops check in with the watchdog at least this often, even when idle."""
@@ -53,28 +54,48 @@ _Action = Callable[[uas.UasCore, float], None]
 _REFUSAL_STATUS = {"shutdown": 503, "error": 500, "ack-timeout": 408, "ring-timeout": 480}
 
 
-@dataclass
-class _Pending:
-    """An INVITE whose offer is acceptable, waiting for (or just given) admission."""
-
-    ticket: str
-    event: uas.IncomingCall
-    offer: SessionDescription
-    negotiated: Negotiated
+class NoRtpPort(Exception):
+    """Every port of ``[rtp] port_min..port_max`` is taken: the call gets 503."""
 
 
 @dataclass
 class _Call:
-    """What the endpoint keeps per call: the session and its SDP state."""
+    """One INVITE handed to the lifecycle: its SDP state, then its leg and session.
 
-    call_key: str
+    It is the call's :class:`~voxgate.calls.CallSetup` for the lifecycle.
+    """
+
+    endpoint: SipEndpoint
     ticket: str
-    session: Session
-    leg: RtpLeg
+    event: uas.IncomingCall
     offer: SessionDescription
     negotiated: Negotiated
     sdp_session_id: int
-    sdp_version: int
+    sdp_version: int = 1
+    leg: RtpLeg | None = None
+    session: Session | None = None
+
+    def queued(self, decision: adm.Queued) -> None:
+        self.endpoint.act(lambda core, now: core.send_provisional(self.event.call_key, 180, now))
+
+    def refused(self, refusal: adm.Refusal) -> None:
+        self.endpoint.refuse(self, refusal.sip_status, refusal.reason,
+                             retry_after_s=refusal.retry_after_s)
+
+    def build(self, ticket: str, core: SessionCore, now: float) -> Leg:
+        return self.endpoint.build_leg(self, core)
+
+    def started(self, session: Session) -> None:
+        self.session = session
+        assert self.leg is not None
+        _apply_direction(self.leg, session, self.negotiated, trio.current_time())
+
+    def failed(self, exc: Exception) -> None:
+        if isinstance(exc, NoRtpPort):
+            self.endpoint.refuse(self, 503, "no-rtp-port",
+                                 retry_after_s=self.endpoint.config.limits.retry_after_s)
+        else:
+            self.endpoint.refuse(self, 500, "error")
 
 
 class _Signaling:
@@ -108,27 +129,21 @@ class SipEndpoint:
     def __init__(
         self,
         config: Config,
-        clock: MediaClock,
-        desk: AdmissionDesk,
-        registry: Registry,
+        calls: Calls,
         check_in: Callable[[str], None] = lambda task: None,
     ) -> None:
         self.config = config
-        self._clock = clock
-        self.desk = desk
-        self.admission = desk.admission
-        self.registry = registry
+        self.calls = calls
+        self.admission = calls.desk.admission
         self._check_in = check_in
-        self.fallback_prompt: tuple[bytes, ...] = ()
-        """Frames of ``[agent] fallback_prompt`` (loaded by the supervisor)."""
         host, port = config.sip.host, config.sip.port
         self.core = uas.UasCore(local_host=host, local_port=port,
-                                max_dialogs=_max_dialogs(config))
+                                max_dialogs=_max_dialogs(config),
+                                flood_limits=FloodLimits.from_settings(config.sip))
         self.ports = PortPool(config.rtp.address, config.rtp.port_min, config.rtp.port_max)
         self._sock: socket.socket | None = None
         self._nursery: trio.Nursery | None = None
-        self._calls: dict[str, _Call] = {}
-        self._queued: dict[str, _Pending] = {}  # ticket → call waiting for admission
+        self._calls: dict[str, _Call] = {}  # call key → call; bounded by the UAS's max_dialogs
         self._hangups_pending: set[str] = set()
         self._timers_changed = trio.Event()
         self._idle = trio.Event()
@@ -164,14 +179,10 @@ class SipEndpoint:
         return False
 
     def apply_config(self, config: Config) -> None:
-        """Take a reloaded config: limits and tenants now, the rest for new calls.
-
-        Calls in progress keep their settings; a lowered cap ends nobody.
-        """
+        """Take a reloaded config: for new calls; calls in progress keep their settings."""
         self.config = config
         self.core.max_dialogs = _max_dialogs(config)
-        now = trio.current_time()
-        self.desk.update_limits(adm.limits_from_config(config), now)
+        self.core.flood_limits = FloodLimits.from_settings(config.sip)
         self._pump()
 
     def poke(self) -> None:
@@ -187,6 +198,7 @@ class SipEndpoint:
 
     def answer(self, call_key: str) -> None:
         call = self._calls[call_key]
+        assert call.leg is not None
         sdp = build_answer(
             call.offer, call.negotiated,
             local_address=self.config.rtp.address, local_port=call.leg.local_port,
@@ -199,16 +211,52 @@ class SipEndpoint:
         self.act(lambda core, now: core.hangup(call_key, now, reason=reason))
 
     def release(self, call_key: str) -> None:
-        """The session is gone: free its admission slot and, unless our BYE is
-        still in flight (then at HangupCompleted), its dialog state."""
+        """The session is gone: forget the call and, unless our BYE is still in
+        flight (then at HangupCompleted), its dialog state."""
         if call_key not in self._hangups_pending:
             self.core.forget(call_key)
-        call = self._calls.pop(call_key, None)
-        if call is not None:
-            self.registry.remove(call.ticket)
-            self.desk.release(call.ticket, trio.current_time())
+        self._calls.pop(call_key, None)
         self._update_idle()
         self._pump()
+
+    def refuse(self, call: _Call, status: int, reason: str, *,
+               retry_after_s: int | None = None) -> None:
+        """Answer a call that never got a session, and forget it."""
+        self._calls.pop(call.event.call_key, None)
+        self._refuse(call.event, status, reason, retry_after_s=retry_after_s)
+        self._update_idle()
+        self._pump()
+
+    def build_leg(self, call: _Call, core: SessionCore) -> Leg:
+        """The RTP leg of an admitted call; raises NoRtpPort when no port is free."""
+        cfg = self.config
+        sock = self.ports.open_socket()
+        if sock is None:
+            raise NoRtpPort("no free RTP port")
+        negotiated = call.negotiated
+        codec = codec_for(negotiated.codec.name)
+        stream = RtpStream(
+            payload_type=negotiated.codec.payload_type,
+            telephone_event_pt=negotiated.telephone_event_pt,
+            ssrc=random.getrandbits(32),
+            initial_sequence=random.getrandbits(16),
+            initial_timestamp=random.getrandbits(32),
+            jitter_capacity_frames=max(2, cfg.rtp.jitter_buffer_max_ms // 20),
+            jitter_prefetch_frames=max(1, cfg.rtp.jitter_buffer_ms // 20),
+            remote_addr=negotiated.remote_rtp,
+            silence_byte=codec.silence(1)[0],
+        )
+        leg = RtpLeg(pool=self.ports, sock=sock, stream=stream, codec=codec,
+                     playback=core.pipeline.playback, on_dtmf=core.pipeline.dtmf,
+                     budget=core.budget,
+                     playback_allowance_s=cfg.rtp.playback_allowance_ms / 1000)
+        call.leg = leg
+        log_event(logging.INFO, "rtp_leg", "media leg open", session_id=call.ticket,
+                  call_id=call.event.call_id, local_rtp_port=leg.local_port,
+                  remote=_fmt(negotiated.remote_rtp), source=_fmt(call.event.source))
+        return Leg(media=leg, signaling=_Signaling(self, call.event.call_key), codec=codec.name,
+                   remote=lambda: _fmt(stream.remote_addr), counters=leg.counters,
+                   answer_delay_s=cfg.sip.answer_delay_ms / 1000)
 
     # -- the loops --------------------------------------------------------
 
@@ -254,8 +302,9 @@ class SipEndpoint:
                 log_event(logging.ERROR, "sip_event_error", f"handling {type(event).__name__} "
                           f"failed: {exc!r}", call_id=getattr(event, "call_id", None),
                           exc_info=exc)
-                if call_key is not None and call_key in self._calls:
-                    self._calls[call_key].session.end("error")
+                call = self._calls.get(call_key) if call_key is not None else None
+                if call is not None:
+                    self.calls.end(call.ticket, "error")
         available, why = self.admission.availability()
         self.core.available = available
         self.core.unavailable_reason = why or ""
@@ -294,117 +343,46 @@ class SipEndpoint:
 
     def _end(self, call_key: str, reason: str) -> None:
         call = self._calls.get(call_key)
-        if call is not None:
-            call.session.end(reason)
+        if call is None:
+            return
+        self.calls.end(call.ticket, reason)
+        if call.session is None:  # cancelled while queued: the UAS answered 487
+            del self._calls[call_key]
+            self.core.forget(call_key)
+            self._update_idle()
 
     def _cancel(self, call_key: str) -> None:
-        for ticket, pending in self._queued.items():
-            if pending.event.call_key == call_key:
-                del self._queued[ticket]
-                self.desk.cancel(ticket, trio.current_time())
-                self.core.forget(call_key)
-                log_event(logging.INFO, "call_cancelled", "cancelled while queued",
-                          call_id=pending.event.call_id, session_id=ticket)
-                return
         self._end(call_key, "cancel")
 
     def _refuse(self, event: uas.IncomingCall, status: int, reason: str, *,
-                retry_after_s: int | None = None, tenant: str | None = None) -> None:
-        log_event(logging.INFO, "call_refused", f"refused with {status}", call_id=event.call_id,
-                  status=status, reason=reason, tenant=tenant)
+                retry_after_s: int | None = None) -> None:
         self.core.reject(event.call_key, status, trio.current_time(), reason=reason,
                          retry_after_s=retry_after_s)
         self.core.forget(event.call_key)
 
     def _incoming_call(self, event: uas.IncomingCall) -> None:
-        cfg = self.config
         try:
             offer = parse_sdp_untrusted(event.sdp_offer)
-            negotiated = negotiate(offer, preference=cfg.rtp.codecs)
+            negotiated = negotiate(offer, preference=self.config.rtp.codecs)
         except RemoteProtocolError as e:
-            self._refuse(event, e.status_hint or 400, e.reason)
+            status = e.status_hint or 400
+            log_event(logging.INFO, "call_refused", f"refused with {status}",
+                      call_id=event.call_id, status=status, reason=e.reason)
+            self._refuse(event, status, e.reason)
             return
-        pending = _Pending(uuid.uuid4().hex[:12], event, offer, negotiated)
-        decision = self.desk.request(
-            pending.ticket, _call_info(event), trio.current_time(),
-            on_admitted=self._admitted_from_queue, on_refused=self._refused_from_queue,
-        )
-        result = {adm.Admitted: "admitted", adm.Queued: "queued", adm.Refusal: "refused"}
-        log_event(logging.INFO, "admission", result[type(decision)],
-                  call_id=event.call_id, session_id=pending.ticket, tenant=decision.tenant,
-                  reason=getattr(decision, "reason", None))
-        if isinstance(decision, adm.Refusal):
-            self._refuse(event, decision.sip_status, decision.reason,
-                         retry_after_s=decision.retry_after_s, tenant=decision.tenant)
-        elif isinstance(decision, adm.Queued):
-            self._queued[pending.ticket] = pending
-            self.core.send_provisional(event.call_key, 180, trio.current_time())
-        else:
-            self._start_call(pending, decision.tenant)
-
-    def _refused_from_queue(self, refusal: adm.Refusal) -> None:
-        pending = self._queued.pop(refusal.ticket)
-        self._refuse(pending.event, refusal.sip_status, refusal.reason,
-                     retry_after_s=refusal.retry_after_s, tenant=refusal.tenant)
-        self._pump()
-
-    def _admitted_from_queue(self, admitted: adm.Admitted) -> None:
-        pending = self._queued.pop(admitted.ticket)
-        log_event(logging.INFO, "admission", "dequeued", call_id=pending.event.call_id,
-                  session_id=admitted.ticket, tenant=admitted.tenant,
-                  waited_s=admitted.waited_s)
-        self._start_call(pending, admitted.tenant)
-        self._pump()
-
-    def _start_call(self, pending: _Pending, tenant: str) -> None:
-        cfg = self.config
-        event, negotiated = pending.event, pending.negotiated
-        sock = self.ports.open_socket()
-        if sock is None:
-            self.desk.release(pending.ticket, trio.current_time())
-            self._refuse(event, 503, "no-rtp-port", retry_after_s=cfg.limits.retry_after_s)
-            return
-        codec = codec_for(negotiated.codec.name)
-        now = trio.current_time()
-        core = SessionCore.build(cfg, "sip", now)
-        stream = RtpStream(
-            payload_type=negotiated.codec.payload_type,
-            telephone_event_pt=negotiated.telephone_event_pt,
-            ssrc=random.getrandbits(32),
-            initial_sequence=random.getrandbits(16),
-            initial_timestamp=random.getrandbits(32),
-            jitter_capacity_frames=max(2, cfg.rtp.jitter_buffer_max_ms // 20),
-            jitter_prefetch_frames=max(1, cfg.rtp.jitter_buffer_ms // 20),
-            remote_addr=negotiated.remote_rtp,
-        )
-        leg = RtpLeg(pool=self.ports, sock=sock, stream=stream, codec=codec,
-                     pipeline=core.pipeline, budget=core.budget,
-                     playback_allowance_s=cfg.rtp.playback_allowance_ms / 1000)
-        session = Session(
-            session_id=pending.ticket, call_id=event.call_id, transport="sip",
-            codec=codec.name, signaling=_Signaling(self, event.call_key), media=leg,
-            core=core, clock=self._clock, answer_delay_s=cfg.sip.answer_delay_ms / 1000,
-            fallback_prompt=self.fallback_prompt, tenant=tenant,
-        )
-        _apply_direction(leg, session, negotiated, now)
-        self._calls[event.call_key] = _Call(
-            call_key=event.call_key, ticket=pending.ticket, session=session,
-            leg=leg, offer=pending.offer, negotiated=negotiated,
-            sdp_session_id=random.getrandbits(31), sdp_version=1,
-        )
-        self.registry.add(Entry(session, tenant, lambda: _fmt(stream.remote_addr), leg.counters))
+        call = _Call(self, uuid.uuid4().hex[:12], event, offer, negotiated,
+                     sdp_session_id=random.getrandbits(31))
+        self._calls[event.call_key] = call
         self._idle = trio.Event()
-        log_event(logging.INFO, "call_start", "call started", session_id=session.session_id,
-                  call_id=event.call_id, tenant=tenant, codec=codec.name,
-                  local_rtp_port=leg.local_port, remote=_fmt(negotiated.remote_rtp),
-                  source=_fmt(event.source))
-        assert self._nursery is not None
-        self._nursery.start_soon(session.run)
+        info = _call_info(event)
+        self.calls.start(CallRequest(call.ticket, event.call_id, info,
+                                     from_uri=info.headers.get("from", ""),
+                                     to_uri=info.headers.get("to", "")), call)
 
     def _reinvite(self, event: uas.ReInvite) -> None:
         call = self._calls.get(event.call_key)
         now = trio.current_time()
-        if call is None:
+        if call is None or call.leg is None or call.session is None:
             self.core.answer_reinvite(event.call_key, None, 481, now)
             return
         try:

@@ -10,15 +10,17 @@ messages and close codes are :mod:`voxgate.transports.media_stream`'s
   connection's :class:`~voxgate.transports.media_stream.MediaStream`; a writer
   task sends what the session queued on the connection's bounded outbound
   channel (``send_nowait``; a full channel drops and counts).
-- ``start`` asks admission, as SIP does: a refusal closes with 1013 (try
-  again later) and the reason; a queued stream waits, its media dropped and
-  counted, until admitted or refused; a stream that closes while queued
-  gives its place up.
+- ``start`` hands the stream to the call lifecycle (:mod:`voxgate.calls`),
+  as SIP does: a refusal closes with 1013 (try again later) and the reason, a
+  session that cannot be built with 1011; a queued stream waits, its media
+  dropped and counted, until admitted or refused; a stream that closes while
+  queued gives its place up.
 - The media path is :class:`WebSocketLeg`, ticked every 20 ms by the shared
-  :class:`~voxgate.transports.rtp_media.MediaClock` like the RTP leg: inbound
+  :class:`~voxgate.pipeline.clock.MediaClock` like the RTP leg: inbound
   frames wait in a queue held against the session budget's ``jitter`` buffer
-  (oldest dropped and counted); each tick decodes one, runs the pipeline and
-  queues one ``media`` message (silence when the agent is quiet).
+  (oldest dropped and counted); each tick the session's pipeline takes the
+  frames due and the leg queues one ``media`` message (silence when the agent
+  is quiet).
 - Playback completion is the echoed ``mark``: after an utterance's last
   chunk the leg sends a mark named after the utterance id; the echo resolves
   it (``mark``), the session's playback deadman covers a far end that never
@@ -53,18 +55,15 @@ from trio_websocket import (
 )
 
 from voxgate import admission as adm
-from voxgate.admission_desk import AdmissionDesk
 from voxgate.budget import BoundedAudioQueue, SessionBudget
+from voxgate.calls import CallRequest, Calls, Leg
 from voxgate.codec.g711 import PCMU
 from voxgate.config import Config, split_host_port
 from voxgate.logging import log_event
-from voxgate.pipeline.pipeline import Pipeline
-from voxgate.pipeline.playback import MARK, MAX_PENDING
-from voxgate.registry import Entry, Registry
+from voxgate.pipeline.playback import MARK, MAX_PENDING, PlaybackTracker
 from voxgate.rtp.dtmf import DtmfEvent
 from voxgate.session import Session, SessionCore
 from voxgate.transports import media_stream as ms
-from voxgate.transports.rtp_media import MediaClock
 
 HEARTBEAT_S = 1.0
 """The listener task checks in with the watchdog this often."""
@@ -140,18 +139,20 @@ class _Connection:
 
 
 class WebSocketLeg:
-    """One session's media over its current stream; a :class:`~voxgate.session.SessionMedia`.
+    """One session's media over its current stream; a :class:`~voxgate.pipeline.pipeline.MediaLeg`.
 
     Between streams (a drop, before a resumption) nothing is sent and the
     utterances finished meanwhile are left to the playback deadman.
     """
 
-    __slots__ = ("_arrived", "_closed", "_conn", "_inbound", "_marks", "clears_sent",
+    __slots__ = ("_arrived", "_closed", "_conn", "_inbound", "_marks", "_playback", "clears_sent",
                  "drops_send_queue", "frames_in", "frames_out", "marks_echoed", "marks_sent",
-                 "marks_unknown", "pipeline")
+                 "marks_unknown", "on_dtmf")
 
-    def __init__(self, pipeline: Pipeline, budget: SessionBudget) -> None:
-        self.pipeline = pipeline
+    def __init__(self, playback: PlaybackTracker, on_dtmf: Callable[[DtmfEvent], None],
+                 budget: SessionBudget) -> None:
+        self._playback = playback
+        self.on_dtmf = on_dtmf
         self._inbound = BoundedAudioQueue(budget, "jitter")
         self._conn: _Connection | None = None
         self._marks: dict[str, int] = {}  # mark name → utterance id, oldest first
@@ -194,45 +195,46 @@ class WebSocketLeg:
             self.marks_unknown += 1  # our recovery marks, or marks from before a resumption
             return
         self.marks_echoed += 1
-        self.pipeline.playback.complete(utterance_id, MARK, now)
+        self._playback.complete(utterance_id, MARK, now)
 
-    def tick(self, now: float, frames_elapsed: int) -> bool:
-        """One 20 ms media step (see the module docstring); never blocks.
-
-        Returns whether caller media arrived since the last tick.
-        """
+    def receive(self, now: float, frames_elapsed: int) -> tuple[bool, list[bytes]]:
+        """The frames due now, decoded; True when caller media arrived since the last tick."""
         arrived, self._arrived = self._arrived, False
-        pipeline = self.pipeline
         inbound = self._inbound
+        frames = []
         for _ in range(frames_elapsed):
             payload = inbound.pop()
             if payload is None:
                 break
-            pipeline.inbound(PCMU.decode(payload), now)
-        out = pipeline.outbound(now)
-        sent = pipeline.playout.take_sent()
+            frames.append(PCMU.decode(payload))
+        return arrived, frames
+
+    def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
+        """Queue one ``media`` message, then a ``mark`` after each finished utterance
+        (it completes when the far end echoes the mark)."""
         conn = self._conn
-        if pipeline.cleared:
-            pipeline.cleared = False
-            if conn is not None:
-                conn.discard_media()
-                self._send(conn, conn.stream.clear())
-                self.clears_sent += 1
         if conn is None:
-            return arrived
-        message = conn.stream.media(_SILENCE if out is None else PCMU.encode(out))
+            return
+        message = conn.stream.media(_SILENCE if pcm is None else PCMU.encode(pcm))
         if conn.send_nowait(message, media=True):
             self.frames_out += 1
         else:
             self.drops_send_queue += 1
-        for utterance_id in sent:
+        for utterance_id in finished:
             name = str(utterance_id)
             if len(self._marks) >= MAX_PENDING:
                 del self._marks[next(iter(self._marks))]
             self._marks[name] = utterance_id
             if self._send(conn, conn.stream.mark(name)):
                 self.marks_sent += 1
-        return arrived
+
+    def clear(self) -> None:
+        """Drop the media still queued for the far end and send ``clear``."""
+        conn = self._conn
+        if conn is not None:
+            conn.discard_media()
+            self._send(conn, conn.stream.clear())
+            self.clears_sent += 1
 
     def _send(self, conn: _Connection, message: str) -> bool:
         if conn.send_nowait(message, media=False):
@@ -250,8 +252,6 @@ class WebSocketLeg:
             "ws_marks_unknown": self.marks_unknown,
             "ws_clears_sent": self.clears_sent,
             "drop_ws_send_queue_full": self.drops_send_queue,
-            "dtmf_events": self.pipeline.dtmf_events,
-            "speech_turns": self.pipeline.speech_turns,
         }
 
     def close(self) -> None:
@@ -263,12 +263,36 @@ class WebSocketLeg:
 
 @dataclass
 class _Call:
-    """An admitted stream's session, its leg and the connection it uses now."""
+    """A stream handed to the lifecycle (its :class:`~voxgate.calls.CallSetup`):
+    the connection it uses now, then its leg and session once admitted."""
 
+    endpoint: WebSocketEndpoint
     ticket: str
-    session: Session
-    leg: WebSocketLeg
-    conn: _Connection | None = None
+    conn: _Connection | None
+    leg: WebSocketLeg | None = None
+    session: Session | None = None
+
+    def queued(self, decision: adm.Queued) -> None:
+        """The stream waits; its media is dropped and counted meanwhile."""
+
+    def refused(self, refusal: adm.Refusal) -> None:
+        self.endpoint.refuse(self, ms.CLOSE_TRY_AGAIN_LATER, f"refused_{refusal.reason}",
+                             refusal.reason)
+
+    def build(self, ticket: str, core: SessionCore, now: float) -> Leg:
+        leg = WebSocketLeg(core.pipeline.playback, core.pipeline.dtmf, core.budget)
+        self.leg = leg
+        return Leg(media=leg, signaling=_Signaling(self.endpoint, ticket), codec=PCMU.name,
+                   remote=lambda: None if self.conn is None else self.conn.remote,
+                   counters=leg.counters)
+
+    def started(self, session: Session) -> None:
+        self.session = session
+        if self.conn is not None:
+            self.endpoint.attach(self, self.conn)
+
+    def failed(self, exc: Exception) -> None:
+        self.endpoint.refuse(self, ms.CLOSE_INTERNAL_ERROR, "setup_failed", "internal error")
 
 
 class _Signaling:
@@ -304,20 +328,13 @@ class WebSocketEndpoint:
     def __init__(
         self,
         config: Config,
-        clock: MediaClock,
-        desk: AdmissionDesk,
-        registry: Registry,
+        calls: Calls,
         check_in: Callable[[str], None] = lambda task: None,
-        fallback_prompt: tuple[bytes, ...] = (),
         *,
         start_timeout_s: float = ms.START_TIMEOUT_S,
     ) -> None:
         self.config = config
-        self.fallback_prompt = fallback_prompt
-        """Frames of ``[agent] fallback_prompt``."""
-        self.desk = desk
-        self.registry = registry
-        self._clock = clock
+        self.calls = calls
         self._check_in = check_in
         self._start_timeout_s = start_timeout_s
         limits = config.limits
@@ -326,8 +343,7 @@ class WebSocketEndpoint:
         self.stats: Counter[str] = Counter()
         self.port: int | None = None
         """The bound TCP port once :meth:`run` reported started (None: not listening)."""
-        self._calls: dict[str, _Call] = {}
-        self._queued: dict[str, _Connection] = {}
+        self._calls: dict[str, _Call] = {}  # ticket → call; bounded by max_connections
         self._connections = 0
         self._nursery: trio.Nursery | None = None
 
@@ -375,15 +391,21 @@ class WebSocketEndpoint:
             call.conn.close(_END_CLOSE.get(reason, ms.CLOSE_NORMAL), reason)
 
     def release(self, ticket: str) -> None:
-        """The session is gone: free its admission slot, token and connection."""
+        """The session is gone: free its token and connection."""
         call = self._calls.pop(ticket, None)
         if call is None:
             return
         self.tokens.forget(ticket)
-        self.registry.remove(ticket)
-        self.desk.release(ticket, trio.current_time())
         if call.conn is not None:
-            call.conn.close(ms.CLOSE_NORMAL, call.session.end_reason or "ended")
+            reason = None if call.session is None else call.session.end_reason
+            call.conn.close(ms.CLOSE_NORMAL, reason or "ended")
+
+    def refuse(self, call: _Call, close_code: int, stat: str, reason: str) -> None:
+        """A stream that got no session: count, close with ``close_code``, forget it."""
+        self._calls.pop(call.ticket, None)
+        self.stats[stat] += 1
+        if call.conn is not None:
+            call.conn.close(close_code, reason)
 
     # -- connections ----------------------------------------------------------
 
@@ -457,158 +479,99 @@ class WebSocketEndpoint:
         call = self._calls.get(conn.ticket) if conn.ticket is not None else None
         if call is not None and call.conn is not conn:
             call = None
+        leg = None if call is None else call.leg
         if isinstance(event, ms.Media):
-            if call is None:
+            if leg is None:
                 self.stats["media_dropped_not_admitted"] += 1
             elif event.track != ms.INBOUND_TRACK:
                 self.stats["media_ignored_outbound_track"] += 1
             else:
-                call.leg.receive_media_untrusted(event.payload, now)
+                leg.receive_media_untrusted(event.payload, now)
         elif isinstance(event, ms.Mark):
-            if call is not None:
-                call.leg.receive_mark(event.name, now)
+            if leg is not None:
+                leg.receive_mark(event.name, now)
         elif isinstance(event, ms.Dtmf):
-            if call is not None:
-                call.leg.pipeline.dtmf(DtmfEvent(event.digit, 0, now))
+            if leg is not None:
+                leg.on_dtmf(DtmfEvent(event.digit, 0, now))
         elif isinstance(event, ms.Start):
-            self._on_start(conn, event, now)
+            self._on_start(conn, event)
         elif isinstance(event, ms.Stop):
-            self._on_stop(conn, call, now)
+            self._on_stop(conn, call)
             return True
         return False
 
-    def _on_start(self, conn: _Connection, start: ms.Start, now: float) -> None:
+    def _on_start(self, conn: _Connection, start: ms.Start) -> None:
         token = start.custom_parameters.get(ms.RECOVERY_TOKEN_PARAMETER)
         if token is not None:
             self._resume(conn, token)
             return
-        hint = start.custom_parameters.get(ms.TENANT_PARAMETER)
+        params = start.custom_parameters
+        hint = params.get(ms.TENANT_PARAMETER)
         if conn.path_tenant is not None and hint is not None and hint != conn.path_tenant:
             raise ms.MediaStreamError(ms.CLOSE_POLICY_VIOLATION,
                                       "the path and customParameters.tenant name other tenants")
-        ticket = uuid.uuid4().hex[:12]
-        conn.ticket = ticket
+        call = _Call(self, uuid.uuid4().hex[:12], conn)
+        conn.ticket = call.ticket
+        self._calls[call.ticket] = call
         info = adm.CallInfo(ruri_user=None, ruri_host=None, headers=conn.headers,
                             source_ip=conn.source_ip, transport="websocket",
                             tenant_hint=conn.path_tenant or hint)
-        decision = self.desk.request(ticket, info, now, on_admitted=self._admitted_from_queue,
-                                     on_refused=self._refused_from_queue)
-        result = {adm.Admitted: "admitted", adm.Queued: "queued", adm.Refusal: "refused"}
-        log_event(logging.INFO, "admission", result[type(decision)], call_id=start.call_sid,
-                  session_id=ticket, tenant=decision.tenant, transport="websocket",
-                  reason=getattr(decision, "reason", None))
-        if isinstance(decision, adm.Refusal):
-            self._refuse(conn, decision)
-        elif isinstance(decision, adm.Queued):
-            self._queued[ticket] = conn
-        else:
-            self._start_call(conn, decision.tenant)
+        self.calls.start(CallRequest(call.ticket, start.call_sid, info,
+                                     from_uri=params.get("from", ""), to_uri=params.get("to", "")),
+                         call)
 
-    def _on_stop(self, conn: _Connection, call: _Call | None, now: float) -> None:
-        if conn.ticket is not None and self._queued.get(conn.ticket) is conn:
-            self._cancel_queued(conn.ticket, now)
-        elif call is not None:
-            call.conn = None
-            call.leg.attach(None)
-            call.session.end("bye")
+    def _on_stop(self, conn: _Connection, call: _Call | None) -> None:
+        if call is not None:
+            self._leave(call, "bye")
         conn.close(ms.CLOSE_NORMAL, "stop")
 
     def _gone(self, conn: _Connection) -> None:
         """The connection has ended: give up its queue place, or detach it from its session."""
-        ticket = conn.ticket
-        if ticket is None:
-            return
-        if self._queued.get(ticket) is conn:
-            self._cancel_queued(ticket, trio.current_time())
-            return
-        call = self._calls.get(ticket)
+        call = None if conn.ticket is None else self._calls.get(conn.ticket)
         if call is None or call.conn is not conn:
             return
+        if call.session is None or call.session.end_reason is not None:
+            self._leave(call, "cancel")
+            return
+        self._leave(call, None)
+        self.stats["streams_dropped"] += 1
+        log_event(logging.INFO, "stream_dropped", "stream closed without stop: the "
+                  "session waits for a resumption until its recovery window ends",
+                  session_id=call.ticket, call_id=call.session.call_id, remote=conn.remote)
+
+    def _leave(self, call: _Call, reason: str | None) -> None:
+        """Detach the call's connection; end the call with ``reason`` unless None."""
         call.conn = None
-        call.leg.attach(None)
-        if call.session.end_reason is None:
-            self.stats["streams_dropped"] += 1
-            log_event(logging.INFO, "stream_dropped", "stream closed without stop: the "
-                      "session waits for a resumption until its recovery window ends",
-                      session_id=ticket, call_id=call.session.call_id, remote=conn.remote)
-
-    def _cancel_queued(self, ticket: str, now: float) -> None:
-        del self._queued[ticket]
-        self.desk.cancel(ticket, now)
-        log_event(logging.INFO, "call_cancelled", "stream closed while queued",
-                  session_id=ticket, transport="websocket")
-
-    def _refuse(self, conn: _Connection, refusal: adm.Refusal) -> None:
-        self.stats[f"refused_{refusal.reason}"] += 1
-        log_event(logging.INFO, "call_refused", "closed with 1013", session_id=refusal.ticket,
-                  reason=refusal.reason, tenant=refusal.tenant, transport="websocket",
-                  remote=conn.remote)
-        conn.close(ms.CLOSE_TRY_AGAIN_LATER, refusal.reason)
-
-    def _refused_from_queue(self, refusal: adm.Refusal) -> None:
-        conn = self._queued.pop(refusal.ticket, None)
-        if conn is not None:
-            self._refuse(conn, refusal)
-
-    def _admitted_from_queue(self, admitted: adm.Admitted) -> None:
-        conn = self._queued.pop(admitted.ticket, None)
-        if conn is None:  # gone meanwhile (cancel came too late): give the slot back
-            self.desk.release(admitted.ticket, trio.current_time())
+        if call.leg is not None:
+            call.leg.attach(None)
+        if reason is None:
             return
-        log_event(logging.INFO, "admission", "dequeued", session_id=admitted.ticket,
-                  tenant=admitted.tenant, waited_s=admitted.waited_s, transport="websocket")
-        self._start_call(conn, admitted.tenant)
-
-    def _start_call(self, conn: _Connection, tenant: str) -> None:
-        ticket, start = conn.ticket, conn.stream.start
-        assert ticket is not None and start is not None and self._nursery is not None
-        now = trio.current_time()
-        try:
-            core = SessionCore.build(self.config, "websocket", now)
-            leg = WebSocketLeg(core.pipeline, core.budget)
-            session = Session(
-                session_id=ticket, call_id=start.call_sid, transport="websocket",
-                codec=PCMU.name, signaling=_Signaling(self, ticket), media=leg, core=core,
-                clock=self._clock, answer_delay_s=0, fallback_prompt=self.fallback_prompt,
-                tenant=tenant,
-            )
-        except Exception as exc:
-            self.desk.release(ticket, now)
-            log_event(logging.ERROR, "websocket_error", f"cannot start the session: {exc!r}",
-                      session_id=ticket, call_id=start.call_sid, exc_info=exc)
-            conn.close(ms.CLOSE_INTERNAL_ERROR, "internal error")
-            return
-        call = _Call(ticket, session, leg)
-        self._calls[ticket] = call
-        self.registry.add(Entry(session, tenant, lambda: None if call.conn is None
-                                else call.conn.remote, leg.counters))
-        self._attach(call, conn)
-        log_event(logging.INFO, "call_start", "call started", session_id=ticket,
-                  call_id=start.call_sid, tenant=tenant, transport="websocket",
-                  codec=PCMU.name, remote=conn.remote, stream_sid=start.stream_sid)
-        self._nursery.start_soon(session.run)
+        self.calls.end(call.ticket, reason)
+        if call.session is None:  # it was queued: the lifecycle gave its place up
+            self._calls.pop(call.ticket, None)
 
     def _resume(self, conn: _Connection, token: str) -> None:
         ticket = self.tokens.redeem_untrusted(token)
         call = None if ticket is None else self._calls.get(ticket)
-        if call is None or call.session.end_reason is not None:
+        if call is None or call.session is None or call.session.end_reason is not None:
             self.stats["resume_refused"] += 1
             raise ms.MediaStreamError(ms.CLOSE_POLICY_VIOLATION,
                                       "unknown, used or expired recovery token")
-        self._attach(call, conn)
+        self.attach(call, conn)
         self.stats["streams_resumed"] += 1
         log_event(logging.INFO, "stream_resumed", "stream resumed with its recovery token",
                   session_id=call.ticket, call_id=call.session.call_id, remote=conn.remote,
                   stream_sid=conn.stream.stream_sid)
 
-    def _attach(self, call: _Call, conn: _Connection) -> None:
+    def attach(self, call: _Call, conn: _Connection) -> None:
         """Make ``conn`` the call's stream and hand it a new recovery token."""
         old = call.conn
         if old is not None and old is not conn:
             old.close(ms.CLOSE_NORMAL, "replaced by a resumed stream")
         call.conn = conn
         conn.ticket = call.ticket
-        call.leg.attach(conn)
+        if call.leg is not None:
+            call.leg.attach(conn)
         token = self.tokens.issue(call.ticket)
         conn.send_nowait(conn.stream.mark(ms.recovery_mark_name(token)), media=False)
 

@@ -1,0 +1,77 @@
+"""The shared 20 ms media clock: one Trio task that ticks every session.
+
+Design (measured, see ``bench/sip_load.py``): a task switch costs tens of
+microseconds in Trio, so there is no task per packet and no task per session
+on the media path. One :class:`MediaClock` task wakes on an absolute 20 ms
+schedule and *ticks* every attached session in turn: the session's leg takes
+what arrived (a non-blocking UDP socket, a capture buffer …), the session
+runs its pipeline on the frames due and the leg sends one frame. At 300 calls
+that is one wake-up per 20 ms instead of 30 000 task switches a second. The
+clock never bursts to catch up: when the loop was late by whole frames it
+ticks once and tells the sessions how many frames elapsed, and the skip is
+counted.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+import trio
+
+from voxgate.pipeline.frames import FRAME_S
+
+
+class Ticked(Protocol):
+    """Something the media clock ticks: one session."""
+
+    def tick(self, now: float, frames_elapsed: int) -> None:
+        """One 20 ms step of the session's media. Must not block."""
+
+    def fail(self, exc: BaseException) -> None:
+        """``tick`` raised: end this session with reason ``error``."""
+
+
+class MediaClock:
+    """One task that ticks every attached session every 20 ms."""
+
+    def __init__(
+        self, frame_s: float = FRAME_S, check_in: Callable[[str], None] = lambda task: None
+    ) -> None:
+        self.frame_s = frame_s
+        self._check_in = check_in
+        self._legs: dict[int, Ticked] = {}
+        self.ticks = 0
+        self.frames_skipped = 0
+
+    def attach(self, leg: Ticked) -> None:
+        """Start ticking ``leg`` from the next tick on."""
+        self._legs[id(leg)] = leg
+
+    def detach(self, leg: Ticked) -> None:
+        """Stop ticking ``leg`` (idempotent)."""
+        self._legs.pop(id(leg), None)
+
+    def __len__(self) -> int:
+        return len(self._legs)
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Tick forever on an absolute schedule; cancellation stops it between ticks."""
+        frame = self.frame_s
+        next_tick = trio.current_time() + frame
+        task_status.started()
+        while True:
+            await trio.sleep_until(next_tick)
+            now = trio.current_time()
+            late_frames = int((now - next_tick) / frame)
+            frames_elapsed = 1 + late_frames
+            self.frames_skipped += late_frames
+            self.ticks += 1
+            self._check_in("media")
+            for leg in list(self._legs.values()):
+                try:
+                    leg.tick(now, frames_elapsed)
+                except Exception as exc:
+                    self.detach(leg)
+                    leg.fail(exc)
+            next_tick += frame * frames_elapsed
