@@ -26,9 +26,9 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 import trio
 
@@ -76,6 +76,8 @@ class Leg:
     answer_delay_s: float = 0.0
     tasks: tuple[Callable[[], Awaitable[None]], ...] = ()
     """Media tasks that live in the session's nursery (e.g. an ALSA capture reader)."""
+    details: Mapping[str, Any] = field(default_factory=dict)
+    """The transport's own fields for the ``call_start`` log line (ports, line, pacing)."""
 
 
 class CallSetup(Protocol):
@@ -312,7 +314,7 @@ class Calls:
         self.registry.add(Entry(session, tenant, leg.remote, leg.counters))
         log_event(logging.INFO, "call_start", "call started", session_id=request.ticket,
                   call_id=request.call_id, tenant=tenant, transport=transport, codec=leg.codec,
-                  remote=leg.remote())
+                  remote=leg.remote(), **leg.details)
         return session
 
     def _complete(self, record: CallRecord, session: Session | None, reason: str,

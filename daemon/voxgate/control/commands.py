@@ -89,7 +89,7 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
         info = sup.registry.describe(key, sup.config.budget.session_bytes)
         record = None if sup.records is None else await sup.records.get_call(key)
         if info is None and record is None:
-            raise CommandError(NOT_FOUND, f"no session or call record {key!r}")
+            raise CommandError(NOT_FOUND, f"no session {key!r} (and no call record)")
         return {**(info or {}), "record": record}
 
     async def calls(args: Mapping[str, Any]) -> list[dict[str, object]]:

@@ -384,13 +384,13 @@ class _LineCall:
                       period_ms=cfg.period_ms, on_lost=lambda e: calls.end(ticket, DEVICE_LOST))
         self.leg = line.leg = leg
         leg.start()
-        log_event(logging.INFO, "alsa_leg", "line open", session_id=ticket, line=cfg.name,
-                  capture=cfg.capture, playback=cfg.playback, rate_hz=cfg.rate,
-                  pacing="timer" if leg.timer_paced else "poll")
         capture = () if leg.timer_paced or leg.lost is not None else (leg.run_capture,)
         return Leg(media=leg, signaling=self, codec=f"L16/{cfg.rate}",
                    remote=lambda: f"{cfg.capture}|{cfg.playback}", counters=leg.counters,
-                   tasks=capture)
+                   tasks=capture,
+                   details={"line": cfg.name, "capture": cfg.capture, "playback": cfg.playback,
+                            "rate_hz": cfg.rate,
+                            "pacing": "timer" if leg.timer_paced else "poll"})
 
     def started(self, session: Session) -> None:
         line = self._line

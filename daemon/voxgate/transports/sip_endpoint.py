@@ -251,12 +251,11 @@ class SipEndpoint:
                      budget=core.budget,
                      playback_allowance_s=cfg.rtp.playback_allowance_ms / 1000)
         call.leg = leg
-        log_event(logging.INFO, "rtp_leg", "media leg open", session_id=call.ticket,
-                  call_id=call.event.call_id, local_rtp_port=leg.local_port,
-                  remote=_fmt(negotiated.remote_rtp), source=_fmt(call.event.source))
         return Leg(media=leg, signaling=_Signaling(self, call.event.call_key), codec=codec.name,
                    remote=lambda: _fmt(stream.remote_addr), counters=leg.counters,
-                   answer_delay_s=cfg.sip.answer_delay_ms / 1000)
+                   answer_delay_s=cfg.sip.answer_delay_ms / 1000,
+                   details={"local_rtp_port": leg.local_port,
+                            "source": _fmt(call.event.source)})
 
     # -- the loops --------------------------------------------------------
 

@@ -282,9 +282,11 @@ class _Call:
     def build(self, ticket: str, core: SessionCore, now: float) -> Leg:
         leg = WebSocketLeg(core.pipeline.playback, core.pipeline.dtmf, core.budget)
         self.leg = leg
+        start = None if self.conn is None else self.conn.stream.start
         return Leg(media=leg, signaling=_Signaling(self.endpoint, ticket), codec=PCMU.name,
                    remote=lambda: None if self.conn is None else self.conn.remote,
-                   counters=leg.counters)
+                   counters=leg.counters,
+                   details={"stream_sid": None if start is None else start.stream_sid})
 
     def started(self, session: Session) -> None:
         self.session = session
