@@ -12,7 +12,16 @@ after the ramp. Over the steady window (every call up) it measures:
 - echo latency p50/p99 (echoed payload matched to the caller's packet);
 - daemon CPU (utime+stime from /proc/PID/stat over the window) and RSS
   (VmRSS), RSS per session = (RSS at N - idle RSS) / N;
-- tcpdump's "dropped by kernel" count (a non-zero count voids the figures).
+- tcpdump's "dropped by kernel" count (a non-zero count voids the figures);
+- the daemon's own view of its media clock over the window: the event-loop
+  lag p99 (``voxgate_loop_lag_seconds``, as the bucket bound) and the 20 ms
+  ticks it was too late for (``voxgate_media_clock_frames_skipped``).
+
+Call records (``[records]``) are on by default, as in production;
+``--records off`` measures without them. ``--churn-cps X`` adds short calls
+(2 s, X per second, a second SIPp) beside the measured ones, so records and
+post-call jobs are written all through the window; ``--postcall`` sends every
+``call.completed`` job to an HTTP sink in this process (on the peers' core).
 
 It prints a table, the largest N meeting gap p99 ≤ 30 ms, gap max ≤ 100 ms,
 loss ≤ 0.1 % and echo p99 ≤ 60 ms with every call successful, and stops
@@ -22,11 +31,15 @@ stepping at the first N that fails. It prints figures; it never asserts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from tests.harness.audio import SpeechClip, make_speech_clip
@@ -44,6 +57,7 @@ from tests.harness.pcap import (
 from tests.harness.sipp import Sipp
 
 from bench.table import GAP_P99_LIMIT_MS, Table, within_limits
+from voxgate.control.cli import ControlClient
 
 DAEMON_CPU = 0
 PEER_CPU = 1
@@ -69,6 +83,9 @@ class StepResult:
     rss_kib: int
     idle_rss_kib: int
     tcpdump_dropped: int
+    loop_lag_p99_ms: float
+    frames_skipped: int
+    churn_calls: int
 
     @property
     def rss_per_session_kib(self) -> float:
@@ -97,6 +114,70 @@ def rss_kib(pid: int) -> int:
     return 0
 
 
+@dataclass(frozen=True, slots=True)
+class Options:
+    """What every step of one run shares."""
+
+    duration_s: float
+    ramp_s: float
+    records: bool
+    churn_cps: float
+    postcall_url: str
+
+
+def clock_counters(control_socket: str) -> tuple[dict[float, float], float]:
+    """The daemon's loop-lag histogram (bucket bound s → cumulative count) and
+    media-clock frames skipped, from ``voxgatectl metrics``."""
+    with ControlClient(control_socket) as client:
+        text = str(client.call("metrics")["text"])
+    buckets: dict[float, float] = {}
+    skipped = 0.0
+    for line in text.splitlines():
+        if line.startswith("voxgate_loop_lag_seconds_bucket{"):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            buckets[float(bound)] = float(line.rsplit(" ", 1)[1])
+        elif line.startswith("voxgate_media_clock_frames_skipped_total "):
+            skipped = float(line.rsplit(" ", 1)[1])
+    return buckets, skipped
+
+
+def lag_p99_ms(before: dict[float, float], after: dict[float, float]) -> float:
+    """The p99 of the loop lag between two scrapes, as the bucket's upper bound (ms)."""
+    bounds = sorted(after)
+    deltas = [after[b] - before.get(b, 0.0) for b in bounds]
+    if not deltas or deltas[-1] <= 0:
+        return float("nan")
+    for bound, cumulative in zip(bounds, deltas, strict=True):
+        if cumulative >= 0.99 * deltas[-1]:
+            return bound * 1000
+    return float("inf")
+
+
+class _Sink(BaseHTTPRequestHandler):
+    """A post-call webhook that takes every job (204) and keeps nothing."""
+
+    def do_POST(self) -> None:
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_response(204)
+        self.end_headers()
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+@contextlib.contextmanager
+def postcall_sink() -> Iterator[str]:
+    """An HTTP sink on 127.0.0.1 for ``call.completed`` jobs; yields its URL."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Sink)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/calls"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def _flow_figures(flows: list[FlowStats]) -> tuple[list[float], float]:
     """All gaps (ms) and the loss percentage over a set of flows."""
     gaps_ms = [g * 1000 for f in flows for g in f.gaps_s]
@@ -106,11 +187,14 @@ def _flow_figures(flows: list[FlowStats]) -> tuple[list[float], float]:
 
 
 def analyse(
-    packets: list[RtpPacket], daemon_ports: range, window: tuple[float, float]
+    packets: list[RtpPacket], daemon_ports: range, window: tuple[float, float],
+    caller_ports: range | None = None,
 ) -> tuple[list[float], float, list[float], float, list[float]]:
-    """Outbound gaps and loss, inbound gaps and loss, echo latencies (ms), in ``window``."""
+    """Outbound gaps and loss, inbound gaps and loss, echo latencies (ms), in ``window``;
+    only the measured calls' packets (caller side on ``caller_ports``) when given."""
     start, stop = window
-    steady = [p for p in packets if start <= p.ts <= stop]
+    steady = [p for p in packets if start <= p.ts <= stop and (
+        caller_ports is None or p.src[1] in caller_ports or p.dst[1] in caller_ports)]
     flows = flow_stats(steady)
 
     def from_daemon(f: FlowStats) -> bool:
@@ -123,19 +207,28 @@ def analyse(
     return out_gaps, out_loss, in_gaps, in_loss, echo_ms
 
 
-def run_step(
-    sessions: int, clip: SpeechClip, workdir: Path, duration_s: float, ramp_s: float
-) -> StepResult:
+CHURN_CALL_MS = 2000
+
+
+def run_step(sessions: int, clip: SpeechClip, workdir: Path, options: Options) -> StepResult:
     """One N: fresh daemon, capture, SIPp ramp + steady streaming, figures."""
+    duration_s, ramp_s = options.duration_s, options.ramp_s
+    churn_total = round(options.churn_cps * (duration_s + 2 * ramp_s))
+    churn_up = max(1, round(options.churn_cps * CHURN_CALL_MS / 1000))
     overrides: ConfigOverrides = {
-        "limits": {"max_sessions": sessions + 50, "drain_timeout_s": 5},
+        "limits": {"max_sessions": sessions + churn_up + 50, "drain_timeout_s": 5},
         "log": {"level": "warning"},
     }
-    media = reserve_port_range(2 * sessions + 64)
+    if not options.records:
+        overrides = {**overrides, "records": {"path": ""}}
+    elif options.postcall_url:
+        overrides = {**overrides, "postcall": {"webhook": options.postcall_url}}
+    media = reserve_port_range(2 * (sessions + churn_up) + 64)
     try:
         with running_daemon(
-            workdir / "daemon", overrides, rtp_ports=2 * sessions + 100, cpu=DAEMON_CPU
-        ) as daemon:
+            workdir / "daemon", overrides, rtp_ports=2 * (sessions + churn_up) + 100,
+            cpu=DAEMON_CPU,
+        ) as daemon, contextlib.ExitStack() as churn:
             time.sleep(1.0)
             idle_rss = rss_kib(daemon.pid)
             pcap_path = workdir / "rtp.pcap"
@@ -147,14 +240,24 @@ def run_step(
                 duration_ms=round((duration_s + ramp_s) * 1000),
                 timeout_s=duration_s + 2 * ramp_s + 60, cpu=PEER_CPU,
             )
+            if churn_total:
+                churn.enter_context(Sipp(
+                    "uac_echo", daemon.sip_address, workdir=workdir / "churn",
+                    local_port=free_udp_port(), media_port=media.first + 2 * sessions + 32,
+                    clip=clip, calls=churn_total, limit=2 * churn_up, rate=options.churn_cps,
+                    duration_ms=CHURN_CALL_MS, timeout_s=duration_s + 2 * ramp_s + 60,
+                    cpu=PEER_CPU,
+                ))
             with capture, sipp:
                 t0 = time.time()
                 time.sleep(ramp_s + _EDGE_S)
+                lag_start, skipped_start = clock_counters(daemon.control_socket)
                 window_start, ticks_start = time.time(), cpu_ticks(daemon.pid)
                 time.sleep(duration_s / 2 - _EDGE_S)
                 rss = rss_kib(daemon.pid)
                 time.sleep(max(0.0, t0 + ramp_s + duration_s - _EDGE_S - time.time()))
                 window_stop, ticks_stop = time.time(), cpu_ticks(daemon.pid)
+                lag_stop, skipped_stop = clock_counters(daemon.control_socket)
                 result = sipp.wait()
             capture_stats = capture.stats
             daemon_ports = range(daemon.rtp.first, daemon.rtp.last + 1)
@@ -163,7 +266,8 @@ def run_step(
     cpu_pct = 100.0 * (ticks_stop - ticks_start) / _CLK_TCK / (window_stop - window_start)
     packets = rtp_packets(read_udp(pcap_path))
     out_gaps, out_loss, in_gaps, in_loss, echo_ms = analyse(
-        packets, daemon_ports, (window_start, window_stop)
+        packets, daemon_ports, (window_start, window_stop),
+        range(media.first, media.first + 2 * sessions + 32),
     )
     pcap_path.unlink()
     return StepResult(
@@ -181,6 +285,9 @@ def run_step(
         rss_kib=rss,
         idle_rss_kib=idle_rss,
         tcpdump_dropped=capture_stats.dropped_by_kernel if capture_stats else -1,
+        loop_lag_p99_ms=lag_p99_ms(lag_start, lag_stop),
+        frames_skipped=round(skipped_stop - skipped_start),
+        churn_calls=churn_total,
     )
 
 
@@ -199,6 +306,8 @@ _TABLE: Table[StepResult] = Table((
     ("in_gap99", ".1f", lambda r: r.in_gap_p99_ms),
     ("in_loss%", ".3f", lambda r: r.in_loss_pct),
     ("tcpdrop", "d", lambda r: r.tcpdump_dropped),
+    ("lag99", ".0f", lambda r: r.loop_lag_p99_ms),
+    ("skipped", "d", lambda r: r.frames_skipped),
     ("pass", "s", lambda r: "yes" if r.passed else "NO"),
 ))
 
@@ -227,6 +336,12 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds over which the calls are started (default: 10)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where to keep configs, logs and captures (default: a temp dir)")
+    parser.add_argument("--records", choices=("on", "off"), default="on",
+                        help="call records in SQLite (default: on)")
+    parser.add_argument("--churn-cps", type=float, default=0.0, metavar="X",
+                        help="extra 2 s calls per second beside the measured ones (default: 0)")
+    parser.add_argument("--postcall", action="store_true",
+                        help="post every call.completed job to an HTTP sink in this process")
     args = parser.parse_args(argv)
     steps = [int(s) for s in args.steps.split(",") if s.strip()]
     if os.geteuid() != 0:
@@ -237,11 +352,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="voxgate-bench-"))
     clip = make_speech_clip(workdir / "clip")
+    os.sched_setaffinity(0, {PEER_CPU})  # this process (analysis, sink) stays off the daemon's
     print(f"workdir {workdir}; clip {clip.duration_s:.2f} s; daemon on CPU {DAEMON_CPU}, "
-          f"SIPp and tcpdump on CPU {PEER_CPU}")
-    _TABLE.step_through(
-        steps, lambda n: run_step(n, clip, workdir / f"n{n}", args.duration, args.ramp),
-        _warnings, "session")
+          f"SIPp, tcpdump and this process on CPU {PEER_CPU}; records {args.records}, "
+          f"churn {args.churn_cps:g} calls/s, post-call sink {'on' if args.postcall else 'off'}")
+    with contextlib.ExitStack() as stack:
+        url = stack.enter_context(postcall_sink()) if args.postcall else ""
+        options = Options(args.duration, args.ramp, args.records == "on", args.churn_cps, url)
+        _TABLE.step_through(
+            steps, lambda n: run_step(n, clip, workdir / f"n{n}", options),
+            _warnings, "session")
     return 0
 
 

@@ -80,7 +80,7 @@ class _Webhook(BaseHTTPRequestHandler):
     posts: list[dict[str, Any]]
     fail_first: int
 
-    def do_POST(self) -> None:  # noqa: N802 - http.server's name
+    def do_POST(self) -> None:
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         self.posts.append(body)
         status = 500 if len(self.posts) <= self.fail_first else 204
