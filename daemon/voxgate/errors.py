@@ -7,8 +7,24 @@ answers with; :class:`LocalProtocolError` is our own misuse of a core.
 
 from __future__ import annotations
 
+import errno
+
 EX_CONFIG = 78
 """sysexits.h EX_CONFIG: the exit code for a configuration error."""
+EX_CANTCREAT = 73
+"""sysexits.h EX_CANTCREAT: a listener (``[sip] listen``, ``[websocket] listen``,
+``[metrics] listen``, ``[control] socket``) cannot be created in this environment
+(address in use, permission denied, disk full …). Restarting does not fix that,
+so the units list it in ``RestartPreventExitStatus=``."""
+
+RESOURCE_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+"""errno values meaning "out of descriptors or kernel buffers right now" (accept(2),
+socket(2), sendto(2)): survived with a back-off, never fatal."""
+
+
+def is_resource_shortage(exc: BaseException) -> bool:
+    """Whether ``exc`` is an OSError whose errno is in :data:`RESOURCE_ERRNOS`."""
+    return isinstance(exc, OSError) and exc.errno in RESOURCE_ERRNOS
 
 
 class VoxgateError(Exception):

@@ -91,6 +91,9 @@ def test_on_demand_line_start_and_stop(start_daemon, tmp_path, clip: SpeechClip)
     wait_until(lambda: len(alsa_sessions(daemon)) == 1, "the on-demand session ended")
     ended = [e for e in daemon.events("call_end") if e.get("transport") == "alsa"]
     assert [e["reason"] for e in ended] == ["operator"]
+    records = ctl_json(daemon, "calls", "--reason", "operator")
+    assert [(r["transport"], r["state"], r["call_id"]) for r in records] == [
+        ("alsa", "ended", f"desk-{ended[0]['session_id']}")]
     refused = voxgatectl(control_socket(daemon), "line", "stop", "lobby")
     assert refused.returncode == EX_REFUSED
     assert "not-on-demand" in refused.stderr

@@ -7,19 +7,31 @@ way an operator reads them (``voxgatectl calls --json``, ``voxgatectl show``);
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
+import subprocess
 import threading
+import warnings
+import wave
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 from tests.harness.daemon import Daemon
 from tests.harness.phone import Phone
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import ctl_json, wait_until
+from tests.integration.test_websocket import free_tcp_port
+
+with warnings.catch_warnings():
+    # Python 3.11/3.12 deprecate audioop (PEP 594) with a DeprecationWarning at import.
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import audioop
 
 
 def records_of(daemon: Daemon, *args: str) -> list[dict[str, Any]]:
@@ -134,3 +146,81 @@ def test_unwritable_records_degrade_health_but_never_calls(start_daemon: StartDa
     assert len(daemon.events("records_unhealthy")) == 1
     (record,) = records_of(daemon)  # still held in memory, waiting for the disk
     assert record["call_id"] == call.call_id
+
+
+def test_full_records_disk_degrades_health_but_never_calls(start_daemon: StartDaemon,
+                                                           tmp_path: Path) -> None:
+    mount_point = tmp_path / "small"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs",
+                              str(mount_point)], capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    try:
+        daemon = start_daemon({"records": {"path": str(mount_point / "calls.sqlite3")}})
+        wait_until(lambda: daemon.events("records_open"), "records open")
+        filler = mount_point / "filler"
+        with filler.open("wb", buffering=0) as f, contextlib.suppress(OSError):
+            while True:
+                f.write(bytes(4096))
+        with Phone(daemon) as phone:
+            calls = [phone.call() for _ in range(3)]
+            assert [c.final_status for c in calls] == [200] * 3
+            for call in calls:
+                phone.hang_up(call)
+        wait_until(lambda: not ctl_json(daemon, "health")["components"]["records"]["healthy"],
+                   "records reported unhealthy")
+        assert daemon.alive()
+        assert len(daemon.events("records_unhealthy")) == 1
+        assert {r["call_id"] for r in records_of(daemon)} == {c.call_id for c in calls}
+        filler.unlink()  # space again: the records written, healthy again
+        wait_until(lambda: ctl_json(daemon, "health")["components"]["records"]["healthy"],
+                   "records healthy again", timeout_s=60)
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)
+
+
+def test_post_call_jobs_survive_a_restart(start_daemon: StartDaemon, tmp_path: Path) -> None:
+    path = str(tmp_path / "shared-calls.sqlite3")
+    with webhook_server(fail_first=0) as (url, posts):
+        dead_url = url.rsplit(":", 1)[0] + f":{free_tcp_port()}/calls"  # nothing listens
+        first = start_daemon({"records": {"path": path},
+                              "postcall": {"webhook": dead_url, "backoff_initial_s": 60,
+                                           "backoff_max_s": 60}})
+        with Phone(first) as phone:
+            call = phone.call()
+            phone.hang_up(call)
+        wait_until(lambda: ctl_json(first, "jobs")["pending"] == 1, "the job pending a retry")
+        first.proc.send_signal(signal.SIGTERM)
+        assert first.proc.wait(timeout=30) == 0
+        assert posts == []
+        second = start_daemon({"records": {"path": path},
+                               "postcall": {"webhook": url, "backoff_initial_s": 0.1}})
+        # Its retry time (60 s) has not come: a restart keeps it; a new call's job goes first.
+        with Phone(second) as phone:
+            newer = phone.call()
+            phone.hang_up(newer)
+        wait_until(lambda: posts, "the new call's job")
+    assert posts[0]["data"]["call_id"] == newer.call_id
+    assert ctl_json(second, "jobs")["pending"] == 1  # the old one waits for its retry time
+
+
+def test_recordings_are_stereo_wavs_named_in_the_record(start_daemon: StartDaemon,
+                                                        tmp_path: Path) -> None:
+    recordings = tmp_path / "recordings"
+    daemon = start_daemon({"records": {"recordings_dir": str(recordings)}})
+    with Phone(daemon) as phone:
+        peer = phone.rtp_peer()
+        peer.play(bytes(range(0, 256, 2)) * 100, loop=True)
+        call = phone.call(media=peer)
+        peer.resume()
+        wait_until(lambda: len(peer.echoed()) >= 50, "a second of echo")
+        phone.hang_up(call)
+    (record,) = records_of(daemon)
+    path = Path(record["recording_path"])
+    assert path.parent == recordings and path.name.endswith(f"-{record['session_id']}.wav")
+    with wave.open(str(path)) as wav:
+        assert (wav.getnchannels(), wav.getsampwidth(), wav.getframerate()) == (2, 2, 8000)
+        frames = wav.readframes(wav.getnframes())
+    left, right = audioop.tomono(frames, 2, 1, 0), audioop.tomono(frames, 2, 0, 1)
+    assert audioop.rms(left, 2) > 0 and audioop.rms(right, 2) > 0  # caller and echo

@@ -12,6 +12,7 @@ with 1013.
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 import wave
@@ -111,6 +112,9 @@ async def test_echo_correlates_with_the_clip_and_stop_ends_with_bye(
     await wait_log(daemon, r"event=call_end .*transport=websocket.*reason=bye")
     (start,) = daemon.events("call_start")
     assert start["transport"] == "websocket" and start["call_id"] == "CA1"
+    (record,) = json.loads(ctl_ok(daemon, "--json", "calls"))
+    assert (record["transport"], record["call_id"], record["reason"], record["state"]) == (
+        "websocket", "CA1", "bye", "ended")
 
 
 async def test_prompt_completes_by_the_echoed_mark(

@@ -4,12 +4,24 @@ A media server connects to ``ws://[websocket] listen[websocket] path``
 (``/media``; ``/media/<tenant>`` names the tenant, as does
 ``start.customParameters.tenant``; any other path gets HTTP 404). The
 messages and close codes are :mod:`voxgate.transports.media_stream`'s
-(sans-IO); this module owns the sockets and the sessions:
+(sans-IO), the WebSocket framing :mod:`voxgate.transports.ws_server`'s; this
+module owns the sockets and the sessions:
 
-- One handler task per connection (trio-websocket's) reads messages into the
-  connection's :class:`~voxgate.transports.media_stream.MediaStream`; a writer
-  task sends what the session queued on the connection's bounded outbound
-  channel (``send_nowait``; a full channel drops and counts).
+- Every TCP connection counts against ``max_connections`` from its accept
+  until its socket is closed. One over the limit is answered 503 with
+  ``Retry-After`` and closed without being read; the others have
+  ``handshake_timeout_s`` to complete the opening handshake (a wrong path is
+  answered 404 and closed at once). Each refusal is counted in ``stats``
+  (``rejected_busy``, ``rejected_path``, ``rejected_handshake_timeout``,
+  ``rejected_bad_request``, ``handshake_abandoned``).
+- One handler task per connection reads messages into the connection's
+  :class:`~voxgate.transports.media_stream.MediaStream`; a writer task sends
+  what the session queued on the connection's bounded outbound channel
+  (``send_nowait``; a full channel drops and counts).
+- A frame that breaks RFC 6455 (or a message over ``max_message_bytes``) is
+  answered with the close frame of its code (1002, 1007, 1009), then TCP
+  closes; it is counted as ``bad_message_<code>`` and its session, if any,
+  lost its stream (as below).
 - ``start`` hands the stream to the call lifecycle (:mod:`voxgate.calls`),
   as SIP does: a refusal closes with 1013 (try again later) and the reason, a
   session that cannot be built with 1011; a queued stream waits, its media
@@ -46,13 +58,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import trio
-from trio_websocket import (
-    ConnectionClosed,
-    Endpoint,
-    WebSocketConnection,
-    WebSocketRequest,
-    serve_websocket,
-)
 
 from voxgate import admission as adm
 from voxgate.budget import BoundedAudioQueue, SessionBudget
@@ -64,15 +69,22 @@ from voxgate.pipeline.playback import MARK, MAX_PENDING, PlaybackTracker
 from voxgate.rtp.dtmf import DtmfEvent
 from voxgate.session import Session, SessionCore
 from voxgate.transports import media_stream as ms
+from voxgate.transports.ws_server import (
+    ConnectionClosed,
+    HandshakeError,
+    Request,
+    ServerWebSocket,
+    refuse_unread,
+)
 
 HEARTBEAT_S = 1.0
 """The listener task checks in with the watchdog this often."""
 OUTBOUND_QUEUE_MESSAGES = 32
 """Messages queued for one connection's writer: 640 ms of media, then drops."""
-INBOUND_QUEUE_MESSAGES = 8
-"""Messages trio-websocket buffers ahead of the reader; then TCP pushes back."""
 HANDSHAKE_TIMEOUT_S = 10.0
+"""How long an accepted TCP connection has to complete the opening handshake."""
 CLOSE_TIMEOUT_S = 2.0
+"""How long a close (or a refusal) waits for the peer before closing TCP."""
 _TENANT_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 _SILENCE = PCMU.silence(ms.FRAME_BYTES)
 # Session end reason → close code (default 1000 with the reason).
@@ -83,12 +95,12 @@ _END_CLOSE = {"shutdown": ms.CLOSE_GOING_AWAY, "drain-timeout": ms.CLOSE_GOING_A
 class _Connection:
     """One accepted WebSocket: its stream state, its outbound channel and its close."""
 
-    def __init__(self, ws: WebSocketConnection, stream: ms.MediaStream, remote: Endpoint | str,
-                 path_tenant: str | None, headers: dict[str, str]) -> None:
+    def __init__(self, ws: ServerWebSocket, stream: ms.MediaStream, path_tenant: str | None,
+                 headers: dict[str, str]) -> None:
         self.ws = ws
         self.stream = stream
-        self.remote = _fmt(remote)
-        self.source_ip = str(remote.address) if isinstance(remote, Endpoint) else None
+        self.remote = ws.remote
+        self.source_ip = ws.source_ip
         self.path_tenant = path_tenant
         self.headers = headers
         self.ticket: str | None = None
@@ -325,6 +337,9 @@ class WebSocketEndpoint:
 
     ``counters()`` gives the connection-level counts (refusals, bad messages,
     media dropped while queued …); the sessions' counters are in the registry.
+    ``max_connections`` bounds the TCP connections held, handshakes included:
+    ``2 × ([limits] max_sessions + queue_size) + 64`` (resumptions overlap
+    the streams they replace; the 64 absorb handshakes and probes).
     """
 
     def __init__(
@@ -334,11 +349,13 @@ class WebSocketEndpoint:
         check_in: Callable[[str], None] = lambda task: None,
         *,
         start_timeout_s: float = ms.START_TIMEOUT_S,
+        handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
     ) -> None:
         self.config = config
         self.calls = calls
         self._check_in = check_in
         self._start_timeout_s = start_timeout_s
+        self._handshake_timeout_s = handshake_timeout_s
         limits = config.limits
         self.max_connections = 2 * (limits.max_sessions + limits.queue_size) + 64
         self.tokens = ms.RecoveryTokens(self.max_connections)
@@ -347,7 +364,7 @@ class WebSocketEndpoint:
         """The bound TCP port once :meth:`run` reported started (None: not listening)."""
         self._calls: dict[str, _Call] = {}  # ticket → call; bounded by max_connections
         self._connections = 0
-        self._nursery: trio.Nursery | None = None
+        """TCP connections held: from their accept until their socket is closed."""
 
     # -- life cycle -------------------------------------------------------
 
@@ -355,20 +372,16 @@ class WebSocketEndpoint:
         """Listen on ``[websocket] listen`` (nothing when it is empty), report started,
         serve and check in as ``websocket`` until cancelled.
 
-        Raises OSError when the address cannot be bound.
+        Raises OSError when the address cannot be bound. Cancellation closes
+        every connection (1001 to the streams, bounded by ``CLOSE_TIMEOUT_S``).
         """
         listen = self.config.websocket.listen
         async with trio.open_nursery() as nursery:
-            self._nursery = nursery
             if listen:
                 host, port = split_host_port(listen)
-                server = await nursery.start(partial(
-                    serve_websocket, self._serve, host, port, None,
-                    message_queue_size=INBOUND_QUEUE_MESSAGES,
-                    max_message_size=self.config.websocket.max_message_bytes,
-                    connect_timeout=HANDSHAKE_TIMEOUT_S, disconnect_timeout=CLOSE_TIMEOUT_S,
-                ))
-                self.port = server.port
+                listeners = await trio.open_tcp_listeners(port, host=host)
+                self.port = listeners[0].socket.getsockname()[1]
+                nursery.start_soon(trio.serve_listeners, self._serve, listeners)
                 log_event(logging.INFO, "websocket_listening", "media streams listening",
                           listen=f"{host}:{self.port}", path=self.config.websocket.path)
             task_status.started()
@@ -411,29 +424,62 @@ class WebSocketEndpoint:
 
     # -- connections ----------------------------------------------------------
 
-    async def _serve(self, request: WebSocketRequest) -> None:
-        found, path_tenant = _match_path(request.path, self.config.websocket.path)
-        if not found:
-            self.stats["rejected_path"] += 1
-            await request.reject(404)
-            return
+    async def _serve(self, tcp: trio.SocketStream) -> None:
+        """One accepted TCP connection, counted against ``max_connections`` until its
+        socket is closed: refused (busy, bad handshake, wrong path) or served as a
+        media stream. Always closes the socket, bounded even when cancelled."""
         if self._connections >= self.max_connections:
             self.stats["rejected_busy"] += 1
             log_event(logging.WARNING, "websocket_busy", "too many connections: 503",
-                      remote=_fmt(request.remote), connections=self._connections)
+                      connections=self._connections)
             retry = str(self.config.limits.retry_after_s).encode()
-            await request.reject(503, extra_headers=[(b"retry-after", retry)])
+            await refuse_unread(tcp, 503, [(b"retry-after", retry)], CLOSE_TIMEOUT_S)
             return
-        ws = await request.accept()
+        self._connections += 1
+        ws = ServerWebSocket(tcp, max_message_bytes=self.config.websocket.max_message_bytes,
+                             close_timeout_s=CLOSE_TIMEOUT_S)
+        try:
+            opened = await self._handshake(ws)
+            if opened is not None:
+                await self._run_stream(ws, *opened)
+        finally:
+            with trio.CancelScope(shield=True):
+                await ws.aclose(ms.CLOSE_GOING_AWAY, "shutting down")
+            self._connections -= 1
+
+    async def _handshake(self, ws: ServerWebSocket) -> tuple[Request, str | None] | None:
+        """The opening handshake within ``handshake_timeout_s``: the request and the
+        tenant its path names, or None (refused and counted; the caller closes)."""
+        try:
+            with trio.fail_after(self._handshake_timeout_s):
+                request = await ws.receive_request()
+                found, path_tenant = _match_path(request.path, self.config.websocket.path)
+                if not found:
+                    self.stats["rejected_path"] += 1
+                    await ws.reject(404)
+                    return None
+                await ws.accept()
+        except trio.TooSlowError:
+            self.stats["rejected_handshake_timeout"] += 1
+            return None
+        except HandshakeError as e:
+            self.stats["rejected_bad_request" if e.status else "handshake_abandoned"] += 1
+            return None
+        except ConnectionClosed:
+            self.stats["handshake_abandoned"] += 1
+            return None
+        return request, path_tenant
+
+    async def _run_stream(self, ws: ServerWebSocket, request: Request,
+                          path_tenant: str | None) -> None:
         cfg = self.config.websocket
         stream = ms.MediaStream(trio.current_time(), max_message_bytes=cfg.max_message_bytes,
                                 max_messages_per_s=cfg.max_messages_per_s,
                                 start_timeout_s=self._start_timeout_s)
         headers: dict[str, str] = {}
         for name, value in request.headers:
-            headers.setdefault(name.decode("latin-1").lower(), value.decode("latin-1"))
-        conn = _Connection(ws, stream, request.remote, path_tenant, headers)
-        self._connections += 1
+            headers.setdefault(name, value)
+        conn = _Connection(ws, stream, path_tenant, headers)
         self.stats["connections"] += 1
         try:
             with conn.scope:
@@ -442,9 +488,8 @@ class WebSocketEndpoint:
                     await self._read_loop(conn)
                     nursery.cancel_scope.cancel()
         finally:
-            self._connections -= 1
             self._gone(conn)
-            with trio.move_on_after(CLOSE_TIMEOUT_S, shield=True):
+            with trio.CancelScope(shield=True):
                 await ws.aclose(conn.close_code, conn.close_reason)
 
     async def _read_loop(self, conn: _Connection) -> None:
@@ -460,8 +505,8 @@ class WebSocketEndpoint:
                     continue
                 stream.handle_timer(trio.current_time())
         except ConnectionClosed as e:
-            if e.reason is not None and e.reason.code == ms.CLOSE_MESSAGE_TOO_BIG:
-                self._bad_message(conn, ms.MediaStreamError(e.reason.code, e.reason.reason or ""))
+            if e.failed:  # a broken frame or an oversized message: the close frame is sent
+                self._bad_message(conn, ms.MediaStreamError(e.code, e.reason))
         except ms.MediaStreamError as e:
             self._bad_message(conn, e)
             conn.close(e.close_code, e.reason)
@@ -590,8 +635,3 @@ def _match_path(target: str, base: str) -> tuple[bool, str | None]:
         return True, tenant
     return False, None
 
-
-def _fmt(remote: Endpoint | str) -> str:
-    if isinstance(remote, Endpoint):
-        return f"{remote.address}:{remote.port}"
-    return remote
