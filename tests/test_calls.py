@@ -204,3 +204,18 @@ async def test_queued_call_gives_up_its_place_and_refusal_needs_no_task(autojump
     assert handles[0].reason == "bye"
     stats = desk.admission.statistics()
     assert (stats.active, stats.queued) == (0, 0)
+
+
+async def test_caller_gone_before_the_session_was_built_frees_the_slot(autojump_clock):
+    setup = _Setup()
+    handles = []
+
+    async def body(calls: Calls) -> None:
+        handles.append(calls.start(_request(0), setup))
+        assert calls.end("t0", "cancel")  # before the call's task has run
+        await handles[0].ended.wait()
+
+    _, desk = await run_calls(replace(Config(), limits=LimitsConfig(max_sessions=1)), body)
+    assert handles[0].reason == "cancel" and handles[0].session is None
+    assert setup.told == []
+    assert desk.admission.statistics().active == 0

@@ -215,6 +215,9 @@ class Calls:
                 self._refuse(handle, setup, admitted)
             elif admitted is not None:
                 await self._run_admitted(handle, setup, admitted)
+        except Exception as exc:  # a fault in the lifecycle itself: this call only
+            log_event(logging.ERROR, "call_lifecycle_error", f"{exc!r}", call_id=request.call_id,
+                      session_id=request.ticket, transport=request.info.transport, exc_info=exc)
         finally:
             del self._handles[request.ticket]
             handle.ended.set()
@@ -268,6 +271,8 @@ class Calls:
             self.records.admitted(record)
         session: Session | None = None
         try:
+            if handle.reason is not None:  # the caller left between admission and now
+                return
             session = self._build(request, setup, admitted.tenant, record)
             if session is None:
                 return
@@ -278,9 +283,10 @@ class Calls:
             now = trio.current_time()
             if session is not None:
                 self.registry.remove(request.ticket)
+                handle.reason = session.end_reason
             self.desk.release(request.ticket, now)
-            handle.reason = "error" if session is None else session.end_reason
-            self._complete(record, session, handle.reason or "error", now)
+            handle.reason = handle.reason or "error"
+            self._complete(record, session, handle.reason, now)
 
     def _build(self, request: CallRequest, setup: CallSetup, tenant: str,
                record: CallRecord) -> Session | None:

@@ -7,19 +7,36 @@ upper-case journal field, so an operator can filter with
 ``journalctl -u voxgate SESSION_ID=…``. :func:`under_journald` tells whether
 stderr already goes to the journal (``systemd.exec(5)``, ``$JOURNAL_STREAM``),
 which is when ``[log] target = "auto"`` picks this handler.
+
+While journald cannot be reached (stopped, crashed, restarting) records are not
+lost: they go to stderr as logfmt lines, after one notice saying so, and the
+handler returns to the journal by itself with the first record journald takes
+again (it tries the journal first for every record).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import logging
 import os
 import re
+import sys
+import time
 import traceback
-from typing import Any
+from typing import Any, TextIO
 
 import systemd.journal
+from prometheus_client import Counter
 
-from voxgate.logging import _FIELDS_ATTR
+from voxgate.logging import _FIELDS_ATTR, LogfmtFormatter
+from voxgate.metrics import REGISTRY
+
+JOURNAL_FALLBACK_RECORDS = Counter(
+    "voxgate_log_journal_fallback_records",
+    "Log records written to stderr because journald could not be reached",
+    registry=REGISTRY,
+)
 
 SYSLOG_IDENTIFIER = "voxgate"
 """``SYSLOG_IDENTIFIER`` of every entry: ``journalctl -t voxgate`` selects them."""
@@ -93,21 +110,90 @@ class JournalHandler(logging.Handler):
     ``SESSION_ID``, ``call_id`` → ``CALL_ID``, ``tenant``, ``transport``,
     ``reason`` …), ``CODE_FILE``/``CODE_LINE``/``CODE_FUNC`` of the logging
     call, and ``EXCEPTION`` with the formatted traceback when the record has
-    one. A failure to send (journald gone, socket buffer full) goes to
-    :meth:`logging.Handler.handleError` and never raises into the caller.
+    one.
+
+    When sending fails with an OSError (journald gone: ENOENT, ECONNREFUSED;
+    its socket buffer full: EAGAIN) the record is written to ``fallback``
+    (default: stderr at the time of the record) as a logfmt line and counted
+    in ``voxgate_log_journal_fallback_records_total``; the first such record of
+    an outage is preceded by one ``journal_unreachable`` notice there. Every
+    record tries the journal first, so the first one journald takes again
+    ends the outage: one ``journal_reachable`` notice goes to the fallback
+    stream and one ``journal_reachable`` entry to the journal (with the
+    number of records that went to stderr). Other failures (a field value
+    the journal cannot take) go to :meth:`logging.Handler.handleError`.
+    Nothing raises into the caller.
     """
+
+    def __init__(self, fallback: TextIO | None = None) -> None:
+        super().__init__()
+        self._fallback = fallback
+        self._formatter = LogfmtFormatter()
+        self._down_since: float | None = None  # monotonic start of the outage
+        self.fallback_records = 0
+        """Records written to the fallback stream in the outage in progress."""
 
     def emit(self, record: logging.LogRecord) -> None:
         try:
-            systemd.journal.send(
-                record.getMessage(),
-                CODE_FILE=record.pathname,
-                CODE_LINE=record.lineno,
-                CODE_FUNC=record.funcName,
-                **self._fields(record),
-            )
+            self._send(record)
+        except OSError as exc:
+            self._write_fallback(record, exc)
+            return
         except Exception:
             self.handleError(record)
+            return
+        if self._down_since is not None:
+            self._journal_back()
+
+    def _send(self, record: logging.LogRecord) -> None:
+        systemd.journal.send(
+            record.getMessage(),
+            CODE_FILE=record.pathname,
+            CODE_LINE=record.lineno,
+            CODE_FUNC=record.funcName,
+            **self._fields(record),
+        )
+
+    def _stream(self) -> TextIO:
+        return self._fallback if self._fallback is not None else sys.stderr
+
+    def _notice(self, level: int, event: str, message: str, **fields: Any) -> logging.LogRecord:
+        notice = logging.LogRecord("voxgate", level, __file__, 0, message, None, None,
+                                   func="emit")
+        setattr(notice, _FIELDS_ATTR, (event, fields))
+        return notice
+
+    def _write_line(self, record: logging.LogRecord) -> None:
+        stream = self._stream()
+        try:
+            stream.write(self._formatter.format(record) + "\n")
+            stream.flush()
+        except Exception:
+            self.handleError(record)
+
+    def _write_fallback(self, record: logging.LogRecord, exc: OSError) -> None:
+        if self._down_since is None:
+            self._down_since = time.monotonic()
+            self.fallback_records = 0
+            name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+            self._write_line(self._notice(
+                logging.WARNING, "journal_unreachable",
+                f"journald cannot be reached ({exc.strerror or exc}); logging to stderr "
+                "until it takes records again", error=name))
+        self.fallback_records += 1
+        JOURNAL_FALLBACK_RECORDS.inc()
+        self._write_line(record)
+
+    def _journal_back(self) -> None:
+        assert self._down_since is not None
+        fields = {"stderr_records": self.fallback_records,
+                  "down_s": round(time.monotonic() - self._down_since, 3)}
+        self._down_since = None
+        notice = self._notice(logging.INFO, "journal_reachable",
+                              "journald takes records again; logging to the journal", **fields)
+        self._write_line(notice)
+        with contextlib.suppress(OSError):  # gone again: the next record starts an outage
+            self._send(notice)
 
     def _fields(self, record: logging.LogRecord) -> dict[str, Any]:
         event, values = getattr(record, _FIELDS_ATTR, ("log", {}))

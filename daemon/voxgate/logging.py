@@ -5,18 +5,44 @@ fields (``call_id``, ``session_id``, ``reason`` …) to the stdlib record. The
 stderr handler writes logfmt (``ts=… level=info event=call_start call_id=…``);
 the systemd issue adds a journald handler that maps the same fields to
 journal fields. Nothing here logs per packet.
+
+:class:`ResourceShortage` is how every loop reports running out of file
+descriptors or kernel buffers: one line when an episode starts, one when it
+ends, every failure counted in ``voxgate_resource_shortages_total``.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import time
 from typing import Any
 
+from prometheus_client import Counter
+
+from voxgate.metrics import REGISTRY
+
+RESOURCE_SHORTAGES = Counter(
+    "voxgate_resource_shortages",
+    "Operations that failed for lack of file descriptors or kernel buffers "
+    "(EMFILE, ENFILE, ENOBUFS, ENOMEM, EAGAIN on a send), by component and errno name",
+    ["component", "error"], registry=REGISTRY,
+)
+
 logger = logging.getLogger("voxgate")
 
 _FIELDS_ATTR = "voxgate_fields"
+
+SHORTAGE_BACKOFF_S = 0.1
+"""How long an accept or receive loop pauses after a resource shortage (as trio's
+``serve_listeners`` does), so that it neither spins nor gives up."""
+TRIO_ACCEPT_LOGGER = "trio.serve_listeners"
+"""The logger trio's ``serve_listeners`` (WebSocket and metrics listeners) reports
+``accept returned EMFILE …`` on, ten times a second with a traceback."""
+ACCEPT_QUIET_S = 10.0
+"""trio reports no recovery: an accept failure this long after the previous one
+starts a new episode."""
 
 
 def log_event(
@@ -103,11 +129,89 @@ class RateLimit(logging.Filter):
         return True
 
 
+class ResourceShortage:
+    """Episodes of one component running short of descriptors or kernel buffers.
+
+    :meth:`failed` counts every failure (:attr:`failures` and
+    ``voxgate_resource_shortages_total{component, error}``) and logs only the
+    first one of an episode: ERROR ``resource_shortage`` naming the component,
+    what failed and the errno. :meth:`recovered` (call it after each success;
+    it costs nothing outside an episode) ends the episode with one INFO
+    ``resource_recovered`` line giving its failures and length in seconds.
+    A component that cannot see its own recovery passes ``quiet_s``: a
+    failure that long after the previous one starts a new, logged episode.
+    The caller backs off (:data:`SHORTAGE_BACKOFF_S`) or drops and counts.
+    """
+
+    def __init__(self, component: str, action: str, *, quiet_s: float | None = None) -> None:
+        self.component = component
+        self.action = action
+        self.quiet_s = quiet_s
+        self.failures = 0
+        """Failures since start, all episodes."""
+        self._started_at: float | None = None  # monotonic start of the episode in progress
+        self._episode_failures = 0
+        self._last_failure_at = 0.0
+
+    @property
+    def active(self) -> bool:
+        """Whether an episode is in progress."""
+        return self._started_at is not None
+
+    def failed(self, exc: OSError) -> None:
+        """Count one failure; log it when it starts an episode."""
+        now = time.monotonic()
+        name = errno.errorcode.get(exc.errno or 0, type(exc).__name__)
+        self.failures += 1
+        RESOURCE_SHORTAGES.labels(self.component, name).inc()
+        quiet = self.quiet_s is not None and now - self._last_failure_at > self.quiet_s
+        self._last_failure_at = now
+        if self._started_at is not None and not quiet:
+            self._episode_failures += 1
+            return
+        self._started_at, self._episode_failures = now, 1
+        log_event(logging.ERROR, "resource_shortage",
+                  f"{self.action} failed: {exc.strerror or exc}; backing off and going on "
+                  "(logged once until it recovers)", component=self.component, error=name)
+
+    def recovered(self) -> None:
+        """End the episode in progress, if any, with one line."""
+        started_at = self._started_at
+        if started_at is None:
+            return
+        self._started_at = None
+        log_event(logging.INFO, "resource_recovered", f"{self.action} works again",
+                  component=self.component, failures=self._episode_failures,
+                  lasted_s=round(time.monotonic() - started_at, 3))
+
+
+class _AcceptShortageHandler(logging.Handler):
+    """Turns trio's ``accept returned EMFILE …`` records into shortage episodes.
+
+    Records without an OSError go on to voxgate's own handlers unchanged.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shortage = ResourceShortage("listener", "accept on a WebSocket or metrics "
+                                         "listener", quiet_s=ACCEPT_QUIET_S)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, OSError):
+            self.shortage.failed(exc)
+        else:
+            logger.handle(record)
+
+
 def setup_logging(level: str, target: str = "auto") -> None:
     """Send voxgate's records at ``level`` (debug … error) to ``target``.
 
     ``journal`` (or ``auto`` when systemd connected stderr to the journal):
-    structured records through ``systemd.journal``; ``stderr``: logfmt lines.
+    structured records through ``systemd.journal`` (logfmt on stderr while
+    journald cannot be reached, see :class:`~voxgate.journal.JournalHandler`);
+    ``stderr``: logfmt lines. trio's accept-failure reports (WebSocket and
+    metrics listeners) become :class:`ResourceShortage` episodes.
     """
     from voxgate.journal import JournalHandler, under_journald
 
@@ -121,3 +225,6 @@ def setup_logging(level: str, target: str = "auto") -> None:
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False
+    accept_logger = logging.getLogger(TRIO_ACCEPT_LOGGER)
+    accept_logger.handlers[:] = [_AcceptShortageHandler()]
+    accept_logger.propagate = False

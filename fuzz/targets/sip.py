@@ -128,6 +128,14 @@ def sdp(data: bytes) -> None:
     assert again.codec == negotiated.codec, (again, negotiated)
 
 
+def new_uas_core() -> uas.UasCore:
+    """The :func:`sip_uas` core at ``UAS_HOST:UAS_PORT``: tags and branches count up
+    (``t0``, ``t1`` …), so seeds can hold the To tag of the answer to their INVITE."""
+    counter = itertools.count()
+    return uas.UasCore(local_host=UAS_HOST, local_port=UAS_PORT,
+                       random_token=lambda: f"t{next(counter)}")
+
+
 def sip_uas(data: bytes) -> None:
     """Datagrams (cut by :func:`~fuzz.targets.framing.split_records`) into a fresh
     :class:`~voxgate.sip.uas.UasCore`, driven like ``transports/sip_endpoint.py``:
@@ -138,9 +146,7 @@ def sip_uas(data: bytes) -> None:
     Crash: any exception (``receive_datagram`` never raises on the peer's bytes,
     and the app's actions are legal at the moment they are taken).
     """
-    counter = itertools.count()
-    core = uas.UasCore(local_host=UAS_HOST, local_port=UAS_PORT,
-                       random_token=lambda: f"t{next(counter)}")
+    core = new_uas_core()
     calls: set[str] = set()
     now = 1000.0
     for datagram in split_records(data):

@@ -237,7 +237,9 @@ def test_lossy_jittery_reordered_call_stays_up_and_echoes(
 def test_caller_that_never_acks_is_ended_after_64_t1(
     start_daemon: StartDaemon, clip: SpeechClip
 ) -> None:
-    daemon = start_daemon()
+    # This caller sends no RTP either: first_media_s (10 s by default, "no-media") must
+    # not end the call before Timer H does.
+    daemon = start_daemon({"timers": {"first_media_s": 2 * ACK_TIMEOUT_S}})
     with Phone(daemon) as phone, _udp_socket() as sip, _udp_socket() as media:
         clean_call, clean_peer, clean_sid = live_call(phone, daemon, ulaw_clip(clip))
         call_id = f"no-ack-{random.getrandbits(32):08x}"

@@ -5,9 +5,12 @@ Real MediaClock, AdmissionDesk and Registry, built as the supervisor builds them
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import random
 import socket
+from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import replace
@@ -527,3 +530,197 @@ async def test_no_resumption_in_the_window_ends_the_session():
         await wait_until(lambda: len(served.registry) == 0)
         assert len(served.endpoint.tokens) == 0
         assert served.desk.admission.statistics().active == 0
+
+
+# -- the wire: handshakes, the connection limit, protocol errors (raw TCP) ---------
+
+UPGRADE = ("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\n"
+           "Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+           "Sec-WebSocket-Version: 13\r\n\r\n")
+HALF_REQUEST = b"GET /media HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgr"
+
+
+def ws_frame(opcode: int, payload: bytes, *, rsv: int = 0, masked: bool = True) -> bytes:
+    """One final client frame (RFC 6455 §5.2), payload under 126 bytes."""
+    assert len(payload) < 126
+    if not masked:
+        return bytes([0x80 | rsv | opcode, len(payload)]) + payload
+    key = b"\x0f\xa5\x3c\x99"
+    body = bytes(byte ^ key[i % 4] for i, byte in enumerate(payload))
+    return bytes([0x80 | rsv | opcode, 0x80 | len(payload)]) + key + body
+
+
+def server_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, payload) of the unmasked server frames in ``data``."""
+    frames = []
+    while data:
+        opcode, length, start = data[0] & 0x0F, data[1] & 0x7F, 2
+        if length == 126:
+            length, start = int.from_bytes(data[2:4], "big"), 4
+        elif length == 127:
+            length, start = int.from_bytes(data[2:10], "big"), 10
+        frames.append((opcode, data[start:start + length]))
+        data = data[start + length:]
+    return frames
+
+
+async def read_to_eof(stream: trio.SocketStream, timeout_s: float = 5.0) -> bytes:
+    """Everything the server sends until it closes (a reset counts as closed)."""
+    received = b""
+    with trio.fail_after(timeout_s):
+        while True:
+            try:
+                data = await stream.receive_some()
+            except trio.BrokenResourceError:
+                return received
+            if not data:
+                return received
+            received += data
+
+
+async def open_upgraded(port: int) -> tuple[trio.SocketStream, bytes]:
+    """A raw TCP stream after a 101 on ``/media``, and what followed the 101's head."""
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    await stream.send_all(UPGRADE.format(path="/media").encode())
+    received = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in received:
+            received += await stream.receive_some()
+    head, _, rest = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 101 ")
+    return stream, rest
+
+
+def server_sockets(port: int) -> int:
+    """Sockets this process holds on local port ``port``, the listener left out."""
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as lines:
+            for line in list(lines)[1:]:
+                fields = line.split()
+                if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] != "0A":
+                    inodes.add(f"socket:[{fields[9]}]")
+    held = 0
+    for fd in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            held += os.readlink(f"/proc/self/fd/{fd}") in inodes
+    return held
+
+
+@pytest.mark.parametrize("path", ["/", "/other", "/mediax"])
+async def test_a_wrong_path_is_answered_404_and_closed(path):
+    async with serving(make_config()) as served:
+        stream = await trio.open_tcp_stream("127.0.0.1", served.port)
+        async with stream:
+            await stream.send_all(UPGRADE.format(path=path).encode())
+            answer = await read_to_eof(stream)  # the server closed its end
+        assert answer.startswith(b"HTTP/1.1 404 ")
+        assert served.endpoint.counters()["rejected_path"] == 1
+
+
+async def test_a_request_that_is_no_upgrade_is_answered_400_and_closed():
+    async with serving(make_config()) as served:
+        stream = await trio.open_tcp_stream("127.0.0.1", served.port)
+        async with stream:
+            await stream.send_all(b"GET /media HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
+            assert (await read_to_eof(stream)).startswith(b"HTTP/1.1 400 ")
+        assert served.endpoint.counters()["rejected_bad_request"] == 1
+
+
+async def test_half_a_request_is_closed_at_the_handshake_timeout():
+    async with serving(make_config(), handshake_timeout_s=0.3) as served:
+        stream = await trio.open_tcp_stream("127.0.0.1", served.port)
+        async with stream:
+            await stream.send_all(HALF_REQUEST)
+            assert await read_to_eof(stream) == b""
+        assert served.endpoint.counters()["rejected_handshake_timeout"] == 1
+        assert server_sockets(served.port) == 0
+
+
+async def test_connections_count_from_accept_and_the_one_over_the_limit_gets_503():
+    config = make_config(limits={"max_sessions": 1, "queue_size": 0, "retry_after_s": 7})
+    async with serving(config) as served, contextlib.AsyncExitStack() as held:
+        limit = served.endpoint.max_connections
+        assert limit == 66
+        for _ in range(limit):  # stalled handshakes fill every place
+            stream = await held.enter_async_context(
+                await trio.open_tcp_stream("127.0.0.1", served.port))
+            await stream.send_all(HALF_REQUEST)
+        await wait_until(lambda: server_sockets(served.port) == limit)
+        extra = await trio.open_tcp_stream("127.0.0.1", served.port)
+        async with extra:
+            await extra.send_all(UPGRADE.format(path="/media").encode())
+            answer = await read_to_eof(extra)
+        assert answer.startswith(b"HTTP/1.1 503 ")
+        assert b"retry-after: 7\r\n" in answer
+        assert served.endpoint.counters()["rejected_busy"] == 1
+        assert server_sockets(served.port) == limit
+        await held.aclose()  # the stalled clients give up: their places come back
+        await wait_until(lambda: server_sockets(served.port) == 0)
+        assert served.endpoint.counters()["handshake_abandoned"] == limit
+        async with connect(served.port) as client:
+            await client.start()
+            await wait_until(lambda: client.tokens)
+
+
+async def test_a_flood_of_wrong_paths_holds_no_sockets_and_leaves_room_for_a_call():
+    config = make_config(limits={"max_sessions": 1, "queue_size": 0})
+    flood = 100  # more than max_connections (66)
+    async with serving(config) as served, contextlib.AsyncExitStack() as held:
+        answers: list[bytes] = []
+
+        async def knock() -> None:  # the client keeps its end open
+            stream = await held.enter_async_context(
+                await trio.open_tcp_stream("127.0.0.1", served.port))
+            await stream.send_all(UPGRADE.format(path="/nope").encode())
+            answers.append(await read_to_eof(stream))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(flood):
+                nursery.start_soon(knock)
+        statuses = Counter(answer[:12] for answer in answers)
+        assert set(statuses) <= {b"HTTP/1.1 404", b"HTTP/1.1 503"}
+        counters = served.endpoint.counters()
+        assert counters["rejected_path"] == statuses[b"HTTP/1.1 404"]
+        assert counters["rejected_busy"] == statuses[b"HTTP/1.1 503"]
+        assert counters["rejected_path"] + counters["rejected_busy"] == flood
+        await wait_until(lambda: server_sockets(served.port) == 0)
+        async with connect(served.port) as client:
+            await client.start()
+            await wait_until(lambda: client.tokens)
+
+
+@pytest.mark.parametrize(("frame", "code"), [
+    (ws_frame(0x1, b"{}", rsv=0x40), 1002),  # RSV1 without an extension
+    (ws_frame(0x1, b"{}", masked=False), 1002),  # a client frame must be masked
+    (ws_frame(0x3, b""), 1002),  # reserved opcode
+    (ws_frame(0x1, b"\xff\xfe"), 1007),  # text that is not UTF-8
+    (ws_frame(0x8, (999).to_bytes(2, "big")), 1002),  # close code out of range
+])
+async def test_a_broken_frame_gets_its_close_frame_then_tcp_close(frame, code, caplog):
+    async with serving(make_config()) as served:
+        stream, _ = await open_upgraded(served.port)
+        async with stream:
+            await stream.send_all(frame)
+            frames = server_frames(await read_to_eof(stream))
+        assert frames[-1][0] == 0x8
+        assert int.from_bytes(frames[-1][1][:2], "big") == code
+        assert served.endpoint.counters()[f"bad_message_{code}"] == 1
+    events = [getattr(r, "voxgate_fields", ("", {}))[0] for r in caplog.records]
+    assert "websocket_bad_message" in events
+
+
+async def test_a_broken_frame_mid_call_leaves_the_session_waiting_for_a_resumption():
+    async with serving(make_config()) as served:
+        stream, _ = await open_upgraded(served.port)
+        async with stream:
+            for event in (Connected(), Start(SID, "CA1", "AC1", ("inbound",), {})):
+                await stream.send_all(ws_frame(0x1, serialize(event).encode()))
+            await wait_until(lambda: len(served.registry) == 1)
+            await stream.send_all(ws_frame(0x1, b"{}", rsv=0x20))
+            frames = server_frames(await read_to_eof(stream))
+        assert frames[0][0] == 0x1  # the recovery mark, then media …
+        assert frames[-1][0] == 0x8 and frames[-1][1][:2] == (1002).to_bytes(2, "big")
+        counters = served.endpoint.counters()
+        assert counters["bad_message_1002"] == 1 and counters["streams_dropped"] == 1
+        assert len(served.registry) == 1  # it waits for a resumption, it does not end

@@ -13,15 +13,19 @@ import logging
 import random
 import socket
 
-from voxgate.logging import log_event
+from voxgate.errors import is_resource_shortage
+from voxgate.logging import ResourceShortage, log_event
 
 
 class PortPool:
     """RTP ports from ``[rtp] port_min..port_max``: even ports (RFC 3550 §11).
 
     :meth:`open_socket` binds a non-blocking UDP socket on a free port chosen
-    at random or returns None when every port is taken (the caller answers
-    503). Ports another process holds are skipped and tried again later.
+    at random or returns None when every port is taken, or when the process
+    is out of descriptors or kernel buffers (EMFILE, ENFILE, ENOBUFS, ENOMEM:
+    one log line per episode, every failure counted by :attr:`shortage`); the
+    caller answers 503. Ports another process holds are skipped and tried
+    again later.
     """
 
     def __init__(self, address: str, port_min: int, port_max: int) -> None:
@@ -32,13 +36,19 @@ class PortPool:
         self._random = random.SystemRandom()
         self.capacity = len(self._free)
         self.exhausted = 0
+        self.shortage = ResourceShortage("rtp", "opening an RTP socket")
 
     @property
     def available(self) -> int:
         return len(self._free)
 
     def open_socket(self) -> socket.socket | None:
-        """A bound, non-blocking UDP socket, or None when the pool is exhausted."""
+        """A bound, non-blocking UDP socket, or None when the pool is exhausted or
+        the process is short of descriptors or buffers.
+
+        Raises OSError for any other failure of socket(2) or bind(2) (EACCES,
+        EADDRNOTAVAIL …).
+        """
         free = self._free
         untried = len(free)
         while untried:
@@ -47,15 +57,22 @@ class PortPool:
             untried -= 1
             free[i], free[untried] = free[untried], free[i]
             port = free[untried]
-            sock = socket.socket(self.family, socket.SOCK_DGRAM)
             try:
-                sock.setblocking(False)
-                sock.bind((self.address, port))
-            except OSError as e:
-                sock.close()
-                if e.errno != errno.EADDRINUSE:
+                sock = socket.socket(self.family, socket.SOCK_DGRAM)
+                try:
+                    sock.setblocking(False)
+                    sock.bind((self.address, port))
+                except OSError:
+                    sock.close()
                     raise
-                continue  # held by another process: stays free, tried again next time
+            except OSError as e:
+                if e.errno == errno.EADDRINUSE:
+                    continue  # held by another process: stays free, tried again next time
+                if not is_resource_shortage(e):
+                    raise
+                self.shortage.failed(e)
+                return None
+            self.shortage.recovered()
             free[untried] = free[-1]
             free.pop()
             return sock

@@ -4,13 +4,17 @@ The protocol lives in the sans-IO :class:`~voxgate.sip.uas.UasCore`; this
 driver feeds it datagrams and clock ticks, sends what it produces, and hands
 each ``IncomingCall`` whose SDP offer is acceptable to the call lifecycle
 (:mod:`voxgate.calls`) with its answers: 180 while queued, the admission's
-refusal, an RTP leg once admitted (503 ``no-rtp-port`` when none is free,
-500 when the session cannot be built). A failure while handling one event is
-logged with its Call-ID and ends or refuses only that call.
+refusal, an RTP leg once admitted (503 ``no-rtp-port`` when none is free or
+the process is out of descriptors, 500 when the session cannot be built). A
+failure while handling one event is logged with its Call-ID and ends or
+refuses only that call. Running short of descriptors or kernel buffers while
+receiving (the loop backs off) or sending (the datagram is dropped; the
+transaction layer retransmits) is logged once per episode and counted.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import logging
 import math
@@ -21,13 +25,15 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import trio
+from prometheus_client import Counter
 
 from voxgate import admission as adm
 from voxgate.calls import CallRequest, Calls, Leg
 from voxgate.codec.g711 import codec_for
 from voxgate.config import Config
-from voxgate.errors import RemoteProtocolError
-from voxgate.logging import log_event
+from voxgate.errors import RemoteProtocolError, is_resource_shortage
+from voxgate.logging import SHORTAGE_BACKOFF_S, ResourceShortage, log_event
+from voxgate.metrics import REGISTRY
 from voxgate.rtp.stream import RtpStream
 from voxgate.session import Session, SessionCore
 from voxgate.sip import uas
@@ -47,6 +53,12 @@ HEARTBEAT_S = 1.0
 """The SIP loops check in with the watchdog at least this often, even when idle."""
 MAX_SIP_DATAGRAM_BYTES = 65_535
 MAX_DATAGRAMS_PER_WAKEUP = 64
+
+SIP_SEND_FAILURES = Counter(
+    "voxgate_sip_send_failures",
+    "SIP datagrams the kernel did not take (dropped), by errno name",
+    ["error"], registry=REGISTRY,
+)
 
 _Action = Callable[[uas.UasCore, float], None]
 
@@ -142,12 +154,13 @@ class SipEndpoint:
                                 flood_limits=FloodLimits.from_settings(config.sip))
         self.ports = PortPool(config.rtp.address, config.rtp.port_min, config.rtp.port_max)
         self._sock: socket.socket | None = None
-        self._nursery: trio.Nursery | None = None
         self._calls: dict[str, _Call] = {}  # call key → call; bounded by the UAS's max_dialogs
         self._hangups_pending: set[str] = set()
         self._timers_changed = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
+        self._receive_shortage = ResourceShortage("sip", "receiving SIP datagrams")
+        self._send_shortage = ResourceShortage("sip", "sending SIP datagrams")
 
     # -- life cycle -------------------------------------------------------
 
@@ -164,7 +177,6 @@ class SipEndpoint:
             sock.bind((host, port))
             self._sock = sock
             async with trio.open_nursery() as nursery:
-                self._nursery = nursery
                 nursery.start_soon(self._timer_loop)
                 task_status.started()
                 await self._receive_loop(sock)
@@ -260,25 +272,34 @@ class SipEndpoint:
     # -- the loops --------------------------------------------------------
 
     async def _receive_loop(self, sock: socket.socket) -> None:
+        """Read datagrams into the core until cancelled; ENOBUFS/ENOMEM back off."""
         while True:
             self._check_in("sip")
             with trio.move_on_after(HEARTBEAT_S):
                 await trio.lowlevel.wait_readable(sock)
             now = trio.current_time()
+            short = False
             for _ in range(MAX_DATAGRAMS_PER_WAKEUP):
                 try:
                     data, source = sock.recvfrom(MAX_SIP_DATAGRAM_BYTES)
                 except BlockingIOError:
                     break
                 except OSError as e:
-                    log_event(logging.WARNING, "sip_receive_error", str(e))
+                    short = is_resource_shortage(e)
+                    if short:
+                        self._receive_shortage.failed(e)
+                    else:
+                        log_event(logging.WARNING, "sip_receive_error", str(e))
                     break
+                self._receive_shortage.recovered()
                 try:
                     self.core.receive_datagram(data, (source[0], source[1]), now)
                 except Exception as exc:
                     log_event(logging.ERROR, "sip_core_error", f"UAS core failed: {exc!r}",
                               source=f"{source[0]}:{source[1]}", exc_info=exc)
             self._pump()
+            if short:
+                await trio.sleep(SHORTAGE_BACKOFF_S)
 
     async def _timer_loop(self) -> None:
         while True:
@@ -308,15 +329,27 @@ class SipEndpoint:
         self.core.available = available
         self.core.unavailable_reason = why or ""
         self.core.retry_after_s = self.admission.limits.retry_after_s
-        sock = self._sock
         for data, addr in self.core.datagrams_to_send():
-            if sock is None or not _is_ip(addr[0]):
-                continue
-            try:
-                sock.sendto(data, addr)
-            except OSError as e:
-                log_event(logging.WARNING, "sip_send_failed", str(e), dest=f"{addr[0]}:{addr[1]}")
+            self._send(data, addr)
         self._timers_changed.set()
+
+    def _send(self, data: bytes, addr: tuple[str, int]) -> None:
+        """One datagram; one the kernel does not take is dropped and counted (a full
+        send buffer or a descriptor/buffer shortage as an episode)."""
+        sock = self._sock
+        if sock is None or not _is_ip(addr[0]):
+            return
+        try:
+            sock.sendto(data, addr)
+        except OSError as e:
+            SIP_SEND_FAILURES.labels(errno.errorcode.get(e.errno or 0, "unknown")).inc()
+            if isinstance(e, BlockingIOError) or is_resource_shortage(e):
+                self._send_shortage.failed(e)
+            else:
+                log_event(logging.WARNING, "sip_send_failed", str(e),
+                          dest=f"{addr[0]}:{addr[1]}", size_bytes=len(data))
+            return
+        self._send_shortage.recovered()
 
     # -- events -------------------------------------------------------------
 

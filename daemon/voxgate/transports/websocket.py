@@ -55,7 +55,6 @@ import uuid
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 import trio
 
@@ -338,8 +337,7 @@ class WebSocketEndpoint:
     ``counters()`` gives the connection-level counts (refusals, bad messages,
     media dropped while queued …); the sessions' counters are in the registry.
     ``max_connections`` bounds the TCP connections held, handshakes included:
-    ``2 × ([limits] max_sessions + queue_size) + 64`` (resumptions overlap
-    the streams they replace; the 64 absorb handshakes and probes).
+    ``2 * ([limits] max_sessions + queue_size) + 64``.
     """
 
     def __init__(
