@@ -7,8 +7,13 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev s
 	sip-tester baresip kamailio espeak-ng sox libsox-fmt-all tcpdump util-linux procps \
 	dpkg-dev curl libasound2-dev libasound2-plugins alsa-utils libportaudio2
 STAMP := $(VENV)/.installed
+# Fuzzing (fuzz/run.py): seconds per target for `make fuzz` and for the short pass of
+# `make test`; FUZZ_TARGET=name runs one target only.
+FUZZ_SECONDS ?= 600
+FUZZ_CI_SECONDS ?= 15
+FUZZ_TARGET ?=
 
-.PHONY: setup run demo test bench deb lint clean
+.PHONY: setup run demo test fuzz bench deb lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +38,11 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+	$(BIN)/python -m fuzz.run --seconds-per-target $(FUZZ_CI_SECONDS)
+
+fuzz: setup
+	$(BIN)/python -m fuzz.run --seconds-per-target $(FUZZ_SECONDS) \
+		$(if $(FUZZ_TARGET),--target $(FUZZ_TARGET))
 
 bench: setup
 	$(BIN)/python -m bench.sip_load

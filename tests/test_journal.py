@@ -10,8 +10,10 @@ from typing import Any
 import pytest
 import systemd.journal
 
+from tests.harness.daemon import parse_logfmt
 from voxgate.journal import JournalHandler, journal_field_name, syslog_priority, under_journald
 from voxgate.logging import log_event, logger
+from voxgate.metrics import REGISTRY
 
 
 class Sent:
@@ -128,8 +130,10 @@ def test_syslog_priority(levelno: int, priority: int) -> None:
     assert syslog_priority(levelno) == priority
 
 
-def test_send_failure_goes_to_handle_error(sent: Sent, monkeypatch: pytest.MonkeyPatch) -> None:
-    sent.fail_with = OSError(2, "No such file or directory")
+def test_other_send_failures_go_to_handle_error(
+    sent: Sent, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    sent.fail_with = TypeError("a field value journald cannot take")
     handled: list[logging.LogRecord] = []
     monkeypatch.setattr(JournalHandler, "handleError",
                         lambda self, record: handled.append(record))
@@ -137,13 +141,49 @@ def test_send_failure_goes_to_handle_error(sent: Sent, monkeypatch: pytest.Monke
     assert [r.getMessage() for r in handled] == ["call end"]
 
 
-def test_send_failure_does_not_raise_with_default_handle_error(
+def _lines(text: str) -> list[dict[str, str]]:
+    return [parse_logfmt(line) for line in text.splitlines()]
+
+
+def test_journald_down_records_go_to_stderr_after_one_notice(
     sent: Sent, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    sent.fail_with = OSError(11, "Resource temporarily unavailable")
     monkeypatch.setattr(logging, "raiseExceptions", True)
+    before = REGISTRY.get_sample_value("voxgate_log_journal_fallback_records_total") or 0.0
+    sent.fail_with = ConnectionRefusedError(111, "Connection refused")
+    log_event(logging.INFO, "call_start", "call started", session_id="abc")
+    log_event(logging.WARNING, "call_end", session_id="abc", reason="bye")
+    err = capsys.readouterr().err
+    assert "--- Logging error ---" not in err
+    lines = _lines(err)
+    assert [line["event"] for line in lines] == ["journal_unreachable", "call_start", "call_end"]
+    assert lines[0]["level"] == "warning" and lines[0]["error"] == "ECONNREFUSED"
+    assert "stderr" in lines[0]["msg"]
+    assert (lines[1]["session_id"], lines[1]["msg"]) == ("abc", "call started")
+    assert lines[2]["reason"] == "bye"
+    assert sent.entries == []
+    after = REGISTRY.get_sample_value("voxgate_log_journal_fallback_records_total")
+    assert after == before + 2
+
+
+def test_journald_back_takes_records_again_with_one_notice(
+    sent: Sent, capsys: pytest.CaptureFixture[str],
+) -> None:
+    sent.fail_with = FileNotFoundError(2, "No such file or directory")
+    log_event(logging.INFO, "call_start", session_id="abc")
+    sent.fail_with = None
     log_event(logging.INFO, "call_end", session_id="abc")
-    assert "--- Logging error ---" in capsys.readouterr().err
+    log_event(logging.INFO, "call_end", session_id="def")
+    lines = _lines(capsys.readouterr().err)
+    assert [line["event"] for line in lines] == [
+        "journal_unreachable", "call_start", "journal_reachable"]
+    assert lines[2]["stderr_records"] == "1"
+    assert [e["EVENT"] for e in sent.entries] == ["call_end", "journal_reachable", "call_end"]
+    assert sent.entries[1]["STDERR_RECORDS"] == 1
+    sent.fail_with = BlockingIOError(11, "Resource temporarily unavailable")
+    log_event(logging.INFO, "call_start", session_id="ghi")  # a new outage: a new notice
+    assert [line["event"] for line in _lines(capsys.readouterr().err)] == [
+        "journal_unreachable", "call_start"]
 
 
 def _stderr_stream() -> str:

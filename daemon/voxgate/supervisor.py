@@ -21,8 +21,11 @@ listener has reported ``started``. Then:
 - The watchdog (when ``$WATCHDOG_USEC`` is set) pings at half the interval
   while the loop lag and the critical tasks' check-ins are fine.
 
-Exit codes: 0 clean stop, 1 a listener could not be bound, 78 (EX_CONFIG)
-an invalid configuration.
+Exit codes: 0 clean stop, 73 (EX_CANTCREAT) a listener could not be set up
+(``[sip] listen``, ``[websocket] listen``, ``[control] socket``, ``[metrics]
+listen``: address in use, permission denied, disk full …; one ``listen_failed``
+line names the key), 78 (EX_CONFIG) an invalid configuration. The units do
+not restart on either (``RestartPreventExitStatus=78 73``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ import os
 import signal
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -46,9 +50,9 @@ from voxgate.agents.factory import check_agent
 from voxgate.budget import RssGate, RssLimits, choose_shed_victims, parse_statm_rss_bytes
 from voxgate.calls import Calls
 from voxgate.config import DEFAULT_PATH, Config, load_config, rss_limits
-from voxgate.control.protocol import decode_reply, encode_request
+from voxgate.control.protocol import decode_reply, encode_request, plural
 from voxgate.control.server import ControlServer, ControlSetupError
-from voxgate.errors import EX_CONFIG, ConfigError, RemoteProtocolError
+from voxgate.errors import EX_CANTCREAT, EX_CONFIG, ConfigError, RemoteProtocolError
 from voxgate.logging import log_event, setup_logging
 from voxgate.metrics import LOOP_LAG, REGISTRY, LiveCollector, Snapshot
 from voxgate.metrics_http import serve_metrics
@@ -159,7 +163,7 @@ class Supervisor:
         word = "admitting" if admitting else f"not admitting ({why})"
         if stats.draining:
             word = "draining"
-        return f"{stats.active} sessions, {stats.queued} queued, {word}"
+        return f"{plural(stats.active, 'session')}, {stats.queued} queued, {word}"
 
     def metrics_snapshot(self) -> Snapshot:
         """Live values for the metrics collector (read at scrape time only)."""
@@ -285,17 +289,25 @@ class Supervisor:
                     if service is not None:
                         await nursery.start(service.run)
                 await nursery.start(self.calls.run)
-                try:
-                    await nursery.start(self.endpoint.run)
-                    await nursery.start(self.websocket.run)
-                    await nursery.start(self._control_server().run)
-                    await nursery.start(self.alsa.run)
-                    if config.metrics.listen:
-                        await nursery.start(serve_metrics, config.metrics.listen)
-                except (OSError, ControlSetupError) as e:
-                    log_event(logging.ERROR, "listen_failed", f"cannot start: {e}")
-                    nursery.cancel_scope.cancel()
-                    return 1
+                listeners = [
+                    ("[sip] listen", config.sip.listen, self.endpoint.run),
+                    ("[websocket] listen", config.websocket.listen, self.websocket.run),
+                    ("[control] socket", config.control.socket, self._control_server().run),
+                    ("[alsa] lines", "", self.alsa.run),
+                ]
+                if config.metrics.listen:
+                    listeners.append(("[metrics] listen", config.metrics.listen,
+                                      partial(serve_metrics, config.metrics.listen)))
+                for key, value, start in listeners:
+                    try:
+                        await nursery.start(start)
+                    except (OSError, ControlSetupError) as e:
+                        where = f"{key} {value}" if value else key
+                        detail = str(e).removeprefix(f"{value}: ")
+                        log_event(logging.ERROR, "listen_failed", f"cannot start: {where}: "
+                                  f"{detail}", key=key, exit_code=EX_CANTCREAT)
+                        nursery.cancel_scope.cancel()
+                        return EX_CANTCREAT
                 for task in (self._status_loop, self._lag_probe, self._watchdog,
                              self._memory_loop):
                     nursery.start_soon(task)
@@ -351,7 +363,7 @@ class Supervisor:
         while len(self.registry):
             left = max(0.0, deadline - trio.current_time())
             self.notifier.notify(
-                f"STATUS=draining: {len(self.registry)} sessions left, "
+                f"STATUS=draining: {plural(len(self.registry), 'session')} left, "
                 f"{left:.0f} s to the drain deadline",
                 f"EXTEND_TIMEOUT_USEC={int((left + SHUTDOWN_GRACE_S + 5) * 1e6)}",
             )

@@ -82,9 +82,15 @@ class FakeDaemon:
     async def metrics(self, args):
         return {"text": "# TYPE voxgate_sessions_active gauge\nvoxgate_sessions_active 3\n"}
 
+    async def calls(self, args):
+        return [{"session_id": f"s{i}", "call_id": f"c{i}@pbx", "transport": "sip",
+                 "tenant": "default", "state": "ended", "reason": "bye",
+                 "started_at": "2026-12-05T07:00:00.000000Z", "duration_s": 1.0}
+                for i in range(args.get("limit", 50))]
+
     def handlers(self) -> dict[str, Callable[..., Any]]:
         names = ("status", "sessions", "show", "hangup", "drain", "resume", "reload",
-                 "health", "metrics")
+                 "health", "metrics", "calls")
         return {name: getattr(self, name) for name in names}
 
 
@@ -253,3 +259,43 @@ def test_render_mapping_nests_and_table_aligns():
     assert render_mapping({"a": 1, "b": {"c": None, "d": {"e": True}}}) == \
         "a: 1\nb:\n  c: -\n  d:\n    e: yes"
     assert table(("X", "LONGER"), [("abc", 1)]) == "X    LONGER\nabc  1"
+
+
+def test_common_options_go_before_or_after_the_command(daemon):
+    _, path = daemon
+    after = voxgatectl("status", "--json", "--socket", path)
+    assert after.returncode == 0, after.stderr
+    assert json.loads(after.stdout)["sessions"]["active"] == 3
+    before = voxgatectl("--json", "--socket", path, "calls", "--limit", "2")
+    assert [c["session_id"] for c in json.loads(before.stdout)] == ["s0", "s1"]
+
+
+def test_version_and_instance_socket():
+    version = voxgatectl("--version")
+    assert version.returncode == 0 and version.stdout.strip().startswith("voxgatectl ")
+    instance = voxgatectl("status", "-i", "7")
+    assert instance.returncode == 69
+    assert "/run/voxgate/7/control.sock" in instance.stderr
+
+
+def test_a_closed_pipe_ends_quietly(daemon):
+    _, path = daemon
+    env = {**os.environ, "PYTHONPATH": DAEMON_SRC}
+    proc = subprocess.Popen([sys.executable, "-m", "voxgate.control.cli", "--socket", path,
+                             "calls", "--limit", "5000"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=env)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # as `| head -1` does
+    stderr = proc.stderr.read().decode()
+    proc.stderr.close()
+    assert proc.wait(timeout=60) == 141
+    assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
+
+
+def test_drain_wait_gives_up_at_its_timeout(daemon):
+    fake, path = daemon
+    out = voxgatectl("--socket", path, "drain", "--wait", "--wait-timeout", "0")
+    assert out.returncode == 1
+    assert "3 sessions still up after 0 s" in out.stderr
+    assert fake.draining

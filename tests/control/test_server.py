@@ -493,3 +493,29 @@ async def test_member_of_the_group_by_supplementary_gid(start, public_dir):
     await start(path=path, group="daemon")
     reply = await ask_as_nobody(path, str(grp.getgrnam("daemon").gr_gid))
     assert reply["ok"] is True
+
+
+async def test_accept_out_of_descriptors_is_one_logged_episode(start, sock_path, monkeypatch,
+                                                               log_events):
+    real_accept = trio.SocketListener.accept
+    failures = 5
+
+    async def accept(self):
+        nonlocal failures
+        if failures:
+            failures -= 1
+            await trio.lowlevel.checkpoint()
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await real_accept(self)
+
+    monkeypatch.setattr(trio.SocketListener, "accept", accept)
+    server = await start()
+    assert (await ask(sock_path, "status"))["ok"] is True  # served once it recovered
+    assert server.accept_shortage.failures == 5
+    assert not server.accept_shortage.active
+    shortages = [f for name, f in log_events.events if name == "resource_shortage"]
+    assert shortages == [{"component": "control", "error": "EMFILE"}]
+    (recovered,) = [f for name, f in log_events.events if name == "resource_recovered"]
+    assert recovered["failures"] == 5
+    assert (await ask(sock_path, "status"))["ok"] is True
+    assert log_events.names().count("resource_shortage") == 1

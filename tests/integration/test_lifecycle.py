@@ -48,7 +48,7 @@ ReservePorts = Callable[[int], PortRange]
 
 IDLE_STATUS = "STATUS=0 sessions, 0 queued, admitting"
 DRAIN_STATUS = re.compile(
-    r"STATUS=draining: (\d+) sessions left, (\d+) s to the drain deadline"
+    r"STATUS=draining: (\d+) sessions? left, (\d+) s to the drain deadline"
 )
 WAIT_S = 10.0
 EXIT_WAIT_S = 30.0
@@ -148,7 +148,7 @@ def test_ready_carries_status_and_status_follows_a_call(
 
     with _caller("uac_echo", daemon, tmp_path / "sipp", reserve_ports(4), clip,
                  duration_ms=3000) as call:
-        busy = _wait_line(daemon, r"STATUS=1 sessions, 0 queued, admitting")
+        busy = _wait_line(daemon, r"STATUS=1 session, 0 queued, admitting")
         result = call.wait()
     _assert_ok(result, daemon)
     _wait_line(daemon, re.escape(IDLE_STATUS), after=busy + 1)

@@ -7,15 +7,19 @@ and a fallback prompt the daemon speaks an utterance, whose completion is
 counted by ``mark`` when the client echoes the mark, by ``deadman`` when it
 does not, and cut by ``clear`` when the caller talks over it. A dropped
 stream resumes its session with the recovery token; a full daemon closes
-with 1013.
+with 1013. On the wire (raw TCP): refused handshakes are answered and closed,
+handshakes count against the connection limit, and a frame that breaks
+RFC 6455 gets its close frame; the daemon's own sockets are read from /proc.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import socket
 import wave
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +29,19 @@ from tests.harness.audio import SpeechClip, compare_echo, decode_g711, encode_ul
 from tests.harness.daemon import Daemon
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import ctl_ok
-from tests.transports.test_websocket import SID, Client, connect, wait_until
+from tests.transports.test_websocket import (
+    HALF_REQUEST,
+    SID,
+    UPGRADE,
+    Client,
+    connect,
+    open_upgraded,
+    read_to_eof,
+    server_frames,
+    server_sockets,
+    wait_until,
+    ws_frame,
+)
 from voxgate.transports.media_stream import FRAME_BYTES, Stop
 
 SILENCE = b"\xff" * FRAME_BYTES
@@ -71,15 +87,27 @@ def prompt_daemon(start_daemon: StartDaemon, tmp_path: Path, prompt_pcm16: bytes
                      timers={"agent_response_s": 1, **timers})
 
 
-async def completions(daemon: Daemon, signal: str) -> float:
-    """``voxgate_playback_completion_total{signal=…,transport="websocket"}`` via voxgatectl."""
+async def metric(daemon: Daemon, name: str, *labels: str) -> float:
+    """Sample ``name`` (``_total`` included) whose labels include ``labels``
+    (``'key="value"'`` each), via voxgatectl; 0 when absent."""
     text = await trio.to_thread.run_sync(ctl_ok, daemon, "metrics")
     for line in text.splitlines():
-        labels, _, value = line.partition("} ")
-        if (labels.startswith("voxgate_playback_completion_total{")
-                and 'transport="websocket"' in labels and f'signal="{signal}"' in labels):
+        head, _, value = line.partition("} ")
+        if head.startswith(name + "{") and all(label in head for label in labels):
             return float(value)
     return 0.0
+
+
+async def completions(daemon: Daemon, signal: str) -> float:
+    """``voxgate_playback_completion_total{signal=…,transport="websocket"}`` via voxgatectl."""
+    return await metric(daemon, "voxgate_playback_completion_total", 'transport="websocket"',
+                        f'signal="{signal}"')
+
+
+async def ws_events(daemon: Daemon, event: str) -> float:
+    """``voxgate_component_events_total{component="websocket",event=…}`` via voxgatectl."""
+    return await metric(daemon, "voxgate_component_events_total", 'component="websocket"',
+                        f'event="{event}"')
 
 
 async def wait_completions(daemon: Daemon, signal: str, count: float) -> None:
@@ -205,3 +233,61 @@ async def test_refusal_at_capacity_closes_with_1013(start_daemon: StartDaemon) -
         assert second.closed == (1013, "full")
         assert isinstance(second, Client) and second.tokens == []
     await wait_log(daemon, r"event=call_refused .*reason=full")
+
+
+async def test_a_flood_of_wrong_paths_is_answered_closed_and_counted(
+    start_daemon: StartDaemon,
+) -> None:
+    daemon, port = ws_daemon(start_daemon, limits={"max_sessions": 1})  # 66 connections
+    flood = 100
+    async with contextlib.AsyncExitStack() as held:
+        answers: list[bytes] = []
+
+        async def knock() -> None:  # the client keeps its end open
+            stream = await held.enter_async_context(await trio.open_tcp_stream("127.0.0.1", port))
+            await stream.send_all(UPGRADE.format(path="/nope").encode())
+            answers.append(await read_to_eof(stream))
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(flood):
+                nursery.start_soon(knock)
+        statuses = Counter(answer[:12] for answer in answers)
+        assert set(statuses) <= {b"HTTP/1.1 404", b"HTTP/1.1 503"} and statuses.total() == flood
+        await wait_until(lambda: server_sockets(port, daemon.pid) == 0)
+        assert await ws_events(daemon, "rejected_path") == statuses[b"HTTP/1.1 404"]
+        assert await ws_events(daemon, "rejected_busy") == statuses[b"HTTP/1.1 503"]
+        async with connect(port) as client:
+            await client.start()
+            await wait_until(lambda: client.tokens)
+
+
+async def test_handshakes_count_against_the_connection_limit(start_daemon: StartDaemon) -> None:
+    daemon, port = ws_daemon(start_daemon, limits={"max_sessions": 1, "retry_after_s": 5})
+    limit = 2 * 1 + 64  # 2 * (max_sessions + queue_size) + 64
+    async with contextlib.AsyncExitStack() as held:
+        for _ in range(limit):
+            stream = await held.enter_async_context(await trio.open_tcp_stream("127.0.0.1", port))
+            await stream.send_all(HALF_REQUEST)
+        await wait_until(lambda: server_sockets(port, daemon.pid) == limit)
+        extra = await trio.open_tcp_stream("127.0.0.1", port)
+        async with extra:
+            await extra.send_all(UPGRADE.format(path="/media").encode())
+            answer = await read_to_eof(extra)
+        assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 5\r\n" in answer
+        assert server_sockets(port, daemon.pid) == limit
+        assert await ws_events(daemon, "rejected_busy") == 1
+    await wait_until(lambda: server_sockets(port, daemon.pid) == 0)
+    async with connect(port) as client:
+        await client.start()
+        await wait_until(lambda: client.tokens)
+
+
+async def test_a_broken_frame_gets_a_1002_close_frame(start_daemon: StartDaemon) -> None:
+    daemon, port = ws_daemon(start_daemon)
+    stream, _ = await open_upgraded(port)
+    async with stream:
+        await stream.send_all(ws_frame(0x3, b""))  # a reserved opcode
+        frames = server_frames(await read_to_eof(stream))
+    ((opcode, payload),) = frames  # nothing but the close frame
+    assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1002
+    assert await ws_events(daemon, "bad_message_1002") == 1

@@ -23,6 +23,7 @@ from voxgate.sip.parser import parse_message_untrusted
 from voxgate.sip.ratelimit import FloodLimits
 from voxgate.sip.uas import (
     ALLOW,
+    MAX_UDP_PAYLOAD_BYTES,
     BadMessageReceived,
     CallAcked,
     CallCancelled,
@@ -658,3 +659,70 @@ def test_flood_limits_can_change_at_run_time() -> None:
     link.send(link.uac.request("OPTIONS"))
     assert link.statuses() == [200, 200]
     assert link.core.flood_limits.options_burst == 1000
+
+
+# --- responses that would not fit one UDP datagram (§18.1.1, §21.5.11) --------------------
+
+PROXY_VIA_BYTES = 2000
+"""One long Via value of a proxy on the request's path."""
+
+
+def proxy_vias(count: int) -> list[tuple[str, str]]:
+    pad = "x" * (PROXY_VIA_BYTES - 60)
+    return [("Via", f"SIP/2.0/UDP 10.0.0.{i}:5060;branch=z9hG4bKproxy{i};pad={pad}")
+            for i in range(count)]
+
+
+def test_invite_whose_responses_would_not_fit_gets_a_minimal_513() -> None:
+    link = FakeLink()
+    invite = link.uac.invite(extra=proxy_vias(31))
+    data = invite.serialize()
+    assert 62_000 < len(data) <= MAX_UDP_PAYLOAD_BYTES  # a real, deliverable datagram
+    link.send(data)
+    assert link.statuses() == [513]
+    (answer,) = link.responses
+    assert answer.reason == "Message Too Large"
+    assert answer.headers.get_all("Via") == [
+        "SIP/2.0/UDP 127.0.0.2:5070;branch=z9hG4bKuac1;rport=5070;received=127.0.0.2"]
+    assert to_tag_of(answer) is not None
+    assert answer.call_id == "call-1@uac"
+    assert answer.headers.get("CSeq") == "2 INVITE"
+    assert len(answer.serialize()) < 1024
+    (event,) = link.take_events()  # no IncomingCall: the call never starts
+    assert isinstance(event, BadMessageReceived) and "513" in event.reason
+    assert link.core.stats.responses_too_large == 1
+    assert link.core.active_transactions == 0 and link.core.active_dialogs == 0
+    link.send(data)  # a retransmission gets the same answer (stateless)
+    assert link.statuses() == [513, 513]
+
+
+def test_record_route_counts_towards_the_responses() -> None:
+    """The 100 would fit, the 180/200 carrying the Record-Route set would not."""
+    link = FakeLink()
+    route = "<sip:10.0.0.1;lr;pad=" + "r" * 7000 + ">"
+    invite = link.uac.invite(extra=[("Record-Route", route)] * 9)
+    link.send(invite)
+    assert link.statuses() == [513]
+    assert link.responses[0].headers.get_all("Record-Route") == []
+
+
+def test_responses_that_fit_are_not_cut() -> None:
+    link = FakeLink(UasCore(local_host="127.0.0.1", local_port=5060, max_datagram_bytes=8000))
+    invite, key = start_call(link)
+    link.core.accept(key, SDP_ANSWER, link.clock.now)
+    link.pump()
+    assert link.statuses() == [100, 200]
+    assert link.core.stats.responses_too_large == 0
+    big = FakeLink(UasCore(local_host="127.0.0.1", local_port=5060, max_datagram_bytes=8000))
+    big.send(big.uac.invite(extra=proxy_vias(2)))  # 4 KB copied + 4 KB headroom > 8000
+    assert big.statuses() == [513]
+
+
+def test_bad_request_whose_answer_would_not_fit_gets_a_minimal_513() -> None:
+    link = FakeLink(UasCore(local_host="127.0.0.1", local_port=5060, max_datagram_bytes=8000))
+    request = link.uac.request("OPTIONS", extra=proxy_vias(5))
+    request.headers.set("CSeq", "2 INVITE")  # method mismatch: 400, too large to send
+    link.send(request)
+    assert link.statuses() == [513]
+    assert len(link.responses[0].headers.get_all("Via")) == 1
+    assert link.core.stats.responses_too_large == 1

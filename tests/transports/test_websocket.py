@@ -541,13 +541,15 @@ HALF_REQUEST = b"GET /media HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgr"
 
 
 def ws_frame(opcode: int, payload: bytes, *, rsv: int = 0, masked: bool = True) -> bytes:
-    """One final client frame (RFC 6455 §5.2), payload under 126 bytes."""
-    assert len(payload) < 126
+    """One final client frame (RFC 6455 §5.2), payload under 64 KiB."""
+    length = bytes([len(payload)]) if len(payload) < 126 else bytes([126]) + len(
+        payload).to_bytes(2, "big")
+    head = bytes([0x80 | rsv | opcode]) + length
     if not masked:
-        return bytes([0x80 | rsv | opcode, len(payload)]) + payload
+        return head + payload
     key = b"\x0f\xa5\x3c\x99"
     body = bytes(byte ^ key[i % 4] for i, byte in enumerate(payload))
-    return bytes([0x80 | rsv | opcode, 0x80 | len(payload)]) + key + body
+    return bytes([head[0], head[1] | 0x80]) + head[2:] + key + body
 
 
 def server_frames(data: bytes) -> list[tuple[int, bytes]]:
@@ -591,19 +593,19 @@ async def open_upgraded(port: int) -> tuple[trio.SocketStream, bytes]:
     return stream, rest
 
 
-def server_sockets(port: int) -> int:
-    """Sockets this process holds on local port ``port``, the listener left out."""
+def server_sockets(port: int, pid: int | str = "self") -> int:
+    """Sockets process ``pid`` holds on local port ``port``, the listener left out."""
     inodes = set()
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+    for table in (f"/proc/{pid}/net/tcp", f"/proc/{pid}/net/tcp6"):
         with open(table) as lines:
             for line in list(lines)[1:]:
                 fields = line.split()
                 if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] != "0A":
                     inodes.add(f"socket:[{fields[9]}]")
     held = 0
-    for fd in os.listdir("/proc/self/fd"):
+    for fd in os.listdir(f"/proc/{pid}/fd"):
         with contextlib.suppress(OSError):
-            held += os.readlink(f"/proc/self/fd/{fd}") in inodes
+            held += os.readlink(f"/proc/{pid}/fd/{fd}") in inodes
     return held
 
 
@@ -656,8 +658,8 @@ async def test_connections_count_from_accept_and_the_one_over_the_limit_gets_503
         assert served.endpoint.counters()["rejected_busy"] == 1
         assert server_sockets(served.port) == limit
         await held.aclose()  # the stalled clients give up: their places come back
-        await wait_until(lambda: server_sockets(served.port) == 0)
-        assert served.endpoint.counters()["handshake_abandoned"] == limit
+        await wait_until(lambda: served.endpoint.counters()["handshake_abandoned"] == limit)
+        assert server_sockets(served.port) == 0
         async with connect(served.port) as client:
             await client.start()
             await wait_until(lambda: client.tokens)
@@ -682,8 +684,8 @@ async def test_a_flood_of_wrong_paths_holds_no_sockets_and_leaves_room_for_a_cal
         assert set(statuses) <= {b"HTTP/1.1 404", b"HTTP/1.1 503"}
         counters = served.endpoint.counters()
         assert counters["rejected_path"] == statuses[b"HTTP/1.1 404"]
-        assert counters["rejected_busy"] == statuses[b"HTTP/1.1 503"]
-        assert counters["rejected_path"] + counters["rejected_busy"] == flood
+        assert counters.get("rejected_busy", 0) == statuses[b"HTTP/1.1 503"]
+        assert statuses.total() == flood
         await wait_until(lambda: server_sockets(served.port) == 0)
         async with connect(served.port) as client:
             await client.start()
@@ -691,11 +693,11 @@ async def test_a_flood_of_wrong_paths_holds_no_sockets_and_leaves_room_for_a_cal
 
 
 @pytest.mark.parametrize(("frame", "code"), [
-    (ws_frame(0x1, b"{}", rsv=0x40), 1002),  # RSV1 without an extension
-    (ws_frame(0x1, b"{}", masked=False), 1002),  # a client frame must be masked
-    (ws_frame(0x3, b""), 1002),  # reserved opcode
-    (ws_frame(0x1, b"\xff\xfe"), 1007),  # text that is not UTF-8
-    (ws_frame(0x8, (999).to_bytes(2, "big")), 1002),  # close code out of range
+    pytest.param(ws_frame(0x1, b"{}", rsv=0x40), 1002, id="rsv1-without-extension"),
+    pytest.param(ws_frame(0x1, b"{}", masked=False), 1002, id="unmasked"),
+    pytest.param(ws_frame(0x3, b""), 1002, id="reserved-opcode"),
+    pytest.param(ws_frame(0x1, b"\xff\xfe"), 1007, id="text-not-utf8"),
+    pytest.param(ws_frame(0x8, (999).to_bytes(2, "big")), 1002, id="close-code-999"),
 ])
 async def test_a_broken_frame_gets_its_close_frame_then_tcp_close(frame, code, caplog):
     async with serving(make_config()) as served:
@@ -721,6 +723,6 @@ async def test_a_broken_frame_mid_call_leaves_the_session_waiting_for_a_resumpti
             frames = server_frames(await read_to_eof(stream))
         assert frames[0][0] == 0x1  # the recovery mark, then media …
         assert frames[-1][0] == 0x8 and frames[-1][1][:2] == (1002).to_bytes(2, "big")
-        counters = served.endpoint.counters()
-        assert counters["bad_message_1002"] == 1 and counters["streams_dropped"] == 1
+        await wait_until(lambda: served.endpoint.counters().get("streams_dropped") == 1)
+        assert served.endpoint.counters()["bad_message_1002"] == 1
         assert len(served.registry) == 1  # it waits for a resumption, it does not end

@@ -1,12 +1,16 @@
 """``voxgatectl``: talk to a running voxgated over its control socket.
 
-Usage: ``voxgatectl [--socket PATH] [--json] COMMAND [ARGS]``; the socket is
-``/run/voxgate/control.sock`` unless ``VOXGATE_CONTROL_SOCKET`` or
-``--socket`` says otherwise. Results print as human tables, or as the raw
-JSON result with ``--json``.
+Usage: ``voxgatectl [OPTIONS] COMMAND [ARGS] [OPTIONS]``: the common options
+(``--json``, ``--socket PATH``, ``-i/--instance N``, ``--timeout S``) go
+before or after the command. The socket is ``/run/voxgate/control.sock``
+unless ``VOXGATE_CONTROL_SOCKET``, ``--socket`` or ``--instance N``
+(``voxgate@N``'s ``/run/voxgate/N/control.sock``) says otherwise. Results
+print as human tables, or as the raw JSON result with ``--json``.
 
-Exit codes: 0 ok, 1 the daemon said no (an error reply), 2 usage error,
-69 (EX_UNAVAILABLE) the daemon cannot be reached or broke the protocol.
+Exit codes: 0 ok, 1 the daemon said no (an error reply) or ``drain --wait
+--timeout`` ran out, 2 usage error, 69 (EX_UNAVAILABLE) the daemon cannot be
+reached or broke the protocol; output cut by a closed pipe (``| head``) ends
+quietly with 141 as a shell pipeline would.
 
 The client is plain blocking :mod:`socket`: one connection, one request at a
 time, replies bounded by :data:`MAX_REPLY_BYTES`.
@@ -26,14 +30,18 @@ from collections.abc import Callable, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TextIO
 
+from voxgate import __version__
 from voxgate.control.protocol import (
     MAX_REPLY_BYTES,
     ControlProtocolError,
     decode_reply,
     encode_request,
+    plural,
 )
 
 DEFAULT_SOCKET = "/run/voxgate/control.sock"
+INSTANCE_SOCKET = "/run/voxgate/{instance}/control.sock"
+"""The control socket of ``voxgate@N.service`` (RuntimeDirectory=voxgate/%i)."""
 SOCKET_ENV = "VOXGATE_CONTROL_SOCKET"
 DEFAULT_TIMEOUT_S = 10.0
 RECEIVE_CHUNK_BYTES = 65_536
@@ -48,6 +56,8 @@ EX_REFUSED = 1
 EX_UNAVAILABLE = 69
 """sysexits.h: the daemon is not reachable (or answered garbage)."""
 EX_INTERRUPTED = 130
+EX_BROKEN_PIPE = 141
+"""128 + SIGPIPE: what a shell reports for a reader that went away."""
 
 
 class DaemonUnavailable(Exception):
@@ -350,12 +360,19 @@ def _run_calls(client: ControlClient, args: argparse.Namespace) -> int:
 def _run_drain(client: ControlClient, args: argparse.Namespace) -> int:
     _emit(args, client.call("drain"), render_message)
     if args.wait:
-        _wait_for_drain(client, sys.stderr if args.json else sys.stdout)
+        out = sys.stderr if args.json else sys.stdout
+        deadline = None if args.wait_timeout is None else time.monotonic() + args.wait_timeout
+        left = _wait_for_drain(client, out, deadline)
+        if left:
+            print(f"voxgatectl: drain: {plural(left, 'session')} still up after "
+                  f"{args.wait_timeout:g} s", file=sys.stderr)
+            return EX_REFUSED
     return EX_OK
 
 
-def _wait_for_drain(client: ControlClient, out: TextIO) -> None:
-    """Poll ``status`` until no session is active or the daemon is gone."""
+def _wait_for_drain(client: ControlClient, out: TextIO, deadline: float | None) -> int:
+    """Poll ``status`` until no session is active, the daemon is gone or ``deadline``
+    (monotonic) passed; returns the sessions left (0 when drained)."""
     total = 0
     last = ""
     while True:
@@ -363,7 +380,7 @@ def _wait_for_drain(client: ControlClient, out: TextIO) -> None:
             sessions = _as_dict(_as_dict(client.call("status")).get("sessions"))
         except DaemonUnavailable:
             print("\nvoxgated is gone; drain done", file=out)
-            return
+            return 0
         active = sessions.get("active")
         left = active if isinstance(active, int) and not isinstance(active, bool) else 0
         total = max(total, left)
@@ -374,7 +391,11 @@ def _wait_for_drain(client: ControlClient, out: TextIO) -> None:
             last = line
         if left == 0:
             print("\ndrain done" if out.isatty() else "drain done", file=out)
-            return
+            return 0
+        if deadline is not None and time.monotonic() >= deadline:
+            if out.isatty():
+                print(file=out)
+            return left
         time.sleep(DRAIN_POLL_S)
 
 
@@ -401,23 +422,47 @@ def _run_top(client: ControlClient, args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="voxgatectl", description="Control a running voxgated.",
-        epilog="exit codes: 0 ok, 1 the daemon refused, 2 usage, 69 daemon not reachable")
-    parser.add_argument("--socket", default=os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET,
-                        help=f"control socket (default ${SOCKET_ENV} or {DEFAULT_SOCKET})")
-    parser.add_argument("--json", action="store_true", help="print the raw JSON result")
-    parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, metavar="SECONDS",
+def _common_options() -> argparse.ArgumentParser:
+    """The options every command takes, before or after its name (no defaults here:
+    :func:`_resolve` fills them, so an option given after the command wins)."""
+    common = argparse.ArgumentParser(add_help=False, argument_default=argparse.SUPPRESS)
+    common.add_argument("--json", action="store_true", help="print the raw JSON result")
+    where = common.add_mutually_exclusive_group()
+    where.add_argument("--socket", help=f"control socket (default ${SOCKET_ENV} or "
+                                        f"{DEFAULT_SOCKET})")
+    where.add_argument("-i", "--instance", metavar="N",
+                       help="the instance voxgate@N (socket " +
+                            INSTANCE_SOCKET.format(instance="N") + ")")
+    common.add_argument("--timeout", type=float, metavar="SECONDS",
                         help=f"wait this long for each reply (default {DEFAULT_TIMEOUT_S:g})")
+    return common
+
+
+def _resolve(args: argparse.Namespace) -> argparse.Namespace:
+    """Fill in the common options' defaults and the socket of ``--instance``."""
+    args.json = getattr(args, "json", False)
+    args.timeout = getattr(args, "timeout", DEFAULT_TIMEOUT_S)
+    instance = getattr(args, "instance", None)
+    if instance is not None:
+        args.socket = INSTANCE_SOCKET.format(instance=instance)
+    elif getattr(args, "socket", None) is None:
+        args.socket = os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET
+    return args
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    common = _common_options()
+    parser = argparse.ArgumentParser(
+        prog="voxgatectl", description="Control a running voxgated.", parents=[common],
+        epilog="exit codes: 0 ok, 1 the daemon refused, 2 usage, 69 daemon not reachable")
+    parser.add_argument("--version", action="version", version=f"voxgatectl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, run: Callable[[ControlClient, argparse.Namespace], int],
             help_text: str) -> argparse.ArgumentParser:
-        sub = commands.add_parser(name, help=help_text, description=help_text)
+        sub = commands.add_parser(name, help=help_text, description=help_text,
+                                  parents=[common], conflict_handler="resolve")
         sub.set_defaults(run=run)
-        sub.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
-                         help="print the raw JSON result")
         return sub
 
     add("status", _simple("status", render_status), "daemon state, sessions, limits, health")
@@ -435,6 +480,8 @@ def _build_parser() -> argparse.ArgumentParser:
     add("hangup", _simple("hangup", render_message), "end one session").add_argument("id")
     drain = add("drain", _run_drain, "stop admitting calls; sessions in progress go on")
     drain.add_argument("--wait", action="store_true", help="wait until no session is left")
+    drain.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS",
+                       help="with --wait: give up after SECONDS (exit 1); the drain goes on")
     add("resume", _simple("resume", render_message), "admit calls again after drain")
     add("reload", _simple("reload", render_message), "reload the configuration's limits")
     add("health", _simple("health", render_health), "health of each component")
@@ -453,11 +500,15 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``voxgatectl``; returns the exit code (argparse exits 2 on usage errors)."""
-    args = _build_parser().parse_args(argv)
+    args = _resolve(_build_parser().parse_args(argv))
     try:
         with ControlClient(args.socket, args.timeout) as client:
             code: int = args.run(client, args)
             return code
+    except BrokenPipeError:  # the reader went away (`| head`): no traceback
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return EX_BROKEN_PIPE
     except CommandFailed as e:
         print(f"voxgatectl: {args.command}: {e.message} ({e.code})", file=sys.stderr)
         return EX_REFUSED

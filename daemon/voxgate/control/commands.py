@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from voxgate.control.devices import devices_command
-from voxgate.control.protocol import RELOAD_FAILED
+from voxgate.control.protocol import RELOAD_FAILED, plural
 from voxgate.control.server import CommandError, Handler
 from voxgate.metrics import exposition
 
@@ -117,7 +117,7 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
     async def drain(args: Mapping[str, Any]) -> dict[str, str]:
         sup.drain()
         return {"message": f"draining: admission closed, "
-                           f"{len(sup.registry)} sessions in progress"}
+                           f"{plural(len(sup.registry), 'session')} in progress"}
 
     async def resume(args: Mapping[str, Any]) -> dict[str, str]:
         if sup.stopping:

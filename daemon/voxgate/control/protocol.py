@@ -384,3 +384,8 @@ def decode_reply(line: bytes) -> Reply:
         return Reply.failure(request_id, error["code"], error.get("message", ""))
     raise ControlProtocolError(BAD_REQUEST, "a reply has ok true with result, or ok false "
                                             "with error {code, message}", request_id)
+
+
+def plural(count: int, word: str) -> str:
+    """``1 session``, ``2 sessions``: counts in operator-facing text."""
+    return f"{count} {word}{'' if count == 1 else 's'}"

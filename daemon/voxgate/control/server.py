@@ -17,13 +17,13 @@ operator's ``sudo voxgatectl drain`` gets through while every other slot is
 held; a peer beyond its limit gets one ``busy`` reply. A request line must be
 complete within ``request_timeout_s`` of the server being ready for it, so a
 peer dripping bytes cannot keep a slot forever. Every refusal and timeout is
-counted in :attr:`ControlServer.stats`.
+counted in :attr:`ControlServer.stats`. accept(2) failing for lack of
+descriptors or memory is logged once per episode and backed off from.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import grp
 import logging
 import os
@@ -49,8 +49,8 @@ from voxgate.control.protocol import (
     Request,
     encode_reply,
 )
-from voxgate.errors import LocalProtocolError, VoxgateError
-from voxgate.logging import log_event
+from voxgate.errors import LocalProtocolError, VoxgateError, is_resource_shortage
+from voxgate.logging import SHORTAGE_BACKOFF_S, ResourceShortage, log_event
 
 Handler = Callable[[Mapping[str, Any]], Awaitable[Any]]
 """A command handler: takes ``args``, returns the JSON-able result.
@@ -75,11 +75,6 @@ ROOT_RESERVED_CONNECTIONS = 1
 REFUSE_TIMEOUT_S = 1.0
 """How long a ``busy`` answer may take before the connection is just closed."""
 STALE_PROBE_TIMEOUT_S = 1.0
-ACCEPT_BACKOFF_S = 0.1
-"""Pause after accept() failed for lack of descriptors or memory (trio's serve_listeners)."""
-
-# accept() failures that mean "out of resources right now": log, back off, go on.
-_ACCEPT_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOMEM, errno.ENOBUFS})
 
 # struct ucred { pid_t pid; uid_t uid; gid_t gid; } (Linux <sys/socket.h>):
 # three native 32-bit ints, 12 bytes.
@@ -288,6 +283,8 @@ class ControlServer:
         self._own_uid = os.getuid()
         self._active = 0
         self.stats = ServerStats()
+        self.accept_shortage = ResourceShortage("control", "accept on the control socket")
+        """accept(2) out of descriptors or memory: its episodes and failures."""
 
     @property
     def active_connections(self) -> int:
@@ -348,12 +345,12 @@ class ControlServer:
             try:
                 stream = await listener.accept()
             except OSError as e:
-                if e.errno not in _ACCEPT_CAPACITY_ERRNOS:
+                if not is_resource_shortage(e):
                     raise
-                log_event(logging.ERROR, "control_accept_failed",
-                          f"accept on control socket failed: {e.strerror}; backing off")
-                await trio.sleep(ACCEPT_BACKOFF_S)
+                self.accept_shortage.failed(e)
+                await trio.sleep(SHORTAGE_BACKOFF_S)
                 continue
+            self.accept_shortage.recovered()
             try:
                 cred = peer_credentials(stream.socket)
             except OSError as e:

@@ -15,6 +15,16 @@ an unknown dialog get 481. We never resolve host names: a response goes to
 the source address (we stamp ``received``), and our BYE goes to the remote
 target or first route when that is an IP literal, else to where the INVITE
 came from.
+
+Size: a response copies the request's Via, From, To, Call-ID, CSeq (§8.2.6.2)
+and, in a dialog, Record-Route (§12.1.1); over UDP it must fit one datagram,
+at most 65,535 bytes with the IP and UDP headers (§18.1.1), and we have no
+congestion-controlled transport to move it to. A new request whose copied
+header fields leave less than :data:`RESPONSE_HEADROOM_BYTES` of that gets a
+stateless *minimal* 513 Message Too Large (§21.5.11): top Via, From, To,
+Call-ID, CSeq and nothing else (a stateless answer like a bad message's, in
+the source's "other requests" bucket). Any other response that would not fit
+(an answer to a malformed request) is cut down the same way.
 """
 
 from __future__ import annotations
@@ -62,6 +72,16 @@ KNOWN_UNSUPPORTED_METHODS = frozenset(
 
 SUPPORTED_OPTION_TAGS: frozenset[str] = frozenset()
 """Option tags we implement (§8.2.2.3): none, so any Require gets 420."""
+
+MAX_UDP_PAYLOAD_BYTES = 65_507
+"""Largest UDP payload over IPv4: 65,535 bytes less the IPv4 (20) and UDP (8) headers
+(RFC 791, RFC 768; RFC 3261 §18.1.1)."""
+RESPONSE_HEADROOM_BYTES = 4096
+"""Room our responses need beyond the header fields copied from the request:
+status line, To tag, Contact, Allow, Server, Warning, Retry-After, Reason,
+Content-Type/Length and an SDP answer (all together well under 2 KiB)."""
+_COPIED_HEADERS = frozenset({"via", "from", "to", "call-id", "cseq", "record-route"})
+"""What responses copy from the request (§8.2.6.2, §12.1.1), lower case."""
 
 SDP = "application/sdp"
 _SDP_RANGES = frozenset({SDP, "application/*", "*/*"})
@@ -172,6 +192,7 @@ class UasStats:
     flood_dropped: int  # new or malformed request beyond flood_drop_factor: no answer
     flood_sources_evicted: int  # least recently seen source forgotten by the bucket table
     failure_retransmissions_capped: int  # 3xx-6xx to a source that does not ACK: sent once
+    responses_too_large: int  # answers that would not fit one UDP datagram: minimal 513 instead
 
 
 # --- per-call state -----------------------------------------------------------------------
@@ -233,7 +254,9 @@ class UasCore:
     requests inside a known dialog or transaction are never limited),
     ``max_queued_events`` events (while full, incoming datagrams are dropped
     and counted; timer events can add at most one per transaction),
-    ``max_queued_datagrams`` outbound datagrams (overflow dropped, counted).
+    ``max_queued_datagrams`` outbound datagrams (overflow dropped, counted),
+    ``max_datagram_bytes`` per datagram (a request whose responses would not
+    fit gets a minimal 513, counted in ``responses_too_large``).
     ``random_token`` makes tags and branches (default: 64 random bits, hex).
     """
 
@@ -250,6 +273,7 @@ class UasCore:
         max_queued_datagrams: int = 4096,
         timers: TimerConfig | None = None,
         flood_limits: FloodLimits | None = None,
+        max_datagram_bytes: int = MAX_UDP_PAYLOAD_BYTES,
     ) -> None:
         self.local_host = local_host
         self.local_port = local_port
@@ -262,6 +286,9 @@ class UasCore:
         self._token = random_token or (lambda: secrets.token_hex(8))
         self.max_dialogs = max_dialogs
         """Most calls (dialogs) held at once; the app may change it (reload)."""
+        self.max_datagram_bytes = max_datagram_bytes
+        """Largest datagram we send; a response that would not fit is cut down to a
+        minimal 513 (see the module docstring)."""
         self._max_queued_events = max_queued_events
         self._outbox = Outbox(max_queued_datagrams)
         self._transactions = TransactionTable(
@@ -279,7 +306,7 @@ class UasCore:
                 "messages_in", "bad_messages", "responses_dropped", "requests_absorbed",
                 "dialogs_refused", "messages_dropped_backlog", "late_actions",
                 "flood_refused_invite", "flood_refused_options", "flood_refused_other",
-                "flood_dropped",
+                "flood_dropped", "responses_too_large",
             ),
             0,
         )  # fmt: skip
@@ -502,6 +529,9 @@ class UasCore:
             self._counts["requests_absorbed"] += 1
             txn.receive_retransmission(now)
             return
+        if not self._responses_fit(request):
+            self._refuse_too_large(inc, now)
+            return
         if not self._in_known_dialog(inc) and not self._admit_new(inc, now):
             return
         rejection = _check_request(request)
@@ -679,7 +709,32 @@ class UasCore:
         except RemoteProtocolError:
             destination = source
         response = self._response(request, exc.status_hint, to_tag=self._token())
-        self._outbox.send(response.serialize(), destination)
+        data = response.serialize()
+        if len(data) > self.max_datagram_bytes:
+            self._counts["responses_too_large"] += 1
+            data = _minimal_response(request, 513, self._token()).serialize()
+        self._outbox.send(data, destination)
+
+    def _responses_fit(self, request: Request) -> bool:
+        """Whether every response to ``request`` fits in one datagram: the header
+        fields it copies plus :data:`RESPONSE_HEADROOM_BYTES` (§18.1.1)."""
+        copied = sum(len(name) + len(value.encode("utf-8", "surrogateescape")) + 4
+                     for name, value in request.headers if name.lower() in _COPIED_HEADERS)
+        return copied + RESPONSE_HEADROOM_BYTES <= self.max_datagram_bytes
+
+    def _refuse_too_large(self, inc: _Incoming, now: float) -> None:
+        """A stateless minimal 513 (§21.5.11) within the source's "other" bucket,
+        reported like a bad message."""
+        request = inc.request
+        self._counts["responses_too_large"] += 1
+        self._events.append(BadMessageReceived(
+            request.call_id or None, f"{request.method}: responses would exceed "
+            f"{self.max_datagram_bytes} bytes; answered 513 Message Too Large", inc.source))
+        if self._rate_limiter.check(inc.source[0], RequestClass.OTHER, now) is not Verdict.ADMIT:
+            self._counts["flood_dropped"] += 1
+            return
+        self._outbox.send(_minimal_response(request, 513, self._token()).serialize(),
+                          inc.destination)
 
     # --- helpers --------------------------------------------------------------------------
 
@@ -850,6 +905,17 @@ def _check_request(request: Request) -> tuple[int, list[tuple[str, str]]] | None
     ):
         return 406, []
     return None
+
+
+def _minimal_response(request: Request, status: int, to_tag: str) -> Response:
+    """``status`` with only the top Via, From, To (tagged), Call-ID and CSeq: the
+    cut-down answer to a request whose full response would not fit in a datagram
+    (the other Via values, Record-Route and our own header fields are left out)."""
+    response = make_response(request, status, to_tag=to_tag)
+    top_via = request.headers.get("Via")
+    if top_via is not None:
+        response.headers.set("Via", top_via)
+    return response
 
 
 def _media_type(value: str) -> str:
