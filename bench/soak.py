@@ -67,7 +67,8 @@ EXPECTED_REASONS = frozenset({"bye", "cancel"})
 DTMF_EVERY_S = 10.0
 TELEPHONE_EVENT_PT = 101
 """As ``uac_echo.xml`` offers it (``a=rtpmap:101 telephone-event/8000``)."""
-DTMF_KEYS = "1234567890*#"
+DTMF_EVENTS = 12
+"""RFC 4733 §3.2 event codes 0-11: the keys 0-9, * and #, pressed in turn."""
 MAX_ERROR_LINES = 1000
 """ERROR lines kept for the summary; more are counted only."""
 DTMF_PCAP = "voxgate_soak_dtmf.pcap"
@@ -113,7 +114,7 @@ def rtp_with_dtmf(ulaw: bytes, duration_s: float, seed: int = 4733) -> list[byte
     tick = 0
     while tick < frames:
         if tick % every == every // 2:
-            key = DTMF_KEYS.index(DTMF_KEYS[(tick // every) % len(DTMF_KEYS)])
+            key = (tick // every) % DTMF_EVENTS
             for n in range(_EVENT_PACKETS):
                 end = n >= 4
                 marker = 0x80 if n == 0 else 0

@@ -268,7 +268,8 @@ async def test_service_prunes_once_opened(tmp_path):
 
 async def test_unwritable_database_is_unhealthy_once_and_recovers(tmp_path, caplog, fast_retry):
     caplog.set_level(logging.INFO, logger="voxgate")
-    state_dir = tmp_path / "missing"
+    state_dir = tmp_path / "state"
+    state_dir.write_text("a regular file where the directory should be")
     path = state_dir / "calls.db"
     async with running(new(path)) as records:
         records.admitted(make("a"))
@@ -276,11 +277,11 @@ async def test_unwritable_database_is_unhealthy_once_and_recovers(tmp_path, capl
         records.completed(end(make("a"), "bye"))
         records.admitted(make("b", admitted_at=T0 + 1))
         assert not records.healthy
-        assert records.last_error is not None and "OperationalError" in records.last_error
+        assert records.last_error is not None and "File exists" in records.last_error
         assert REGISTRY.get_sample_value("voxgate_records_up") == 0
         assert [r["session_id"] for r in await records.list_calls()] == ["b", "a"]
         assert len(events(caplog, "records_unhealthy")) == 1
-        state_dir.mkdir()
+        state_dir.unlink()  # the directory can now be made
         await wait_until(lambda: records.healthy and records.stats.pending == 0)
         assert REGISTRY.get_sample_value("voxgate_records_up") == 1
     assert {sid: row[:2] for sid, row in rows(path).items()} == {

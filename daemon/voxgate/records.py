@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -701,7 +702,9 @@ async def _back_off(retry_s: float) -> float:
 
 
 def _open_store(path: str, *, mark_interrupted: bool) -> tuple[CallStore, int, str]:
-    """Open ``path``, mark interrupted rows if asked; (store, rows marked, journal mode)."""
+    """Open ``path`` (creating its directory, mode 0750, if missing), mark interrupted
+    rows if asked; (store, rows marked, journal mode). Raises OSError, sqlite3.Error."""
+    os.makedirs(os.path.dirname(path) or ".", mode=0o750, exist_ok=True)
     store = CallStore.open(path)
     try:
         count = store.mark_interrupted() if mark_interrupted else 0

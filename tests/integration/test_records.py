@@ -136,7 +136,8 @@ def test_call_completed_is_posted_with_retries(start_daemon: StartDaemon) -> Non
 
 def test_unwritable_records_degrade_health_but_never_calls(start_daemon: StartDaemon,
                                                            tmp_path: Path) -> None:
-    daemon = start_daemon({"records": {"path": str(tmp_path / "missing" / "calls.sqlite3")}})
+    (tmp_path / "state").write_text("a regular file where the directory should be")
+    daemon = start_daemon({"records": {"path": str(tmp_path / "state" / "calls.sqlite3")}})
     with Phone(daemon) as phone:
         call = phone.call()
         assert call.final_status == 200
