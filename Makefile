@@ -51,6 +51,12 @@ bench: setup
 	$(BIN)/python -m bench.ws_load
 	$(BIN)/python -m bench.agent_latency
 
+# Soak (bench/soak.py): how long `make soak` runs, seconds or with s/m/h (600, 10m, 1h).
+DURATION ?= 10m
+.PHONY: soak
+soak: setup
+	$(BIN)/python -m bench.soak --duration $(DURATION)
+
 deb: setup
 	packaging/build-deb.sh dist
 

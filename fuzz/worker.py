@@ -2,12 +2,13 @@
 
 Usage: ``python -m fuzz.worker TARGET [libFuzzer flags] [corpus dirs]``.
 
-voxgate and the targets are imported with atheris' coverage instrumentation,
-and its regex hook on, so that libFuzzer learns the literals the SIP/SDP
-grammars look for. Its ``str`` hook stays off: atheris 2.3.0 compiles the
-argument of ``str.startswith`` as a regex and raises on ``"["``. libFuzzer owns the process from
-:func:`atheris.Fuzz` on: it exits when its time is up (0) or on the first
-crash (non-zero, input saved under ``-artifact_prefix``).
+voxgate and the targets are imported with atheris' coverage instrumentation
+(comparisons included). atheris' ``RegEx`` and ``str`` hooks stay off: in
+2.3.0 they break the code under test (``Pattern.search(text, pos)`` raises
+TypeError; ``str.startswith("[")`` is compiled as a regex and raises).
+libFuzzer owns the process from :func:`atheris.Fuzz` on: it exits when its
+time is up (0) or on the first crash (non-zero, input saved under
+``-artifact_prefix``).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ def main() -> None:
     """Set up the target named by ``sys.argv[1]`` and hand over to libFuzzer."""
     if len(sys.argv) < 2:
         sys.exit("usage: python -m fuzz.worker TARGET [libFuzzer flags] [corpus dirs]")
-    atheris.enabled_hooks.add("RegEx")
     with atheris.instrument_imports(include=INSTRUMENTED_PACKAGES):
         from fuzz.targets import TARGETS
     target = TARGETS.get(sys.argv[1])

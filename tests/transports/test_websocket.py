@@ -629,6 +629,20 @@ async def test_a_request_that_is_no_upgrade_is_answered_400_and_closed():
         assert served.endpoint.counters()["rejected_bad_request"] == 1
 
 
+@pytest.mark.parametrize("host", [b"\xff\xfe", b"xn--zz"])  # neither ASCII nor IDNA
+async def test_an_undecodable_host_is_answered_400_and_the_listener_lives_on(host):
+    async with serving(make_config()) as served:
+        stream = await trio.open_tcp_stream("127.0.0.1", served.port)
+        async with stream:
+            request = UPGRADE.format(path="/media").encode().replace(b"127.0.0.1", host, 1)
+            await stream.send_all(request)
+            assert (await read_to_eof(stream)).startswith(b"HTTP/1.1 400 ")
+        assert served.endpoint.counters()["rejected_bad_request"] == 1
+        async with connect(served.port) as client:
+            await client.start()
+            await wait_until(lambda: client.tokens)
+
+
 async def test_half_a_request_is_closed_at_the_handshake_timeout():
     async with serving(make_config(), handshake_timeout_s=0.3) as served:
         stream = await trio.open_tcp_stream("127.0.0.1", served.port)

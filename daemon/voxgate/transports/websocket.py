@@ -436,13 +436,19 @@ class WebSocketEndpoint:
         self._connections += 1
         ws = ServerWebSocket(tcp, max_message_bytes=self.config.websocket.max_message_bytes,
                              close_timeout_s=CLOSE_TIMEOUT_S)
+        close_code, close_reason = ms.CLOSE_GOING_AWAY, "shutting down"
         try:
             opened = await self._handshake(ws)
             if opened is not None:
                 await self._run_stream(ws, *opened)
+        except Exception as exc:  # one connection's fault never takes the listener down
+            close_code, close_reason = ms.CLOSE_INTERNAL_ERROR, "internal error"
+            self.stats["connection_errors"] += 1
+            log_event(logging.ERROR, "websocket_error", f"connection failed: {exc!r}",
+                      remote=ws.remote, exc_info=exc)
         finally:
-            with trio.CancelScope(shield=True):
-                await ws.aclose(ms.CLOSE_GOING_AWAY, "shutting down")
+            with trio.CancelScope(shield=True):  # a no-op once the stream closed itself
+                await ws.aclose(close_code, close_reason)
             self._connections -= 1
 
     async def _handshake(self, ws: ServerWebSocket) -> tuple[Request, str | None] | None:

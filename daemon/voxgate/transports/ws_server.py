@@ -35,7 +35,7 @@ from collections import deque
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NoReturn
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -57,7 +57,6 @@ RECEIVE_BYTES: Final = 4096
 """Bytes read from the socket at once (the unparsed input one connection holds)."""
 CLOSE_ABNORMAL: Final = 1006
 """The code reported when TCP ends without a close frame (RFC 6455 §7.1.5); never sent."""
-CLOSE_PROTOCOL_ERROR: Final = 1002
 CLOSE_MESSAGE_TOO_BIG: Final = 1009
 
 
@@ -100,8 +99,9 @@ class ServerWebSocket:
     """One accepted TCP connection speaking WebSocket as the server.
 
     One task reads (``receive_request``, then ``get_message``, then ``aclose``);
-    any task may ``send_message`` meanwhile. Sends are not bounded in time here:
-    the caller's cancel scope bounds them, and a send it interrupts makes the
+    any task may ``send_message`` meanwhile. Close frames and HTTP answers wait
+    at most ``close_timeout_s``; messages and pongs wait as long as the caller's
+    cancel scope lets them, and a send it interrupts makes the
     connection unusable (a partial frame may be on the wire), so ``aclose``
     then closes TCP without a close frame.
     """
@@ -126,8 +126,9 @@ class ServerWebSocket:
         """Read the opening handshake (RFC 6455 §4.2.1) until the whole request is in.
 
         Raises HandshakeError (the connection answered when the request is no
-        WebSocket upgrade, and closed). Unbounded in time: the caller's cancel
-        scope bounds it (then ``aclose`` closes the TCP connection).
+        WebSocket upgrade or cannot be decoded, and closed). Unbounded in time:
+        the caller's cancel scope bounds it (then ``aclose`` closes the TCP
+        connection).
         """
         while True:
             for event in self._ws.events():
@@ -142,10 +143,9 @@ class ServerWebSocket:
             try:
                 self._ws.receive_data(data)
             except HandshakeProtocolError as exc:
-                hint = exc.event_hint
-                answer = hint if isinstance(hint, RejectConnection) else RejectConnection()
-                await self._answer(answer)
-                raise HandshakeError(str(exc), answer.status_code) from None
+                await self._refuse_request(exc.event_hint, str(exc))
+            except UnicodeError as exc:  # wsproto decodes the target (ASCII) and Host (IDNA)
+                await self._refuse_request(None, f"undecodable request: {exc}")
 
     async def reject(self, status: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """Answer the request with HTTP ``status`` and ``headers`` (no body) and close
@@ -262,6 +262,11 @@ class ServerWebSocket:
             with trio.move_on_after(self._close_timeout_s), suppress(ConnectionClosed):
                 await self._send(self._ws.send(CloseConnection(code=code, reason=reason)))
         await self._close_stream(code, reason, failed=True)
+
+    async def _refuse_request(self, hint: Event | None, reason: str) -> NoReturn:
+        answer = hint if isinstance(hint, RejectConnection) else RejectConnection()  # 400
+        await self._answer(answer)
+        raise HandshakeError(reason, answer.status_code)
 
     async def _answer(self, response: RejectConnection) -> None:
         try:
