@@ -12,7 +12,7 @@ import systemd.journal
 
 from tests.harness.daemon import parse_logfmt
 from voxgate.journal import JournalHandler, journal_field_name, syslog_priority, under_journald
-from voxgate.logging import log_event, logger
+from voxgate.logging import TRIO_ACCEPT_LOGGER, log_event, logger, setup_logging
 from voxgate.metrics import REGISTRY
 
 
@@ -213,3 +213,28 @@ def test_not_under_journald_when_stream_is_another_file(monkeypatch: pytest.Monk
 def test_not_under_journald_without_variable(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("JOURNAL_STREAM", raising=False)
     assert not under_journald()
+
+
+def test_reload_keeps_the_journal_handler_and_its_outage(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
+) -> None:
+    handlers, level = logger.handlers[:], logger.level
+    accept_logger = logging.getLogger(TRIO_ACCEPT_LOGGER)
+    accept_handlers, accept_propagate = accept_logger.handlers[:], accept_logger.propagate
+    fake = Sent()
+    fake.fail_with = ConnectionRefusedError(111, "Connection refused")
+    monkeypatch.setattr(systemd.journal, "send", fake)
+    try:
+        setup_logging("info", "journal")
+        first = logger.handlers[0]
+        log_event(logging.INFO, "reloaded")
+        setup_logging("info", "journal")  # what a reload does
+        assert logger.handlers == [first]
+        log_event(logging.INFO, "reloaded")
+    finally:
+        logger.handlers[:] = handlers
+        logger.setLevel(level)
+        accept_logger.handlers[:] = accept_handlers
+        accept_logger.propagate = accept_propagate
+    assert [line["event"] for line in _lines(capsys.readouterr().err)] == [
+        "journal_unreachable", "reloaded", "reloaded"]

@@ -159,7 +159,7 @@ def test_notify_watchdog_restart(path: Path) -> None:
     assert one(unit, "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert seconds(one(unit, "WatchdogSec")) == 30
     assert one(unit, "Restart") == "on-failure"
-    assert one(unit, "RestartPreventExitStatus") == "78"
+    assert one(unit, "RestartPreventExitStatus") == "78 73"
     assert (one(unit, "User"), one(unit, "Group")) == ("voxgate", "voxgate")
     assert one(unit, "LimitNOFILE") == "65536"
     assert one(unit, "WantedBy", "Install") == "multi-user.target"

@@ -48,6 +48,11 @@ CALL_COMPLETED = "call.completed"
 """The post-call job every ended call leaves (the record as JSON)."""
 
 
+class SetupRefused(Exception):
+    """A transport cannot take an admitted call now (e.g. no free RTP port): the
+    caller is answered as busy and it is logged without a traceback."""
+
+
 @dataclass(frozen=True)
 class CallRequest:
     """A call as its transport first sees it."""
@@ -298,9 +303,11 @@ class Calls:
             core = SessionCore.build(self.config, transport, now)
             leg = setup.build(request.ticket, core, now)
         except Exception as exc:
-            log_event(logging.ERROR, "call_setup_failed", f"cannot start the session: {exc!r}",
-                      call_id=request.call_id, session_id=request.ticket, transport=transport,
-                      exc_info=exc)
+            refused = isinstance(exc, SetupRefused)
+            log_event(logging.WARNING if refused else logging.ERROR, "call_setup_failed",
+                      f"cannot start the session: {exc!r}", call_id=request.call_id,
+                      session_id=request.ticket, transport=transport,
+                      exc_info=None if refused else exc)
             _safely(request, "failed", setup.failed, exc)
             return None
         session = Session(

@@ -210,18 +210,21 @@ def setup_logging(level: str, target: str = "auto") -> None:
     ``journal`` (or ``auto`` when systemd connected stderr to the journal):
     structured records through ``systemd.journal`` (logfmt on stderr while
     journald cannot be reached, see :class:`~voxgate.journal.JournalHandler`);
-    ``stderr``: logfmt lines. trio's accept-failure reports (WebSocket and
+    ``stderr``: logfmt lines. Called again (reload), a journal handler is
+    kept with its state. trio's accept-failure reports (WebSocket and
     metrics listeners) become :class:`ResourceShortage` episodes.
     """
     from voxgate.journal import JournalHandler, under_journald
 
     handler: logging.Handler
+    current = logger.handlers[0] if logger.handlers else None
     if target == "journal" or (target == "auto" and under_journald()):
-        handler = JournalHandler()
+        # A reload keeps the handler: an outage in progress stays one outage.
+        handler = current if isinstance(current, JournalHandler) else JournalHandler()
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(LogfmtFormatter())
-    handler.addFilter(RateLimit())
+    handler.filters[:] = [RateLimit()]
     logger.handlers[:] = [handler]
     logger.setLevel(level.upper())
     logger.propagate = False

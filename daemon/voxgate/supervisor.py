@@ -52,7 +52,13 @@ from voxgate.calls import Calls
 from voxgate.config import DEFAULT_PATH, Config, load_config, rss_limits
 from voxgate.control.protocol import decode_reply, encode_request, plural
 from voxgate.control.server import ControlServer, ControlSetupError
-from voxgate.errors import EX_CANTCREAT, EX_CONFIG, ConfigError, RemoteProtocolError
+from voxgate.errors import (
+    EX_CANTCREAT,
+    EX_CONFIG,
+    ConfigError,
+    RemoteProtocolError,
+    is_resource_shortage,
+)
 from voxgate.logging import log_event, setup_logging
 from voxgate.metrics import LOOP_LAG, REGISTRY, LiveCollector, Snapshot
 from voxgate.metrics_http import serve_metrics
@@ -458,7 +464,15 @@ class Supervisor:
             logged = verdict.failures
 
     async def _control_alive(self) -> bool:
-        """Probe the control socket end to end with ``hello``."""
+        """Probe the control socket end to end with ``hello``.
+
+        Short of file descriptors the probe cannot open its own socket: that
+        is not a stuck control loop (the shortage is logged and counted), so
+        it does not withhold the watchdog.
+        """
+        control = self._control
+        if control is not None and control.accept_shortage.active:
+            return True
         with trio.move_on_after(2.0):
             try:
                 stream = await trio.open_unix_socket(self.config.control.socket)
@@ -466,7 +480,9 @@ class Supervisor:
                     await stream.send_all(encode_request(0, "hello", {}))
                     line = await stream.receive_some(4096)
                 return decode_reply(line.split(b"\n", 1)[0]).ok
-            except (OSError, RemoteProtocolError):
+            except OSError as e:
+                return is_resource_shortage(e)
+            except RemoteProtocolError:
                 return False
         return False
 

@@ -215,7 +215,7 @@ def journald_pids():
                 exe = os.readlink(f"/proc/{entry}/exe")
             except OSError:
                 continue
-            if exe == os.environ["JOURNALD"]:
+            if exe == os.path.realpath(os.environ["JOURNALD"]):
                 pids.append(int(entry))
     return pids
 

@@ -28,7 +28,7 @@ import trio
 from prometheus_client import Counter
 
 from voxgate import admission as adm
-from voxgate.calls import CallRequest, Calls, Leg
+from voxgate.calls import CallRequest, Calls, Leg, SetupRefused
 from voxgate.codec.g711 import codec_for
 from voxgate.config import Config
 from voxgate.errors import RemoteProtocolError, is_resource_shortage
@@ -66,7 +66,7 @@ _Action = Callable[[uas.UasCore, float], None]
 _REFUSAL_STATUS = {"shutdown": 503, "error": 500, "ack-timeout": 408, "ring-timeout": 480}
 
 
-class NoRtpPort(Exception):
+class NoRtpPort(SetupRefused):
     """Every port of ``[rtp] port_min..port_max`` is taken: the call gets 503."""
 
 
