@@ -19,7 +19,7 @@ from tests.harness.phone import Phone
 from voxgate.admission import Admission, CallInfo, Queued, Refusal, limits_from_config
 from voxgate.admission_desk import AdmissionDesk
 from voxgate.agents.base import Agent
-from voxgate.calls import CallRequest, Calls, Leg
+from voxgate.calls import CallHandle, CallRequest, Calls, Leg
 from voxgate.config import Config, LimitsConfig, RecordsConfig, RtpConfig, SipConfig
 from voxgate.pipeline.clock import MediaClock
 from voxgate.records import Records
@@ -75,7 +75,7 @@ async def test_setup_failures_answer_500_and_free_every_slot(tmp_path, monkeypat
             nursery.cancel_scope.cancel()
     finally:
         rtp.release()
-    assert sorted(row["call_id"] for row in rows) == sorted(call.call_id for call in placed)
+    assert sorted(str(row["call_id"]) for row in rows) == sorted(c.call_id for c in placed)
     assert {(row["reason"], row["state"]) for row in rows} == {("error", "ended")}
 
 
@@ -208,7 +208,7 @@ async def test_queued_call_gives_up_its_place_and_refusal_needs_no_task(autojump
 
 async def test_caller_gone_before_the_session_was_built_frees_the_slot(autojump_clock):
     setup = _Setup()
-    handles = []
+    handles: list[CallHandle] = []
 
     async def body(calls: Calls) -> None:
         handles.append(calls.start(_request(0), setup))
