@@ -165,7 +165,7 @@ async def test_drain_deadline_ends_sessions_and_a_failing_cleanup_stays_inside(
     monkeypatch.setattr("voxgate.session.make_agent",
                         lambda config, playout, budget: _FailsWhenCancelled(playout))
     setups = [_Setup() for _ in range(3)]
-    handles = []
+    handles: list[CallHandle] = []
 
     async def body(calls: Calls) -> None:
         handles.extend(calls.start(_request(n), setup) for n, setup in enumerate(setups))
@@ -184,7 +184,7 @@ async def test_drain_deadline_ends_sessions_and_a_failing_cleanup_stays_inside(
 
 async def test_queued_call_gives_up_its_place_and_refusal_needs_no_task(autojump_clock):
     queued, refused, admitted = _Setup(), _Setup(), _Setup()
-    handles = []
+    handles: list[CallHandle] = []
 
     async def body(calls: Calls) -> None:
         handles.append(calls.start(_request(0), admitted))
