@@ -200,6 +200,10 @@ class Session:
         """The agent allows or forbids barge-in for its next utterances."""
         self.pipeline.barge_in = enabled
 
+    def caller_turn_ended(self) -> None:
+        """The agent took the caller's keys as a turn: its answer is due now."""
+        self.pipeline.caller_turn_ended(trio.current_time())
+
     def end(self, reason: str) -> None:
         """Ask the session to end with ``reason``; the first reason given wins."""
         if self.end_reason is None:

@@ -28,12 +28,16 @@ class Controls:
     def __init__(self) -> None:
         self.hangups: list[str] = []
         self.barge_in: list[bool] = []
+        self.key_turns = 0
 
     def hangup(self, reason: str) -> None:
         self.hangups.append(reason)
 
     def set_barge_in(self, enabled: bool) -> None:
         self.barge_in.append(enabled)
+
+    def caller_turn_ended(self) -> None:
+        self.key_turns += 1
 
 
 class FakeRecognizer:

@@ -338,10 +338,6 @@ def test_faulty_agent_webhook_lets_the_menu_answer(local_agent: LocalAgent, faul
 
 
 @requires("espeak-ng")
-@pytest.mark.xfail(strict=True, reason=(
-    "the agent-response deadman is armed only when the VAD ends a speech turn "
-    "(Pipeline.inbound), never after RFC 4733 key input (Pipeline.dtmf): a hanging "
-    "webhook leaves a keying caller in silence, without the fallback prompt"))
 def test_hanging_webhook_after_keys_plays_the_fallback_prompt(local_agent: LocalAgent) -> None:
     call, _, _ = _key_turns_with_a_faulty_webhook(local_agent, "hang")
     assert len(_fallbacks(local_agent.daemon, call.call_id)) == 2

@@ -78,3 +78,19 @@ def test_agent_silence_after_turn_trips_fallback_and_speech_disarms_it():
     pipeline.playout.push(F)
     pipeline.outbound(3.2)  # the agent started answering
     assert not any(isinstance(e, AgentFallback) for e in timers.handle_timer(4.5))
+
+
+def test_keys_end_a_turn_and_an_older_answer_still_playing_does_not_count():
+    pipeline, _, _, timers, _ = make()
+    pipeline.playout.say([F] * 20)  # the answer to the previous turn, still playing
+    pipeline.outbound(1.0)
+    pipeline.caller_turn_ended(1.0)  # keys complete (the agent reports it)
+    for tick in range(10):
+        pipeline.outbound(1.02 + tick * 0.02)  # more of the old answer
+    assert any(isinstance(e, AgentFallback) for e in timers.handle_timer(2.0))
+    pipeline.caller_turn_ended(3.0)
+    while pipeline.playout.speaking:
+        pipeline.outbound(3.0)  # the rest of the old answer
+    pipeline.playout.say([F])  # the new answer
+    pipeline.outbound(3.1)
+    assert not any(isinstance(e, AgentFallback) for e in timers.handle_timer(4.5))

@@ -726,3 +726,21 @@ def test_bad_request_whose_answer_would_not_fit_gets_a_minimal_513() -> None:
     assert link.statuses() == [513]
     assert len(link.responses[0].headers.get_all("Via")) == 1
     assert link.core.stats.responses_too_large == 1
+
+
+def test_a_flooding_source_is_dropped_before_parsing_but_not_its_own_calls() -> None:
+    link = flood_link(FloodLimits(invites_per_source_per_s=1.0, invite_burst=1,
+                                  flood_drop_factor=1.0))
+    link.send(new_invite(link.uac, 0))  # admitted: its bucket is empty now
+    for number in range(1, 4):
+        link.send(new_invite(link.uac, number))
+    stats = link.core.stats
+    assert (stats.flood_dropped, stats.flood_dropped_unparsed) == (3, 3)
+    assert link.core.stats.messages_in == 4
+    link.uac.call_id = "flood-0@uac"  # a retransmission of the admitted call: parsed
+    link.send(link.uac.invite())
+    assert link.core.stats.flood_dropped_unparsed == 3
+    link.advance(1.0)  # a token back: parsed and admitted again
+    link.send(new_invite(link.uac, 4))
+    assert link.core.stats.flood_dropped_unparsed == 3
+    assert sum(isinstance(e, IncomingCall) for e in link.take_events()) == 2

@@ -33,6 +33,10 @@ class AgentControls(Protocol):
     def set_barge_in(self, enabled: bool) -> None:
         """Whether caller speech may cut the agent's speech (default on)."""
 
+    def caller_turn_ended(self) -> None:
+        """The caller finished a turn the VAD cannot see (keys pressed): the
+        agent-response deadman (``[timers] agent_response_s``) starts as after speech."""
+
 
 class Agent:
     """Base class: every hook does nothing; :meth:`run` returns at once."""

@@ -245,10 +245,12 @@ class LocalAgent(Agent):
                     return item
                 keys = dialogue.key(item.digit, item.at)
                 if keys is not None:
+                    self.controls.caller_turn_ended()
                     return keys
                 continue
             timed_out = dialogue.handle_timer(trio.current_time())
             if timed_out is not None:
+                self.controls.caller_turn_ended()
                 return timed_out
 
     async def _take_turn(self, item: CallerUtterance | KeyInput, ask: Ask | None) -> None:

@@ -63,8 +63,8 @@ class FrameRecorder(Protocol):
 class Pipeline:
     """VAD → agent → playout for one session."""
 
-    __slots__ = ("_awaiting_agent", "agent", "barge_in", "barge_ins", "cleared", "dtmf_events",
-                 "playback", "playout", "recorder", "speech_turns", "timers", "vad")
+    __slots__ = ("_answer_from", "_awaiting_agent", "agent", "barge_in", "barge_ins", "cleared",
+                 "dtmf_events", "playback", "playout", "recorder", "speech_turns", "timers", "vad")
 
     def __init__(self, vad: VoiceActivityDetector, agent: Agent, playout: Playout,
                  timers: SessionTimers, playback: PlaybackTracker) -> None:
@@ -83,6 +83,7 @@ class Pipeline:
         self.barge_ins = 0
         self.dtmf_events = 0
         self._awaiting_agent = False
+        self._answer_from = 0  # playout position of the first frame that answers the turn
 
     def step(self, leg: MediaLeg, now: float, frames_elapsed: int) -> bool:
         """The 20 ms media step: caller frames in, one agent frame out.
@@ -114,10 +115,16 @@ class Pipeline:
                 if self.barge_in and self.playout.speaking:
                     self._barge_in(now)
             else:
-                self._awaiting_agent = True
-                self.timers.caller_turn_ended(now)
+                self.caller_turn_ended(now)
             self.agent.on_speech(event)
         self.agent.on_frame(pcm, now)
+
+    def caller_turn_ended(self, now: float) -> None:
+        """The caller's turn is over (speech stopped, keys complete): the agent's
+        answer is due within ``[timers] agent_response_s``."""
+        self._awaiting_agent = True
+        self._answer_from = self.playout.end_position  # what is queued now answers nothing
+        self.timers.caller_turn_ended(now)
 
     def _barge_in(self, now: float) -> None:
         """The caller talks over the agent: its speech stops at the current frame."""
@@ -135,8 +142,9 @@ class Pipeline:
         playout = self.playout
         for utterance_id, duration_s in playout.take_queued():
             self.playback.started(utterance_id, duration_s, now)
+        position = playout.next_position
         frame = playout.pop()
-        if frame is not None and self._awaiting_agent:
+        if frame is not None and self._awaiting_agent and position >= self._answer_from:
             self._awaiting_agent = False
             self.timers.agent_started(now)
         return frame

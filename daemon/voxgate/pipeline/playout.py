@@ -93,6 +93,17 @@ class Playout:
             self._sent.append(tracked.popleft()[0])
 
     @property
+    def next_position(self) -> int:
+        """The position of the next frame :meth:`pop` returns (frames are numbered in
+        the order they were queued, from 0)."""
+        return self._pushed - len(self._queue)
+
+    @property
+    def end_position(self) -> int:
+        """The position the next frame queued will get."""
+        return self._pushed
+
+    @property
     def speaking(self) -> bool:
         """Whether an utterance is queued or being sent."""
         return bool(self._tracked)

@@ -13,6 +13,12 @@ core decides that). A request is:
   excess;
 - dropped silently beyond that (no answer: the box is no amplifier).
 
+While a source is beyond that point for a class (:meth:`SourceRateLimiter.flooding`),
+the UAS core drops its INVITE/OPTIONS datagrams before parsing them, so a
+flood costs a few microseconds per datagram instead of a parse. A
+retransmission or re-INVITE from such a source is dropped with the flood:
+the price of not parsing (its own calls are the ones flooding).
+
 The bucket table is bounded by :data:`MAX_SOURCES`; the least recently seen
 source is evicted (counted). Time is the caller's ``now`` (monotonic
 seconds). The token bucket is the one of RFC 2697 §3.1 (single rate, one
@@ -206,6 +212,13 @@ class SourceRateLimiter:
 
     def __len__(self) -> int:
         return len(self._sources)
+
+    def flooding(self, source_host: str, request_class: RequestClass, now: float) -> bool:
+        """Whether a new ``request_class`` request from ``source_host`` would be dropped
+        now (both buckets empty); takes no token, creates no entry."""
+        buckets = self._sources.get(source_host)
+        return (buckets is not None and buckets.admit[request_class].tokens(now) < 1.0
+                and buckets.refuse[request_class].tokens(now) < 1.0)
 
     def check(self, source_host: str, request_class: RequestClass, now: float) -> Verdict:
         """The verdict on one new request of ``request_class`` from ``source_host`` at ``now``."""

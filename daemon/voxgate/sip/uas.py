@@ -32,7 +32,7 @@ from __future__ import annotations
 import ipaddress
 import re
 import secrets
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -88,6 +88,12 @@ _SDP_RANGES = frozenset({SDP, "application/*", "*/*"})
 WARN_AGENT = "voxgate"
 _UNSAFE_TEXT_RE = re.compile(r"[^\w .,:;/+=@()-]")
 _REQUEST_CLASSES = {"INVITE": RequestClass.INVITE, "OPTIONS": RequestClass.OPTIONS}
+_RAW_REQUEST_CLASSES = {b"INVITE": RequestClass.INVITE, b"OPTIONS": RequestClass.OPTIONS}
+"""Datagrams a flooding source sends that are dropped before parsing (by their first
+token; ACK, BYE, CANCEL and responses are always parsed), unless their Call-ID is one
+of our calls'."""
+_RAW_CALL_ID = re.compile(rb"\n(?:call-id|i)[ \t]*:[ \t]*([^\r\n]*)", re.IGNORECASE)
+"""The Call-ID header (§20.8, compact form ``i``) in raw bytes, for that check only."""
 _MAX_REASON_CHARS = 100
 
 
@@ -190,6 +196,7 @@ class UasStats:
     flood_refused_options: int  # new OPTIONS over its source's bucket: stateless 503
     flood_refused_other: int  # other new request over its source's bucket: stateless 503
     flood_dropped: int  # new or malformed request beyond flood_drop_factor: no answer
+    flood_dropped_unparsed: int  # INVITE/OPTIONS of a source beyond that: dropped unparsed
     flood_sources_evicted: int  # least recently seen source forgotten by the bucket table
     failure_retransmissions_capped: int  # 3xx-6xx to a source that does not ACK: sent once
     responses_too_large: int  # answers that would not fit one UDP datagram: minimal 513 instead
@@ -299,6 +306,7 @@ class UasCore:
         self._events: deque[SipEvent] = deque()
         self._calls: dict[str, _Call] = {}
         self._calls_by_id: dict[DialogId, _Call] = {}
+        self._call_ids: Counter[str] = Counter()  # the Call-IDs of _calls
         self._merge_index: dict[tuple[str, str, int], str] = {}
         self._latest_now = float("-inf")  # the latest ``now`` seen, for forget()
         self._counts = dict.fromkeys(
@@ -306,7 +314,7 @@ class UasCore:
                 "messages_in", "bad_messages", "responses_dropped", "requests_absorbed",
                 "dialogs_refused", "messages_dropped_backlog", "late_actions",
                 "flood_refused_invite", "flood_refused_options", "flood_refused_other",
-                "flood_dropped", "responses_too_large",
+                "flood_dropped", "flood_dropped_unparsed", "responses_too_large",
             ),
             0,
         )  # fmt: skip
@@ -320,6 +328,13 @@ class UasCore:
         if len(self._events) >= self._max_queued_events:
             self._counts["messages_dropped_backlog"] += 1
             return
+        request_class = _RAW_REQUEST_CLASSES.get(data[:8].split(b" ", 1)[0])
+        if (request_class is not None
+                and self._rate_limiter.flooding(source[0], request_class, now)
+                and not self._of_a_known_call_raw_untrusted(data)):
+            self._counts["flood_dropped"] += 1
+            self._counts["flood_dropped_unparsed"] += 1
+            return
         try:
             message = parse_message_untrusted(data)
         except BadMessage as exc:
@@ -332,6 +347,12 @@ class UasCore:
             self._receive_request(message, source, now)
         except RemoteProtocolError as exc:  # raised before any state was changed
             self._refuse_bad(exc, message, source, now)
+
+    def _of_a_known_call_raw_untrusted(self, data: bytes) -> bool:
+        """Whether the raw datagram's Call-ID is one of our calls' (a retransmitted
+        INVITE, a re-INVITE): such requests are parsed even from a flooding source."""
+        found = _RAW_CALL_ID.search(data)
+        return found is not None and found.group(1).strip().decode("latin-1") in self._call_ids
 
     def next_event(self) -> SipEvent | None:
         """The oldest pending event, or ``None``."""
@@ -502,6 +523,9 @@ class UasCore:
         if call is not None:
             self._end_pending_invites(call, 480, self._latest_now)
             del self._calls_by_id[call.dialog.id]
+            self._call_ids[call.dialog.id.call_id] -= 1
+            if not self._call_ids[call.dialog.id.call_id]:
+                del self._call_ids[call.dialog.id.call_id]
             self._merge_index.pop(call.merge_key, None)
 
     # --- receiving ------------------------------------------------------------------------
@@ -612,6 +636,7 @@ class UasCore:
         txn.call_key = key
         self._calls[key] = call
         self._calls_by_id[dialog.id] = call
+        self._call_ids[dialog.id.call_id] += 1
         self._merge_index[merge_key] = key
         self._events.append(IncomingCall(key, request.call_id, request, inc.source, request.body))
 
