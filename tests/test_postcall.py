@@ -15,8 +15,10 @@ import pytest
 import trio
 import trio.testing
 
+from voxgate.backoff import backoff_delay_s as retry_delay_s
 from voxgate.metrics import REGISTRY
-from voxgate.postcall import Job, PostCallQueue, iso_utc, retry_delay_s, session_id_of
+from voxgate.postcall import Job, PostCallQueue, session_id_of
+from voxgate.records import iso_utc
 
 START = 1_700_000_000.5
 UNREACHABLE = "http://127.0.0.1:9/hook"

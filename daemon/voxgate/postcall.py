@@ -13,7 +13,7 @@ as one JSON POST (RFC 9110 §9.3.3, RFC 8259)::
 * Newest first: a worker claims the most recent due job, so when a backlog
   builds the calls that just ended are reported first.
 * A 2xx answer delivers the job. Any other status, a transport error or no
-  answer within ``timeout_s`` is retried after :func:`retry_delay_s` until
+  answer within ``timeout_s`` is retried after :func:`~voxgate.backoff.backoff_delay_s` until
   ``max_attempts`` attempts, then the job is ``failed`` with its last error.
 * Bounded: at most ``max_pending`` jobs wait in memory and as many in the
   table; beyond that the oldest pending one is dropped and counted. At most
@@ -42,15 +42,16 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from typing import TypeVar, TypeVarTuple
 
 import httpx
 import trio
 from prometheus_client import Counter, Gauge, Histogram
 
+from voxgate.backoff import backoff_delay_s
 from voxgate.logging import log_event
 from voxgate.metrics import REGISTRY
+from voxgate.records import iso_utc
 
 QUEUE_DEPTH = Gauge(
     "voxgate_postcall_queue_depth", "Post-call jobs pending in the database",
@@ -80,7 +81,6 @@ RECENT_FAILURES = 20
 """Failed jobs listed by :meth:`PostCallQueue.summary`, newest first."""
 FINAL_FLUSH_S = 5.0
 """Time given, when :meth:`PostCallQueue.run` is cancelled, to write jobs not yet saved."""
-_MAX_DOUBLINGS = 32
 
 _T = TypeVar("_T")
 _Ts = TypeVarTuple("_Ts")
@@ -100,17 +100,6 @@ CREATE TABLE IF NOT EXISTS postcall_jobs (
 CREATE INDEX IF NOT EXISTS postcall_jobs_by_created ON postcall_jobs (state, created_at);
 CREATE INDEX IF NOT EXISTS postcall_jobs_by_finished ON postcall_jobs (state, finished_at);
 """
-
-
-def retry_delay_s(failures: int, initial_s: float, max_s: float) -> float:
-    """Wait after ``failures`` failed tries in a row (≥ 1): ``initial_s`` doubling, ≤ ``max_s``."""
-    return min(max_s, initial_s * 2.0 ** min(max(failures - 1, 0), _MAX_DOUBLINGS))
-
-
-def iso_utc(epoch_s: float) -> str:
-    """Epoch seconds → ISO 8601 UTC with microseconds (``1970-01-01T00:00:00.000000Z``),
-    as the call records write theirs."""
-    return datetime.fromtimestamp(epoch_s, UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 def session_id_of(payload: str) -> str | None:
@@ -289,7 +278,7 @@ class PostCallQueue:
         workers: deliveries at once (≥ 1).
         max_pending: most jobs waiting in memory, and most pending rows (≥ 1).
         max_attempts: attempts before a job is failed (≥ 1).
-        backoff_initial_s, backoff_max_s: retry waits (:func:`retry_delay_s`), of
+        backoff_initial_s, backoff_max_s: retry waits (:func:`~voxgate.backoff.backoff_delay_s`), of
             jobs and of the database when it fails.
         timeout_s: each POST attempt's whole time.
         keep_finished: done/failed rows kept for ``voxgatectl jobs``.
@@ -450,7 +439,7 @@ class PostCallQueue:
         return result
 
     async def _db_backoff(self) -> None:
-        await trio.sleep(retry_delay_s(self._db_failures, self.backoff_initial_s,
+        await trio.sleep(backoff_delay_s(self._db_failures, self.backoff_initial_s,
                                        self.backoff_max_s))
 
     async def _open(self) -> JobStore:
@@ -570,7 +559,7 @@ class PostCallQueue:
             await self._settle(store.finish, job.id, DONE, attempt, None, now)
         elif attempt < self.max_attempts:
             DELIVERIES.labels(result="retry").inc()
-            retry_at = now + retry_delay_s(attempt, self.backoff_initial_s, self.backoff_max_s)
+            retry_at = now + backoff_delay_s(attempt, self.backoff_initial_s, self.backoff_max_s)
             await self._settle(store.reschedule, job.id, attempt, error, retry_at)
         else:
             DELIVERIES.labels(result="failed").inc()

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 import trio
 from prometheus_client import Counter, Gauge
 
+from voxgate.backoff import Backoff
 from voxgate.errors import VoxgateError
 from voxgate.logging import log_event
 from voxgate.metrics import REGISTRY
@@ -80,9 +81,13 @@ class RecordsSchemaError(VoxgateError):
     """The database carries a schema version newer than :data:`SCHEMA_VERSION`."""
 
 
-def _iso(ts: float | None) -> str | None:
+def iso_utc(epoch_s: float) -> str:
     """UNIX epoch seconds → ISO 8601 UTC with microseconds (``…T12:00:00.000000Z``)."""
-    return None if ts is None else datetime.fromtimestamp(ts, UTC).strftime(_ISO_FORMAT)
+    return datetime.fromtimestamp(epoch_s, UTC).strftime(_ISO_FORMAT)
+
+
+def _iso(ts: float | None) -> str | None:
+    return None if ts is None else iso_utc(ts)
 
 
 def _epoch(value: object, key: str) -> float | None:
@@ -521,7 +526,7 @@ class Records:
                 await self._close_store()
 
     async def _serve(self) -> None:
-        retry_s = RETRY_INITIAL_S
+        backoff = Backoff()
         next_prune = trio.current_time()
         while True:
             ok = await self._ensure_open()
@@ -532,19 +537,19 @@ class Records:
             if ok and self._pending:
                 ok = await self._write_pending()
             if not ok:
-                retry_s = await _back_off(retry_s)
+                await _back_off(backoff)
                 continue
-            retry_s = RETRY_INITIAL_S
+            backoff.reset()
             if not self._pending:
                 with trio.move_on_at(next_prune):
                     await self._wakeup.wait()
                 self._wakeup = trio.Event()
 
     async def _flush(self) -> None:
-        retry_s = RETRY_INITIAL_S
+        backoff = Backoff()
         while self._pending:
             if not (await self._ensure_open() and await self._write_pending()):
-                retry_s = await _back_off(retry_s)
+                await _back_off(backoff)
 
     async def _in_thread(self, work: Callable[[], _T]) -> _T:
         return await trio.to_thread.run_sync(work, limiter=self._limiter)
@@ -695,10 +700,9 @@ class Records:
             return None
 
 
-async def _back_off(retry_s: float) -> float:
-    """Sleep ``retry_s`` seconds; return the next delay (doubled, at most RETRY_MAX_S)."""
-    await trio.sleep(retry_s)
-    return min(retry_s * 2.0, RETRY_MAX_S)
+async def _back_off(backoff: Backoff) -> None:
+    """Sleep after one more failure: RETRY_INITIAL_S doubling, at most RETRY_MAX_S."""
+    await trio.sleep(backoff.delay_s(RETRY_INITIAL_S, RETRY_MAX_S))
 
 
 def _open_store(path: str, *, mark_interrupted: bool) -> tuple[CallStore, int, str]:

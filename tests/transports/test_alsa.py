@@ -25,6 +25,7 @@ import trio.testing
 
 from voxgate.admission import Admission, limits_from_config
 from voxgate.admission_desk import AdmissionDesk
+from voxgate.backoff import Backoff
 from voxgate.calls import Calls
 from voxgate.config import AlsaConfig, AlsaLineConfig, Config, LimitsConfig
 from voxgate.control.cli import render_devices
@@ -39,7 +40,6 @@ from voxgate.transports.alsa import (
     DEVICE_LOST,
     AlsaLeg,
     AlsaLines,
-    Backoff,
 )
 from voxgate.transports.alsa_device import AlsaLineDevice, DeviceLost, LinePcms
 

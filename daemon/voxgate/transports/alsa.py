@@ -42,6 +42,7 @@ from typing import Any
 import trio
 
 from voxgate.admission import CallInfo, Queued, Refusal
+from voxgate.backoff import Backoff
 from voxgate.budget import BoundedAudioQueue, SessionBudget
 from voxgate.calls import CallRequest, Calls, Leg
 from voxgate.config import AlsaLineConfig, Config
@@ -305,23 +306,6 @@ class LineStats:
     retries: int = 0
     xruns_capture: int = 0
     xruns_playback: int = 0
-
-
-class Backoff:
-    """Retry delays: ``initial_s``, doubling per failure, capped at ``max_s``."""
-
-    def __init__(self) -> None:
-        self.failures = 0
-
-    def delay_s(self, initial_s: float, max_s: float) -> float:
-        """The delay before the next try, counting one more failure."""
-        delay = min(initial_s * 2.0 ** self.failures, max_s)
-        if delay < max_s:
-            self.failures += 1
-        return delay
-
-    def reset(self) -> None:
-        self.failures = 0
 
 
 class _Line:
