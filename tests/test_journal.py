@@ -218,7 +218,7 @@ def test_not_under_journald_without_variable(monkeypatch: pytest.MonkeyPatch) ->
 def test_reload_keeps_the_journal_handler_and_its_outage(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
 ) -> None:
-    handlers, level = logger.handlers[:], logger.level
+    handlers, level, propagate = logger.handlers[:], logger.level, logger.propagate
     accept_logger = logging.getLogger(TRIO_ACCEPT_LOGGER)
     accept_handlers, accept_propagate = accept_logger.handlers[:], accept_logger.propagate
     fake = Sent()
@@ -234,6 +234,7 @@ def test_reload_keeps_the_journal_handler_and_its_outage(
     finally:
         logger.handlers[:] = handlers
         logger.setLevel(level)
+        logger.propagate = propagate
         accept_logger.handlers[:] = accept_handlers
         accept_logger.propagate = accept_propagate
     assert [line["event"] for line in _lines(capsys.readouterr().err)] == [
