@@ -7,15 +7,23 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev s
 	sip-tester baresip kamailio espeak-ng sox libsox-fmt-all tcpdump util-linux procps \
 	dpkg-dev curl libasound2-dev libasound2-plugins alsa-utils libportaudio2
 STAMP := $(VENV)/.installed
+# The real Pipecat bot that the stream-agent integration tests talk to
+# (tests/bots/pipecat_bot.py, started by tests/harness/bot.py) runs in its own
+# virtualenv: Pipecat's dependencies are not voxgate's. Everything on the wire path
+# is pinned (the bot's WebSocket server is uvicorn on websockets).
+BOT_VENV := .venv-bot
+BOT_STAMP := $(BOT_VENV)/.installed
+BOT_PACKAGES := 'pipecat-ai[websocket]==1.14.0' fastapi==0.165.0 starlette==1.10.0 \
+	uvicorn==0.55.0 websockets==17.4
 # Fuzzing (fuzz/run.py): seconds per target for `make fuzz` and for the short pass of
 # `make test`; FUZZ_TARGET=name runs one target only.
 FUZZ_SECONDS ?= 600
 FUZZ_CI_SECONDS ?= 15
 FUZZ_TARGET ?=
 
-.PHONY: setup run demo test fuzz bench deb lint clean
+.PHONY: setup bot-venv run demo test fuzz bench deb lint clean
 
-setup: $(STAMP)
+setup: $(STAMP) $(BOT_STAMP)
 
 $(STAMP): pyproject.toml
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null \
@@ -27,6 +35,15 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -e '.[dev]'
 	touch $(STAMP)
+
+bot-venv: $(BOT_STAMP)
+
+# Order-only on $(STAMP): that recipe installs the Debian packages (python3-venv).
+$(BOT_STAMP): Makefile | $(STAMP)
+	test -x $(BOT_VENV)/bin/python || $(PYTHON) -m venv $(BOT_VENV)
+	echo '*' > $(BOT_VENV)/.gitignore
+	$(BOT_VENV)/bin/pip install -q $(BOT_PACKAGES)
+	touch $(BOT_STAMP)
 
 run: setup
 	$(BIN)/voxgated --config config/voxgate.toml
@@ -65,4 +82,4 @@ lint: setup
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(BOT_VENV) .mypy_cache .ruff_cache .pytest_cache

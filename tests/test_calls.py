@@ -51,7 +51,7 @@ def sip_config(tmp_path: Path, first_rtp_port: int) -> Config:
 
 
 async def test_setup_failures_answer_500_and_free_every_slot(tmp_path, monkeypatch):
-    def broken_agent(*args: object) -> Agent:
+    def broken_agent(*args: object, **kwargs: object) -> Agent:
         raise ImportError("the integrator's plugin is broken")
 
     monkeypatch.setattr("voxgate.session.make_agent", broken_agent)
@@ -163,7 +163,7 @@ async def run_calls(config: Config, body: object) -> tuple[Calls, AdmissionDesk]
 async def test_drain_deadline_ends_sessions_and_a_failing_cleanup_stays_inside(
         autojump_clock, monkeypatch):
     monkeypatch.setattr("voxgate.session.make_agent",
-                        lambda config, playout, budget: _FailsWhenCancelled(playout))
+                        lambda config, playout, budget, **_: _FailsWhenCancelled(playout))
     setups = [_Setup() for _ in range(3)]
     handles: list[CallHandle] = []
 

@@ -33,6 +33,8 @@ SANS_IO_MODULES = [
     "voxgate.budget",
     "voxgate.transports.media_stream",
     "voxgate.deadman",
+    "voxgate.agents.providers",
+    "voxgate.agents.bot_wire",
 ]
 
 # webrtcvad's import pulls in socket/threading through importlib.metadata, so

@@ -80,6 +80,11 @@ class AdmissionDesk:
         self.admission.set_draining(draining)
         self._changed()
 
+    def set_health(self, component: str, healthy: bool, detail: str = "") -> None:
+        """A component's health (see :meth:`Admission.set_health`)."""
+        self.admission.set_health(component, healthy, detail)
+        self._changed()
+
     def set_memory_ok(self, ok: bool, detail: str = "") -> None:
         self.admission.set_memory_ok(ok, detail)
         self._changed()

@@ -34,6 +34,7 @@ import trio
 
 from voxgate.admission import Admitted, CallInfo, Queued, Refusal
 from voxgate.admission_desk import AdmissionDesk
+from voxgate.agents.stream import ProviderPool
 from voxgate.config import Config
 from voxgate.logging import log_event
 from voxgate.pipeline.clock import MediaClock
@@ -129,13 +130,16 @@ class Calls:
     def __init__(self, config: Config, desk: AdmissionDesk, registry: Registry,
                  clock: MediaClock, *, records: Records | None = None,
                  postcall: PostCallQueue | None = None,
-                 recordings: Recordings | None = None) -> None:
+                 recordings: Recordings | None = None,
+                 providers: ProviderPool | None = None) -> None:
+        """``providers`` serves the stream agents (None when no agent is a stream)."""
         self.config = config
         self.desk = desk
         self.registry = registry
         self.records = records
         self.postcall = postcall
         self.recordings = recordings
+        self.providers = providers
         self.fallback_prompt: tuple[bytes, ...] = ()
         """Frames of ``[agent] fallback_prompt`` (loaded and reloaded by the supervisor)."""
         self._clock = clock
@@ -300,7 +304,8 @@ class Calls:
         now = trio.current_time()
         transport = request.info.transport
         try:
-            core = SessionCore.build(self.config, transport, now)
+            core = SessionCore.build(self.config, transport, now, tenant=tenant,
+                                     providers=self.providers)
             leg = setup.build(request.ticket, core, now)
         except Exception as exc:
             refused = isinstance(exc, SetupRefused)
@@ -314,7 +319,8 @@ class Calls:
             session_id=request.ticket, call_id=request.call_id, transport=transport,
             codec=leg.codec, signaling=leg.signaling, media=leg.media, core=core,
             clock=self._clock, answer_delay_s=leg.answer_delay_s,
-            fallback_prompt=self.fallback_prompt, tenant=tenant, tasks=leg.tasks,
+            fallback_prompt=self.fallback_prompt, tenant=tenant, from_uri=request.from_uri,
+            to_uri=request.to_uri, tasks=leg.tasks,
             stop_reason=lambda: self._stop_reason,
         )
         record.codec = leg.codec

@@ -24,7 +24,8 @@ from voxgate.errors import ConfigError
 DEFAULT_PATH = Path("/etc/voxgate/voxgate.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
 LOG_TARGETS = ("auto", "journal", "stderr")
-AGENT_KINDS = ("echo", "local", "silent", "babble")
+AGENT_KINDS = ("echo", "local", "silent", "babble", "stream")
+STREAM_PROTOCOLS = ("twilio", "vonage")
 CODECS = ("PCMU", "PCMA")
 
 
@@ -91,6 +92,11 @@ class TenantConfig:
     header_name: str = ""
     header_value: str = ""
     source_cidrs: tuple[str, ...] = ()
+    agent: str = ""
+    """This tenant's ``[agent] kind`` ("" = the ``[agent]`` one)."""
+    providers: tuple[str, ...] = ()
+    """For ``kind = "stream"``: the ``[[agent.providers]]`` names its calls try, in
+    order (empty = every provider, in the file's order)."""
 
 
 @dataclass(frozen=True)
@@ -130,6 +136,34 @@ class WebhookConfig:
 
 
 @dataclass(frozen=True)
+class ProviderConfig:
+    """One ``[[agent.providers]]`` entry: a bot server the stream agent connects to."""
+
+    name: str = ""
+    url: str = ""
+    protocol: str = "twilio"
+    sample_rate_hz: int = 8000
+    """The audio rate of the ``vonage`` protocol (8000 or 16000)."""
+    ca_file: str = ""
+    """PEM file of the CAs that sign a ``wss://`` server ("" = the system store)."""
+
+
+@dataclass(frozen=True)
+class StreamConfig:
+    """``[agent.stream]``: limits of every bot connection and provider health."""
+
+    connect_timeout_s: float = field(default=3.0, metadata=_range(0.1, 60))
+    max_message_bytes: int = field(default=65_536, metadata=_range(1024, 16 << 20))
+    max_messages_per_s: int = field(default=200, metadata=_range(10, 100_000))
+    send_queue_frames: int = field(default=50, metadata=_range(1, 10_000))
+    unhealthy_after_errors: int = field(default=3, metadata=_range(1, 1000))
+    early_close_s: float = field(default=5.0, metadata=_range(0.1, 3600))
+    probe_interval_s: float = field(default=5.0, metadata=_range(0.1, 3600))
+    ramp_shares: tuple[float, ...] = (0.1, 0.5, 1.0)
+    ramp_step_s: float = field(default=30.0, metadata=_range(0.1, 86_400))
+
+
+@dataclass(frozen=True)
 class AgentConfig:
     """``[agent]``; ``menu`` None runs the local agent's built-in example menu."""
 
@@ -144,6 +178,8 @@ class AgentConfig:
     preroll_ms: int = field(default=300, metadata=_range(0, 2000))
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     menu: Menu | None = None
+    stream: StreamConfig = field(default_factory=StreamConfig)
+    providers: tuple[ProviderConfig, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -396,6 +432,8 @@ def _parse_menu(value: Any, section: str, source: str) -> Menu:
 _NESTED: dict[tuple[type, str], Any] = {
     (AgentConfig, "webhook"): lambda v, sec, src: _parse_table(WebhookConfig, sec, v, src),
     (AgentConfig, "menu"): _parse_menu,
+    (AgentConfig, "stream"): lambda v, sec, src: _parse_table(StreamConfig, sec, v, src),
+    (AgentConfig, "providers"): lambda v, sec, src: _parse_tables(ProviderConfig, sec, v, src),
     (Menu, "steps"): lambda v, sec, src: _parse_tables(Step, sec, v, src),
     (Step, "choices"): lambda v, sec, src: _parse_tables(Choice, sec, v, src),
 }
@@ -418,6 +456,11 @@ def _check_value(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
     elif isinstance(default, str):
         if not isinstance(value, str):
             raise ConfigError(f"{where}: must be a string")
+    elif isinstance(default, tuple) and default and isinstance(default[0], float):
+        if not isinstance(value, list) or not value or not all(
+                isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            raise ConfigError(f"{where}: must be a non-empty list of numbers")
+        value = tuple(float(v) for v in value)
     elif isinstance(default, tuple):
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             raise ConfigError(f"{where}: must be a list of strings")
@@ -458,6 +501,7 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"{src}: [budget] session_bytes: must hold at least the jitter "
                           f"buffer ({jitter_bytes} bytes for [rtp] jitter_buffer_max_ms)")
     _check_agent(config.agent, src)
+    _check_providers(config, src)
     if config.websocket.listen:
         try:
             split_host_port(config.websocket.listen)
@@ -499,3 +543,33 @@ def _check_agent(agent: AgentConfig, src: str) -> None:
         raise ConfigError(f"{src}: [agent] plugin: must be \"module:callable\"")
     if agent.webhook.url and not agent.webhook.url.startswith(("http://", "https://")):
         raise ConfigError(f"{src}: [agent.webhook] url: must be an http:// or https:// URL")
+
+
+def _check_providers(config: Config, src: str) -> None:
+    providers = config.agent.providers
+    names = [p.name for p in providers]
+    for i, provider in enumerate(providers):
+        where = f"{src}: [[agent.providers]] #{i + 1}"
+        if not provider.name or provider.name in names[:i]:
+            raise ConfigError(f"{where} name: must be set and unique")
+        if not provider.url.startswith(("ws://", "wss://")):
+            raise ConfigError(f"{where} url: must be a ws:// or wss:// URL, got {provider.url!r}")
+        if provider.protocol not in STREAM_PROTOCOLS:
+            raise ConfigError(f"{where} protocol: must be one of {', '.join(STREAM_PROTOCOLS)}")
+        if provider.sample_rate_hz not in (8000, 16000):
+            raise ConfigError(f"{where} sample_rate_hz: must be 8000 or 16000")
+    shares = config.agent.stream.ramp_shares
+    if any(not 0 < s <= 1 for s in shares) or list(shares) != sorted(shares) or shares[-1] != 1:
+        raise ConfigError(f"{src}: [agent.stream] ramp_shares: rising shares in (0, 1] that "
+                          f"end with 1, got {list(shares)}")
+    kinds = {config.agent.kind} | {t.agent for t in config.tenants if t.agent}
+    for tenant in config.tenants:
+        where = f"{src}: [[tenants]] {tenant.name}"
+        if tenant.agent and tenant.agent not in AGENT_KINDS:
+            raise ConfigError(f"{where} agent: must be one of {', '.join(AGENT_KINDS)}")
+        unknown = [n for n in tenant.providers if n not in names]
+        if unknown:
+            raise ConfigError(f"{where} providers: no [[agent.providers]] named "
+                              f"{', '.join(unknown)}")
+    if "stream" in kinds and not providers:
+        raise ConfigError(f"{src}: [[agent.providers]]: the stream agent needs at least one")

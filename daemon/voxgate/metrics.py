@@ -17,7 +17,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -49,8 +49,35 @@ TIME_TO_FIRST_VOICE = Histogram(
 RESPONSE_LATENCY = Histogram(
     "voxgate_response_latency_seconds",
     "From the end of the caller's speech to the agent's answer queued for playout "
-    "(VAD stop_ms, recognition, logic and synthesis; local agent)",
-    registry=REGISTRY, buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, float("inf")),
+    "(local: VAD stop_ms, recognition, logic and synthesis; stream: the bot's first audio)",
+    ["agent"], registry=REGISTRY,
+    buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, float("inf")),
+)
+PROVIDER_UP = Gauge(
+    "voxgate_provider_up", "1 while a bot provider is healthy or ramping back, 0 when down",
+    ["provider"], registry=REGISTRY,
+)
+PROVIDER_SHARE = Gauge(
+    "voxgate_provider_ramp_share", "Share of new sessions a provider may take (1 healthy, "
+    "0 down, between while ramping back)", ["provider"], registry=REGISTRY,
+)
+PROVIDER_SESSIONS = Counter(
+    "voxgate_provider_sessions", "Bot sessions by provider and result (ok: the bot hung up; "
+    "dropped: the connection was lost; failover: the first choice failed, another served)",
+    ["provider", "result"], registry=REGISTRY,
+)
+PROVIDER_ERRORS = Counter(
+    "voxgate_provider_errors", "Provider errors by kind (connect, timeout, rejected, "
+    "handshake, tls, early-close, probe)", ["provider", "kind"], registry=REGISTRY,
+)
+PROVIDER_CONNECT = Histogram(
+    "voxgate_provider_connect_seconds", "WebSocket connect and handshake time to a provider",
+    ["provider"], registry=REGISTRY,
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 3, float("inf")),
+)
+BOT_MESSAGES_DROPPED = Counter(
+    "voxgate_bot_messages_dropped", "Bot messages dropped, by provider and reason "
+    "(malformed, rate)", ["provider", "reason"], registry=REGISTRY,
 )
 LOOP_LAG = Histogram(
     "voxgate_loop_lag_seconds", "Event-loop lag measured by the watchdog",

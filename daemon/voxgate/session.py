@@ -29,7 +29,7 @@ import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import trio
 
@@ -55,6 +55,9 @@ from voxgate.pipeline.pipeline import MediaLeg, Pipeline
 from voxgate.pipeline.playback import DEADMAN, PlaybackTracker
 from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import VoiceActivityDetector
+
+if TYPE_CHECKING:
+    from voxgate.agents.stream import ProviderPool
 
 # End reasons after which the peer is already gone: no BYE from us.
 _PEER_ENDED = frozenset({"bye", "cancel"})
@@ -112,8 +115,10 @@ class SessionCore:
     pipeline: Pipeline
 
     @classmethod
-    def build(cls, config: Config, transport: str, now: float) -> SessionCore:
-        """A new core from ``config`` (``[budget]``, ``[timers]``, ``[vad]``, ``[agent]``).
+    def build(cls, config: Config, transport: str, now: float, *, tenant: str = "default",
+              providers: ProviderPool | None = None) -> SessionCore:
+        """A new core from ``config`` (``[budget]``, ``[timers]``, ``[vad]``, ``[agent]``)
+        for a call of ``tenant``; ``providers`` serves stream agents.
 
         The ``jitter`` budget buffer is capped by ``[rtp] jitter_buffer_max_ms``
         for every transport's inbound queue; ``utterance`` (the caller's speech
@@ -134,7 +139,7 @@ class SessionCore:
         playout = Playout(budget)
         vad = VoiceActivityDetector(aggressiveness=config.vad.aggressiveness,
                                     start_ms=config.vad.start_ms, stop_ms=config.vad.stop_ms)
-        agent = make_agent(config, playout, budget)
+        agent = make_agent(config, playout, budget, tenant=tenant, providers=providers)
 
         def done(utterance_id: int, signal: str) -> None:
             PLAYBACK_COMPLETION.labels(transport, signal).inc()
@@ -162,6 +167,8 @@ class Session:
         answer_delay_s: float,
         fallback_prompt: tuple[bytes, ...] = (),
         tenant: str = "default",
+        from_uri: str = "",
+        to_uri: str = "",
         tasks: tuple[Callable[[], Awaitable[None]], ...] = (),
         stop_reason: Callable[[], str] = lambda: "shutdown",
     ) -> None:
@@ -170,6 +177,8 @@ class Session:
         outside (a drain deadline, a stop)."""
         self.session_id = session_id
         self.tenant = tenant
+        self.from_uri = from_uri
+        self.to_uri = to_uri
         self.call_id = call_id
         self.transport = transport
         self.codec = codec
@@ -199,6 +208,15 @@ class Session:
     def set_barge_in(self, enabled: bool) -> None:
         """The agent allows or forbids barge-in for its next utterances."""
         self.pipeline.barge_in = enabled
+
+    def fallback(self) -> None:
+        """The agent asks for the fallback prompt (its bot is reconnecting)."""
+        if self._fallback_prompt:
+            self.playout.say(self._fallback_prompt)
+
+    def clear_playout(self) -> None:
+        """The agent (its bot) flushes its own speech."""
+        self.pipeline.clear(trio.current_time())
 
     def caller_turn_ended(self) -> None:
         """The agent took the caller's keys as a turn: its answer is due now."""
@@ -317,8 +335,7 @@ class Session:
         elif isinstance(event, AgentFallback):
             self._log(logging.INFO, "agent_fallback", "agent did not answer: fallback prompt",
                       prompt_frames=len(self._fallback_prompt))
-            if self._fallback_prompt:
-                self.playout.say(self._fallback_prompt)
+            self.fallback()
         elif isinstance(event, PlaybackDeadman):
             self._log(logging.WARNING, "playback_deadman",
                       f"no {self.transport} playback-completion signal: ending the turn anyway",

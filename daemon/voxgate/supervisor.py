@@ -46,7 +46,8 @@ import trio
 from voxgate import __version__
 from voxgate.admission import Admission, limits_from_config
 from voxgate.admission_desk import AdmissionDesk
-from voxgate.agents.factory import check_agent
+from voxgate.agents.factory import agent_kinds, check_agent
+from voxgate.agents.stream import ProviderPool
 from voxgate.budget import RssGate, RssLimits, choose_shed_victims, parse_statm_rss_bytes
 from voxgate.calls import Calls
 from voxgate.config import DEFAULT_PATH, Config, load_config, rss_limits
@@ -85,7 +86,8 @@ _RESTART_ONLY = ("sip.listen", "rtp.address", "rtp.port_min", "rtp.port_max",
                  "records.path", "records.keep_days", "records.max_rows", "records.queue_size",
                  "records.recordings_dir", "records.recordings_max_bytes", "postcall.webhook",
                  "postcall.workers", "postcall.max_pending", "postcall.max_attempts",
-                 "postcall.backoff_initial_s", "postcall.backoff_max_s", "postcall.timeout_s")
+                 "postcall.backoff_initial_s", "postcall.backoff_max_s", "postcall.timeout_s",
+                 "agent.providers", "agent.stream")
 
 
 _METRIC_HELP = {
@@ -140,8 +142,11 @@ class Supervisor:
         self.recordings = None if not rec.recordings_dir else Recordings(
             rec.recordings_dir, max_bytes=rec.recordings_max_bytes,
             max_buffer_bytes=32 * rec.recording_buffer_ms)
+        self.providers = None if not config.agent.providers else ProviderPool(
+            config.agent.providers, config.agent.stream, self._provider_health)
         self.calls = Calls(config, self.desk, self.registry, self.clock, records=self.records,
-                           postcall=self.postcall, recordings=self.recordings)
+                           postcall=self.postcall, recordings=self.recordings,
+                           providers=self.providers)
         self.calls.fallback_prompt = _prompt(config)
         self.endpoint = SipEndpoint(config, self.calls, check_in=self.check_in)
         self.desk.subscribe(self.endpoint.poke)
@@ -227,6 +232,11 @@ class Supervisor:
         """A critical task proves it is alive (see :mod:`voxgate.watchdog`)."""
         self.watchdog.check_in(task, trio.current_time())
 
+    def _provider_health(self, component: str, healthy: bool, detail: str) -> None:
+        """The provider pool's verdict gates admission while a stream agent is in use."""
+        gating = "stream" in agent_kinds(self.config)
+        self.desk.set_health(component, healthy or not gating, detail if gating else "")
+
     # -- operations ----------------------------------------------------------
 
     def reload(self) -> str:
@@ -291,7 +301,7 @@ class Supervisor:
             async with trio.open_nursery() as nursery:
                 await nursery.start(self.clock.run)
                 await nursery.start(self.desk.run)
-                for service in (self.records, self.postcall, self.recordings):
+                for service in (self.records, self.postcall, self.recordings, self.providers):
                     if service is not None:
                         await nursery.start(service.run)
                 await nursery.start(self.calls.run)

@@ -23,6 +23,8 @@ class Controls:
     call_id = "c1"
     tenant = "default"
     transport = "sip"
+    from_uri = "sip:alice@example.com"
+    to_uri = "sip:agent@example.com"
     answered_at: float | None = 0.0
 
     def __init__(self) -> None:
@@ -38,6 +40,12 @@ class Controls:
 
     def caller_turn_ended(self) -> None:
         self.key_turns += 1
+
+    def fallback(self) -> None:
+        pass
+
+    def clear_playout(self) -> None:
+        pass
 
 
 class FakeRecognizer:

@@ -660,3 +660,37 @@ def _ok_to(headers: dict[str, list[str]]) -> bytes:
     lines += [f"Via: {via}" for via in headers.get("via", [])]
     lines += [f"{name}: {headers[name.lower()][0]}" for name in ("From", "To", "Call-ID", "CSeq")]
     return ("\r\n".join([*lines, "Content-Length: 0", "", ""])).encode()
+
+
+TELEPHONE_EVENT_PT = 101
+
+
+def offer_telephone_event(invite: bytes) -> bytes:
+    """``invite`` whose SDP offer adds RFC 4733 telephone-event (payload type 101)."""
+    head, body = invite.split(b"\r\n\r\n", 1)
+    body = re.sub(rb"(m=audio \d+ RTP/AVP 0)\r\n", rb"\1 101\r\n", body)
+    body += (f"a=rtpmap:{TELEPHONE_EVENT_PT} telephone-event/8000\r\n"
+             f"a=fmtp:{TELEPHONE_EVENT_PT} 0-15\r\n").encode()
+    head = re.sub(rb"Content-Length: \d+", b"Content-Length: %d" % len(body), head)
+    return head + b"\r\n\r\n" + body
+
+
+def press_keys(peer: RtpPeer, keys: str) -> None:
+    """RFC 4733 key presses in the peer's stream (its SSRC, its socket), 100 ms each,
+    100 ms apart."""
+    assert peer.remote is not None
+    sequence = random.getrandbits(16)
+    for key in keys:
+        event = "0123456789*#".index(key)
+        # Each press starts later than the last one (RFC 4733 §2.5.1.2): the clock's.
+        timestamp = int(time.monotonic() * 8000) & 0xFFFFFFFF
+        for n in range(7):
+            end = n >= 4
+            duration = min(n + 1, 5) * 160
+            header = struct.pack("!BBHII", 0x80, (0x80 if n == 0 else 0) | TELEPHONE_EVENT_PT,
+                                 sequence, timestamp, peer.ssrc)
+            payload = struct.pack("!BBH", event, (0x80 if end else 0) | 10, duration)
+            peer.send_raw(header + payload)
+            sequence = (sequence + 1) & 0xFFFF
+            time.sleep(0.02)
+        time.sleep(0.1)

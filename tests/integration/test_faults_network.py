@@ -42,12 +42,11 @@ from tests.harness.impair import (
     ImpairSchedule,
     impaired_call,
 )
-from tests.harness.phone import FRAME_BYTES, Call, Phone, headers_of
+from tests.harness.phone import FRAME_BYTES, Call, Phone, headers_of, press_keys
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import ctl_json, wait_until
 from tests.integration.test_local_agent import (
     _call,
-    _press,
     _turns,
     _wait_reply,
     _wait_turns,
@@ -355,11 +354,11 @@ def _key_turns_with_a_faulty_webhook(local_agent: LocalAgent,
         local_agent.faults[call.call_id] = fault
         _wait_reply(peer, call.final_at or 0.0)
         _wait_reply(clean_peer, clean.final_at or 0.0)
-        _press(peer, "1")
-        _press(clean_peer, "1")  # while the faulty request is still out, for "hang"
+        press_keys(peer, "1")
+        press_keys(clean_peer, "1")  # while the faulty request is still out, for "hang"
         _wait_turns(daemon, call, 2, timeout_s=AGENT_RESPONSE_S + 10)
         _wait_turns(daemon, clean, 2)
-        _press(peer, "42#")  # the call goes on: the next step answers too
+        press_keys(peer, "42#")  # the call goes on: the next step answers too
         _wait_turns(daemon, call, 3, timeout_s=AGENT_RESPONSE_S + 10)
         sessions = {s["call_id"]: s["state"] for s in ctl_json(daemon, "sessions")}
         phone.hang_up(call)

@@ -11,9 +11,7 @@ wrong thing, or nothing intelligible.
 from __future__ import annotations
 
 import json
-import random
 import re
-import struct
 import subprocess
 import threading
 import time
@@ -30,7 +28,7 @@ from tests.agents.speech import speak_ulaw
 from tests.harness import requires
 from tests.harness.audio import decode_g711, frame_energy_dbfs, rms_dbfs
 from tests.harness.daemon import Daemon, running_daemon
-from tests.harness.phone import Call, Phone, RtpPeer
+from tests.harness.phone import Call, Phone, RtpPeer, offer_telephone_event, press_keys
 from tests.integration.test_control import ctl_json, ctl_ok
 from voxgate.agents.dialogue import Choice, Menu, Step, normalize
 from voxgate.agents.recognizer import Recognizer, menu_grammars
@@ -48,7 +46,6 @@ MAIN_PROMPT = "Say balance, agent, or goodbye."
 MORE_PROMPT = "Anything else? Say yes or no."
 BUSY = "All our agents are busy. Please try again later."
 WEBHOOK_SAY = "Your parcel ships tomorrow morning."
-TELEPHONE_EVENT_PT = 101
 
 
 @dataclass
@@ -109,7 +106,8 @@ def test_spoken_phrases_route_the_menu(agent: Agent) -> None:
     end = agent.daemon.wait_log(rf"event=call_end\b.*call_id={re.escape(call.call_id)}\s")
     assert "reason=agent-hangup" in end.string
     metrics = ctl_ok(agent.daemon, "metrics")
-    assert re.search(r"^voxgate_response_latency_seconds_count [1-9]", metrics, re.M)
+    assert re.search(r'^voxgate_response_latency_seconds_count\{agent="local"\} [1-9]', metrics,
+                     re.M)
     assert re.search(r"^voxgate_time_to_first_voice_seconds_count [1-9]", metrics, re.M)
 
 
@@ -117,12 +115,12 @@ def test_dtmf_routes_the_menu(agent: Agent) -> None:
     with Phone(agent.daemon) as phone:
         peer, call = _call(phone, dtmf=True)
         _wait_reply(peer, call.final_at or 0.0)
-        _press(peer, "1")
+        press_keys(peer, "1")
         _wait_turns(agent.daemon, call, 2)
         since = time.monotonic()
-        _press(peer, "42#")
+        press_keys(peer, "42#")
         reply = _wait_reply(peer, since)
-        _press(peer, "2")
+        press_keys(peer, "2")
         phone.wait_bye(call, timeout_s=15)
     balance = "The balance of account 4 2 is forty two dollars. " + MORE_PROMPT
     assert _heard(reply, [balance, ACCOUNT_PROMPT, MAIN_PROMPT]) == balance
@@ -242,42 +240,12 @@ def _call(phone: Phone, *, dtmf: bool = False) -> tuple[RtpPeer, Call]:
     peer = phone.rtp_peer()
     call, invite = phone.prepare(media=peer)
     if dtmf:
-        invite = _offer_telephone_event(invite)
+        invite = offer_telephone_event(invite)
     phone.send(invite)
     phone.wait_final([call])
     assert call.final_status == 200, call
     peer.resume()
     return peer, call
-
-
-def _offer_telephone_event(invite: bytes) -> bytes:
-    head, body = invite.split(b"\r\n\r\n", 1)
-    body = re.sub(rb"(m=audio \d+ RTP/AVP 0)\r\n", rb"\1 101\r\n", body)
-    body += (f"a=rtpmap:{TELEPHONE_EVENT_PT} telephone-event/8000\r\n"
-             f"a=fmtp:{TELEPHONE_EVENT_PT} 0-15\r\n").encode()
-    head = re.sub(rb"Content-Length: \d+", b"Content-Length: %d" % len(body), head)
-    return head + b"\r\n\r\n" + body
-
-
-def _press(peer: RtpPeer, keys: str) -> None:
-    """RFC 4733 key presses in the peer's stream (its SSRC, its socket), 100 ms each,
-    100 ms apart."""
-    assert peer.remote is not None
-    sequence = random.getrandbits(16)
-    for key in keys:
-        event = "0123456789*#".index(key)
-        # Each press starts later than the last one (RFC 4733 §2.5.1.2): the clock's.
-        timestamp = int(time.monotonic() * 8000) & 0xFFFFFFFF
-        for n in range(7):
-            end = n >= 4
-            duration = min(n + 1, 5) * 160
-            header = struct.pack("!BBHII", 0x80, (0x80 if n == 0 else 0) | TELEPHONE_EVENT_PT,
-                                 sequence, timestamp, peer.ssrc)
-            payload = struct.pack("!BBH", event, (0x80 if end else 0) | 10, duration)
-            peer.send_raw(header + payload)
-            sequence = (sequence + 1) & 0xFFFF
-            time.sleep(0.02)
-        time.sleep(0.1)
 
 
 def _say(peer: RtpPeer, text: str, *, wait: bool = True) -> bytes:

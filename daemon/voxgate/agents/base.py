@@ -24,6 +24,10 @@ class AgentControls(Protocol):
     call_id: str
     tenant: str
     transport: str
+    from_uri: str
+    """The caller (SIP From URI, the stream's ``from`` parameter; "" when unknown)."""
+    to_uri: str
+    """Who was called (SIP To URI or the line's name; "" when unknown)."""
     answered_at: float | None
     """When the call was answered (monotonic seconds, the media clock's); None before."""
 
@@ -32,6 +36,12 @@ class AgentControls(Protocol):
 
     def set_barge_in(self, enabled: bool) -> None:
         """Whether caller speech may cut the agent's speech (default on)."""
+
+    def fallback(self) -> None:
+        """Play ``[agent] fallback_prompt`` now (e.g. while a lost bot reconnects)."""
+
+    def clear_playout(self) -> None:
+        """Drop the agent's speech not played yet, here and at the far end."""
 
     def caller_turn_ended(self) -> None:
         """The caller finished a turn the VAD cannot see (keys pressed): the

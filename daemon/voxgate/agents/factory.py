@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from voxgate.agents.base import Agent
 from voxgate.agents.diagnostic import BabbleAgent, SilentAgent
 from voxgate.agents.echo import EchoAgent
 from voxgate.budget import SessionBudget
 from voxgate.config import Config
-from voxgate.errors import ConfigError
+from voxgate.errors import ConfigError, LocalProtocolError
 from voxgate.pipeline.playout import Playout
+
+if TYPE_CHECKING:
+    from voxgate.agents.stream import ProviderPool
 
 AGENTS: dict[str, type[Agent]] = {
     "echo": EchoAgent,
@@ -25,7 +30,7 @@ def check_agent(config: Config) -> None:
     Raises:
         ConfigError: naming the file and the key.
     """
-    if config.agent.kind != "local":
+    if "local" not in agent_kinds(config):
         return
     from voxgate.agents.local import shared_runtime
 
@@ -35,19 +40,39 @@ def check_agent(config: Config) -> None:
         raise ConfigError(f"{config.source}: {e}") from e
 
 
-def make_agent(config: Config, playout: Playout, budget: SessionBudget) -> Agent:
-    """A new agent of ``[agent] kind`` (validated by the config) speaking into ``playout``.
+def agent_kinds(config: Config) -> set[str]:
+    """Every agent kind the config runs: ``[agent]``'s and the tenants' own."""
+    return {config.agent.kind} | {t.agent for t in config.tenants if t.agent}
+
+
+def make_agent(config: Config, playout: Playout, budget: SessionBudget, *,
+               tenant: str = "default", providers: ProviderPool | None = None) -> Agent:
+    """A new agent of the tenant's kind (its ``agent`` key, else ``[agent] kind``;
+    validated by the config) speaking into ``playout``.
 
     ``budget`` holds the session's buffers (the local agent collects the
     caller's speech in its ``utterance`` buffer). The local agent and its
     recogniser, synthesiser and webhook client are imported on first use.
 
+    The stream agent takes its providers (the tenant's ``providers``, else all)
+    from ``providers``, the daemon's :class:`~voxgate.agents.stream.ProviderPool`.
+
     Raises:
         ConfigError: ``[agent] plugin`` cannot be loaded (local agent).
+        LocalProtocolError: a stream agent without a provider pool.
     """
-    if config.agent.kind == "local":
+    own = next((t for t in config.tenants if t.name == tenant), None)
+    kind = own.agent if own is not None and own.agent else config.agent.kind
+    if kind == "stream":
+        from voxgate.agents.stream import StreamAgent
+
+        if providers is None:
+            raise LocalProtocolError("the stream agent needs the daemon's provider pool")
+        return StreamAgent(playout, providers, own.providers if own is not None else (),
+                           recovery_window_s=config.timers.recovery_window_s)
+    if kind == "local":
         from voxgate.agents.local import LocalAgent, shared_runtime
 
         return LocalAgent(playout, budget, shared_runtime(config),
                           vad_start_ms=config.vad.start_ms)
-    return AGENTS[config.agent.kind](playout)
+    return AGENTS[kind](playout)

@@ -322,7 +322,7 @@ class LocalAgent(Agent):
             if caller_done_at is not None:
                 ahead = max(0, len(self.playout) - len(frames))
                 response_s = now + ahead * FRAME_S - caller_done_at
-                RESPONSE_LATENCY.observe(response_s)
+                RESPONSE_LATENCY.labels("local").observe(response_s)
                 record["response_ms"] = round(response_s * 1000)
         elif answer.hangup:
             self.controls.hangup(HANGUP_REASON)

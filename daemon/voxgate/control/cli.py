@@ -266,6 +266,22 @@ def render_jobs(result: Any) -> str:
     return text
 
 
+def render_providers(result: Any) -> str:
+    """``providers``: one row per bot provider, in the order calls try them."""
+    rows = []
+    for p in (_as_dict(r) for r in _as_list(result)):
+        last = p.get("last_error")
+        last_text = "" if not isinstance(last, dict) else (
+            f"{last.get('kind')} {round(float(last.get('age_s') or 0))}s ago: "
+            f"{last.get('detail')}")
+        sessions = _as_dict(p.get("sessions"))
+        rows.append((p.get("name"), p.get("state"), p.get("share"), p.get("consecutive_errors"),
+                     " ".join(f"{k}={v}" for k, v in sorted(sessions.items())) or "-",
+                     round(float(str(p.get("state_since_s") or 0))), last_text or "-"))
+    return table(("PROVIDER", "STATE", "SHARE", "ERRORS", "SESSIONS", "SINCE_S", "LAST ERROR"),
+                 rows)
+
+
 def parse_duration_s(text: str) -> float:
     """``90``, ``90s``, ``15m``, ``2h``, ``7d`` → seconds; raises ArgumentTypeError."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
@@ -477,6 +493,8 @@ def _build_parser() -> argparse.ArgumentParser:
     calls.add_argument("--limit", type=int, default=50, metavar="N",
                        help="at most N calls (default 50)")
     add("jobs", _simple("jobs", render_jobs), "post-call job queue: backlog and failures")
+    add("providers", _simple("providers", render_providers),
+        "bot providers: health, ramp share, errors, sessions")
     add("hangup", _simple("hangup", render_message), "end one session").add_argument("id")
     drain = add("drain", _run_drain, "stop admitting calls; sessions in progress go on")
     drain.add_argument("--wait", action="store_true", help="wait until no session is left")

@@ -108,6 +108,11 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
             raise CommandError(UNAVAILABLE, "post-call jobs are off ([postcall] webhook is empty)")
         return await sup.postcall.summary()
 
+    async def providers(args: Mapping[str, Any]) -> list[dict[str, object]]:
+        if sup.providers is None:
+            raise CommandError(UNAVAILABLE, "no [[agent.providers]] configured")
+        return sup.providers.snapshot()
+
     async def hangup(args: Mapping[str, Any]) -> dict[str, str]:
         sid = session_id(args)
         if not sup.registry.hangup(sid):
@@ -141,7 +146,7 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
 
     return {
         "status": status, "sessions": sessions, "show": show, "calls": calls, "jobs": jobs,
-        "hangup": hangup,
+        "providers": providers, "hangup": hangup,
         "drain": drain, "resume": resume, "reload": reload, "health": health_cmd,
         "metrics": metrics, "devices": devices_command, "line": sup.alsa.line_command,
     }

@@ -129,10 +129,15 @@ class Pipeline:
     def _barge_in(self, now: float) -> None:
         """The caller talks over the agent: its speech stops at the current frame."""
         self.barge_ins += 1
+        self.clear(now)
+        self.agent.on_barge_in()
+
+    def clear(self, now: float) -> None:
+        """Drop the agent's queued speech and, on the next step, what the leg holds;
+        the utterances cut complete with the ``cleared`` signal."""
         self.cleared = True
         for utterance_id in self.playout.clear():
             self.playback.complete(utterance_id, CLEARED, now)
-        self.agent.on_barge_in()
 
     def outbound(self, now: float) -> bytes | None:
         """The next frame to send, or None (the transport sends silence).

@@ -49,15 +49,29 @@ class Playout:
         """Queue an utterance (at least one frame); returns its id."""
         if not frames:
             raise ValueError("an utterance needs at least one frame")
-        utterance_id = self._next_id
-        self._next_id += 1
         for frame in frames:
             self.push(frame)
+        utterance_id = self._track()
+        self._settle()
+        return utterance_id
+
+    def mark(self) -> int | None:
+        """Track the frames queued so far as one utterance (a bot's ``mark``): its id,
+        or None when nothing is queued (everything before it has left)."""
+        if not self._queue:
+            return None
+        if self._tracked and self._tracked[-1][1] == self._pushed - 1:
+            return self._tracked[-1][0]
+        return self._track()
+
+    def _track(self) -> int:
+        """A new utterance ending at the last frame queued."""
+        utterance_id = self._next_id
+        self._next_id += 1
         if len(self._tracked) == MAX_TRACKED_UTTERANCES:
             self._sent.append(self._tracked.popleft()[0])
         self._tracked.append((utterance_id, self._pushed - 1))
         self._queued.append((utterance_id, len(self._queue) * FRAME_S))
-        self._settle()
         return utterance_id
 
     def pop(self) -> bytes | None:

@@ -197,6 +197,9 @@ Event = Connected | Start | Media | Dtmf | Mark | Stop | Clear
 
 FROM_MEDIA_SERVER: Final = "media-server"
 FROM_VOXGATE: Final = "voxgate"
+FROM_BOT: Final = "bot"
+"""A bot behind the stream agent: it sends what voxgate sends a media server
+(``media``, ``mark``, ``clear``), its media in chunks of any length."""
 
 
 # -- parsing -----------------------------------------------------------------
@@ -236,12 +239,12 @@ def _counter(obj: dict[str, Any], key: str, where: str, *, required: bool) -> in
     raise _policy(f"{where}.{key} missing or not a non-negative decimal number")
 
 
-def _payload(text: str) -> bytes:
+def _payload(text: str, *, whole_frames: bool = True) -> bytes:
     try:
         payload = base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise MediaStreamError(CLOSE_INVALID_PAYLOAD, "media.payload is not base64") from None
-    if not payload or len(payload) % FRAME_BYTES:
+    if not payload or (whole_frames and len(payload) % FRAME_BYTES):
         raise MediaStreamError(
             CLOSE_INVALID_PAYLOAD,
             f"media.payload of {len(payload)} bytes is not whole 20 ms frames "
@@ -285,8 +288,9 @@ def _parse_start(msg: dict[str, Any]) -> Start:
 def _parse_media(msg: dict[str, Any], sender: str) -> Media:
     media = _object(msg.get("media"), "media")
     stream_sid = _string(msg, "streamSid", "media")
-    payload = _payload(_string(media, "payload", "media", max_chars=1 << 30))
-    if sender == FROM_VOXGATE:
+    payload = _payload(_string(media, "payload", "media", max_chars=1 << 30),
+                       whole_frames=sender != FROM_BOT)
+    if sender in (FROM_VOXGATE, FROM_BOT):
         return Media(stream_sid, payload)
     track = _string(media, "track", "media")
     if track not in TRACKS:
@@ -331,13 +335,18 @@ _PARSERS: Final[Mapping[str, Mapping[str, Callable[[dict[str, Any]], Event]]]] =
         "media": lambda msg: _parse_media(msg, FROM_VOXGATE),
         "mark": _parse_mark, "clear": _parse_clear,
     },
+    FROM_BOT: {
+        "media": lambda msg: _parse_media(msg, FROM_BOT),
+        "mark": _parse_mark, "clear": _parse_clear,
+    },
 }
 
 
 def parse_message_untrusted(data: str | bytes, sender: str = FROM_MEDIA_SERVER, *,
                             max_bytes: int = MAX_MESSAGE_BYTES) -> Event:
-    """One WebSocket message from ``sender`` (:data:`FROM_MEDIA_SERVER`, or
-    :data:`FROM_VOXGATE` for a client reading our messages) as an event.
+    """One WebSocket message from ``sender`` (:data:`FROM_MEDIA_SERVER`,
+    :data:`FROM_BOT`, or :data:`FROM_VOXGATE` for a client reading our messages)
+    as an event.
 
     The JSON is decoded within bounds (:func:`voxgate.jsonbounds.loads_untrusted`:
     ``max_bytes`` of UTF-8, :data:`MAX_MESSAGE_DEPTH` deep, no NaN/Infinity, no

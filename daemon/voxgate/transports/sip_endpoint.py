@@ -37,6 +37,7 @@ from voxgate.metrics import REGISTRY
 from voxgate.rtp.stream import RtpStream
 from voxgate.session import Session, SessionCore
 from voxgate.sip import uas
+from voxgate.sip.headers import parse_name_addr
 from voxgate.sip.ratelimit import FloodLimits
 from voxgate.sip.sdp import (
     Negotiated,
@@ -408,8 +409,8 @@ class SipEndpoint:
         self._idle = trio.Event()
         info = _call_info(event)
         self.calls.start(CallRequest(call.ticket, event.call_id, info,
-                                     from_uri=info.headers.get("from", ""),
-                                     to_uri=info.headers.get("to", "")), call)
+                                     from_uri=_uri_of(info.headers.get("from", "")),
+                                     to_uri=_uri_of(info.headers.get("to", ""))), call)
 
     def _reinvite(self, event: uas.ReInvite) -> None:
         call = self._calls.get(event.call_key)
@@ -479,3 +480,9 @@ def _fmt(addr: tuple[str, int] | None) -> str | None:
     return None if addr is None else f"{addr[0]}:{addr[1]}"
 
 
+def _uri_of(name_addr: str) -> str:
+    """The URI of a From/To value (the UAS parsed it already; "" if it cannot be read)."""
+    try:
+        return parse_name_addr(name_addr).uri
+    except RemoteProtocolError:
+        return ""

@@ -1,0 +1,444 @@
+"""The stream agent: each call bridged to the integrator's bot over a WebSocket.
+
+For every admitted call (``[agent] kind = "stream"``) voxgate opens one
+WebSocket *client* connection to a provider (``[[agent.providers]]``) and
+plays the media server's part of the provider's protocol
+(:mod:`voxgate.agents.bot_wire`): the caller's audio goes to the bot every
+20 ms, key presses as ``dtmf``; the bot's audio is played through the
+session's playout (bounded by the session budget), its ``mark`` is echoed
+once the audio before it has played (the transport's playback-completion
+signal, :mod:`voxgate.pipeline.playback`), its ``clear`` flushes the
+playout (the bot does barge-in, so voxgate's own is off for this agent).
+
+Providers are tried at session creation in the order :class:`ProviderPool`
+gives (health, failover and ramp-back: :mod:`voxgate.agents.providers`),
+each within ``[agent.stream] connect_timeout_s``; the call is never switched
+mid-sentence. The bot closing its socket normally (1000/1001) hangs up the
+call (``agent-hangup``). Any other loss plays ``[agent] fallback_prompt`` and
+reconnects (same provider first) within ``[timers] recovery_window_s`` with a
+new ``start`` whose ``customParameters`` carry ``resumed = "true"``;
+otherwise the call ends with ``provider-lost``. No provider at all at the
+start ends it with ``provider-unavailable``.
+
+Bounds: ``[agent.stream] max_message_bytes`` (a larger message closes the
+connection with 1009, then the reconnect rule applies),
+``max_messages_per_s`` (beyond it messages are dropped), ``send_queue_frames``
+(caller audio waiting for the socket; beyond it frames are dropped).
+Malformed bot messages are counted (``voxgate_bot_messages_dropped_total``),
+logged once per call with the Call-ID, and dropped.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import ssl
+from collections.abc import Callable
+from typing import Final
+
+import trio
+from trio_websocket import (
+    ConnectionClosed,
+    ConnectionRejected,
+    HandshakeError,
+    WebSocketConnection,
+    connect_websocket_url,
+    open_websocket_url,
+)
+
+from voxgate.agents.base import Agent
+from voxgate.agents.bot_wire import (
+    WIRES,
+    BotAudio,
+    BotClear,
+    BotMark,
+    BotWire,
+    BotWireError,
+    CallMeta,
+)
+from voxgate.agents.providers import HealthSettings, ProviderSet
+from voxgate.config import ProviderConfig, StreamConfig
+from voxgate.logging import log_event
+from voxgate.metrics import (
+    BOT_MESSAGES_DROPPED,
+    PROVIDER_CONNECT,
+    PROVIDER_ERRORS,
+    PROVIDER_SESSIONS,
+    PROVIDER_SHARE,
+    PROVIDER_UP,
+    RESPONSE_LATENCY,
+)
+from voxgate.pipeline.frames import PCM_FRAME_BYTES
+from voxgate.pipeline.playout import Playout
+from voxgate.pipeline.vad import SpeechStarted, SpeechStopped
+from voxgate.rtp.dtmf import DtmfEvent
+
+HEALTH_COMPONENT: Final = "providers"
+"""The admission health gate's component name (``voxgatectl health``)."""
+NORMAL_CLOSES: Final = frozenset({1000, 1001})
+"""Close codes that mean the bot hung up (RFC 6455 §7.4.1)."""
+CLOSE_TIMEOUT_S: Final = 1.0
+"""How long ``stop`` and the closing handshake may take at the end of a call."""
+RECONNECT_PAUSE_S: Final = 0.5
+"""Between two rounds of reconnect attempts after a drop."""
+
+_CONNECT_ERRORS = (OSError, HandshakeError, trio.TooSlowError, ssl.SSLError)
+
+
+def _ssl_context(provider: ProviderConfig) -> ssl.SSLContext | None:
+    if not provider.url.startswith("wss://"):
+        return None
+    return ssl.create_default_context(cafile=provider.ca_file or None)
+
+
+def _error_kind(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return "timeout"
+    if isinstance(exc, ConnectionRejected):
+        return "rejected"
+    if isinstance(exc, HandshakeError):
+        return "handshake"
+    if isinstance(exc, ssl.SSLError):
+        return "tls"
+    return "connect"
+
+
+def _close_code(closed: ConnectionClosed) -> int | None:
+    return None if closed.reason is None else closed.reason.code
+
+
+class ProviderPool:
+    """The providers' health for the whole daemon; a Trio service.
+
+    :meth:`run` probes unhealthy providers, advances their ramps, keeps the
+    admission health gate (``set_health``) closed while every provider is
+    unhealthy, and exports ``voxgate_provider_*`` metrics. Sessions ask
+    :meth:`candidates` for their order and report back.
+    """
+
+    def __init__(self, providers: tuple[ProviderConfig, ...], stream: StreamConfig,
+                 set_health: Callable[[str, bool, str], None]) -> None:
+        self.providers = {p.name: p for p in providers}
+        self.stream = stream
+        self._set_health = set_health
+        self._settings = HealthSettings(
+            unhealthy_after_errors=stream.unhealthy_after_errors,
+            probe_interval_s=stream.probe_interval_s, ramp_shares=stream.ramp_shares,
+            ramp_step_s=stream.ramp_step_s, early_close_s=stream.early_close_s)
+        self.health = ProviderSet(list(self.providers), self._settings, 0.0)
+        self._changed = trio.Event()
+        self._random = random.Random()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Probe and publish until cancelled."""
+        self.health = ProviderSet(list(self.providers), self._settings, trio.current_time())
+        self._publish()
+        task_status.started()
+        async with trio.open_nursery() as nursery:
+            while True:
+                now = trio.current_time()
+                for name in self.health.probes_due(now):
+                    nursery.start_soon(self._probe, name)
+                self._publish()
+                deadline = self.health.next_deadline()
+                self._changed = trio.Event()
+                with trio.move_on_at(trio.current_time() + 60 if deadline is None else deadline):
+                    await self._changed.wait()
+
+    async def _probe(self, name: str) -> None:
+        provider = self.providers[name]
+        ok = True
+        try:
+            with trio.fail_after(self.stream.connect_timeout_s):
+                async with open_websocket_url(provider.url, _ssl_context(provider),
+                                              connect_timeout=self.stream.connect_timeout_s,
+                                              disconnect_timeout=CLOSE_TIMEOUT_S):
+                    pass
+        except (*_CONNECT_ERRORS, ConnectionClosed):
+            ok = False
+        if not ok:
+            PROVIDER_ERRORS.labels(name, "probe").inc()
+        self.health.probe_result(name, ok, trio.current_time())
+        self._changed.set()
+
+    def candidates(self, names: tuple[str, ...]) -> list[ProviderConfig]:
+        """The providers a new session tries, in order; ``names`` restricts them to a
+        tenant's (empty: all)."""
+        order = self.health.candidates(trio.current_time(), self._random.random())
+        self._changed.set()
+        return [self.providers[n] for n in order if not names or n in names]
+
+    def success(self, name: str, connect_s: float) -> None:
+        PROVIDER_CONNECT.labels(name).observe(connect_s)
+        self.health.success(name, trio.current_time(), connect_s)
+        self._changed.set()
+
+    def failure(self, name: str, kind: str, detail: str) -> None:
+        PROVIDER_ERRORS.labels(name, kind).inc()
+        self.health.failure(name, kind, trio.current_time(), detail)
+        self._changed.set()
+
+    def session_result(self, name: str, result: str) -> None:
+        PROVIDER_SESSIONS.labels(name, result).inc()
+        self.health.record_session(name, result)
+
+    def snapshot(self) -> list[dict[str, object]]:
+        """One row per provider for ``voxgatectl providers`` and ``health``."""
+        return self.health.snapshot(trio.current_time())
+
+    def _publish(self) -> None:
+        for name, old, new, _ in self.health.take_changes():
+            log_event(logging.WARNING if new == "unhealthy" else logging.INFO,
+                      "provider_state", f"provider {name}: {old} → {new}",
+                      provider=name, state=new, previous=old)
+        down = []
+        for name in self.providers:
+            share = self.health.share(name)
+            PROVIDER_SHARE.labels(name).set(share)
+            up = self.health.state(name) != "unhealthy"
+            PROVIDER_UP.labels(name).set(1 if up else 0)
+            if not up:
+                down.append(name)
+        self._set_health(HEALTH_COMPONENT, not self.health.all_unhealthy,
+                         f"every provider is down: {', '.join(down)}"
+                         if self.health.all_unhealthy else "")
+
+
+class StreamAgent(Agent):
+    """One call's bot connection (see the module docstring)."""
+
+    def __init__(self, playout: Playout, pool: ProviderPool, tenant_providers: tuple[str, ...],
+                 *, recovery_window_s: float) -> None:
+        """``tenant_providers`` restricts the call to those providers (empty: all);
+        after a drop, reconnecting may take ``recovery_window_s``."""
+        super().__init__(playout)
+        self._pool = pool
+        self._stream = pool.stream
+        self._tenant_providers = tenant_providers
+        self._recovery_window_s = recovery_window_s
+        self._out: trio.MemorySendChannel[str | bytes] | None = None
+        self._wire: BotWire | None = None
+        self._pending = b""  # bot audio short of a whole frame
+        self._marks: dict[int, str] = {}  # playout utterance id → the bot's mark name
+        self._rate_second = -1
+        self._rate_count = 0
+        self._turn_ended_at: float | None = None
+        self.provider = ""
+        self.failovers = 0
+        self.resumes = 0
+        self.marks_received = 0
+        self.marks_acknowledged = 0
+        self.frames_dropped = 0
+        self.dropped: dict[str, int] = {}
+        self._logged_bad = False
+
+    # -- the media tick's hooks (no blocking, no await) ---------------------------
+
+    def on_frame(self, pcm: bytes, now: float) -> None:
+        if self._wire is not None:
+            self._send(self._wire.media(pcm))
+
+    def on_speech(self, event: SpeechStarted | SpeechStopped) -> None:
+        self._turn_ended_at = event.at if isinstance(event, SpeechStopped) else None
+
+    def on_dtmf(self, event: DtmfEvent) -> None:
+        if self._wire is not None:
+            message = self._wire.dtmf(event.digit)
+            if message is not None:
+                self._send(message)
+
+    def on_playback_done(self, utterance_id: int, signal: str) -> None:
+        name = self._marks.pop(utterance_id, None)
+        if name is not None:
+            self._acknowledge(name)
+
+    def describe(self) -> dict[str, object]:
+        return {"provider": self.provider, "failovers": self.failovers, "resumes": self.resumes,
+                "marks_received": self.marks_received,
+                "marks_acknowledged": self.marks_acknowledged,
+                "frames_dropped": self.frames_dropped, "messages_dropped": dict(self.dropped)}
+
+    def _send(self, message: str | bytes) -> None:
+        out = self._out
+        if out is None:
+            return
+        try:
+            out.send_nowait(message)
+        except trio.WouldBlock:
+            self.frames_dropped += 1
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            self._out = None
+
+    def _acknowledge(self, name: str) -> None:
+        if self._wire is not None:
+            message = self._wire.mark(name)
+            if message is not None:
+                self.marks_acknowledged += 1
+                self._send(message)
+
+    # -- the connection's task ------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, bridge, reconnect after a drop; hang up when it cannot go on.
+
+        Cancelled at call end: ``stop`` is sent and the socket closed, shielded,
+        within :data:`CLOSE_TIMEOUT_S`.
+        """
+        controls = self.controls
+        controls.set_barge_in(False)
+        resumed = False
+        give_up_at = float("inf")
+        while True:
+            outcome = await self._one_connection(resumed, give_up_at)
+            if outcome == "hangup":
+                self._pool.session_result(self.provider, "ok")
+                controls.hangup("agent-hangup")
+                return
+            if outcome == "dropped":
+                self._pool.session_result(self.provider, "dropped")
+                controls.fallback()
+                resumed = True
+                give_up_at = trio.current_time() + self._recovery_window_s
+                continue
+            if trio.current_time() >= give_up_at or not resumed:
+                controls.hangup("provider-lost" if resumed else "provider-unavailable")
+                return
+            await trio.sleep(RECONNECT_PAUSE_S)
+
+    async def _one_connection(self, resumed: bool, give_up_at: float) -> str:
+        """Try the candidates in order until one connects, then bridge it.
+
+        Returns ``hangup`` (the bot closed normally), ``dropped`` (the connection
+        was lost) or ``none`` (no provider could be reached).
+        """
+        candidates = self._pool.candidates(self._tenant_providers)
+        if resumed and self.provider in self._pool.providers:
+            same = self._pool.providers[self.provider]
+            candidates = [same] + [c for c in candidates if c.name != self.provider]
+        for attempt, provider in enumerate(candidates):
+            timeout = min(self._stream.connect_timeout_s, give_up_at - trio.current_time())
+            if timeout <= 0:
+                break
+            if attempt:
+                self.failovers += 1
+            started = trio.current_time()
+            async with trio.open_nursery() as ws_nursery:
+                try:
+                    with trio.fail_after(timeout):
+                        ws = await connect_websocket_url(
+                            ws_nursery, provider.url, _ssl_context(provider),
+                            max_message_size=self._stream.max_message_bytes)
+                except _CONNECT_ERRORS as exc:
+                    self._pool.failure(provider.name, _error_kind(exc), repr(exc)[:200])
+                    continue
+                connected_at = trio.current_time()
+                self._pool.success(provider.name, connected_at - started)
+                if attempt:
+                    self._pool.session_result(candidates[0].name, "failover")
+                self.provider = provider.name
+                if resumed:
+                    self.resumes += 1
+                try:
+                    code = await self._bridge(provider, ws, resumed)
+                finally:
+                    with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+                        scope.shield = True
+                        await ws.aclose()
+            if code in NORMAL_CLOSES:
+                return "hangup"
+            if trio.current_time() - connected_at < self._stream.early_close_s:
+                self._pool.failure(provider.name, "early-close", f"close code {code}")
+            return "dropped"
+        return "none"
+
+    async def _bridge(self, provider: ProviderConfig, ws: WebSocketConnection,
+                      resumed: bool) -> int | None:
+        """Pump both ways until the bot's side closes; returns its close code."""
+        c = self.controls
+        wire: BotWire = WIRES[provider.protocol](
+            CallMeta(c.call_id, c.session_id, c.tenant, c.transport, c.from_uri, c.to_uri,
+                     resumed=resumed),
+            max_message_bytes=self._stream.max_message_bytes)
+        send, receive = trio.open_memory_channel[str | bytes](self._stream.send_queue_frames)
+        self._pending = b""
+        try:
+            async with trio.open_nursery() as nursery:
+                for message in wire.opening():
+                    await ws.send_message(message)
+                self._wire, self._out = wire, send
+                nursery.start_soon(self._sender, ws, receive)
+                try:
+                    while True:
+                        self._on_message(provider.name, await ws.get_message())
+                except ConnectionClosed as closed:
+                    nursery.cancel_scope.cancel()
+                    return _close_code(closed)
+        except ConnectionClosed as closed:  # while sending the opening or audio
+            return _close_code(closed)
+        finally:
+            self._wire, self._out = None, None
+            send.close()
+            if ws.closed is None:
+                with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+                    scope.shield = True
+                    try:
+                        for message in wire.closing():
+                            await ws.send_message(message)
+                    except ConnectionClosed:
+                        pass
+
+    async def _sender(self, ws: WebSocketConnection,
+                      receive: trio.MemoryReceiveChannel[str | bytes]) -> None:
+        async with receive:
+            async for message in receive:
+                await ws.send_message(message)
+
+    def _on_message(self, provider: str, data: str | bytes) -> None:
+        now = trio.current_time()
+        second = int(now)
+        if second != self._rate_second:
+            self._rate_second, self._rate_count = second, 0
+        self._rate_count += 1
+        if self._rate_count > self._stream.max_messages_per_s:
+            self._drop(provider, "rate", "over [agent.stream] max_messages_per_s")
+            return
+        wire = self._wire
+        if wire is None:
+            return
+        try:
+            event = wire.receive_untrusted(data)
+        except BotWireError as e:
+            self._drop(provider, "malformed", str(e))
+            return
+        if isinstance(event, BotAudio):
+            self._play(event.pcm, now)
+        elif isinstance(event, BotMark):
+            self.marks_received += 1
+            utterance_id = self.playout.mark()
+            if utterance_id is None:
+                self._acknowledge(event.name)
+            else:
+                self._marks[utterance_id] = event.name
+        elif isinstance(event, BotClear):
+            self._pending = b""
+            self.controls.clear_playout()
+
+    def _play(self, pcm: bytes, now: float) -> None:
+        if self._turn_ended_at is not None:
+            RESPONSE_LATENCY.labels("stream").observe(now - self._turn_ended_at)
+            self._turn_ended_at = None
+        pcm = self._pending + pcm
+        whole = len(pcm) - len(pcm) % PCM_FRAME_BYTES
+        for i in range(0, whole, PCM_FRAME_BYTES):
+            self.playout.push(pcm[i:i + PCM_FRAME_BYTES])
+        self._pending = pcm[whole:]
+
+    def _drop(self, provider: str, reason: str, detail: str) -> None:
+        self.dropped[reason] = self.dropped.get(reason, 0) + 1
+        BOT_MESSAGES_DROPPED.labels(provider, reason).inc()
+        if not self._logged_bad:
+            self._logged_bad = True
+            log_event(logging.WARNING, "bot_message_dropped",
+                      f"bot message dropped ({reason}): {detail}",
+                      session_id=self.controls.session_id, call_id=self.controls.call_id,
+                      provider=provider)
