@@ -34,6 +34,7 @@ import trio
 
 from voxgate.admission import Admitted, CallInfo, Queued, Refusal
 from voxgate.admission_desk import AdmissionDesk
+from voxgate.agents.factory import agent_kind
 from voxgate.agents.stream import ProviderPool
 from voxgate.config import Config
 from voxgate.logging import log_event
@@ -273,7 +274,8 @@ class Calls:
         record = CallRecord(
             session_id=request.ticket, call_id=request.call_id,
             transport=request.info.transport, tenant=admitted.tenant, admitted_at=time.time(),
-            from_uri=request.from_uri, to_uri=request.to_uri, agent=cfg.agent.kind,
+            from_uri=request.from_uri, to_uri=request.to_uri,
+            agent=agent_kind(cfg, admitted.tenant),
             queue_wait_s=round(admitted.waited_s, 3), cost_per_minute=cfg.records.cost_per_minute,
         )
         if self.records is not None:
@@ -371,6 +373,9 @@ def _fill_from_session(record: CallRecord, session: Session, now: float,
     record.drops = {name: value for name, value in counters.items()
                     if name.startswith(("budget_drop_", "drop_")) and value}
     agent = session.agent.describe()
+    provider = agent.get("provider")
+    if isinstance(provider, str) and provider:
+        record.provider = provider
     turns = agent.get("turns")
     if isinstance(turns, list):
         record.turns = [dict(turn) for turn in turns if isinstance(turn, dict)]

@@ -25,7 +25,10 @@ Everything the tests may check goes to ``--events`` as JSON lines, each with ``e
 (Twilio handshake and ``customParameters``) or ``connected`` (Vonage content-type),
 ``raw`` for every message received from the peer (kind and metadata, never payloads),
 ``dtmf``, ``tone``, ``mark_queued``, ``interrupt``, ``hangup``, ``peer_disconnected``,
-``summary`` (counts) and ``closed``. Once listening it prints ``ready port=N``.
+``summary`` (counts) and ``closed`` (``by``: ``bot``, ``peer`` or ``shutdown``, the last when
+SIGTERM made uvicorn close the socket with 1012); ``handshake_failed`` when a Twilio
+connection does not open with ``connected``/``start`` (the socket is closed with 1008).
+Once listening it prints ``ready port=N`` (the real port when ``--port 0``).
 """
 
 # pipecat is installed only in .venv-bot, so voxgate's mypy (in .venv) finds none of the
@@ -345,11 +348,16 @@ class _RecordingSocket:
             yield text
 
 
-@dataclass(frozen=True)
+@dataclass
 class BotConfig:
     protocol: str
     sample_rate: int
     log: EventLog
+    server: uvicorn.Server | None = None
+
+    def shutting_down(self) -> bool:
+        """uvicorn got SIGTERM/SIGINT: it closes every WebSocket with 1012."""
+        return self.server is not None and self.server.should_exit
 
 
 async def twilio_serializer(websocket: WebSocket, conn: Connection) -> FrameSerializer | None:
@@ -443,7 +451,8 @@ async def run_connection(websocket: WebSocket, conn: Connection, config: BotConf
             audio_frames_echoed=conn.audio_frames_echoed,
             raw_counts=dict(conn.raw_counts),
         )
-        conn.event("closed", by="peer" if peer_left else "bot")
+        by = "peer" if peer_left else "bot"
+        conn.event("closed", by="shutdown" if config.shutting_down() else by)
 
 
 def build_app(config: BotConfig) -> FastAPI:
@@ -482,6 +491,7 @@ async def serve(host: str, port: int, config: BotConfig) -> None:
             timeout_graceful_shutdown=3,
         )
     )
+    config.server = server
     serving = asyncio.create_task(server.serve())
     while not server.started:
         if serving.done():

@@ -9,6 +9,7 @@ stopped by its own PID on the way out whatever happened::
     with PipecatBot("twilio", workdir=tmp_path) as bot:
         ...  # point voxgate's stream agent at bot.url
         bot.wait_event(lambda e: e["event"] == "dtmf" and e["digit"] == "5")
+        # or, in a trio test running voxgate in-process: await bot.await_event(...)
 
 Events (see the bot's docstring) carry ``event``, ``conn`` (1 for the first connection)
 and ``t`` (Unix time). The bot echoes caller audio; DTMF ``1`` plays 1 s of tone then
@@ -31,6 +32,8 @@ from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Literal
+
+import trio
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 BOT_VENV = REPO_ROOT / ".venv-bot"
@@ -228,6 +231,9 @@ class PipecatBot:
     def _join_reader(self) -> None:
         if self._reader is not None:
             self._reader.join(timeout=_KILL_TIMEOUT_S)
+            self._reader = None
+        if self._proc is not None and self._proc.stdout is not None:
+            self._proc.stdout.close()
 
     def __enter__(self) -> PipecatBot:
         return self.start()
@@ -301,26 +307,40 @@ class PipecatBot:
 
     def wait_event(self, match: EventMatch, timeout_s: float = 10.0) -> Event:
         """The first event matching ``match`` (a name or a predicate), waiting up to
-        ``timeout_s`` for it to be written.
+        ``timeout_s`` for it to be written. Blocks the thread: in a trio test where
+        voxgate runs in-process, use :meth:`await_event`.
 
         Raises:
             AssertionError: none came in time, or the bot exited first; the message
                 holds the last events and the bot's log tail.
         """
-        accept = _matcher(match)
         deadline = time.monotonic() + timeout_s
         while True:
-            exited = not self.alive()
-            for event in self.events():
-                if accept(event):
-                    return event
-            if exited or time.monotonic() >= deadline:
-                last = "\n".join(json.dumps(e) for e in self.events()[-20:])
-                why = "bot exited" if exited else f"no matching event in {timeout_s} s"
-                raise AssertionError(
-                    f"{why}; last events:\n{last}\nbot log tail:\n{self._log_tail()}"
-                )
+            found = self._poll(match, deadline, timeout_s)
+            if found is not None:
+                return found
             time.sleep(_POLL_S)
+
+    async def await_event(self, match: EventMatch, timeout_s: float = 10.0) -> Event:
+        """:meth:`wait_event` that sleeps with trio, leaving the event loop running."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            found = self._poll(match, deadline, timeout_s)
+            if found is not None:
+                return found
+            await trio.sleep(_POLL_S)
+
+    def _poll(self, match: EventMatch, deadline: float, timeout_s: float) -> Event | None:
+        accept = _matcher(match)
+        exited = not self.alive()
+        for event in self.events():
+            if accept(event):
+                return event
+        if exited or time.monotonic() >= deadline:
+            last = "\n".join(json.dumps(e) for e in self.events()[-20:])
+            why = "bot exited" if exited else f"no matching event in {timeout_s} s"
+            raise AssertionError(f"{why}; last events:\n{last}\nbot log tail:\n{self._log_tail()}")
+        return None
 
 
 def _child_env() -> dict[str, str]:

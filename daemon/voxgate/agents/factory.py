@@ -45,6 +45,12 @@ def agent_kinds(config: Config) -> set[str]:
     return {config.agent.kind} | {t.agent for t in config.tenants if t.agent}
 
 
+def agent_kind(config: Config, tenant: str) -> str:
+    """The agent kind ``tenant``'s calls run: its own ``agent``, else ``[agent] kind``."""
+    own = next((t for t in config.tenants if t.name == tenant and t.agent), None)
+    return config.agent.kind if own is None else own.agent
+
+
 def make_agent(config: Config, playout: Playout, budget: SessionBudget, *,
                tenant: str = "default", providers: ProviderPool | None = None) -> Agent:
     """A new agent of the tenant's kind (its ``agent`` key, else ``[agent] kind``;
@@ -62,7 +68,7 @@ def make_agent(config: Config, playout: Playout, budget: SessionBudget, *,
         LocalProtocolError: a stream agent without a provider pool.
     """
     own = next((t for t in config.tenants if t.name == tenant), None)
-    kind = own.agent if own is not None and own.agent else config.agent.kind
+    kind = agent_kind(config, tenant)
     if kind == "stream":
         from voxgate.agents.stream import StreamAgent
 

@@ -286,6 +286,19 @@ class StreamAgent(Agent):
         """
         controls = self.controls
         controls.set_barge_in(False)
+        try:
+            await self._connections()
+        finally:
+            log_event(logging.INFO, "bot_session", "bot connection ended",
+                      session_id=controls.session_id, call_id=controls.call_id,
+                      provider=self.provider or None, failovers=self.failovers,
+                      resumes=self.resumes, marks_received=self.marks_received,
+                      marks_acknowledged=self.marks_acknowledged,
+                      frames_dropped=self.frames_dropped,
+                      messages_dropped=sum(self.dropped.values()))
+
+    async def _connections(self) -> None:
+        controls = self.controls
         resumed = False
         give_up_at = float("inf")
         while True:
