@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import gc
+import weakref
+
 import pytest
 import trio
 import trio.testing
@@ -135,6 +138,20 @@ async def test_max_duration_hangs_up_and_cleans_up(autojump_clock):
     assert len(clock) == 0
     assert SlowAgent.cancelled
     assert 95 <= media.ticks <= 101  # 2 s of 20 ms ticks
+
+
+async def test_an_ended_session_is_freed_without_the_cycle_collector(autojump_clock):
+    clock = MediaClock()
+    session, _ = make(clock, FakeMedia(), max_s=1.0)
+    ref = weakref.ref(session)
+    gc.disable()
+    try:
+        await run_with_clock(session, clock)
+        assert session.end_reason == "max-duration"
+        del session
+        assert ref() is None
+    finally:
+        gc.enable()
 
 
 async def test_peer_bye_sends_no_bye(autojump_clock):

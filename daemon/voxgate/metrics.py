@@ -76,8 +76,9 @@ PROVIDER_CONNECT = Histogram(
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 3, float("inf")),
 )
 BOT_MESSAGES_DROPPED = Counter(
-    "voxgate_bot_messages_dropped", "Bot messages dropped, by provider and reason "
-    "(malformed, rate)", ["provider", "reason"], registry=REGISTRY,
+    "voxgate_bot_messages_dropped", "Stream-agent messages dropped, by provider and reason "
+    "(from the bot: malformed, rate; to it: send_queue, caller audio the socket could not "
+    "take)", ["provider", "reason"], registry=REGISTRY,
 )
 LOOP_LAG = Histogram(
     "voxgate_loop_lag_seconds", "Event-loop lag measured by the watchdog",

@@ -26,14 +26,15 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import Enum
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, cast
 
 import trio
 
-from voxgate.agents.base import Agent
+from voxgate.agents.base import Agent, AgentControls
 from voxgate.agents.factory import make_agent
 from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.config import Config
@@ -199,7 +200,9 @@ class Session:
         self.started_at = math.nan
         self.answered_at: float | None = None
         self._end_requested = trio.Event()
-        self.agent.controls = self
+        # A weak reference: a strong one would make session ⇄ agent a cycle that keeps
+        # every ended call's objects until a full garbage collection (RSS creeps).
+        self.agent.controls = cast(AgentControls, weakref.proxy(self))
 
     def hangup(self, reason: str) -> None:
         """The agent ends the call (:class:`~voxgate.agents.base.AgentControls`)."""

@@ -33,8 +33,10 @@ from __future__ import annotations
 import logging
 import random
 import ssl
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from typing import Final
+from urllib.parse import urlsplit
 
 import trio
 from trio_websocket import (
@@ -42,8 +44,7 @@ from trio_websocket import (
     ConnectionRejected,
     HandshakeError,
     WebSocketConnection,
-    connect_websocket_url,
-    open_websocket_url,
+    wrap_client_stream,
 )
 
 from voxgate.agents.base import Agent
@@ -85,10 +86,48 @@ RECONNECT_PAUSE_S: Final = 0.5
 _CONNECT_ERRORS = (OSError, HandshakeError, trio.TooSlowError, ssl.SSLError)
 
 
-def _ssl_context(provider: ProviderConfig) -> ssl.SSLContext | None:
-    if not provider.url.startswith("wss://"):
-        return None
-    return ssl.create_default_context(cafile=provider.ca_file or None)
+@asynccontextmanager
+async def bot_socket(provider: ProviderConfig, max_message_bytes: int,
+                     connect_timeout_s: float) -> AsyncIterator[WebSocketConnection]:
+    """One WebSocket client connection to ``provider`` (``ws://`` or ``wss://``, TLS
+    verified against ``ca_file`` or the system store).
+
+    The TCP connect, TLS and WebSocket handshakes get ``connect_timeout_s``
+    together. On the way out the closing handshake gets :data:`CLOSE_TIMEOUT_S`
+    (shielded) and the TCP stream is closed whoever closed first: we own it,
+    because trio-websocket 0.12.2's ``open_websocket_url`` leaves it open when
+    the server closes first (one leaked socket per bot hang-up).
+
+    Raises:
+        OSError, HandshakeError, trio.TooSlowError, ssl.SSLError: the connection
+            could not be made.
+    """
+    url = urlsplit(provider.url)
+    secure = url.scheme == "wss"
+    host = url.hostname or ""
+    port = url.port or (443 if secure else 80)
+    resource = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    connect_by = trio.current_time() + connect_timeout_s
+    with trio.fail_at(connect_by):
+        tcp = await trio.open_tcp_stream(host, port)
+    stream: trio.SocketStream | trio.SSLStream[trio.SocketStream] = tcp
+    if secure:
+        context = ssl.create_default_context(cafile=provider.ca_file or None)
+        stream = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_at(connect_by):
+                ws = await wrap_client_stream(
+                    nursery, stream, host if url.port is None else f"{host}:{port}", resource,
+                    max_message_size=max_message_bytes)
+            try:
+                yield ws
+            finally:
+                with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
+                    scope.shield = True
+                    await ws.aclose()
+    finally:
+        await trio.aclose_forcefully(stream)
 
 
 def _error_kind(exc: BaseException) -> str:
@@ -149,11 +188,9 @@ class ProviderPool:
         provider = self.providers[name]
         ok = True
         try:
-            with trio.fail_after(self.stream.connect_timeout_s):
-                async with open_websocket_url(provider.url, _ssl_context(provider),
-                                              connect_timeout=self.stream.connect_timeout_s,
-                                              disconnect_timeout=CLOSE_TIMEOUT_S):
-                    pass
+            async with bot_socket(provider, self.stream.max_message_bytes,
+                                  self.stream.connect_timeout_s):
+                pass
         except (*_CONNECT_ERRORS, ConnectionClosed):
             ok = False
         if not ok:
@@ -219,7 +256,7 @@ class StreamAgent(Agent):
         self._out: trio.MemorySendChannel[str | bytes] | None = None
         self._wire: BotWire | None = None
         self._pending = b""  # bot audio short of a whole frame
-        self._marks: dict[int, str] = {}  # playout utterance id → the bot's mark name
+        self._marks: dict[int, list[str]] = {}  # utterance id → the bot's marks after it
         self._rate_second = -1
         self._rate_count = 0
         self._turn_ended_at: float | None = None
@@ -248,8 +285,7 @@ class StreamAgent(Agent):
                 self._send(message)
 
     def on_playback_done(self, utterance_id: int, signal: str) -> None:
-        name = self._marks.pop(utterance_id, None)
-        if name is not None:
+        for name in self._marks.pop(utterance_id, ()):
             self._acknowledge(name)
 
     def describe(self) -> dict[str, object]:
@@ -266,6 +302,7 @@ class StreamAgent(Agent):
             out.send_nowait(message)
         except trio.WouldBlock:
             self.frames_dropped += 1
+            BOT_MESSAGES_DROPPED.labels(self.provider, "send_queue").inc()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             self._out = None
 
@@ -335,28 +372,23 @@ class StreamAgent(Agent):
             if attempt:
                 self.failovers += 1
             started = trio.current_time()
-            async with trio.open_nursery() as ws_nursery:
-                try:
-                    with trio.fail_after(timeout):
-                        ws = await connect_websocket_url(
-                            ws_nursery, provider.url, _ssl_context(provider),
-                            max_message_size=self._stream.max_message_bytes)
-                except _CONNECT_ERRORS as exc:
-                    self._pool.failure(provider.name, _error_kind(exc), repr(exc)[:200])
-                    continue
-                connected_at = trio.current_time()
-                self._pool.success(provider.name, connected_at - started)
-                if attempt:
-                    self._pool.session_result(candidates[0].name, "failover")
-                self.provider = provider.name
-                if resumed:
-                    self.resumes += 1
-                try:
+            connected_at: float | None = None
+            try:
+                async with bot_socket(provider, self._stream.max_message_bytes,
+                                      timeout) as ws:
+                    connected_at = trio.current_time()
+                    self._pool.success(provider.name, connected_at - started)
+                    if attempt:
+                        self._pool.session_result(candidates[0].name, "failover")
+                    self.provider = provider.name
+                    if resumed:
+                        self.resumes += 1
                     code = await self._bridge(provider, ws, resumed)
-                finally:
-                    with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
-                        scope.shield = True
-                        await ws.aclose()
+            except _CONNECT_ERRORS as exc:
+                if connected_at is not None:
+                    raise
+                self._pool.failure(provider.name, _error_kind(exc), repr(exc)[:200])
+                continue
             if code in NORMAL_CLOSES:
                 return "hangup"
             if trio.current_time() - connected_at < self._stream.early_close_s:
@@ -431,7 +463,7 @@ class StreamAgent(Agent):
             if utterance_id is None:
                 self._acknowledge(event.name)
             else:
-                self._marks[utterance_id] = event.name
+                self._marks.setdefault(utterance_id, []).append(event.name)
         elif isinstance(event, BotClear):
             self._pending = b""
             self.controls.clear_playout()
