@@ -66,6 +66,7 @@ bench: setup
 	$(BIN)/python -m bench.admission_latency
 	$(BIN)/python -m bench.rss_sessions
 	$(BIN)/python -m bench.ws_load
+	$(BIN)/python -m bench.bot_load
 	$(BIN)/python -m bench.agent_latency
 
 # Soak (bench/soak.py): how long `make soak` runs, seconds or with s/m/h (600, 10m, 1h).

@@ -53,19 +53,25 @@ class Table(Generic[R]):
         return " ".join(format(get(result), spec).rjust(WIDTH) for _, spec, get in self.columns)
 
     def step_through(self, steps: Iterable[int], run: Callable[[int], R],
-                     warnings: Callable[[R], list[str]], unit: str) -> None:
-        """Run each step, print its row and warnings, stop at the first failure,
-        then print the largest sustained N (per ``unit``) and the limits."""
+                     warnings: Callable[[R], list[str]], unit: str, *,
+                     stop_at_failure: bool = True) -> None:
+        """Run each step, print its row and warnings, stop at the first failure (unless
+        ``stop_at_failure`` is false: then every step runs), then print the largest
+        sustained N (per ``unit``: the last step passed before the first failure) and
+        the limits."""
         print(self.header(), flush=True)
         best: R | None = None
+        failed = False
         for sessions in steps:
             result = run(sessions)
             print(self.row(result), flush=True)
             for warning in warnings(result):
                 print(f"  warning: {warning}")
-            if not result.passed:
+            failed = failed or not result.passed
+            if failed and stop_at_failure:
                 break
-            best = result
+            if not failed:
+                best = result
         if best is None:
             print("no step met the limits")
         else:

@@ -204,6 +204,35 @@ def media_streams() -> tuple[Seeds, Seeds]:
             {name: text.encode() for name, text in bot.items()})
 
 
+def _bot_binary(data: bytes) -> bytes:
+    return b"\x00" + data
+
+
+def _bot_text(message: object) -> bytes:
+    return b"\x01" + json.dumps(message).encode()
+
+
+def vonage_bot_messages() -> Seeds:
+    """What a Vonage bot sends (records as :func:`fuzz.targets.messages.vonage_bot`
+    reads them): 20 ms of audio at 8 and 16 kHz, odd-length audio, ``notify``,
+    ``clear`` and messages the wire refuses."""
+    notify = _bot_text({"action": "notify", "payload": {"name": "m1"}})
+    clear = _bot_text({"action": "clear"})
+    audio_16khz = [_bot_binary(_tone(2 * n) + _tone(2 * n + 1)) for n in range(3)]
+    return {
+        "audio-notify-clear": _records(*audio_16khz, notify, *audio_16khz, clear),
+        "audio-8khz": _records(*(_bot_binary(_tone(n)) for n in range(3))),
+        "odd-lengths": _records(_bot_binary(_tone(0)[:333]), _bot_binary(_tone(1)[:1]),
+                                _bot_binary(_tone(2)[:77])),
+        "notify": notify,
+        "notify-nested": _bot_text({"action": "notify",
+                                    "payload": {"name": "m2", "turn": {"n": 2, "ok": True}}}),
+        "clear": clear,
+        "refused": _records(_bot_text({"action": "play"}), _bot_text({"event": "websocket:dtmf"}),
+                            _bot_text({"action": "notify", "payload": "m1"}), b"\x01{"),
+    }
+
+
 def webhook_replies() -> Seeds:
     return {"say-next": b'{"say": "Your balance is 42.", "next": "more", "hangup": false}',
             "hangup": b'{"say": "Goodbye.", "hangup": true}', "empty": b"{}", "null": b"null",
@@ -238,6 +267,7 @@ def corpus() -> dict[str, Seeds]:
         "control": control_reads(),
         "media_stream": server,
         "media_stream_bot": bot,
+        "vonage_bot": vonage_bot_messages(),
         "webhook_reply": webhook_replies(),
         "json": json_documents(),
     }

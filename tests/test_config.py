@@ -73,6 +73,21 @@ def test_partial_file_takes_defaults(tmp_path):
         ("tenants = 3\n", "must be an array of tables"),
         ('[log]\ntarget = "syslog"\n', "[log] target: must be one of"),
         ('[metrics]\nlisten = "nowhere"\n', "[metrics] listen"),
+        ('[agent.webhook]\nurl = "ftp://x/"\n',
+         "[agent.webhook] url: must be an http:// or https:// URL, got 'ftp://x/'"),
+        ('[agent.webhook]\nurls = "http://x/"\n', "[agent.webhook] urls: must be a list of str"),
+        ('[agent.webhook]\nurls = ["http://a/", "ftp://b/"]\n',
+         "[agent.webhook] urls: must be an http:// or https:// URL, got 'ftp://b/'"),
+        ('[agent.webhook]\nurls = ["http://a/", ""]\n', "[agent.webhook] urls: must be an http"),
+        ('[agent.webhook]\nurl = "http://a/"\nurls = ["http://b/"]\n',
+         "[agent.webhook] urls: set either url or urls"),
+        ('[agent.webhook]\nurls = ["http://a/", "http://a/"]\n',
+         "[agent.webhook] urls: 'http://a/' is listed twice"),
+        ('[agent]\nplugin = "m:f"\n[agent.webhook]\nurls = ["http://a/"]\n',
+         "[agent] plugin: set either plugin or [agent.webhook] url/urls"),
+        ('[agent.webhook]\nurls = ["http://a/", "http://b/"]\n[[agent.providers]]\n'
+         'name = "webhook-2"\nurl = "ws://x"\n',
+         "[[agent.providers]] name: webhook-2 is the name of an [agent.webhook] URL"),
     ],
 )
 def test_errors_name_file_and_key(tmp_path, text, expected):
@@ -81,6 +96,17 @@ def test_errors_name_file_and_key(tmp_path, text, expected):
         load_config(path)
     assert str(path) in str(info.value)
     assert expected in str(info.value)
+
+
+def test_webhook_urls_in_failover_order(tmp_path):
+    several = load_config(write(tmp_path, '[agent.webhook]\nurls = ["http://a:1/h", '
+                                          '"https://b/h"]\n')).agent.webhook
+    assert several.all_urls == ("http://a:1/h", "https://b/h")
+    assert several.names == ("webhook-1", "webhook-2")
+    one = load_config(write(tmp_path, '[agent.webhook]\nurl = "http://a/"\n')).agent.webhook
+    assert (one.all_urls, one.names) == (("http://a/",), ("webhook-1",))
+    none = load_config(write(tmp_path, "[agent.webhook]\nurls = []\n")).agent.webhook
+    assert (none.all_urls, none.names) == ((), ())
 
 
 def test_tenants_become_admission_rules(tmp_path):

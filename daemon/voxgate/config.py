@@ -129,10 +129,22 @@ class VadConfig:
 
 @dataclass(frozen=True)
 class WebhookConfig:
-    """``[agent.webhook]``: the integrator's HTTP endpoint ("" = none)."""
+    """``[agent.webhook]``: the integrator's HTTP endpoint(s): ``url`` ("" = none) or
+    ``urls``, several tried in this order with failover (never both)."""
 
     url: str = ""
+    urls: tuple[str, ...] = ()
     max_concurrent: int = field(default=16, metadata=_range(1, 10_000))
+
+    @property
+    def all_urls(self) -> tuple[str, ...]:
+        """Every webhook URL in failover order (empty: no webhook)."""
+        return (self.url,) if self.url else self.urls
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Each URL's name in metrics and ``voxgatectl providers``: ``webhook-1`` … in order."""
+        return tuple(f"webhook-{i}" for i in range(1, len(self.all_urls) + 1))
 
 
 @dataclass(frozen=True)
@@ -537,12 +549,28 @@ def _check_agent(agent: AgentConfig, src: str) -> None:
     if not _VOICE.match(agent.voice):
         raise ConfigError(f"{src}: [agent] voice: an espeak-ng voice name (letters, digits, "
                           f"+ - _), got {agent.voice!r}")
-    if agent.plugin and agent.webhook.url:
-        raise ConfigError(f"{src}: [agent] plugin: set either plugin or [agent.webhook] url")
+    if agent.plugin and agent.webhook.all_urls:
+        raise ConfigError(f"{src}: [agent] plugin: set either plugin or [agent.webhook] url/urls")
     if agent.plugin and agent.plugin.count(":") != 1:
         raise ConfigError(f"{src}: [agent] plugin: must be \"module:callable\"")
-    if agent.webhook.url and not agent.webhook.url.startswith(("http://", "https://")):
-        raise ConfigError(f"{src}: [agent.webhook] url: must be an http:// or https:// URL")
+    _check_webhook(agent, src)
+
+
+def _check_webhook(agent: AgentConfig, src: str) -> None:
+    webhook = agent.webhook
+    key = "url" if webhook.url else "urls"
+    if webhook.url and webhook.urls:
+        raise ConfigError(f"{src}: [agent.webhook] urls: set either url or urls")
+    for url in webhook.all_urls:
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{src}: [agent.webhook] {key}: must be an http:// or https:// "
+                              f"URL, got {url!r}")
+        if webhook.all_urls.count(url) > 1:
+            raise ConfigError(f"{src}: [agent.webhook] urls: {url!r} is listed twice")
+    taken = sorted(set(webhook.names) & {p.name for p in agent.providers})
+    if taken:
+        raise ConfigError(f"{src}: [[agent.providers]] name: {', '.join(taken)} is the name "
+                          f"of an [agent.webhook] URL in metrics and voxgatectl")
 
 
 def _check_providers(config: Config, src: str) -> None:

@@ -48,6 +48,7 @@ from voxgate.admission import Admission, limits_from_config
 from voxgate.admission_desk import AdmissionDesk
 from voxgate.agents.factory import agent_kinds, check_agent
 from voxgate.agents.stream import ProviderPool
+from voxgate.agents.webhook import WebhookPool, webhook_pool
 from voxgate.budget import RssGate, RssLimits, choose_shed_victims, parse_statm_rss_bytes
 from voxgate.calls import Calls
 from voxgate.config import DEFAULT_PATH, Config, load_config, rss_limits
@@ -156,6 +157,7 @@ class Supervisor:
         self.rss_gate = RssGate(RssLimits(*rss_limits(config)))
         self.started_at = time.time()
         self._control: ControlServer | None = None
+        self._webhooks_scope = trio.CancelScope()
         REGISTRY.register(LiveCollector(self.metrics_snapshot, _METRIC_HELP))
         self.stopping = False
         self._status_changed = trio.Event()
@@ -232,6 +234,14 @@ class Supervisor:
         """A critical task proves it is alive (see :mod:`voxgate.watchdog`)."""
         self.watchdog.check_in(task, trio.current_time())
 
+    @property
+    def webhooks(self) -> WebhookPool | None:
+        """The health of the local agent's webhook URLs (None without a local agent or
+        without ``[agent.webhook]`` URLs); never an admission gate."""
+        if "local" not in agent_kinds(self.config):
+            return None
+        return webhook_pool(self.config.agent)
+
     def _provider_health(self, component: str, healthy: bool, detail: str) -> None:
         """The provider pool's verdict gates admission while a stream agent is in use."""
         gating = "stream" in agent_kinds(self.config)
@@ -257,7 +267,10 @@ class Supervisor:
             self._ready_again(f"STATUS=reload failed: {e}")
             raise
         pending = [key for key in _RESTART_ONLY if _get(new, key) != _get(self.config, key)]
+        webhooks = self.webhooks
         self.config = new
+        if self.webhooks is not webhooks:
+            self._webhooks_scope.cancel()  # _run_webhooks goes on with the new URLs
         setup_logging(new.log.level, new.log.target)
         self.watchdog.max_loop_lag_s = new.watchdog.max_loop_lag_ms / 1000
         self.calls.config = new
@@ -304,6 +317,7 @@ class Supervisor:
                 for service in (self.records, self.postcall, self.recordings, self.providers):
                     if service is not None:
                         await nursery.start(service.run)
+                nursery.start_soon(self._run_webhooks)
                 await nursery.start(self.calls.run)
                 listeners = [
                     ("[sip] listen", config.sip.listen, self.endpoint.run),
@@ -397,6 +411,17 @@ class Supervisor:
             with trio.move_on_at(max(deadline, trio.current_time())):
                 await self.postcall.wait_idle()
         scope.cancel()
+
+    async def _run_webhooks(self) -> None:
+        """Probe the webhook URLs of the config in force (:attr:`webhooks`), until
+        cancelled; a reload that changes them switches to the new ones."""
+        while True:
+            pool = self.webhooks
+            with trio.CancelScope() as self._webhooks_scope:
+                if pool is None:
+                    await trio.sleep_forever()
+                else:
+                    await pool.run()
 
     async def _status_loop(self) -> None:
         """STATUS= on change (checked every second) and at least every 10 s."""

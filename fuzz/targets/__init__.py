@@ -3,8 +3,8 @@
 A target returns normally for every input, well-formed or not: it catches
 the error type its parser documents (``RemoteProtocolError`` and its
 subclasses ``BadMessage``, ``BadPacket``, ``ControlProtocolError``,
-``MediaStreamError``, ``UntrustedJSONError``) and feeds what parsed to the
-code right behind the parser. A crash is any exception that leaves a target,
+``MediaStreamError``, ``UntrustedJSONError``, ``BotWireError``) and feeds
+what parsed to the code right behind the parser. A crash is any exception that leaves a target,
 including ``AssertionError`` from the invariants a target checks. Targets
 import neither atheris nor trio, so pytest runs them on the seed corpus
 (``tests/test_fuzz_targets.py``).
@@ -63,6 +63,8 @@ TARGETS: dict[str, Target] = {
                "transports.media_stream: media-server messages through MediaStream"),
         Target("media_stream_bot", messages.media_stream_bot,
                "transports.media_stream: voxgate-direction messages (what a bot reads)"),
+        Target("vonage_bot", messages.vonage_bot,
+               "agents.bot_wire.VonageWire: a Vonage bot's messages at 8 and 16 kHz"),
         Target("webhook_reply", messages.webhook_reply,
                "agents.webhook.parse_reply_untrusted -> Dialogue.follow"),
         Target("json", messages.json_value, "jsonbounds.loads_untrusted"),

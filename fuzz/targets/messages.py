@@ -6,9 +6,10 @@ Documented error types: :class:`~voxgate.jsonbounds.UntrustedJSONError`,
 :class:`~voxgate.transports.media_stream.MediaStreamError` and, for webhook
 replies, :class:`~voxgate.errors.RemoteProtocolError` (all of them are one).
 
-There is no bot bridge yet (issue 10): what a bot reads from voxgate is the
-media-stream message set in the voxgate direction, fuzzed by
-:func:`media_stream_bot`.
+What a bot reads from voxgate in the Twilio message set (the voxgate
+direction) is fuzzed by :func:`media_stream_bot`; what the stream agent reads
+from a Vonage bot by :func:`vonage_bot` (documented error type:
+:class:`~voxgate.agents.bot_wire.BotWireError`, a ``RemoteProtocolError``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,14 @@ import contextlib
 import json
 
 from fuzz.targets.framing import split_records
+from voxgate.agents.bot_wire import (
+    VONAGE_RATES_HZ,
+    BotAudio,
+    BotMark,
+    BotWireError,
+    CallMeta,
+    VonageWire,
+)
 from voxgate.agents.dialogue import BUILTIN_MENU, Dialogue
 from voxgate.agents.webhook import parse_reply_untrusted
 from voxgate.config import WebSocketConfig
@@ -43,6 +52,10 @@ MESSAGE_INTERVAL_S = 0.02
 """Time between two WebSocket messages of one input (one media frame)."""
 RECOVERY_TOKEN_CAPACITY = 4
 SESSION_ID = "fuzz-session"
+BOT_MAX_MESSAGE_BYTES = 1024
+"""Small, so that fuzzed bot messages reach the too-large path."""
+BOT_CALL = CallMeta(call_id="fuzz-call", session_id=SESSION_ID, tenant="default",
+                    transport="sip", from_uri="sip:a@127.0.0.1", to_uri="sip:bot@127.0.0.1")
 
 
 def control(data: bytes) -> None:
@@ -140,6 +153,36 @@ def media_stream_bot(data: bytes) -> None:
         return
     again = ms.parse_message_untrusted(ms.serialize(event), ms.FROM_VOXGATE)
     assert again == event, (again, event)
+
+
+def vonage_bot(data: bytes) -> None:
+    """WebSocket messages from a Vonage bot (cut by
+    :func:`~fuzz.targets.framing.split_records`; a record's first byte says binary
+    (even) or text (odd, the rest decoded as UTF-8 with replacement characters, as a
+    WebSocket text message always is)) into a :class:`VonageWire` at each rate,
+    with :data:`BOT_MAX_MESSAGE_BYTES`; every ``notify`` answered as the agent does.
+
+    Crash: anything but ``BotWireError``; audio that is empty or not whole samples;
+    a ``notify`` whose answer does not carry its payload back.
+    """
+    wires = [VonageWire(BOT_CALL, max_message_bytes=BOT_MAX_MESSAGE_BYTES, sample_rate_hz=rate)
+             for rate in VONAGE_RATES_HZ]
+    for record in split_records(data):
+        if not record:
+            continue
+        body = record[1:]
+        message = body.decode("utf-8", "replace") if record[0] & 1 else body
+        for wire in wires:
+            try:
+                event = wire.receive_untrusted(message)
+            except BotWireError:
+                continue
+            if isinstance(event, BotAudio):
+                assert event.pcm and len(event.pcm) % 2 == 0, len(event.pcm)
+            elif isinstance(event, BotMark):
+                answer = wire.mark(event.name)
+                assert answer is not None, event
+                assert json.loads(answer)["payload"] == json.loads(event.name), (answer, event)
 
 
 def webhook_reply(data: bytes) -> None:

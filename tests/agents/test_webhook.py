@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import trio
 
+from voxgate.agents.providers import HealthSettings
 from voxgate.agents.webhook import (
     MAX_REPLY_BYTES,
     Ask,
@@ -17,6 +20,7 @@ from voxgate.agents.webhook import (
     PluginIntegrator,
     Reply,
     WebhookIntegrator,
+    WebhookPool,
     integrator_for,
     load_plugin,
     parse_reply_untrusted,
@@ -73,37 +77,68 @@ def test_empty_reply():
     assert Reply().empty and not Reply(next="x").empty
 
 
-class _Hook(BaseHTTPRequestHandler):
+class Hook(BaseHTTPRequestHandler):
+    """A webhook; its class attributes say how it answers and collect what it got."""
+
     posts: list[dict[str, object]]
     reply: bytes = b'{"say": "From the hook."}'
     status = 200
+    delay_s = 0.0
+    """How long a POST waits before its answer."""
+    head_status = 405
+    heads = 0
 
     def do_POST(self):
         length = int(self.headers["Content-Length"])
         self.posts.append(json.loads(self.rfile.read(length)))
+        time.sleep(self.delay_s)
         self.send_response(self.status)
         self.send_header("Content-Length", str(len(self.reply)))
         self.end_headers()
         self.wfile.write(self.reply)
 
+    def do_HEAD(self):
+        type(self).heads += 1
+        self.send_response(self.head_status)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
     def log_message(self, *args):
         pass
 
 
-@pytest.fixture
-def hook() -> Iterator[tuple[str, type[_Hook]]]:
-    handler = type("Hook", (_Hook,), {"posts": []})
+@contextmanager
+def serving(**answers: object) -> Iterator[tuple[str, type[Hook]]]:
+    """A :class:`Hook` with ``answers`` as class attributes, on 127.0.0.1 in a thread:
+    its URL and its class."""
+    handler = type("Hook", (Hook,), {"posts": [], **answers})
     server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    server.daemon_threads = True
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
-    server.shutdown()
-    server.server_close()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/hook", handler
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def webhook(*urls: str, settings: HealthSettings | None = None, max_concurrent: int = 2,
+            timeout_s: float = 5) -> WebhookIntegrator:
+    """A webhook integrator on ``urls`` (in failover order) with a pool of its own."""
+    pool = WebhookPool(WebhookConfig(urls=urls), settings or HealthSettings())
+    return WebhookIntegrator(pool, max_concurrent=max_concurrent, timeout_s=timeout_s)
+
+
+@pytest.fixture
+def hook() -> Iterator[tuple[str, type[Hook]]]:
+    with serving() as served:
+        yield served
 
 
 async def test_webhook_posts_json_and_reads_the_reply(hook):
     url, handler = hook
-    integrator = WebhookIntegrator(url, max_concurrent=2, timeout_s=5)
+    integrator = webhook(url)
     async with integrator.connect() as ask:
         outcome = await ask(REQUEST)
     assert outcome.reply == Reply("From the hook.")
@@ -113,7 +148,7 @@ async def test_webhook_posts_json_and_reads_the_reply(hook):
 async def test_webhook_error_status_is_an_error(hook):
     url, handler = hook
     handler.status = 500
-    integrator = WebhookIntegrator(url, max_concurrent=2, timeout_s=5)
+    integrator = webhook(url)
     async with integrator.connect() as ask:
         outcome = await ask(REQUEST)
     assert outcome.reply is None and "HTTP 500" in outcome.error
@@ -123,7 +158,7 @@ async def test_webhook_error_status_is_an_error(hook):
 async def test_hostile_reply_lets_the_menu_answer(hook):
     url, handler = hook
     handler.reply = DEEP_ARRAY
-    integrator = WebhookIntegrator(url, max_concurrent=2, timeout_s=5)
+    integrator = webhook(url)
     async with integrator.connect() as ask:
         outcome = await ask(REQUEST)
         handler.reply = b'{"say": "Back."}'
@@ -134,7 +169,7 @@ async def test_hostile_reply_lets_the_menu_answer(hook):
 
 
 async def test_unreachable_webhook_is_an_error():
-    integrator = WebhookIntegrator("http://127.0.0.1:9/", max_concurrent=1, timeout_s=5)
+    integrator = webhook("http://127.0.0.1:9/", max_concurrent=1)
     async with integrator.connect() as ask:
         outcome = await ask(REQUEST)
     assert outcome.reply is None and "ConnectError" in outcome.error

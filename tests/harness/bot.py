@@ -16,6 +16,9 @@ and ``t`` (Unix time). The bot echoes caller audio; DTMF ``1`` plays 1 s of tone
 sends a mark (Twilio) / notify (Vonage) named ``m1``, ``m2``…; ``#`` plays 3 s of tone
 and clears it after 0.5 s; ``*`` ends the call (bot closes the socket, code 1000);
 ``0`` cancels it (abrupt close).
+
+:class:`BotProcess` is the process handling for any bot of ``.venv-bot`` (a subclass
+gives its command line), e.g. the misbehaving one of :mod:`tests.harness.hostile_bot`.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any, Literal, Self
 
 import trio
 
@@ -78,34 +81,30 @@ def _matcher(match: EventMatch) -> Callable[[Event], bool]:
     return match
 
 
-class PipecatBot:
-    """The Pipecat bot as a subprocess: start, readiness, events, stop or kill.
+class BotProcess:
+    """A bot server of ``.venv-bot`` as a subprocess: start, readiness, events, stop or kill.
 
-    ``workdir`` holds ``bot-events.jsonl`` and ``bot.log`` (the bot's stderr: Pipecat's
-    log); without one a temporary directory is used and removed by :meth:`stop`.
-    ``port=0`` lets the bot bind a free port; give the port of a killed bot to start
-    its replacement at the same URL.
+    Subclasses give :meth:`command`: a program that listens on ``self.host`` and the
+    port asked for, prints ``ready port=N`` on stdout once listening and writes JSON-lines
+    events to ``self.events_path``. ``workdir`` holds ``bot-events.jsonl`` and ``bot.log``
+    (the bot's stderr); without one a temporary directory is used and removed by
+    :meth:`stop`. ``port=0`` lets the bot bind a free port; give the port of a killed bot
+    to start its replacement at the same URL.
     """
 
     def __init__(
         self,
-        protocol: Protocol = "twilio",
         *,
-        sample_rate: int = 16000,
         port: int = 0,
         workdir: Path | None = None,
-        log_level: str = "INFO",
         ready_timeout_s: float = READY_TIMEOUT_S,
     ) -> None:
-        self.protocol: Protocol = protocol
-        self.sample_rate = sample_rate
         self.host = "127.0.0.1"
         self._requested_port = port
         self._own_workdir = workdir is None
         self.workdir = Path(tempfile.mkdtemp(prefix="voxgate-bot-")) if workdir is None else workdir
         self.events_path = self.workdir / "bot-events.jsonl"
         self.log_path = self.workdir / "bot.log"
-        self._log_level = log_level
         self._ready_timeout_s = ready_timeout_s
         self._proc: subprocess.Popen[str] | None = None
         self._port: int | None = None
@@ -119,26 +118,15 @@ class PipecatBot:
     # lifecycle
 
     def command(self) -> list[str]:
-        """The bot's command line."""
-        cmd = [
-            str(bot_venv_python()),
-            str(BOT_SCRIPT),
-            "--host",
-            self.host,
-            "--port",
-            str(self._requested_port),
-            "--protocol",
-            self.protocol,
-            "--events",
-            str(self.events_path),
-            "--log-level",
-            self._log_level,
-        ]
-        if self.protocol == "vonage":
-            cmd += ["--sample-rate", str(self.sample_rate)]
-        return cmd
+        """The bot's command line (the bot virtualenv's interpreter and a script)."""
+        raise NotImplementedError
 
-    def start(self) -> PipecatBot:
+    def listen_args(self) -> list[str]:
+        """``--host H --port P --events PATH``: the options every bot takes."""
+        return ["--host", self.host, "--port", str(self._requested_port),
+                "--events", str(self.events_path)]
+
+    def start(self) -> Self:
         """Start the bot and wait for ``ready port=N``.
 
         Raises:
@@ -147,7 +135,7 @@ class PipecatBot:
                 (the bot is killed and its log tail is in the message).
         """
         if self._proc is not None:
-            raise RuntimeError("PipecatBot already started")
+            raise RuntimeError(f"{type(self).__name__} already started")
         cmd = self.command()
         self.workdir.mkdir(parents=True, exist_ok=True)
         with self.log_path.open("ab") as log:
@@ -166,7 +154,7 @@ class PipecatBot:
         if port is None:
             self.kill()
             raise RuntimeError(
-                f"Pipecat bot not ready in {self._ready_timeout_s} s "
+                f"{type(self).__name__} not ready in {self._ready_timeout_s} s "
                 f"(exit code {self._proc.returncode}); log tail:\n{self._log_tail()}"
             )
         self._port = port
@@ -235,7 +223,7 @@ class PipecatBot:
         if self._proc is not None and self._proc.stdout is not None:
             self._proc.stdout.close()
 
-    def __enter__(self) -> PipecatBot:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(
@@ -252,7 +240,7 @@ class PipecatBot:
     def port(self) -> int:
         """The TCP port the bot listens on (known once started)."""
         if self._port is None:
-            raise RuntimeError("PipecatBot not started")
+            raise RuntimeError(f"{type(self).__name__} not started")
         return self._port
 
     @property
@@ -264,7 +252,7 @@ class PipecatBot:
     def pid(self) -> int:
         """The bot's process id."""
         if self._proc is None:
-            raise RuntimeError("PipecatBot not started")
+            raise RuntimeError(f"{type(self).__name__} not started")
         return self._proc.pid
 
     def alive(self) -> bool:
@@ -341,6 +329,41 @@ class PipecatBot:
             why = "bot exited" if exited else f"no matching event in {timeout_s} s"
             raise AssertionError(f"{why}; last events:\n{last}\nbot log tail:\n{self._log_tail()}")
         return None
+
+
+class PipecatBot(BotProcess):
+    """The Pipecat bot (``tests/bots/pipecat_bot.py``) speaking ``protocol``; the other
+    arguments are :class:`BotProcess`'s."""
+
+    def __init__(
+        self,
+        protocol: Protocol = "twilio",
+        *,
+        sample_rate: int = 16000,
+        port: int = 0,
+        workdir: Path | None = None,
+        log_level: str = "INFO",
+        ready_timeout_s: float = READY_TIMEOUT_S,
+    ) -> None:
+        super().__init__(port=port, workdir=workdir, ready_timeout_s=ready_timeout_s)
+        self.protocol: Protocol = protocol
+        self.sample_rate = sample_rate
+        self._log_level = log_level
+
+    def command(self) -> list[str]:
+        """The bot's command line."""
+        cmd = [
+            str(bot_venv_python()),
+            str(BOT_SCRIPT),
+            *self.listen_args(),
+            "--protocol",
+            self.protocol,
+            "--log-level",
+            self._log_level,
+        ]
+        if self.protocol == "vonage":
+            cmd += ["--sample-rate", str(self.sample_rate)]
+        return cmd
 
 
 def _child_env() -> dict[str, str]:

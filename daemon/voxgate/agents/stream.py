@@ -31,10 +31,10 @@ logged once per call with the Call-ID, and dropped.
 from __future__ import annotations
 
 import logging
-import random
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from functools import partial
 from typing import Final
 from urllib.parse import urlsplit
 
@@ -57,18 +57,10 @@ from voxgate.agents.bot_wire import (
     BotWireError,
     CallMeta,
 )
-from voxgate.agents.providers import HealthSettings, ProviderSet
+from voxgate.agents.provider_pool import HealthPool, health_settings
 from voxgate.config import ProviderConfig, StreamConfig
 from voxgate.logging import log_event
-from voxgate.metrics import (
-    BOT_MESSAGES_DROPPED,
-    PROVIDER_CONNECT,
-    PROVIDER_ERRORS,
-    PROVIDER_SESSIONS,
-    PROVIDER_SHARE,
-    PROVIDER_UP,
-    RESPONSE_LATENCY,
-)
+from voxgate.metrics import BOT_MESSAGES_DROPPED, RESPONSE_LATENCY
 from voxgate.pipeline.frames import PCM_FRAME_BYTES
 from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import SpeechStarted, SpeechStopped
@@ -146,99 +138,36 @@ def _close_code(closed: ConnectionClosed) -> int | None:
     return None if closed.reason is None else closed.reason.code
 
 
-class ProviderPool:
-    """The providers' health for the whole daemon; a Trio service.
+class ProviderPool(HealthPool):
+    """The bot providers' health for the whole daemon; a Trio service
+    (:class:`~voxgate.agents.provider_pool.HealthPool`).
 
-    :meth:`run` probes unhealthy providers, advances their ramps, keeps the
-    admission health gate (``set_health``) closed while every provider is
-    unhealthy, and exports ``voxgate_provider_*`` metrics. Sessions ask
-    :meth:`candidates` for their order and report back.
+    A probe is a WebSocket connect within ``[agent.stream] connect_timeout_s``.
+    ``set_health`` (the admission health gate, component :data:`HEALTH_COMPONENT`)
+    is closed while every provider is unhealthy. Sessions ask :meth:`candidates`
+    for their order and report back.
     """
 
     def __init__(self, providers: tuple[ProviderConfig, ...], stream: StreamConfig,
                  set_health: Callable[[str, bool, str], None]) -> None:
         self.providers = {p.name: p for p in providers}
         self.stream = stream
-        self._set_health = set_health
-        self._settings = HealthSettings(
-            unhealthy_after_errors=stream.unhealthy_after_errors,
-            probe_interval_s=stream.probe_interval_s, ramp_shares=stream.ramp_shares,
-            ramp_step_s=stream.ramp_step_s, early_close_s=stream.early_close_s)
-        self.health = ProviderSet(list(self.providers), self._settings, 0.0)
-        self._changed = trio.Event()
-        self._random = random.Random()
+        super().__init__(list(self.providers), health_settings(stream), self._probe,
+                         partial(set_health, HEALTH_COMPONENT))
 
-    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Probe and publish until cancelled."""
-        self.health = ProviderSet(list(self.providers), self._settings, trio.current_time())
-        self._publish()
-        task_status.started()
-        async with trio.open_nursery() as nursery:
-            while True:
-                now = trio.current_time()
-                for name in self.health.probes_due(now):
-                    nursery.start_soon(self._probe, name)
-                self._publish()
-                deadline = self.health.next_deadline()
-                self._changed = trio.Event()
-                with trio.move_on_at(trio.current_time() + 60 if deadline is None else deadline):
-                    await self._changed.wait()
-
-    async def _probe(self, name: str) -> None:
-        provider = self.providers[name]
-        ok = True
+    async def _probe(self, name: str) -> str:
         try:
-            async with bot_socket(provider, self.stream.max_message_bytes,
+            async with bot_socket(self.providers[name], self.stream.max_message_bytes,
                                   self.stream.connect_timeout_s):
                 pass
-        except (*_CONNECT_ERRORS, ConnectionClosed):
-            ok = False
-        if not ok:
-            PROVIDER_ERRORS.labels(name, "probe").inc()
-        self.health.probe_result(name, ok, trio.current_time())
-        self._changed.set()
+        except (*_CONNECT_ERRORS, ConnectionClosed) as exc:
+            return repr(exc)[:200]
+        return ""
 
     def candidates(self, names: tuple[str, ...]) -> list[ProviderConfig]:
         """The providers a new session tries, in order; ``names`` restricts them to a
         tenant's (empty: all)."""
-        order = self.health.candidates(trio.current_time(), self._random.random())
-        self._changed.set()
-        return [self.providers[n] for n in order if not names or n in names]
-
-    def success(self, name: str, connect_s: float) -> None:
-        PROVIDER_CONNECT.labels(name).observe(connect_s)
-        self.health.success(name, trio.current_time(), connect_s)
-        self._changed.set()
-
-    def failure(self, name: str, kind: str, detail: str) -> None:
-        PROVIDER_ERRORS.labels(name, kind).inc()
-        self.health.failure(name, kind, trio.current_time(), detail)
-        self._changed.set()
-
-    def session_result(self, name: str, result: str) -> None:
-        PROVIDER_SESSIONS.labels(name, result).inc()
-        self.health.record_session(name, result)
-
-    def snapshot(self) -> list[dict[str, object]]:
-        """One row per provider for ``voxgatectl providers`` and ``health``."""
-        return self.health.snapshot(trio.current_time())
-
-    def _publish(self) -> None:
-        for name, old, new, _ in self.health.take_changes():
-            log_event(logging.WARNING if new == "unhealthy" else logging.INFO,
-                      "provider_state", f"provider {name}: {old} → {new}",
-                      provider=name, state=new, previous=old)
-        down = []
-        for name in self.providers:
-            share = self.health.share(name)
-            PROVIDER_SHARE.labels(name).set(share)
-            up = self.health.state(name) != "unhealthy"
-            PROVIDER_UP.labels(name).set(1 if up else 0)
-            if not up:
-                down.append(name)
-        self._set_health(HEALTH_COMPONENT, not self.health.all_unhealthy,
-                         f"every provider is down: {', '.join(down)}"
-                         if self.health.all_unhealthy else "")
+        return [self.providers[n] for n in self.order() if not names or n in names]
 
 
 class StreamAgent(Agent):
@@ -260,6 +189,7 @@ class StreamAgent(Agent):
         self._rate_second = -1
         self._rate_count = 0
         self._turn_ended_at: float | None = None
+        self._connected_at = 0.0
         self.provider = ""
         self.failovers = 0
         self.resumes = 0
@@ -346,10 +276,13 @@ class StreamAgent(Agent):
                 return
             if outcome == "dropped":
                 self._pool.session_result(self.provider, "dropped")
-                controls.fallback()
-                resumed = True
-                give_up_at = trio.current_time() + self._recovery_window_s
-                continue
+                if not resumed or trio.current_time() >= self._connected_at + \
+                        self._stream.early_close_s:
+                    controls.fallback()
+                    resumed = True
+                    give_up_at = trio.current_time() + self._recovery_window_s
+                    continue
+                # dropped again soon after a reconnect: pace it, within the same window
             if trio.current_time() >= give_up_at or not resumed:
                 controls.hangup("provider-lost" if resumed else "provider-unavailable")
                 return
@@ -376,7 +309,7 @@ class StreamAgent(Agent):
             try:
                 async with bot_socket(provider, self._stream.max_message_bytes,
                                       timeout) as ws:
-                    connected_at = trio.current_time()
+                    connected_at = self._connected_at = trio.current_time()
                     self._pool.success(provider.name, connected_at - started)
                     if attempt:
                         self._pool.session_result(candidates[0].name, "failover")
@@ -403,7 +336,8 @@ class StreamAgent(Agent):
         wire: BotWire = WIRES[provider.protocol](
             CallMeta(c.call_id, c.session_id, c.tenant, c.transport, c.from_uri, c.to_uri,
                      resumed=resumed),
-            max_message_bytes=self._stream.max_message_bytes)
+            max_message_bytes=self._stream.max_message_bytes,
+            sample_rate_hz=provider.sample_rate_hz)
         send, receive = trio.open_memory_channel[str | bytes](self._stream.send_queue_frames)
         self._pending = b""
         try:
@@ -434,9 +368,14 @@ class StreamAgent(Agent):
 
     async def _sender(self, ws: WebSocketConnection,
                       receive: trio.MemoryReceiveChannel[str | bytes]) -> None:
+        """Send the queued messages; a closed connection ends it quietly (the receive
+        loop sees the close and returns its code)."""
         async with receive:
-            async for message in receive:
-                await ws.send_message(message)
+            try:
+                async for message in receive:
+                    await ws.send_message(message)
+            except ConnectionClosed:
+                return
 
     def _on_message(self, provider: str, data: str | bytes) -> None:
         now = trio.current_time()

@@ -9,8 +9,8 @@ agent asks the integrator with one JSON object::
 and the integrator answers ``{"say": "…", "hangup": false, "next": "step"}`` (every
 field optional). An empty answer (``{}``, ``null``, HTTP 204) lets the menu answer.
 
-* ``[agent.webhook] url``: an HTTP POST with httpx on trio; a 2xx reply's body
-  (at most :data:`MAX_REPLY_BYTES`) is the answer.
+* ``[agent.webhook] url`` (or ``urls``, several): an HTTP POST with httpx on
+  trio; a 2xx reply's body (at most :data:`MAX_REPLY_BYTES`) is the answer.
 * ``[agent] plugin = "module:callable"``: ``async def callable(request: dict) ->
   dict | None``, imported at start, called in the session's task.
 
@@ -18,22 +18,37 @@ Either way at most ``[agent.webhook] max_concurrent`` requests run at once
 (the process's, all calls together) and each gets ``[timers]
 agent_response_s`` (waiting for its turn included); a late, failed or
 malformed answer is counted and logged, and the menu answers instead.
+
+Webhook failover: the URLs are providers of a :class:`WebhookPool` (the
+stream agent's health state machine, :mod:`voxgate.agents.providers`, named
+``webhook-1``, ``webhook-2`` … in configured order, with ``[agent.stream]``'s
+health keys). A turn tries them in the pool's order, all within the one
+deadline; a connection error, a timeout or a 5xx status counts against that
+URL and the next one is tried (the request may then reach two integrators).
+Any other status is the integrator's answer, not a sign of health: a 2xx is
+used, a 3xx or 4xx (a bad request, a refused token) is an error of the turn
+that would fail the same on every URL. Unhealthy URLs get no requests; the
+pool probes them with ``HEAD`` (see :func:`probe_alive`). All of them down
+never gates admission: the menu answers.
 """
 
 from __future__ import annotations
 
 import abc
+import functools
 import importlib
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import httpx
 import trio
 
-from voxgate.config import AgentConfig
+from voxgate.agents.provider_pool import HealthPool, health_settings
+from voxgate.agents.providers import HealthSettings
+from voxgate.config import AgentConfig, WebhookConfig
 from voxgate.errors import ConfigError, RemoteProtocolError
 from voxgate.jsonbounds import loads_untrusted
 
@@ -42,6 +57,10 @@ MAX_REPLY_DEPTH = 32
 """Deepest nesting of arrays/objects in a reply (the fields used are 1 deep)."""
 TIMEOUT_WHEN_DEADMAN_OFF_S = 10.0
 """The integrator's time when ``[timers] agent_response_s`` is 0 (off)."""
+PROBE_TIMEOUT_S: Final = 5.0
+"""How long a probe of an unhealthy webhook URL may take."""
+GATEWAY_DOWN: Final = frozenset({502, 503, 504})
+"""Statuses by which a proxy says the service behind it is not there."""
 
 Request = Mapping[str, object]
 Plugin = Callable[[dict[str, object]], Awaitable[object]]
@@ -78,6 +97,27 @@ def reply_from_untrusted(data: object) -> Reply:
         raise RemoteProtocolError("reply fields: say and next are strings, hangup a boolean",
                                   status_hint=None)
     return Reply(say, hangup, next_step)
+
+
+def counts_against_url(status_code: int) -> bool:
+    """Whether a POST's HTTP status is the URL's failure (5xx: try the next URL)
+    rather than the integrator's answer (any other)."""
+    return status_code >= 500
+
+
+def probe_alive(status_code: int) -> bool:
+    """Whether a probe's HTTP status shows the URL alive: any status but 502, 503 and
+    504 (a ``HEAD`` on a POST endpoint may well get 405 or 501: it answered)."""
+    return status_code not in GATEWAY_DOWN
+
+
+def transport_error_kind(exc: httpx.TransportError) -> str:
+    """The ``kind`` (metric label) of a failed request: connect, timeout or transport."""
+    if isinstance(exc, httpx.ConnectError):
+        return "connect"
+    if isinstance(exc, httpx.TimeoutException):
+        return "timeout"
+    return "transport"
 
 
 def parse_reply_untrusted(body: bytes) -> Reply:
@@ -136,13 +176,16 @@ class Integrator(abc.ABC):
     def connect(self) -> AbstractAsyncContextManager[Ask]:
         """One session's use of the integrator: ``async with integrator.connect() as ask``."""
 
-    def _timed(self, call: Callable[[Request], Awaitable[Reply]]) -> Ask:
+    def _timed(self, call: Callable[[Request, float], Awaitable[Reply]]) -> Ask:
+        """``call(request, deadline)`` bounded: ``deadline`` is when the request's time
+        (waiting for a slot included) is up, in Trio clock seconds."""
         async def ask(request: Request) -> Outcome:
             self.stats.requests += 1
-            with trio.move_on_after(self.timeout_s):
+            deadline = trio.current_time() + self.timeout_s
+            with trio.move_on_at(deadline):
                 async with self._limiter:
                     try:
-                        return Outcome(await call(request))
+                        return Outcome(await call(request, deadline))
                     except (httpx.HTTPError, RemoteProtocolError) as e:
                         self.stats.errors += 1
                         return Outcome(None, f"{type(e).__name__}: {e}")
@@ -151,15 +194,77 @@ class Integrator(abc.ABC):
         return ask
 
 
+@functools.cache
+def _tls() -> ssl.SSLContext:
+    return ssl.create_default_context()
+
+
+class WebhookPool(HealthPool):
+    """The health of the webhook URLs, process-wide; a Trio service (see
+    :class:`~voxgate.agents.provider_pool.HealthPool`; not an admission gate).
+
+    Args:
+        webhook: its URLs in failover order, and their names (``webhook-1`` …).
+        settings: when a URL is taken out of rotation and brought back.
+
+    Raises:
+        ValueError: no URL.
+    """
+
+    def __init__(self, webhook: WebhookConfig, settings: HealthSettings) -> None:
+        self.urls = dict(zip(webhook.names, webhook.all_urls, strict=True))
+        super().__init__(list(self.urls), settings, self._probe)
+
+    async def _probe(self, name: str) -> str:
+        """``HEAD`` within :data:`PROBE_TIMEOUT_S`: "" when :func:`probe_alive`, else why not."""
+        with trio.move_on_after(PROBE_TIMEOUT_S):
+            try:
+                async with httpx.AsyncClient(verify=_tls(), timeout=PROBE_TIMEOUT_S,
+                                             follow_redirects=False) as client:
+                    response = await client.head(self.urls[name])
+            except httpx.HTTPError as e:
+                return f"{type(e).__name__}: {e}"[:200]
+            return "" if probe_alive(response.status_code) else f"HTTP {response.status_code}"
+        return f"no answer within {PROBE_TIMEOUT_S} s"
+
+
+_pool: WebhookPool | None = None
+
+
+def webhook_pool(agent: AgentConfig) -> WebhookPool | None:
+    """The process's :class:`WebhookPool` for ``agent``'s webhook URLs (None without any).
+
+    The same pool while the URLs and ``[agent.stream]``'s health keys stay the
+    same (so reloads keep the health); a new one, all healthy, once they change.
+
+    Raises:
+        ValueError: as :class:`~voxgate.agents.providers.HealthSettings` (the config
+            check rules it out).
+    """
+    global _pool
+    urls = agent.webhook.all_urls
+    if not urls:
+        return None
+    settings = health_settings(agent.stream)
+    if _pool is None or (tuple(_pool.urls.values()), _pool.settings) != (urls, settings):
+        _pool = WebhookPool(agent.webhook, settings)
+    return _pool
+
+
+class _FailedOver(Exception):
+    """This URL failed (counted against it); the next one is tried."""
+
+
 class WebhookIntegrator(Integrator):
-    """POSTs each request as JSON to ``url`` (``[agent.webhook] url``)."""
+    """POSTs each request as JSON to the URLs of ``pool``, in its order, until one answers
+    (see the module docstring). A request cancelled before its deadline (the call
+    ended) is abandoned without counting against the URL it was at."""
 
     kind = "webhook"
 
-    def __init__(self, url: str, *, max_concurrent: int, timeout_s: float) -> None:
+    def __init__(self, pool: WebhookPool, *, max_concurrent: int, timeout_s: float) -> None:
         super().__init__(max_concurrent=max_concurrent, timeout_s=timeout_s)
-        self.url = url
-        self._tls: ssl.SSLContext | None = None
+        self.pool = pool
 
     def connect(self) -> AbstractAsyncContextManager[Ask]:
         """One HTTP client per session (keep-alive across its turns), closed at its end."""
@@ -167,27 +272,82 @@ class WebhookIntegrator(Integrator):
 
     @asynccontextmanager
     async def _session(self) -> AsyncIterator[Ask]:
-        if self._tls is None:
-            self._tls = ssl.create_default_context()
-        async with httpx.AsyncClient(verify=self._tls, timeout=self.timeout_s,
+        async with httpx.AsyncClient(verify=_tls(), timeout=self.timeout_s,
                                      follow_redirects=False) as client:
 
-            async def post(request: Request) -> Reply:
-                return await self._post(client, request)
+            async def ask(request: Request, deadline: float) -> Reply:
+                return await self._ask(client, request, deadline)
 
-            yield self._timed(post)
+            yield self._timed(ask)
 
-    async def _post(self, client: httpx.AsyncClient, request: Request) -> Reply:
-        async with client.stream("POST", self.url, json=dict(request)) as response:
+    async def _ask(self, client: httpx.AsyncClient, request: Request, deadline: float) -> Reply:
+        """The first answer of the URLs in the pool's order.
+
+        Raises:
+            RemoteProtocolError: every URL failed or is down, the answer is not 2xx,
+                or as :func:`parse_reply_untrusted`.
+        """
+        order = self.pool.order()
+        failures: list[str] = []
+        for name in order:
+            try:
+                status, body = await self._attempt(client, name, request, deadline)
+            except _FailedOver as e:
+                failures.append(f"{name}: {e}")
+                continue
+            if name != order[0]:
+                self.pool.session_result(order[0], "failover")
+            if not 200 <= status < 300:
+                raise RemoteProtocolError(f"{name}: HTTP {status}", status_hint=None)
+            return parse_reply_untrusted(body)
+        raise RemoteProtocolError("; ".join(failures) or "every webhook URL is down",
+                                  status_hint=None)
+
+    async def _attempt(self, client: httpx.AsyncClient, name: str, request: Request,
+                       deadline: float) -> tuple[int, bytes]:
+        """POST to URL ``name`` and report its health; returns the status and body.
+
+        Raises:
+            _FailedOver: a connection error or a 5xx status.
+            RemoteProtocolError: a body over :data:`MAX_REPLY_BYTES` (the URL is alive).
+            trio.Cancelled: as ever; the URL is charged a timeout when ``deadline``
+                passed while it had the request.
+        """
+        started = trio.current_time()
+        try:
+            status, body = await self._post(client, self.pool.urls[name], request)
+        except trio.Cancelled:
+            if started < deadline <= trio.current_time():
+                self.pool.failure(name, "timeout", "no answer before the turn's deadline")
+            raise
+        except RemoteProtocolError:
+            self.pool.success(name)
+            raise
+        except httpx.TransportError as e:
+            detail = f"{type(e).__name__}: {e}"[:200]
+            self.pool.failure(name, transport_error_kind(e), detail)
+            raise _FailedOver(detail) from e
+        if counts_against_url(status):
+            self.pool.failure(name, "http-5xx", f"HTTP {status}")
+            raise _FailedOver(f"HTTP {status}")
+        self.pool.success(name)
+        self.pool.session_result(name, "ok")
+        return status, body
+
+    async def _post(self, client: httpx.AsyncClient, url: str,
+                    request: Request) -> tuple[int, bytes]:
+        """The status and body (unread when it counts against the URL); raises
+        RemoteProtocolError for a body over :data:`MAX_REPLY_BYTES`."""
+        async with client.stream("POST", url, json=dict(request)) as response:
             body = b""
+            if counts_against_url(response.status_code):
+                return response.status_code, body
             async for chunk in response.aiter_bytes():
                 body += chunk
                 if len(body) > MAX_REPLY_BYTES:
                     raise RemoteProtocolError(f"reply over {MAX_REPLY_BYTES} bytes",
                                               status_hint=None)
-        if not response.is_success:
-            raise RemoteProtocolError(f"HTTP {response.status_code}", status_hint=None)
-        return parse_reply_untrusted(body)
+        return response.status_code, body
 
 
 class PluginIntegrator(Integrator):
@@ -206,7 +366,8 @@ class PluginIntegrator(Integrator):
     async def _session(self) -> AsyncIterator[Ask]:
         yield self._timed(self._call)
 
-    async def _call(self, request: Request) -> Reply:
+    async def _call(self, request: Request, deadline: float) -> Reply:
+        """Awaits the plugin (``deadline`` is enforced by the caller's cancel scope)."""
         try:
             answer = await self._plugin(dict(request))
         except Exception as e:  # the integrator's code: contain it, the call goes on
@@ -236,14 +397,16 @@ def load_plugin(spec: str) -> Plugin:
 
 
 def integrator_for(agent: AgentConfig, timeout_s: float) -> Integrator | None:
-    """The integrator ``agent`` configures (webhook or plugin), or None.
+    """The integrator ``agent`` configures (webhook, on the shared :func:`webhook_pool`,
+    or plugin), or None.
 
     Raises:
         ConfigError: as :func:`load_plugin`.
     """
     limit = agent.webhook.max_concurrent
-    if agent.webhook.url:
-        return WebhookIntegrator(agent.webhook.url, max_concurrent=limit, timeout_s=timeout_s)
+    pool = webhook_pool(agent)
+    if pool is not None:
+        return WebhookIntegrator(pool, max_concurrent=limit, timeout_s=timeout_s)
     if agent.plugin:
         return PluginIntegrator(load_plugin(agent.plugin), max_concurrent=limit,
                                 timeout_s=timeout_s)

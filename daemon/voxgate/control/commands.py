@@ -45,6 +45,10 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
             if service is not None:  # never gates admission: calls go on without them
                 components[name] = {"healthy": service.healthy,
                                     "detail": service.last_error or ""}
+        webhooks = sup.webhooks
+        if webhooks is not None:  # never gates admission either: the menu answers
+            healthy, detail = webhooks.verdict()
+            components["webhook"] = {"healthy": healthy, "detail": detail}
         return {"healthy": all(c["healthy"] for c in components.values()),
                 "components": components}
 
@@ -109,9 +113,11 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
         return await sup.postcall.summary()
 
     async def providers(args: Mapping[str, Any]) -> list[dict[str, object]]:
-        if sup.providers is None:
-            raise CommandError(UNAVAILABLE, "no [[agent.providers]] configured")
-        return sup.providers.snapshot()
+        pools = [pool for pool in (sup.providers, sup.webhooks) if pool is not None]
+        if not pools:
+            raise CommandError(UNAVAILABLE, "no [[agent.providers]] or [agent.webhook] URLs "
+                                            "configured")
+        return [row for pool in pools for row in pool.snapshot()]
 
     async def hangup(args: Mapping[str, Any]) -> dict[str, str]:
         sid = session_id(args)
