@@ -5,7 +5,8 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev systemd \
 	sip-tester baresip kamailio espeak-ng sox libsox-fmt-all tcpdump util-linux procps \
-	dpkg-dev curl libasound2-dev libasound2-plugins alsa-utils libportaudio2
+	dpkg-dev curl libasound2-dev libasound2-plugins alsa-utils libportaudio2 \
+	prometheus lintian debootstrap systemd-container man-db
 STAMP := $(VENV)/.installed
 # The real Pipecat bot that the stream-agent integration tests talk to
 # (tests/bots/pipecat_bot.py, started by tests/harness/bot.py) runs in its own
@@ -56,6 +57,13 @@ test: setup
 	$(BIN)/mypy
 	$(BIN)/pytest -q
 	$(BIN)/python -m fuzz.run --seconds-per-target $(FUZZ_CI_SECONDS)
+
+# The system test (tests/system, as root): the .deb installed and driven under a real
+# systemd, in Debian 12 debootstrapped (cached in /var/cache/voxgate-test-system) and
+# booted with systemd-nspawn.
+.PHONY: test-system
+test-system: setup
+	VOXGATE_TEST_SYSTEM=1 $(BIN)/pytest -q -rA tests/system
 
 fuzz: setup
 	$(BIN)/python -m fuzz.run --seconds-per-target $(FUZZ_SECONDS) \

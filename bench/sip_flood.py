@@ -62,8 +62,7 @@ NORMAL_HOST = "127.0.0.1"
 _CALL_ID = re.compile(rb"^(?:Call-ID|i)[ \t]*:[ \t]*(\S+)", re.M | re.I)
 _STATUS = re.compile(rb"^SIP/2\.0 (\d{3}) ")
 _WARNING = re.compile(rb'^Warning[ \t]*:[ \t]*399 voxgate "([^"]*)"', re.M | re.I)
-_SIP_EVENT = re.compile(r'^voxgate_component_events_total\{component="sip",event="(\w+)"\} (\S+)$',
-                        re.M)
+_SIP_SAMPLE = re.compile(r"^voxgate_sip_(\w+(?:\{[^}]*\})?) (\S+)$", re.M)
 
 # An INVITE and nothing else: no retransmission (-nr), no ACK, no reaction to answers.
 FLOOD_SCENARIO = """<?xml version="1.0" encoding="ISO-8859-1" ?>
@@ -147,11 +146,11 @@ def flood_figures(datagrams: Iterable[UdpDatagram], sip_port: int) -> FloodFigur
 
 
 def sip_counters(metrics_port: int) -> dict[str, float]:
-    """The daemon's ``voxgate_component_events_total{component="sip"}`` values."""
+    """The daemon's ``voxgate_sip_*`` samples, named without that prefix."""
     url = f"http://127.0.0.1:{metrics_port}/metrics"
     with urllib.request.urlopen(url, timeout=5) as response:
         text = response.read().decode()
-    return {event: float(value) for event, value in _SIP_EVENT.findall(text)}
+    return {sample: float(value) for sample, value in _SIP_SAMPLE.findall(text)}
 
 
 def children_cpu_s() -> float:
@@ -252,7 +251,7 @@ def run(args: argparse.Namespace, workdir: Path) -> None:
     print(f"towards the flood source: {figures.bytes_out} B out / {figures.bytes_in} B in "
           f"= {ratio:.2f}x")
     flood_counters = {k: int(v) for k, v in sorted(counters.items())
-                      if v and k not in ("messages_in",)}
+                      if v and k != "messages_received_total"}
     print(f"daemon SIP counters: {flood_counters}")
     print(f"daemon CPU {daemon_cpu_pct:.1f} % of one core over {wall_s:.1f} s; flood SIPp "
           f"CPU {100.0 * flood_cpu_s / wall_s:.1f} % of one core")

@@ -7,6 +7,7 @@ from typing import Any
 import pytest
 
 from voxgate.admission import (
+    ADMISSION_STATES,
     DEFAULT_TENANT,
     REFUSAL_ANSWERS,
     Admission,
@@ -472,6 +473,27 @@ def test_availability_without_queue_and_ignoring_tenant_caps():
     assert adm.availability() == (True, None)
     adm.request("s1", call(), 0.0)
     assert adm.availability() == (False, "full")
+
+
+def test_state_follows_availability_and_draining_wins():
+    adm = make(max_sessions=1, queue_size=1)
+    states = [adm.state()]
+    adm.request("s0", call(), 0.0)
+    adm.request("s1", call(), 0.0)  # queued: the queue is now full
+    states.append(adm.state())
+    adm.release("s0", 1.0)  # s1 takes the slot; the queue has room again
+    adm.set_memory_ok(False)
+    states.append(adm.state())
+    adm.set_memory_ok(True)
+    adm.set_health("records", False)
+    states.append(adm.state())
+    adm.set_draining(True)
+    states.append(adm.state())
+    adm.set_draining(False)
+    adm.set_health("records", True)
+    states.append(adm.state())
+    assert states == ["admitting", "full", "full", "unhealthy", "draining", "admitting"]
+    assert set(states) == set(ADMISSION_STATES)
 
 
 def test_statistics_shape():

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from tests.harness.daemon import user_python, user_pythonpath
 from voxgate.config import Config, load_config
 from voxgate.errors import EX_CONFIG, ConfigError
 
@@ -154,6 +158,100 @@ def test_check_config_exit_codes(tmp_path):
     assert bad.returncode == EX_CONFIG
     assert bad.stderr.count("\n") == 1
     assert "[sip] listen" in bad.stderr
+
+
+def test_check_config_without_path_checks_the_config_option(tmp_path):
+    ok = run_voxgated("--config", str(SHIPPED), "--check-config")
+    assert (ok.returncode, ok.stdout) == (0, f"voxgated: {SHIPPED}: ok\n"), ok.stderr
+    bad = write(tmp_path, "[limits]\nmax_sessions = 0\n")
+    done = run_voxgated("--check-config", "--config", str(bad))
+    assert done.returncode == EX_CONFIG
+    assert done.stderr == (f"voxgated: config error: {bad}: [limits] max_sessions: "
+                           "must be between 1 and 100000, got 0\n")
+
+
+def _default_file_skip_reason() -> str | None:
+    if sys.platform != "linux" or os.geteuid() != 0:
+        return "needs root to mount an overlay on /etc inside a mount namespace (unshare -m)"
+    if shutil.which("unshare") is None or shutil.which("setpriv") is None:
+        return "unshare/setpriv missing (apt-get install util-linux)"
+    return None
+
+
+needs_private_etc = pytest.mark.skipif(_default_file_skip_reason() is not None,
+                                       reason=_default_file_skip_reason() or "")
+
+
+def run_with_default_file(tmp_path: Path, text: str | None, *args: str,
+                          user: str | None = None) -> subprocess.CompletedProcess[str]:
+    """``voxgated ARGS`` (as ``user``, without supplementary groups) while
+    /etc/voxgate/voxgate.toml holds ``text`` (None: /etc/voxgate does not exist).
+
+    An overlay over /etc in a private mount namespace adds (or hides) the
+    directory; the host's /etc is never written and the mount goes away with
+    the namespace. The directory is 0750 root:root, like the package's
+    /etc/voxgate for a user outside the voxgate group.
+    """
+    upper, work = tmp_path / "etc-upper", tmp_path / "etc-work"
+    work.mkdir()
+    upper.mkdir()
+    directory = upper / "voxgate"
+    if text is None:
+        os.mknod(directory, stat.S_IFCHR, os.makedev(0, 0))  # an overlayfs whiteout
+    else:
+        directory.mkdir(mode=0o750)
+        (directory / "voxgate.toml").write_text(text)
+    python, pythonpath = [sys.executable], str(REPO / "daemon")
+    if user is not None:
+        python, pythonpath = user_python(user, login_groups=False), user_pythonpath()
+    script = ('mount -t overlay overlay -o "lowerdir=/etc,upperdir=$1,workdir=$2" /etc'
+              ' || exit 90; shift 2; exec "$@"')
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh",
+         str(upper), str(work), *python, "-m", "voxgate.supervisor", *args],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={**os.environ, "PYTHONPATH": pythonpath},
+    )
+    if done.returncode == 90:
+        pytest.skip(f"cannot mount an overlay on /etc here: {done.stderr.strip()}")
+    return done
+
+
+@needs_private_etc
+def test_check_config_without_path_checks_the_default_file(tmp_path):
+    """``voxgated --check-config`` alone checks /etc/voxgate/voxgate.toml (as ``nginx -t``)."""
+    ok = run_with_default_file(tmp_path, SHIPPED.read_text(), "--check-config")
+    assert (ok.returncode, ok.stdout) == (0, "voxgated: /etc/voxgate/voxgate.toml: ok\n"), \
+        ok.stderr
+
+
+@needs_private_etc
+def test_check_config_without_path_names_key_and_default_file(tmp_path):
+    bad = run_with_default_file(tmp_path, '[sip]\nlisten = "nowhere"\n', "--check-config")
+    assert bad.returncode == EX_CONFIG
+    assert bad.stderr.startswith(
+        "voxgated: config error: /etc/voxgate/voxgate.toml: [sip] listen: must be HOST:PORT")
+    assert bad.stdout == ""
+
+
+@needs_private_etc
+def test_check_config_without_default_file_accepts_the_embedded_defaults(tmp_path):
+    """No file: the daemon would start on the embedded defaults, and the check says so."""
+    done = run_with_default_file(tmp_path, None, "--check-config")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ("voxgated: /etc/voxgate/voxgate.toml does not exist: "
+                           "the embedded defaults apply: ok\n")
+
+
+@needs_private_etc
+def test_check_config_of_an_unreadable_default_file_fails(tmp_path):
+    """A user outside the voxgate group is told the file cannot be read, not that the
+    embedded defaults apply (and gets no traceback)."""
+    done = run_with_default_file(tmp_path, SHIPPED.read_text(), "--check-config",
+                                 user="nobody")
+    assert done.returncode == EX_CONFIG, done.stderr
+    assert done.stderr == ("voxgated: config error: /etc/voxgate/voxgate.toml: "
+                           "cannot read: Permission denied\n")
 
 
 def test_daemon_refuses_bad_config_with_78(tmp_path):

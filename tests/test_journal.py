@@ -2,18 +2,33 @@
 
 from __future__ import annotations
 
+import ast
 import logging
 import os
+import re
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 import systemd.journal
+import trio.testing
 
 from tests.harness.daemon import parse_logfmt
-from voxgate.journal import JournalHandler, journal_field_name, syslog_priority, under_journald
+from tests.test_session import FakeMedia, run_with_clock
+from tests.test_session import make as make_session
+from voxgate.journal import (
+    JournalHandler,
+    journal_field_name,
+    journal_message,
+    syslog_priority,
+    under_journald,
+)
 from voxgate.logging import TRIO_ACCEPT_LOGGER, log_event, logger, setup_logging
 from voxgate.metrics import REGISTRY
+from voxgate.pipeline.clock import MediaClock
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class Sent:
@@ -49,7 +64,7 @@ def test_log_event_fields_become_journal_fields(sent: Sent) -> None:
               call_id="c1@x", tenant="default", transport="sip", reason=None,
               rtp_port=20002, remote="127.0.0.1:5062")
     (entry,) = sent.entries
-    assert entry["MESSAGE"] == "call started"
+    assert entry["MESSAGE"] == "call started: call_id=c1@x tenant=default"
     assert entry["PRIORITY"] == 6
     assert entry["SYSLOG_IDENTIFIER"] == "voxgate"
     assert entry["EVENT"] == "call_start"
@@ -64,6 +79,96 @@ def test_log_event_fields_become_journal_fields(sent: Sent) -> None:
     assert "EXCEPTION" not in entry
 
 
+def test_message_carries_the_essentials_and_the_fields_stay(sent: Sent) -> None:
+    """``journalctl -f`` and ``systemctl status`` show MESSAGE only: the call's
+    essentials are in its text, and still in their own fields."""
+    log_event(logging.INFO, "call_end", "call ended", session_id="abc123", call_id="c1@x",
+              tenant="acme", transport="sip", reason="bye", duration_s=12.345,
+              peer="127.0.0.1:5061", talk_s=12.0, codec="PCMU")
+    (entry,) = sent.entries
+    assert entry["MESSAGE"] == ("call ended: call_id=c1@x reason=bye duration=12.3s "
+                                "peer=127.0.0.1:5061 tenant=acme")
+    assert (entry["CALL_ID"], entry["REASON"], entry["DURATION_S"], entry["PEER"],
+            entry["TENANT"], entry["SESSION_ID"]) == (
+        "c1@x", "bye", 12.345, "127.0.0.1:5061", "acme", "abc123")
+
+
+@pytest.mark.parametrize(("text", "fields", "expected"), [
+    ("voxgate ready", {"sip": "0.0.0.0:5060"}, "voxgate ready"),
+    ("refused: capacity", {"tenant": "acme", "status": 503, "reason": "capacity",
+                           "call_id": "k"}, "refused: capacity: call_id=k reason=capacity "
+                                            "status=503 tenant=acme"),
+    ("dequeued", {"waited_s": 2, "call_id": "k"}, "dequeued: call_id=k waited=2.0s"),
+    ("media is back", {"paused_s": 0.04, "call_id": "a b"},
+     'media is back: call_id="a b" paused=0.0s'),
+])
+def test_journal_message(text: str, fields: dict[str, Any], expected: str) -> None:
+    assert journal_message(text, fields) == expected
+
+
+class _Call:
+    session_id = "abc123"
+    call_id = "c1@x"
+    tenant = "acme"
+
+
+def test_a_call_names_itself_in_every_record(sent: Sent) -> None:
+    log_event(logging.INFO, "session_paused", "media stopped", call=_Call())
+    log_event(logging.INFO, "stream_dropped", "dropped", call=_Call(), session_id=None,
+              remote="10.0.0.1:4000")
+    paused, dropped = sent.entries
+    assert (paused["SESSION_ID"], paused["CALL_ID"], paused["TENANT"]) == (
+        "abc123", "c1@x", "acme")
+    assert paused["MESSAGE"] == "media stopped: call_id=c1@x tenant=acme"
+    assert dropped["SESSION_ID"] == "abc123"  # a None field does not hide the call's
+    assert dropped["REMOTE"] == "10.0.0.1:4000"
+
+
+async def test_session_records_carry_tenant_and_essentials(
+    sent: Sent, autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A real session that pauses, recovers and ends: TENANT on every record."""
+    clock = MediaClock()
+    media = FakeMedia(silent_ticks=range(10, 110))  # a 2 s gap: paused, then back
+    session, _ = make_session(clock, media, max_s=4)
+    session.tenant, session.peer = "acme", "127.0.0.1:5061"
+    await run_with_clock(session, clock)
+    by_event = {entry["EVENT"]: entry for entry in sent.entries}
+    assert list(by_event) == ["session_paused", "session_recovered", "call_end"]
+    for entry in sent.entries:
+        assert (entry["SESSION_ID"], entry["CALL_ID"], entry["TENANT"]) == ("s1", "c1", "acme")
+    assert re.fullmatch(r"call ended: call_id=c1 reason=max-duration duration=4\.\ds "
+                        r"peer=127\.0\.0\.1:5061 tenant=acme", by_event["call_end"]["MESSAGE"])
+    assert by_event["call_end"]["PEER"] == "127.0.0.1:5061"
+    assert re.fullmatch(r"media is back: call_id=c1 paused=\d\.\ds tenant=acme",
+                        by_event["session_recovered"]["MESSAGE"])
+
+
+_BEFORE_ADMISSION = {
+    "call_refused": "sip_endpoint.py",  # an unusable SDP offer, answered before admission
+    "sip_bad_message": "sip_endpoint.py",  # a SIP message, maybe no call at all
+    "sip_event_error": "sip_endpoint.py",  # a fault handling a SIP event
+}
+"""Records that name a Call-ID before admission has placed the call in a tenant."""
+
+
+def test_every_per_call_record_names_its_tenant() -> None:
+    """Every ``log_event`` that names a call (``session_id=``/``call_id=``) passes the
+    call (``call=``) or its ``tenant=``, so ``journalctl TENANT=… EVENT=…`` finds it."""
+    missing = []
+    for path in sorted((REPO / "daemon" / "voxgate").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+                    and node.func.id == "log_event"):
+                continue
+            names = {kw.arg for kw in node.keywords}
+            event = ast.unparse(node.args[1]).strip("'\"")
+            if (names & {"session_id", "call_id"} and not names & {"call", "tenant"}
+                    and _BEFORE_ADMISSION.get(event) != path.name):
+                missing.append(f"{path.relative_to(REPO)}:{node.lineno} {event}")
+    assert missing == []
+
+
 def test_code_location_is_the_log_event_caller(sent: Sent) -> None:
     log_event(logging.WARNING, "budget_soft", reason="rss")
     (entry,) = sent.entries
@@ -71,7 +176,7 @@ def test_code_location_is_the_log_event_caller(sent: Sent) -> None:
     assert entry["CODE_FUNC"] == "test_code_location_is_the_log_event_caller"
     assert isinstance(entry["CODE_LINE"], int)
     assert entry["REASON"] == "rss"
-    assert entry["MESSAGE"] == "budget soft"
+    assert entry["MESSAGE"] == "budget soft: reason=rss"
 
 
 def test_plain_records_get_event_log(sent: Sent) -> None:

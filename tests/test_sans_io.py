@@ -33,6 +33,7 @@ SANS_IO_MODULES = [
     "voxgate.budget",
     "voxgate.transports.media_stream",
     "voxgate.deadman",
+    "voxgate.end_reasons",
     "voxgate.agents.providers",
     "voxgate.agents.bot_wire",
 ]

@@ -156,13 +156,24 @@ def test_notify_watchdog_restart(path: Path) -> None:
     unit = parse_unit(path)
     assert one(unit, "Type") == "notify"
     assert one(unit, "NotifyAccess") == "main"
-    assert one(unit, "ExecReload") == "/bin/kill -HUP $MAINPID"
     assert seconds(one(unit, "WatchdogSec")) == 30
     assert one(unit, "Restart") == "on-failure"
     assert one(unit, "RestartPreventExitStatus") == "78 73"
     assert (one(unit, "User"), one(unit, "Group")) == ("voxgate", "voxgate")
     assert one(unit, "LimitNOFILE") == "65536"
     assert one(unit, "WantedBy", "Install") == "multi-user.target"
+
+
+@pytest.mark.parametrize("path", [MAIN, TEMPLATE], ids=lambda p: p.name)
+def test_reload_checks_the_started_file_before_signalling(path: Path) -> None:
+    """``systemctl reload`` fails on an invalid file: the check runs first, then SIGHUP."""
+    unit = parse_unit(path)
+    start = one(unit, "ExecStart").split()
+    assert start[:2] == ["/usr/bin/voxgated", "--config"] and len(start) == 3
+    assert values(unit, "ExecReload") == [
+        f"/usr/bin/voxgated --check-config {start[2]}",
+        "/bin/kill -HUP $MAINPID",
+    ]
 
 
 @pytest.mark.parametrize("path", [MAIN, TEMPLATE], ids=lambda p: p.name)
@@ -207,13 +218,18 @@ def test_main_unit_paths() -> None:
 def test_template_differs_only_by_instance() -> None:
     main, template = parse_unit(MAIN), parse_unit(TEMPLATE)
     assert one(template, "ExecStart") == "/usr/bin/voxgated --config /etc/voxgate/%i.toml"
+    assert values(template, "ExecReload")[0] == \
+        "/usr/bin/voxgated --check-config /etc/voxgate/%i.toml"
     assert one(template, "RuntimeDirectory") == "voxgate/%i"
     assert one(template, "StateDirectory") == "voxgate/%i"
     assert one(template, "Conflicts", "Unit") == "voxgate.service"
     per_instance = {"ExecStart", "RuntimeDirectory", "StateDirectory"}
-    assert [kv for kv in template["Service"] if kv[0] not in per_instance] == [
-        kv for kv in main["Service"] if kv[0] not in per_instance
-    ]
+
+    def shared(unit: Unit) -> list[tuple[str, str]]:
+        return [(key, value.replace("/etc/voxgate/%i.toml", "/etc/voxgate/voxgate.toml"))
+                for key, value in unit["Service"] if key not in per_instance]
+
+    assert shared(template) == shared(main)
     assert template["Install"] == main["Install"]
 
 

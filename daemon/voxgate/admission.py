@@ -64,6 +64,10 @@ REFUSAL_ANSWERS: Final[Mapping[str, tuple[int, bool]]] = MappingProxyType({
 })
 """Refusal reason → (SIP status, whether ``Retry-After`` is sent)."""
 
+ADMITTING: Final = "admitting"
+ADMISSION_STATES: Final = (ADMITTING, DRAINING, FULL, UNHEALTHY)
+"""What :meth:`Admission.state` returns (the metric ``voxgate_admission_state``)."""
+
 # Counter key results; the reason of admitted/dequeued is OK, of queued the
 # cap it waits on, of cancelled CANCEL.
 ADMITTED: Final = "admitted"
@@ -442,6 +446,17 @@ class Admission:
                 and len(self._waiting) >= self._limits.queue_size:
             return False, FULL
         return True, None
+
+    def state(self) -> str:
+        """One of :data:`ADMISSION_STATES`, for dashboards and alerts: ``draining``
+        while the drain gate is closed (whatever else holds), else what
+        :meth:`availability` says, the memory gate counting as ``full``."""
+        if self._draining:
+            return DRAINING
+        admitting, why = self.availability()
+        if admitting:
+            return ADMITTING
+        return UNHEALTHY if why == UNHEALTHY else FULL
 
     def statistics(self) -> AdmissionStatistics:
         """A frozen snapshot of counts, limits, gates and counters."""

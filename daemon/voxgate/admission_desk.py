@@ -129,4 +129,4 @@ def _call_safely(callback: Callable[[Admitted], None] | Callable[[Refusal], None
         callback(decision)  # type: ignore[arg-type]
     except Exception as exc:
         log_event(logging.ERROR, "admission_callback_error", f"{exc!r}",
-                  session_id=decision.ticket, exc_info=exc)
+                  session_id=decision.ticket, tenant=decision.tenant, exc_info=exc)

@@ -27,8 +27,9 @@ from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Literal
+from typing import Final, Literal
 
+from voxgate.end_reasons import EndReason
 from voxgate.errors import LocalProtocolError
 
 MIB = 1 << 20
@@ -44,7 +45,7 @@ BYTES_PER_MS: Mapping[str, int] = MappingProxyType({
 })
 """Bytes one millisecond of audio takes in each session buffer, by buffer name."""
 
-BUDGET_REASON = "budget"
+BUDGET_REASON: Final = "budget"
 """What :meth:`SessionBudget.check` returns: the session's end reason."""
 
 RSS_HYSTERESIS_FRACTION = 0.05
@@ -203,7 +204,7 @@ class SessionBudget:
         self._drops_bytes[buffer] += nbytes
         self._drops_frames[buffer] += frames
 
-    def check(self, now: float) -> str | None:
+    def check(self, now: float) -> EndReason | None:
         """``"budget"`` once the session total has stayed above ``session_bytes``
         for the grace period, else None.
 

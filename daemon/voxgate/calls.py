@@ -37,6 +37,7 @@ from voxgate.admission_desk import AdmissionDesk
 from voxgate.agents.factory import agent_kind
 from voxgate.agents.stream import ProviderPool
 from voxgate.config import Config
+from voxgate.end_reasons import EndReason
 from voxgate.logging import log_event
 from voxgate.pipeline.clock import MediaClock
 from voxgate.pipeline.pipeline import MediaLeg
@@ -67,6 +68,9 @@ class CallRequest:
     """What admission's tenant rules match on (its ``transport`` names the transport)."""
     from_uri: str = ""
     to_uri: str = ""
+    peer: str = ""
+    """Where the call comes from, for log records: the SIP peer's ``address:port``,
+    the WebSocket client's, the ALSA capture device."""
 
 
 @dataclass
@@ -109,16 +113,29 @@ class CallSetup(Protocol):
 
 
 class CallHandle:
-    """One call in the lifecycle: its session once built, and its end."""
+    """One call in the lifecycle: its session once built, and its end. It names
+    the call in log records (a :class:`~voxgate.logging.CallIdentity`)."""
 
     def __init__(self, request: CallRequest) -> None:
         self.request = request
+        self.tenant = "default"
+        """The tenant admission put the call in (set by its first decision)."""
         self.session: Session | None = None
         self.reason: str | None = None
         """The end reason once :attr:`ended` is set (``refused``, ``cancelled`` …)."""
         self.ended = trio.Event()
         self._answer: Admitted | Refusal | None = None
         self._woken = trio.Event()
+
+    @property
+    def session_id(self) -> str:
+        """The session id (the request's ticket)."""
+        return self.request.ticket
+
+    @property
+    def call_id(self) -> str:
+        """The request's Call-ID."""
+        return self.request.call_id
 
     def _decided(self, answer: Admitted | Refusal) -> None:
         self._answer = answer
@@ -147,7 +164,7 @@ class Calls:
         self._handles: dict[str, CallHandle] = {}  # bounded by admission's caps + queue
         self._recorders: dict[str, Recorder] = {}  # the calls being recorded
         self._nursery: trio.Nursery | None = None
-        self._stop_reason = "shutdown"
+        self._stop_reason: EndReason = "shutdown"
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Own the sessions nursery until cancelled or drained (see :meth:`drain`)."""
@@ -170,7 +187,8 @@ class Calls:
         nursery = self._nursery
         decision = self.desk.request(request.ticket, request.info, now,
                                      on_admitted=handle._decided, on_refused=handle._decided)
-        _log_admission(request, decision, dequeued=False)
+        handle.tenant = decision.tenant
+        _log_admission(handle, decision, dequeued=False)
         if nursery is None and not isinstance(decision, Refusal):  # stopped: no sessions
             if isinstance(decision, Admitted):
                 self.desk.release(request.ticket, now)
@@ -186,7 +204,7 @@ class Calls:
         nursery.start_soon(self._call, handle, setup, decision, name=f"call {request.ticket}")
         return handle
 
-    def end(self, ticket: str, reason: str) -> bool:
+    def end(self, ticket: str, reason: EndReason) -> bool:
         """End call ``ticket``: give up its place in the queue, or end its session
         with ``reason``; False when unknown."""
         handle = self._handles.get(ticket)
@@ -207,7 +225,7 @@ class Calls:
         if self._nursery is not None:
             self._nursery.cancel_scope.deadline = deadline
 
-    def stop(self, reason: str = "shutdown") -> None:
+    def stop(self, reason: EndReason = "shutdown") -> None:
         """End every call now with ``reason`` (a second SIGTERM, SIGINT)."""
         self._stop_reason = reason
         if self._nursery is not None:
@@ -226,8 +244,8 @@ class Calls:
             elif admitted is not None:
                 await self._run_admitted(handle, setup, admitted)
         except Exception as exc:  # a fault in the lifecycle itself: this call only
-            log_event(logging.ERROR, "call_lifecycle_error", f"{exc!r}", call_id=request.call_id,
-                      session_id=request.ticket, transport=request.info.transport, exc_info=exc)
+            log_event(logging.ERROR, "call_lifecycle_error", f"{exc!r}", call=handle,
+                      transport=request.info.transport, exc_info=exc)
         finally:
             del self._handles[request.ticket]
             handle.ended.set()
@@ -236,7 +254,7 @@ class Calls:
                              decision: Queued) -> Admitted | Refusal | None:
         """The admission's later answer; None when the caller gave up first."""
         request = handle.request
-        _safely(request, "queued", setup.queued, decision)
+        _safely(handle, "queued", setup.queued, decision)
         gave_up = True
         try:
             while handle._answer is None and handle.reason is None:
@@ -251,21 +269,20 @@ class Calls:
                 elif isinstance(answer, Admitted):  # admitted just as the caller left
                     self.desk.release(request.ticket, now)
                 handle.reason = handle.reason or self._stop_reason
-                log_event(logging.INFO, "call_cancelled", "gave up while queued",
-                          call_id=request.call_id, session_id=request.ticket,
+                log_event(logging.INFO, "call_cancelled", "gave up while queued", call=handle,
                           transport=request.info.transport, reason=handle.reason)
         if gave_up:
             return None
-        _log_admission(request, handle._answer, dequeued=True)
+        _log_admission(handle, handle._answer, dequeued=True)
         return handle._answer
 
     def _refuse(self, handle: CallHandle, setup: CallSetup, refusal: Refusal) -> None:
         request = handle.request
         handle.reason = "refused"
-        log_event(logging.INFO, "call_refused", f"refused: {refusal.reason}",
-                  call_id=request.call_id, session_id=request.ticket, status=refusal.sip_status,
-                  reason=refusal.reason, tenant=refusal.tenant, transport=request.info.transport)
-        _safely(request, "refused", setup.refused, refusal)
+        log_event(logging.INFO, "call_refused", f"refused: {refusal.reason}", call=handle,
+                  status=refusal.sip_status, reason=refusal.reason,
+                  transport=request.info.transport, peer=request.peer or None)
+        _safely(handle, "refused", setup.refused, refusal)
         handle.ended.set()
 
     async def _run_admitted(self, handle: CallHandle, setup: CallSetup,
@@ -284,11 +301,11 @@ class Calls:
         try:
             if handle.reason is not None:  # the caller left between admission and now
                 return
-            session = self._build(request, setup, admitted.tenant, record)
+            session = self._build(handle, setup, record)
             if session is None:
                 return
             handle.session = session
-            _safely(request, "started", setup.started, session)
+            _safely(handle, "started", setup.started, session)
             await session.run()
         finally:
             now = trio.current_time()
@@ -299,11 +316,11 @@ class Calls:
             handle.reason = handle.reason or "error"
             self._complete(record, session, handle.reason, now)
 
-    def _build(self, request: CallRequest, setup: CallSetup, tenant: str,
-               record: CallRecord) -> Session | None:
+    def _build(self, handle: CallHandle, setup: CallSetup, record: CallRecord) -> Session | None:
         """The session for an admitted call, registered; None when it cannot be built
         (the caller is answered, the error logged with the Call-ID)."""
         now = trio.current_time()
+        request, tenant = handle.request, handle.tenant
         transport = request.info.transport
         try:
             core = SessionCore.build(self.config, transport, now, tenant=tenant,
@@ -312,30 +329,29 @@ class Calls:
         except Exception as exc:
             refused = isinstance(exc, SetupRefused)
             log_event(logging.WARNING if refused else logging.ERROR, "call_setup_failed",
-                      f"cannot start the session: {exc!r}", call_id=request.call_id,
-                      session_id=request.ticket, transport=transport,
+                      f"cannot start the session: {exc!r}", call=handle, transport=transport,
                       exc_info=None if refused else exc)
-            _safely(request, "failed", setup.failed, exc)
+            _safely(handle, "failed", setup.failed, exc)
             return None
         session = Session(
             session_id=request.ticket, call_id=request.call_id, transport=transport,
             codec=leg.codec, signaling=leg.signaling, media=leg.media, core=core,
             clock=self._clock, answer_delay_s=leg.answer_delay_s,
             fallback_prompt=self.fallback_prompt, tenant=tenant, from_uri=request.from_uri,
-            to_uri=request.to_uri, tasks=leg.tasks,
+            to_uri=request.to_uri, peer=request.peer, tasks=leg.tasks,
             stop_reason=lambda: self._stop_reason,
         )
         record.codec = leg.codec
         if self.recordings is not None:
-            recorder = self.recordings.start(request.ticket, record.admitted_at)
+            recorder = self.recordings.start(request.ticket, record.admitted_at, tenant=tenant)
             if recorder is not None:
                 core.pipeline.recorder = recorder
                 record.recording_path = recorder.path
                 self._recorders[request.ticket] = recorder
         self.registry.add(Entry(session, tenant, leg.remote, leg.counters))
-        log_event(logging.INFO, "call_start", "call started", session_id=request.ticket,
-                  call_id=request.call_id, tenant=tenant, transport=transport, codec=leg.codec,
-                  remote=leg.remote(), **leg.details)
+        log_event(logging.INFO, "call_start", "call started", call=session, transport=transport,
+                  codec=leg.codec, peer=request.peer or None, remote=leg.remote(),
+                  **leg.details)
         return session
 
     def _complete(self, record: CallRecord, session: Session | None, reason: str,
@@ -352,8 +368,7 @@ class Calls:
             if recorder is not None and self.recordings is not None:
                 record.recording_path = self.recordings.finish(recorder)
         except Exception as exc:  # a counter that failed must not lose the record
-            log_event(logging.ERROR, "call_record_error", f"{exc!r}",
-                      session_id=record.session_id, call_id=record.call_id, exc_info=exc)
+            log_event(logging.ERROR, "call_record_error", f"{exc!r}", call=record, exc_info=exc)
         if self.records is not None:
             self.records.completed(record)
         if self.postcall is not None:
@@ -382,18 +397,17 @@ def _fill_from_session(record: CallRecord, session: Session, now: float,
         record.agent_requests = sum(1 for turn in record.turns if "logic_ms" in turn)
 
 
-def _safely(request: CallRequest, what: str, callback: Callable[..., None],
+def _safely(handle: CallHandle, what: str, callback: Callable[..., None],
             *args: object) -> None:
     """A transport's callback failing affects its own call only."""
     try:
         callback(*args)
     except Exception as exc:
         log_event(logging.ERROR, "call_callback_error", f"{what} failed: {exc!r}",
-                  call_id=request.call_id, session_id=request.ticket,
-                  transport=request.info.transport, exc_info=exc)
+                  call=handle, transport=handle.request.info.transport, exc_info=exc)
 
 
-def _log_admission(request: CallRequest, decision: Admitted | Queued | Refusal | None, *,
+def _log_admission(handle: CallHandle, decision: Admitted | Queued | Refusal | None, *,
                    dequeued: bool) -> None:
     """One ``admission`` line per decision, alike for every transport."""
     if decision is None:
@@ -402,8 +416,8 @@ def _log_admission(request: CallRequest, decision: Admitted | Queued | Refusal |
         result = "dequeued" if dequeued else "admitted"
     else:
         result = "queued" if isinstance(decision, Queued) else "refused"
-    log_event(logging.INFO, "admission", result, call_id=request.call_id,
-              session_id=request.ticket, tenant=decision.tenant,
+    request = handle.request
+    log_event(logging.INFO, "admission", result, call=handle,
               transport=request.info.transport, reason=getattr(decision, "reason", None),
               waited_s=getattr(decision, "waited_s", None) if dequeued else None)
 

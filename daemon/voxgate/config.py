@@ -196,6 +196,9 @@ class AgentConfig:
 
 @dataclass(frozen=True)
 class ControlConfig:
+    """``[control]``: the socket path, and the group that owns it and may use it
+    (``""``: the daemon's own group)."""
+
     socket: str = "/run/voxgate/control.sock"
     group: str = ""
 

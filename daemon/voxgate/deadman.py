@@ -54,6 +54,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Final
 
+from voxgate.end_reasons import EndReason
 from voxgate.errors import LocalProtocolError
 
 # Session states.
@@ -91,7 +92,7 @@ class _Timer(enum.IntEnum):
     PLAYBACK = 6
 
 
-_END_REASONS: Final = {
+_END_REASONS: Final[dict[_Timer, EndReason]] = {
     _Timer.MAX_DURATION: MAX_DURATION,
     _Timer.RING: RING_TIMEOUT,
     _Timer.NO_MEDIA: NO_MEDIA,
@@ -174,7 +175,7 @@ class PlaybackDeadman:
 class End:
     """End the session with ``reason`` (one of the module's end reasons) at ``at``."""
 
-    reason: str
+    reason: EndReason
     at: float
 
 
@@ -381,7 +382,7 @@ class SessionTimers:
         self.stats.recoveries += 1
         return Recovered(now, now - self._paused_at)
 
-    def _end(self, reason: str, at: float) -> End:
+    def _end(self, reason: EndReason, at: float) -> End:
         self.state = ENDED
         self.end_reason = reason
         self._ring_at = self._max_at = self._agent_at = None

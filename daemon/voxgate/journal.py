@@ -4,7 +4,10 @@
 into a journal entry through ``systemd.journal.send`` (the native protocol,
 ``sd_journal_send(3)``): the event name becomes ``EVENT``, each field its
 upper-case journal field, so an operator can filter with
-``journalctl -u voxgate SESSION_ID=…``. :func:`under_journald` tells whether
+``journalctl -u voxgate SESSION_ID=…``. ``MESSAGE``, what ``journalctl -f`` and
+``systemctl status`` show, is the text followed by the record's essentials
+(:func:`journal_message`: ``call ended: call_id=… reason=bye duration=12.3s
+peer=… tenant=acme``). :func:`under_journald` tells whether
 stderr already goes to the journal (``systemd.exec(5)``, ``$JOURNAL_STREAM``),
 which is when ``[log] target = "auto"`` picks this handler.
 
@@ -24,12 +27,13 @@ import re
 import sys
 import time
 import traceback
+from collections.abc import Mapping
 from typing import Any, TextIO
 
 import systemd.journal
 from prometheus_client import Counter
 
-from voxgate.logging import _FIELDS_ATTR, LogfmtFormatter
+from voxgate.logging import _FIELDS_ATTR, LogfmtFormatter, _quote
 from voxgate.metrics import REGISTRY
 
 JOURNAL_FALLBACK_RECORDS = Counter(
@@ -46,6 +50,11 @@ _RESERVED = frozenset({
     "CODE_FILE", "CODE_LINE", "CODE_FUNC", "EXCEPTION",
 })
 """Journal fields the handler sets itself; a log field of that name is sent as ``FIELD_<NAME>``."""
+
+MESSAGE_FIELDS = ("call_id", "reason", "status", "duration_s", "waited_s", "paused_s",
+                  "peer", "tenant")
+"""The fields ``MESSAGE`` repeats after the text, in this order, when a record has them:
+the call (its Call-ID first, its tenant last) and what happened to it."""
 
 _NOT_IN_FIELD_NAME = re.compile(r"[^A-Z0-9_]")
 _FIELD_NAME_MAX = 64
@@ -100,10 +109,32 @@ def journal_field_name(name: str) -> str:
     return upper[:_FIELD_NAME_MAX]
 
 
+def journal_message(text: str, fields: Mapping[str, Any]) -> str:
+    """``text`` followed by the :data:`MESSAGE_FIELDS` among ``fields``, as ``key=value``.
+
+    A field in seconds (``duration_s``) is shown as ``duration=12.3s``; a value
+    with spaces is quoted as in logfmt. ``call ended`` with a call's fields
+    gives ``call ended: call_id=c1@x reason=bye duration=12.3s
+    peer=127.0.0.1:5061 tenant=acme``; a record without any of them keeps its
+    text alone.
+    """
+    parts = []
+    for name in MESSAGE_FIELDS:
+        value = fields.get(name)
+        if value is None:
+            continue
+        if name.endswith("_s") and isinstance(value, int | float):
+            parts.append(f"{name.removesuffix('_s')}={value:.1f}s")
+        else:
+            parts.append(f"{name}={_quote(value)}")
+    return f"{text}: {' '.join(parts)}" if parts else text
+
+
 class JournalHandler(logging.Handler):
     """Sends each record to journald with ``systemd.journal.send``.
 
-    Fields of an entry: ``MESSAGE`` (the record's message), ``PRIORITY``
+    Fields of an entry: ``MESSAGE`` (the record's message and its essentials,
+    :func:`journal_message`), ``PRIORITY``
     (:func:`syslog_priority`), ``SYSLOG_IDENTIFIER=voxgate``, ``LOGGER``,
     ``EVENT`` (``log`` for records not made by ``log_event``), one field per
     ``log_event`` field named by :func:`journal_field_name` (``session_id`` →
@@ -147,7 +178,7 @@ class JournalHandler(logging.Handler):
 
     def _send(self, record: logging.LogRecord) -> None:
         systemd.journal.send(
-            record.getMessage(),
+            journal_message(record.getMessage(), _event_fields(record)[1]),
             CODE_FILE=record.pathname,
             CODE_LINE=record.lineno,
             CODE_FUNC=record.funcName,
@@ -196,7 +227,7 @@ class JournalHandler(logging.Handler):
             self._send(notice)
 
     def _fields(self, record: logging.LogRecord) -> dict[str, Any]:
-        event, values = getattr(record, _FIELDS_ATTR, ("log", {}))
+        event, values = _event_fields(record)
         fields: dict[str, Any] = {
             journal_field_name(name): value for name, value in values.items()
         }
@@ -209,3 +240,10 @@ class JournalHandler(logging.Handler):
         if record.exc_info and record.exc_info[1] is not None:
             fields["EXCEPTION"] = "".join(traceback.format_exception(record.exc_info[1]))
         return fields
+
+
+def _event_fields(record: logging.LogRecord) -> tuple[str, dict[str, Any]]:
+    """The event name and fields :func:`~voxgate.logging.log_event` attached to
+    ``record`` (``log`` and none for a plain record)."""
+    event, fields = getattr(record, _FIELDS_ATTR, ("log", {}))
+    return event, fields

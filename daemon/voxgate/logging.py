@@ -3,8 +3,10 @@
 Components log through :func:`log_event`, which attaches an ``event`` name and
 fields (``call_id``, ``session_id``, ``reason`` …) to the stdlib record. The
 stderr handler writes logfmt (``ts=… level=info event=call_start call_id=…``);
-the systemd issue adds a journald handler that maps the same fields to
-journal fields. Nothing here logs per packet.
+the journald handler (:mod:`voxgate.journal`) maps the same fields to journal
+fields. A per-call record passes its call (``call=``, a :class:`CallIdentity`)
+so that it always carries ``session_id``, ``call_id`` and ``tenant``. Nothing
+here logs per packet.
 
 :class:`ResourceShortage` is how every loop reports running out of file
 descriptors or kernel buffers: one line when an episode starts, one when it
@@ -17,7 +19,7 @@ import errno
 import logging
 import sys
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from prometheus_client import Counter
 
@@ -45,21 +47,44 @@ ACCEPT_QUIET_S = 10.0
 starts a new episode."""
 
 
+class CallIdentity(Protocol):
+    """What names a call in its log records (a session, its agent's controls, a
+    call record, a call in the lifecycle)."""
+
+    @property
+    def session_id(self) -> str:
+        """The session id (12 hex digits): ``voxgatectl sessions``, ``SESSION_ID=``."""
+
+    @property
+    def call_id(self) -> str:
+        """SIP Call-ID, a stream's callSid or an ALSA line's ``<line>-<session id>``."""
+
+    @property
+    def tenant(self) -> str:
+        """The tenant admission put the call in (``default`` when none matched)."""
+
+
 def log_event(
     level: int,
     event: str,
     message: str = "",
     *,
+    call: CallIdentity | None = None,
     exc_info: BaseException | None = None,
     **fields: Any,
 ) -> None:
     """Log ``event`` with ``fields`` (None values are left out).
 
-    ``exc_info`` attaches an exception's traceback to the record.
+    ``call`` puts the call's ``session_id``, ``call_id`` and ``tenant`` first
+    (every per-call record passes it, so ``journalctl TENANT=… EVENT=…`` finds
+    them all). ``exc_info`` attaches an exception's traceback to the record.
     """
     if not logger.isEnabledFor(level):
         return
     clean = {k: v for k, v in fields.items() if v is not None}
+    if call is not None:
+        clean = {"session_id": call.session_id, "call_id": call.call_id,
+                 "tenant": call.tenant, **clean}
     logger.log(
         level,
         message or event.replace("_", " "),

@@ -102,14 +102,22 @@ CREATE INDEX IF NOT EXISTS postcall_jobs_by_finished ON postcall_jobs (state, fi
 """
 
 
-def session_id_of(payload: str) -> str | None:
-    """The ``session_id`` string of a job's JSON payload, or None."""
+def call_of(payload: str) -> dict[str, str]:
+    """The ``session_id``, ``call_id`` and ``tenant`` strings of a job's JSON
+    payload (a call record), those it has: the call the job's log records name."""
     try:
         data = json.loads(payload)
     except ValueError:
-        return None
-    value = data.get("session_id") if isinstance(data, dict) else None
-    return value if isinstance(value, str) else None
+        return {}
+    if not isinstance(data, dict):
+        return {}
+    return {name: value for name in ("session_id", "call_id", "tenant")
+            if isinstance(value := data.get(name), str)}
+
+
+def session_id_of(payload: str) -> str | None:
+    """The ``session_id`` string of a job's JSON payload, or None."""
+    return call_of(payload).get("session_id")
 
 
 @dataclass(frozen=True, slots=True)
@@ -564,8 +572,10 @@ class PostCallQueue:
         else:
             DELIVERIES.labels(result="failed").inc()
             await self._settle(store.finish, job.id, FAILED, attempt, error, now)
+            call = call_of(job.payload)
             log_event(logging.WARNING, "postcall_failed", "post-call job failed",
-                      job_id=job.id, kind=job.kind, session_id=session_id_of(job.payload),
+                      job_id=job.id, kind=job.kind, session_id=call.get("session_id"),
+                      call_id=call.get("call_id"), tenant=call.get("tenant"),
                       attempts=attempt, error=error)
 
     async def _settle(self, fn: Callable[[*_Ts], None], *args: *_Ts) -> None:

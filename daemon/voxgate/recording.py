@@ -295,11 +295,13 @@ class Recorder:
         "failed",
         "path",
         "session_id",
+        "tenant",
     )
 
     def __init__(self, session_id: str, path: str, max_buffer_bytes: int,
-                 stats: RecordingStats) -> None:
+                 stats: RecordingStats, tenant: str = "default") -> None:
         self.session_id = session_id
+        self.tenant = tenant
         self.path = path
         self.dropped_frames = 0
         self.failed: str | None = None
@@ -390,8 +392,10 @@ class Recordings:
         self._limiter = trio.CapacityLimiter(1)
         self._flushing = trio.Lock()
 
-    def start(self, session_id: str, started_at: float) -> Recorder | None:
-        """A recorder for a call that started at ``started_at`` (Unix seconds, UTC).
+    def start(self, session_id: str, started_at: float, *,
+              tenant: str = "default") -> Recorder | None:
+        """A recorder for a call (of ``tenant``) that started at ``started_at`` (Unix
+        seconds, UTC).
 
         No I/O: the file is created by the next flush. Returns None when the
         service is off (:meth:`run` not started or ended) or the directory is
@@ -400,7 +404,7 @@ class Recordings:
         if not (self._running and self._usable):
             return None
         path = os.path.join(self.directory, recording_file_name(session_id, started_at))
-        recorder = Recorder(session_id, path, self.max_buffer_bytes, self.stats)
+        recorder = Recorder(session_id, path, self.max_buffer_bytes, self.stats, tenant)
         self._recorders.append(recorder)
         return recorder
 
@@ -523,7 +527,7 @@ class Recordings:
             RECORDING_ERRORS.inc()
             log_event(logging.WARNING, "recording_failed",
                       f"recording stopped, the call goes on: {recorder.failed}",
-                      session_id=recorder.session_id, path=recorder.path,
+                      session_id=recorder.session_id, tenant=recorder.tenant, path=recorder.path,
                       error=recorder.failed, bytes_written=outcome.data_bytes)
         if outcome.closed and not recorder._closed:
             recorder._closed = True

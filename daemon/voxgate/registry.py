@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import trio
 
+from voxgate.end_reasons import EndReason
 from voxgate.session import Session
 
 
@@ -59,7 +60,7 @@ class Registry:
             return True
         return False
 
-    def hangup(self, session_id: str, reason: str = "operator") -> bool:
+    def hangup(self, session_id: str, reason: EndReason = "operator") -> bool:
         """End one session with ``reason``; False when unknown."""
         entry = self._entries.get(session_id)
         if entry is None:

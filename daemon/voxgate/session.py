@@ -48,6 +48,7 @@ from voxgate.deadman import (
     SessionTimers,
     TimerEvent,
 )
+from voxgate.end_reasons import EndReason
 from voxgate.errors import LocalProtocolError
 from voxgate.logging import log_event
 from voxgate.metrics import PLAYBACK_COMPLETION, SESSION_DURATION, SESSIONS_ENDED
@@ -61,7 +62,7 @@ if TYPE_CHECKING:
     from voxgate.agents.stream import ProviderPool
 
 # End reasons after which the peer is already gone: no BYE from us.
-_PEER_ENDED = frozenset({"bye", "cancel"})
+_PEER_ENDED: frozenset[EndReason] = frozenset({"bye", "cancel"})
 
 
 class SessionState(str, Enum):
@@ -170,14 +171,18 @@ class Session:
         tenant: str = "default",
         from_uri: str = "",
         to_uri: str = "",
+        peer: str = "",
         tasks: tuple[Callable[[], Awaitable[None]], ...] = (),
-        stop_reason: Callable[[], str] = lambda: "shutdown",
+        stop_reason: Callable[[], EndReason] = lambda: "shutdown",
     ) -> None:
-        """``tasks`` run in the session's nursery beside its agent (media readers);
-        ``stop_reason()`` names the end reason when the session is cancelled from
-        outside (a drain deadline, a stop)."""
+        """``peer`` is where the call comes from, for its log records (the SIP
+        peer's address, the WebSocket client's, the ALSA device); ``tasks`` run in
+        the session's nursery beside its agent (media readers); ``stop_reason()``
+        names the end reason when the session is cancelled from outside (a drain
+        deadline, a stop)."""
         self.session_id = session_id
         self.tenant = tenant
+        self.peer = peer
         self.from_uri = from_uri
         self.to_uri = to_uri
         self.call_id = call_id
@@ -196,7 +201,7 @@ class Session:
         self._tasks = tasks
         self._stop_reason = stop_reason
         self.state = SessionState.ADMITTING
-        self.end_reason: str | None = None
+        self.end_reason: EndReason | None = None
         self.started_at = math.nan
         self.answered_at: float | None = None
         self._end_requested = trio.Event()
@@ -204,7 +209,7 @@ class Session:
         # every ended call's objects until a full garbage collection (RSS creeps).
         self.agent.controls = cast(AgentControls, weakref.proxy(self))
 
-    def hangup(self, reason: str) -> None:
+    def hangup(self, reason: EndReason) -> None:
         """The agent ends the call (:class:`~voxgate.agents.base.AgentControls`)."""
         self.end(reason)
 
@@ -225,7 +230,7 @@ class Session:
         """The agent took the caller's keys as a turn: its answer is due now."""
         self.pipeline.caller_turn_ended(trio.current_time())
 
-    def end(self, reason: str) -> None:
+    def end(self, reason: EndReason) -> None:
         """Ask the session to end with ``reason``; the first reason given wins."""
         if self.end_reason is None:
             self.end_reason = reason
@@ -255,8 +260,8 @@ class Session:
 
     def fail(self, exc: BaseException) -> None:
         """The media path raised: log it with the Call-ID and end the session."""
-        log_event(logging.ERROR, "session_error", f"session failed: {exc!r}",
-                  session_id=self.session_id, call_id=self.call_id, exc_info=exc)
+        log_event(logging.ERROR, "session_error", f"session failed: {exc!r}", call=self,
+                  exc_info=exc)
         self.end("error")
 
     def counters(self) -> dict[str, int]:
@@ -346,8 +351,7 @@ class Session:
             self.pipeline.playback.complete(event.utterance_id, DEADMAN, event.at)
 
     def _log(self, level: int, event: str, message: str, **fields: float | str) -> None:
-        log_event(level, event, message, exc_info=None, session_id=self.session_id,
-                  call_id=self.call_id, **fields)
+        log_event(level, event, message, call=self, exc_info=None, **fields)
 
     def _finish(self) -> None:
         self.set_state(SessionState.ENDING)
@@ -367,9 +371,8 @@ class Session:
             SESSIONS_ENDED.labels(self.transport, reason).inc()
             SESSION_DURATION.labels(self.transport).observe(now - self.started_at)
             log_event(
-                logging.INFO, "call_end", "call ended",
-                session_id=self.session_id, call_id=self.call_id, transport=self.transport,
-                reason=reason, duration_s=now - self.started_at,
+                logging.INFO, "call_end", "call ended", call=self, transport=self.transport,
+                reason=reason, duration_s=now - self.started_at, peer=self.peer or None,
                 talk_s=None if self.answered_at is None else now - self.answered_at,
                 packets_in=self.media.packets_in, packets_out=self.media.packets_out,
                 codec=self.codec, peak_bytes=self.budget.peak_bytes,

@@ -25,7 +25,10 @@ Exit codes: 0 clean stop, 73 (EX_CANTCREAT) a listener could not be set up
 (``[sip] listen``, ``[websocket] listen``, ``[control] socket``, ``[metrics]
 listen``: address in use, permission denied, disk full …; one ``listen_failed``
 line names the key), 78 (EX_CONFIG) an invalid configuration. The units do
-not restart on either (``RestartPreventExitStatus=78 73``).
+not restart on either (``RestartPreventExitStatus=78 73``). ``voxgated
+--check-config [PATH]`` loads and checks what the daemon would start with
+(PATH, else the ``--config`` file or its default) and exits 0 or 78; the units'
+``ExecReload=`` runs it before the SIGHUP, so an invalid file fails the reload.
 """
 
 from __future__ import annotations
@@ -44,7 +47,7 @@ from pathlib import Path
 import trio
 
 from voxgate import __version__
-from voxgate.admission import Admission, limits_from_config
+from voxgate.admission import ADMISSION_STATES, Admission, limits_from_config
 from voxgate.admission_desk import AdmissionDesk
 from voxgate.agents.factory import agent_kinds, check_agent
 from voxgate.agents.stream import ProviderPool
@@ -62,7 +65,19 @@ from voxgate.errors import (
     is_resource_shortage,
 )
 from voxgate.logging import log_event, setup_logging
-from voxgate.metrics import LOOP_LAG, REGISTRY, LiveCollector, Snapshot
+from voxgate.metrics import (
+    LOOP_LAG,
+    REGISTRY,
+    LiveCollector,
+    LiveValues,
+    admission_values,
+    alsa_values,
+    control_values,
+    media_values,
+    one_hot,
+    sip_values,
+    websocket_values,
+)
 from voxgate.metrics_http import serve_metrics
 from voxgate.pipeline.clock import MediaClock
 from voxgate.pipeline.prompt import load_prompt
@@ -91,27 +106,9 @@ _RESTART_ONLY = ("sip.listen", "rtp.address", "rtp.port_min", "rtp.port_max",
                  "agent.providers", "agent.stream")
 
 
-_METRIC_HELP = {
-    "voxgate_rtp_packets": "RTP packets received and sent",
-    "voxgate_rtp_bytes": "RTP bytes received and sent",
-    "voxgate_media_drops": "Audio dropped, by cause (bad packet, late, duplicate, overflow …)",
-    "voxgate_budget_drops": "Audio frames dropped because a session buffer hit its cap",
-    "voxgate_session_pauses": "Sessions paused because media stopped",
-    "voxgate_session_recoveries": "Paused sessions whose media came back",
-    "voxgate_agent_fallbacks": "Fallback prompts played because the agent did not answer",
-    "voxgate_playback_deadmans": "Utterances ended by the playback deadman",
-    "voxgate_rtp_frames_concealed": "Inbound frames lost and concealed",
-    "voxgate_rtcp_ignored": "RTCP packets that arrived on an RTP port",
-    "voxgate_dtmf_events": "RFC 4733 key presses received",
-    "voxgate_speech_turns": "Caller speech starts detected by the VAD",
-    "voxgate_media_clock_frames_skipped": "20 ms ticks the media clock was too late for",
-    "voxgate_component_events": "Listener counters: SIP messages, bad input, refusals and "
-                                "drops; ALSA line opens, losses, retries; WebSocket streams "
-                                "refused or closed for bad input; control connections",
-    "voxgate_rtp_ports_exhausted": "Calls refused because no RTP port was free",
-    "voxgate_rtp_ports_free": "RTP ports free in the pool",
-    "voxgate_watchdog_pings_withheld": "Watchdog periods in which a check failed",
-}
+_CHECK_CONFIGURED = object()
+"""``--check-config`` given without PATH: check the file the daemon would load
+(not a string, which argparse would turn into a Path)."""
 
 
 class ReloadFailed(Exception):
@@ -158,7 +155,7 @@ class Supervisor:
         self.started_at = time.time()
         self._control: ControlServer | None = None
         self._webhooks_scope = trio.CancelScope()
-        REGISTRY.register(LiveCollector(self.metrics_snapshot, _METRIC_HELP))
+        REGISTRY.register(LiveCollector(self.metrics_snapshot))
         self.stopping = False
         self._status_changed = trio.Event()
         self._last_status = ""
@@ -178,53 +175,30 @@ class Supervisor:
             word = "draining"
         return f"{plural(stats.active, 'session')}, {stats.queued} queued, {word}"
 
-    def metrics_snapshot(self) -> Snapshot:
+    def metrics_snapshot(self) -> LiveValues:
         """Live values for the metrics collector (read at scrape time only)."""
         stats = self.admission.statistics()
-        media = self.registry.counters()
-        return Snapshot(
-            sessions_active=self.registry.active_by_tenant(),
-            queue_depth=stats.queued,
-            admissions=stats.counters,
-            counters={
-                "voxgate_rtp_packets": {(("direction", "in"),): media["packets_in"],
-                                        (("direction", "out"),): media["packets_out"]},
-                "voxgate_rtp_bytes": {(("direction", "in"),): media["bytes_in"],
-                                      (("direction", "out"),): media["bytes_out"]},
-                "voxgate_media_drops": {(("reason", k.removeprefix("drop_")),): v
-                                        for k, v in media.items() if k.startswith("drop_")},
-                "voxgate_budget_drops": {(("buffer", k.removeprefix("budget_drop_")),): v
-                                         for k, v in media.items()
-                                         if k.startswith("budget_drop_")},
-                "voxgate_session_pauses": {(): media["session_pauses"]},
-                "voxgate_session_recoveries": {(): media["session_recoveries"]},
-                "voxgate_agent_fallbacks": {(): media["agent_fallbacks"]},
-                "voxgate_playback_deadmans": {(): media["playback_deadmans"]},
-                "voxgate_rtp_frames_concealed": {(): media["frames_concealed"]},
-                "voxgate_rtcp_ignored": {(): media["rtcp_ignored"]},
-                "voxgate_dtmf_events": {(): media["dtmf_events"]},
-                "voxgate_speech_turns": {(): media["speech_turns"]},
-                "voxgate_media_clock_frames_skipped": {(): self.clock.frames_skipped},
-                "voxgate_component_events": {
-                    (("component", component), ("event", event)): value
-                    for component, events in self.component_counters().items()
-                    for event, value in events.items()
-                },
-                "voxgate_rtp_ports_exhausted": {(): self.endpoint.ports.exhausted},
-            },
-            gauges={"voxgate_rtp_ports_free": self.endpoint.ports.available,
-                    "voxgate_watchdog_pings_withheld": self.watchdog.withheld},
-        )
-
-    def component_counters(self) -> dict[str, dict[str, int]]:
-        """Each listener's own counters (refusals, bad input, drops …) by name."""
+        rss = self.rss_gate.limits
         control = self._control
         return {
-            "sip": dict(dataclasses.asdict(self.endpoint.core.stats)),
-            "alsa": self.alsa.counters(),
-            "websocket": self.websocket.counters(),
-            "control": {} if control is None else {
-                name: getattr(control.stats, name) for name in control.stats.__slots__},
+            **media_values(self.registry.counters()),
+            **admission_values(stats.counters),
+            **sip_values(dataclasses.asdict(self.endpoint.core.stats)),
+            **alsa_values(self.alsa.counters()),
+            **websocket_values(self.websocket.counters()),
+            **({} if control is None else control_values(
+                {name: getattr(control.stats, name) for name in control.stats.__slots__})),
+            "voxgate_max_sessions": {(): stats.max_sessions},
+            "voxgate_admission_state": one_hot(ADMISSION_STATES, self.admission.state()),
+            "voxgate_rss_watermark_bytes": {("soft",): rss.soft_bytes,
+                                            ("hard",): rss.hard_bytes},
+            "voxgate_sessions_active": {tuple(key): n for key, n
+                                        in self.registry.active_by_tenant().items()},
+            "voxgate_queue_depth": {(): stats.queued},
+            "voxgate_watchdog_pings_withheld_total": {(): self.watchdog.withheld},
+            "voxgate_media_clock_frames_skipped_total": {(): self.clock.frames_skipped},
+            "voxgate_rtp_ports_exhausted_total": {(): self.endpoint.ports.exhausted},
+            "voxgate_rtp_ports_free": {(): self.endpoint.ports.available},
         }
 
     def status_changed(self) -> None:
@@ -472,9 +446,11 @@ class Supervisor:
                           state=verdict.state)
                 self.desk.set_memory_ok(verdict.admit, verdict.detail)
             for victim in choose_shed_victims(self.registry.session_ages(), verdict.shed):
-                log_event(logging.WARNING, "memory_shed", "shedding the newest session",
-                          session_id=victim, rss_bytes=rss_bytes)
-                self.registry.hangup(victim, "memory-shed")
+                entry = self.registry.find(victim)
+                if entry is not None:
+                    log_event(logging.WARNING, "memory_shed", "shedding the newest session",
+                              call=entry.session, rss_bytes=rss_bytes)
+                    entry.session.end("memory-shed")
             await trio.sleep(1.0)
 
     async def _watchdog(self) -> None:
@@ -549,28 +525,42 @@ def _watchdog_interval_s() -> float | None:
     return int(usec) / 1e6
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
+def _build_parser() -> argparse.ArgumentParser:
+    """voxgated's command line; packaging/build-deb.sh also renders it as voxgated(8)."""
     parser = argparse.ArgumentParser(prog="voxgated", description="voxgate telephony daemon")
     parser.add_argument("--config", type=Path, default=None,
                         help=f"configuration file (default {DEFAULT_PATH}; the embedded "
                              "defaults when that file does not exist)")
-    parser.add_argument("--check-config", type=Path, metavar="PATH",
-                        help="validate PATH and exit (0 valid, 78 invalid)")
+    parser.add_argument("--check-config", type=Path, nargs="?", const=_CHECK_CONFIGURED,
+                        metavar="PATH",
+                        help="validate PATH (without PATH: the file --config names, or its "
+                             "default) and exit: 0 valid, 78 (EX_CONFIG) invalid")
     parser.add_argument("--version", action="version", version=f"voxgated {__version__}")
-    return parser.parse_args(argv)
+    return parser
 
 
 def _config_path(args: argparse.Namespace) -> Path | None:
-    if args.check_config is not None:
-        return Path(args.check_config)
+    """The file to load: ``--check-config PATH``, else ``--config``, else
+    :data:`~voxgate.config.DEFAULT_PATH`; None (the embedded defaults) only when
+    that default file does not exist. A default file that cannot be looked at
+    (a directory the user may not search) is returned, so that loading it
+    reports why."""
+    if isinstance(args.check_config, Path):
+        return args.check_config
     if args.config is not None:
         return Path(args.config)
-    return DEFAULT_PATH if DEFAULT_PATH.exists() else None
+    try:
+        DEFAULT_PATH.stat()
+    except FileNotFoundError:
+        return None
+    except OSError:
+        pass
+    return DEFAULT_PATH
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``voxgated``; returns the process exit code."""
-    args = _parse_args(argv)
+    args = _build_parser().parse_args(argv)
     path = _config_path(args)
     try:
         config = Config() if path is None else load_config(path)
@@ -580,7 +570,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"voxgated: config error: {e}", file=sys.stderr)
         return EX_CONFIG
     if args.check_config is not None:
-        print(f"voxgated: {args.check_config}: ok")
+        print(f"voxgated: {path}: ok" if path is not None else
+              f"voxgated: {DEFAULT_PATH} does not exist: the embedded defaults apply: ok")
         return 0
     setup_logging(config.log.level, config.log.target)
     return trio.run(Supervisor(config, path, Notifier()).run)

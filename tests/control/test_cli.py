@@ -5,21 +5,28 @@ from __future__ import annotations
 import json
 import os
 import re
+import select
 import socket
 import subprocess
 import sys
+import termios
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import pytest
 import trio
 
+import voxgate
 from voxgate.control.cli import CLEAR_SCREEN, progress_bar, render_mapping, table
 from voxgate.control.server import CommandError, ControlServer
 
 DAEMON_SRC = str(Path(__file__).resolve().parents[2] / "daemon")
+
+
+LONG_CALL_ID = "a84b4c76e66710-4c1f-9a5e-6d3b2f0e8a11@pbx-frontend-17.example.net"
 
 
 class FakeDaemon:
@@ -28,6 +35,8 @@ class FakeDaemon:
     def __init__(self) -> None:
         self.active = 3
         self.draining = False
+        self.stuck = False
+        """Sessions never end, draining or not."""
         self.status_calls = 0
 
     async def status(self, args):
@@ -37,14 +46,16 @@ class FakeDaemon:
             "sessions": {"active": self.active, "queued": 1,
                          "by_tenant": {"default": {"active": self.active, "queued": 1,
                                                    "max_sessions": None}}},
-            "limits": {"max_sessions": 10, "queue_size": 5},
+            "limits": {"max_sessions": 10, "queue_size": 5, "queue_timeout_s": 5.0,
+                       "retry_after_s": 5, "default_tenant_max_sessions": None,
+                       "drain_timeout_s": 30},
             "health": {"healthy": True, "components": {"sip": {"healthy": True,
                                                                "detail": "listening"}}},
             "admission": {"counters": [{"result": "refused", "reason": "full",
                                         "tenant": "default", "count": 7}]},
             "future_key": "ignored",
         }
-        if self.draining and self.active > 0:
+        if self.draining and self.active > 0 and not self.stuck:
             self.active -= 1
         return result
 
@@ -54,6 +65,9 @@ class FakeDaemon:
              "state": "active", "codec": "PCMU", "age_s": 65.2, "remote": "10.0.0.5:4000"},
             {"id": "s2", "call_id": "def@pbx", "tenant": "acme", "transport": "websocket",
              "state": "ringing", "codec": "PCMA", "age_s": 3.04, "remote": None},
+            {"id": "5f0c2a9e17b3", "call_id": LONG_CALL_ID, "tenant": "acme",
+             "transport": "sip", "state": "active", "codec": "PCMU", "age_s": 4000.0,
+             "remote": "[2001:db8:85a3::8a2e:370:7334]:40000"},
         ]
 
     async def show(self, args):
@@ -118,9 +132,17 @@ def daemon(tmp_path) -> Iterator[tuple[FakeDaemon, str]]:
     thread.join(10)
 
 
-def voxgatectl(*argv: str, socket_env: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items() if k != "VOXGATE_CONTROL_SOCKET"}
+def _env() -> dict[str, str]:
+    """This environment without the socket, the screen size (output is a pipe: 80) and
+    PYTHONUNBUFFERED (an operator's shell has none: output is written at exit)."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VOXGATE_CONTROL_SOCKET", "COLUMNS", "LINES", "PYTHONUNBUFFERED")}
     env["PYTHONPATH"] = DAEMON_SRC
+    return env
+
+
+def voxgatectl(*argv: str, socket_env: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = _env()
     if socket_env is not None:
         env["VOXGATE_CONTROL_SOCKET"] = socket_env
     return subprocess.run([sys.executable, "-m", "voxgate.control.cli", *argv],
@@ -133,7 +155,7 @@ CASES = [
                   "TENANT", "default", "refused", "full", "7"],
      lambda r: r["sessions"]["active"] == 3),
     (["sessions"], ["CALL-ID", "abc@pbx", "1m05s", "3.0s", "10.0.0.5:4000", "websocket"],
-     lambda r: [s["id"] for s in r] == ["s1", "s2"]),
+     lambda r: [s["id"] for s in r] == ["s1", "s2", "5f0c2a9e17b3"]),
     (["show", "s1"], ["id: s1", "stats:", "  packets_in: 100", "  jitter_ms: 2.5"],
      lambda r: r["stats"]["packets_in"] == 100),
     (["hangup", "s2"], ["session s2 hung up"], lambda r: r == {"message": "session s2 hung up"}),
@@ -243,16 +265,17 @@ def test_drain_wait_draws_progress_until_empty(daemon):
     lines = out.stdout.splitlines()
     assert lines[0] == "draining"
     assert lines[-1] == "drain done"
-    left = [int(m.group(1)) for m in map(re.compile(r"\] (\d+)/3 sessions left").search, lines)
+    left = [int(m.group(1)) for m in map(re.compile(r"\] (\d+) sessions? left of 3").search, lines)
             if m]
     assert left == [3, 2, 1, 0]
     assert fake.active == 0
 
 
 def test_progress_bar():
-    assert progress_bar(5, 10) == "[##########----------] 5/10 sessions left"
-    assert progress_bar(10, 10) == "[--------------------] 10/10 sessions left"
-    assert progress_bar(0, 0) == "[####################] 0/0 sessions left"
+    assert progress_bar(5, 10) == "[##########----------] 5 sessions left of 10"
+    assert progress_bar(10, 10) == "[--------------------] 10 sessions left of 10"
+    assert progress_bar(1, 2) == "[##########----------] 1 session left of 2"
+    assert progress_bar(0, 0) == "[####################] 0 sessions left of 0"
 
 
 def test_render_mapping_nests_and_table_aligns():
@@ -272,18 +295,21 @@ def test_common_options_go_before_or_after_the_command(daemon):
 
 def test_version_and_instance_socket():
     version = voxgatectl("--version")
-    assert version.returncode == 0 and version.stdout.strip().startswith("voxgatectl ")
-    instance = voxgatectl("status", "-i", "7")
-    assert instance.returncode == 69
-    assert "/run/voxgate/7/control.sock" in instance.stderr
+    assert (version.returncode, version.stdout) == (0, f"voxgatectl {voxgate.__version__}\n")
+    for argv in (["status", "-i", "7"], ["--instance", "7", "--json", "status"]):
+        instance = voxgatectl(*argv)
+        assert instance.returncode == 69, instance
+        assert "cannot connect to /run/voxgate/7/control.sock" in instance.stderr
+    for bad in ("../x", "a/b", ""):
+        assert voxgatectl("-i", bad, "status").returncode == 2, bad
+    assert voxgatectl("-i", "1", "--socket", "/x", "status").returncode == 2
 
 
 def test_a_closed_pipe_ends_quietly(daemon):
     _, path = daemon
-    env = {**os.environ, "PYTHONPATH": DAEMON_SRC}
     proc = subprocess.Popen([sys.executable, "-m", "voxgate.control.cli", "--socket", path,
                              "calls", "--limit", "5000"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=env)
+                            stderr=subprocess.PIPE, env=_env())
     assert proc.stdout is not None and proc.stderr is not None
     proc.stdout.readline()
     proc.stdout.close()  # as `| head -1` does
@@ -293,9 +319,98 @@ def test_a_closed_pipe_ends_quietly(daemon):
     assert "Traceback" not in stderr and "BrokenPipeError" not in stderr
 
 
-def test_drain_wait_gives_up_at_its_timeout(daemon):
+@pytest.mark.parametrize("argv", [["drain", "--wait", "--timeout", "0.3"],
+                                  ["--timeout", "0.3", "drain", "--wait"]])
+def test_drain_wait_gives_up_at_its_timeout(daemon, argv):
     fake, path = daemon
-    out = voxgatectl("--socket", path, "drain", "--wait", "--wait-timeout", "0")
-    assert out.returncode == 1
-    assert "3 sessions still up after 0 s" in out.stderr
-    assert fake.draining
+    fake.active, fake.stuck = 1, True
+    out = voxgatectl("--socket", path, *argv)
+    assert out.returncode == 75, out
+    assert out.stdout.splitlines()[:2] == ["draining", "[--------------------] 1 session left of 1"]
+    assert out.stderr == ("voxgatectl: drain: 1 session still up after 0.3 s; "
+                          "the drain goes on\n")
+    assert fake.draining and fake.status_calls >= 1
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon", "inf"])
+def test_timeout_must_be_seconds_above_zero(value):
+    out = voxgatectl("--socket", "/nonexistent/c.sock", "drain", "--wait", "--timeout", value)
+    assert out.returncode == 2
+    assert "not a number of seconds above 0" in out.stderr
+
+
+def test_a_closed_pipe_after_a_short_output_ends_quietly(daemon):
+    """``status`` fits Python's stdout buffer: the write, and EPIPE, come at the end."""
+    _, path = daemon
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader is gone before the first byte, for certain
+    try:
+        done = subprocess.run([sys.executable, "-m", "voxgate.control.cli", "--socket", path,
+                               "status"], stdout=write_end, stderr=subprocess.PIPE, env=_env(),
+                              timeout=60, check=False)
+    finally:
+        os.close(write_end)
+    assert done.returncode == 141
+    assert done.stderr == b""
+
+
+def test_status_piped_to_head_in_a_shell(daemon):
+    _, path = daemon
+    done = subprocess.run(["bash", "-c", 'set -o pipefail; "$@" | head -1', "sh",
+                           sys.executable, "-m", "voxgate.control.cli", "--socket", path,
+                           "status"], capture_output=True, text=True, env=_env(), timeout=60,
+                          check=False)
+    assert done.stdout == "state:     running\n"
+    assert done.stderr == ""
+    assert done.returncode in (0, 141)  # 141 when head left before the last write
+
+
+def test_status_and_top_fit_80_columns(daemon):
+    fake, path = daemon
+    status = voxgatectl("--socket", path, "status")
+    assert max(map(len, status.stdout.splitlines())) <= 80, status.stdout
+    assert "\n           default_tenant_max_sessions=- drain_timeout_s=30\n" in status.stdout
+    top = voxgatectl("--socket", path, "top", "--iterations", "1")
+    lines = top.stdout.removeprefix(CLEAR_SCREEN).splitlines()
+    assert max(map(len, lines)) == 80, top.stdout  # the long Call-ID is cut at the edge
+    (row,) = [line for line in lines if line.startswith("5f0c2a9e17b3")]
+    assert row.split()[:6] == ["5f0c2a9e17b3", "acme", "sip", "active", "PCMU", "1h06m"]
+    assert LONG_CALL_ID.startswith(row.split()[6])
+    assert "(Ctrl-C to quit)" in lines[0]  # stdin is not a terminal
+
+
+def _frames(stream: IO[bytes], count: int, timeout_s: float = 30.0) -> bytes:
+    """Read ``stream`` until ``count`` more top frames began (or EOF, or the timeout)."""
+    data = b""
+    deadline = time.monotonic() + timeout_s
+    while data.count(CLEAR_SCREEN.encode()) < count and time.monotonic() < deadline:
+        if select.select([stream], [], [], deadline - time.monotonic())[0]:
+            chunk = os.read(stream.fileno(), 65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
+
+
+def test_top_quits_on_q_from_the_terminal(daemon):
+    fake, path = daemon
+    controller, terminal = os.openpty()
+    saved = termios.tcgetattr(terminal)
+    proc = subprocess.Popen([sys.executable, "-m", "voxgate.control.cli", "--socket", path,
+                             "top"], stdin=terminal, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env())
+    try:
+        assert proc.stdout is not None
+        assert b"(q to quit)" in _frames(proc.stdout, 1)
+        os.write(controller, b"x")  # not q: top goes on
+        assert _frames(proc.stdout, 2).count(CLEAR_SCREEN.encode()) == 2
+        os.write(controller, b"q")
+        assert proc.wait(timeout=30) == 0
+        assert termios.tcgetattr(terminal) == saved  # echo and line mode are back
+        assert proc.communicate(timeout=30)[1] == b""
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(controller)
+        os.close(terminal)

@@ -322,6 +322,7 @@ async def test_socket_mode_and_removal_on_exit(sock_path):
         st = os.lstat(sock_path)
         assert stat.S_ISSOCK(st.st_mode)
         assert stat.S_IMODE(st.st_mode) == 0o660
+        assert st.st_gid == os.getegid()  # no [control] group: the daemon's own
         nursery.cancel_scope.cancel()
     assert not os.path.exists(sock_path)
 
@@ -331,6 +332,17 @@ async def test_socket_group_and_parent_dir(start, tmp_path):
     await start(path=str(path), group="nogroup")
     assert os.lstat(path).st_gid == grp.getgrnam("nogroup").gr_gid
     assert stat.S_IMODE(os.stat(path.parent).st_mode) == 0o755
+
+
+async def test_own_group_even_in_a_setgid_directory(start, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("needs root to give the directory another group")
+    parent = tmp_path / "setgid"
+    parent.mkdir()
+    os.chown(parent, -1, NOBODY)
+    parent.chmod(0o2755)  # files made inside get the directory's group
+    await start(path=str(parent / "c.sock"))
+    assert os.lstat(parent / "c.sock").st_gid == os.getegid()
 
 
 async def test_unknown_group_fails_at_bind(sock_path):
@@ -379,9 +391,9 @@ def test_parse_proc_groups():
 
 def test_is_authorized_rules():
     me = os.getuid()
-    assert is_authorized(PeerCredentials(0, 0, 0), own_uid=1234, group_gid=None)
-    assert is_authorized(PeerCredentials(0, 1234, 99), own_uid=1234, group_gid=None)
-    assert not is_authorized(PeerCredentials(0, 4321, 99), own_uid=me, group_gid=None)
+    assert is_authorized(PeerCredentials(0, 0, 0), own_uid=1234, group_gid=98)
+    assert is_authorized(PeerCredentials(0, 1234, 99), own_uid=1234, group_gid=98)
+    assert not is_authorized(PeerCredentials(0, 4321, 99), own_uid=me, group_gid=98)
     assert is_authorized(PeerCredentials(0, 4321, 99), own_uid=me, group_gid=99)
     assert not is_authorized(PeerCredentials(0, 4321, 98), own_uid=me, group_gid=99)
 
@@ -493,6 +505,14 @@ async def test_member_of_the_group_by_supplementary_gid(start, public_dir):
     await start(path=path, group="daemon")
     reply = await ask_as_nobody(path, str(grp.getgrnam("daemon").gr_gid))
     assert reply["ok"] is True
+
+
+async def test_no_group_means_the_daemons_own_group(start, public_dir):
+    path = os.path.join(public_dir, "c.sock")
+    await start(path=path)  # [control] group = ""
+    os.chmod(path, 0o666)  # let the filesystem through: only SO_PEERCRED and groups decide
+    assert (await ask_as_nobody(path, str(os.getegid())))["ok"] is True
+    assert (await ask_as_nobody(path))["error"]["code"] == "forbidden"
 
 
 async def test_accept_out_of_descriptors_is_one_logged_episode(start, sock_path, monkeypatch,

@@ -13,11 +13,13 @@ import pytest
 
 _PACKAGE_OF = {
     "sipp": "sip-tester",
+    "kamcmd": "kamailio",
     "baresip": "baresip",
     "tcpdump": "tcpdump",
     "espeak-ng": "espeak-ng",
     "sox": "sox",
     "taskset": "util-linux",
+    "promtool": "prometheus",
 }
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import pwd
 import random
 import re
 import shutil
@@ -24,6 +25,7 @@ import signal
 import socket
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import threading
 import time
@@ -34,6 +36,7 @@ from pathlib import Path
 from typing import IO
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SYSTEM_PYTHON = "/usr/bin/python3"
 READY_TIMEOUT_S = 15.0
 TERMINATE_TIMEOUT_S = 40.0
 _KILL_TIMEOUT_S = 10.0
@@ -206,6 +209,24 @@ def daemon_command() -> list[str]:
     if script.exists():
         return [str(script)]
     return [sys.executable, "-m", "voxgate.supervisor"]
+
+
+def user_python(user: str, *, login_groups: bool = True) -> list[str]:
+    """argv prefix running Python as ``user`` (setpriv) with the supplementary groups a
+    login gives it, or none, under :data:`SYSTEM_PYTHON`: this interpreter may sit where
+    other users cannot reach (a venv under /root). Run it with ``PYTHONPATH=``
+    :func:`user_pythonpath`."""
+    pw = pwd.getpwnam(user)
+    return ["setpriv", f"--reuid={pw.pw_uid}", f"--regid={pw.pw_gid}",
+            "--init-groups" if login_groups else "--clear-groups", SYSTEM_PYTHON]
+
+
+def user_pythonpath() -> str:
+    """voxgate and this interpreter's packages, for :func:`user_python` (the same Python
+    minor version, so compiled extensions load)."""
+    paths = dict.fromkeys((str(REPO_ROOT / "daemon"), sysconfig.get_paths()["purelib"],
+                           sysconfig.get_paths()["platlib"]))
+    return os.pathsep.join(paths)
 
 
 def _env(extra: Mapping[str, str]) -> dict[str, str]:
@@ -434,11 +455,14 @@ def running_daemon(
     cpu: int | None = None,
     ready_timeout_s: float = READY_TIMEOUT_S,
     env: Mapping[str, str] | None = None,
+    user: str | None = None,
 ) -> Iterator[Daemon]:
     """Start ``voxgated`` with a per-test config in ``workdir`` and wait for READY=1.
 
     ``overrides`` maps section → key → value and is applied over
     :func:`default_config`. ``cpu`` pins the daemon with ``taskset -c``.
+    ``user`` runs it as that user (:func:`user_python`), who is given ``workdir``
+    (its parents must let the user through) and the notify socket.
 
     Raises:
         RuntimeError: the daemon exited or sent no READY=1 within ``ready_timeout_s``.
@@ -463,6 +487,13 @@ def running_daemon(
         config_path.write_text(render_toml(config))
         log_path = workdir / "voxgated.log"
         argv = [*daemon_command(), "--config", str(config_path)]
+        extra_env = {"NOTIFY_SOCKET": str(notifications.path)}
+        if user is not None:
+            argv = [*user_python(user), "-m", "voxgate.supervisor", "--config", str(config_path)]
+            extra_env["PYTHONPATH"] = user_pythonpath()
+            pw = pwd.getpwnam(user)
+            for path in (workdir, sock_dir, notifications.path):
+                os.chown(path, pw.pw_uid, pw.pw_gid)
         if cpu is not None:
             argv = ["taskset", "-c", str(cpu), *argv]
         with log_path.open("wb") as log, (workdir / "voxgated.stdout").open("wb") as out:
@@ -471,7 +502,7 @@ def running_daemon(
                 stdin=subprocess.DEVNULL,
                 stdout=out,
                 stderr=log,
-                env=_env({"NOTIFY_SOCKET": str(notifications.path), **(env or {})}),
+                env=_env({**extra_env, **(env or {})}),
                 cwd=workdir,
             )
         daemon = Daemon(proc, sip_port, rtp, config_path, log_path, notifications)

@@ -6,9 +6,12 @@ Also the helpers other integration tests use to run ``voxgatectl``:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import secrets
+import shutil
 import socket
 import stat
 import subprocess
@@ -29,6 +32,7 @@ from tests.harness.daemon import (
     PortRange,
     free_udp_port,
     options_request,
+    running_daemon,
     status_code,
 )
 from tests.harness.sipp import Sipp, SippResult
@@ -40,7 +44,8 @@ POLL_S = 0.1
 NOBODY = 65534
 SYSTEM_PYTHON = "/usr/bin/python3"
 MAX_LINE_BYTES = 65_536
-EX_REFUSED, EX_USAGE, EX_UNAVAILABLE = 1, 2, 69
+EX_REFUSED, EX_USAGE, EX_UNAVAILABLE, EX_TEMPFAIL, EX_BROKEN_PIPE = 1, 2, 69, 75, 141
+RUN_DIR = Path("/run/voxgate")
 
 # Run as another uid by setpriv: connect, send ``hello``, print the reply line
 # or ``OSError <errno>``. Plain stdlib, for the system interpreter. A refusing
@@ -76,18 +81,24 @@ def _ctl_command() -> list[str]:
     return [sys.executable, "-m", "voxgate.control.cli"]
 
 
+def _ctl_env() -> dict[str, str]:
+    """An operator's environment: no socket, screen size (a pipe: 80 columns) or
+    PYTHONUNBUFFERED."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("VOXGATE_CONTROL_SOCKET", "COLUMNS", "LINES", "PYTHONUNBUFFERED")}
+    env["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT / "daemon"), env.get("PYTHONPATH", "")) if p
+    )
+    return env
+
+
 def voxgatectl(
     socket_path: str, *args: str, timeout_s: float = CTL_TIMEOUT_S
 ) -> subprocess.CompletedProcess[str]:
     """Run ``voxgatectl --socket socket_path ARGS`` to completion; output captured as text."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join(
-        p for p in (str(REPO_ROOT / "daemon"), env.get("PYTHONPATH", "")) if p
-    )
-    env.pop("VOXGATE_CONTROL_SOCKET", None)
     return subprocess.run(
         [*_ctl_command(), "--socket", socket_path, *args],
-        capture_output=True, text=True, timeout=timeout_s, env=env, check=False,
+        capture_output=True, text=True, timeout=timeout_s, env=_ctl_env(), check=False,
     )
 
 
@@ -177,6 +188,9 @@ def test_every_command_with_and_without_json(
         human = ctl_ok(daemon, "status")
         assert re.search(r"^state:\s+running$", human, re.M), human
         assert "2 active, 0 queued" in human, human
+        assert max(map(len, human.splitlines())) <= 80, human
+        # The common options go after the command too (`systemctl status --json` style).
+        assert json.loads(ctl_ok(daemon, "status", "--json"))["sessions"]["active"] == 2
 
         assert {s["tenant"] for s in (first, second)} == {"default"}
         assert {s["transport"] for s in (first, second)} == {"sip"}
@@ -211,6 +225,7 @@ def test_every_command_with_and_without_json(
         assert all(json.loads(x)["status"]["sessions"]["active"] == 2 for x in lines), lines
         human = ctl_ok(daemon, "top", "--iterations", "2")
         assert human.count("voxgate top") == 2 and ids[1] in human, human
+        assert max(map(len, human.splitlines())) <= 80, human
 
         assert ctl_json(daemon, "reload")["message"] == "config reloaded"
         assert ctl_ok(daemon, "reload").strip() == "config reloaded"
@@ -251,7 +266,9 @@ def test_drain_wait_returns_when_the_last_call_ended(
             assert ctl_json(daemon, "status")["sessions"]["active"] == 0
             _assert_all_ok(sipp.wait(), 1)
         progress = done.stderr if json_flag else done.stdout
-        assert "1/1 sessions left" in progress and "0/1 sessions left" in progress, done
+        assert "1 session left of 1" in progress and "0 sessions left of 1" in progress, done
+        if not json_flag:
+            assert "1 session in progress" in done.stdout.splitlines()[0], done.stdout
         assert progress.rstrip().endswith("drain done"), done
         if json_flag:
             assert json.loads(done.stdout)["message"].startswith("draining"), done.stdout
@@ -389,3 +406,62 @@ def test_read_only_commands_before_any_call(start_daemon: StartDaemon, command: 
     assert human.strip(), command
     if command == "sessions":
         assert human.strip() == "no sessions"
+
+
+@requires("sipp")
+def test_drain_wait_timeout_leaves_the_call_up(
+    start_daemon: StartDaemon, reserve_ports: ReservePorts, clip: SpeechClip, tmp_path: Path
+) -> None:
+    daemon = start_daemon()
+    with _sipp("uac_wait_bye", daemon, tmp_path / "sipp", reserve_ports(4), clip) as sipp:
+        (session,) = _sessions(daemon, 1)
+        done = voxgatectl(control_socket(daemon), "drain", "--wait", "--timeout", "1")
+        assert done.returncode == EX_TEMPFAIL, done
+        assert done.stderr == ("voxgatectl: drain: 1 session still up after 1 s; "
+                               "the drain goes on\n"), done.stderr
+        assert "] 1 session left of 1" in done.stdout, done.stdout
+        status = ctl_json(daemon, "status")
+        assert status["state"] == "draining" and status["sessions"]["active"] == 1, status
+        ctl_ok(daemon, "hangup", session["id"])
+        _assert_all_ok(sipp.wait(), 1)
+
+
+def test_instance_socket_and_pipes(tmp_path: Path) -> None:
+    """``-i N`` finds voxgate@N's socket (/run/voxgate/N/control.sock); output piped to a
+    reader that goes away ends without a traceback."""
+    if not os.access(RUN_DIR.parent, os.W_OK):
+        pytest.skip(f"needs to write {RUN_DIR.parent}")
+    instance = f"test-{secrets.token_hex(4)}"
+    made_run_dir = not RUN_DIR.exists()
+    overrides = {"control": {"socket": str(RUN_DIR / instance / "control.sock")}}
+    try:
+        with running_daemon(tmp_path / "daemon", overrides, rtp_ports=10):
+            ctl = _ctl_command()
+
+            def run(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[Any]:
+                return subprocess.run(argv, env=_ctl_env(), timeout=CTL_TIMEOUT_S,
+                                      check=False, **kwargs)
+
+            for args in (("-i", instance, "status", "--json"),
+                         ("--json", "status", "--instance", instance)):
+                done = run([*ctl, *args], capture_output=True, text=True)
+                assert done.returncode == 0, done
+                assert json.loads(done.stdout)["state"] == "running", done.stdout
+
+            done = run(["bash", "-c", 'set -o pipefail; "$@" | head -1', "sh", *ctl, "-i",
+                        instance, "status"], capture_output=True, text=True)
+            assert (done.stdout, done.stderr) == ("state:     running\n", ""), done
+            read_end, write_end = os.pipe()
+            os.close(read_end)  # the reader is gone before the first byte, for certain
+            try:
+                for command in (["status"], ["calls", "--limit", "1000"], ["metrics"]):
+                    done = run([*ctl, "-i", instance, *command], stdout=write_end,
+                               stderr=subprocess.PIPE)
+                    assert (done.returncode, done.stderr) == (EX_BROKEN_PIPE, b""), done
+            finally:
+                os.close(write_end)
+    finally:
+        shutil.rmtree(RUN_DIR / instance, ignore_errors=True)
+        if made_run_dir:
+            with contextlib.suppress(OSError):
+                RUN_DIR.rmdir()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -92,20 +93,25 @@ def journal(*matches):
                            "-o", "json", *matches], capture_output=True, text=True, timeout=10)
     return [json.loads(line) for line in done.stdout.splitlines()]
 
-workdir = Path(sys.argv[1])
-with running_daemon(workdir, {"log": {"target": "journal"}}, rtp_ports=10) as daemon:
+workdir, tenant = Path(sys.argv[1]), sys.argv[2]
+config = {"log": {"target": "journal"}, "tenants": [{"name": tenant, "ruri_user": tenant}]}
+with running_daemon(workdir, config, rtp_ports=10) as daemon:
+    sipp_port = free_udp_port()
     sipp = subprocess.run(
-        ["sipp", "-sn", "uac", f"127.0.0.1:{daemon.sip_port}", "-m", "1", "-d", "500",
-         "-nostdin", "-i", "127.0.0.1", "-p", str(free_udp_port()), "-timeout", "20s"],
+        ["sipp", "-sn", "uac", f"127.0.0.1:{daemon.sip_port}", "-s", tenant, "-m", "1",
+         "-d", "500", "-nostdin", "-i", "127.0.0.1", "-p", str(sipp_port), "-timeout", "20s"],
         capture_output=True, text=True, timeout=40, cwd=workdir)
     assert sipp.returncode == 0, sipp.stdout[-3000:] + sipp.stderr
+    # What an operator types: the tenant's ended calls.
     deadline = time.monotonic() + 10
-    while not (ends := journal("EVENT=call_end")) and time.monotonic() < deadline:
+    while not (ends := journal(f"TENANT={tenant}", "EVENT=call_end")) and \
+            time.monotonic() < deadline:
         time.sleep(0.05)
-    assert ends, "no call_end in the journal"
-    # One call's story, by its SESSION_ID, is what an operator queries.
+    assert ends, f"no TENANT={tenant} EVENT=call_end in the journal"
+    # One call's story, by its SESSION_ID.
     session = journal(f"SESSION_ID={ends[0]['SESSION_ID']}")
-    (workdir / "session.json").write_text(json.dumps(session))
+    (workdir / "session.json").write_text(json.dumps(
+        {"ends": ends, "session": session, "sipp_port": sipp_port}))
 '''
 
 
@@ -155,7 +161,7 @@ def test_log_event_lands_in_journald_with_its_fields(tmp_path: Path) -> None:
     assert set(by_event) == {"call_start", "session_crashed"}
 
     start = by_event["call_start"]
-    assert start["MESSAGE"] == "call started"
+    assert start["MESSAGE"] == "call started: call_id=c1@x tenant=default"
     assert start["SYSLOG_IDENTIFIER"] == "voxgate"
     assert start["PRIORITY"] == "6"
     assert start["CALL_ID"] == "c1@x"
@@ -176,19 +182,30 @@ def test_log_event_lands_in_journald_with_its_fields(tmp_path: Path) -> None:
 
 @pytest.mark.skipif(shutil.which("sipp") is None,
                     reason="sipp missing (apt-get install sip-tester)")
-def test_daemon_call_is_found_by_session_id(tmp_path: Path) -> None:
-    """The real voxgated with [log] target = "journal" and one SIPp call."""
+def test_daemon_call_is_found_by_tenant_and_session_id(tmp_path: Path) -> None:
+    """The real voxgated with [log] target = "journal" and one SIPp call of tenant
+    ``acme``: ``journalctl TENANT=acme EVENT=call_end`` finds it, its MESSAGE
+    tells the call's story in text, and every record of the call names the tenant."""
     driver = tmp_path / "daemon_driver.py"
     driver.write_text(_DAEMON_DRIVER)
-    run_with_journald(tmp_path, "EVENT=call_end", sys.executable, str(driver), str(tmp_path))
-    session = json.loads((tmp_path / "session.json").read_text())
-    by_event = {e["EVENT"]: e for e in session}
-    assert {"call_start", "call_end"} <= set(by_event), sorted(by_event)
-    end = by_event["call_end"]
+    run_with_journald(tmp_path, "EVENT=call_end", sys.executable, str(driver), str(tmp_path),
+                      "acme")
+    found = json.loads((tmp_path / "session.json").read_text())
+    by_event = {e["EVENT"]: e for e in found["session"]}
+    assert {"admission", "call_start", "call_end"} <= set(by_event), sorted(by_event)
+    (end,) = found["ends"]
+    assert end == by_event["call_end"]
     assert end["SYSLOG_IDENTIFIER"] == "voxgate"
     assert end["PRIORITY"] == "6"
     assert end["TRANSPORT"] == "sip"
     assert end["CALL_ID"] == by_event["call_start"]["CALL_ID"]
-    assert end["REASON"]
+    assert end["REASON"] == "bye"
+    peer = f"127.0.0.1:{found['sipp_port']}"
+    assert end["PEER"] == peer
+    assert re.fullmatch(
+        rf"call ended: call_id={re.escape(end['CALL_ID'])} reason=bye "
+        rf"duration=\d+\.\ds peer={re.escape(peer)} tenant=acme", end["MESSAGE"])
     assert end["CODE_FILE"].endswith("/voxgate/session.py")
     assert end["_TRANSPORT"] == "journal"
+    assert {(e["EVENT"], e.get("TENANT")) for e in found["session"]} == {
+        (event, "acme") for event in by_event}

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from tests.harness.daemon import Daemon
 from tests.integration.conftest import StartDaemon
+from tests.integration.test_control import ctl_ok
 from tests.integration.test_lifecycle import wait_until
 
 PING = "WATCHDOG=1"
@@ -79,6 +80,10 @@ def test_blocked_loop_withholds_pings_until_it_recovers(start_daemon: StartDaemo
 
     wait_until(lambda: _pings(daemon) >= during_block + 2, 10.0, "pings after the block")
     assert daemon.alive()
+    metrics = ctl_ok(daemon, "metrics")
+    assert "# TYPE voxgate_watchdog_pings_withheld_total counter\n" in metrics
+    withheld_total = re.search(r"^voxgate_watchdog_pings_withheld_total (\S+)$", metrics, re.M)
+    assert withheld_total is not None and float(withheld_total.group(1)) >= 1, metrics
 
 
 def test_sigusr2_is_caught_only_when_the_test_hook_is_armed(start_daemon: StartDaemon) -> None:

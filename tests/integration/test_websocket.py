@@ -104,10 +104,9 @@ async def completions(daemon: Daemon, signal: str) -> float:
                         f'signal="{signal}"')
 
 
-async def ws_events(daemon: Daemon, event: str) -> float:
-    """``voxgate_component_events_total{component="websocket",event=…}`` via voxgatectl."""
-    return await metric(daemon, "voxgate_component_events_total", 'component="websocket"',
-                        f'event="{event}"')
+async def handshakes_failed(daemon: Daemon, reason: str) -> float:
+    """``voxgate_websocket_handshakes_failed_total{reason=…}`` via voxgatectl."""
+    return await metric(daemon, "voxgate_websocket_handshakes_failed_total", f'reason="{reason}"')
 
 
 async def wait_completions(daemon: Daemon, signal: str, count: float) -> None:
@@ -254,8 +253,8 @@ async def test_a_flood_of_wrong_paths_is_answered_closed_and_counted(
         statuses = Counter(answer[:12] for answer in answers)
         assert set(statuses) <= {b"HTTP/1.1 404", b"HTTP/1.1 503"} and statuses.total() == flood
         await wait_until(lambda: server_sockets(port, daemon.pid) == 0)
-        assert await ws_events(daemon, "rejected_path") == statuses[b"HTTP/1.1 404"]
-        assert await ws_events(daemon, "rejected_busy") == statuses[b"HTTP/1.1 503"]
+        assert await handshakes_failed(daemon, "path") == statuses[b"HTTP/1.1 404"]
+        assert await handshakes_failed(daemon, "busy") == statuses[b"HTTP/1.1 503"]
         async with connect(port) as client:
             await client.start()
             await wait_until(lambda: client.tokens)
@@ -275,7 +274,7 @@ async def test_handshakes_count_against_the_connection_limit(start_daemon: Start
             answer = await read_to_eof(extra)
         assert answer.startswith(b"HTTP/1.1 503 ") and b"retry-after: 5\r\n" in answer
         assert server_sockets(port, daemon.pid) == limit
-        assert await ws_events(daemon, "rejected_busy") == 1
+        assert await handshakes_failed(daemon, "busy") == 1
     await wait_until(lambda: server_sockets(port, daemon.pid) == 0)
     async with connect(port) as client:
         await client.start()
@@ -290,4 +289,5 @@ async def test_a_broken_frame_gets_a_1002_close_frame(start_daemon: StartDaemon)
         frames = server_frames(await read_to_eof(stream))
     ((opcode, payload),) = frames  # nothing but the close frame
     assert opcode == 0x8 and int.from_bytes(payload[:2], "big") == 1002
-    assert await ws_events(daemon, "bad_message_1002") == 1
+    assert await metric(daemon, "voxgate_websocket_bad_messages_total",
+                        'close_code="1002"') == 1

@@ -602,10 +602,10 @@ async def test_on_demand_session_ends_when_the_agent_hangs_up(autojump_clock):
         h.lines.start_line("door")
         await h.wait_for(lambda: h.line()["state"] == "active")
         [summary] = h.registry.sessions()
-        h.registry.hangup(str(summary["id"]), "agent")
+        h.registry.hangup(str(summary["id"]), "agent-hangup")
         await h.wait_for(lambda: h.line()["state"] == "idle")
         nursery.cancel_scope.cancel()
-    assert h.line()["last_end_reason"] == "agent"
+    assert h.line()["last_end_reason"] == "agent-hangup"
 
 
 async def test_line_command_errors():

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from voxgate.end_reasons import EndReason
 from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import SpeechStarted, SpeechStopped
 from voxgate.rtp.dtmf import DtmfEvent
@@ -31,7 +32,7 @@ class AgentControls(Protocol):
     answered_at: float | None
     """When the call was answered (monotonic seconds, the media clock's); None before."""
 
-    def hangup(self, reason: str) -> None:
+    def hangup(self, reason: EndReason) -> None:
         """End the call (e.g. after "goodbye"); ``reason`` goes to the call record."""
 
     def set_barge_in(self, enabled: bool) -> None:

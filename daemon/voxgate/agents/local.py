@@ -37,7 +37,7 @@ from collections import deque
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -67,7 +67,7 @@ INPUT_QUEUE = 4
 """Inputs (utterances, keys) waiting for the agent's task; more are dropped."""
 MAX_TURNS_KEPT = 32
 """Turns ``voxgatectl show`` lists (the most recent)."""
-HANGUP_REASON = "agent-hangup"
+HANGUP_REASON: Final = "agent-hangup"
 _LOGGED_TEXT_CHARS = 200
 INTEGRATOR_GRACE_S = 0.5
 """The integrator waits this much longer than the agent-response deadman, so a
@@ -331,8 +331,7 @@ class LocalAgent(Agent):
                       next=step.name, hangup=answer.hangup, synthesis_ms=_ms_since(started),
                       frames=len(frames))
         self._turns.append(record)
-        log_event(logging.INFO, "agent_turn", "agent answered", session_id=self.controls.session_id,
-                  call_id=self.controls.call_id, **record)
+        log_event(logging.INFO, "agent_turn", "agent answered", call=self.controls, **record)
 
     def describe(self) -> dict[str, object]:
         stats = self.stats

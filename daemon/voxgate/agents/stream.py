@@ -256,8 +256,7 @@ class StreamAgent(Agent):
         try:
             await self._connections()
         finally:
-            log_event(logging.INFO, "bot_session", "bot connection ended",
-                      session_id=controls.session_id, call_id=controls.call_id,
+            log_event(logging.INFO, "bot_session", "bot connection ended", call=controls,
                       provider=self.provider or None, failovers=self.failovers,
                       resumes=self.resumes, marks_received=self.marks_received,
                       marks_acknowledged=self.marks_acknowledged,
@@ -423,6 +422,5 @@ class StreamAgent(Agent):
         if not self._logged_bad:
             self._logged_bad = True
             log_event(logging.WARNING, "bot_message_dropped",
-                      f"bot message dropped ({reason}): {detail}",
-                      session_id=self.controls.session_id, call_id=self.controls.call_id,
+                      f"bot message dropped ({reason}): {detail}", call=self.controls,
                       provider=provider)

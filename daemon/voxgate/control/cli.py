@@ -7,10 +7,15 @@ unless ``VOXGATE_CONTROL_SOCKET``, ``--socket`` or ``--instance N``
 (``voxgate@N``'s ``/run/voxgate/N/control.sock``) says otherwise. Results
 print as human tables, or as the raw JSON result with ``--json``.
 
-Exit codes: 0 ok, 1 the daemon said no (an error reply) or ``drain --wait
---timeout`` ran out, 2 usage error, 69 (EX_UNAVAILABLE) the daemon cannot be
-reached or broke the protocol; output cut by a closed pipe (``| head``) ends
-quietly with 141 as a shell pipeline would.
+``--timeout S`` bounds each wait for the daemon: every reply (default
+:data:`DEFAULT_TIMEOUT_S`) and, with ``drain --wait``, the whole drain (default
+no limit).
+
+Exit codes: 0 ok, 1 the daemon said no (an error reply), 2 usage error, 69
+(EX_UNAVAILABLE) the daemon cannot be reached, did not answer in time or broke
+the protocol, 75 (EX_TEMPFAIL) ``drain --wait --timeout`` ran out with
+sessions left; output cut by a closed pipe (``| head``) ends quietly with 141
+as a shell pipeline would (Python's "Note on SIGPIPE").
 
 The client is plain blocking :mod:`socket`: one connection, one request at a
 time, replies bounded by :data:`MAX_REPLY_BYTES`.
@@ -22,11 +27,17 @@ import argparse
 import contextlib
 import itertools
 import json
+import math
 import os
+import select
+import shutil
 import socket
 import sys
+import termios
+import textwrap
 import time
-from collections.abc import Callable, Mapping, Sequence
+import tty
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import Any, TextIO
 
@@ -49,12 +60,17 @@ TOP_INTERVAL_S = 1.0
 DRAIN_POLL_S = 0.5
 PROGRESS_BAR_WIDTH = 20
 CLEAR_SCREEN = "\x1b[H\x1b[2J"
+QUIT_KEYS = frozenset("qQ")
+STATUS_WIDTH = 80
+"""``status`` wraps its ``limits:`` line to this many columns."""
 
 EX_OK = 0
 EX_REFUSED = 1
 """The daemon answered with an error reply."""
 EX_UNAVAILABLE = 69
 """sysexits.h: the daemon is not reachable (or answered garbage)."""
+EX_TEMPFAIL = 75
+"""sysexits.h: ``drain --wait --timeout`` ran out before the last session ended."""
 EX_INTERRUPTED = 130
 EX_BROKEN_PIPE = 141
 """128 + SIGPIPE: what a shell reports for a reader that went away."""
@@ -62,6 +78,10 @@ EX_BROKEN_PIPE = 141
 
 class DaemonUnavailable(Exception):
     """The daemon cannot be reached, closed the connection, or broke the protocol."""
+
+
+class DaemonTimeout(DaemonUnavailable):
+    """The daemon did not answer in time (it may still be there)."""
 
 
 class CommandFailed(Exception):
@@ -82,6 +102,7 @@ class ControlClient:
 
     def __init__(self, path: str, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
         self._path = path
+        self._timeout_s = timeout_s
         self._ids = itertools.count(1)
         self._buffer = b""
         self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -104,20 +125,28 @@ class ControlClient:
     ) -> None:
         self._sock.close()
 
-    def call(self, cmd: str, args: Mapping[str, Any] | None = None) -> Any:
-        """Send one request and return its result.
+    def call(self, cmd: str, args: Mapping[str, Any] | None = None, *,
+             timeout_s: float | None = None) -> Any:
+        """Send one request and return its result, waiting at most ``timeout_s`` for
+        each step (default: the client's timeout).
 
         Raises:
             CommandFailed: the daemon answered ``ok: false``.
-            DaemonUnavailable: the connection broke, timed out, or the reply
-                was not a valid reply to this request.
+            DaemonTimeout: no reply in time.
+            DaemonUnavailable: the connection broke, or the reply was not a valid
+                reply to this request.
         """
         request_id = next(self._ids)
+        timeout_s = self._timeout_s if timeout_s is None else timeout_s
+        self._sock.settimeout(timeout_s)
         try:
             # Refused (busy, forbidden) before it read the request: the reply is buffered.
             with contextlib.suppress(BrokenPipeError, ConnectionResetError):
                 self._sock.sendall(encode_request(request_id, cmd, args or {}))
             reply = decode_reply(self._read_line())
+        except TimeoutError:
+            raise DaemonTimeout(f"{self._path}: no reply to {cmd} within {timeout_s:g} s "
+                                "(is voxgated stuck?)") from None
         except OSError as e:
             raise DaemonUnavailable(f"{self._path}: {_reason(e)}") from None
         except ControlProtocolError as e:
@@ -205,16 +234,20 @@ def render_health(result: Any) -> str:
 
 
 def render_status(result: Any) -> str:
-    """``status``: state, session counts, limits, health, tenants, admission counters."""
+    """``status``: state, session counts, limits (wrapped to :data:`STATUS_WIDTH`),
+    health, tenants, admission counters."""
     status = _as_dict(result)
     sessions = _as_dict(status.get("sessions"))
     limits = " ".join(f"{k}={_cell(v)}" for k, v in _as_dict(status.get("limits")).items())
     health = _as_dict(status.get("health"))
+    label = " " * len("limits:    ")
     lines = [
         f"state:     {_cell(status.get('state'))}",
         f"sessions:  {_cell(sessions.get('active'))} active, "
         f"{_cell(sessions.get('queued'))} queued",
-        f"limits:    {limits or '-'}",
+        textwrap.fill(limits or "-", STATUS_WIDTH, initial_indent="limits:    ",
+                      subsequent_indent=label, break_long_words=False,
+                      break_on_hyphens=False),
         f"health:    {render_health(health) if health else '-'}",
     ]
     tenants = _as_dict(sessions.get("by_tenant"))
@@ -240,6 +273,24 @@ def render_sessions(result: Any) -> str:
             for s in sessions]
     return table(("ID", "CALL-ID", "TENANT", "TRANSPORT", "STATE", "CODEC", "AGE", "REMOTE"),
                  rows)
+
+
+def render_top_sessions(result: Any) -> str:
+    """``top``'s session rows: the narrow columns first, the Call-ID (which may be
+    cut at the screen's edge) last; no remote address."""
+    sessions = [_as_dict(s) for s in _as_list(result)]
+    if not sessions:
+        return "no sessions"
+    keys = ("id", "tenant", "transport", "state", "codec")
+    rows = [(*(s.get(k) for k in keys), _format_age(s.get("age_s")), s.get("call_id"))
+            for s in sessions]
+    return table(("ID", "TENANT", "TRANSPORT", "STATE", "CODEC", "AGE", "CALL-ID"), rows)
+
+
+def fit(text: str, columns: int, lines: int | None = None) -> str:
+    """``text`` cut to ``columns`` per line and, unless None, its first ``lines`` lines."""
+    kept = text.splitlines()[:lines]
+    return "\n".join(line[:columns] for line in kept)
 
 
 def render_calls(result: Any) -> str:
@@ -344,9 +395,10 @@ def render_hello(result: Any) -> str:
 
 
 def progress_bar(left: int, total: int) -> str:
-    """``[##########----------] 5/10 sessions left``; ``#`` are sessions ended."""
+    """``[##########----------] 5 sessions left of 10``; ``#`` are sessions ended."""
     done = PROGRESS_BAR_WIDTH if total <= 0 else (total - left) * PROGRESS_BAR_WIDTH // total
-    return f"[{'#' * done}{'-' * (PROGRESS_BAR_WIDTH - done)}] {left}/{total} sessions left"
+    return (f"[{'#' * done}{'-' * (PROGRESS_BAR_WIDTH - done)}] "
+            f"{plural(left, 'session')} left of {total}")
 
 
 # --- commands ------------------------------------------------------------------------------
@@ -377,27 +429,37 @@ def _run_drain(client: ControlClient, args: argparse.Namespace) -> int:
     _emit(args, client.call("drain"), render_message)
     if args.wait:
         out = sys.stderr if args.json else sys.stdout
-        deadline = None if args.wait_timeout is None else time.monotonic() + args.wait_timeout
+        limit = args.timeout
+        deadline = None if limit is None else time.monotonic() + limit
         left = _wait_for_drain(client, out, deadline)
         if left:
             print(f"voxgatectl: drain: {plural(left, 'session')} still up after "
-                  f"{args.wait_timeout:g} s", file=sys.stderr)
-            return EX_REFUSED
+                  f"{limit:g} s; the drain goes on", file=sys.stderr)
+            return EX_TEMPFAIL
     return EX_OK
 
 
 def _wait_for_drain(client: ControlClient, out: TextIO, deadline: float | None) -> int:
     """Poll ``status`` until no session is active, the daemon is gone or ``deadline``
-    (monotonic) passed; returns the sessions left (0 when drained)."""
+    (monotonic) passed; returns the sessions left (0 when drained). Each poll waits
+    for its reply no longer than the time left (at least one poll interval).
+
+    Raises:
+        DaemonTimeout: a poll got no reply in time.
+    """
     total = 0
     last = ""
     while True:
+        left_s = math.inf if deadline is None else deadline - time.monotonic()
         try:
-            sessions = _as_dict(_as_dict(client.call("status")).get("sessions"))
-        except DaemonUnavailable:
+            status = client.call("status", timeout_s=min(DEFAULT_TIMEOUT_S,
+                                                         max(left_s, DRAIN_POLL_S)))
+        except DaemonTimeout:
+            raise
+        except DaemonUnavailable:  # it exited (systemctl stop): nothing left to drain
             print("\nvoxgated is gone; drain done", file=out)
             return 0
-        active = sessions.get("active")
+        active = _as_dict(_as_dict(status).get("sessions")).get("active")
         left = active if isinstance(active, int) and not isinstance(active, bool) else 0
         total = max(total, left)
         line = progress_bar(left, total)
@@ -408,11 +470,12 @@ def _wait_for_drain(client: ControlClient, out: TextIO, deadline: float | None) 
         if left == 0:
             print("\ndrain done" if out.isatty() else "drain done", file=out)
             return 0
-        if deadline is not None and time.monotonic() >= deadline:
+        left_s = math.inf if deadline is None else deadline - time.monotonic()
+        if left_s <= 0:
             if out.isatty():
                 print(file=out)
             return left
-        time.sleep(DRAIN_POLL_S)
+        time.sleep(min(DRAIN_POLL_S, left_s))
 
 
 def _run_line(client: ControlClient, args: argparse.Namespace) -> int:
@@ -420,22 +483,73 @@ def _run_line(client: ControlClient, args: argparse.Namespace) -> int:
     return EX_OK
 
 
-def _run_top(client: ControlClient, args: argparse.Namespace) -> int:
+@contextlib.contextmanager
+def _quit_key() -> Iterator[Callable[[float], bool]]:
+    """``wait(seconds)``: sleeps, and says whether ``q`` was typed meanwhile (or the
+    terminal went away). Keys are read from stdin when it is a terminal, put in
+    cbreak mode (no echo, no line buffering, Ctrl-C still works) until the end."""
+    if not sys.stdin.isatty():
+        def sleep(seconds: float) -> bool:
+            time.sleep(seconds)
+            return False
+        yield sleep
+        return
+    fd = sys.stdin.fileno()
+    saved = termios.tcgetattr(fd)
+    tty.setcbreak(fd)
+
+    def wait_for_q(seconds: float) -> bool:
+        deadline = time.monotonic() + seconds
+        while (left := deadline - time.monotonic()) > 0:
+            if select.select([fd], [], [], left)[0]:
+                keys = os.read(fd, 64).decode(errors="replace")
+                if not keys or QUIT_KEYS.intersection(keys):
+                    return True
+        return False
+
     try:
+        yield wait_for_q
+    finally:
+        termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+
+
+def _run_top(client: ControlClient, args: argparse.Namespace) -> int:
+    with contextlib.suppress(KeyboardInterrupt), _quit_key() as quit_typed:
+        hint = "q to quit" if sys.stdin.isatty() else "Ctrl-C to quit"
         for i in itertools.count(1):
             status, sessions = client.call("status"), client.call("sessions")
             if args.json:
                 print(json.dumps({"status": status, "sessions": sessions}), flush=True)
             else:
-                stamp = time.strftime("%H:%M:%S")
-                print(f"{CLEAR_SCREEN}voxgate top  {stamp}  (Ctrl-C to quit)\n\n"
-                      f"{render_status(status)}\n\n{render_sessions(sessions)}", flush=True)
+                size = shutil.get_terminal_size()
+                frame = (f"voxgate top  {time.strftime('%H:%M:%S')}  ({hint})\n\n"
+                         f"{render_status(status)}\n\n{render_top_sessions(sessions)}")
+                print(CLEAR_SCREEN + fit(frame, size.columns,
+                                         size.lines - 1 if sys.stdout.isatty() else None),
+                      flush=True)
             if args.iterations is not None and i >= args.iterations:
                 break
-            time.sleep(TOP_INTERVAL_S)
-    except KeyboardInterrupt:
-        pass
+            if quit_typed(TOP_INTERVAL_S):
+                break
     return EX_OK
+
+
+def _seconds(text: str) -> float:
+    """A positive number of seconds; raises ArgumentTypeError."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise argparse.ArgumentTypeError(f"not a number of seconds above 0: {text!r}")
+    return value
+
+
+def _instance(text: str) -> str:
+    """A ``voxgate@N`` instance name: a path component of its socket's directory."""
+    if not text or "/" in text or text in (".", ".."):
+        raise argparse.ArgumentTypeError(f"not an instance name: {text!r}")
+    return text
 
 
 def _common_options() -> argparse.ArgumentParser:
@@ -446,18 +560,21 @@ def _common_options() -> argparse.ArgumentParser:
     where = common.add_mutually_exclusive_group()
     where.add_argument("--socket", help=f"control socket (default ${SOCKET_ENV} or "
                                         f"{DEFAULT_SOCKET})")
-    where.add_argument("-i", "--instance", metavar="N",
+    where.add_argument("-i", "--instance", metavar="N", type=_instance,
                        help="the instance voxgate@N (socket " +
                             INSTANCE_SOCKET.format(instance="N") + ")")
-    common.add_argument("--timeout", type=float, metavar="SECONDS",
-                        help=f"wait this long for each reply (default {DEFAULT_TIMEOUT_S:g})")
+    common.add_argument("--timeout", type=_seconds, metavar="SECONDS",
+                        help=f"wait this long for each reply (default {DEFAULT_TIMEOUT_S:g}); "
+                             "with drain --wait: for the last session to end (default: "
+                             "no limit)")
     return common
 
 
 def _resolve(args: argparse.Namespace) -> argparse.Namespace:
-    """Fill in the common options' defaults and the socket of ``--instance``."""
+    """Fill in the common options' defaults (``timeout`` None: not given) and the
+    socket of ``--instance``."""
     args.json = getattr(args, "json", False)
-    args.timeout = getattr(args, "timeout", DEFAULT_TIMEOUT_S)
+    args.timeout = getattr(args, "timeout", None)
     instance = getattr(args, "instance", None)
     if instance is not None:
         args.socket = INSTANCE_SOCKET.format(instance=instance)
@@ -470,14 +587,15 @@ def _build_parser() -> argparse.ArgumentParser:
     common = _common_options()
     parser = argparse.ArgumentParser(
         prog="voxgatectl", description="Control a running voxgated.", parents=[common],
-        epilog="exit codes: 0 ok, 1 the daemon refused, 2 usage, 69 daemon not reachable")
+        epilog="exit codes: 0 ok, 1 the daemon refused, 2 usage, 69 daemon not reachable "
+               "or no reply in time, 75 drain --wait --timeout ran out")
     parser.add_argument("--version", action="version", version=f"voxgatectl {__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def add(name: str, run: Callable[[ControlClient, argparse.Namespace], int],
             help_text: str) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help_text, description=help_text,
-                                  parents=[common], conflict_handler="resolve")
+                                  parents=[common])
         sub.set_defaults(run=run)
         return sub
 
@@ -497,14 +615,14 @@ def _build_parser() -> argparse.ArgumentParser:
         "bot providers: health, ramp share, errors, sessions")
     add("hangup", _simple("hangup", render_message), "end one session").add_argument("id")
     drain = add("drain", _run_drain, "stop admitting calls; sessions in progress go on")
-    drain.add_argument("--wait", action="store_true", help="wait until no session is left")
-    drain.add_argument("--wait-timeout", type=float, default=None, metavar="SECONDS",
-                       help="with --wait: give up after SECONDS (exit 1); the drain goes on")
+    drain.add_argument("--wait", action="store_true",
+                       help="wait until no session is left (--timeout SECONDS: give up "
+                            "then, exit 75; the drain goes on)")
     add("resume", _simple("resume", render_message), "admit calls again after drain")
     add("reload", _simple("reload", render_message), "reload the configuration's limits")
     add("health", _simple("health", render_health), "health of each component")
     add("metrics", _simple("metrics", render_metrics), "Prometheus metrics text")
-    top = add("top", _run_top, "live view, refreshed every second")
+    top = add("top", _run_top, "live view, refreshed every second; q quits")
     top.add_argument("--iterations", type=int, default=None, metavar="N",
                      help="stop after N refreshes")
     add("hello", _simple("hello", render_hello), "daemon name, version and protocol")
@@ -518,15 +636,25 @@ def _build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``voxgatectl``; returns the exit code (argparse exits 2 on usage errors)."""
-    args = _resolve(_build_parser().parse_args(argv))
     try:
-        with ControlClient(args.socket, args.timeout) as client:
-            code: int = args.run(client, args)
-            return code
-    except BrokenPipeError:  # the reader went away (`| head`): no traceback
+        try:
+            return _main(argv)
+        finally:
+            sys.stdout.flush()  # now, not at exit: a reader gone (`| head`) is caught below
+    except BrokenPipeError:
+        # Python's "Note on SIGPIPE": what is left of stdout goes nowhere, no traceback.
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return EX_BROKEN_PIPE
+
+
+def _main(argv: Sequence[str] | None) -> int:
+    args = _resolve(_build_parser().parse_args(argv))
+    reply_timeout_s = DEFAULT_TIMEOUT_S if args.timeout is None else args.timeout
+    try:
+        with ControlClient(args.socket, reply_timeout_s) as client:
+            code: int = args.run(client, args)
+            return code
     except CommandFailed as e:
         print(f"voxgatectl: {args.command}: {e.message} ({e.code})", file=sys.stderr)
         return EX_REFUSED

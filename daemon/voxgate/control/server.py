@@ -8,7 +8,9 @@ answered here.
 
 Who may connect: uid 0, the daemon's own uid, and members of the control
 group (primary gid, supplementary groups from ``/proc/<pid>/status``, or the
-group's member list). Anyone else gets one ``forbidden`` reply and is
+group's member list): the configured group, else the daemon's own (effective)
+group, so that ``adduser alice voxgate`` is enough for a daemon running as
+``voxgate:voxgate``. Anyone else gets one ``forbidden`` reply and is
 disconnected. The socket file is mode 0660, owned by the control group.
 
 Slots: at most ``max_connections`` connections are served at once, and the
@@ -163,7 +165,7 @@ def _listed_member(uid: int, gid: int) -> bool:
         return False
 
 
-def is_authorized(cred: PeerCredentials, *, own_uid: int, group_gid: int | None) -> bool:
+def is_authorized(cred: PeerCredentials, *, own_uid: int, group_gid: int) -> bool:
     """Whether ``cred`` may use the control socket; blocking (procfs, NSS).
 
     Allowed: uid 0, ``own_uid``, and members of ``group_gid`` (primary gid,
@@ -171,8 +173,6 @@ def is_authorized(cred: PeerCredentials, *, own_uid: int, group_gid: int | None)
     """
     if cred.uid in (0, own_uid):
         return True
-    if group_gid is None:
-        return False
     return (
         cred.gid == group_gid
         or group_gid in _proc_groups(cred)
@@ -180,13 +180,21 @@ def is_authorized(cred: PeerCredentials, *, own_uid: int, group_gid: int | None)
     )
 
 
-def _resolve_group(group: str | None) -> int | None:
+def _resolve_group(group: str | None) -> int:
+    """The gid of ``group``; None is the daemon's own (effective) group."""
     if group is None:
-        return None
+        return os.getegid()
     try:
         return grp.getgrnam(group).gr_gid
     except KeyError:
         raise ControlSetupError(f"control socket group {group!r} does not exist") from None
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
 
 
 def _make_parent_dir(path: str) -> None:
@@ -239,7 +247,7 @@ class ControlServer:
         handlers: command name -> :data:`Handler`; ``hello`` is answered by
             the server itself and needs no handler.
         group: the group name that owns the socket and may use it, or None
-            (then only root and the daemon's uid).
+            for the daemon's own (effective) group.
         version: the daemon's version, reported by ``hello``.
         max_connections: connections served at once, the last
             :data:`ROOT_RESERVED_CONNECTIONS` of them for uid 0 only; a peer
@@ -274,7 +282,8 @@ class ControlServer:
         self._handlers = dict(handlers)
         self._commands = frozenset(self._handlers) | {"hello"}
         self._group = group
-        self._group_gid: int | None = None
+        self._group_gid = -1
+        """Resolved by :meth:`run` (group names may change until then)."""
         self._hello = {"protocol": PROTOCOL_VERSION, "daemon": "voxgated", "version": version}
         self._max_connections = max_connections
         self._max_line_bytes = max_line_bytes
@@ -304,7 +313,7 @@ class ControlServer:
         listener, identity = await self._bind()
         try:
             log_event(logging.INFO, "control_listening", f"control socket {self._path}",
-                      path=self._path, group=self._group)
+                      path=self._path, group=_group_name(self._group_gid))
             task_status.started()
             async with trio.open_nursery() as nursery:
                 await self._accept_loop(listener, nursery)
@@ -319,7 +328,7 @@ class ControlServer:
             await sock.bind(self._path)
             bound = True
             os.chmod(self._path, SOCKET_MODE)
-            if self._group_gid is not None:
+            if os.lstat(self._path).st_gid != self._group_gid:  # or a setgid parent's group
                 os.chown(self._path, -1, self._group_gid)
             sock.listen(LISTEN_BACKLOG)
             st = os.lstat(self._path)

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from voxgate.end_reasons import EndReason
 from voxgate.errors import LocalProtocolError, RemoteProtocolError
 from voxgate.sip.dialog import Dialog, DialogId, DialogState
 from voxgate.sip.headers import (
@@ -134,7 +135,7 @@ class CallEnded:
     """
 
     call_key: str
-    reason: str
+    reason: EndReason
 
 
 @dataclass(frozen=True, slots=True)

@@ -37,7 +37,7 @@ import warnings
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Final
 
 import trio
 
@@ -64,9 +64,9 @@ TASK_NAME = "alsa"
 HEARTBEAT_S = 1.0
 ALWAYS = "always"
 ON_DEMAND = "on-demand"
-DEVICE_LOST = "device-lost"
+DEVICE_LOST: Final = "device-lost"
 """The end reason of a session whose device failed."""
-STOP_REASON = "operator"
+STOP_REASON: Final = "operator"
 """The end reason of a session ended by ``voxgatectl line stop``."""
 
 MAX_READS_PER_WAKEUP = 8
@@ -512,13 +512,9 @@ class AlsaLines:
             "last_end_reason": line.last_end_reason, "stats": asdict(line.stats),
         } for line in self._lines.values()]
 
-    def counters(self) -> dict[str, int]:
-        """:class:`LineStats` summed over the lines (xruns of ended sessions only)."""
-        total: dict[str, int] = dict.fromkeys(asdict(LineStats()), 0)
-        for line in self._lines.values():
-            for key, value in asdict(line.stats).items():
-                total[key] += value
-        return total
+    def counters(self) -> dict[str, dict[str, int]]:
+        """Each line's :class:`LineStats` by line name (xruns of ended sessions only)."""
+        return {name: asdict(line.stats) for name, line in self._lines.items()}
 
     def _on_demand(self, name: str) -> _Line:
         line = self._lines.get(name)
@@ -563,7 +559,8 @@ class AlsaLines:
         started = trio.current_time()
         try:
             handle = self.calls.start(CallRequest(ticket, f"{cfg.name}-{ticket}", info,
-                                                  from_uri=cfg.capture, to_uri=cfg.name), call)
+                                                  from_uri=cfg.capture, to_uri=cfg.name,
+                                                  peer=cfg.capture), call)
             while not handle.ended.is_set():
                 if not line.wanted and handle.session is None:  # stopped while queued
                     self.calls.end(ticket, STOP_REASON)

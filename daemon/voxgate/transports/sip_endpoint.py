@@ -31,6 +31,7 @@ from voxgate import admission as adm
 from voxgate.calls import CallRequest, Calls, Leg, SetupRefused
 from voxgate.codec.g711 import codec_for
 from voxgate.config import Config
+from voxgate.end_reasons import EndReason
 from voxgate.errors import RemoteProtocolError, is_resource_shortage
 from voxgate.logging import SHORTAGE_BACKOFF_S, ResourceShortage, log_event
 from voxgate.metrics import REGISTRY
@@ -374,7 +375,7 @@ class SipEndpoint:
             log_event(logging.WARNING, "sip_bad_message", event.reason, call_id=event.call_id,
                       source=f"{event.source[0]}:{event.source[1]}")
 
-    def _end(self, call_key: str, reason: str) -> None:
+    def _end(self, call_key: str, reason: EndReason) -> None:
         call = self._calls.get(call_key)
         if call is None:
             return
@@ -410,7 +411,8 @@ class SipEndpoint:
         info = _call_info(event)
         self.calls.start(CallRequest(call.ticket, event.call_id, info,
                                      from_uri=_uri_of(info.headers.get("from", "")),
-                                     to_uri=_uri_of(info.headers.get("to", ""))), call)
+                                     to_uri=_uri_of(info.headers.get("to", "")),
+                                     peer=f"{event.source[0]}:{event.source[1]}"), call)
 
     def _reinvite(self, event: uas.ReInvite) -> None:
         call = self._calls.get(event.call_key)
@@ -432,7 +434,7 @@ class SipEndpoint:
                            local_port=call.leg.local_port, session_id=call.sdp_session_id,
                            session_version=call.sdp_version)
         self.core.answer_reinvite(event.call_key, sdp, 200, now)
-        log_event(logging.INFO, "call_reinvite", "media updated", call_id=call.session.call_id,
+        log_event(logging.INFO, "call_reinvite", "media updated", call=call.session,
                   direction=negotiated.direction, remote=_fmt(negotiated.remote_rtp))
 
     def _update_idle(self) -> None:

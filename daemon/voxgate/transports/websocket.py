@@ -63,6 +63,7 @@ from voxgate.budget import BoundedAudioQueue, SessionBudget
 from voxgate.calls import CallRequest, Calls, Leg
 from voxgate.codec.g711 import PCMU
 from voxgate.config import Config, split_host_port
+from voxgate.end_reasons import EndReason
 from voxgate.logging import log_event
 from voxgate.pipeline.playback import MARK, MAX_PENDING, PlaybackTracker
 from voxgate.rtp.dtmf import DtmfEvent
@@ -516,13 +517,20 @@ class WebSocketEndpoint:
             conn.close(e.close_code, e.reason)
         except Exception as exc:
             log_event(logging.ERROR, "websocket_error", f"media stream failed: {exc!r}",
-                      session_id=conn.ticket, remote=conn.remote, exc_info=exc)
+                      call=self._session_of(conn), session_id=conn.ticket, remote=conn.remote,
+                      exc_info=exc)
             conn.close(ms.CLOSE_INTERNAL_ERROR, "internal error")
 
     def _bad_message(self, conn: _Connection, error: ms.MediaStreamError) -> None:
         self.stats[f"bad_message_{error.close_code}"] += 1
         log_event(logging.WARNING, "websocket_bad_message", error.reason,
-                  close_code=error.close_code, remote=conn.remote, session_id=conn.ticket)
+                  call=self._session_of(conn), session_id=conn.ticket,
+                  close_code=error.close_code, remote=conn.remote)
+
+    def _session_of(self, conn: _Connection) -> Session | None:
+        """The session of the call ``conn`` carries, once admitted: its records name it."""
+        call = None if conn.ticket is None else self._calls.get(conn.ticket)
+        return None if call is None else call.session
 
     def _on_message(self, conn: _Connection, data: str | bytes, now: float) -> bool:
         """Handle one message; True when the stream has stopped."""
@@ -568,8 +576,8 @@ class WebSocketEndpoint:
                             source_ip=conn.source_ip, transport="websocket",
                             tenant_hint=conn.path_tenant or hint)
         self.calls.start(CallRequest(call.ticket, start.call_sid, info,
-                                     from_uri=params.get("from", ""), to_uri=params.get("to", "")),
-                         call)
+                                     from_uri=params.get("from", ""), to_uri=params.get("to", ""),
+                                     peer=conn.remote), call)
 
     def _on_stop(self, conn: _Connection, call: _Call | None) -> None:
         if call is not None:
@@ -588,9 +596,9 @@ class WebSocketEndpoint:
         self.stats["streams_dropped"] += 1
         log_event(logging.INFO, "stream_dropped", "stream closed without stop: the "
                   "session waits for a resumption until its recovery window ends",
-                  session_id=call.ticket, call_id=call.session.call_id, remote=conn.remote)
+                  call=call.session, remote=conn.remote)
 
-    def _leave(self, call: _Call, reason: str | None) -> None:
+    def _leave(self, call: _Call, reason: EndReason | None) -> None:
         """Detach the call's connection; end the call with ``reason`` unless None."""
         call.conn = None
         if call.leg is not None:
@@ -611,8 +619,7 @@ class WebSocketEndpoint:
         self.attach(call, conn)
         self.stats["streams_resumed"] += 1
         log_event(logging.INFO, "stream_resumed", "stream resumed with its recovery token",
-                  session_id=call.ticket, call_id=call.session.call_id, remote=conn.remote,
-                  stream_sid=conn.stream.stream_sid)
+                  call=call.session, remote=conn.remote, stream_sid=conn.stream.stream_sid)
 
     def attach(self, call: _Call, conn: _Connection) -> None:
         """Make ``conn`` the call's stream and hand it a new recovery token."""
