@@ -254,13 +254,16 @@ def test_journald_down_logs_to_stderr_then_back(tmp_path: Path) -> None:
     entries = run_with_journald(tmp_path, "EVENT=journal_reachable", sys.executable,
                                 str(driver), str(tmp_path))
     (back,) = entries
-    assert back["STDERR_RECORDS"] == "2", back
     stderr = json.loads((tmp_path / "stderr.json").read_text())
     events = [line.split("event=", 1)[1].split(" ", 1)[0]
               for line in stderr["before_restart"].splitlines() if "event=" in line]
-    assert events == ["journal_unreachable", "reloaded", "reloaded"], stderr["before_restart"]
-    after = [line for line in stderr["after"].splitlines() if "event=journal_" in line]
-    assert len(after) == 2 and "event=journal_reachable" in after[1], after
+    assert events[:3] == ["journal_unreachable", "reloaded", "reloaded"], stderr["before_restart"]
+    lines = stderr["after"].splitlines()
+    marks = [i for i, line in enumerate(lines) if "event=journal_" in line]
+    assert len(marks) == 2 and "event=journal_reachable" in lines[marks[1]], lines
+    # Every record written to stderr while journald was away is counted (on a loaded
+    # machine a loop-lag warning may join the two reloads).
+    assert back["STDERR_RECORDS"] == str(marks[1] - marks[0] - 1), (back, lines)
 
 
 # --- a listener the environment does not allow -------------------------------------------
