@@ -165,10 +165,14 @@ def test_failover_costs_no_call(cluster: Cluster, start_daemon: StartDaemon) -> 
                       media_offset=HELD_MEDIA_OFFSET) as held:
         session = wait_until(lambda: ctl_json(b, "sessions"), "b's own call")[0]
         assert cluster.place_calls() == {"a": CALLS_PER_PHASE, "b": 0}
+        # Either a call met b's 503 "full" and failed over, or b's 503 to an OPTIONS
+        # probe had marked it inactive first (a loaded machine): both cost no call.
+        refused = _refused(b, "full")
+        assert refused >= 1 or kam.destinations()[uri_b].startswith("I"), kam.destinations()
         ctl_ok(b, "hangup", session["id"])
         cluster.assert_all_ok(held.wait(), 1)
-    assert _refused(b, "full") >= 1, "no call reached the full instance"
-    assert _failovers(kam, uri_b, "answered 503") > failovers, kam.log_text()[-3000:]
+    if refused:  # a call met the 503: Kamailio logged the failover
+        assert _failovers(kam, uri_b, "answered 503") > failovers, kam.log_text()[-3000:]
 
 
 def test_in_dialog_bye_goes_through_kamailio_both_ways(cluster: Cluster) -> None:
