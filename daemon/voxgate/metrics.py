@@ -55,6 +55,11 @@ GCCollector(registry=REGISTRY)
 Info("voxgate_build", "The running version of voxgate and of its Python (value 1)",
      registry=REGISTRY).info({"version": __version__, "python": platform.python_version()})
 
+METRICS_HTTP_REFUSED = Counter(
+    "voxgate_metrics_http_refused", "/metrics requests refused, by reason (busy: "
+    "connection limit; bad-request: a protocol error, oversize head or body)",
+    ["reason"], registry=REGISTRY,
+)
 SESSIONS_ENDED = Counter(
     "voxgate_sessions_ended", "Sessions ended, by transport and end reason",
     ["transport", "reason"], registry=REGISTRY,

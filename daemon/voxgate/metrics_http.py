@@ -35,7 +35,7 @@ from prometheus_client.exposition import choose_encoder, gzip_accepted
 
 from voxgate.config import split_host_port
 from voxgate.logging import log_event
-from voxgate.metrics import REGISTRY
+from voxgate.metrics import METRICS_HTTP_REFUSED, REGISTRY
 
 MAX_CONNECTIONS = 16
 MAX_HEAD_BYTES = 8192
@@ -119,6 +119,7 @@ async def _serve_connection(stream: trio.SocketStream, registry: CollectorRegist
             try:
                 request = await _receive_request(stream, conn)
             except h11.RemoteProtocolError as e:
+                METRICS_HTTP_REFUSED.labels("bad-request").inc()
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     await _send(stream, conn, b"", Answer.text(e.error_status_hint, str(e)))
                 return
@@ -191,7 +192,8 @@ async def _send(stream: trio.SocketStream, conn: h11.Connection, method: bytes,
 
 
 async def _refuse_busy(stream: trio.SocketStream) -> None:
-    """One connection too many: 503 without reading the request, then close."""
+    """One connection too many: 503 without reading the request (counted), then close."""
+    METRICS_HTTP_REFUSED.labels("busy").inc()
     conn = h11.Connection(h11.SERVER)
     reply = Answer.text(503, f"busy: {MAX_CONNECTIONS} metrics connections open",
                          [(b"retry-after", b"1"), (b"connection", b"close")])

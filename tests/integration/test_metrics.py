@@ -145,6 +145,8 @@ def test_http_head_keepalive_gzip_openmetrics_and_errors(start_daemon: StartDaem
     assert post.status == 405 and post.getheader("allow") == "GET, HEAD"
     huge, _ = request(port, headers={"X-Filler": "x" * 40_000})
     assert huge.status == 431
+    _, scrape = request(port)
+    assert 'voxgate_metrics_http_refused_total{reason="bad-request"} 1.0' in scrape.decode()
 
 
 def test_connections_are_bounded_and_freed(start_daemon: StartDaemon) -> None:
@@ -166,6 +168,10 @@ def test_connections_are_bounded_and_freed(start_daemon: StartDaemon) -> None:
         def served() -> bool:
             return request(port)[0].status == 200
         wait_until(served, "a connection slot freed by the client's close")
+        _, scrape = request(port)  # served() may have met 503 too before the slot freed
+        busy_line = 'voxgate_metrics_http_refused_total{reason="busy"} '
+        (refused,) = [line for line in scrape.decode().splitlines() if line.startswith(busy_line)]
+        assert float(refused.removeprefix(busy_line)) >= 1
 
 
 def test_capacity_and_admission_gauges_follow_drain_and_reload(
