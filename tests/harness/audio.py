@@ -38,6 +38,10 @@ CLIP_TEXT = (
 ULAW_CLIP_NAME = "voxgate_clip_ulaw.wav"
 PCM16_CLIP_NAME = "voxgate_clip_pcm16.wav"
 SILENCE_FLOOR_DBFS = -70.0
+VOICED_DBFS = -45.0  # a 20 ms frame or segment above this carries speech
+SEGMENT_S = 0.5
+SEGMENT_SLACK_S = 0.25
+SEGMENT_NCC = 0.9
 _FULL_SCALE = 32768.0
 _TOOL_TIMEOUT_S = 30.0
 
@@ -106,13 +110,19 @@ class EchoMatch:
     when the received audio starts inside the reference). ``ncc``: normalized
     cross-correlation of the samples at that lag, -1..1. ``envelope_corr``:
     Pearson correlation of the per-frame energy (dB) envelopes at the frame lag,
-    -1..1. ``overlap_s``: length compared.
+    -1..1. ``overlap_s``: length compared. ``segments_matched``: fraction of
+    the reference's voiced 0.5 s segments that each, fitted on their own
+    within ±``SEGMENT_SLACK_S`` of the overall lag, correlate at
+    ``SEGMENT_NCC`` or better, 0..1: the echo is the caller's speech in order
+    even when a jitter buffer under load concealed or skipped a frame (which
+    shifts everything after it and so lowers ``ncc``).
     """
 
     lag_s: float
     ncc: float
     envelope_corr: float
     overlap_s: float
+    segments_matched: float = 0.0
 
 
 def make_speech_clip(directory: Path) -> SpeechClip:
@@ -227,7 +237,7 @@ def frame_energy_dbfs(pcm16: bytes, frame_samples: int = FRAME_SAMPLES) -> list[
     return [rms_dbfs(pcm16[i : i + step]) for i in range(0, len(pcm16) - step + 1, step)]
 
 
-def active_ratio(pcm16: bytes, threshold_dbfs: float = -45.0) -> float:
+def active_ratio(pcm16: bytes, threshold_dbfs: float = VOICED_DBFS) -> float:
     """Fraction of 20 ms frames louder than ``threshold_dbfs`` (0 for no frames)."""
     energy = frame_energy_dbfs(pcm16)
     return sum(e > threshold_dbfs for e in energy) / len(energy) if energy else 0.0
@@ -294,7 +304,30 @@ def compare_echo(received: bytes, reference: bytes, min_overlap_s: float = 2.0) 
         ncc=normalized_correlation(rx_part, ref_part),
         envelope_corr=env_corr,
         overlap_s=len(ref_part) / 2 / SAMPLE_RATE_HZ,
+        segments_matched=_segments_matched(received, reference, lag_samples),
     )
+
+
+def _segments_matched(received: bytes, reference: bytes, lag_samples: int) -> float:
+    """Fraction of the reference's voiced ``SEGMENT_S`` segments found in
+    ``received`` at ``SEGMENT_NCC`` or better, each within ±``SEGMENT_SLACK_S``
+    of ``lag_samples`` (see :class:`EchoMatch`)."""
+    step = round(SEGMENT_S * SAMPLE_RATE_HZ)
+    slack = round(SEGMENT_SLACK_S * SAMPLE_RATE_HZ)
+    voiced = matched = 0
+    for start in range(0, len(reference) // 2 - step + 1, step):
+        segment = reference[start * 2 : (start + step) * 2]
+        if rms_dbfs(segment) < VOICED_DBFS:
+            continue  # a pause between words correlates with nothing
+        voiced += 1
+        lo = max(0, start + lag_samples - slack)
+        window = received[lo * 2 : (start + lag_samples + step + slack) * 2]
+        if len(window) < len(segment):
+            continue
+        offset, _ = audioop.findfit(window, segment)
+        fitted = window[offset * 2 : offset * 2 + len(segment)]
+        matched += normalized_correlation(fitted, segment) >= SEGMENT_NCC
+    return matched / voiced if voiced else 0.0
 
 
 def normalized_correlation(a: bytes, b: bytes) -> float:

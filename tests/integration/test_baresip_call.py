@@ -38,9 +38,7 @@ def test_baresip_hears_its_own_speech_echoed(
     assert active_ratio(received) >= 0.3, "the recording is (nearly) silence"
 
     match = compare_echo(received, clip.pcm16)
-    # 0.68 was seen once under the full suite's load (0.9 alone); unrelated audio is < 0.2.
-    assert match.ncc >= 0.6 and match.envelope_corr >= 0.7, match
-    assert match.envelope_corr >= 0.8, match
+    assert match.segments_matched >= 0.7, match
     assert match.overlap_s >= clip.duration_s * 0.7, match
 
     daemon.wait_log(r"event=call_start\b")

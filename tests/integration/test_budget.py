@@ -112,7 +112,7 @@ def test_silent_agent_gets_the_fallback_prompt(
         assert int(fallback["prompt_frames"]) == -(-len(prompt) // PCM_FRAME_BYTES), fallback
         time.sleep(prompt_s + LATE_S / 2)
         match = compare_echo(peer.audio(since=seen_at - 0.5), prompt)
-        assert match.ncc >= 0.9 and match.envelope_corr >= 0.9, match
+        assert match.segments_matched >= 0.7, match
         assert match.overlap_s >= prompt_s - 0.5, match
         assert 0.0 <= match.lag_s <= 1.0, match  # it started when the deadman fired
         assert ctl_json(daemon, "show", sid)["stats"]["agent_fallbacks"] == 1

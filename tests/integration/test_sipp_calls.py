@@ -93,8 +93,7 @@ def test_echo_call_returns_the_callers_speech(
 
     echoed = decode_g711(flow_payload(packets, outbound[0].src, caller), "PCMU")
     match = compare_echo(echoed, clip.pcm16)
-    assert match.ncc >= 0.9, match
-    assert match.envelope_corr >= 0.9, match
+    assert match.segments_matched >= 0.7, match
     assert match.overlap_s >= clip.duration_s * 0.8, match
 
     latencies = echo_latencies_s(packets, caller)

@@ -133,8 +133,7 @@ async def test_echo_correlates_with_the_clip_and_stop_ends_with_bye(
         await client.send(Stop(SID))
         await wait_until(lambda: client.closed is not None)
     match = compare_echo(received, clip.pcm16)
-    assert match.ncc >= 0.9, match
-    assert match.envelope_corr >= 0.9, match
+    assert match.segments_matched >= 0.7, match
     assert 0.0 <= match.lag_s < 0.5, match
     await wait_log(daemon, r"event=call_end .*transport=websocket.*reason=bye")
     (start,) = daemon.events("call_start")
