@@ -76,6 +76,7 @@ bench: setup
 	$(BIN)/python -m bench.ws_load
 	$(BIN)/python -m bench.bot_load
 	$(BIN)/python -m bench.agent_latency
+	$(BIN)/python -m bench.recognition_load
 
 # Soak (bench/soak.py): how long `make soak` runs, seconds or with s/m/h (600, 10m, 1h).
 DURATION ?= 10m

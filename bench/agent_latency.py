@@ -37,7 +37,7 @@ QUIET_S = 0.6
 POLL_S = 0.02
 
 
-def _clip(text: str) -> tuple[bytes, float]:
+def speech_clip(text: str) -> tuple[bytes, float]:
     """The phrase as µ-law, and where its speech ends (seconds; espeak-ng adds silence)."""
     ulaw = speak_ulaw(text)
     loud = [i for i in range(0, len(ulaw), 160)
@@ -45,7 +45,8 @@ def _clip(text: str) -> tuple[bytes, float]:
     return ulaw, (loud[-1] + 160) / 8000
 
 
-def _first_speech_after(peer: RtpPeer, since: float, timeout_s: float = 15.0) -> float | None:
+def first_speech_after(peer: RtpPeer, since: float, timeout_s: float = 15.0) -> float | None:
+    """When the agent's first speech after ``since`` arrived (monotonic s), None if none."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         for packet in peer.received(since):
@@ -55,7 +56,8 @@ def _first_speech_after(peer: RtpPeer, since: float, timeout_s: float = 15.0) ->
     return None
 
 
-def _wait_quiet(peer: RtpPeer, since: float, timeout_s: float = 30.0) -> None:
+def wait_quiet(peer: RtpPeer, since: float, timeout_s: float = 30.0) -> None:
+    """Wait until the agent, heard after ``since``, has been quiet for ``QUIET_S``."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         packets = peer.received(since)
@@ -65,41 +67,43 @@ def _wait_quiet(peer: RtpPeer, since: float, timeout_s: float = 30.0) -> None:
         time.sleep(0.1)
 
 
-def _caller(phone: Phone, clips: dict[str, tuple[bytes, float]], latencies: list[float],
-            failures: list[str]) -> None:
+def _caller(phone: Phone, clips: dict[str, tuple[bytes, float]],
+            latencies: dict[str, list[float]], failures: list[str]) -> None:
     peer = phone.rtp_peer()
     call = phone.call(media=peer)
     if call.final_status != 200:
         failures.append(f"INVITE answered {call.final_status}")
         return
     peer.resume()
-    _wait_quiet(peer, call.final_at or time.monotonic())
+    wait_quiet(peer, call.final_at or time.monotonic())
     for turn in range(TURNS_PER_CALL):
-        clip, speech_s = clips[PHRASES[turn % len(PHRASES)]]
+        phrase = PHRASES[turn % len(PHRASES)]
+        clip, speech_s = clips[phrase]
         started = time.monotonic()
         peer.play(clip)
         spoken_end = started + speech_s
-        first = _first_speech_after(peer, spoken_end)
+        first = first_speech_after(peer, spoken_end)
         if first is None:
             failures.append("no answer")
             break
-        latencies.append(first - spoken_end)
-        _wait_quiet(peer, first)
+        latencies[phrase].append(first - spoken_end)
+        wait_quiet(peer, first)
     phone.hang_up(call)
 
 
 def _level(daemon: Daemon, calls: int, clips: dict[str, tuple[bytes, float]]) -> list[float]:
-    latencies: list[float] = []
+    by_phrase: dict[str, list[float]] = {phrase: [] for phrase in PHRASES}
     failures: list[str] = []
     turns_before = len(daemon.events("agent_turn"))
     with Phone(daemon) as phone:
-        threads = [threading.Thread(target=_caller, args=(phone, clips, latencies, failures))
+        threads = [threading.Thread(target=_caller, args=(phone, clips, by_phrase, failures))
                    for _ in range(calls)]
         for thread in threads:
             thread.start()
             time.sleep(0.05)
         for thread in threads:
             thread.join()
+    latencies = [s for phrase in PHRASES for s in by_phrase[phrase]]
     daemon_ms = [float(t["response_ms"]) for t in daemon.events("agent_turn")[turns_before:]
                  if "response_ms" in t]
     line = f"{calls:3d} calls: {len(latencies):3d} turns"
@@ -111,6 +115,9 @@ def _level(daemon: Daemon, calls: int, clips: dict[str, tuple[bytes, float]]) ->
                  f"p95 {percentile(daemon_ms, 95):6.0f}")
     if failures:
         line += f"; {len(failures)} failed ({failures[0]})"
+    line += "\n      caller-side p50 per phrase: " + ", ".join(
+        f"{phrase!r} {percentile(values, 50) * 1000:.0f} ms"
+        for phrase, values in by_phrase.items() if values)
     print(line, flush=True)
     return latencies
 
@@ -120,7 +127,7 @@ def main() -> int:
     if missing:
         print(f"agent_latency: missing {', '.join(missing)}", file=sys.stderr)
         return 1
-    clips = {phrase: _clip(phrase) for phrase in PHRASES}
+    clips = {phrase: speech_clip(phrase) for phrase in PHRASES}
     per_core = 0
     with tempfile.TemporaryDirectory(prefix="voxgate-agent-bench-") as tmp, running_daemon(
         Path(tmp), {"agent": {"kind": "local"}, "vad": {"stop_ms": STOP_MS},

@@ -290,6 +290,10 @@ class BoundedAudioQueue:
         self._budget.release(self._buffer, len(frame))
         return frame
 
+    def snapshot(self) -> bytes:
+        """A copy of the queued frames, oldest first, joined (the queue is unchanged)."""
+        return b"".join(self._frames)
+
     def clear(self) -> int:
         """Discard every frame (barge-in, not a drop); returns how many went."""
         count = len(self._frames)

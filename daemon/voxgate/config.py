@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from voxgate.agents.dialogue import Choice, Menu, Step, menu_problem
+from voxgate.agents.dialogue import BUILTIN_MENU, Choice, Menu, Step, menu_problem
 from voxgate.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/voxgate/voxgate.toml")
@@ -186,8 +186,17 @@ class AgentConfig:
     barge_in: bool = True
     plugin: str = ""
     recognizers: int = field(default=2, metadata=_range(1, 64))
+    recognizer_memory_bytes: int = field(default=512 << 20, metadata=_range(256 << 20, 1 << 40))
+    """Each recogniser worker process's address-space limit (``RLIMIT_AS``)."""
+    recognizer_timeout_s: float = field(default=10.0, metadata=_range(1, 600))
+    """A worker taking longer on one utterance is killed and restarted (a no-match)."""
     synthesizers: int = field(default=2, metadata=_range(1, 64))
     preroll_ms: int = field(default=300, metadata=_range(0, 2000))
+    endpoint_check_ms: int = field(default=300, metadata=_range(0, 10_000))
+    """Silence after which the caller's speech so far is checked against the step
+    (0: no endpointing, turns end at ``[vad] stop_ms``)."""
+    endpoint_max_ms: int = field(default=1200, metadata=_range(20, 10_000))
+    """The silence an incomplete turn (a digit string so far) waits for more."""
     webhook: WebhookConfig = field(default_factory=WebhookConfig)
     menu: Menu | None = None
     stream: StreamConfig = field(default_factory=StreamConfig)
@@ -298,18 +307,26 @@ class Config:
     source: str = "<embedded default>"
 
 
+RECOGNIZER_RSS_BYTES = 160 << 20
+"""What one local-agent recogniser worker is expected to hold resident (~140 MiB measured)."""
+
+
 def rss_limits(config: Config) -> tuple[int, int]:
     """The (soft, hard) RSS watermarks in bytes: ``[budget]``, or derived.
 
     A key left at 0 is derived from ``[limits] max_sessions`` (see
     :func:`voxgate.budget.default_rss_limits`: 64 MiB + 512 KiB per session
-    for soft, 1.25 x soft for hard).
+    for soft, 1.25 x soft for hard), plus :data:`RECOGNIZER_RSS_BYTES` per
+    ``[agent] recognizers`` when a local agent runs (its worker processes'
+    RSS counts as the daemon's).
     """
     from voxgate.budget import default_rss_limits
 
+    workers_bytes = config.agent.recognizers * RECOGNIZER_RSS_BYTES if _runs_local(config) else 0
     derived = default_rss_limits(config.limits.max_sessions)
-    soft = config.budget.rss_soft_bytes or derived.soft_bytes
-    hard = config.budget.rss_hard_bytes or max(derived.hard_bytes, soft + (soft >> 2))
+    soft = config.budget.rss_soft_bytes or derived.soft_bytes + workers_bytes
+    hard = config.budget.rss_hard_bytes or max(derived.hard_bytes + workers_bytes,
+                                               soft + (soft >> 2))
     return soft, hard
 
 
@@ -437,7 +454,10 @@ def _parse_tables(cls: Any, section: str, value: Any, source: str) -> tuple[Any,
 
 
 def _parse_menu(value: Any, section: str, source: str) -> Menu:
+    """``[agent.menu]``; without ``steps`` its keys apply to the built-in example menu."""
     menu: Menu = _parse_table(Menu, section, value, source)
+    if "steps" not in value:
+        menu = dataclasses.replace(BUILTIN_MENU, **{key: getattr(menu, key) for key in value})
     problem = menu_problem(menu)
     if problem is not None:
         raise ConfigError(f"{source}: [{section}] {problem}")
@@ -507,6 +527,7 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"{src}: [rtp] jitter_buffer_max_ms: must be above jitter_buffer_ms")
     if config.vad.start_ms % 20 or config.vad.stop_ms % 20:
         raise ConfigError(f"{src}: [vad] start_ms/stop_ms: must be multiples of 20 ms")
+    _check_endpointing(config, src)
     soft, hard = rss_limits(config)
     if soft >= hard:
         raise ConfigError(f"{src}: [budget] rss_soft_bytes: must be below rss_hard_bytes "
@@ -557,6 +578,23 @@ def _check_agent(agent: AgentConfig, src: str) -> None:
     if agent.plugin and agent.plugin.count(":") != 1:
         raise ConfigError(f"{src}: [agent] plugin: must be \"module:callable\"")
     _check_webhook(agent, src)
+
+
+def _runs_local(config: Config) -> bool:
+    """Whether ``[agent]`` or a tenant runs the local agent."""
+    return "local" in {config.agent.kind} | {tenant.agent for tenant in config.tenants}
+
+
+def _check_endpointing(config: Config, src: str) -> None:
+    agent, stop_ms = config.agent, config.vad.stop_ms
+    if agent.endpoint_check_ms % 20 or agent.endpoint_max_ms % 20:
+        raise ConfigError(f"{src}: [agent] endpoint_check_ms/endpoint_max_ms: must be "
+                          "multiples of 20 ms")
+    if (_runs_local(config) and agent.endpoint_check_ms
+            and not agent.endpoint_check_ms < stop_ms <= agent.endpoint_max_ms):
+        raise ConfigError(f"{src}: [agent] endpoint_check_ms: endpoint_check_ms < [vad] stop_ms "
+                          f"<= endpoint_max_ms is needed, got {agent.endpoint_check_ms} < "
+                          f"{stop_ms} <= {agent.endpoint_max_ms}")
 
 
 def _check_webhook(agent: AgentConfig, src: str) -> None:

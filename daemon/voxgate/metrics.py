@@ -86,7 +86,8 @@ TIME_TO_FIRST_VOICE = Histogram(
 RESPONSE_LATENCY = Histogram(
     "voxgate_response_latency_seconds",
     "From the end of the caller's speech to the agent's answer queued for playout "
-    "(local: VAD stop_ms, recognition, logic and synthesis; stream: the bot's first audio)",
+    "(local: the endpointing silence, recognition, logic and synthesis; "
+    "stream: the bot's first audio)",
     ["agent"], registry=REGISTRY,
     buckets=(0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, float("inf")),
 )
@@ -120,6 +121,10 @@ BOT_MESSAGES_DROPPED = Counter(
 LOOP_LAG = Histogram(
     "voxgate_loop_lag_seconds", "Event-loop lag measured by the watchdog",
     registry=REGISTRY, buckets=(0.001, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 1, float("inf")),
+)
+RECOGNIZER_RESTARTS = Counter(
+    "voxgate_recognizer_restarts", "Local-agent recogniser worker processes restarted "
+    "(died, exceeded [agent] recognizer_timeout_s, or failed to start)", registry=REGISTRY,
 )
 
 

@@ -43,6 +43,7 @@ import sys
 import time
 from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import trio
 
@@ -91,6 +92,9 @@ from voxgate.transports.sip_endpoint import HEARTBEAT_S, SipEndpoint
 from voxgate.transports.websocket import WebSocketEndpoint
 from voxgate.watchdog import Watchdog
 
+if TYPE_CHECKING:
+    from voxgate.agents.recognizer import RecognizerPool
+
 SHUTDOWN_GRACE_S = 5.0
 """How long a stop waits for the BYEs it sent to be answered."""
 STATUS_REFRESH_S = 10.0
@@ -103,7 +107,8 @@ _RESTART_ONLY = ("sip.listen", "rtp.address", "rtp.port_min", "rtp.port_max",
                  "records.recordings_dir", "records.recordings_max_bytes", "postcall.webhook",
                  "postcall.workers", "postcall.max_pending", "postcall.max_attempts",
                  "postcall.backoff_initial_s", "postcall.backoff_max_s", "postcall.timeout_s",
-                 "agent.providers", "agent.stream")
+                 "agent.providers", "agent.stream", "agent.recognizers",
+                 "agent.recognizer_memory_bytes", "agent.recognizer_timeout_s")
 
 
 _CHECK_CONFIGURED = object()
@@ -155,6 +160,7 @@ class Supervisor:
         self.started_at = time.time()
         self._control: ControlServer | None = None
         self._webhooks_scope = trio.CancelScope()
+        self._recognizers_scope = trio.CancelScope()
         REGISTRY.register(LiveCollector(self.metrics_snapshot))
         self.stopping = False
         self._status_changed = trio.Event()
@@ -216,6 +222,15 @@ class Supervisor:
             return None
         return webhook_pool(self.config.agent)
 
+    @property
+    def recognizers(self) -> RecognizerPool | None:
+        """The local agent's recogniser worker processes (None without a local agent)."""
+        if "local" not in agent_kinds(self.config):
+            return None
+        from voxgate.agents.recognizer import shared_pool
+
+        return shared_pool(self.config.agent)
+
     def _provider_health(self, component: str, healthy: bool, detail: str) -> None:
         """The provider pool's verdict gates admission while a stream agent is in use."""
         gating = "stream" in agent_kinds(self.config)
@@ -241,10 +256,12 @@ class Supervisor:
             self._ready_again(f"STATUS=reload failed: {e}")
             raise
         pending = [key for key in _RESTART_ONLY if _get(new, key) != _get(self.config, key)]
-        webhooks = self.webhooks
+        webhooks, recognizers = self.webhooks, self.recognizers
         self.config = new
         if self.webhooks is not webhooks:
             self._webhooks_scope.cancel()  # _run_webhooks goes on with the new URLs
+        if self.recognizers is not recognizers:
+            self._recognizers_scope.cancel()  # _run_recognizers starts or stops them
         setup_logging(new.log.level, new.log.target)
         self.watchdog.max_loop_lag_s = new.watchdog.max_loop_lag_ms / 1000
         self.calls.config = new
@@ -292,6 +309,7 @@ class Supervisor:
                     if service is not None:
                         await nursery.start(service.run)
                 nursery.start_soon(self._run_webhooks)
+                nursery.start_soon(self._run_recognizers)
                 await nursery.start(self.calls.run)
                 listeners = [
                     ("[sip] listen", config.sip.listen, self.endpoint.run),
@@ -397,6 +415,17 @@ class Supervisor:
                 else:
                     await pool.run()
 
+    async def _run_recognizers(self) -> None:
+        """Run the local agent's recogniser workers while the config in force has a
+        local agent (they outlive calls; a reload may start or stop them)."""
+        while True:
+            pool = self.recognizers
+            with trio.CancelScope() as self._recognizers_scope:
+                if pool is None:
+                    await trio.sleep_forever()
+                else:
+                    await pool.run()
+
     async def _status_loop(self) -> None:
         """STATUS= on change (checked every second) and at least every 10 s."""
         last_sent = -STATUS_REFRESH_S
@@ -430,6 +459,8 @@ class Supervisor:
             try:
                 with open("/proc/self/statm") as f:  # noqa: ASYNC230 - procfs, never blocks
                     rss_bytes = parse_statm_rss_bytes(f.read(), page_size)
+                recognizers = self.recognizers  # worker processes count as ours
+                rss_bytes += 0 if recognizers is None else recognizers.rss_bytes()
             except OSError as e:  # EMFILE/ENFILE at the fd limit: skip this sample
                 if not failed:
                     log_event(logging.ERROR, "memory_sample_failed",

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from voxgate.agents.dialogue import Choice, Step
+from voxgate.agents.dialogue import BUILTIN_MENU, Choice, Step
 from voxgate.config import Config, load_config
 from voxgate.errors import ConfigError
 
@@ -96,3 +96,40 @@ def test_bad_plugin_spec(tmp_path):
 def test_webhook_must_be_a_table(tmp_path):
     with pytest.raises(ConfigError, match=r"\[agent.webhook\]: must be a table"):
         load(tmp_path, '[agent]\nwebhook = "http://x"\n')
+
+
+def test_menu_settings_without_steps_apply_to_the_builtin_menu(tmp_path):
+    menu = load(tmp_path, '[agent.menu]\nmin_confidence = 0.6\nmax_no_match = 2\n'
+                          'no_match_fallback = "more"\n').agent.menu
+    assert menu is not None
+    assert (menu.min_confidence, menu.max_no_match, menu.no_match_fallback) == (0.6, 2, "more")
+    assert menu.steps == BUILTIN_MENU.steps and menu.greeting == BUILTIN_MENU.greeting
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[agent.menu]\nhangup_confidence = 1.5\n",
+         "[agent.menu] hangup_confidence: must be between 0 and 1"),
+        ("[agent.menu]\nmin_confidence = 0.9\n", "hangup_confidence: must not be below"),
+        ('[agent.menu]\nno_match_fallback = "transfer"\n', "[agent.menu] no_match_fallback"),
+        ("[agent]\nendpoint_check_ms = 310\n", "multiples of 20"),
+        ('[agent]\nkind = "local"\nendpoint_check_ms = 600\n',
+         "endpoint_check_ms < [vad] stop_ms"),
+        ('[agent]\nkind = "local"\nendpoint_max_ms = 400\n', "<= endpoint_max_ms"),
+    ],
+)
+def test_rejection_and_endpointing_errors(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as info:
+        load(tmp_path, text)
+    assert expected in str(info.value)
+
+
+def test_endpointing_bounds_only_bind_the_local_agent(tmp_path):
+    config = load(tmp_path, "[vad]\nstop_ms = 2000\n")  # echo: no turns to end
+    assert config.vad.stop_ms == 2000
+
+
+def test_endpointing_can_be_off(tmp_path):
+    agent = load(tmp_path, "[agent]\nendpoint_check_ms = 0\nendpoint_max_ms = 20\n").agent
+    assert (agent.endpoint_check_ms, agent.endpoint_max_ms) == (0, 20)

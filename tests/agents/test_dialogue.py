@@ -10,19 +10,24 @@ import pytest
 
 from voxgate.agents.dialogue import (
     BUILTIN_MENU,
+    CONFIRM_STEP,
+    NO_MATCH,
     Choice,
     Dialogue,
     KeyInput,
     Menu,
     SpeechInput,
     Step,
+    grammar_steps,
+    intent_of,
     menu_problem,
     normalize,
 )
 
 
-def heard(text: str) -> SpeechInput:
-    return SpeechInput(text, 0.9)
+def heard(text: str, confidence: float = 0.97, transcript: str = "") -> SpeechInput:
+    """Speech whose grammar match is ``text``."""
+    return SpeechInput(transcript or text, text, confidence)
 
 
 def test_builtin_menu_is_usable_and_greets_with_the_main_prompt():
@@ -104,6 +109,139 @@ def test_follow_takes_the_integrators_answer():
     assert (unknown.say, unknown.next_step, unknown.hangup) == ("Hi.", "main", True)
 
 
+def take(dialogue: Dialogue, heard_input: SpeechInput | KeyInput):
+    answer = dialogue.respond(heard_input)
+    dialogue.go(answer)
+    return answer
+
+
+def test_only_the_grammar_match_picks_a_choice_never_the_transcript():
+    dialogue = Dialogue(BUILTIN_MENU)
+    answer = dialogue.respond(SpeechInput("can you call me back tomorrow bye", "", 0.0))
+    assert (answer.matched, answer.hangup, answer.intent) == (False, False, NO_MATCH)
+    answer = dialogue.respond(SpeechInput("bye", "", 0.0))
+    assert not answer.matched
+    answer = dialogue.respond(heard("balance", transcript="check my balance please"))
+    assert (answer.intent, answer.next_step) == ("balance", "account")
+
+
+def test_a_match_below_min_confidence_is_a_no_match():
+    dialogue = Dialogue(BUILTIN_MENU)
+    assert dialogue.respond(heard("balance", 0.49)).intent == NO_MATCH
+    assert dialogue.respond(heard("balance", 0.5)).intent == "balance"
+
+
+def test_a_doubtful_hangup_choice_asks_and_never_hangs_up():
+    dialogue = Dialogue(BUILTIN_MENU)
+    question = take(dialogue, heard("bye", 0.79))
+    assert not question.hangup and question.intent == "goodbye"
+    assert question.say == "Do you want to end the call? Say yes or no."
+    assert dialogue.grammar == CONFIRM_STEP.name
+    no = take(dialogue, heard("no"))
+    assert (no.hangup, no.intent, no.say) == (False, "no", "Say balance, agent, or goodbye.")
+    assert dialogue.grammar == "main"
+    take(dialogue, heard("goodbye", 0.6))
+    yes = take(dialogue, heard("yes"))
+    assert (yes.hangup, yes.say, yes.intent) == (True, "Goodbye.", "yes")
+    sure = Dialogue(BUILTIN_MENU).respond(heard("goodbye", 0.85))
+    assert sure.hangup and sure.intent == "goodbye"
+
+
+def test_a_hangup_match_the_transcript_does_not_hold_is_asked_about():
+    dialogue = Dialogue(BUILTIN_MENU)
+    dialogue.go(dialogue.respond(heard("agent")))
+    forced = heard("no", 0.99, transcript="can you call me back tomorrow morning")
+    answer = dialogue.respond(forced)
+    assert not answer.hangup and answer.say.startswith("Do you want to end the call?")
+    assert dialogue.respond(heard("no", 0.9, transcript="oh no")).hangup
+
+
+def test_keys_are_exact_and_never_asked_about():
+    dialogue = Dialogue(BUILTIN_MENU)
+    assert take(dialogue, KeyInput("9")).hangup
+    dialogue = Dialogue(BUILTIN_MENU)
+    take(dialogue, KeyInput("1"))
+    answer = take(dialogue, KeyInput("456"))
+    assert (answer.digits, answer.intent, answer.next_step) == ("456", "digits", "more")
+
+
+def test_doubtful_spoken_digits_are_read_back():
+    dialogue = Dialogue(BUILTIN_MENU)
+    take(dialogue, heard("balance"))
+    question = take(dialogue, heard("four five six", 0.7))
+    assert question.say == "I heard 4 5 6. Is that right? Say yes or no."
+    assert (question.digits, question.next_step, question.intent) == ("", "account", "digits")
+    assert dialogue.key("1", 0.0) == KeyInput("1")  # a yes/no question takes single keys
+    no = take(dialogue, KeyInput("2"))
+    assert (no.intent, no.say, no.next_step) == ("no", "Please say or key in your account number.",
+                                                 "account")
+    take(dialogue, heard("four five six", 0.7))
+    confused = take(dialogue, heard("weather"))
+    assert confused.say == ("Sorry, I did not understand. "
+                            "I heard 4 5 6. Is that right? Say yes or no.")
+    yes = take(dialogue, heard("yes"))
+    assert (yes.intent, yes.digits, yes.next_step) == ("yes", "456", "more")
+    assert yes.say.startswith("The balance of account 4 5 6")
+    sure = Dialogue(BUILTIN_MENU)
+    take(sure, heard("balance"))
+    assert sure.respond(heard("four five six", 0.95)).digits == "456"
+
+
+def test_no_match_fallback_hangs_up_politely_after_max_no_match():
+    dialogue = Dialogue(BUILTIN_MENU)
+    answers = [take(dialogue, heard("")) for _ in range(3)]
+    assert [a.hangup for a in answers] == [False, False, True]
+    assert answers[-1].say == "Sorry, I did not understand. Goodbye."
+    assert all(a.intent == NO_MATCH for a in answers)
+
+
+def test_no_match_count_is_in_a_row_and_per_step():
+    dialogue = Dialogue(BUILTIN_MENU)
+    take(dialogue, heard(""))
+    take(dialogue, heard(""))
+    take(dialogue, heard("agent"))  # a match: the run is over (and the step changed)
+    take(dialogue, heard("yes"))
+    assert not take(dialogue, heard("")).hangup
+    assert not take(dialogue, heard("")).hangup
+
+
+def test_no_match_fallback_to_a_step_and_an_integrators_answer_ends_the_run():
+    menu = dataclasses.replace(BUILTIN_MENU, no_match_fallback="more", max_no_match=2,
+                               fallback_say="Let us try something else.")
+    dialogue = Dialogue(menu)
+    take(dialogue, heard(""))
+    fallback = take(dialogue, heard(""))
+    assert (fallback.hangup, fallback.next_step) == (False, "more")
+    assert fallback.say == ("Sorry, I did not understand. Let us try something else. "
+                            "Anything else? Say yes or no.")
+    take(dialogue, heard(""))
+    dialogue.go(dialogue.follow("The webhook knows.", "", False))
+    assert not take(dialogue, heard("")).hangup and dialogue.step.name == "more"
+
+
+def test_is_complete_for_endpointing():
+    dialogue = Dialogue(BUILTIN_MENU)
+    assert dialogue.is_complete("balance", 0.9)
+    assert not dialogue.is_complete("balance", 0.3)
+    assert not dialogue.is_complete("", 0.0)
+    assert not dialogue.is_complete("bye", 0.7)  # would ask first
+    assert dialogue.is_complete("bye", 0.9)
+    take(dialogue, heard("balance"))
+    assert not dialogue.is_complete("four five six", 0.99)  # more digits may come
+
+
+def test_intents():
+    assert intent_of(Choice(phrases=("my balance", "balance"))) == "my balance"
+    assert intent_of(Choice(phrases=("sales",), intent="sales-team")) == "sales-team"
+    assert intent_of(Choice(digits=True)) == "digits"
+    assert intent_of(Choice(dtmf="5")) == "key 5"
+
+
+def test_grammar_steps_add_the_confirmation():
+    assert grammar_steps(BUILTIN_MENU)[-1] is CONFIRM_STEP
+    assert CONFIRM_STEP.name not in {step.name for step in BUILTIN_MENU.steps}
+
+
 def test_normalize():
     assert normalize("  My, BALANCE!  ") == "my balance"
 
@@ -122,6 +260,10 @@ def test_normalize():
         (Menu(steps=(Step(name="a", choices=(Choice(dtmf="1", say="{digits}"),)),)),
          "{digits} needs digits"),
         (Menu(start="b", steps=(Step(name="a", choices=(Choice(dtmf="1"),)),)), "start: no step"),
+        (dataclasses.replace(BUILTIN_MENU, no_match_fallback="nowhere"), "no_match_fallback"),
+        (dataclasses.replace(BUILTIN_MENU, min_confidence=0.9), "hangup_confidence: must not"),
+        (Menu(steps=(Step(name="a", choices=(Choice(dtmf="1", intent="no-match"),)),)),
+         "intent: 'no-match'"),
     ],
 )
 def test_menu_problems(menu, problem):

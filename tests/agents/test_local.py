@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -9,7 +10,6 @@ import trio
 import trio.testing
 
 from voxgate.agents.local import CallerUtterance, LocalAgent, LocalRuntime, shared_runtime
-from voxgate.agents.recognizer import Recognition
 from voxgate.agents.webhook import PluginIntegrator
 from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.config import AgentConfig, Config, TimersConfig
@@ -48,17 +48,35 @@ class Controls:
         pass
 
 
+@dataclass(frozen=True)
+class Heard:
+    """A recognition as the recogniser reports it (transcript, matched, confidence)."""
+
+    transcript: str
+    matched: str
+    confidence: float = 0.97
+    decode_s: float = 0.01
+
+
 class FakeRecognizer:
+    """Answers each recognise with the next of ``transcripts`` (a str: said and matched
+    alike) or ``results``; endpointing checks answer ``check`` and are kept apart."""
+
     def __init__(self) -> None:
-        self.transcripts: list[str] = []
+        self.transcripts: list[str | Heard] = []
         self.heard: list[tuple[bytes, str]] = []
+        self.checks: list[tuple[bytes, str]] = []
+        self.check = Heard("", "")
+        self.checked = trio.Event()
 
-    async def prepare(self) -> None:
-        pass
-
-    async def recognize(self, pcm: bytes, grammar: str) -> Recognition:
+    async def recognize(self, pcm: bytes, grammar: str, *, free_form: bool = True) -> Heard:
+        if not free_form:
+            self.checks.append((pcm, grammar))
+            self.checked.set()
+            return self.check
         self.heard.append((pcm, grammar))
-        return Recognition(self.transcripts.pop(0), 0.8, 0.01)
+        said = self.transcripts.pop(0)
+        return said if isinstance(said, Heard) else Heard(said, said)
 
 
 class FakeSynth:
@@ -241,3 +259,133 @@ def test_shared_runtime_follows_the_config():
     assert shared_runtime(config) is runtime
     changed = Config(agent=config.agent, timers=TimersConfig(agent_response_s=1.0))
     assert shared_runtime(changed) is not runtime
+
+
+async def _reply_to_no_match(request: dict[str, object]) -> dict[str, object] | None:
+    requests.append(request)
+    if request["intent"] == "no-match":
+        return {"say": f"You said: {request['transcript']}."}
+    return None
+
+
+requests: list[dict[str, object]] = []
+
+
+async def test_out_of_grammar_speech_is_a_no_match_the_integrator_can_answer():
+    agent, controls, recognizer = make()
+    agent._runtime.integrator = PluginIntegrator(_reply_to_no_match, max_concurrent=1,
+                                                 timeout_s=1)
+    requests.clear()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        recognizer.transcripts += [Heard("can you call me back tomorrow", "", 0.0),
+                                   Heard("check my balance please", "balance", 0.75)]
+        speak(agent, 0, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        speak(agent, 0, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert [(r["transcript"], r["intent"], r["confidence"]) for r in requests] == [
+        ("can you call me back tomorrow", "no-match", 0.0),
+        ("check my balance please", "balance", 0.75)]
+    assert requests[0]["dtmf"] is None and requests[0]["confirming"] is False
+    no_match, balance = turns_of(agent)[1:]
+    assert (no_match["source"], no_match["say"], no_match["intent"]) == (
+        "plugin", "You said: can you call me back tomorrow.", "no-match")
+    assert (no_match["transcript"], no_match["matched"], no_match["confidence"]) == (
+        "can you call me back tomorrow", "", 0.0)
+    assert (balance["intent"], balance["next"], balance["source"]) == ("balance", "account", "menu")
+    assert controls.hangups == [] and agent.stats.no_matches == 1
+
+
+async def test_unsure_spoken_digits_are_confirmed_with_the_yes_no_grammar():
+    agent, _, recognizer = make()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        recognizer.transcripts += ["balance", Heard("four five six", "four five six", 0.6),
+                                   "yes"]
+        for _ in range(3):
+            speak(agent, 0, 10)
+            await trio.testing.wait_all_tasks_blocked()
+        nursery.cancel_scope.cancel()
+    assert [g for _, g in recognizer.heard] == ["main", "account", "_confirm"]
+    _, _, question, yes = turns_of(agent)
+    assert question["say"] == "I heard 4 5 6. Is that right? Say yes or no."
+    assert (question["intent"], question.get("digits")) == ("digits", None)
+    assert (yes["intent"], yes["digits"], yes["next"]) == ("yes", "456", "more")
+
+
+async def test_repeated_no_matches_end_in_a_polite_hangup():
+    agent, controls, recognizer = make()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        recognizer.transcripts += [Heard("what", "", 0.0)] * 3
+        for _ in range(3):
+            speak(agent, 0, 10)
+            await trio.testing.wait_all_tasks_blocked()
+        last = turns_of(agent)[-1]
+        assert (last["say"], last["hangup"]) == ("Sorry, I did not understand. Goodbye.", True)
+        for utterance_id in range(1, 5):
+            agent.on_playback_done(utterance_id, "paced")
+        nursery.cancel_scope.cancel()
+    assert controls.hangups == ["agent-hangup"]
+
+
+async def _endpoint_after(agent: LocalAgent, recognizer: FakeRecognizer,
+                          check: Heard) -> list[int | None]:
+    """What the agent tells the VAD over 0.5 s of a pause after speech in the main step,
+    its check of the speech so far answering ``check``."""
+    recognizer.check = check
+    agent.playout.clear()  # the greeting: speech over it would be ignored (barge-in off)
+    agent.on_speech(SpeechStarted(1.0))
+    for n in range(10):
+        agent.on_frame(frame(n), 1.0 + n * 0.02)
+    said = [agent.endpoint(1.2, 1.2 + i * 0.02) for i in range(16)]
+    with trio.fail_after(5):
+        await recognizer.checked.wait()
+    await trio.testing.wait_all_tasks_blocked()
+    return said + [agent.endpoint(1.2, 1.2 + i * 0.02) for i in range(16, 25)]
+
+
+async def test_a_confident_complete_match_ends_the_turn_early():
+    agent, _, recognizer = make()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        said = await _endpoint_after(agent, recognizer, Heard("", "balance", 0.9))
+        nursery.cancel_scope.cancel()
+    assert said[:16] == [None] * 16  # until the check comes back: [vad] stop_ms
+    assert said[16] == 0
+    (pcm, grammar), = recognizer.checks
+    assert grammar == "main" and len(pcm) == 10 * 320  # the speech so far
+    assert agent.describe()["endpointing"] == {"early": 1, "extended": 0}
+
+
+@pytest.mark.parametrize("check", [Heard("", "four five", 0.9), Heard("", "", 0.0)])
+async def test_digits_so_far_wait_longer(check: Heard):
+    agent, _, recognizer = make(AgentConfig(kind="local", endpoint_max_ms=1400))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        recognizer.transcripts.append("balance")
+        speak(agent, 0, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        assert agent.describe()["step"] == "account"
+        said = await _endpoint_after(agent, recognizer, check)
+        nursery.cancel_scope.cancel()
+    assert said[16:] == [1400] * 9
+    assert agent.describe()["endpointing"] == {"early": 0, "extended": 1}
+
+
+@pytest.mark.parametrize("check", [Heard("", "bye", 0.7), Heard("", "", 0.0)])
+async def test_a_doubtful_match_or_a_no_match_leaves_the_default_silence(check: Heard):
+    agent, _, recognizer = make()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        said = await _endpoint_after(agent, recognizer, check)
+        nursery.cancel_scope.cancel()
+    assert said == [None] * 25

@@ -8,10 +8,14 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
+from tests.agents.test_local import Heard, speak, turns_of
+from tests.agents.test_local import make as make_local
 from voxgate.agents.providers import HealthSettings
 from voxgate.agents.webhook import (
     MAX_REPLY_BYTES,
@@ -29,7 +33,8 @@ from voxgate.config import AgentConfig, WebhookConfig
 from voxgate.errors import ConfigError, RemoteProtocolError
 
 REQUEST = {"session": "s1", "tenant": "default", "call": "c1", "step": "main",
-           "transcript": "balance", "confidence": 0.9, "dtmf": None}
+           "transcript": "check my balance", "intent": "balance", "confidence": 0.9,
+           "dtmf": None, "digits": None, "confirming": False}
 
 
 @pytest.mark.parametrize(
@@ -190,7 +195,7 @@ async def _broken_plugin(request: dict[str, object]) -> None:
 
 async def test_plugin_answers():
     async with PluginIntegrator(_plugin, max_concurrent=1, timeout_s=1).connect() as ask:
-        assert (await ask(REQUEST)).reply == Reply("You said balance.")
+        assert (await ask(REQUEST)).reply == Reply("You said check my balance.")
 
 
 async def test_plugin_exceptions_are_contained():
@@ -234,3 +239,34 @@ def test_integrator_for_config():
     assert isinstance(hook, WebhookIntegrator) and hook.timeout_s == 10.0
     plugin = integrator_for(AgentConfig(plugin="tests.agents.test_webhook:_plugin"), 2)
     assert isinstance(plugin, PluginIntegrator) and plugin.timeout_s == 2
+
+
+async def test_the_webhook_hears_a_no_match_turn_and_its_answer_is_spoken(hook):
+    url, handler = hook
+    handler.reply = b'{"say": "I will call you back tomorrow.", "next": "more"}'
+    agent, controls, recognizer = make_local()
+    agent._runtime.integrator = webhook(url)
+    answered = trio.Event()
+    speak_turn = agent._speak
+
+    async def speak_and_tell(*args: Any) -> None:
+        await speak_turn(*args)
+        if len(turns_of(agent)) == 2:
+            answered.set()
+
+    agent._speak = speak_and_tell  # type: ignore[method-assign,assignment]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        recognizer.transcripts.append(Heard("can you call me back tomorrow", "", 0.0))
+        speak(agent, 0, 10)
+        with trio.fail_after(10):
+            await answered.wait()
+        nursery.cancel_scope.cancel()
+    post, = handler.posts
+    assert (post["transcript"], post["intent"], post["confidence"], post["step"]) == (
+        "can you call me back tomorrow", "no-match", 0.0, "main")
+    turn = turns_of(agent)[1]
+    assert (turn["source"], turn["intent"], turn["next"]) == ("webhook", "no-match", "more")
+    assert turn["say"] == "I will call you back tomorrow. Anything else? Say yes or no."
+    assert controls.hangups == []

@@ -8,7 +8,7 @@ from voxgate.deadman import AgentFallback, DeadmanConfig, SessionTimers
 from voxgate.pipeline.pipeline import Pipeline
 from voxgate.pipeline.playback import CLEARED, PlaybackTracker
 from voxgate.pipeline.playout import Playout
-from voxgate.pipeline.vad import SpeechStarted, SpeechStopped, VadEvent
+from voxgate.pipeline.vad import SpeechStarted, SpeechStopped, VadEvent, VoiceActivityDetector
 
 F = bytes(320)
 CONFIG = DeadmanConfig(first_media_s=10, media_inactivity_s=10, recovery_window_s=10,
@@ -17,6 +17,8 @@ CONFIG = DeadmanConfig(first_media_s=10, media_inactivity_s=10, recovery_window_
 
 
 class ScriptedVad:
+    pause_at: float | None = None
+
     def __init__(self) -> None:
         self.next: VadEvent | None = None
 
@@ -94,3 +96,39 @@ def test_keys_end_a_turn_and_an_older_answer_still_playing_does_not_count():
     pipeline.playout.say([F])  # the new answer
     pipeline.outbound(3.1)
     assert not any(isinstance(e, AgentFallback) for e in timers.handle_timer(4.5))
+
+
+class EndpointingAgent(Agent):
+    """Ends the caller's turn after ``stop_ms`` of each pause; records what it sees."""
+
+    def __init__(self, playout: Playout, stop_ms: int) -> None:
+        super().__init__(playout)
+        self.stop_ms = stop_ms
+        self.asked: list[tuple[float, float]] = []
+        self.stopped: list[SpeechStopped] = []
+
+    def endpoint(self, paused_at: float, now: float) -> int | None:
+        self.asked.append((paused_at, now))
+        return self.stop_ms
+
+    def on_speech(self, event: SpeechStarted | SpeechStopped) -> None:
+        if isinstance(event, SpeechStopped):
+            self.stopped.append(event)
+
+
+def test_the_agent_ends_a_pause_early_and_the_turn_ends_as_after_stop_ms(monkeypatch):
+    monkeypatch.setattr("voxgate.pipeline.vad.webrtcvad.Vad",
+                        lambda mode: type("Loud", (), {"is_speech": lambda s, f, r: f[0] != 0})())
+    timers = SessionTimers(CONFIG, 0.0)
+    timers.answered(0.0)
+    playout = Playout(SessionBudget(BufferCaps.from_ms({"playout": 1000}, 1 << 20, 0)))
+    agent = EndpointingAgent(playout, stop_ms=60)
+    pipeline = Pipeline(VoiceActivityDetector(start_ms=40, stop_ms=600), agent, playout, timers,
+                        PlaybackTracker(timers, lambda u, s: None))
+    voiced = b"\x01" + bytes(319)
+    frames = [voiced] * 10 + [F] * 5
+    for i, pcm in enumerate(frames):
+        pipeline.inbound(pcm, i * 0.02)
+    assert [(round(at, 2), round(now, 2)) for at, now in agent.asked] == [(0.2, 0.2), (0.2, 0.22)]
+    assert agent.stopped == [SpeechStopped(at=0.2, duration_ms=200)]  # at 0.24, not 0.78
+    assert any(isinstance(e, AgentFallback) for e in timers.handle_timer(1.25))

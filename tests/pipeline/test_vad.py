@@ -131,6 +131,44 @@ def test_several_talkspurts(scripted: None):
     assert all(e.duration_ms == 100 for _, e in events if isinstance(e, SpeechStopped))
 
 
+def test_pause_at_is_the_start_of_the_current_pause(scripted: None):
+    vad = VoiceActivityDetector(start_ms=40, stop_ms=100)
+    run(vad, [VOICED] * 3 + [SILENCE] * 2)
+    assert vad.pause_at == frame_time(3)
+    vad.process(VOICED, frame_time(5))
+    assert vad.pause_at is None
+    assert vad.end_pause_after(0) is None  # no pause: nothing to end
+
+
+def test_end_pause_after_ends_the_speech_sooner_at_the_real_end(scripted: None):
+    vad = VoiceActivityDetector(start_ms=40, stop_ms=600)
+    run(vad, [VOICED] * 10 + [SILENCE] * 5)
+    assert vad.end_pause_after(200) is None  # 5 frames of 10: not yet
+    stopped = vad.end_pause_after(0)
+    assert stopped == SpeechStopped(at=frame_time(10), duration_ms=200)
+    assert vad.state is VadState.QUIET
+
+
+def test_end_pause_after_makes_one_pause_longer(scripted: None):
+    vad = VoiceActivityDetector(start_ms=40, stop_ms=100)
+    frames = [VOICED] * 5 + [SILENCE] * 4
+    assert [type(e) for _, e in run(vad, frames)] == [SpeechStarted]
+    assert vad.end_pause_after(300) is None
+    more = [vad.process(SILENCE, frame_time(9 + i)) for i in range(11)]
+    assert [i for i, e in enumerate(more) if e is not None] == [10]  # 15 frames of pause
+    again = run(vad, [VOICED] * 5 + [SILENCE] * 5, start=200.0)  # the next pause: stop_ms
+    assert [type(e) for _, e in again] == [SpeechStarted, SpeechStopped]
+    assert again[-1][0] == 9
+
+
+def test_speech_resuming_brings_the_default_stop_back(scripted: None):
+    vad = VoiceActivityDetector(start_ms=40, stop_ms=100)
+    run(vad, [VOICED] * 5 + [SILENCE] * 2)
+    vad.end_pause_after(1000)
+    events = run(vad, [VOICED] * 2 + [SILENCE] * 5, start=200.0)
+    assert [(i, type(e)) for i, e in events] == [(6, SpeechStopped)]
+
+
 def test_zero_start_and_stop_react_on_one_frame(scripted: None):
     vad = VoiceActivityDetector(start_ms=0, stop_ms=0)
     events = run(vad, [VOICED, SILENCE, SILENCE])

@@ -64,6 +64,12 @@ class Agent:
     def on_speech(self, event: SpeechStarted | SpeechStopped) -> None:
         """The caller started or stopped speaking (VAD with hysteresis)."""
 
+    def endpoint(self, paused_at: float, now: float) -> int | None:
+        """Each frame of a pause in the caller's speech (since ``paused_at``): the
+        silence in ms that ends their turn this time, or None for ``[vad] stop_ms``
+        (see :meth:`~voxgate.pipeline.vad.VoiceActivityDetector.end_pause_after`)."""
+        return None
+
     def on_dtmf(self, event: DtmfEvent) -> None:
         """The caller pressed a key (RFC 4733 telephone-event)."""
 

@@ -6,13 +6,30 @@ A :class:`Menu` is declarative (``[agent.menu]`` in the config, or
     greeting ─▶ start step ─(input)─▶ matching choice ─▶ say, next step (its prompt), hang up
                                  └──(nothing matches)──▶ no_match + the step's prompt again
 
-An input is what the caller said (:class:`SpeechInput`, the recogniser's
-transcript) or keyed (:class:`KeyInput`, RFC 4733 digits). A choice matches a
-transcript by one of its ``phrases`` (compared after :func:`normalize`) and a
-key string by its ``dtmf``; a choice with ``digits`` takes any digit string,
-spoken ("one two three") or keyed ("123", ended by ``#``, the step's
-``[agent.menu] dtmf_timeout_ms`` or ``max_digits``), and its ``say`` may
-hold ``{digits}`` (spoken one digit at a time).
+An input is what the caller said (:class:`SpeechInput`: the free-form
+``transcript``, the step grammar's words the recogniser accepted as
+``matched`` and their ``confidence``) or keyed (:class:`KeyInput`, RFC 4733
+digits). A choice matches speech only by ``matched`` (one of its ``phrases``,
+compared after :func:`normalize`) with ``confidence`` at least the menu's
+``min_confidence``, and a key string by its ``dtmf``; a choice with
+``digits`` takes any digit string, spoken ("one two three") or keyed ("123",
+ended by ``#``, the step's ``[agent.menu] dtmf_timeout_ms`` or
+``max_digits``), and its ``say`` may hold ``{digits}`` (spoken one digit at a
+time). The transcript never picks a choice: it is for the integrator.
+
+Rejection and confirmation (speech only; keys are exact and never confirmed)::
+
+    matched "" or confidence < min_confidence ─▶ no-match: the step's no_match + prompt
+        └─ max_no_match in a row in the step ──▶ no_match_fallback: goodbye + hang up,
+                                                  or go to the named step
+    a hangup choice, confidence < hangup_confidence
+        or the free-form transcript lacks its words ─▶ "Do you want to end the call?"
+    a digit string, confidence < confirm_digits_below ─▶ "I heard 4 5 6. Is that right?"
+        confirmation (grammar :data:`CONFIRM_STEP`: yes / no, keys 1 / 2):
+          yes ─▶ the choice's answer    no ─▶ the step's prompt    else ─▶ no-match, asked again
+
+Every answer names the turn's *intent* (:func:`intent_of`): the matched
+choice's name, :data:`NO_MATCH`, or ``yes``/``no`` in a confirmation.
 
 :class:`Dialogue` walks one call through the menu. It never reads a clock:
 the key collector's deadline is exposed as :meth:`Dialogue.next_deadline` and
@@ -30,10 +47,19 @@ DIGIT_WORDS = {
 }
 """Spoken digit → its character; the recogniser's digit grammar uses these words."""
 
+NO_MATCH = "no-match"
+"""The intent of an input no choice took."""
+DIGITS_INTENT = "digits"
+"""The intent of a digit choice without ``intent`` or phrases."""
 DTMF_END_KEY = "#"
 _WORD = re.compile(r"[a-z']+")
 _STEP_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]*\Z")
 _DIGITS_FIELD = "{digits}"
+
+
+HANGUP_FALLBACK = "hangup"
+"""``no_match_fallback`` that says goodbye and hangs up."""
+_GOODBYE = "Goodbye."
 
 
 def normalize(text: str) -> str:
@@ -51,7 +77,10 @@ class Choice:
         digits: takes any digit string, spoken or keyed.
         say: the answer ("" says nothing); ``{digits}`` is replaced by the digits.
         next: the step to go to, whose prompt is said after ``say``; "" stays, silently.
-        hangup: end the call once the answer has been played.
+        hangup: end the call once the answer has been played (speech must reach the
+            menu's ``hangup_confidence``, else the caller is asked first).
+        intent: the name the integrator, the logs and the call record see ("" takes
+            :func:`intent_of`'s default).
     """
 
     phrases: tuple[str, ...] = ()
@@ -60,6 +89,7 @@ class Choice:
     say: str = ""
     next: str = ""
     hangup: bool = False
+    intent: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,6 +128,18 @@ class Menu:
         no_match: the default no-match answer.
         dtmf_timeout_ms: silence after a key that ends a digit string.
         max_digits: keys that end a digit string.
+        min_confidence: the least recogniser confidence that picks a choice.
+        hangup_confidence: the least that picks a ``hangup`` choice without asking
+            "Do you want to end the call?" first (at least ``min_confidence``; the
+            free-form transcript must hold the matched words too).
+        confirm_digits_below: spoken digit strings less sure than this are read
+            back for a yes/no (0: never).
+        max_no_match: no-matches in a row in one step before ``no_match_fallback``.
+        no_match_fallback: ``"hangup"`` (``fallback_say`` or "Goodbye.", then hang up)
+            or the name of a step to go to (after ``fallback_say``).
+        fallback_say: said with the fallback, after the no-match answer.
+        confirm_digits_say: the digit read-back; ``{digits}`` is the digits.
+        confirm_hangup_say: the question before a doubtful hang-up choice.
     """
 
     greeting: str = ""
@@ -105,6 +147,14 @@ class Menu:
     no_match: str = "Sorry, I did not understand."
     dtmf_timeout_ms: int = field(default=3000, metadata={"range": (200, 60_000)})
     max_digits: int = field(default=16, metadata={"range": (1, 64)})
+    min_confidence: float = field(default=0.5, metadata={"range": (0.0, 1.0)})
+    hangup_confidence: float = field(default=0.85, metadata={"range": (0.0, 1.0)})
+    confirm_digits_below: float = field(default=0.95, metadata={"range": (0.0, 1.0)})
+    max_no_match: int = field(default=3, metadata={"range": (1, 100)})
+    no_match_fallback: str = HANGUP_FALLBACK
+    fallback_say: str = ""
+    confirm_digits_say: str = "I heard {digits}. Is that right? Say yes or no."
+    confirm_hangup_say: str = "Do you want to end the call? Say yes or no."
     steps: tuple[Step, ...] = ()
 
     def step(self, name: str) -> Step:
@@ -142,16 +192,40 @@ def menu_problem(menu: Menu) -> str | None:
                 return f"{at} dtmf: only 0-9 * # A-D"
             if _DIGITS_FIELD in choice.say and not choice.digits:
                 return f"{at} say: {{digits}} needs digits = true"
+            if choice.intent == NO_MATCH:
+                return f"{at} intent: {NO_MATCH!r} is the intent of no match"
     if menu.start and menu.start not in names:
         return f"start: no step {menu.start!r}"
+    if menu.hangup_confidence < menu.min_confidence:
+        return "hangup_confidence: must not be below min_confidence"
+    if menu.no_match_fallback != HANGUP_FALLBACK and menu.no_match_fallback not in names:
+        return f"no_match_fallback: {HANGUP_FALLBACK!r} or a step name, " \
+               f"got {menu.no_match_fallback!r}"
     return None
+
+
+def intent_of(choice: Choice) -> str:
+    """A choice's intent: its ``intent``, else its first phrase, else :data:`DIGITS_INTENT`
+    for a digit choice, else ``"key <dtmf>"``."""
+    if choice.intent:
+        return choice.intent
+    if choice.phrases:
+        return choice.phrases[0]
+    return DIGITS_INTENT if choice.digits else f"key {choice.dtmf}"
 
 
 @dataclass(frozen=True, slots=True)
 class SpeechInput:
-    """What the recogniser heard: ``transcript`` (may be "") and ``confidence`` 0..1."""
+    """What the recogniser heard.
+
+    Attributes:
+        transcript: free-form, what was said ("" = nothing heard); never matched.
+        matched: the grammar's words the recogniser accepted ("" = none).
+        confidence: 0..1, how sure ``matched`` is.
+    """
 
     transcript: str
+    matched: str
     confidence: float
 
 
@@ -166,6 +240,14 @@ Input = SpeechInput | KeyInput
 
 
 @dataclass(frozen=True, slots=True)
+class Pending:
+    """A choice waiting for the caller's yes (with the digits it would take)."""
+
+    choice: Choice
+    digits: str = ""
+
+
+@dataclass(frozen=True, slots=True)
 class Answer:
     """What the agent does with one input.
 
@@ -175,6 +257,9 @@ class Answer:
         hangup: end the call once ``say`` has been played.
         matched: False when nothing matched (no-match answer).
         digits: the digit string taken, "" when none.
+        intent: what the input meant (see :func:`intent_of`, :data:`NO_MATCH`).
+        no_matches: no-matches in a row in the step once this answer is taken.
+        confirming: the choice (and digits) a yes/no question asks about, if any.
     """
 
     say: str
@@ -182,6 +267,9 @@ class Answer:
     hangup: bool = False
     matched: bool = True
     digits: str = ""
+    intent: str = ""
+    no_matches: int = 0
+    confirming: Pending | None = None
 
 
 class Dialogue:
@@ -190,46 +278,74 @@ class Dialogue:
     def __init__(self, menu: Menu) -> None:
         self.menu = menu
         self.step = menu.start_step
+        self._no_matches = 0
+        self._confirming: Pending | None = None
         self._keys = ""
         self._keys_deadline: float | None = None
+
+    @property
+    def grammar(self) -> str:
+        """The recogniser grammar for the next speech: the step's, or :data:`CONFIRM_STEP`'s
+        while a yes/no question is open."""
+        return CONFIRM_STEP.name if self._confirming is not None else self.step.name
 
     def greeting(self) -> Answer:
         """The first answer: the greeting and the start step's prompt."""
         return Answer(_join(self.menu.greeting, self.step.prompt), self.step.name)
 
     def respond(self, heard: Input) -> Answer:
-        """The menu's answer to ``heard`` in the current step (the step does not change)."""
-        step = self.step
-        digits = _digits_of(heard)
-        for choice in step.choices:
-            if _matches(choice, heard):
-                return self._answer(choice, "")
-        if digits:
-            for choice in step.choices:
-                if choice.digits:
-                    return self._answer(choice, digits)
-        return Answer(_join(step.no_match or self.menu.no_match, step.prompt), step.name,
-                      matched=False)
+        """The menu's answer to ``heard`` (nothing changes until :meth:`go`)."""
+        if self._confirming is not None:
+            return self._confirmed(self._confirming, heard)
+        menu, step = self.menu, self.step
+        match = self._match(step, heard)
+        if match is None:
+            return self._no_match(step.prompt)
+        choice, digits = match
+        if isinstance(heard, SpeechInput):
+            if choice.hangup and not _sure_to_hang_up(heard, menu):
+                return Answer(menu.confirm_hangup_say, step.name, intent=intent_of(choice),
+                              confirming=Pending(choice))
+            if digits and heard.confidence < menu.confirm_digits_below:
+                say = menu.confirm_digits_say.replace(_DIGITS_FIELD, " ".join(digits))
+                return Answer(say, step.name, intent=intent_of(choice),
+                              confirming=Pending(choice, digits))
+        return self._answer(choice, digits, intent_of(choice))
+
+    def is_complete(self, matched: str, confidence: float) -> bool:
+        """Whether speech with ``matched`` words at ``confidence`` completes a choice of the
+        current grammar with no question to ask (endpointing: the turn may end now).
+
+        A digit string never does: the caller may be reading more digits.
+        """
+        step = CONFIRM_STEP if self._confirming is not None else self.step
+        heard = SpeechInput("", matched, confidence)
+        match = self._match(step, heard)
+        if match is None or match[1]:
+            return False
+        return not match[0].hangup or confidence >= self.menu.hangup_confidence
 
     def follow(self, say: str, next_step: str, hangup: bool) -> Answer:
         """An integrator's answer: ``say``, then ``next_step``'s prompt (unknown or ""
-        stays in the current step silently)."""
+        stays in the current step silently). It ends any no-match run and question."""
         choice = Choice(say=say, next=next_step if _has_step(self.menu, next_step) else "",
                         hangup=hangup)
-        return self._answer(choice, "")
+        return self._answer(choice, "", "")
 
     def go(self, answer: Answer) -> None:
-        """Move to ``answer.next_step``."""
+        """Take ``answer``: move to its step, keep its no-match count and question."""
         self.step = self.menu.step(answer.next_step)
+        self._no_matches = answer.no_matches
+        self._confirming = answer.confirming
 
     def key(self, digit: str, now: float) -> KeyInput | None:
         """One key press at ``now`` (monotonic seconds): the input it completes, if any.
 
         In a step that takes digit strings keys are collected until ``#``,
-        ``max_digits`` or ``dtmf_timeout_ms`` of silence; elsewhere every key
-        is an input of its own.
+        ``max_digits`` or ``dtmf_timeout_ms`` of silence; elsewhere (and while a
+        yes/no question is open) every key is an input of its own.
         """
-        if not self.step.takes_digits:
+        if not self.step.takes_digits or self._confirming is not None:
             return KeyInput(digit)
         if digit == DTMF_END_KEY:
             return self._take_keys()
@@ -253,27 +369,76 @@ class Dialogue:
         keys, self._keys, self._keys_deadline = self._keys, "", None
         return KeyInput(keys or DTMF_END_KEY)
 
-    def _answer(self, choice: Choice, digits: str) -> Answer:
+    def _match(self, step: Step, heard: Input) -> tuple[Choice, str] | None:
+        """The choice ``heard`` picks in ``step`` and the digit string it takes, if any."""
+        if isinstance(heard, KeyInput):
+            for choice in step.choices:
+                if choice.dtmf and heard.keys == choice.dtmf:
+                    return choice, ""
+            digits = heard.keys if heard.keys.isdigit() else ""
+        else:
+            words = normalize(heard.matched)
+            if not words or heard.confidence < self.menu.min_confidence:
+                return None
+            for choice in step.choices:
+                if words in choice.phrases:
+                    return choice, ""
+            digits = spoken_digits(words)
+        if digits:
+            for choice in step.choices:
+                if choice.digits:
+                    return choice, digits
+        return None
+
+    def _no_match(self, prompt: str) -> Answer:
+        """The no-match answer (then ``prompt``), or the fallback after too many."""
+        menu, step = self.menu, self.step
+        sorry = step.no_match or menu.no_match
+        count = self._no_matches + 1
+        if count < menu.max_no_match:
+            return Answer(_join(sorry, prompt), step.name, matched=False, intent=NO_MATCH,
+                          no_matches=count, confirming=self._confirming)
+        if menu.no_match_fallback == HANGUP_FALLBACK:
+            return Answer(_join(sorry, menu.fallback_say or _GOODBYE), step.name, hangup=True,
+                          matched=False, intent=NO_MATCH)
+        target = menu.step(menu.no_match_fallback)
+        return Answer(_join(sorry, menu.fallback_say, target.prompt), target.name,
+                      matched=False, intent=NO_MATCH)
+
+    def _confirmed(self, pending: Pending, heard: Input) -> Answer:
+        """The answer to a yes/no question about ``pending``."""
+        match = self._match(CONFIRM_STEP, heard)
+        if match is None:
+            question = (self.menu.confirm_digits_say.replace(
+                _DIGITS_FIELD, " ".join(pending.digits)) if pending.digits
+                else self.menu.confirm_hangup_say)
+            return self._no_match(question)
+        intent = intent_of(match[0])
+        if intent == CONFIRM_YES:
+            return self._answer(pending.choice, pending.digits, intent)
+        return Answer(self.step.prompt, self.step.name, intent=intent)
+
+    def _answer(self, choice: Choice, digits: str, intent: str) -> Answer:
         say = choice.say.replace(_DIGITS_FIELD, " ".join(digits))
         if choice.next:
             say = _join(say, self.menu.step(choice.next).prompt)
-        return Answer(say, choice.next or self.step.name, choice.hangup, True, digits)
+        return Answer(say, choice.next or self.step.name, choice.hangup, True, digits, intent)
 
 
-def _matches(choice: Choice, heard: Input) -> bool:
-    if isinstance(heard, KeyInput):
-        return bool(choice.dtmf) and heard.keys == choice.dtmf
-    return bool(heard.transcript) and normalize(heard.transcript) in choice.phrases
+def _sure_to_hang_up(heard: SpeechInput, menu: Menu) -> bool:
+    """Whether speech that matched a hang-up choice may end the call without asking: at
+    least ``hangup_confidence``, and the free-form transcript holds the matched words
+    (a sentence forced onto "no" by the grammar does not)."""
+    said = f" {normalize(heard.transcript)} "
+    return heard.confidence >= menu.hangup_confidence and f" {normalize(heard.matched)} " in said
 
 
-def _digits_of(heard: Input) -> str:
-    """The digit string of an input ("" when it is not one)."""
-    if isinstance(heard, KeyInput):
-        return heard.keys if heard.keys.isdigit() else ""
-    words = normalize(heard.transcript).split()
-    if not words or any(word not in DIGIT_WORDS for word in words):
+def spoken_digits(words: str) -> str:
+    """The digit string of normalised spoken digit words ("" when they are not only digits)."""
+    split = words.split()
+    if not split or any(word not in DIGIT_WORDS for word in split):
         return ""
-    return "".join(DIGIT_WORDS[word] for word in words)
+    return "".join(DIGIT_WORDS[word] for word in split)
 
 
 def _has_step(menu: Menu, name: str) -> bool:
@@ -282,6 +447,25 @@ def _has_step(menu: Menu, name: str) -> bool:
 
 def _join(*texts: str) -> str:
     return " ".join(text.strip() for text in texts if text.strip())
+
+
+CONFIRM_YES = "yes"
+CONFIRM_STEP = Step(
+    name="_confirm",  # not a step name a menu can use (those start with a letter)
+    choices=(
+        # Not "that is right": pocketsphinx finds no path through "is that"/"that is"
+        # on espeak-ng telephone audio (measured), so such phrases never match.
+        Choice(phrases=("yes", "yes please", "correct"), dtmf="1",
+               intent=CONFIRM_YES),
+        Choice(phrases=("no", "no thanks", "wrong"), dtmf="2", intent="no"),
+    ),
+)
+"""What a yes/no question expects (its grammar is recognised like a step's)."""
+
+
+def grammar_steps(menu: Menu) -> tuple[Step, ...]:
+    """Every step the recogniser needs a grammar for: ``menu``'s and :data:`CONFIRM_STEP`."""
+    return (*menu.steps, CONFIRM_STEP)
 
 
 BUILTIN_MENU = Menu(

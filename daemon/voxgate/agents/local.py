@@ -4,9 +4,10 @@ Per call::
 
     media tick (50 Hz, O(1))           the agent's task (session nursery)
     on_frame ─▶ pre-roll ring          greeting ─▶ synth ─▶ playout.say
-    on_speech start ─▶ utterance ◀─┐   loop: input ─▶ recognise (worker threads)
+    on_speech start ─▶ utterance ◀─┐   loop: input ─▶ recognise (recogniser workers)
     on_speech stop ─▶ send_nowait ─┼─▶       ─▶ menu answer / integrator (webhook, plugin)
     on_dtmf ─▶ send_nowait ────────┘         ─▶ synth (espeak-ng) ─▶ playout.say
+    endpoint (a pause) ─▶ send_nowait ─▶ checks: grammar-only recognition ─▶ verdict
 
 The caller's speech is collected from ``SpeechStarted`` (with the pre-roll:
 the ``[vad] start_ms`` that made it start plus ``[agent] preroll_ms`` before)
@@ -15,12 +16,24 @@ utterance_ms``: longer speech loses its start, counted), then handed to the
 task through a bounded channel; a full channel drops the input (counted).
 Speech that starts while the agent talks with barge-in off is ignored.
 
-Each turn is logged as one ``event=agent_turn`` line (transcript, confidence,
-recognition/logic/synthesis/response timings in ms) and kept for
-``voxgatectl show ID``. Response latency runs from the end of the caller's
-speech (``SpeechStopped.at``, so it includes ``[vad] stop_ms``) to when the
-answer's first frame is due out of the playout queue; time to first voice
-from the answer to the first agent frame played.
+Endpointing (:mod:`voxgate.agents.endpoint`): after ``[agent]
+endpoint_check_ms`` of a pause the speech so far is recognised against the
+step's grammar alone; a confident, whole, non-digit choice ends the turn at
+once; in a step that takes digits, a digit string or no match yet (a partial
+string) lets the pause last up to ``[agent] endpoint_max_ms``; anything else
+(an out-of-grammar sentence: a no-match is not answered later) leaves
+``[vad] stop_ms``.
+
+Each turn is logged as one ``event=agent_turn`` line and kept for
+``voxgatectl show ID`` (and so in the call record): ``transcript`` (free-form,
+what was said), ``intent`` (the choice taken, ``no-match``, ``yes``/``no`` to
+a question: :func:`~voxgate.agents.dialogue.intent_of`), ``confidence``,
+``matched`` (the grammar's words accepted), and recognition, logic, synthesis
+and response timings in ms. Response latency runs from the end of the
+caller's speech (``SpeechStopped.at``: the start of the silence that ended the
+turn, so the endpointing wait counts, be it shorter or longer than ``[vad]
+stop_ms``) to when the answer's first frame is due out of the playout queue;
+time to first voice from the answer to the first agent frame played.
 
 A slow integrator: the session's agent-response deadman plays the fallback
 prompt at ``[timers] agent_response_s``; the integrator's reply is spoken
@@ -50,8 +63,10 @@ from voxgate.agents.dialogue import (
     KeyInput,
     SpeechInput,
     Step,
+    spoken_digits,
 )
-from voxgate.agents.recognizer import Recognizer, menu_grammars
+from voxgate.agents.endpoint import Endpointer, Verdict
+from voxgate.agents.recognizer import Recognition, Recognizer, menu_grammars, shared_pool
 from voxgate.agents.synth import SynthesisError, Synthesizer
 from voxgate.agents.webhook import Ask, Integrator, integrator_for
 from voxgate.budget import BoundedAudioQueue, SessionBudget
@@ -65,6 +80,8 @@ from voxgate.rtp.dtmf import DtmfEvent
 
 INPUT_QUEUE = 4
 """Inputs (utterances, keys) waiting for the agent's task; more are dropped."""
+CHECK_QUEUE = 1
+"""Endpointing checks waiting for a recogniser; more are dropped (the VAD decides)."""
 MAX_TURNS_KEPT = 32
 """Turns ``voxgatectl show`` lists (the most recent)."""
 HANGUP_REASON: Final = "agent-hangup"
@@ -84,6 +101,16 @@ class CallerUtterance:
     speech_ms: int
     barged_in: bool
     """The caller cut the agent's speech to say this."""
+
+
+@dataclass(frozen=True, slots=True)
+class EndpointCheck:
+    """The caller's speech so far, to check against ``grammar`` in the pause that began at
+    ``paused_at``."""
+
+    pcm: bytes
+    grammar: str
+    paused_at: float
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +135,7 @@ class LocalRuntime:
     def __init__(self, agent: AgentConfig, response_timeout_s: float) -> None:
         self.config = agent
         self.menu = agent.menu or BUILTIN_MENU
-        self.recognizer = Recognizer(menu_grammars(self.menu), workers=agent.recognizers)
+        self.recognizer = Recognizer(menu_grammars(self.menu), shared_pool(agent))
         self.synth = Synthesizer(agent.voice, agent.rate_wpm, processes=agent.synthesizers)
         self.integrator: Integrator | None = integrator_for(
             agent, response_timeout_s + INTEGRATOR_GRACE_S)
@@ -129,12 +156,17 @@ def shared_runtime(config: Config) -> LocalRuntime:
 class LocalAgentStats:
     """Counters of one local agent."""
 
-    __slots__ = ("barge_ins", "dropped_inputs", "ignored_utterances", "synthesis_errors", "turns")
+    __slots__ = ("barge_ins", "dropped_checks", "dropped_inputs", "ignored_utterances",
+                 "no_matches", "synthesis_errors", "turns")
 
     def __init__(self) -> None:
         self.turns = 0
+        self.no_matches = 0
+        """Turns whose input the menu did not take (intent ``no-match``)."""
         self.dropped_inputs = 0
         """Utterances or keys dropped because the input channel was full."""
+        self.dropped_checks = 0
+        """Endpointing checks dropped because one was still running."""
         self.ignored_utterances = 0
         """Speech that started while the agent talked with barge-in off."""
         self.barge_ins = 0
@@ -164,6 +196,10 @@ class LocalAgent(Agent):
         self._barged_in = False
         self._inputs_in, self._inputs = trio.open_memory_channel[CallerUtterance | KeyPress](
             INPUT_QUEUE)
+        self._checks_in, self._checks = trio.open_memory_channel[EndpointCheck](CHECK_QUEUE)
+        config = runtime.config
+        self._endpointer = Endpointer(check_ms=config.endpoint_check_ms,
+                                      max_ms=config.endpoint_max_ms)
         self._turns: deque[dict[str, Any]] = deque(maxlen=MAX_TURNS_KEPT)
         self._hangup_after: int | None = None
         self._first_voice_s: float | None = None
@@ -200,6 +236,18 @@ class LocalAgent(Agent):
                                         event.duration_ms, self._barged_in))
             self._barged_in = False
 
+    def endpoint(self, paused_at: float, now: float) -> int | None:
+        if not self._capturing:
+            return None
+        action = self._endpointer.pause(paused_at, now)
+        if action.check:
+            check = EndpointCheck(self._utterance.snapshot(), self._dialogue.grammar, paused_at)
+            try:
+                self._checks_in.send_nowait(check)
+            except trio.WouldBlock:
+                self.stats.dropped_checks += 1
+        return action.stop_ms
+
     def on_dtmf(self, event: DtmfEvent) -> None:
         self._offer(KeyPress(event.digit, event.at))
 
@@ -223,12 +271,32 @@ class LocalAgent(Agent):
     # -- the agent's task ------------------------------------------------------------------------
 
     async def run(self) -> None:
-        runtime = self._runtime
-        async with self._connect() as ask:
+        async with self._connect() as ask, trio.open_nursery() as nursery:
             await self._speak(self._dialogue.greeting(), {"input": "greeting"}, None)
-            await runtime.recognizer.prepare()
+            nursery.start_soon(self._check_endpoints)
             while True:
                 await self._take_turn(await self._next_input(), ask)
+
+    async def _check_endpoints(self) -> None:
+        """Endpointing checks: the speech so far against its grammar alone, each verdict
+        handed to the endpointer (which the next frame of the pause asks)."""
+        async for check in self._checks:
+            recognition = await self._runtime.recognizer.recognize(
+                check.pcm, check.grammar, free_form=False)
+            self._endpointer.checked(check.paused_at, self._verdict(recognition, check.grammar))
+
+    def _verdict(self, recognition: Recognition, grammar: str) -> Verdict:
+        """What ``recognition`` of the speech so far says of the turn's end."""
+        dialogue = self._dialogue
+        if grammar != dialogue.grammar:  # the menu moved on meanwhile
+            return Verdict.UNSURE
+        matched = recognition.matched
+        if dialogue.is_complete(matched, recognition.confidence):
+            return Verdict.COMPLETE
+        takes_digits = grammar == dialogue.step.name and dialogue.step.takes_digits
+        if takes_digits and (not matched or spoken_digits(matched)):
+            return Verdict.INCOMPLETE  # more digits may come (a partial string may be rejected)
+        return Verdict.UNSURE
 
     def _connect(self) -> AbstractAsyncContextManager[Ask | None]:
         integrator = self._runtime.integrator
@@ -254,32 +322,40 @@ class LocalAgent(Agent):
                 return timed_out
 
     async def _take_turn(self, item: CallerUtterance | KeyInput, ask: Ask | None) -> None:
-        record: dict[str, Any] = {"step": self._dialogue.step.name}
+        dialogue = self._dialogue
+        record: dict[str, Any] = {"step": dialogue.step.name}
         heard: Input
         caller_done_at = None
         if isinstance(item, KeyInput):
             heard = item
-            record.update(input="dtmf", dtmf=item.keys)
+            record.update(input="dtmf", dtmf=item.keys, transcript="", confidence=1.0)
         else:
             started = trio.current_time()
-            recognition = await self._runtime.recognizer.recognize(item.pcm, record["step"])
-            heard = SpeechInput(recognition.transcript, recognition.confidence)
+            grammar = dialogue.grammar
+            recognition = await self._runtime.recognizer.recognize(item.pcm, grammar)
+            heard = SpeechInput(recognition.transcript, recognition.matched,
+                                recognition.confidence)
             caller_done_at = item.stopped_at
-            record.update(input="speech", transcript=recognition.transcript,
+            record.update(input="speech", grammar=grammar, transcript=recognition.transcript,
+                          matched=recognition.matched,
                           confidence=round(recognition.confidence, 3), speech_ms=item.speech_ms,
                           recognition_ms=_ms_since(started), barged_in=item.barged_in)
         answer = await self._decide(heard, ask, record)
         await self._speak(answer, record, caller_done_at)
 
     async def _decide(self, heard: Input, ask: Ask | None, record: dict[str, Any]) -> Answer:
-        """The menu's answer, or the integrator's where it gives one."""
+        """The menu's answer, or the integrator's where it gives one (no-match turns
+        included: the integrator handles what the menu does not know)."""
         dialogue = self._dialogue
         answer = dialogue.respond(heard)
-        record.update(source="menu", matched=answer.matched)
+        self.stats.no_matches += not answer.matched
+        record.update(source="menu", intent=answer.intent)
+        if answer.digits:
+            record["digits"] = answer.digits
         if ask is None or not dialogue.step.webhook:
             return answer
         started = trio.current_time()
-        outcome = await ask(self._request(heard, dialogue.step))
+        outcome = await ask(self._request(heard, answer))
         record["logic_ms"] = _ms_since(started)
         if outcome.error:
             record["integrator_error"] = outcome.error[:_LOGGED_TEXT_CHARS]
@@ -290,15 +366,21 @@ class LocalAgent(Agent):
         record["source"] = self._runtime.integrator.kind
         return dialogue.follow(reply.say, reply.next, reply.hangup)
 
-    def _request(self, heard: Input, step: Step) -> dict[str, object]:
+    def _request(self, heard: Input, answer: Answer) -> dict[str, object]:
+        """The integrator's request for ``heard`` and the menu's ``answer`` to it (see
+        :mod:`voxgate.agents.webhook`)."""
         speech = heard if isinstance(heard, SpeechInput) else None
         controls = self.controls
+        step: Step = self._dialogue.step
         return {
             "session": controls.session_id, "tenant": controls.tenant, "call": controls.call_id,
             "step": step.name,
             "transcript": None if speech is None else speech.transcript,
+            "intent": answer.intent,
             "confidence": None if speech is None else round(speech.confidence, 3),
             "dtmf": heard.keys if isinstance(heard, KeyInput) else None,
+            "digits": answer.digits or None,
+            "confirming": self._dialogue.grammar != step.name,
         }
 
     async def _speak(self, answer: Answer, record: dict[str, Any],
@@ -342,6 +424,8 @@ class LocalAgent(Agent):
             else round(self._first_voice_s * 1000),
             "turns": [dict(turn) for turn in self._turns],
             "stats": {name: getattr(stats, name) for name in LocalAgentStats.__slots__},
+            "endpointing": {"early": self._endpointer.early,
+                            "extended": self._endpointer.extended},
         }
 
 

@@ -1,46 +1,66 @@
-"""Offline speech recognition for the local agent: pocketsphinx with one grammar per step.
+"""Offline speech recognition for the local agent, in a pool of worker processes.
 
 A phone menu expects a few phrases; a JSGF grammar per menu step
 (:func:`step_grammar`: the step's phrases, plus digit strings when a choice
 takes them) recognises those reliably where the full language model does not.
+Every utterance is also decoded with pocketsphinx's general en-us language
+model for a free-form ``transcript`` of what was said.
 
-Decoding runs without the lattice pass (``bestpath``), which would hold the
-GIL for seconds on long inputs; the decode itself holds it for ~20 ms per
-second of speech, the most the event loop can be held up by recognition.
+pocketsphinx holds the GIL while it decodes, so decoding never runs in the
+daemon: :class:`RecognizerPool` keeps ``[agent] recognizers`` worker
+processes (:mod:`voxgate.agents.recognizer_worker`), each with an address
+space limit of ``[agent] recognizer_memory_bytes`` and its own decoders,
+built once. The pool is owned by one Trio task (:meth:`RecognizerPool.run`)
+in the supervisor's nursery, so it outlives sessions; workers end with it
+(killed and reaped), and with the daemon (their stdin reaches EOF). They run
+below the daemon's CPU priority (``SCHED_IDLE``), so a decode never delays the
+media tick.
 
-Decoding runs in worker threads (``trio.to_thread.run_sync``) behind a
-``trio.CapacityLimiter`` of ``[agent] recognizers``: at most that many
-utterances are decoded at once and at most that many decoders exist. A
-decoder (the acoustic model, dictionary and every step's grammar, ~0.2 s to
-build) is built in a worker the first time one is needed and kept in a free
-list for the next utterance. Audio comes in as the pipeline's 8 kHz PCM16 and
-is resampled to the model's 16 kHz.
+Bounds: at most one utterance per worker is decoded, at most
+:data:`QUEUE_PER_WORKER` per worker wait (more are dropped, counted, and
+answered no-match). A worker that dies or takes longer than ``[agent]
+recognizer_timeout_s`` on one utterance is killed and restarted after a
+backoff (``voxgate_recognizer_restarts_total``, one ``recognizer_restart``
+log line); its utterance is answered no-match. :meth:`Recognizer.recognize`
+never raises because of a worker.
+
+Rejection: the grammar path's acoustic fit decides (see
+:func:`voxgate.agents.recognizer_worker.grammar_fit`; measured with
+``python -m bench.recognition``); utterances that fit below
+:data:`~voxgate.agents.recognizer_worker.REJECT_BELOW` are a no-match.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-import time
-import warnings
-from collections.abc import Iterable, Mapping
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Iterable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
 import trio
-from pocketsphinx import Decoder, get_model_path
+from pocketsphinx import get_model_path
 
-from voxgate.agents.dialogue import DIGIT_WORDS, Menu, Step
+import voxgate
+from voxgate.agents.dialogue import DIGIT_WORDS, Menu, Step, grammar_steps
+from voxgate.agents.recognizer_worker import BadMessage, MessageReader, encode_message
+from voxgate.config import AgentConfig
 from voxgate.errors import ConfigError
-from voxgate.pipeline.frames import RATE_HZ
+from voxgate.logging import log_event
+from voxgate.metrics import RECOGNIZER_RESTARTS
 
-with warnings.catch_warnings():
-    # Python 3.11/3.12 deprecate audioop (PEP 594) with a DeprecationWarning at import.
-    warnings.simplefilter("ignore", DeprecationWarning)
-    import audioop
-
-MODEL_RATE_HZ = 16000
-_SAMPLE_WIDTH_BYTES = 2
-_FILLERS = frozenset({"<s>", "</s>", "<sil>", "[NOISE]", "[SPEECH]", "(NULL)"})
-"""Segments that are not words: silence, noise, the grammar's null transitions."""
+QUEUE_PER_WORKER = 16
+"""Utterances that may wait per worker; more are dropped (no-match, counted)."""
+START_TIMEOUT_S = 30.0
+"""A worker that has not built its decoder by then is killed and restarted."""
+RESTART_BACKOFF_S = (0.1, 5.0)
+"""First and longest wait before restarting a worker (doubling in between)."""
+STEADY_S = 10.0
+"""A worker that lived this long restarts after the first backoff again."""
+DEFAULT_MEMORY_BYTES = 512 << 20
+DEFAULT_TIMEOUT_S = 10.0
 
 
 def step_grammar(step: Step) -> str:
@@ -55,8 +75,9 @@ def step_grammar(step: Step) -> str:
 
 
 def menu_grammars(menu: Menu) -> dict[str, str]:
-    """Step name → its grammar, for every step of ``menu``."""
-    return {step.name: step_grammar(step) for step in menu.steps}
+    """Step name → its grammar, for every step of ``menu`` and the dialogue's yes/no
+    question (:func:`~voxgate.agents.dialogue.grammar_steps`)."""
+    return {step.name: step_grammar(step) for step in grammar_steps(menu)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -64,123 +85,313 @@ class Recognition:
     """One decoded utterance.
 
     Attributes:
-        transcript: the words heard, "" when nothing of the grammar was.
-        confidence: 0..1, the lowest word probability the decoder reports for
-            the words heard (0 for an empty transcript).
-        decode_s: seconds the decoder worked (waiting for a worker excluded).
+        transcript: the free-form transcript from the en-us language model
+            ("" = nothing heard, or not asked for).
+        matched: the step grammar's words when the rejection accepts them;
+            "" = no-match (out of grammar, rejected, or the worker died or timed out).
+        confidence: 0..1, how sure ``matched`` is what was said (0.0 when it is "").
+        decode_s: seconds of decoding in the worker (0.0 when none happened).
     """
 
     transcript: str
+    matched: str
     confidence: float
     decode_s: float
 
 
-class RecognizerStats:
-    """Counters of one :class:`Recognizer`."""
+NO_MATCH = Recognition("", "", 0.0, 0.0)
 
-    __slots__ = ("decoders", "empty", "utterances")
+
+class PoolStats:
+    """Counters of one :class:`RecognizerPool`."""
+
+    __slots__ = ("dropped", "failed", "restarts", "started", "timeouts", "utterances")
 
     def __init__(self) -> None:
         self.utterances = 0
-        self.empty = 0
-        """Utterances with nothing of the grammar heard."""
-        self.decoders = 0
-        """Decoders built."""
+        """Utterances answered by a worker."""
+        self.dropped = 0
+        """Utterances answered no-match at once: the queue was full or the pool not running."""
+        self.failed = 0
+        """Utterances answered no-match because their worker died, timed out or erred."""
+        self.timeouts = 0
+        """Workers killed for taking longer than the decode timeout."""
+        self.restarts = 0
+        """Workers restarted (after dying, a timeout, or a failed start)."""
+        self.started = 0
+        """Workers that built their decoder and reported ready."""
+
+
+class _Request:
+    """One utterance on its way through the pool."""
+
+    __slots__ = ("abandoned", "done", "free_form", "grammar", "pcm", "result")
+
+    def __init__(self, pcm: bytes, grammar: str, free_form: bool) -> None:
+        self.pcm = pcm
+        self.grammar = grammar
+        self.free_form = free_form
+        self.result = NO_MATCH
+        self.done = trio.Event()
+        self.abandoned = False
+        """The caller stopped waiting: a worker skips it."""
+
+
+class _WorkerLost(Exception):
+    """The worker died, hung, or spoke garbage: kill it and start another."""
+
+
+class RecognizerPool:
+    """The worker processes that decode, shared by every session of the process.
+
+    Args:
+        workers: processes, and utterances decoded at once (``[agent] recognizers``).
+        memory_bytes: each worker's ``RLIMIT_AS`` (``[agent] recognizer_memory_bytes``).
+        timeout_s: most seconds one utterance may take (``[agent] recognizer_timeout_s``).
+    """
+
+    def __init__(self, *, workers: int, memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                 timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+        self.workers = workers
+        self.memory_bytes = memory_bytes
+        self.timeout_s = timeout_s
+        self._send, self._receive = trio.open_memory_channel[_Request](
+            workers * QUEUE_PER_WORKER)
+        self._pids: dict[int, int] = {}
+        self._running = False
+        self.stats = PoolStats()
+
+    @property
+    def pids(self) -> list[int]:
+        """The process ids of the workers alive now."""
+        return sorted(self._pids.values())
+
+    def rss_bytes(self) -> int:
+        """The workers' resident memory, summed (read from ``/proc/PID/statm``)."""
+        from voxgate.budget import parse_statm_rss_bytes
+
+        page_size = os.sysconf("SC_PAGE_SIZE")
+        total = 0
+        for pid in self.pids:
+            try:
+                with open(f"/proc/{pid}/statm") as f:
+                    total += parse_statm_rss_bytes(f.read(), page_size)
+            except (OSError, ValueError):  # gone since, or being restarted
+                continue
+        return total
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Keep the workers running until cancelled; they are killed and reaped on the way out.
+
+        Reports started at once: utterances wait in the queue while the
+        workers build their decoders.
+        """
+        if self._running:
+            raise RuntimeError("the recognizer pool is running already")
+        self._running = True
+        try:
+            async with trio.open_nursery() as nursery:
+                for slot in range(self.workers):
+                    nursery.start_soon(self._keep_worker, slot)
+                task_status.started()
+        finally:
+            self._running = False
+            self._pids.clear()
+            while True:  # nobody will take these any more
+                try:
+                    self._receive.receive_nowait().done.set()
+                except trio.WouldBlock:
+                    break
+
+    async def decode(self, pcm: bytes, grammar: str, free_form: bool) -> Recognition:
+        """``pcm`` decoded by a worker with the JSGF text ``grammar`` (no-match when
+        the pool is not running, its queue is full, or the worker fails)."""
+        request = _Request(pcm, grammar, free_form)
+        if not self._running:
+            self.stats.dropped += 1
+            return NO_MATCH
+        try:
+            self._send.send_nowait(request)
+        except trio.WouldBlock:
+            self.stats.dropped += 1
+            return NO_MATCH
+        try:
+            await request.done.wait()
+        finally:
+            request.abandoned = True
+        return request.result
+
+    async def _keep_worker(self, slot: int) -> None:
+        """Run worker ``slot``; restart it with a backoff whenever it is lost."""
+        backoff_s = RESTART_BACKOFF_S[0]
+        while True:
+            started = trio.current_time()
+            try:
+                await self._serve(slot)
+            except _WorkerLost as e:
+                reason = str(e)
+            finally:
+                self._pids.pop(slot, None)
+            if trio.current_time() - started >= STEADY_S:
+                backoff_s = RESTART_BACKOFF_S[0]
+            self.stats.restarts += 1
+            RECOGNIZER_RESTARTS.inc()
+            log_event(logging.WARNING, "recognizer_restart",
+                      f"recognizer worker lost ({reason}); restarting in {backoff_s:.1f} s",
+                      slot=slot, reason=reason)
+            await trio.sleep(backoff_s)
+            backoff_s = min(backoff_s * 2, RESTART_BACKOFF_S[1])
+
+    async def _serve(self, slot: int) -> None:
+        """Start one worker and feed it requests until it is lost (raises _WorkerLost)."""
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-m", "voxgate.agents.recognizer_worker",
+                 "--memory-bytes", str(self.memory_bytes)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=_worker_env())
+        except OSError as e:
+            raise _WorkerLost(f"cannot start: {e}") from e
+        assert process.stdin is not None and process.stdout is not None
+        self._pids[slot] = process.pid
+        reader = MessageReader()
+        try:
+            with trio.move_on_after(START_TIMEOUT_S) as starting:
+                ready = await _exchange(process, reader, {"init": True}, b"")
+            if starting.cancelled_caught or not ready.get("ready"):
+                raise _WorkerLost(f"not ready within {START_TIMEOUT_S:.0f} s")
+            self.stats.started += 1
+            async for request in self._receive:
+                if not request.abandoned:
+                    await self._decode_one(process, reader, request)
+            raise _WorkerLost("the request channel closed")  # never: the pool holds it
+        finally:
+            with trio.CancelScope(shield=True):
+                process.kill()
+                await process.wait()
+                await process.stdin.aclose()
+                await process.stdout.aclose()
+
+    async def _decode_one(self, process: trio.Process, reader: MessageReader,
+                          request: _Request) -> None:
+        """Have the worker decode ``request``; its waiter is woken whatever happens."""
+        try:
+            with trio.move_on_after(self.timeout_s) as decoding:
+                reply = await _exchange(process, reader, {
+                    "grammar": request.grammar, "free_form": request.free_form,
+                }, request.pcm)
+            if decoding.cancelled_caught:
+                self.stats.timeouts += 1
+                raise _WorkerLost(f"no answer within {self.timeout_s:g} s")
+            request.result = _recognition(reply)
+            self.stats.utterances += 1
+        except _WorkerLost:
+            self.stats.failed += 1
+            raise
+        finally:
+            request.done.set()
+
+
+async def _exchange(process: trio.Process, reader: MessageReader,
+                    header: Mapping[str, object], payload: bytes) -> dict[str, object]:
+    """Send one message to the worker and read its answer's header.
+
+    Raises:
+        _WorkerLost: the pipes broke, the worker exited, or it answered garbage or an error.
+    """
+    assert process.stdin is not None and process.stdout is not None
+    try:
+        await process.stdin.send_all(encode_message(header, payload))
+        while (message := reader.next_untrusted()) is None:
+            data = await process.stdout.receive_some(1 << 16)
+            if not data:
+                raise _WorkerLost(f"exited ({await process.wait()})")
+            reader.feed(data)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, BadMessage) as e:
+        raise _WorkerLost(str(e) or type(e).__name__) from e
+    reply, _ = message
+    if "error" in reply:
+        raise _WorkerLost(f"worker error: {reply['error']}")
+    return reply
+
+
+def _recognition(reply: Mapping[str, object]) -> Recognition:
+    """A worker's reply as a :class:`Recognition`; _WorkerLost when malformed."""
+    try:
+        confidence = float(reply["confidence"])  # type: ignore[arg-type]
+        return Recognition(str(reply["transcript"]), str(reply["matched"]),
+                           max(0.0, min(1.0, confidence)),
+                           float(reply["decode_s"]))  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError) as e:
+        raise _WorkerLost(f"malformed reply: {e}") from e
+
+
+def _worker_env() -> dict[str, str]:
+    """The daemon's environment, with voxgate importable from where it is now."""
+    env = dict(os.environ)
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(voxgate.__file__)))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    return env
 
 
 class Recognizer:
-    """Utterances → transcripts, shared by every session of a process.
+    """Utterances of a menu's steps → :class:`Recognition`, decoded in ``pool``.
 
     Args:
-        grammars: search name → JSGF grammar text (see :func:`menu_grammars`).
-        workers: most decoders, and most utterances decoded at once.
+        grammars: step name → JSGF grammar text (see :func:`menu_grammars`).
+        pool: the worker processes (run by its owner, see :meth:`RecognizerPool.run`).
     """
 
-    def __init__(self, grammars: Mapping[str, str], *, workers: int,
+    def __init__(self, grammars: Mapping[str, str], pool: RecognizerPool, *,
                  dictionary_path: str | None = None) -> None:
         self._grammars = dict(grammars)
         self._words = frozenset(word for text in grammars.values() for word in _words(text))
         self._dictionary_path = dictionary_path or get_model_path("en-us/cmudict-en-us.dict")
-        self._lexicon: dict[str, str] | None = None
-        self._preparing = trio.Lock()
-        self._limiter = trio.CapacityLimiter(workers)
-        self._free: list[Decoder] = []
-        self.stats = RecognizerStats()
+        self.pool = pool
 
     def check_words(self) -> None:
         """Raise ConfigError when a grammar holds a word the dictionary does not know
         (reads the dictionary file: for start-up and ``--check-config``)."""
         load_lexicon(self._dictionary_path, self._words)
 
-    async def prepare(self) -> None:
-        """Load the grammars' pronunciations and build one decoder, if not done yet.
+    async def recognize(self, pcm: bytes, grammar: str, *,
+                        free_form: bool = True) -> Recognition:
+        """Decode ``pcm`` (8 kHz 16-bit mono) with the step grammar called ``grammar``
+        and, when ``free_form``, with the general language model too.
 
-        Raises:
-            ConfigError: a grammar holds a word the dictionary does not know.
-        """
-        async with self._preparing:
-            if self._lexicon is None:
-                self._lexicon = await trio.to_thread.run_sync(
-                    load_lexicon, self._dictionary_path, self._words)
-            if self.stats.decoders == 0:
-                async with self._limiter:
-                    self._free.append(await trio.to_thread.run_sync(self._new_decoder))
-                    self.stats.decoders += 1
-
-    async def recognize(self, pcm: bytes, grammar: str) -> Recognition:
-        """Decode ``pcm`` (8 kHz 16-bit mono) with the grammar called ``grammar``.
+        Never raises because of a worker: a lost one gives a no-match.
 
         Raises:
             KeyError: no grammar of that name.
-            ConfigError: as :meth:`prepare`.
         """
-        if grammar not in self._grammars:
-            raise KeyError(grammar)
-        await self.prepare()
-        async with self._limiter:
-            decoder = self._free.pop() if self._free else None
-            self.stats.decoders += decoder is None
-            decoder, result = await trio.to_thread.run_sync(self._decode, decoder, pcm, grammar)
-            self._free.append(decoder)
-        self.stats.utterances += 1
-        if not result.transcript:
-            self.stats.empty += 1
-        return result
+        return await self.pool.decode(pcm, self._grammars[grammar], free_form)
 
-    def _decode(self, decoder: Decoder | None, pcm: bytes,
-                grammar: str) -> tuple[Decoder, Recognition]:
-        """In a worker thread: decode with ``decoder`` (built first when None)."""
-        if decoder is None:
-            decoder = self._new_decoder()
-        started = time.perf_counter()
-        audio, _ = audioop.ratecv(pcm, _SAMPLE_WIDTH_BYTES, 1, RATE_HZ,
-                                  MODEL_RATE_HZ, None)
-        decoder.activate_search(grammar)  # (current_search() crashes before the first one)
-        decoder.start_utt()
-        decoder.process_raw(audio, full_utt=True)  # batch CMN: the model's feature setup
-        decoder.end_utt()
-        words = [(segment.word.split("(", 1)[0], segment.prob)
-                 for segment in decoder.seg() or ()  # None: nothing decoded
-                 if segment.word not in _FILLERS]
-        transcript = " ".join(word for word, _ in words)
-        confidence = _confidence(prob for _, prob in words)
-        return decoder, Recognition(transcript, confidence, time.perf_counter() - started)
 
-    def _new_decoder(self) -> Decoder:
-        """A decoder knowing only the grammars' words: ~5 MiB instead of ~90 MiB with the
-        full dictionary and language model, built in milliseconds."""
-        assert self._lexicon is not None
-        # bestpath=False: no lattice pass. With it, hyp() and seg() compute the lattice's
-        # posteriors, seconds of CPU on a long digit string, all of it holding the GIL
-        # (the event loop would stop); without it decoding is a few ms per second of speech.
-        decoder = Decoder(loglevel="FATAL", samprate=MODEL_RATE_HZ, lm=None, dict=os.devnull,
-                          bestpath=False)
-        entries = list(self._lexicon.items())
-        for i, (word, phones) in enumerate(entries):
-            decoder.add_word(word, phones, i == len(entries) - 1)  # update once, at the end
-        for name, text in self._grammars.items():
-            decoder.add_jsgf_string(name, text)
-        return decoder
+_pool: RecognizerPool | None = None
+
+
+def shared_pool(agent: AgentConfig) -> RecognizerPool:
+    """The process's one :class:`RecognizerPool`, made from ``[agent]`` on first use (its
+    keys need a restart; the supervisor runs it while a local agent is configured)."""
+    global _pool
+    if _pool is None:
+        _pool = RecognizerPool(workers=agent.recognizers,
+                               memory_bytes=agent.recognizer_memory_bytes,
+                               timeout_s=agent.recognizer_timeout_s)
+    return _pool
+
+
+@asynccontextmanager
+async def open_recognizer(grammars: Mapping[str, str], *, workers: int = 1,
+                          memory_bytes: int = DEFAULT_MEMORY_BYTES,
+                          timeout_s: float = DEFAULT_TIMEOUT_S) -> AsyncIterator[Recognizer]:
+    """A :class:`Recognizer` with a pool of its own, running until the block ends
+    (for tools and tests; the daemon runs one pool for all its calls)."""
+    pool = RecognizerPool(workers=workers, memory_bytes=memory_bytes, timeout_s=timeout_s)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(pool.run)
+        yield Recognizer(grammars, pool)
+        nursery.cancel_scope.cancel()
 
 
 def load_lexicon(dictionary_path: str, words: Iterable[str]) -> dict[str, str]:
@@ -213,8 +424,3 @@ def _words(grammar: str) -> Iterable[str]:
             body = line.split("=", 1)[1]
             yield from (w for w in body.replace("|", " ").rstrip(";").split()
                         if not w.startswith("<"))
-
-
-def _confidence(posteriors: Iterable[float]) -> float:
-    lowest = min(posteriors, default=0.0)
-    return max(0.0, min(1.0, lowest))

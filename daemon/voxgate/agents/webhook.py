@@ -1,13 +1,30 @@
 """The integrator's logic behind the local agent: an HTTP webhook or an in-process plugin.
 
-For each input of a step with ``webhook = true`` (every step, by default) the
-agent asks the integrator with one JSON object::
+For each input of a step with ``webhook = true`` (every step, by default),
+no-matches included, the agent asks the integrator with one JSON object::
 
     {"session": "…", "tenant": "default", "call": "<Call-ID>", "step": "main",
-     "transcript": "balance" | null, "confidence": 0.93 | null, "dtmf": "1" | null}
+     "transcript": "can you call me back tomorrow" | null, "intent": "no-match",
+     "confidence": 0.0 | null, "dtmf": "1" | null, "digits": "456" | null,
+     "confirming": false}
 
-and the integrator answers ``{"say": "…", "hangup": false, "next": "step"}`` (every
-field optional). An empty answer (``{}``, ``null``, HTTP 204) lets the menu answer.
+* ``transcript``: what the caller said, free-form (general English model;
+  "" when nothing was heard); null for keys.
+* ``intent``: the menu's reading of the input: the choice taken (its
+  ``intent`` key, else its first phrase, ``digits`` for a digit string, ``key
+  N`` for a key-only choice), ``no-match`` when no choice took it (out of the
+  step's grammar, or below ``[agent.menu] min_confidence``), ``yes``/``no``
+  when ``confirming`` (the input answers the agent's "Is that right?" or "Do
+  you want to end the call?").
+* ``confidence``: 0..1, how sure the recogniser is of the grammar match behind
+  ``intent``; null for keys (exact).
+* ``dtmf``: the keys pressed; ``digits``: the digit string the menu takes
+  with this input (keyed, or spoken and sure or confirmed), else null.
+
+The integrator answers ``{"say": "…", "hangup": false, "next": "step"}`` (every
+field optional), which wins over the menu's answer (a no-match's too: the
+integrator handles what the menu does not know). An empty answer (``{}``,
+``null``, HTTP 204) lets the menu answer.
 
 * ``[agent.webhook] url`` (or ``urls``, several): an HTTP POST with httpx on
   trio; a 2xx reply's body (at most :data:`MAX_REPLY_BYTES`) is the answer.

@@ -7,7 +7,9 @@ outbound frame. The stages are called in-line because at 20 ms
 per frame a channel hop per stage would cost more than the work itself;
 stages that need time (recognition, synthesis) live in the agent's own task.
 The pipeline tells the session's deadman timers when the caller starts and
-ends a turn and when the agent starts answering.
+ends a turn and when the agent starts answering. While the caller pauses,
+the agent may end their turn sooner or later than ``[vad] stop_ms``
+(:meth:`~voxgate.agents.base.Agent.endpoint`, endpointing).
 """
 
 from __future__ import annotations
@@ -106,7 +108,12 @@ class Pipeline:
 
     def inbound(self, pcm: bytes, now: float) -> None:
         """One inbound frame (320 bytes: 20 ms of 8 kHz 16-bit mono PCM)."""
-        event = self.vad.process(pcm, now)
+        vad = self.vad
+        event = vad.process(pcm, now)
+        if event is None and (paused_at := vad.pause_at) is not None:
+            stop_ms = self.agent.endpoint(paused_at, now)
+            if stop_ms is not None:
+                event = vad.end_pause_after(stop_ms)
         if event is not None:
             if isinstance(event, SpeechStarted):
                 self.speech_turns += 1

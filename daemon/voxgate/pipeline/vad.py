@@ -12,6 +12,12 @@ frames (pipecat's idea, with ``start_ms``/``stop_ms``)::
 
 Times in events are the ``now`` given with the frame that began the run
 (monotonic seconds), lengths are whole frames in ms.
+
+Endpointing: while STOPPING, :attr:`VoiceActivityDetector.pause_at` says when
+the pause began, and :meth:`VoiceActivityDetector.end_pause_after` lets the
+listener end this pause's speech sooner or later than ``stop_ms`` (the
+listener decides, e.g. from what the speech so far means; the detector keeps
+no clock of its own). ``SpeechStopped.at`` stays the real end of speech.
 """
 
 from __future__ import annotations
@@ -75,6 +81,7 @@ class VoiceActivityDetector:
     __slots__ = (
         "_frame_bytes",
         "_frame_ms",
+        "_pause_frames",
         "_run_at",
         "_run_frames",
         "_sample_rate_hz",
@@ -109,6 +116,7 @@ class VoiceActivityDetector:
         self._frame_bytes = sample_rate_hz * frame_ms // 1000 * _BYTES_PER_SAMPLE
         self._start_frames = max(1, -(-start_ms // frame_ms))
         self._stop_frames = max(1, -(-stop_ms // frame_ms))
+        self._pause_frames = self._stop_frames  # what ends the current pause
         self.state = VadState.QUIET
         """Current state; read it, do not set it."""
         self._run_frames = 0  # length of the current STARTING or STOPPING run
@@ -152,6 +160,25 @@ class VoiceActivityDetector:
             return self._started_if_long_enough()
         return None
 
+    @property
+    def pause_at(self) -> float | None:
+        """When the current pause in speech began (the ``now`` of its first non-speech
+        frame) while STOPPING; None otherwise."""
+        return self._run_at if self.state is VadState.STOPPING else None
+
+    def end_pause_after(self, stop_ms: int) -> SpeechStopped | None:
+        """End the current pause's speech after ``stop_ms`` of non-speech (rounded up to
+        whole frames; 0 or less: at once) instead of the constructor's ``stop_ms``.
+
+        Applies to this pause only: speech that resumes brings the default back.
+        Returns the :class:`SpeechStopped` when the pause is already that long,
+        None otherwise and when there is no pause.
+        """
+        if self.state is not VadState.STOPPING:
+            return None
+        self._pause_frames = max(1, -(-stop_ms // self._frame_ms))
+        return self._stopped_if_long_enough()
+
     def _started_if_long_enough(self) -> SpeechStarted | None:
         if self._run_frames < self._start_frames:
             return None
@@ -162,12 +189,13 @@ class VoiceActivityDetector:
 
     def _enter_stopping(self, now: float) -> SpeechStopped | None:
         self.state = VadState.STOPPING
+        self._pause_frames = self._stop_frames
         self._run_frames = 1
         self._run_at = now
         return self._stopped_if_long_enough()
 
     def _stopped_if_long_enough(self) -> SpeechStopped | None:
-        if self._run_frames < self._stop_frames:
+        if self._run_frames < self._pause_frames:
             return None
         self.state = VadState.QUIET
         return SpeechStopped(self._run_at, self._speech_frames * self._frame_ms)
