@@ -75,6 +75,8 @@ class LimitsConfig:
     queue_timeout_s: float = field(default=10.0, metadata=_range(0.1, 3600))
     retry_after_s: int = field(default=5, metadata=_range(1, 86_400))
     drain_timeout_s: float = field(default=30.0, metadata=_range(0, 86_400))
+    media_utilisation_max: float = field(default=0.7, metadata=_range(0.001, 1.0))
+    media_lag_max_ms: int = field(default=15, metadata=_range(1, 10_000))
 
 
 @dataclass(frozen=True)

@@ -187,6 +187,12 @@ LIVE_METRICS: tuple[LiveMetric, ...] = (
     _counter("voxgate_speech_turns_total", "Caller speech starts detected by the VAD"),
     _counter("voxgate_media_clock_frames_skipped_total",
              "20 ms ticks the media clock was too late for"),
+    _gauge("voxgate_media_clock_utilisation_ratio",
+           "Share of the last second the media clock spent ticking calls"),
+    _gauge("voxgate_media_clock_lag_p90_seconds",
+           "90th percentile of the media clock's wake-up lag over the last second"),
+    _counter("voxgate_playout_frames_skipped_total",
+             "Agent frames not sent because the media clock was late for their tick"),
     _counter("voxgate_rtp_ports_exhausted_total", "Calls refused because no RTP port was free"),
     _gauge("voxgate_rtp_ports_free", "RTP ports free in the pool"),
     # SIP listener
@@ -315,6 +321,7 @@ _MEDIA: Mapping[str, _Route] = {
     "rtcp_ignored": ("voxgate_rtcp_ignored_total", ()),
     "dtmf_events": ("voxgate_dtmf_events_total", ()),
     "speech_turns": ("voxgate_speech_turns_total", ()),
+    "playout_skipped": ("voxgate_playout_frames_skipped_total", ()),
 }
 _MEDIA_PREFIXES = (("budget_drop_", "voxgate_budget_drops_total"),
                    ("drop_", "voxgate_media_drops_total"))

@@ -275,6 +275,7 @@ class Session:
             "barge_ins": self.pipeline.barge_ins,
             "dtmf_events": self.pipeline.dtmf_events,
             "speech_turns": self.pipeline.speech_turns,
+            "playout_skipped": self.pipeline.playout.skipped_frames,
         }
         for buffer, frames in self.budget.drops_frames.items():
             counters[f"budget_drop_{buffer}"] = frames

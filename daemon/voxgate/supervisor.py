@@ -81,6 +81,7 @@ from voxgate.metrics import (
 )
 from voxgate.metrics_http import serve_metrics
 from voxgate.pipeline.clock import MediaClock
+from voxgate.pipeline.media_load import MediaLoad
 from voxgate.pipeline.prompt import load_prompt
 from voxgate.postcall import PostCallQueue
 from voxgate.recording import Recordings
@@ -128,9 +129,13 @@ class Supervisor:
         self.config_path = config_path
         self.notifier = notifier
         self.watchdog = Watchdog(CRITICAL_TASKS, config.watchdog.max_loop_lag_ms / 1000)
-        self.clock = MediaClock(check_in=self.check_in)
+        self.clock = MediaClock(check_in=self.check_in, load=MediaLoad(
+            config.limits.media_utilisation_max, config.limits.media_lag_max_ms / 1000),
+            on_load=self._media_load)
+        self._media_healthy = True
         self.admission = Admission(limits_from_config(config))
         self.desk = AdmissionDesk(self.admission, self.check_in)
+        self._media_load(self.clock.load)  # listed in `voxgatectl health` from the start
         self.registry = Registry()
         rec = config.records
         self.records = None if not rec.path else Records(
@@ -203,6 +208,8 @@ class Supervisor:
             "voxgate_queue_depth": {(): stats.queued},
             "voxgate_watchdog_pings_withheld_total": {(): self.watchdog.withheld},
             "voxgate_media_clock_frames_skipped_total": {(): self.clock.frames_skipped},
+            "voxgate_media_clock_utilisation_ratio": {(): self.clock.load.utilisation},
+            "voxgate_media_clock_lag_p90_seconds": {(): self.clock.load.lag_p90_s},
             "voxgate_rtp_ports_exhausted_total": {(): self.endpoint.ports.exhausted},
             "voxgate_rtp_ports_free": {(): self.endpoint.ports.available},
         }
@@ -230,6 +237,15 @@ class Supervisor:
         from voxgate.agents.recognizer import shared_pool
 
         return shared_pool(self.config.agent)
+
+    def _media_load(self, load: MediaLoad) -> None:
+        """Once a second: the media clock's figures; over a limit, new calls are refused."""
+        if load.healthy != self._media_healthy:
+            self._media_healthy = load.healthy
+            log_event(logging.INFO if load.healthy else logging.WARNING, "media_clock_load",
+                      f"media clock {'has headroom again' if load.healthy else 'overloaded'}: "
+                      f"{load.detail}; {'admitting' if load.healthy else 'refusing'} new calls")
+        self.desk.set_health("media_clock", load.healthy, load.detail)
 
     def _provider_health(self, component: str, healthy: bool, detail: str) -> None:
         """The provider pool's verdict gates admission while a stream agent is in use."""
@@ -264,6 +280,8 @@ class Supervisor:
             self._recognizers_scope.cancel()  # _run_recognizers starts or stops them
         setup_logging(new.log.level, new.log.target)
         self.watchdog.max_loop_lag_s = new.watchdog.max_loop_lag_ms / 1000
+        self.clock.load.utilisation_max = new.limits.media_utilisation_max
+        self.clock.load.lag_max_s = new.limits.media_lag_max_ms / 1000
         self.calls.config = new
         self.calls.fallback_prompt = prompt
         self.alsa.apply_config(new)

@@ -126,14 +126,16 @@ class RtpReceived:
     source: tuple[str, int]
     ssrc: int
     sequence: int
+    timestamp: int
     payload: bytes
 
 
-def parse_rtp(data: bytes) -> tuple[int, int, bytes] | None:
-    """(SSRC, sequence, payload) of an RTP datagram (RFC 3550 §5.1), None when it is not one."""
+def parse_rtp(data: bytes) -> tuple[int, int, int, bytes] | None:
+    """(SSRC, sequence, timestamp, payload) of an RTP datagram (RFC 3550 §5.1), None
+    when it is not one."""
     if len(data) < _RTP_HEADER.size:
         return None
-    first, _, sequence, _, ssrc = _RTP_HEADER.unpack_from(data)
+    first, _, sequence, timestamp, ssrc = _RTP_HEADER.unpack_from(data)
     if first & 0xC0 != _RTP_VERSION_2:
         return None
     offset = _RTP_HEADER.size + 4 * (first & 0x0F)
@@ -144,7 +146,7 @@ def parse_rtp(data: bytes) -> tuple[int, int, bytes] | None:
     end = len(data) - (data[-1] if first & 0x20 else 0)  # padding (§5.1, P bit)
     if end < offset:
         return None
-    return ssrc, sequence, data[offset:end]
+    return ssrc, sequence, timestamp, data[offset:end]
 
 
 class RtpPeer:
@@ -174,7 +176,7 @@ class RtpPeer:
         self._position = 0
         self._loop = False
         self._received: deque[RtpReceived] = deque(maxlen=history_packets)
-        self._sent: deque[tuple[float, bytes]] = deque(maxlen=history_packets)
+        self._sent: deque[tuple[float, int, bytes]] = deque(maxlen=history_packets)
         self.packets_sent = 0
         self.packets_received = 0
         self.send_errors = 0
@@ -256,10 +258,23 @@ class RtpPeer:
         frame, see :mod:`tests.harness.audio`).
         """
         with self._lock:
-            sent = {payload for at, payload in self._sent
+            sent = {payload for at, _, payload in self._sent
                     if at >= since and payload != ULAW_SILENCE}
             return [packet for packet in self._received
                     if packet.at >= since and canonical_ulaw(packet.payload) in sent]
+
+    def echo_delays_frames(self, since: float = -math.inf) -> list[int]:
+        """For each echo received since ``since`` (see :meth:`echoed`): how many 20 ms
+        frames later the daemon stamped it than we stamped the frame it echoes (RTP
+        timestamps, so the figure is free of both sides' scheduling). The two
+        timestamp bases differ by a constant: compare delays, not their values."""
+        with self._lock:
+            stamped = {payload: timestamp for _, timestamp, payload in self._sent
+                       if payload != ULAW_SILENCE}
+            return [((packet.timestamp - stamped[echo]) & 0xFFFFFFFF) // FRAME_BYTES
+                    for packet in self._received
+                    if packet.at >= since
+                    and (echo := canonical_ulaw(packet.payload)) in stamped]
 
     def audio(self, since: float = -math.inf) -> bytes:
         """The PCMU payloads received since ``since``, decoded to 16-bit samples."""
@@ -291,7 +306,7 @@ class RtpPeer:
             return
         self._marker = False
         self._sequence = (self._sequence + 1) & 0xFFFF
-        self._sent.append((now, canonical_ulaw(payload)))
+        self._sent.append((now, self._timestamp, canonical_ulaw(payload)))
         self.packets_sent += 1
 
     def _drain(self, now: float) -> None:
@@ -303,8 +318,9 @@ class RtpPeer:
                 return
             parsed = parse_rtp(data)
             if parsed is not None:
-                ssrc, sequence, payload = parsed
-                self._received.append(RtpReceived(now, port, source[:2], ssrc, sequence, payload))
+                ssrc, sequence, timestamp, payload = parsed
+                self._received.append(
+                    RtpReceived(now, port, source[:2], ssrc, sequence, timestamp, payload))
                 self.packets_received += 1
 
     def _next_frame(self) -> bytes:

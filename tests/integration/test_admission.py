@@ -361,3 +361,40 @@ def test_queue_holds_queue_size_calls(start_daemon: StartDaemon) -> None:
         phone.wait_final(waiting)
         assert {c.final_status for c in waiting} == {487}
         phone.hang_up(first)
+
+
+def test_a_busy_media_clock_refuses_new_calls_and_admits_again_when_it_calms(
+    start_daemon: StartDaemon,
+) -> None:
+    # 0.1 % of the core: ten calls' 20 ms ticks use more, an idle clock less than 80 % of it.
+    daemon = start_daemon({"limits": _limits(media_utilisation_max=0.001)})
+    path = control_socket(daemon)
+    _assert_options(daemon, 200)
+
+    def media_clock() -> dict[str, object]:
+        component: dict[str, object] = ctl_json(daemon, "health")["components"]["media_clock"]
+        return component
+
+    with Phone(daemon) as phone:
+        calls = [phone.call() for _ in range(10)]
+        assert [call.final_status for call in calls] == [200] * 10
+        deadline = time.monotonic() + 15
+        while media_clock()["healthy"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        clock = media_clock()
+        assert not clock["healthy"], clock
+        assert re.fullmatch(r"utilisation \d+%/0%, lag p90 [\d.]+/15 ms, headroom 0%",
+                            str(clock["detail"])), clock
+        _assert_options(daemon, 503, "unhealthy")
+        _assert_refused(phone.call(), 503, "unhealthy")
+        shown = voxgatectl(path, "health").stdout
+        assert shown.startswith("UNHEALTHY") and "headroom 0%" in shown, shown
+        assert daemon.events("media_clock_load"), daemon.log_text()
+        for call in calls:
+            phone.hang_up(call)
+        deadline = time.monotonic() + 15
+        while not media_clock()["healthy"] and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert media_clock()["healthy"], media_clock()
+        _assert_options(daemon, 200)
+        assert phone.call().final_status == 200

@@ -132,3 +132,53 @@ def test_the_agent_ends_a_pause_early_and_the_turn_ends_as_after_stop_ms(monkeyp
     assert [(round(at, 2), round(now, 2)) for at, now in agent.asked] == [(0.2, 0.2), (0.2, 0.22)]
     assert agent.stopped == [SpeechStopped(at=0.2, duration_ms=200)]  # at 0.24, not 0.78
     assert any(isinstance(e, AgentFallback) for e in timers.handle_timer(1.25))
+
+
+class EchoAgent(Agent):
+    """Every caller frame straight back, as the echo agent does."""
+
+    def on_frame(self, pcm: bytes, now: float) -> None:
+        self.playout.push(pcm)
+
+
+class OneFrameLeg:
+    """A leg delivering ``frames_elapsed`` numbered caller frames a tick; records what is sent."""
+
+    packets_in = packets_out = 0
+
+    def __init__(self) -> None:
+        self.sent: list[bytes | None] = []
+        self.next_frame = 0
+
+    def receive(self, now: float, frames_elapsed: int) -> tuple[bool, list[bytes]]:
+        first = self.next_frame
+        self.next_frame += frames_elapsed
+        return True, [n.to_bytes(2, "big") * 160 for n in range(first, self.next_frame)]
+
+    def last_sent(self) -> int:
+        """The number of the caller frame sent last."""
+        frame = self.sent[-1]
+        assert frame is not None
+        return int.from_bytes(frame[:2], "big")
+
+    def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
+        self.sent.append(pcm)
+
+    def clear(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def test_a_late_tick_costs_the_echo_its_missed_frames_once_not_lasting_latency():
+    pipeline, *_ = make()
+    playout = pipeline.playout
+    pipeline.agent = EchoAgent(playout)
+    leg = OneFrameLeg()
+    for tick in range(5):
+        pipeline.step(leg, tick * 0.02, 1)
+    assert leg.last_sent() == 4
+    pipeline.step(leg, 0.3, 10)  # the loop was 180 ms late: frames 5..14 arrive at once
+    assert leg.last_sent() == 14  # the newest, not frame 5
+    assert len(playout) == 0 and playout.skipped_frames == 9
+    pipeline.step(leg, 0.32, 1)
+    assert leg.last_sent() == 15  # the same latency as before the late tick

@@ -53,3 +53,16 @@ def test_barge_in_clear_returns_cut_utterances_and_is_not_a_drop():
 def test_empty_utterance_is_refused():
     with pytest.raises(ValueError):
         playout().say([])
+
+
+def test_skip_discards_the_frames_of_missed_ticks_and_settles_utterances():
+    p = playout()
+    first = p.say([F, F])
+    second = p.say([F, F, F])
+    p.skip(3)
+    assert p.take_sent() == [first]
+    assert p.skipped_frames == 3 and p.played_frames == 0 and p.dropped_frames == 0
+    assert len(p) == 2 and p.buffered_bytes == 2 * len(F)
+    p.skip(5)  # more than is queued: skips what there is
+    assert p.skipped_frames == 5 and len(p) == 0
+    assert p.take_sent() == [second]

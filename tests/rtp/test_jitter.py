@@ -248,6 +248,28 @@ def test_a_phase_shift_grows_the_delay_instead_of_dropping_everything_late():
     assert played.count(FrameState.PLAYED) >= 24
 
 
+def test_one_late_packet_grows_the_delay_and_a_calm_second_gives_it_back():
+    from voxgate.rtp.jitter import SHRINK_AFTER_FRAMES
+
+    buffer = make(prefetch=1)
+    for seq in range(5):  # in phase: each packet arrives just before its tick
+        buffer.push(pkt(seq))
+        assert buffer.pop() == (PLAYED, payload_of(seq))
+    assert buffer.pop()[0] is LOST  # frame 5 is late once ...
+    buffer.push(pkt(5))
+    seq = 6
+    lags = []  # ticks between a packet's arrival and its playout
+    for _ in range(SHRINK_AFTER_FRAMES + 5):  # ... then the network is calm again
+        buffer.push(pkt(seq))
+        state, payload = buffer.pop()
+        assert state is PLAYED and payload is not None
+        lags.append(seq - int.from_bytes(payload[:2], "big"))
+        seq += 1
+    assert buffer.stats.grown == 1 and buffer.stats.shrunk == 1
+    assert lags[0] == 1 and lags[-1] == 0  # one frame more delay, then none again
+    assert buffer.buffered_frames == 0
+
+
 def test_sustained_surplus_gives_delay_back():
     from voxgate.rtp.jitter import SHRINK_AFTER_FRAMES
 

@@ -9,7 +9,9 @@ runs its pipeline on the frames due and the leg sends one frame. At 300 calls
 that is one wake-up per 20 ms instead of 30 000 task switches a second. The
 clock never bursts to catch up: when the loop was late by whole frames it
 ticks once and tells the sessions how many frames elapsed, and the skip is
-counted.
+counted. Each tick's wake-up lag and work go to a
+:class:`~voxgate.pipeline.media_load.MediaLoad`, whose verdict admission
+heeds.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Protocol
 import trio
 
 from voxgate.pipeline.frames import FRAME_S
+from voxgate.pipeline.media_load import MediaLoad
 
 
 class Ticked(Protocol):
@@ -36,10 +39,14 @@ class MediaClock:
     """One task that ticks every attached session every 20 ms."""
 
     def __init__(
-        self, frame_s: float = FRAME_S, check_in: Callable[[str], None] = lambda task: None
+        self, frame_s: float = FRAME_S, check_in: Callable[[str], None] = lambda task: None,
+        load: MediaLoad | None = None, on_load: Callable[[MediaLoad], None] = lambda load: None,
     ) -> None:
         self.frame_s = frame_s
         self._check_in = check_in
+        self.load = MediaLoad(1.0, 1.0) if load is None else load
+        """Utilisation and wake-up lag; ``on_load`` is called with it once a window."""
+        self._on_load = on_load
         self._legs: dict[int, Ticked] = {}
         self.ticks = 0
         self.frames_skipped = 0
@@ -63,7 +70,8 @@ class MediaClock:
         while True:
             await trio.sleep_until(next_tick)
             now = trio.current_time()
-            late_frames = int((now - next_tick) / frame)
+            lag_s = now - next_tick
+            late_frames = int(lag_s / frame)
             frames_elapsed = 1 + late_frames
             self.frames_skipped += late_frames
             self.ticks += 1
@@ -74,4 +82,6 @@ class MediaClock:
                 except Exception as exc:
                     self.detach(leg)
                     leg.fail(exc)
+            if self.load.tick(now, lag_s, trio.current_time() - now):
+                self._on_load(self.load)
             next_tick += frame * frames_elapsed

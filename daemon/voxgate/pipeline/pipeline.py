@@ -99,7 +99,7 @@ class Pipeline:
         if self.cleared:
             self.cleared = False
             leg.clear()
-        out = self.outbound(now)
+        out = self.outbound(now, frames_elapsed)
         leg.send(out, self.playout.take_sent(), now)
         recorder = self.recorder
         if recorder is not None:
@@ -146,14 +146,20 @@ class Pipeline:
         for utterance_id in self.playout.clear():
             self.playback.complete(utterance_id, CLEARED, now)
 
-    def outbound(self, now: float) -> bytes | None:
-        """The next frame to send, or None (the transport sends silence).
+    def outbound(self, now: float, frames_elapsed: int = 1) -> bytes | None:
+        """The frame to send for this tick, or None (the transport sends silence).
 
-        Utterances queued since the last tick start their playback deadman here.
+        When the clock was late (``frames_elapsed`` > 1) the frames due on the
+        ticks it missed are skipped (:meth:`Playout.skip`): a late tick costs
+        the call those frames once instead of their length in latency for the
+        rest of the call. Utterances queued since the last tick start their
+        playback deadman here.
         """
         playout = self.playout
         for utterance_id, duration_s in playout.take_queued():
             self.playback.started(utterance_id, duration_s, now)
+        if frames_elapsed > 1:
+            playout.skip(frames_elapsed - 1)
         position = playout.next_position
         frame = playout.pop()
         if frame is not None and self._awaiting_agent and position >= self._answer_from:

@@ -26,12 +26,13 @@ class Playout:
     """FIFO of PCM16 frames (320 bytes each at 8 kHz / 20 ms) held against a budget."""
 
     __slots__ = ("_budget", "_next_id", "_pushed", "_queue", "_queued", "_sent", "_tracked",
-                 "played_frames")
+                 "played_frames", "skipped_frames")
 
     def __init__(self, budget: SessionBudget) -> None:
         self._budget = budget
         self._queue = BoundedAudioQueue(budget, "playout")
         self.played_frames = 0
+        self.skipped_frames = 0
         self._pushed = 0  # frames ever queued: the position of the next one
         self._next_id = 1
         self._tracked: deque[tuple[int, int]] = deque()  # (utterance id, last frame position)
@@ -82,6 +83,19 @@ class Playout:
             if self._tracked:
                 self._settle()
         return frame
+
+    def skip(self, frames: int) -> None:
+        """Discard up to ``frames`` frames from the head without sending them: their
+        20 ms ticks passed while the loop was late, and sending them later would
+        add their length to the call's latency for the rest of the call. Counted
+        in ``skipped_frames`` (not a budget drop); utterances they end settle."""
+        queue = self._queue
+        for _ in range(frames):
+            if queue.pop() is None:
+                break
+            self.skipped_frames += 1
+        if self._tracked:
+            self._settle()
 
     def take_queued(self) -> list[tuple[int, float]]:
         """Utterances queued since the last call: (id, seconds until their last frame)."""

@@ -37,7 +37,7 @@ from voxgate.rtp.packet import RtpPacket
 from voxgate.rtp.seqnum import uint32_add, uint32_diff
 
 SHRINK_AFTER_FRAMES = 50
-"""Pops in a row with surplus frames before the buffer gives back one frame (1 s)."""
+"""Pops in a row with a surplus frame before the buffer gives back one frame (1 s)."""
 
 ULAW_SILENCE_BYTE = 0xFF
 """G.711 µ-law code of digital silence, the default ``silence_byte`` (A-law: 0xD5)."""
@@ -319,9 +319,11 @@ class JitterBuffer:
         return FrameState.LOST, None
 
     def _shrink_if_surplus(self) -> None:
-        """Give back delay: after SHRINK_AFTER_FRAMES pops that each left more than
-        one frame beyond the prefetch, skip the oldest frame."""
-        if len(self._frames) <= self._prefetch:
+        """Give back delay: after SHRINK_AFTER_FRAMES pops in a row that each left
+        at least ``prefetch_frames`` held (in steady state a pop leaves one fewer:
+        the frame it played was part of the prefetch), skip the oldest frame. One
+        frame grown for a late packet is so given back after a calm second."""
+        if len(self._frames) < self._prefetch:
             self._surplus_run = 0
             return
         self._surplus_run += 1
