@@ -31,7 +31,6 @@ cap ends nobody. Times are monotonic seconds passed in as ``now``.
 
 from __future__ import annotations
 
-import ipaddress
 import math
 from collections import Counter, deque
 from collections.abc import Mapping
@@ -39,6 +38,7 @@ from dataclasses import dataclass, replace
 from types import MappingProxyType
 from typing import Final
 
+from voxgate.cidr import IPNetwork, parse_networks, source_in
 from voxgate.config import Config
 from voxgate.errors import LocalProtocolError
 
@@ -77,8 +77,6 @@ DEQUEUED: Final = "dequeued"
 CANCELLED: Final = "cancelled"
 OK: Final = "ok"
 CANCEL: Final = "cancel"
-
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 def _check_cap(what: str, value: int | None) -> None:
@@ -144,22 +142,8 @@ class TenantRule:
             name, value = self.header
             checks.append(call.headers.get(name.lower()) == value)
         if self.source_cidrs:
-            checks.append(_source_in(call.source_ip, self.source_cidrs))
+            checks.append(source_in(call.source_ip, self.source_cidrs))
         return bool(checks) and all(checks)
-
-
-def _source_in(source_ip: str | None, networks: tuple[IPNetwork, ...]) -> bool:
-    if source_ip is None:
-        return False
-    try:
-        address = ipaddress.ip_address(source_ip)
-    except ValueError:
-        return False
-    candidates: list[ipaddress.IPv4Address | ipaddress.IPv6Address] = [address]
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        candidates.append(address.ipv4_mapped)
-    # A network never contains an address of the other IP version.
-    return any(candidate in network for network in networks for candidate in candidates)
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,7 +546,7 @@ def limits_from_config(config: Config) -> AdmissionLimits:
                 ruri_user=t.ruri_user or None,
                 ruri_host=t.ruri_host or None,
                 header=(t.header_name, t.header_value) if t.header_name else None,
-                source_cidrs=tuple(ipaddress.ip_network(c, strict=False) for c in t.source_cidrs),
+                source_cidrs=parse_networks(t.source_cidrs),
             )
             for t in config.tenants
         ),

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from voxgate.agents.dialogue import BUILTIN_MENU, Choice, Menu, Step, menu_problem
+from voxgate.cidr import parse_networks
 from voxgate.errors import ConfigError
 
 DEFAULT_PATH = Path("/etc/voxgate/voxgate.toml")
@@ -46,6 +47,7 @@ class SipConfig:
     flood_drop_factor: float = field(default=2.0, metadata=_range(1, 1000))
     transaction_share_per_source: float = field(default=0.75, metadata=_range(0.01, 1))
     unacked_failures_per_source: int = field(default=16, metadata=_range(0, 1_000_000))
+    trusted_cidrs: tuple[str, ...] = ()
 
     @property
     def host(self) -> str:
@@ -396,12 +398,10 @@ def _parse_tenants(value: Any, source: str) -> tuple[TenantConfig, ...]:
         if bool(tenant.header_name) != bool(tenant.header_value):
             raise ConfigError(f"{source}: [[tenants]] {tenant.name} header_name: "
                               "header_name and header_value go together")
-        for cidr in tenant.source_cidrs:
-            try:
-                ipaddress.ip_network(cidr, strict=False)
-            except ValueError as e:
-                raise ConfigError(f"{source}: [[tenants]] {tenant.name} source_cidrs: "
-                                  f"{cidr!r} is not a CIDR") from e
+        try:
+            parse_networks(tenant.source_cidrs)
+        except ValueError as e:
+            raise ConfigError(f"{source}: [[tenants]] {tenant.name} source_cidrs: {e}") from e
     return tenants
 
 
@@ -515,6 +515,10 @@ def _check_consistency(config: Config) -> None:
         split_host_port(config.sip.listen)
     except ValueError as e:
         raise ConfigError(f"{src}: [sip] listen: {e}, got {config.sip.listen!r}") from e
+    try:
+        parse_networks(config.sip.trusted_cidrs)
+    except ValueError as e:
+        raise ConfigError(f"{src}: [sip] trusted_cidrs: {e}") from e
     try:
         ipaddress.ip_address(config.rtp.address)
     except ValueError as e:

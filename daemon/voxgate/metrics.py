@@ -208,7 +208,8 @@ LIVE_METRICS: tuple[LiveMetric, ...] = (
              "OPTIONS dropped before they were parsed"),
     _counter("voxgate_sip_requests_refused_total", "New requests answered 503 because a table "
              "was full (transactions_full, dialogs_full) or their source held its share of the "
-             "transaction table (source_share)", "reason"),
+             "transaction table (source_share), or 403 because their source is not in "
+             "[sip] trusted_cidrs (untrusted_source)", "reason"),
     _counter("voxgate_sip_rate_limited_total", "New requests over their source's token bucket, "
              "answered a stateless 503, by request class (invite, options, other)", "request"),
     _counter("voxgate_sip_retransmissions_absorbed_total", "Retransmitted requests answered by "
@@ -336,6 +337,7 @@ _SIP: Mapping[str, _Route] = {  # the fields of voxgate.sip.uas.UasStats
     "flood_dropped_unparsed": ("voxgate_sip_flood_unparsed_drops_total", ()),
     "transactions_refused": ("voxgate_sip_requests_refused_total", ("transactions_full",)),
     "dialogs_refused": ("voxgate_sip_requests_refused_total", ("dialogs_full",)),
+    "untrusted_refused": ("voxgate_sip_requests_refused_total", ("untrusted_source",)),
     "transactions_refused_share": ("voxgate_sip_requests_refused_total", ("source_share",)),
     "flood_refused_invite": ("voxgate_sip_rate_limited_total", ("invite",)),
     "flood_refused_options": ("voxgate_sip_rate_limited_total", ("options",)),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from tests.harness.pcap import (
 )
 from tests.harness.sipp import Sipp, SippResult
 from tests.integration.conftest import StartDaemon
+from tests.integration.test_control import ctl_ok
 
 pytestmark = requires("sipp")
 
@@ -118,6 +120,22 @@ def test_no_common_codec_gets_488(
     _assert_ok(_sipp("uac_488", daemon, tmp_path / "sipp", reserve_ports(4)).run())
     assert not daemon.events("call_start")
     assert daemon.alive()
+
+
+def test_caller_outside_trusted_cidrs_gets_403_until_a_reload_trusts_it(
+    start_daemon: StartDaemon, reserve_ports: ReservePorts, tmp_path: Path
+) -> None:
+    daemon = start_daemon({"sip": {"trusted_cidrs": ["192.0.2.0/24", "2001:db8::/32"]}})
+    _assert_ok(_sipp("uac_403", daemon, tmp_path / "untrusted", reserve_ports(4)).run())
+    assert not daemon.events("call_start")
+    assert 'voxgate_sip_requests_refused_total{reason="untrusted_source"} 1.0' in ctl_ok(
+        daemon, "metrics")
+    text = daemon.config_path.read_text()
+    daemon.config_path.write_text(text.replace('"192.0.2.0/24"', '"127.0.0.0/8"'))
+    daemon.proc.send_signal(signal.SIGHUP)
+    daemon.wait_log(r"event=reloaded\b")
+    # Trusted now: the INVITE gets as far as the offer (no common codec: 488).
+    _assert_ok(_sipp("uac_488", daemon, tmp_path / "trusted", reserve_ports(4)).run())
 
 
 def test_daemon_hangs_up_at_max_duration(

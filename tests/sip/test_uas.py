@@ -16,9 +16,10 @@ from tests.sip.fakelink import (
     ScriptedUac,
     to_tag_of,
 )
+from voxgate.cidr import parse_networks
 from voxgate.errors import LocalProtocolError
 from voxgate.sip.headers import parse_via
-from voxgate.sip.message import Request
+from voxgate.sip.message import Request, Response
 from voxgate.sip.parser import parse_message_untrusted
 from voxgate.sip.ratelimit import FloodLimits
 from voxgate.sip.uas import (
@@ -343,6 +344,32 @@ def test_options_available_and_draining() -> None:
     assert busy.status == 503
     assert busy.headers.get("Warning") == '399 voxgate "draining"'
     assert busy.headers.get("Retry-After") == "120"
+
+
+def test_untrusted_source_gets_403_before_any_work_and_calls_in_progress_go_on() -> None:
+    link = FakeLink()
+    _, key = answered_call(link)  # from UAC_ADDRESS, before the list existed
+    ok = link.responses[-1]
+    transactions = link.core.active_transactions
+    link.core.trusted_networks = parse_networks(["192.0.2.0/24", "::ffff:10.0.0.0/104"])
+    stranger = ScriptedUac(("127.0.0.3", 5070), call_id="call-2@uac")
+    for message in (stranger.invite(), stranger.request("OPTIONS")):
+        link.send(message, stranger.address)
+        data, destination = link.elsewhere[-1]
+        forbidden = parse_message_untrusted(data)
+        assert destination == stranger.address
+        assert isinstance(forbidden, Response) and forbidden.status == 403, forbidden
+        assert forbidden.headers.get("Warning") == '399 voxgate "untrusted-source"'
+    assert link.take_events() == []
+    assert link.core.active_transactions == transactions  # nothing new was started
+    assert link.core.stats.untrusted_refused == 2
+    link.send(link.uac.request("BYE", to_tag=to_tag_of(ok)))  # inside the call: unaffected
+    assert link.statuses()[-1] == 200
+    assert link.take_events() == [CallEnded(key, "bye")]
+    link.core.trusted_networks = parse_networks(["127.0.0.0/8"])
+    link.send(stranger.request("OPTIONS"), stranger.address)
+    answer = parse_message_untrusted(link.elsewhere[-1][0])
+    assert isinstance(answer, Response) and answer.status == 200
 
 
 def test_max_forwards_zero_options_is_processed() -> None:

@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+from voxgate.cidr import IPNetwork, source_in
 from voxgate.end_reasons import EndReason
 from voxgate.errors import LocalProtocolError, RemoteProtocolError
 from voxgate.sip.dialog import Dialog, DialogId, DialogState
@@ -199,6 +200,7 @@ class UasStats:
     flood_dropped: int  # new or malformed request beyond flood_drop_factor: no answer
     flood_dropped_unparsed: int  # INVITE/OPTIONS of a source beyond that: dropped unparsed
     flood_sources_evicted: int  # least recently seen source forgotten by the bucket table
+    untrusted_refused: int  # new request from outside trusted_networks: stateless 403
     failure_retransmissions_capped: int  # 3xx-6xx to a source that does not ACK: sent once
     responses_too_large: int  # answers that would not fit one UDP datagram: minimal 513 instead
 
@@ -294,6 +296,9 @@ class UasCore:
         self._token = random_token or (lambda: secrets.token_hex(8))
         self.max_dialogs = max_dialogs
         """Most calls (dialogs) held at once; the app may change it (reload)."""
+        self.trusted_networks: tuple[IPNetwork, ...] = ()
+        """Sources that may start requests (empty: every source); others get a
+        stateless 403 after the flood limits. The app may change it (reload)."""
         self.max_datagram_bytes = max_datagram_bytes
         """Largest datagram we send; a response that would not fit is cut down to a
         minimal 513 (see the module docstring)."""
@@ -316,6 +321,7 @@ class UasCore:
                 "dialogs_refused", "messages_dropped_backlog", "late_actions",
                 "flood_refused_invite", "flood_refused_options", "flood_refused_other",
                 "flood_dropped", "flood_dropped_unparsed", "responses_too_large",
+                "untrusted_refused",
             ),
             0,
         )  # fmt: skip
@@ -578,10 +584,17 @@ class UasCore:
         return self._dialog_call(inc.request) is not None
 
     def _admit_new(self, inc: _Incoming, now: float) -> bool:
-        """Whether a new request is within its source's bucket; else refuse or drop it."""
+        """Whether a new request is within its source's bucket and from a trusted
+        source; else refuse (503 or 403, stateless) or drop it."""
         request_class = _REQUEST_CLASSES.get(inc.request.method, RequestClass.OTHER)
         verdict = self._rate_limiter.check(inc.source[0], request_class, now)
         if verdict is Verdict.ADMIT:
+            if self.trusted_networks and not source_in(inc.source[0], self.trusted_networks):
+                self._counts["untrusted_refused"] += 1
+                forbidden = self._response(inc.request, 403, to_tag=self._token(),
+                                           extra=_warning_headers("untrusted-source", None))
+                self._outbox.send(forbidden.serialize(), inc.destination)
+                return False
             return True
         if verdict is Verdict.REFUSE:
             self._counts[f"flood_refused_{request_class.value}"] += 1

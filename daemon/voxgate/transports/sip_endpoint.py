@@ -29,6 +29,7 @@ from prometheus_client import Counter
 
 from voxgate import admission as adm
 from voxgate.calls import CallRequest, Calls, Leg, SetupRefused
+from voxgate.cidr import parse_networks
 from voxgate.codec.g711 import codec_for
 from voxgate.config import Config
 from voxgate.end_reasons import EndReason
@@ -154,6 +155,7 @@ class SipEndpoint:
         self.core = uas.UasCore(local_host=host, local_port=port,
                                 max_dialogs=_max_dialogs(config),
                                 flood_limits=FloodLimits.from_settings(config.sip))
+        self.core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
         self.ports = PortPool(config.rtp.address, config.rtp.port_min, config.rtp.port_max)
         self._sock: socket.socket | None = None
         self._calls: dict[str, _Call] = {}  # call key → call; bounded by the UAS's max_dialogs
@@ -197,6 +199,7 @@ class SipEndpoint:
         self.config = config
         self.core.max_dialogs = _max_dialogs(config)
         self.core.flood_limits = FloodLimits.from_settings(config.sip)
+        self.core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
         self._pump()
 
     def poke(self) -> None:
