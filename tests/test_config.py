@@ -63,6 +63,8 @@ def test_partial_file_takes_defaults(tmp_path):
         ('[sip]\ntrusted_cidrs = ["10.0.0.0/8", "nope"]\n',
          "[sip] trusted_cidrs: 'nope' is not a CIDR"),
         ('[limits]\nmedia_utilisation_max = 0\n', "[limits] media_utilisation_max: must be"),
+        ('[sip]\nadvertise = "192.0.2.1"\n', "[sip] advertise: must be HOST:PORT"),
+        ('[rtp]\nadvertise = "nat.example"\n', "[rtp] advertise: must be an IP address"),
         ('[[tenants]]\nname = "a"\nheader_name = "X-T"\n', "go together"),
         ('[[tenants]]\nname = "a"\nbogus = 1\n', "[tenants.0] bogus: unknown key"),
         ('[agent]\nkind = "stream"\n', "[[agent.providers]]: the stream agent needs at least one"),

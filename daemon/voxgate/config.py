@@ -48,6 +48,7 @@ class SipConfig:
     transaction_share_per_source: float = field(default=0.75, metadata=_range(0.01, 1))
     unacked_failures_per_source: int = field(default=16, metadata=_range(0, 1_000_000))
     trusted_cidrs: tuple[str, ...] = ()
+    advertise: str = ""
 
     @property
     def host(self) -> str:
@@ -56,6 +57,11 @@ class SipConfig:
     @property
     def port(self) -> int:
         return split_host_port(self.listen)[1]
+
+    @property
+    def advertised_host_port(self) -> tuple[str, int]:
+        """Address and port for our Via and Contact: ``advertise``, else ``listen``."""
+        return split_host_port(self.advertise or self.listen)
 
 
 @dataclass(frozen=True)
@@ -67,6 +73,12 @@ class RtpConfig:
     jitter_buffer_ms: int = field(default=20, metadata=_range(0, 1000))
     jitter_buffer_max_ms: int = field(default=200, metadata=_range(20, 5000))
     playback_allowance_ms: int = field(default=100, metadata=_range(0, 5000))
+    advertise: str = ""
+
+    @property
+    def sdp_address(self) -> str:
+        """The address our SDP offers for media: ``advertise``, else ``address``."""
+        return self.advertise or self.address
 
 
 @dataclass(frozen=True)
@@ -515,6 +527,16 @@ def _check_consistency(config: Config) -> None:
         split_host_port(config.sip.listen)
     except ValueError as e:
         raise ConfigError(f"{src}: [sip] listen: {e}, got {config.sip.listen!r}") from e
+    if config.sip.advertise:
+        try:
+            split_host_port(config.sip.advertise)
+        except ValueError as e:
+            raise ConfigError(f"{src}: [sip] advertise: {e}, got {config.sip.advertise!r}") from e
+    if config.rtp.advertise:
+        try:
+            ipaddress.ip_address(config.rtp.advertise)
+        except ValueError as e:
+            raise ConfigError(f"{src}: [rtp] advertise: must be an IP address") from e
     try:
         parse_networks(config.sip.trusted_cidrs)
     except ValueError as e:

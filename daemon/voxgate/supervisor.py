@@ -102,7 +102,7 @@ STATUS_REFRESH_S = 10.0
 LAG_PROBE_S = 0.1
 CRITICAL_TASKS = ("sip", "admission", "media", "control", "alsa", "websocket")
 # Settings a reload cannot change in a running process (sockets are bound).
-_RESTART_ONLY = ("sip.listen", "rtp.address", "rtp.port_min", "rtp.port_max",
+_RESTART_ONLY = ("sip.listen", "sip.advertise", "rtp.address", "rtp.port_min", "rtp.port_max",
                  "control.socket", "control.group", "metrics.listen", "websocket.listen",
                  "records.path", "records.keep_days", "records.max_rows", "records.queue_size",
                  "records.recordings_dir", "records.recordings_max_bytes", "postcall.webhook",

@@ -151,7 +151,7 @@ class SipEndpoint:
         self.calls = calls
         self.admission = calls.desk.admission
         self._check_in = check_in
-        host, port = config.sip.host, config.sip.port
+        host, port = config.sip.advertised_host_port
         self.core = uas.UasCore(local_host=host, local_port=port,
                                 max_dialogs=_max_dialogs(config),
                                 flood_limits=FloodLimits.from_settings(config.sip))
@@ -218,7 +218,7 @@ class SipEndpoint:
         assert call.leg is not None
         sdp = build_answer(
             call.offer, call.negotiated,
-            local_address=self.config.rtp.address, local_port=call.leg.local_port,
+            local_address=self.config.rtp.sdp_address, local_port=call.leg.local_port,
             session_id=call.sdp_session_id, session_version=call.sdp_version,
         )
         self.act(lambda core, now: core.accept(call_key, sdp, now))
@@ -433,7 +433,7 @@ class SipEndpoint:
         call.sdp_version += 1
         call.leg.stream.set_remote_addr(negotiated.remote_rtp)
         _apply_direction(call.leg, call.session, negotiated, now)
-        sdp = build_answer(offer, negotiated, local_address=self.config.rtp.address,
+        sdp = build_answer(offer, negotiated, local_address=self.config.rtp.sdp_address,
                            local_port=call.leg.local_port, session_id=call.sdp_session_id,
                            session_version=call.sdp_version)
         self.core.answer_reinvite(event.call_key, sdp, 200, now)
