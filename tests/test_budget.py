@@ -158,6 +158,21 @@ def test_dipping_under_resets_the_grace_period():
     assert budget.check(13.5) == "budget"
 
 
+def test_over_limit_says_when_check_is_needed():
+    budget = make_budget(session_bytes=1000, grace_ms=2000)
+    budget.add("recording", 1000)
+    assert not budget.over_limit  # at the limit: within
+    budget.add("recording", 1)
+    assert budget.over_limit
+    budget.release("recording", 1)
+    assert budget.over_limit  # until a check sees it within
+    assert budget.check(1.0) is None
+    assert not budget.over_limit
+    budget.add("recording", 1)  # over again, below the earlier peak
+    assert budget.over_limit
+    assert budget.check(2.0) is None and budget.over_limit
+
+
 def test_zero_grace_ends_at_once():
     budget = SessionBudget(BufferCaps.from_ms(CAPS_MS, 1000, 0))
     budget.add("recording", 2000)

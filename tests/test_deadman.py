@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import random
 
 import pytest
 
@@ -369,3 +370,34 @@ def test_every_call_is_a_no_op_after_end():
     assert t.state == "ended"
     assert t.end_reason == "no-media"
     assert {name: getattr(t.stats, name) for name in t.stats.__slots__} == before
+
+
+def test_next_deadline_is_always_the_earliest_armed_deadline() -> None:
+    """The cached next_deadline agrees with every armed timer after any input."""
+    rng = random.Random(15)
+    for _ in range(200):
+        t = timers(0.0, max_playbacks=3)
+        now = 0.0
+        for _ in range(40):
+            now += rng.choice((0.02, 0.5, 3.0))
+            step = rng.randrange(10)
+            if step == 0 and t.state == "ringing":
+                t.answered(now)
+            elif step == 1:
+                t.on_media(now)
+            elif step == 2:
+                t.media_expected(rng.random() < 0.5, now)
+            elif step == 3:
+                t.caller_turn_ended(now)
+            elif step == 4:
+                t.caller_speaking(now)
+            elif step == 5:
+                t.agent_started(now)
+            elif step == 6:
+                t.playback_started(rng.randrange(5), rng.random(), now)
+            elif step == 7:
+                t.playback_completed(rng.randrange(5), now)
+            else:
+                t.handle_timer(now)
+            expected = min(t._deadlines(), default=None)
+            assert t.next_deadline() == (None if expected is None else expected[0])

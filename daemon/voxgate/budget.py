@@ -110,6 +110,8 @@ class SessionBudget:
     Attributes:
         total_bytes: bytes held by all buffers now.
         peak_bytes: the highest ``total_bytes`` seen.
+        over_limit: ``total_bytes`` went above ``session_bytes`` since :meth:`check`
+            last saw it within: the per-tick driver calls :meth:`check` only then.
     """
 
     __slots__ = (
@@ -120,6 +122,7 @@ class SessionBudget:
         "_held",
         "_over_since",
         "_session_bytes",
+        "over_limit",
         "peak_bytes",
         "total_bytes",
     )
@@ -134,6 +137,7 @@ class SessionBudget:
         self._over_since: float | None = None
         self.total_bytes = 0
         self.peak_bytes = 0
+        self.over_limit = False
 
     @property
     def held_bytes(self) -> Mapping[str, int]:
@@ -172,6 +176,8 @@ class SessionBudget:
         self.total_bytes = total
         if total > self.peak_bytes:
             self.peak_bytes = total
+        if total > self._session_bytes:
+            self.over_limit = True
         excess = buffer_bytes - self._caps[buffer]
         return excess if excess > 0 else 0
 
@@ -213,6 +219,7 @@ class SessionBudget:
         """
         if self.total_bytes <= self._session_bytes:
             self._over_since = None
+            self.over_limit = False
             return None
         if self._over_since is None:
             self._over_since = now

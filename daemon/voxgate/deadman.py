@@ -210,8 +210,8 @@ class SessionTimers:
 
     __slots__ = (
         "_agent_at", "_max_at", "_max_playbacks", "_media_at", "_media_expected",
-        "_media_seen", "_paused_at", "_playbacks", "_ring_at", "config", "end_reason",
-        "state", "stats",
+        "_media_seen", "_others_due", "_others_stale", "_paused_at", "_playbacks", "_ring_at",
+        "config", "end_reason", "state", "stats",
     )
 
     def __init__(
@@ -233,6 +233,10 @@ class SessionTimers:
         self._paused_at = now
         self._agent_at: float | None = None
         self._playbacks: dict[int, float] = {}  # utterance id -> due, oldest first
+        # The earliest ring, max-duration, agent or playback deadline (math.inf: none),
+        # recomputed by next_deadline() after an input changed one of them.
+        self._others_due = math.inf
+        self._others_stale = True
 
     def _move(self, what: str) -> None:
         try:
@@ -253,6 +257,7 @@ class SessionTimers:
         self._move("answered")
         self._ring_at = None
         self._max_at = now + self.config.max_duration_s
+        self._others_stale = True
         self._media_at = now
         self._media_seen = False
 
@@ -290,14 +295,17 @@ class SessionTimers:
         """The caller stopped speaking: (re-)arm the agent-response timer."""
         if self.state != ENDED and self.config.agent_response_s > 0:
             self._agent_at = now + self.config.agent_response_s
+            self._others_stale = True
 
     def caller_speaking(self, now: float) -> None:
         """The caller speaks again: disarm the agent-response timer."""
         self._agent_at = None
+        self._others_stale = True
 
     def agent_started(self, now: float) -> None:
         """The agent's first audio of its answer went out: disarm the agent-response timer."""
         self._agent_at = None
+        self._others_stale = True
 
     def playback_started(self, utterance_id: int, expected_s: float, now: float) -> None:
         """Utterance ``utterance_id`` started playing; expect completion after ``expected_s``.
@@ -317,17 +325,30 @@ class SessionTimers:
             del playbacks[next(iter(playbacks))]
             self.stats.playbacks_forgotten += 1
         playbacks[utterance_id] = now + expected_s + self.config.playback_deadman_s
+        self._others_stale = True
 
     def playback_completed(self, utterance_id: int, now: float) -> None:
         """The transport's completion signal for ``utterance_id`` came (unknown ids: ignored)."""
-        self._playbacks.pop(utterance_id, None)
+        if self._playbacks.pop(utterance_id, None) is not None:
+            self._others_stale = True
 
     # -- timers ---------------------------------------------------------------
 
     def next_deadline(self) -> float | None:
-        """The earliest armed deadline (monotonic seconds), or None when none is."""
-        due = min(self._deadlines(), default=None)
-        return None if due is None else due[0]
+        """The earliest armed deadline (monotonic seconds), or None when none is.
+
+        Asked every tick for every call, so it is cheap: the media deadline
+        (moved by every packet) is computed from the last media time, the
+        others are remembered until an input changes them.
+        """
+        if self._others_stale:
+            self._others_due = min((at for at, _, _ in self._other_deadlines()), default=math.inf)
+            self._others_stale = False
+        due = self._others_due
+        media = self._media_deadline()
+        if media is not None and media[0] < due:
+            return media[0]
+        return None if due == math.inf else due
 
     def handle_timer(self, now: float) -> list[TimerEvent]:
         """Fire every deadline ``<= now``, in order (see the module docstring).
@@ -342,25 +363,38 @@ class SessionTimers:
             events.append(self._fire(*due))
         return events
 
-    def _deadlines(self) -> Iterator[tuple[float, _Timer, int]]:
-        """(deadline, kind, utterance id or 0) of every armed timer."""
+    def _other_deadlines(self) -> Iterator[tuple[float, _Timer, int]]:
+        """(deadline, kind, utterance id or 0) of every armed timer but the media ones."""
         if self._ring_at is not None:
             yield self._ring_at, _Timer.RING, 0
         if self._max_at is not None:
             yield self._max_at, _Timer.MAX_DURATION, 0
-        if self.state == ACTIVE and self._media_expected:
-            if self._media_seen:
-                yield self._media_at + self.config.media_inactivity_s, _Timer.INACTIVITY, 0
-            else:
-                yield self._media_at + self.config.first_media_s, _Timer.NO_MEDIA, 0
-        elif self.state == PAUSED:
-            yield self._paused_at + self.config.recovery_window_s, _Timer.RECOVERY, 0
         if self._agent_at is not None:
             yield self._agent_at, _Timer.AGENT, 0
         for utterance_id, at in self._playbacks.items():
             yield at, _Timer.PLAYBACK, utterance_id
 
+    def _media_deadline(self) -> tuple[float, _Timer] | None:
+        """(deadline, kind) of the media check armed now (first media, inactivity or
+        recovery), or None while media is not expected."""
+        state = self.state
+        if state == ACTIVE and self._media_expected:
+            if self._media_seen:
+                return self._media_at + self.config.media_inactivity_s, _Timer.INACTIVITY
+            return self._media_at + self.config.first_media_s, _Timer.NO_MEDIA
+        if state == PAUSED:
+            return self._paused_at + self.config.recovery_window_s, _Timer.RECOVERY
+        return None
+
+    def _deadlines(self) -> Iterator[tuple[float, _Timer, int]]:
+        """(deadline, kind, utterance id or 0) of every armed timer."""
+        yield from self._other_deadlines()
+        media = self._media_deadline()
+        if media is not None:
+            yield media[0], media[1], 0
+
     def _fire(self, at: float, kind: _Timer, utterance_id: int) -> TimerEvent:
+        self._others_stale = True
         if kind is _Timer.AGENT:
             self._agent_at = None
             self.stats.agent_fallbacks += 1
@@ -387,4 +421,5 @@ class SessionTimers:
         self.end_reason = reason
         self._ring_at = self._max_at = self._agent_at = None
         self._playbacks.clear()
+        self._others_stale = True
         return End(reason, at)

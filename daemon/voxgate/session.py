@@ -254,8 +254,8 @@ class Session:
             for event in timers.handle_timer(now):
                 self._on_timer(event)
         self.pipeline.playback.tick(now)
-        reason = self.budget.check(now)
-        if reason is not None:
+        budget = self.budget
+        if budget.over_limit and (reason := budget.check(now)) is not None:
             self.end(reason)
 
     def fail(self, exc: BaseException) -> None:

@@ -7,6 +7,7 @@ step behind it document that they never raise on the peer's bytes.
 
 from __future__ import annotations
 
+import os
 import socket
 from collections import deque
 from typing import cast
@@ -21,7 +22,7 @@ from voxgate.rtp.packet import RtpPacket, is_rtcp_untrusted
 from voxgate.rtp.stream import RtpStream
 from voxgate.session import SessionCore
 from voxgate.sip.sdp import negotiate, parse_sdp_untrusted
-from voxgate.transports.rtp_leg import RtpLeg
+from voxgate.transports.rtp_leg import RtpLeg, RtpReadiness
 from voxgate.transports.rtp_ports import PortPool
 
 Address = tuple[str, int]
@@ -72,15 +73,28 @@ def rtp_packet(data: bytes) -> None:
 
 
 class _LoopbackSocket:
-    """The three socket methods :class:`RtpLeg` calls, over an in-memory queue.
+    """The socket methods :class:`RtpLeg` calls, over an in-memory queue.
 
     The queue holds at most one input's datagrams
     (:data:`~fuzz.targets.framing.MAX_RECORDS`); the leg drains it every tick.
+    Its descriptor is a semaphore eventfd counting the queued datagrams, so the
+    leg's :class:`RtpReadiness` sees it readable exactly while one is queued.
     """
 
     def __init__(self) -> None:
         self.inbound: deque[tuple[bytes, Address]] = deque()
         self.sent = 0
+        self._fd = os.eventfd(0, os.EFD_SEMAPHORE | os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+
+    def push(self, data: bytes, source: Address) -> None:
+        self.inbound.append((data, source))
+        os.eventfd_write(self._fd, 1)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        os.close(self._fd)
 
     def getsockname(self) -> Address:
         return RTP_ADDRESS, RTP_PORT
@@ -88,6 +102,7 @@ class _LoopbackSocket:
     def recvfrom(self, max_bytes: int) -> tuple[bytes, Address]:
         if not self.inbound:
             raise BlockingIOError
+        os.eventfd_read(self._fd)
         data, source = self.inbound.popleft()
         return data[:max_bytes], source
 
@@ -127,8 +142,9 @@ def rtp_pipeline(data: bytes) -> None:
         silence_byte=codec.silence(1)[0],
     )
     sock = _LoopbackSocket()
-    leg = RtpLeg(pool=PortPool(RTP_ADDRESS, RTP_PORT, RTP_PORT), sock=cast(socket.socket, sock),
-                 stream=stream, codec=codec, playback=core.pipeline.playback,
+    leg = RtpLeg(pool=PortPool(RTP_ADDRESS, RTP_PORT, RTP_PORT), readiness=RtpReadiness(),
+                 sock=cast(socket.socket, sock), stream=stream, codec=codec,
+                 playback=core.pipeline.playback,
                  on_dtmf=core.pipeline.dtmf, budget=core.budget,
                  playback_allowance_s=config.rtp.playback_allowance_ms / 1000)
     for record in split_datagrams(data[1:]):
@@ -140,9 +156,10 @@ def rtp_pipeline(data: bytes) -> None:
             for _ in range(record.ticks):
                 now += FRAME_S
                 core.pipeline.step(leg, now, 1)
-        sock.inbound.append((record.payload, SOURCES[record.source]))
+        sock.push(record.payload, SOURCES[record.source])
         assert stream.jitter_buffer.buffered_frames <= capacity_frames
     for _ in range(FLUSH_TICKS):
         now += FRAME_S
         core.pipeline.step(leg, now, 1)
         assert stream.jitter_buffer.buffered_frames <= capacity_frames
+    leg.close()  # leaves the readiness check and closes the eventfd

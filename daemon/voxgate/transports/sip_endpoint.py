@@ -49,7 +49,7 @@ from voxgate.sip.sdp import (
     parse_sdp_untrusted,
 )
 from voxgate.sip.uri import parse_uri_untrusted
-from voxgate.transports.rtp_leg import RtpLeg
+from voxgate.transports.rtp_leg import RtpLeg, RtpReadiness
 from voxgate.transports.rtp_ports import PortPool
 
 HEARTBEAT_S = 1.0
@@ -157,6 +157,7 @@ class SipEndpoint:
                                 flood_limits=FloodLimits.from_settings(config.sip))
         self.core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
         self.ports = PortPool(config.rtp.address, config.rtp.port_min, config.rtp.port_max)
+        self.rtp_readiness = RtpReadiness()  # one readiness check per tick for all legs
         self._sock: socket.socket | None = None
         self._calls: dict[str, _Call] = {}  # call key → call; bounded by the UAS's max_dialogs
         self._hangups_pending: set[str] = set()
@@ -263,7 +264,8 @@ class SipEndpoint:
             remote_addr=negotiated.remote_rtp,
             silence_byte=codec.silence(1)[0],
         )
-        leg = RtpLeg(pool=self.ports, sock=sock, stream=stream, codec=codec,
+        leg = RtpLeg(pool=self.ports, readiness=self.rtp_readiness, sock=sock, stream=stream,
+                     codec=codec,
                      playback=core.pipeline.playback, on_dtmf=core.pipeline.dtmf,
                      budget=core.budget,
                      playback_allowance_s=cfg.rtp.playback_allowance_ms / 1000)
