@@ -65,6 +65,10 @@ def _finite_float(literal: str) -> float:
     return value
 
 
+_DECODER: Final = json.JSONDecoder(parse_constant=_reject_constant, parse_int=_bounded_int,
+                                  parse_float=_finite_float)
+
+
 def _nests_deeper(text: str, max_depth: int) -> bool:
     """Whether arrays/objects in ``text`` nest deeper than ``max_depth``: one linear
     pass over the brackets outside strings, no recursion; the text need not be
@@ -121,12 +125,12 @@ def loads_untrusted(data: bytes | str, *, max_bytes: int, max_depth: int) -> Any
         raise UntrustedJSONError(f"not UTF-8: {e.reason} at offset {e.start}") from None
     if size > max_bytes:
         raise JSONTooLargeError(f"JSON of {size} bytes, over {max_bytes}")
-    if _nests_deeper(text, max_depth):
+    # No more brackets than max_depth cannot nest deeper: the scan is for the rest.
+    if text.count("{") + text.count("[") > max_depth and _nests_deeper(text, max_depth):
         raise UntrustedJSONError(f"JSON nested deeper than {max_depth}")
     try:
-        value = json.loads(text, parse_constant=_reject_constant, parse_int=_bounded_int,
-                           parse_float=_finite_float)
-        if _SURROGATE_ESCAPE.search(text):
+        value = _DECODER.decode(text)
+        if "\\" in text and _SURROGATE_ESCAPE.search(text):
             json.dumps(value, ensure_ascii=False).encode("utf-8")
     except UnicodeError:
         raise UntrustedJSONError("JSON string with an unpaired surrogate") from None

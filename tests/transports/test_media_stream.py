@@ -441,3 +441,30 @@ def test_module_imports_no_event_loop():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=60, check=True)
     assert out.stdout.strip() == ""
+
+
+@pytest.mark.parametrize(("media", "expected"), [
+    pytest.param({"track": "inbound", "chunk": "2", "timestamp": "40",
+                  "payload": base64.b64encode(FRAME).decode()},
+                 Media(SID, FRAME, "inbound", 2, 40), id="fast"),
+    pytest.param({"track": "outbound", "chunk": 2, "timestamp": 40,
+                  "payload": base64.b64encode(FRAME * 2).decode()},
+                 Media(SID, FRAME * 2, "outbound", 2, 40), id="integer-counters"),
+    pytest.param({"track": "inbound", "chunk": "2", "timestamp": "40",
+                  "payload": base64.b64encode(FRAME).decode()[:-4]}, 1007, id="partial-frame"),
+    pytest.param({"track": "inbound", "chunk": "2", "timestamp": "40",
+                  "payload": "QQ=" + "A" * 213}, 1007, id="bad-padding"),
+    pytest.param({"track": "inbound", "chunk": "-2", "timestamp": "40",
+                  "payload": base64.b64encode(FRAME).decode()}, 1008, id="negative-chunk"),
+    pytest.param({"track": "sideways", "chunk": "2", "timestamp": "40",
+                  "payload": base64.b64encode(FRAME).decode()}, 1008, id="bad-track"),
+])
+def test_the_media_fast_path_decides_as_the_full_checks(media, expected):
+    message = json.dumps({"event": "media", "sequenceNumber": "3", "streamSid": SID,
+                          "media": media})
+    if isinstance(expected, Media):
+        assert parse_message_untrusted(message) == expected
+    else:
+        with pytest.raises(ms.MediaStreamError) as caught:
+            parse_message_untrusted(message)
+        assert caught.value.close_code == expected

@@ -726,6 +726,56 @@ async def test_a_broken_frame_gets_its_close_frame_then_tcp_close(frame, code, c
     assert "websocket_bad_message" in events
 
 
+def frames_in(served: Served) -> int:
+    """The only session's ``ws_frames_in``."""
+    (summary,) = served.registry.sessions()
+    described = served.registry.describe(str(summary["id"]), 1)
+    assert described is not None
+    counters: Any = described["stats"]
+    return int(counters["ws_frames_in"])
+
+
+def media_message(frame: bytes, chunk: int) -> bytes:
+    return serialize(Media(SID, frame, "inbound", chunk, 20 * chunk)).encode()
+
+
+async def test_fragments_and_pings_after_whole_frames_reach_the_session():
+    """Whole text frames take the fast path; a ping, a fragmented message and a
+    non-minimal length that follow go to wsproto and mean the same as before."""
+    frames = speech_frames(4)
+    async with serving(make_config()) as served:
+        stream, _ = await open_upgraded(served.port)
+        async with stream:
+            for event in (Connected(), Start(SID, "CA1", "AC1", ("inbound",), {})):
+                await stream.send_all(ws_frame(0x1, serialize(event).encode()))
+            await wait_until(lambda: len(served.registry) == 1)
+            await stream.send_all(ws_frame(0x1, media_message(frames[0], 1)))
+            await stream.send_all(ws_frame(0x9, b"hi"))  # a ping: wsproto from here on
+            second = media_message(frames[1], 2)
+            first_part = ws_frame(0x1, second[:100])
+            await stream.send_all(bytes([first_part[0] & 0x7F]) + first_part[1:])  # no FIN
+            await stream.send_all(ws_frame(0x0, second[100:]))
+            await stream.send_all(ws_frame(0x1, media_message(frames[2], 3)))
+            await wait_until(lambda: frames_in(served) == 3)
+            await stream.send_all(ws_frame(0x1, serialize(Stop(SID)).encode()))
+            received = server_frames(await read_to_eof(stream))
+        assert (0xA, b"hi") in received  # the pong
+        assert received[-1][0] == 0x8 and received[-1][1] == (1000).to_bytes(2, "big") + b"stop"
+        assert served.endpoint.counters().get("connection_errors", 0) == 0
+
+
+async def test_a_length_not_minimally_encoded_gets_1002():
+    async with serving(make_config()) as served:
+        stream, _ = await open_upgraded(served.port)
+        async with stream:
+            await stream.send_all(ws_frame(0x1, serialize(Connected()).encode()))
+            key = b"\0\0\0\0"
+            await stream.send_all(bytes([0x81, 0x80 | 126]) + (2).to_bytes(2, "big") + key + b"{}")
+            frames = server_frames(await read_to_eof(stream))
+        assert frames[-1][0] == 0x8 and frames[-1][1][:2] == (1002).to_bytes(2, "big")
+        assert served.endpoint.counters()["bad_message_1002"] == 1
+
+
 async def test_a_broken_frame_mid_call_leaves_the_session_waiting_for_a_resumption():
     async with serving(make_config()) as served:
         stream, _ = await open_upgraded(served.port)

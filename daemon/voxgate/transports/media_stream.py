@@ -57,7 +57,7 @@ import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final
+from typing import Any, Final, TypeGuard
 
 from voxgate.errors import LocalProtocolError, RemoteProtocolError
 from voxgate.jsonbounds import JSONTooLargeError, UntrustedJSONError, loads_untrusted
@@ -285,7 +285,36 @@ def _parse_start(msg: dict[str, Any]) -> Start:
                  tracks=tuple(tracks), custom_parameters=MappingProxyType(params))
 
 
+def _is_decimal(value: object) -> TypeGuard[str]:
+    """A decimal string as :func:`_counter` takes it."""
+    return (type(value) is str and 0 < len(value) <= 19 and value.isascii()
+            and value.isdigit())
+
+
+def _media_fast(msg: dict[str, Any]) -> Media | None:
+    """A media server's ``media`` message checked in one go (the 20 ms hot path);
+    None when anything is off, for the full checks to name it."""
+    media = msg.get("media")
+    if type(media) is not dict:
+        return None
+    stream_sid, track, payload = msg.get("streamSid"), media.get("track"), media.get("payload")
+    chunk, timestamp = media.get("chunk"), media.get("timestamp")
+    if not (type(stream_sid) is str and len(stream_sid) <= MAX_ID_CHARS
+            and type(track) is str and track in TRACKS and type(payload) is str
+            and _is_decimal(chunk) and _is_decimal(timestamp)):
+        return None
+    try:  # strict: accepts a subset of what b64decode(validate=True) does, decoded alike
+        data = binascii.a2b_base64(payload, strict_mode=True)
+    except (binascii.Error, ValueError):
+        return None
+    if not data or len(data) % FRAME_BYTES:
+        return None
+    return Media(stream_sid, data, track, int(chunk), int(timestamp))
+
+
 def _parse_media(msg: dict[str, Any], sender: str) -> Media:
+    if sender == FROM_MEDIA_SERVER and (event := _media_fast(msg)) is not None:
+        return event
     media = _object(msg.get("media"), "media")
     stream_sid = _string(msg, "streamSid", "media")
     payload = _payload(_string(media, "payload", "media", max_chars=1 << 30),
@@ -486,7 +515,7 @@ class MediaStream:
         self._start_deadline = now + start_timeout_s
         self._rate_second = math.floor(now)
         self._rate_count = 0
-        self._media_prefix = ""
+        self._media_prefix = b""
         self.state: str = IDLE
         self.start: Start | None = None
         self.stats = MediaStreamStats()
@@ -520,8 +549,8 @@ class MediaStream:
         stats.messages_in += 1
         if isinstance(event, Start):
             self.start = event
-            self._media_prefix = ('{"event":"media","streamSid":'
-                                  + json.dumps(event.stream_sid) + ',"media":{"payload":"')
+            self._media_prefix = ('{"event":"media","streamSid":' + json.dumps(event.stream_sid)
+                                  + ',"media":{"payload":"').encode()
         elif not isinstance(event, Connected) and event.stream_sid != self.stream_sid:
             raise _policy("message for another streamSid")
         if isinstance(event, Media):
@@ -539,15 +568,17 @@ class MediaStream:
         if deadline is not None and now >= deadline:
             raise _policy("no start message in time")
 
-    def media(self, payload: bytes) -> str:
-        """A ``media`` message carrying µ-law ``payload`` (the 20 ms hot path).
+    def media(self, payload: bytes) -> bytes:
+        """A ``media`` message carrying µ-law ``payload``, as UTF-8 JSON (the 20 ms hot
+        path: the base64 goes straight between a prefix made at ``start`` and the
+        closing braces, no dict and no ``json.dumps``).
 
         Raises:
             LocalProtocolError: not streaming.
         """
         self._check_streaming()
         self.stats.messages_out += 1
-        return self._media_prefix + base64.b64encode(payload).decode() + '"}}'
+        return self._media_prefix + binascii.b2a_base64(payload, newline=False) + b'"}}'
 
     def mark(self, name: str) -> str:
         """A ``mark`` message named ``name``; raises LocalProtocolError when not streaming."""

@@ -15,9 +15,16 @@ module owns the sockets and the sessions:
   (``rejected_busy``, ``rejected_path``, ``rejected_handshake_timeout``,
   ``rejected_bad_request``, ``handshake_abandoned``).
 - One handler task per connection reads messages into the connection's
-  :class:`~voxgate.transports.media_stream.MediaStream`; a writer task sends
-  what the session queued on the connection's bounded outbound channel
-  (``send_nowait``; a full channel drops and counts).
+  :class:`~voxgate.transports.media_stream.MediaStream` until its stream is
+  attached to a session. From then on the handler sleeps and the media
+  clock's tick reads the socket (:meth:`_Connection.pump`, one non-blocking
+  read per tick, no task wake-up per message): ``media`` goes straight to the
+  leg; any other message, a control frame, an error or TCP ending wakes the
+  handler, which handles it as before and sleeps again.
+- The session's messages are written at once from the tick
+  (``send_nowait``, no task switch). Only when the socket does not take them
+  do they wait, on the connection's bounded outbound queue, for its writer
+  task (a full queue drops and counts).
 - A frame that breaks RFC 6455 (or a message over ``max_message_bytes``) is
   answered with the close frame of its code (1002, 1007, 1009), then TCP
   closes; it is counted as ``bad_message_<code>`` and its session, if any,
@@ -52,7 +59,7 @@ import logging
 import math
 import re
 import uuid
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -75,6 +82,7 @@ from voxgate.transports.ws_server import (
     Request,
     ServerWebSocket,
     refuse_unread,
+    text_frame,
 )
 
 HEARTBEAT_S = 1.0
@@ -93,12 +101,14 @@ _END_CLOSE = {"shutdown": ms.CLOSE_GOING_AWAY, "drain-timeout": ms.CLOSE_GOING_A
 
 
 class _Connection:
-    """One accepted WebSocket: its stream state, its outbound channel and its close."""
+    """One accepted WebSocket: its stream state, its outbound queue and its close."""
 
     def __init__(self, ws: ServerWebSocket, stream: ms.MediaStream, path_tenant: str | None,
-                 headers: dict[str, str]) -> None:
+                 headers: dict[str, str], stats: Counter[str]) -> None:
         self.ws = ws
         self.stream = stream
+        self.stats = stats
+        """The endpoint's connection-level counters."""
         self.remote = ws.remote
         self.source_ip = ws.source_ip
         self.path_tenant = path_tenant
@@ -110,30 +120,82 @@ class _Connection:
         self.close_code = ms.CLOSE_GOING_AWAY
         self.close_reason = "shutting down"
         self.dropped = 0
-        self._out_send, self._out_receive = trio.open_memory_channel[tuple[bool, str]](
-            OUTBOUND_QUEUE_MESSAGES)
+        self.leg: WebSocketLeg | None = None
+        """The leg whose stream this is; while set, the media clock reads the socket."""
+        self._queue: deque[tuple[bool, bytes]] = deque()
+        """Frames waiting for the writer (media or not), at most OUTBOUND_QUEUE_MESSAGES."""
+        self._writer_wake = trio.Event()
+        self._parked = False
+        self._handler_wake = trio.Event()
+        self._handed_over: ms.Event | ms.MediaStreamError | None = None
 
-    def send_nowait(self, message: str, *, media: bool) -> bool:
-        """Queue ``message`` for the writer; False (counted) when the channel is full."""
+    def send_nowait(self, message: str | bytes, *, media: bool) -> bool:
+        """Send ``message`` (JSON text, ``bytes`` as UTF-8) now or queue it for the
+        writer; False (counted) when the queue is full. On a closed connection it
+        is dropped silently: the stream is ending."""
+        frame = text_frame(message if isinstance(message, bytes) else message.encode())
+        queue = self._queue
         try:
-            self._out_send.send_nowait((media, message))
-        except trio.WouldBlock:
+            if not queue and self.ws.send_nowait(frame):
+                if self.ws.backlogged:
+                    self._writer_wake.set()
+                return True
+        except ConnectionClosed:
+            return True
+        if len(queue) >= OUTBOUND_QUEUE_MESSAGES:
             self.dropped += 1
             return False
+        queue.append((media, frame))
+        self._writer_wake.set()
         return True
 
     def discard_media(self) -> None:
         """Barge-in: drop the queued ``media`` messages, keep the marks in order."""
-        keep: list[str] = []
-        while True:
+        keep = [item for item in self._queue if not item[0]]
+        self._queue.clear()
+        self._queue.extend(keep)
+
+    def pump(self, now: float) -> None:
+        """The media clock's read, while the handler sleeps: the messages the socket
+        holds now; ``media`` goes to the leg, anything else (and errors, control
+        frames, TCP ending) is handed to the handler, which it wakes."""
+        if not self._parked:
+            return
+        ws, stream = self.ws, self.stream
+        ws.receive_nowait()
+        while (data := ws.message_nowait()) is not None:
             try:
-                media, message = self._out_receive.receive_nowait()
-            except trio.WouldBlock:
-                break
-            if not media:
-                keep.append(message)
-        for message in keep:
-            self._out_send.send_nowait((False, message))
+                event = stream.receive_message_untrusted(data, now)
+            except ms.MediaStreamError as e:
+                self._hand_over(e)
+                return
+            leg = self.leg
+            if not isinstance(event, ms.Media) or leg is None:
+                self._hand_over(event)
+                return
+            _media_in(self.stats, leg, event, now)
+        if ws.needs_attention:
+            self._hand_over(None)
+
+    def _hand_over(self, item: ms.Event | ms.MediaStreamError | None) -> None:
+        self._handed_over = item
+        self.wake()
+
+    def wake(self) -> None:
+        """Wake the sleeping handler: the tick stops reading until it sleeps again."""
+        self._parked = False
+        self._handler_wake.set()
+
+    async def park(self) -> ms.Event | ms.MediaStreamError | None:
+        """Sleep while the media clock reads; what it handed over when woken."""
+        self._handler_wake = trio.Event()
+        self._parked = True
+        try:
+            await self._handler_wake.wait()
+        finally:
+            self._parked = False
+        item, self._handed_over = self._handed_over, None
+        return item
 
     def close(self, code: int, reason: str) -> None:
         """Close with ``code`` and ``reason`` (the first close asked for wins)."""
@@ -143,11 +205,17 @@ class _Connection:
         self.scope.cancel()
 
     async def write_loop(self) -> None:
-        async for _, message in self._out_receive:
-            try:
-                await self.ws.send_message(message)
-            except ConnectionClosed:
-                return
+        """Write what ``send_nowait`` could not, whenever it asks."""
+        ws, queue = self.ws, self._queue
+        try:
+            while True:
+                await self._writer_wake.wait()
+                self._writer_wake = trio.Event()
+                await ws.flush()
+                while queue:
+                    await ws.send_frame(queue.popleft()[1])
+        except ConnectionClosed:
+            return
 
 
 class WebSocketLeg:
@@ -187,8 +255,14 @@ class WebSocketLeg:
         return self.frames_out
 
     def attach(self, conn: _Connection | None) -> None:
-        """Send on ``conn`` from the next tick on (None: the stream dropped)."""
+        """Read and send on ``conn`` from the next tick on (None: the stream dropped)."""
+        old = self._conn
         self._conn = None if self._closed else conn
+        if old is not None and old is not self._conn:
+            old.leg = None
+            old.wake()
+        if self._conn is not None:
+            self._conn.leg = self
 
     def receive_media_untrusted(self, payload: bytes, now: float) -> None:
         """Queue a checked ``media`` payload (whole 160-byte frames of µ-law)."""
@@ -210,7 +284,11 @@ class WebSocketLeg:
         self._playback.complete(utterance_id, MARK, now)
 
     def receive(self, now: float, frames_elapsed: int) -> tuple[bool, list[bytes]]:
-        """The frames due now, decoded; True when caller media arrived since the last tick."""
+        """Read the stream, then the frames due now, decoded; True when caller media
+        arrived since the last tick."""
+        conn = self._conn
+        if conn is not None:
+            conn.pump(now)
         arrived, self._arrived = self._arrived, False
         inbound = self._inbound
         frames = []
@@ -223,9 +301,10 @@ class WebSocketLeg:
 
     def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
         """Queue one ``media`` message, then a ``mark`` after each finished utterance
-        (it completes when the far end echoes the mark)."""
+        (it completes when the far end echoes the mark). Nothing once the stream has
+        stopped (its ``stop``, read by this tick, waits for the handler)."""
         conn = self._conn
-        if conn is None:
+        if conn is None or conn.stream.state != ms.STREAMING:
             return
         message = conn.stream.media(_SILENCE if pcm is None else PCMU.encode(pcm))
         if conn.send_nowait(message, media=True):
@@ -243,7 +322,7 @@ class WebSocketLeg:
     def clear(self) -> None:
         """Drop the media still queued for the far end and send ``clear``."""
         conn = self._conn
-        if conn is not None:
+        if conn is not None and conn.stream.state == ms.STREAMING:
             conn.discard_media()
             self._send(conn, conn.stream.clear())
             self.clears_sent += 1
@@ -268,8 +347,8 @@ class WebSocketLeg:
 
     def close(self) -> None:
         """Stop sending and give the queued inbound audio back to the budget (idempotent)."""
+        self.attach(None)
         self._closed = True
-        self._conn = None
         self._inbound.clear()
 
 
@@ -484,7 +563,7 @@ class WebSocketEndpoint:
         headers: dict[str, str] = {}
         for name, value in request.headers:
             headers.setdefault(name, value)
-        conn = _Connection(ws, stream, path_tenant, headers)
+        conn = _Connection(ws, stream, path_tenant, headers, self.stats)
         self.stats["connections"] += 1
         try:
             with conn.scope:
@@ -502,6 +581,16 @@ class WebSocketEndpoint:
         stream = conn.stream
         try:
             while True:
+                if conn.leg is not None:
+                    item = await conn.park()
+                    if isinstance(item, ms.MediaStreamError):
+                        raise item
+                    if item is not None:
+                        if self._on_event(conn, item, trio.current_time()):
+                            return
+                        continue
+                    # Woken for the socket (a control frame, TCP ending) or detached:
+                    # get_message handles it, then the next message, then we sleep again.
                 deadline = stream.next_deadline()
                 with trio.move_on_at(math.inf if deadline is None else deadline):
                     data = await conn.ws.get_message()
@@ -534,7 +623,10 @@ class WebSocketEndpoint:
 
     def _on_message(self, conn: _Connection, data: str | bytes, now: float) -> bool:
         """Handle one message; True when the stream has stopped."""
-        event = conn.stream.receive_message_untrusted(data, now)
+        return self._on_event(conn, conn.stream.receive_message_untrusted(data, now), now)
+
+    def _on_event(self, conn: _Connection, event: ms.Event, now: float) -> bool:
+        """Handle one message's event; True when the stream has stopped."""
         call = self._calls.get(conn.ticket) if conn.ticket is not None else None
         if call is not None and call.conn is not conn:
             call = None
@@ -542,10 +634,8 @@ class WebSocketEndpoint:
         if isinstance(event, ms.Media):
             if leg is None:
                 self.stats["media_dropped_not_admitted"] += 1
-            elif event.track != ms.INBOUND_TRACK:
-                self.stats["media_ignored_outbound_track"] += 1
             else:
-                leg.receive_media_untrusted(event.payload, now)
+                _media_in(self.stats, leg, event, now)
         elif isinstance(event, ms.Mark):
             if leg is not None:
                 leg.receive_mark(event.name, now)
@@ -632,6 +722,14 @@ class WebSocketEndpoint:
             call.leg.attach(conn)
         token = self.tokens.issue(call.ticket)
         conn.send_nowait(conn.stream.mark(ms.recovery_mark_name(token)), media=False)
+
+
+def _media_in(stats: Counter[str], leg: WebSocketLeg, event: ms.Media, now: float) -> None:
+    """A ``media`` message for ``leg``: queued when inbound, else counted and ignored."""
+    if event.track != ms.INBOUND_TRACK:
+        stats["media_ignored_outbound_track"] += 1
+    else:
+        leg.receive_media_untrusted(event.payload, now)
 
 
 def _match_path(target: str, base: str) -> tuple[bool, str | None]:

@@ -21,9 +21,25 @@ instead of a close frame. Here:
   1002; text that is not UTF-8: 1007, §7.4.1) fails it as §7.1.7 says: a
   close frame with that code, then TCP close, nothing more read.
 - There is no reader task: frames are read only while one task waits in
-  ``get_message`` (or ``aclose``), so a busy reader pushes back on the peer
-  through TCP and one connection holds at most one receive
-  (:data:`RECEIVE_BYTES`) of unparsed input and one message being assembled.
+  ``get_message`` (or ``aclose``), or when its owner polls with
+  :meth:`~ServerWebSocket.receive_nowait` and
+  :meth:`~ServerWebSocket.message_nowait` (the media clock does, once a tick,
+  instead of a task wake-up per message), so a busy reader pushes back on the
+  peer through TCP and one connection holds at most one receive
+  (:data:`RECEIVE_BYTES`) of unparsed input and one message being assembled
+  (or, on the fast path below, one incomplete frame of at most 64 KiB).
+- Fast path: the common frame (a whole masked text frame under 64 KiB with
+  no RSV bits, within ``max_message_bytes``, valid UTF-8) is unmasked and
+  decoded here, without wsproto's per-frame objects. The first frame that is
+  anything else (control, fragment, binary, broken) and everything after it
+  go to wsproto, for good, so its checks and answers are unchanged. The fast
+  path only starts when the handshake left no byte behind in wsproto (a client
+  sends nothing before the 101, RFC 6455 §4.1).
+- Text frames are framed here (:func:`text_frame`: a server's frames are
+  unmasked, and no extension is negotiated) so that a message can be built
+  once and written at once with :meth:`~ServerWebSocket.send_nowait`, no task
+  switch; what the socket does not take waits in a backlog that the next
+  awaited send (or :meth:`~ServerWebSocket.flush`) writes first.
 
 :func:`refuse_unread` answers a connection over a limit without reading it.
 """
@@ -31,6 +47,8 @@ instead of a close frame. Here:
 from __future__ import annotations
 
 import http
+import os
+import struct
 from collections import deque
 from collections.abc import Sequence
 from contextlib import suppress
@@ -58,6 +76,20 @@ RECEIVE_BYTES: Final = 4096
 CLOSE_ABNORMAL: Final = 1006
 """The code reported when TCP ends without a close frame (RFC 6455 §7.1.5); never sent."""
 CLOSE_MESSAGE_TOO_BIG: Final = 1009
+_FIN_TEXT: Final = 0x81  # FIN + opcode 1 (RFC 6455 §5.2)
+_HEADER_16: Final = struct.Struct("!BBH")
+_HEADER_64: Final = struct.Struct("!BBQ")
+
+
+def text_frame(payload: bytes) -> bytes:
+    """One unfragmented, unmasked text frame (RFC 6455 §5.2, as a server sends it)
+    carrying ``payload`` (UTF-8; the caller guarantees it)."""
+    size = len(payload)
+    if size < 126:
+        return bytes((_FIN_TEXT, size)) + payload
+    if size < 1 << 16:
+        return _HEADER_16.pack(_FIN_TEXT, 126, size) + payload
+    return _HEADER_64.pack(_FIN_TEXT, 127, size) + payload
 
 
 class ConnectionClosed(Exception):
@@ -112,12 +144,18 @@ class ServerWebSocket:
         self._ws = WSConnection(ConnectionType.SERVER)
         self._max_message_bytes = max_message_bytes
         self._close_timeout_s = close_timeout_s
-        self._events: deque[Event] = deque()  # parsed from at most one receive
+        self._events: deque[Event | str] = deque()  # parsed; str: a fast-path message
+        self._fast = False  # whole text frames are parsed here (see the module docstring)
+        self._inbuf = bytearray()  # fast path: bytes of the next, incomplete frame
+        self._request_head = bytearray()  # the handshake's bytes, until the request is in
         self._text: list[str] = []
         self._binary: list[bytes] = []
         self._message_bytes = 0
         self._send_lock = trio.StrictFIFOLock()
+        self._backlog = b""  # the part of a send_nowait frame the socket did not take
         self._unsendable = False
+        self._eof = False  # receive_nowait saw TCP end: get_message reports it
+        self._fd = stream.socket.fileno()
         self._closed: ConnectionClosed | None = None
         self.remote, self.source_ip = _peer(stream)
         """``ip:port`` of the peer (``unknown`` once it has gone) and its IP (or None)."""
@@ -133,6 +171,9 @@ class ServerWebSocket:
         while True:
             for event in self._ws.events():
                 if isinstance(event, UpgradeRequest):
+                    head = self._request_head
+                    self._fast = head.find(b"\r\n\r\n") + 4 == len(head)
+                    self._request_head = bytearray()
                     headers = tuple((name.decode("latin-1"), value.decode("latin-1"))
                                     for name, value in event.extra_headers)
                     return Request(event.target, headers)
@@ -140,6 +181,7 @@ class ServerWebSocket:
             if not data:
                 await self._close_stream(CLOSE_ABNORMAL, "gone during the handshake")
                 raise HandshakeError("the peer left before its request ended", 0)
+            self._request_head += data
             try:
                 self._ws.receive_data(data)
             except HandshakeProtocolError as exc:
@@ -172,7 +214,7 @@ class ServerWebSocket:
             if self._closed is not None:
                 closed = self._closed
                 raise ConnectionClosed(closed.code, closed.reason, failed=closed.failed)
-            if not self._events:
+            if not self._events and not self._fast:
                 self._events.extend(self._ws.events())
             if self._events:
                 message = await self._on_event(self._events.popleft())
@@ -181,20 +223,110 @@ class ServerWebSocket:
                 continue
             data = await self._receive()
             if data:
-                self._ws.receive_data(data)
+                self._feed(data)
             else:
                 await self._close_stream(CLOSE_ABNORMAL, "closed without a close frame")
 
-    async def send_message(self, message: str | bytes) -> None:
-        """Send ``message`` as one text (``str``) or binary frame.
+    def receive_nowait(self) -> None:
+        """Take what the socket holds now (at most :data:`RECEIVE_BYTES`), without
+        waiting; :meth:`message_nowait` then hands out the whole messages.
+
+        Only while no task waits in ``get_message``. TCP ending (or failing) is
+        kept for ``get_message`` to report (see :attr:`needs_attention`).
+        """
+        if self._closed is not None or self._eof:
+            return
+        try:
+            data = os.read(self._fd, RECEIVE_BYTES)
+        except BlockingIOError:
+            return
+        except OSError:  # reset: as TCP ending
+            data = b""
+        if data:
+            self._feed(data)
+        else:
+            self._eof = True
+
+    def message_nowait(self) -> str | bytes | None:
+        """The next whole message already received, or None.
+
+        None also when what comes next needs ``get_message`` (a control frame,
+        a message over ``max_message_bytes``, a protocol error, TCP ended):
+        :attr:`needs_attention` is then True. Never raises, never waits.
+        """
+        events = self._events
+        while self._closed is None:
+            if not events:
+                if self._fast:
+                    return None
+                events.extend(self._ws.events())
+                if not events:
+                    return None
+            event = events[0]
+            if isinstance(event, str):  # a fast-path message: within the limit
+                events.popleft()
+                return event
+            if not isinstance(event, TextMessage | BytesMessage):
+                return None
+            size = _data_bytes(event)
+            if self._message_bytes + size > self._max_message_bytes:
+                return None
+            events.popleft()
+            self._message_bytes += size
+            message = self._append(event)
+            if message is not None:
+                return message
+        return None
+
+    @property
+    def needs_attention(self) -> bool:
+        """Whether ``get_message`` has work that :meth:`message_nowait` leaves:
+        an event it did not take, TCP ended, or the connection closed."""
+        return bool(self._events) or self._eof or self._closed is not None
+
+    @property
+    def backlogged(self) -> bool:
+        """Whether bytes of a :meth:`send_nowait` frame still wait for :meth:`flush`."""
+        return bool(self._backlog)
+
+    def send_nowait(self, frame: bytes) -> bool:
+        """Write ``frame`` (one whole frame, e.g. :func:`text_frame`) now, without
+        waiting; False, nothing written, while another send is in progress or a
+        backlog waits. What the socket does not take becomes the backlog
+        (:attr:`backlogged`): call :meth:`flush`.
+
+        Raises ConnectionClosed when the connection is closed or closing, or the
+        peer has gone.
+        """
+        if (self._closed is not None or self._unsendable
+                or self._ws.state is not ConnectionState.OPEN):
+            raise ConnectionClosed(CLOSE_ABNORMAL, "closed")
+        if self._backlog or self._send_lock.locked():
+            return False
+        try:
+            sent = os.write(self._fd, frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError:
+            self._unsendable = True
+            raise ConnectionClosed(CLOSE_ABNORMAL, "the peer has gone") from None
+        if sent < len(frame):
+            self._backlog = frame[sent:]
+        return True
+
+    async def send_frame(self, frame: bytes) -> None:
+        """Send ``frame`` (one whole frame, e.g. :func:`text_frame`), after the backlog.
 
         Raises ConnectionClosed when the connection is closed or closing.
         """
-        if self._closed is not None or self._ws.state is not ConnectionState.OPEN:
+        if self._ws.state is not ConnectionState.OPEN:
             raise ConnectionClosed(CLOSE_ABNORMAL, "closed")
-        event = TextMessage(data=message) if isinstance(message, str) else BytesMessage(
-            data=message)
-        await self._send(self._ws.send(event))
+        await self._send(frame)
+
+    async def flush(self) -> None:
+        """Write the backlog (see :meth:`send_nowait`); raises ConnectionClosed."""
+        if self._backlog:
+            await self._send(b"")
 
     async def aclose(self, code: int = 1000, reason: str = "") -> None:
         """Close (RFC 6455 §7.1.2): a close frame with ``code`` and ``reason``, then
@@ -218,7 +350,58 @@ class ServerWebSocket:
 
     # -- internals --------------------------------------------------------------
 
-    async def _on_event(self, event: Event) -> str | bytes | None:
+    def _feed(self, data: bytes) -> None:
+        """Bytes from the peer after the handshake: whole simple text frames to
+        ``_events`` (fast path), anything else from the first other frame on to wsproto."""
+        if not self._fast:
+            self._ws.receive_data(data)
+            return
+        buf = self._inbuf
+        buf += data
+        size = len(buf)
+        pos = 0
+        simple = True
+        while size - pos >= 2:
+            length = buf[pos + 1] & 0x7F
+            if buf[pos] != _FIN_TEXT or buf[pos + 1] < 0x80 or length == 127:
+                simple = False  # not a whole masked text frame with a short length
+                break
+            head = pos + 2
+            if size - pos < (8 if length == 126 else 6):
+                break
+            if length == 126:
+                length = (buf[head] << 8) | buf[head + 1]
+                head += 2
+                if length < 126:  # not the minimal encoding: wsproto fails it
+                    simple = False
+                    break
+            if length > self._max_message_bytes:  # wsproto streams it and fails 1009
+                simple = False
+                break
+            end = head + 4 + length
+            if end > size:
+                break
+            payload = bytes(buf[head + 4:end])
+            mask = bytes(buf[head:head + 4])
+            if mask != b"\0\0\0\0" and length:
+                key = int.from_bytes((mask * ((length >> 2) + 1))[:length], "little")
+                payload = (int.from_bytes(payload, "little") ^ key).to_bytes(length, "little")
+            try:
+                text = payload.decode()
+            except UnicodeDecodeError:  # wsproto fails it with 1007
+                simple = False
+                break
+            self._events.append(text)
+            pos = end
+        del buf[:pos]
+        if not simple:
+            self._fast = False
+            self._ws.receive_data(bytes(buf))
+            self._inbuf = bytearray()
+
+    async def _on_event(self, event: Event | str) -> str | bytes | None:
+        if isinstance(event, str):  # a fast-path message, under max_message_bytes
+            return event
         if isinstance(event, TextMessage | BytesMessage):
             return await self._on_data(event)
         if isinstance(event, Ping):
@@ -228,16 +411,22 @@ class ServerWebSocket:
         return None  # a pong: we send no pings
 
     async def _on_data(self, event: TextMessage | BytesMessage) -> str | bytes | None:
-        if isinstance(event, TextMessage):
-            self._message_bytes += len(event.data.encode())
-            self._text.append(event.data)
-        else:
-            self._message_bytes += len(event.data)
-            self._binary.append(bytes(event.data))
+        self._message_bytes += _data_bytes(event)
         if self._message_bytes > self._max_message_bytes:
             await self._fail(CLOSE_MESSAGE_TOO_BIG,
                              f"message over {self._max_message_bytes} bytes")
             return None
+        return self._append(event)
+
+    def _append(self, event: TextMessage | BytesMessage) -> str | bytes | None:
+        """Add a data event (already counted); the whole message once it is finished."""
+        if isinstance(event, TextMessage):
+            if event.message_finished and not self._text:
+                self._message_bytes = 0
+                return event.data
+            self._text.append(event.data)
+        else:
+            self._binary.append(bytes(event.data))
         if not event.message_finished:
             return None
         message = "".join(self._text) if isinstance(event, TextMessage) else b"".join(
@@ -279,6 +468,8 @@ class ServerWebSocket:
 
     async def _receive(self) -> bytes:
         """The next bytes from the peer; b"" when TCP has ended."""
+        if self._eof:
+            return b""
         try:
             return await self._stream.receive_some(RECEIVE_BYTES)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -289,8 +480,10 @@ class ServerWebSocket:
             raise ConnectionClosed(CLOSE_ABNORMAL, "closed")
         async with self._send_lock:
             sent = False
+            data, self._backlog = self._backlog + data, b""
             try:
-                await self._stream.send_all(data)
+                if data:
+                    await self._stream.send_all(data)
                 sent = True
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 raise ConnectionClosed(CLOSE_ABNORMAL, "the peer has gone") from None
@@ -301,6 +494,7 @@ class ServerWebSocket:
         if self._closed is None:
             self._closed = ConnectionClosed(code, reason, failed=failed)
         self._events.clear()
+        self._inbuf = bytearray()
         self._text, self._binary, self._message_bytes = [], [], 0
         await self._stream.aclose()
 
@@ -323,6 +517,14 @@ async def refuse_unread(stream: trio.SocketStream, status: int,
             await stream.send_all(b"\r\n".join(lines))
     finally:
         await stream.aclose()
+
+
+def _data_bytes(event: TextMessage | BytesMessage) -> int:
+    """A data event's size in bytes (text as UTF-8)."""
+    data = event.data
+    if isinstance(data, str):
+        return len(data) if data.isascii() else len(data.encode())
+    return len(data)
 
 
 def _peer(stream: trio.SocketStream) -> tuple[str, str | None]:
