@@ -71,6 +71,7 @@ fuzz: setup
 
 bench: setup
 	$(BIN)/python -m bench.sip_load
+	$(BIN)/python -m bench.rtp_load
 	$(BIN)/python -m bench.admission_latency
 	$(BIN)/python -m bench.rss_sessions
 	$(BIN)/python -m bench.ws_load
