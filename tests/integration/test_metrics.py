@@ -165,12 +165,16 @@ def test_connections_are_bounded_and_freed(start_daemon: StartDaemon) -> None:
         assert busy.status == 503 and busy.will_close
         held[0].close()
 
+        scrapes: list[str] = []
+
         def served() -> bool:
-            return request(port)[0].status == 200
+            # a slot frees once the server has seen the client's close; until then 503
+            response, body = request(port)
+            scrapes.append(body.decode())
+            return response.status == 200
         wait_until(served, "a connection slot freed by the client's close")
-        _, scrape = request(port)  # served() may have met 503 too before the slot freed
         busy_line = 'voxgate_metrics_http_refused_total{reason="busy"} '
-        (refused,) = [line for line in scrape.decode().splitlines() if line.startswith(busy_line)]
+        (refused,) = [line for line in scrapes[-1].splitlines() if line.startswith(busy_line)]
         assert float(refused.removeprefix(busy_line)) >= 1
 
 
