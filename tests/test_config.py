@@ -263,3 +263,69 @@ def test_daemon_refuses_bad_config_with_78(tmp_path):
     bad = run_voxgated("--config", str(write(tmp_path, "[limits]\nmax_sessions = -5\n")))
     assert bad.returncode == EX_CONFIG
     assert "[limits] max_sessions" in bad.stderr
+
+
+def credentials_file(tmp_path: Path, text: str, mode: int = 0o640) -> Path:
+    path = tmp_path / "sip-users"
+    path.write_text(text)
+    path.chmod(mode)
+    return path
+
+
+def test_sip_credentials_are_read_with_the_config(tmp_path):
+    users = credentials_file(tmp_path, "# callers\nalice:wonder land\n"
+                             f"bob:pbx:{'ab' * 16}\n")
+    config = load_config(write(tmp_path, f'[sip]\nauth_credentials_file = "{users}"\n'
+                                         'auth_realm = "pbx"\nauth_nonce_ttl_s = 60\n'))
+    assert [(c.username, c.algorithm) for c in config.sip_credentials] == [
+        ("alice", None), ("bob", "MD5")]
+    assert (config.sip.auth_realm, config.sip.auth_nonce_ttl_s) == ("pbx", 60.0)
+    assert Config().sip_credentials == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "expected"),
+    [
+        ("alice:pw\n", 0o644, "must not be accessible to others (mode 0644; chmod o-rwx)"),
+        ("alice:pw\n", 0o602, "must not be accessible to others"),
+        ("alice\n", 0o600, "line 1: must be username:password"),
+        ("# nobody\n", 0o600, "no credentials in the file"),
+        (f"bob:elsewhere:{'ab' * 16}\n", 0o600, "is for realm 'elsewhere', not [sip] auth_realm"),
+        ("caf\xe9:pw\n".encode("latin-1"), 0o600, "not UTF-8"),
+    ],
+)
+def test_bad_sip_credentials_file_names_key_and_file(tmp_path, text, mode, expected):
+    users = tmp_path / "sip-users"
+    if isinstance(text, bytes):
+        users.write_bytes(text)
+        users.chmod(mode)
+    else:
+        credentials_file(tmp_path, text, mode)
+    path = write(tmp_path, f'[sip]\nauth_credentials_file = "{users}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: [sip] auth_credentials_file: {users}: ")
+    assert expected in str(info.value)
+
+
+def test_missing_sip_credentials_file_and_bad_realm(tmp_path):
+    with pytest.raises(ConfigError, match=r"auth_credentials_file: .*absent: cannot read: "
+                                          "No such file"):
+        load_config(write(tmp_path, f'[sip]\nauth_credentials_file = "{tmp_path}/absent"\n'))
+    os.mkfifo(tmp_path / "fifo", 0o600)
+    with pytest.raises(ConfigError, match="fifo: must be a regular file"):
+        load_config(write(tmp_path, f'[sip]\nauth_credentials_file = "{tmp_path}/fifo"\n'))
+    for algorithms in ("[]", '["MD5", "MD5"]', '["SHA-1"]'):
+        with pytest.raises(ConfigError, match=r"\[sip\] auth_algorithms: a non-empty list"):
+            load_config(write(tmp_path, f"[sip]\nauth_algorithms = {algorithms}\n"))
+    with pytest.raises(ConfigError, match=r"\[sip\] auth_realm: 1-64 printable"):
+        load_config(write(tmp_path, '[sip]\nauth_realm = "a\\"b"\n'))
+
+
+def test_daemon_refuses_world_readable_credentials_with_78(tmp_path):
+    users = credentials_file(tmp_path, "alice:pw\n", 0o604)
+    bad = run_voxgated("--config", str(write(tmp_path, "[sip]\nauth_credentials_file = "
+                                                       f'"{users}"\n')))
+    assert bad.returncode == EX_CONFIG, bad.stderr
+    assert f"[sip] auth_credentials_file: {users}: must not be accessible to others" \
+        in bad.stderr

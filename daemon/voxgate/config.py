@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
+import os
 import re
+import stat
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,8 @@ from typing import Any
 from voxgate.agents.dialogue import BUILTIN_MENU, Choice, Menu, Step, menu_problem
 from voxgate.cidr import parse_networks
 from voxgate.errors import ConfigError
+from voxgate.sip.digest import ALGORITHMS as DIGEST_ALGORITHMS
+from voxgate.sip.digest import Credential, parse_credentials
 
 DEFAULT_PATH = Path("/etc/voxgate/voxgate.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -49,6 +53,11 @@ class SipConfig:
     unacked_failures_per_source: int = field(default=16, metadata=_range(0, 1_000_000))
     trusted_cidrs: tuple[str, ...] = ()
     advertise: str = ""
+    auth_credentials_file: str = ""
+    auth_realm: str = "voxgate"
+    auth_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
+    auth_nonce_ttl_s: float = field(default=300.0, metadata=_range(10, 86_400))
+    auth_replay_table_size: int = field(default=4096, metadata=_range(16, 1_000_000))
 
     @property
     def host(self) -> str:
@@ -90,7 +99,7 @@ class LimitsConfig:
     retry_after_s: int = field(default=5, metadata=_range(1, 86_400))
     drain_timeout_s: float = field(default=30.0, metadata=_range(0, 86_400))
     media_utilisation_max: float = field(default=0.7, metadata=_range(0.001, 1.0))
-    media_lag_max_ms: int = field(default=15, metadata=_range(1, 10_000))
+    media_lag_max_ms: int = field(default=40, metadata=_range(1, 10_000))
 
 
 @dataclass(frozen=True)
@@ -321,6 +330,8 @@ class Config:
     postcall: PostCallConfig = field(default_factory=PostCallConfig)
     tenants: tuple[TenantConfig, ...] = ()
     source: str = "<embedded default>"
+    sip_credentials: tuple[Credential, ...] = ()
+    """The entries of ``[sip] auth_credentials_file``, read when the file is loaded."""
 
 
 RECOGNIZER_RSS_BYTES = 160 << 20
@@ -378,7 +389,7 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     section_types = {
         f.name: f.default_factory
         for f in dataclasses.fields(Config)
-        if f.name not in ("source", "tenants")
+        if f.name not in ("source", "tenants", "sip_credentials")
     }
     for name, value in data.items():
         if name == "tenants":
@@ -391,7 +402,45 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         sections[name] = _parse_section(section_types[name], name, value, source)
     config = Config(**sections, source=source)
     _check_consistency(config)
+    if config.sip.auth_credentials_file:
+        config = dataclasses.replace(config, sip_credentials=_read_sip_credentials(config))
     return config
+
+
+MAX_CREDENTIALS_FILE_BYTES = 1 << 20
+
+
+def _read_sip_credentials(config: Config) -> tuple[Credential, ...]:
+    """``[sip] auth_credentials_file``'s entries; raises ConfigError naming the key and
+    the file when it is missing, unreadable, readable or writable by "other", too large,
+    or malformed (see :func:`voxgate.sip.digest.parse_credentials`)."""
+    path = Path(config.sip.auth_credentials_file)
+    where = f"{config.source}: [sip] auth_credentials_file: {path}"
+    try:
+        # O_NONBLOCK: a FIFO in its place must not hang the load
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            mode = os.fstat(f.fileno()).st_mode
+            if not stat.S_ISREG(mode):
+                raise ConfigError(f"{where}: must be a regular file")
+            if mode & 0o007:
+                raise ConfigError(f"{where}: must not be accessible to others "
+                                  f"(mode {stat.S_IMODE(mode):04o}; chmod o-rwx)")
+            data = f.read(MAX_CREDENTIALS_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(f"{where}: cannot read: {e.strerror}") from e
+    if len(data) > MAX_CREDENTIALS_FILE_BYTES:
+        raise ConfigError(f"{where}: larger than {MAX_CREDENTIALS_FILE_BYTES} bytes")
+    try:
+        entries = parse_credentials(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{where}: not UTF-8") from e
+    except ValueError as e:
+        raise ConfigError(f"{where}: {e}") from e
+    for entry in entries:
+        if entry.realm is not None and entry.realm != config.sip.auth_realm:
+            raise ConfigError(f"{where}: the HA1 of {entry.username!r} is for realm "
+                              f"{entry.realm!r}, not [sip] auth_realm {config.sip.auth_realm!r}")
+    return entries
 
 
 def _parse_tenants(value: Any, source: str) -> tuple[TenantConfig, ...]:
@@ -541,6 +590,15 @@ def _check_consistency(config: Config) -> None:
         parse_networks(config.sip.trusted_cidrs)
     except ValueError as e:
         raise ConfigError(f"{src}: [sip] trusted_cidrs: {e}") from e
+    if not re.fullmatch(r"[\x20-\x7e]{1,64}", config.sip.auth_realm) or any(
+            c in config.sip.auth_realm for c in '"\\'):
+        raise ConfigError(f"{src}: [sip] auth_realm: 1-64 printable ASCII characters "
+                          "without quotes or backslashes")
+    algorithms = config.sip.auth_algorithms
+    if not algorithms or len(set(algorithms)) < len(algorithms) or not set(algorithms) <= set(
+            DIGEST_ALGORITHMS):
+        raise ConfigError(f"{src}: [sip] auth_algorithms: a non-empty list of "
+                          f"{', '.join(map(repr, DIGEST_ALGORITHMS))}, each at most once")
     try:
         ipaddress.ip_address(config.rtp.address)
     except ValueError as e:

@@ -44,6 +44,7 @@ from prometheus_client.registry import Collector
 
 from voxgate import __version__
 from voxgate.errors import LocalProtocolError
+from voxgate.sip.digest import AuthResult
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # before any metric is made
 
@@ -224,6 +225,11 @@ LIVE_METRICS: tuple[LiveMetric, ...] = (
              "(an answer after CANCEL …)"),
     _counter("voxgate_sip_flood_sources_evicted_total",
              "Least recently seen sources forgotten by the flood bucket table"),
+    _counter("voxgate_sip_auth_total", "New INVITEs checked against [sip] "
+             "auth_credentials_file, by result (ok; the others got 401: missing, bad_header, "
+             "unknown_user, wrong_response, stale, replay)", "result"),
+    _counter("voxgate_sip_auth_nonces_evicted_total", "Nonces forgotten by the digest "
+             "replay table ([sip] auth_replay_table_size)"),
     # ALSA lines
     _counter("voxgate_alsa_sessions_total", "Sessions run on an ALSA line", "line"),
     _counter("voxgate_alsa_open_failures_total", "ALSA devices that could not be opened", "line"),
@@ -348,6 +354,9 @@ _SIP: Mapping[str, _Route] = {  # the fields of voxgate.sip.uas.UasStats
     "datagrams_dropped": ("voxgate_sip_send_queue_drops_total", ()),
     "late_actions": ("voxgate_sip_late_actions_total", ()),
     "flood_sources_evicted": ("voxgate_sip_flood_sources_evicted_total", ()),
+    **{f"auth_{result.value}": ("voxgate_sip_auth_total", (result.value,))
+       for result in AuthResult},
+    "auth_nonces_evicted": ("voxgate_sip_auth_nonces_evicted_total", ()),
 }
 
 _ALSA: Mapping[str, _Route] = {  # the fields of voxgate.transports.alsa.LineStats

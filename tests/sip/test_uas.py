@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import re
 
 import pytest
 
@@ -16,8 +17,10 @@ from tests.sip.fakelink import (
     ScriptedUac,
     to_tag_of,
 )
+from tests.sip.test_digest import authorization
 from voxgate.cidr import parse_networks
 from voxgate.errors import LocalProtocolError
+from voxgate.sip.digest import Credential
 from voxgate.sip.headers import parse_via
 from voxgate.sip.message import Request, Response
 from voxgate.sip.parser import parse_message_untrusted
@@ -771,3 +774,41 @@ def test_a_flooding_source_is_dropped_before_parsing_but_not_its_own_calls() -> 
     link.send(new_invite(link.uac, 4))
     assert link.core.stats.flood_dropped_unparsed == 3
     assert sum(isinstance(e, IncomingCall) for e in link.take_events()) == 2
+
+
+def test_digest_auth_challenges_new_invites_only() -> None:
+    link = FakeLink()
+    link.core.digest.configure([Credential("alice", password="wonder land")], realm="voxgate",
+                               nonce_ttl_s=300, max_nonces=64)
+    transactions = link.core.active_transactions
+    first = link.uac.invite()
+    link.send(first)
+    unauthorized = link.responses[-1]
+    assert unauthorized.status == 401 and to_tag_of(unauthorized) is not None
+    challenges = unauthorized.headers.get_all("WWW-Authenticate")
+    assert [re.findall(r"algorithm=([\w-]+)", c) for c in challenges] == [["SHA-256"], ["MD5"]]
+    assert link.take_events() == [] and link.core.active_transactions == transactions
+    link.send(link.uac.ack_for(first, unauthorized))  # stateless 401: the ACK is absorbed
+    link.send(link.uac.request("OPTIONS"))
+    assert link.statuses()[-1] == 200  # only INVITEs authenticate
+
+    credentials = authorization(challenges[1], "alice", "wonder land")
+    invite = link.uac.invite(extra=[("Authorization", credentials)])
+    link.send(invite)
+    link.send(invite)  # a retransmission is absorbed by the transaction, not re-checked
+    (event,) = link.take_events()
+    assert isinstance(event, IncomingCall) and event.auth_user == "alice"
+    assert link.statuses()[-2:] == [100, 100]
+    link.core.accept(event.call_key, SDP_ANSWER, link.clock.now)
+    link.pump()
+    ok = link.responses[-1]
+    link.send(link.uac.ack_for(invite, ok))
+    link.send(link.uac.invite(to_tag=to_tag_of(ok)))  # a re-INVITE needs no credentials
+    assert isinstance(link.take_events()[-1], ReInvite)
+
+    replayed = link.uac.invite(extra=[("Authorization", credentials)])
+    replayed.headers.set("Call-ID", "call-9@uac")
+    link.send(replayed)
+    assert link.statuses()[-1] == 401
+    stats = link.core.stats
+    assert (stats.auth_missing, stats.auth_ok, stats.auth_replay) == (1, 1, 1)

@@ -186,6 +186,7 @@ REASON_PHRASES: dict[int, str] = {
     183: "Session Progress",
     200: "OK",
     400: "Bad Request",
+    401: "Unauthorized",
     403: "Forbidden",
     404: "Not Found",
     405: "Method Not Allowed",

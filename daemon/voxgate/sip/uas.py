@@ -41,6 +41,7 @@ from voxgate.cidr import IPNetwork, source_in
 from voxgate.end_reasons import EndReason
 from voxgate.errors import LocalProtocolError, RemoteProtocolError
 from voxgate.sip.dialog import Dialog, DialogId, DialogState
+from voxgate.sip.digest import AuthResult, DigestAuthenticator
 from voxgate.sip.headers import (
     Via,
     parse_cseq,
@@ -111,6 +112,7 @@ class IncomingCall:
     request: Request
     source: Address
     sdp_offer: bytes
+    auth_user: str | None = None  # the digest username, when INVITEs must authenticate
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,6 +205,14 @@ class UasStats:
     untrusted_refused: int  # new request from outside trusted_networks: stateless 403
     failure_retransmissions_capped: int  # 3xx-6xx to a source that does not ACK: sent once
     responses_too_large: int  # answers that would not fit one UDP datagram: minimal 513 instead
+    auth_ok: int  # new INVITEs with valid digest credentials (the rest got a stateless 401)
+    auth_missing: int
+    auth_bad_header: int
+    auth_unknown_user: int
+    auth_wrong_response: int
+    auth_stale: int
+    auth_replay: int
+    auth_nonces_evicted: int  # replay table: least recently used nonce forgotten
 
 
 # --- per-call state -----------------------------------------------------------------------
@@ -213,6 +223,7 @@ class _Incoming(NamedTuple):
     via: Via  # the top Via as received (transaction key)
     destination: Address  # §18.2.2
     source: Address
+    auth_user: str | None = None  # set once a new INVITE authenticated
 
 
 class _Call:
@@ -299,6 +310,9 @@ class UasCore:
         self.trusted_networks: tuple[IPNetwork, ...] = ()
         """Sources that may start requests (empty: every source); others get a
         stateless 403 after the flood limits. The app may change it (reload)."""
+        self.digest = DigestAuthenticator()
+        """Digest authentication of new INVITEs, off until the app configures it with
+        credentials (reload); see :meth:`_authenticate`."""
         self.max_datagram_bytes = max_datagram_bytes
         """Largest datagram we send; a response that would not fit is cut down to a
         minimal 513 (see the module docstring)."""
@@ -421,6 +435,8 @@ class UasCore:
             transactions_refused_share=table.refused_share,
             failure_retransmissions_capped=table.failure_retransmissions_capped,
             flood_sources_evicted=self._rate_limiter.evicted,
+            **{f"auth_{result}": n for result, n in self.digest.counts.items()},
+            auth_nonces_evicted=self.digest.nonces_evicted,
             retransmissions=self._outbox.retransmissions,
             datagrams_dropped=self._outbox.dropped,
         )
@@ -563,8 +579,14 @@ class UasCore:
         if not self._responses_fit(request):
             self._refuse_too_large(inc, now)
             return
-        if not self._in_known_dialog(inc) and not self._admit_new(inc, now):
-            return
+        if not self._in_known_dialog(inc):
+            if not self._admit_new(inc, now):
+                return
+            if request.method == "INVITE" and self.digest.enabled:
+                auth_user = self._authenticate(inc, now)
+                if auth_user is None:
+                    return
+                inc = inc._replace(auth_user=auth_user)
         rejection = _check_request(request)
         if rejection is not None:
             self._answer(inc, now, rejection[0], to_tag=self._token(), extra=rejection[1])
@@ -602,6 +624,22 @@ class UasCore:
         else:
             self._counts["flood_dropped"] += 1
         return False
+
+    def _authenticate(self, inc: _Incoming, now: float) -> str | None:
+        """A new INVITE's digest username (§22.4), or ``None`` after answering it a
+        stateless 401 with fresh challenges (the caller retransmits the INVITE if the
+        401 is lost; its ACK matches nothing and is absorbed). Checked before the §8.2
+        method and header checks, as §8.2 orders it."""
+        request = inc.request
+        verdict = self.digest.check(
+            request.method, request.uri, request.headers.get_all("Authorization"), now)
+        if verdict.username is not None:
+            return verdict.username
+        stale = verdict.result is AuthResult.STALE
+        challenges = [("WWW-Authenticate", c) for c in self.digest.challenges(now, stale=stale)]
+        unauthorized = self._response(request, 401, to_tag=self._token(), extra=challenges)
+        self._outbox.send(unauthorized.serialize(), inc.destination)
+        return None
 
     def _receive_ack(self, inc: _Incoming, now: float) -> None:
         txn = self._transactions.match_server(inc.request, inc.via)
@@ -652,7 +690,8 @@ class UasCore:
         self._calls_by_id[dialog.id] = call
         self._call_ids[dialog.id.call_id] += 1
         self._merge_index[merge_key] = key
-        self._events.append(IncomingCall(key, request.call_id, request, inc.source, request.body))
+        self._events.append(IncomingCall(
+            key, request.call_id, request, inc.source, request.body, inc.auth_user))
 
     def _receive_reinvite(self, call: _Call, inc: _Incoming, cseq: int, now: float) -> None:
         contact = inc.request.headers.get("Contact")

@@ -156,6 +156,7 @@ class SipEndpoint:
                                 max_dialogs=_max_dialogs(config),
                                 flood_limits=FloodLimits.from_settings(config.sip))
         self.core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
+        _configure_digest(self.core, config)
         self.ports = PortPool(config.rtp.address, config.rtp.port_min, config.rtp.port_max)
         self.rtp_readiness = RtpReadiness()  # one readiness check per tick for all legs
         self._sock: socket.socket | None = None
@@ -201,6 +202,7 @@ class SipEndpoint:
         self.core.max_dialogs = _max_dialogs(config)
         self.core.flood_limits = FloodLimits.from_settings(config.sip)
         self.core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
+        _configure_digest(self.core, config)
         self._pump()
 
     def poke(self) -> None:
@@ -453,6 +455,14 @@ def _apply_direction(leg: RtpLeg, session: Session, negotiated: Negotiated, now:
     leg.sending = negotiated.remote_rtp is not None and direction in ("sendrecv", "sendonly")
     # A caller that holds (sendonly, inactive, 0.0.0.0) may well send nothing.
     session.media_changed(direction == "sendrecv", now)
+
+
+def _configure_digest(core: uas.UasCore, config: Config) -> None:
+    """INVITE authentication from ``[sip] auth_*`` (no credentials: off)."""
+    core.digest.configure(config.sip_credentials, realm=config.sip.auth_realm,
+                          nonce_ttl_s=config.sip.auth_nonce_ttl_s,
+                          max_nonces=config.sip.auth_replay_table_size,
+                          algorithms=config.sip.auth_algorithms)
 
 
 def _max_dialogs(config: Config) -> int:
