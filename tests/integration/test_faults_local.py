@@ -257,7 +257,10 @@ def test_journald_down_logs_to_stderr_then_back(tmp_path: Path) -> None:
     stderr = json.loads((tmp_path / "stderr.json").read_text())
     events = [line.split("event=", 1)[1].split(" ", 1)[0]
               for line in stderr["before_restart"].splitlines() if "event=" in line]
-    assert events[:3] == ["journal_unreachable", "reloaded", "reloaded"], stderr["before_restart"]
+    # On a loaded machine the daemon may meet the namespace's journald not yet reading
+    # at start-up: then "ready" (and a loop-lag warning) is on stderr too, and counted.
+    watched = [e for e in events if e in ("journal_unreachable", "reloaded")]
+    assert watched == ["journal_unreachable", "reloaded", "reloaded"], stderr["before_restart"]
     lines = stderr["after"].splitlines()
     marks = [i for i, line in enumerate(lines) if "event=journal_" in line]
     assert len(marks) == 2 and "event=journal_reachable" in lines[marks[1]], lines
