@@ -1,0 +1,96 @@
+"""SRTP with SDES keys against the real daemon: baresip (srtp-mand) calls in and
+hears its echo while packets under a wrong key hit the call's port and are
+dropped and counted; a plain RTP offer to ``srtp = "required"`` gets 488."""
+
+from __future__ import annotations
+
+import math
+import os
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pylibsrtp
+
+from tests.harness import requires
+from tests.harness.audio import SpeechClip, active_ratio, compare_echo, read_wav
+from tests.harness.baresip import BaresipResult, call_and_record
+from tests.harness.daemon import PortRange, free_udp_port
+from tests.harness.sipp import Sipp, offer_keys
+from tests.integration.conftest import StartDaemon
+from tests.integration.test_control import ctl_ok
+
+ReservePorts = Callable[[int], PortRange]
+WRONG_KEY_PACKETS = 100
+
+
+def _wrong_key_packets(count: int) -> list[bytes]:
+    """PCMU packets protected with a key nobody negotiated."""
+    policy = pylibsrtp.Policy(key=os.urandom(30), ssrc_type=pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
+    session = pylibsrtp.Session(policy)
+    return [session.protect(struct.pack("!BBHII", 0x80, 0, seq, seq * 160, 0xBAD)
+                            + b"\x00" * 160) for seq in range(count)]
+
+
+@requires("baresip")
+def test_baresip_with_mandatory_srtp_hears_its_echo_and_wrong_keys_are_dropped(
+    start_daemon: StartDaemon, reserve_ports: ReservePorts, clip: SpeechClip, tmp_path: Path
+) -> None:
+    daemon = start_daemon({"rtp": {"srtp": "required"}})
+    rtp = reserve_ports(10)
+    results: list[BaresipResult] = []
+
+    def call() -> None:
+        results.append(call_and_record(
+            daemon.sip_address, tmp_path, clip=clip, sip_port=free_udp_port(),
+            rtp_first=rtp.first, rtp_last=rtp.last, run_s=math.ceil(clip.duration_s) + 6,
+            mediaenc="srtp-mand"))
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    try:
+        start = daemon.wait_log(r"event=call_start\b.*", timeout_s=20)
+        fields = start.string
+        assert "srtp=AES_CM_128_HMAC_SHA1_80" in fields, fields
+        port = int(fields.split("local_rtp_port=")[1].split()[0])
+        # A sender without the key, spread over a second of the call.
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+            for packet in _wrong_key_packets(WRONG_KEY_PACKETS):
+                attacker.sendto(packet, ("127.0.0.1", port))
+                time.sleep(0.01)
+    finally:
+        caller.join(timeout=math.ceil(clip.duration_s) + 30)
+    assert results, "baresip did not finish"
+    result = results[0]
+    assert result.received_wav is not None, result.output[-3000:]
+    received = read_wav(result.received_wav).to_pcm16()
+    assert len(received) / 2 / 8000 >= clip.duration_s * 0.8, result.output[-3000:]
+    assert active_ratio(received) >= 0.3, "the recording is (nearly) silence"
+    match = compare_echo(received, clip.pcm16)
+    assert match.segments_matched >= 0.7, match
+    assert match.overlap_s >= clip.duration_s * 0.7, match
+
+    daemon.wait_log(r"event=call_end\b.*\breason=bye\b", timeout_s=10)
+    metrics = ctl_ok(daemon, "metrics")
+    assert (f'voxgate_srtp_packets_dropped_total{{reason="auth"}} {WRONG_KEY_PACKETS}.0'
+            in metrics), metrics
+    assert 'voxgate_srtp_packets_dropped_total{reason="replay"} 0.0' in metrics
+
+
+@requires("sipp")
+def test_plain_rtp_offer_to_required_srtp_gets_488(
+    start_daemon: StartDaemon, reserve_ports: ReservePorts, tmp_path: Path
+) -> None:
+    daemon = start_daemon({"rtp": {"srtp": "required"}})
+    sipp = Sipp("uac_488", daemon.sip_address, workdir=tmp_path / "sipp",
+                local_port=free_udp_port(), media_port=reserve_ports(4).first, timeout_s=40.0,
+                extra_args=offer_keys(0, "PCMU"))
+    result = sipp.run()
+    assert result.returncode == 0 and result.successful_calls == 1, result.describe()
+    refused = daemon.wait_log(r"event=call_refused\b.*")
+    assert "status=488" in refused.string and "RTP/SAVP" in refused.string, refused.string
+    assert not daemon.events("call_start")
+    assert daemon.alive()
