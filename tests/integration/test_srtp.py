@@ -1,6 +1,7 @@
 """SRTP with SDES keys against the real daemon: baresip (srtp-mand) calls in and
 hears its echo while packets under a wrong key hit the call's port and are
-dropped and counted; a plain RTP offer to ``srtp = "required"`` gets 488."""
+dropped and counted, a plain call beside it keeps its echo and new calls are
+still answered; a plain RTP offer to ``srtp = "required"`` gets 488."""
 
 from __future__ import annotations
 
@@ -18,10 +19,12 @@ import pylibsrtp
 from tests.harness import requires
 from tests.harness.audio import SpeechClip, active_ratio, compare_echo, read_wav
 from tests.harness.baresip import BaresipResult, call_and_record
-from tests.harness.daemon import PortRange, free_udp_port
+from tests.harness.daemon import PortRange, free_udp_port, parse_logfmt
+from tests.harness.phone import Phone
 from tests.harness.sipp import Sipp, offer_keys
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import ctl_ok
+from tests.integration.test_recovery import live_call, ulaw_clip, wait_echo
 
 ReservePorts = Callable[[int], PortRange]
 WRONG_KEY_PACKETS = 100
@@ -39,7 +42,7 @@ def _wrong_key_packets(count: int) -> list[bytes]:
 def test_baresip_with_mandatory_srtp_hears_its_echo_and_wrong_keys_are_dropped(
     start_daemon: StartDaemon, reserve_ports: ReservePorts, clip: SpeechClip, tmp_path: Path
 ) -> None:
-    daemon = start_daemon({"rtp": {"srtp": "required"}})
+    daemon = start_daemon({"rtp": {"srtp": "offer"}})
     rtp = reserve_ports(10)
     results: list[BaresipResult] = []
 
@@ -49,20 +52,24 @@ def test_baresip_with_mandatory_srtp_hears_its_echo_and_wrong_keys_are_dropped(
             rtp_first=rtp.first, rtp_last=rtp.last, run_s=math.ceil(clip.duration_s) + 6,
             mediaenc="srtp-mand"))
 
-    caller = threading.Thread(target=call)
-    caller.start()
-    try:
-        start = daemon.wait_log(r"event=call_start\b.*", timeout_s=20)
-        fields = start.string
-        assert "srtp=AES_CM_128_HMAC_SHA1_80" in fields, fields
-        port = int(fields.split("local_rtp_port=")[1].split()[0])
-        # A sender without the key, spread over a second of the call.
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
-            for packet in _wrong_key_packets(WRONG_KEY_PACKETS):
-                attacker.sendto(packet, ("127.0.0.1", port))
-                time.sleep(0.01)
-    finally:
-        caller.join(timeout=math.ceil(clip.duration_s) + 30)
+    with Phone(daemon) as phone:
+        _, plain_peer, _ = live_call(phone, daemon, ulaw_clip(clip))  # plain RTP beside it
+        caller = threading.Thread(target=call)
+        caller.start()
+        try:
+            start = daemon.wait_log(r"event=call_start\b.*\bsrtp=", timeout_s=20)
+            assert "srtp=AES_CM_128_HMAC_SHA1_80" in start.string, start.string
+            fields = parse_logfmt(start.string)
+            port, sid = int(fields["local_rtp_port"]), fields["session_id"]
+            # A sender without the key, spread over a second of the SRTP call.
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as attacker:
+                for packet in _wrong_key_packets(WRONG_KEY_PACKETS):
+                    attacker.sendto(packet, ("127.0.0.1", port))
+                    time.sleep(0.01)
+            wait_echo(plain_peer, time.monotonic())  # the plain call echoes on
+            assert phone.call().final_status == 200  # and the listener still answers
+        finally:
+            caller.join(timeout=math.ceil(clip.duration_s) + 30)
     assert results, "baresip did not finish"
     result = results[0]
     assert result.received_wav is not None, result.output[-3000:]
@@ -73,7 +80,7 @@ def test_baresip_with_mandatory_srtp_hears_its_echo_and_wrong_keys_are_dropped(
     assert match.segments_matched >= 0.7, match
     assert match.overlap_s >= clip.duration_s * 0.7, match
 
-    daemon.wait_log(r"event=call_end\b.*\breason=bye\b", timeout_s=10)
+    daemon.wait_log(rf"event=call_end\b.*\bsession_id={sid}\b.*\breason=bye\b", timeout_s=10)
     metrics = ctl_ok(daemon, "metrics")
     assert (f'voxgate_srtp_packets_dropped_total{{reason="auth"}} {WRONG_KEY_PACKETS}.0'
             in metrics), metrics
