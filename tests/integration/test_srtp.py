@@ -1,12 +1,15 @@
 """SRTP with SDES keys against the real daemon: baresip (srtp-mand) calls in and
 hears its echo while packets under a wrong key hit the call's port and are
 dropped and counted, a plain call beside it keeps its echo and new calls are
-still answered; a plain RTP offer to ``srtp = "required"`` gets 488."""
+still answered; a plain RTP offer to ``srtp = "required"`` gets 488; re-INVITEs
+keep the key, re-key on a new one and cannot turn SRTP off."""
 
 from __future__ import annotations
 
+import base64
 import math
 import os
+import re
 import socket
 import struct
 import threading
@@ -19,8 +22,8 @@ import pylibsrtp
 from tests.harness import requires
 from tests.harness.audio import SpeechClip, active_ratio, compare_echo, read_wav
 from tests.harness.baresip import BaresipResult, call_and_record
-from tests.harness.daemon import PortRange, free_udp_port, parse_logfmt
-from tests.harness.phone import Phone
+from tests.harness.daemon import PortRange, free_udp_port, parse_logfmt, status_code
+from tests.harness.phone import Phone, body_of
 from tests.harness.sipp import Sipp, offer_keys
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import ctl_ok
@@ -100,4 +103,41 @@ def test_plain_rtp_offer_to_required_srtp_gets_488(
     refused = daemon.wait_log(r"event=call_refused\b.*")
     assert "status=488" in refused.string and "RTP/SAVP" in refused.string, refused.string
     assert not daemon.events("call_start")
+    assert daemon.alive()
+
+
+def _crypto(key: bytes, tag: int = 1) -> str:
+    return f"{tag} AES_CM_128_HMAC_SHA1_80 inline:{base64.b64encode(key).decode()}"
+
+
+def _answered_crypto(answer: bytes) -> str:
+    found = re.findall(rb"^a=crypto:(.*?)\r$", body_of(answer), re.M)
+    assert len(found) == 1 and b"m=audio" in body_of(answer), answer
+    assert re.search(rb"^m=audio [1-9]\d* RTP/SAVP 0\r$", body_of(answer), re.M), answer
+    return str(found[0].decode())
+
+
+def test_reinvites_keep_the_key_rekey_on_a_new_one_and_cannot_drop_srtp(
+    start_daemon: StartDaemon,
+) -> None:
+    daemon = start_daemon({"rtp": {"srtp": "offer"}})
+    with Phone(daemon) as phone:
+        call = phone.call(crypto=_crypto(b"\x01" * 30, tag=3))
+        assert call.final_status == 200, call.final
+        first = _answered_crypto(call.final or b"")
+        assert re.fullmatch(r"3 AES_CM_128_HMAC_SHA1_80 inline:[A-Za-z0-9+/]{40}", first), first
+
+        call.crypto = _crypto(b"\x01" * 30, tag=5)  # same key, new tag: our key stays
+        same = phone.reinvite(call)
+        assert status_code(same) == 200, same
+        assert _answered_crypto(same) == "5" + first[1:]
+
+        call.crypto = _crypto(b"\x02" * 30, tag=5)  # a new key: ours is new too
+        rekeyed = phone.reinvite(call)
+        assert status_code(rekeyed) == 200, rekeyed
+        assert _answered_crypto(rekeyed).split()[2] != first.split()[2]
+
+        call.crypto = None  # SRTP cannot be dropped in the call
+        assert status_code(phone.reinvite(call)) == 488
+        phone.hang_up(call)
     assert daemon.alive()
