@@ -17,7 +17,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from tests.sip.fakelink import SDP_OFFER, FakeLink, to_tag_of
-from tests.sip.test_sdp import ASTERISK_OFFER, BARESIP_OFFER, FREESWITCH_OFFER, SIPP_OFFER
+from tests.sip.test_sdp import (
+    ASTERISK_OFFER,
+    BARESIP_OFFER,
+    FREESWITCH_OFFER,
+    SIPP_OFFER,
+    SRTP_OFFER,
+)
 from tests.transports.test_media_stream import SID, TWILIO_MEDIA, TWILIO_START
 
 from fuzz.targets import CORPUS_DIR, TARGETS, sip
@@ -85,10 +91,11 @@ def call_flows() -> Seeds:
 
 
 def sdp_offers() -> Seeds:
-    """Offers of SIPp, baresip, Asterisk, FreeSWITCH and the tests' UAC, plus sdp01.dat's."""
+    """Offers of SIPp, baresip, Asterisk, FreeSWITCH and the tests' UAC, plus sdp01.dat's,
+    and one with SDES keys (RFC 4568)."""
     sdp01 = (RFC4475_DIR / "sdp01.dat").read_bytes()
     return {"sipp": SIPP_OFFER, "baresip": BARESIP_OFFER, "asterisk": ASTERISK_OFFER,
-            "freeswitch": FREESWITCH_OFFER, "fakelink": SDP_OFFER,
+            "freeswitch": FREESWITCH_OFFER, "fakelink": SDP_OFFER, "srtp": SRTP_OFFER,
             "rfc4475-sdp01": sdp01.split(b"\r\n\r\n", 1)[1],
             "ipv6-inactive": (SIPP_OFFER.replace(b"IN IP4 127.0.0.1", b"IN IP6 ::1")
                               + b"a=inactive\r\n")}

@@ -54,6 +54,8 @@ def test_partial_file_takes_defaults(tmp_path):
         ("[limits]\nmax_sessions = true\n", "[limits] max_sessions: must be an integer"),
         ("[rtp]\nport_min = 30000\nport_max = 20000\n", "[rtp] port_min: must not be above"),
         ('[rtp]\ncodecs = ["G729"]\n', "[rtp] codecs"),
+        ('[rtp]\nsrtp = "on"\n', "[rtp] srtp: must be one of off, offer, required, got 'on'"),
+        ("[rtp]\nsrtp = true\n", "[rtp] srtp: must be a string"),
         ('[agent]\nkind = "parrot"\n', "[agent] kind: must be one of echo"),
         ("[timers]\nmax_duration_s = -1\n", "[timers] max_duration_s: must be between"),
         ("not toml [", "invalid TOML"),
@@ -306,6 +308,11 @@ def test_bad_sip_credentials_file_names_key_and_file(tmp_path, text, mode, expec
         load_config(path)
     assert str(info.value).startswith(f"{path}: [sip] auth_credentials_file: {users}: ")
     assert expected in str(info.value)
+
+
+@pytest.mark.parametrize("mode", ["off", "offer", "required"])
+def test_srtp_modes(tmp_path, mode):
+    assert load_config(write(tmp_path, f'[rtp]\nsrtp = "{mode}"\n')).rtp.srtp == mode
 
 
 def test_missing_sip_credentials_file_and_bad_realm(tmp_path):

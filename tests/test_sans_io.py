@@ -17,6 +17,7 @@ SANS_IO_MODULES = [
     "voxgate.sip.dialog",
     "voxgate.sip.uas",
     "voxgate.sip.sdp",
+    "voxgate.sip.sdes",
     "voxgate.sip.ratelimit",
     "voxgate.rtp.packet",
     "voxgate.rtp.jitter",

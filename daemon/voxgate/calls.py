@@ -386,7 +386,7 @@ def _fill_from_session(record: CallRecord, session: Session, now: float,
     record.recoveries = counters["session_recoveries"]
     record.barge_ins = counters["barge_ins"]
     record.drops = {name: value for name, value in counters.items()
-                    if name.startswith(("budget_drop_", "drop_")) and value}
+                    if name.startswith(("budget_drop_", "drop_", "srtp_drop_")) and value}
     agent = session.agent.describe()
     provider = agent.get("provider")
     if isinstance(provider, str) and provider:

@@ -25,6 +25,7 @@ from voxgate.cidr import parse_networks
 from voxgate.errors import ConfigError
 from voxgate.sip.digest import ALGORITHMS as DIGEST_ALGORITHMS
 from voxgate.sip.digest import Credential, parse_credentials
+from voxgate.sip.sdes import SRTP_MODES
 
 DEFAULT_PATH = Path("/etc/voxgate/voxgate.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -83,6 +84,8 @@ class RtpConfig:
     jitter_buffer_max_ms: int = field(default=200, metadata=_range(20, 5000))
     playback_allowance_ms: int = field(default=100, metadata=_range(0, 5000))
     advertise: str = ""
+    srtp: str = "off"
+    """SRTP with SDES keys (RFC 3711, RFC 4568): one of :data:`SRTP_MODES`."""
 
     @property
     def sdp_address(self) -> str:
@@ -609,6 +612,9 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"{src}: [rtp] port_max: the range must hold at least one even port")
     if not config.rtp.codecs or any(c not in CODECS for c in config.rtp.codecs):
         raise ConfigError(f"{src}: [rtp] codecs: must be a non-empty list of {', '.join(CODECS)}")
+    if config.rtp.srtp not in SRTP_MODES:
+        raise ConfigError(f"{src}: [rtp] srtp: must be one of {', '.join(SRTP_MODES)}, "
+                          f"got {config.rtp.srtp!r}")
     if config.rtp.jitter_buffer_max_ms <= config.rtp.jitter_buffer_ms:
         raise ConfigError(f"{src}: [rtp] jitter_buffer_max_ms: must be above jitter_buffer_ms")
     if config.vad.start_ms % 20 or config.vad.stop_ms % 20:

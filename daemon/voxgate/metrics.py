@@ -45,6 +45,7 @@ from prometheus_client.registry import Collector
 from voxgate import __version__
 from voxgate.errors import LocalProtocolError
 from voxgate.sip.digest import AuthResult
+from voxgate.transports.srtp import DROP_REASONS as SRTP_DROP_REASONS
 
 disable_created_metrics()  # type: ignore[no-untyped-call]  # before any metric is made
 
@@ -184,6 +185,9 @@ LIVE_METRICS: tuple[LiveMetric, ...] = (
     _counter("voxgate_playback_deadmans_total", "Utterances ended by the playback deadman"),
     _counter("voxgate_rtp_frames_concealed_total", "Inbound frames lost and concealed"),
     _counter("voxgate_rtcp_ignored_total", "RTCP packets that arrived on an RTP port"),
+    _counter("voxgate_srtp_packets_dropped_total", "Inbound packets of SRTP calls dropped "
+             "undecoded, by reason (auth: failed authentication, e.g. a wrong key or plain "
+             "RTP; replay: an index seen before or too old; malformed)", "reason"),
     _counter("voxgate_dtmf_events_total", "RFC 4733 key presses received"),
     _counter("voxgate_speech_turns_total", "Caller speech starts detected by the VAD"),
     _counter("voxgate_media_clock_frames_skipped_total",
@@ -326,6 +330,8 @@ _MEDIA: Mapping[str, _Route] = {
     "playback_deadmans": ("voxgate_playback_deadmans_total", ()),
     "frames_concealed": ("voxgate_rtp_frames_concealed_total", ()),
     "rtcp_ignored": ("voxgate_rtcp_ignored_total", ()),
+    **{f"srtp_drop_{reason}": ("voxgate_srtp_packets_dropped_total", (reason,))
+       for reason in SRTP_DROP_REASONS},
     "dtmf_events": ("voxgate_dtmf_events_total", ()),
     "speech_turns": ("voxgate_speech_turns_total", ()),
     "playout_skipped": ("voxgate_playout_frames_skipped_total", ()),

@@ -24,6 +24,7 @@ from voxgate.sip.headers import (
 )
 from voxgate.sip.message import Request, make_response
 from voxgate.sip.parser import MAX_DELTA_SECONDS, BadMessage, parse_message_untrusted
+from voxgate.sip.sdes import KEY_SALT_BYTES
 from voxgate.sip.sdp import build_answer, negotiate, parse_sdp_untrusted
 from voxgate.sip.uri import parse_uri_untrusted
 
@@ -110,22 +111,25 @@ def _parse_header(kind: int, text: str) -> tuple[Callable[[str], object], str] |
 
 
 def sdp(data: bytes) -> None:
-    """An SDP offer through parse, negotiate (``[rtp] codecs`` default) and
-    ``build_answer``.
+    """An SDP offer through parse, negotiate (``[rtp] codecs`` default, ``[rtp]
+    srtp = "offer"``) and ``build_answer`` (with a fixed key of ours for SRTP).
 
-    Crash: anything but ``RemoteProtocolError`` (``NoCommonCodec`` is one) from
+    Crash: anything but ``RemoteProtocolError`` (``NotAcceptable`` is one) from
     parse and negotiate; any error building the answer; an answer that does not
-    parse, or does not negotiate to the codec it names.
+    parse, or does not negotiate to the codec and the crypto it names.
     """
     try:
         offer = parse_sdp_untrusted(data)
-        negotiated = negotiate(offer, preference=RtpConfig().codecs)
+        negotiated = negotiate(offer, preference=RtpConfig().codecs, srtp="offer")
     except RemoteProtocolError:
         return
+    ours = None if negotiated.crypto is None else negotiated.crypto.answer(b"k" * KEY_SALT_BYTES)
     answer = build_answer(offer, negotiated, local_address=RTP_ADDRESS, local_port=RTP_PORT,
-                          session_id=1, session_version=1)
-    again = negotiate(parse_sdp_untrusted(answer), preference=(negotiated.codec.name,))
+                          session_id=1, session_version=1, local_crypto=ours)
+    again = negotiate(parse_sdp_untrusted(answer), preference=(negotiated.codec.name,),
+                      srtp="offer")
     assert again.codec == negotiated.codec, (again, negotiated)
+    assert again.crypto == ours, (again, negotiated)
 
 
 def new_uas_core() -> uas.UasCore:

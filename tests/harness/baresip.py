@@ -5,7 +5,9 @@ source (the 16-bit clip; baresip hangs up at its end), ALSA's ``null`` device
 the player, ``sndfile`` dumps what was sent (``*-enc.wav``) and the decoded
 audio received (``*-dec.wav``) into a directory, ``g711`` is the only codec,
 ``menu`` executes the ``-e "/dial URI"`` command, and the single account
-(``regint=0``) never registers. ``-t`` bounds the whole run.
+(``regint=0``) never registers. ``-t`` bounds the whole run. With
+``mediaenc="srtp-mand"`` the ``srtp`` module is loaded and the account offers
+only RTP/SAVP with SDES keys (RFC 4568 ``a=crypto``).
 """
 
 from __future__ import annotations
@@ -39,8 +41,10 @@ def write_config(
     rtp_first: int,
     rtp_last: int,
     record_dir: Path,
+    mediaenc: str | None = None,
 ) -> None:
-    """Write ``config`` and ``accounts`` for one headless PCMU/PCMA caller."""
+    """Write ``config`` and ``accounts`` for one headless PCMU/PCMA caller
+    (``mediaenc``: the account's media encryption, e.g. ``srtp-mand``)."""
     config_dir.mkdir(parents=True, exist_ok=True)
     record_dir.mkdir(parents=True, exist_ok=True)
     settings = [
@@ -64,14 +68,16 @@ def write_config(
         ("module", "aufile.so"),
         ("module", "alsa.so"),
         ("module", "sndfile.so"),
+        *([("module", "srtp.so")] if mediaenc else []),
         ("module_tmp", "account.so"),
         ("module_app", "menu.so"),
         ("snd_path", str(record_dir)),
     ]
     (config_dir / "config").write_text("".join(f"{k}\t{v}\n" for k, v in settings))
-    (config_dir / "accounts").write_text(
-        f"<sip:caller@127.0.0.1:{sip_port}>;regint=0;audio_codecs=PCMU,PCMA\n"
-    )
+    account = f"<sip:caller@127.0.0.1:{sip_port}>;regint=0;audio_codecs=PCMU,PCMA"
+    if mediaenc:
+        account += f";mediaenc={mediaenc}"
+    (config_dir / "accounts").write_text(account + "\n")
 
 
 def call_and_record(
@@ -83,8 +89,10 @@ def call_and_record(
     rtp_first: int,
     rtp_last: int,
     run_s: int,
+    mediaenc: str | None = None,
 ) -> BaresipResult:
-    """Dial ``sip:echo@HOST:PORT``, play the clip, quit after ``run_s`` seconds.
+    """Dial ``sip:echo@HOST:PORT``, play the clip, quit after ``run_s`` seconds
+    (``mediaenc``: see :func:`write_config`).
 
     Raises:
         subprocess.TimeoutExpired: baresip outlived ``run_s`` plus a grace period
@@ -94,7 +102,7 @@ def call_and_record(
     record_dir = workdir / "recordings"
     write_config(
         config_dir, clip=clip, sip_port=sip_port, rtp_first=rtp_first, rtp_last=rtp_last,
-        record_dir=record_dir,
+        record_dir=record_dir, mediaenc=mediaenc,
     )
     argv = [
         "baresip", "-f", str(config_dir),

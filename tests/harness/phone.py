@@ -73,17 +73,22 @@ def body_of(message: bytes) -> bytes:
     return parts[1] if len(parts) == 2 else b""
 
 
-def sdp_offer(port: int, *, direction: str = "sendrecv", version: int = 1) -> bytes:
-    """An SDP offer (RFC 4566, RFC 3264 §5) of PCMU on 127.0.0.1:``port`` with ``a=direction``.
+def sdp_offer(port: int, *, direction: str = "sendrecv", version: int = 1,
+              crypto: str | None = None) -> bytes:
+    """An SDP offer (RFC 4566, RFC 3264 §5) of PCMU on 127.0.0.1:``port`` with
+    ``a=direction``; with ``crypto`` (an ``a=crypto`` value, RFC 4568) over
+    RTP/SAVP instead of RTP/AVP (the phone's media stays plain RTP).
 
     Raises:
         ValueError: ``direction`` is not one of :data:`DIRECTIONS`.
     """
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, not {direction!r}")
+    proto, keys = ("RTP/AVP", "") if crypto is None else ("RTP/SAVP", f"a=crypto:{crypto}\r\n")
     return (
         f"v=0\r\no=probe 1 {version} IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n"
-        f"t=0 0\r\nm=audio {port} RTP/AVP 0\r\na=rtpmap:0 PCMU/8000\r\na={direction}\r\n"
+        f"t=0 0\r\nm=audio {port} {proto} 0\r\na=rtpmap:0 PCMU/8000\r\na={direction}\r\n"
+        f"{keys}"
     ).encode()
 
 
@@ -362,6 +367,8 @@ class Call:
     cseq: int = 1
     """The last CSeq number we used in the dialog (RFC 3261 §12.2.1.1)."""
     sdp_version: int = 1
+    crypto: str | None = None
+    """The ``a=crypto`` value the INVITE offered and re-INVITEs offer (None: plain RTP/AVP)."""
     reinvite_finals: dict[int, bytes] = field(default_factory=dict)
     """CSeq number of each re-INVITE → its first final response."""
 
@@ -454,19 +461,20 @@ class Phone:
         *,
         media: RtpPeer | None = None,
         direction: str = "sendrecv",
+        crypto: str | None = None,
     ) -> tuple[Call, bytes]:
         """A new call to ``sip:user@…`` and its INVITE, not sent.
 
         The INVITE carries ``headers`` and offers ``media``'s port (the shared
-        sink's without it) with ``a=direction``.
+        sink's without it) with ``a=direction`` (and ``crypto``, see :func:`sdp_offer`).
         """
         call_id = f"ph-{self.port}-{next(_CALL_NUMBERS)}"
         uri = f"sip:{user}@127.0.0.1:{self._daemon.sip_port}"
-        call = Call(call_id, user, uri, media=media)
+        call = Call(call_id, user, uri, media=media, crypto=crypto)
         media_port = self._sink.getsockname()[1] if media is None else media.port
         invite = self._request("INVITE", call, uri, f"<{uri}>", cseq=1,
                                branch=f"z9hG4bK-{call_id}", extra=headers,
-                               body=sdp_offer(media_port, direction=direction))
+                               body=sdp_offer(media_port, direction=direction, crypto=crypto))
         with self._cond:
             self._calls[call_id] = call
         return call, invite
@@ -476,23 +484,27 @@ class Phone:
         self._sock.sendto(message, self._daemon.sip_address)
 
     def place(self, user: str = "echo", headers: Sequence[tuple[str, str]] = (), *,
-              media: RtpPeer | None = None, direction: str = "sendrecv") -> Call:
+              media: RtpPeer | None = None, direction: str = "sendrecv",
+              crypto: str | None = None) -> Call:
         """Send an INVITE (see :meth:`prepare`); the answers arrive in the background."""
-        call, invite = self.prepare(user, headers, media=media, direction=direction)
+        call, invite = self.prepare(user, headers, media=media, direction=direction,
+                                    crypto=crypto)
         self.send(invite)
         return call
 
     def call(self, user: str = "echo", headers: Sequence[tuple[str, str]] = (), *,
-             media: RtpPeer | None = None, direction: str = "sendrecv") -> Call:
+             media: RtpPeer | None = None, direction: str = "sendrecv",
+             crypto: str | None = None) -> Call:
         """Place a call and wait for its final response."""
-        call = self.place(user, headers, media=media, direction=direction)
+        call = self.place(user, headers, media=media, direction=direction, crypto=crypto)
         self.wait_final([call])
         return call
 
     def reinvite(self, call: Call, *, direction: str = "sendrecv",
                  timeout_s: float = ANSWER_TIMEOUT_S) -> bytes:
         """Send a re-INVITE offering the call's current media port with ``a=direction``
-        (RFC 3261 §14.1, RFC 3264 §8); wait for its final response and return it.
+        and :attr:`Call.crypto` (RFC 3261 §14.1, RFC 3264 §8); wait for its final
+        response and return it.
 
         The receiving thread ACKs it and, for a 2xx, points the call's
         :class:`RtpPeer` at the address of the SDP answer.
@@ -505,7 +517,8 @@ class Phone:
         port = self._sink.getsockname()[1] if call.media is None else call.media.port
         self.send(self._request("INVITE", call, call.remote_target, call.to, cseq=cseq,
                                 branch=_reinvite_branch(call, cseq),
-                                body=sdp_offer(port, direction=direction, version=version)))
+                                body=sdp_offer(port, direction=direction, version=version,
+                                               crypto=call.crypto)))
         self.wait(lambda: cseq in call.reinvite_finals,
                   f"final response to re-INVITE {cseq} of {call.call_id}", timeout_s)
         return call.reinvite_finals[cseq]

@@ -54,6 +54,11 @@ def scenario_path(name: str) -> Path:
     return SCENARIO_DIR / (name if name.endswith(".xml") else f"{name}.xml")
 
 
+def offer_keys(payload_type: int, codec: str) -> list[str]:
+    """``-key`` arguments for ``uac_488``'s one-codec plain RTP offer."""
+    return ["-key", "offer_pt", str(payload_type), "-key", "offer_codec", codec]
+
+
 def read_stats(path: Path) -> dict[str, str]:
     """The last row of SIPp's ``;``-separated statistics CSV as column → value."""
     if not path.exists():

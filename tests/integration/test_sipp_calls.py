@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from tests.harness import requires
@@ -22,7 +22,7 @@ from tests.harness.pcap import (
     read_udp,
     rtp_packets,
 )
-from tests.harness.sipp import Sipp, SippResult
+from tests.harness.sipp import Sipp, SippResult, offer_keys
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import ctl_ok
 
@@ -30,6 +30,7 @@ pytestmark = requires("sipp")
 
 ReservePorts = Callable[[int], PortRange]
 FRAME_RATE_PPS = 50.0
+G729_OFFER = offer_keys(18, "G729")  # uac_488's offer: no codec in common
 
 
 def _sipp(
@@ -40,6 +41,7 @@ def _sipp(
     *,
     clip: SpeechClip | None = None,
     duration_ms: int = 1000,
+    extra_args: Sequence[str] = (),
 ) -> Sipp:
     return Sipp(
         scenario,
@@ -50,6 +52,7 @@ def _sipp(
         clip=clip,
         duration_ms=duration_ms,
         timeout_s=40.0,
+        extra_args=extra_args,
     )
 
 
@@ -117,7 +120,8 @@ def test_no_common_codec_gets_488(
     start_daemon: StartDaemon, reserve_ports: ReservePorts, tmp_path: Path
 ) -> None:
     daemon = start_daemon()
-    _assert_ok(_sipp("uac_488", daemon, tmp_path / "sipp", reserve_ports(4)).run())
+    _assert_ok(_sipp("uac_488", daemon, tmp_path / "sipp", reserve_ports(4),
+                     extra_args=G729_OFFER).run())
     assert not daemon.events("call_start")
     assert daemon.alive()
 
@@ -135,7 +139,8 @@ def test_caller_outside_trusted_cidrs_gets_403_until_a_reload_trusts_it(
     daemon.proc.send_signal(signal.SIGHUP)
     daemon.wait_log(r"event=reloaded\b")
     # Trusted now: the INVITE gets as far as the offer (no common codec: 488).
-    _assert_ok(_sipp("uac_488", daemon, tmp_path / "trusted", reserve_ports(4)).run())
+    _assert_ok(_sipp("uac_488", daemon, tmp_path / "trusted", reserve_ports(4),
+                     extra_args=G729_OFFER).run())
 
 
 def test_daemon_hangs_up_at_max_duration(

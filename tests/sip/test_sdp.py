@@ -9,12 +9,13 @@ from typing import Any
 import pytest
 
 from voxgate.errors import LocalProtocolError, RemoteProtocolError
+from voxgate.sip.sdes import Crypto
 from voxgate.sip.sdp import (
     SUPPORTED_CODECS,
     Codec,
     MediaDescription,
     Negotiated,
-    NoCommonCodec,
+    NotAcceptable,
     Origin,
     RtpMap,
     SessionDescription,
@@ -116,6 +117,7 @@ def answer_lines(
     local_port: int = 40000,
     session_id: int = 77,
     session_version: int = 1,
+    local_crypto: Crypto | None = None,
 ) -> list[str]:
     body = build_answer(
         offer,
@@ -124,6 +126,7 @@ def answer_lines(
         local_port=local_port,
         session_id=session_id,
         session_version=session_version,
+        local_crypto=local_crypto,
     )
     assert body.endswith(b"\r\n")
     assert b"\n" not in body.replace(b"\r\n", b"")
@@ -390,7 +393,7 @@ def test_negotiate_keeps_the_offers_order_over_our_preference() -> None:
 def test_preference_filters_codecs() -> None:
     offer = parse_sdp_untrusted(ASTERISK_OFFER)
     assert negotiate(offer, preference=("pcmu",)).codec == SUPPORTED_CODECS["PCMU"]
-    with pytest.raises(NoCommonCodec):
+    with pytest.raises(NotAcceptable):
         negotiate(parse_sdp_untrusted(SIPP_OFFER), preference=("PCMA",))
 
 
@@ -517,7 +520,7 @@ def test_ipv6_offer() -> None:
 )
 def test_no_common_codec_is_a_488(media_lines: tuple[str, ...]) -> None:
     offer = parse_sdp_untrusted(offer_with(media_lines, session=("c=IN IP4 192.0.2.1",)))
-    with pytest.raises(NoCommonCodec) as caught:
+    with pytest.raises(NotAcceptable) as caught:
         negotiate(offer)
     assert isinstance(caught.value, RemoteProtocolError)
     assert caught.value.status_hint == 488
@@ -665,3 +668,102 @@ def test_import_is_sans_io() -> None:
         "assert not {'trio', 'asyncio'} & set(sys.modules), 'I/O library imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# --- SRTP with SDES keys (RFC 3711 §12, RFC 4568) ----------------------------
+
+PEER_KEY_B64 = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwd"  # bytes 0..29
+PEER_KEY = bytes(range(30))
+OUR_KEY = b"\xaa" * 30
+SAVP_LINES = (
+    "m=audio 5004 RTP/SAVP 0 101",
+    "a=rtpmap:101 telephone-event/8000",
+    f"a=crypto:1 AEAD_AES_256_GCM inline:{PEER_KEY_B64}",
+    f"a=crypto:2 AES_CM_128_HMAC_SHA1_80 inline:{PEER_KEY_B64}|2^31",
+    f"a=crypto:3 AES_CM_128_HMAC_SHA1_32 inline:{PEER_KEY_B64}",
+    f"a=crypto:4 AES_CM_128_HMAC_SHA1_80 inline:{PEER_KEY_B64}",
+)
+AVP_LINES = ("m=audio 6000 RTP/AVP 8",)
+SESSION = ("c=IN IP4 192.0.2.1",)
+SRTP_OFFER = offer_with((*AVP_LINES, *SAVP_LINES), session=SESSION)
+"""Plain and SRTP streams, crypto lines usable and not (a fuzz seed too)."""
+
+
+def srtp_offer(*media: tuple[str, ...]) -> SessionDescription:
+    return parse_sdp_untrusted(offer_with(tuple(line for m in media for line in m),
+                                          session=SESSION))
+
+
+@pytest.mark.parametrize("mode", ["offer", "required"])
+def test_an_savp_offer_gets_its_first_usable_crypto_line(mode: str) -> None:
+    negotiated = negotiate(srtp_offer(SAVP_LINES), srtp=mode)
+    assert negotiated.crypto == Crypto(3, "AES_CM_128_HMAC_SHA1_32", PEER_KEY)
+    assert negotiated.remote_rtp == ("192.0.2.1", 5004)
+
+
+@pytest.mark.parametrize(("mode", "media", "index", "protected"), [
+    ("offer", (AVP_LINES,), 0, False),
+    ("offer", (AVP_LINES, SAVP_LINES), 0, False),  # the offer's order decides
+    ("offer", (SAVP_LINES, AVP_LINES), 0, True),
+    ("off", (SAVP_LINES, AVP_LINES), 1, False),
+    ("required", (AVP_LINES, SAVP_LINES), 1, True),
+])
+def test_the_srtp_mode_chooses_among_the_streams(
+    mode: str, media: tuple[tuple[str, ...], ...], index: int, protected: bool
+) -> None:
+    negotiated = negotiate(srtp_offer(*media), srtp=mode)
+    assert negotiated.media_index == index
+    assert (negotiated.crypto is not None) == protected
+
+
+@pytest.mark.parametrize(("mode", "media", "missing"), [
+    ("off", (SAVP_LINES,), "no RTP/AVP audio stream offers"),
+    ("required", (AVP_LINES,), "no RTP/SAVP audio stream with a usable a=crypto"),
+    ("offer", (SAVP_LINES[:3],), "no RTP/AVP or RTP/SAVP audio stream with a usable a=crypto"),
+    ("required", (("m=audio 5004 RTP/SAVP 0",),), "RTP/SAVP"),  # no a=crypto at all
+    ("required", (("m=audio 5004 UDP/TLS/RTP/SAVP 0",),), "RTP/SAVP"),  # DTLS-SRTP
+])
+def test_no_acceptable_stream_for_the_srtp_mode_is_a_488(
+    mode: str, media: tuple[tuple[str, ...], ...], missing: str
+) -> None:
+    with pytest.raises(NotAcceptable, match=missing) as caught:
+        negotiate(srtp_offer(*media), srtp=mode)
+    assert caught.value.status_hint == 488
+
+
+def test_an_unknown_srtp_mode_is_our_error() -> None:
+    with pytest.raises(LocalProtocolError, match="srtp"):
+        negotiate(srtp_offer(AVP_LINES), srtp="maybe")
+
+
+def test_the_srtp_answer_is_savp_with_our_key_under_the_offers_tag() -> None:
+    offer = parse_sdp_untrusted(SRTP_OFFER)
+    negotiated = negotiate(offer, srtp="required")
+    assert negotiated.crypto is not None
+    ours = negotiated.crypto.answer(OUR_KEY)
+    lines = answer_lines(offer, negotiated, local_crypto=ours)
+    assert lines[5:] == [
+        "m=audio 0 RTP/AVP 8",
+        "m=audio 40000 RTP/SAVP 0 101",
+        "a=rtpmap:0 PCMU/8000",
+        "a=rtpmap:101 telephone-event/8000",
+        "a=fmtp:101 0-16",
+        "a=ptime:20",
+        "a=sendrecv",
+        f"a=crypto:3 AES_CM_128_HMAC_SHA1_32 inline:{'qqqq' * 10}",
+    ]
+
+
+def test_the_answers_crypto_must_match_the_negotiation() -> None:
+    plain = srtp_offer(AVP_LINES)
+    protected = srtp_offer(SAVP_LINES)
+    negotiated = negotiate(protected, srtp="required")
+    assert negotiated.crypto is not None
+    for offer, chosen, ours in [
+        (plain, negotiate(plain), Crypto(1, "AES_CM_128_HMAC_SHA1_80", OUR_KEY)),
+        (protected, negotiated, None),
+        (protected, negotiated, Crypto(9, negotiated.crypto.suite, OUR_KEY)),
+        (protected, negotiated, Crypto(3, "AES_CM_128_HMAC_SHA1_80", OUR_KEY)),
+    ]:
+        with pytest.raises(LocalProtocolError, match="local_crypto"):
+            answer_lines(offer, chosen, local_crypto=ours)

@@ -1,6 +1,7 @@
 """The RTP leg's reads: one readiness check per tick, no read on a quiet socket,
 early media left in the kernel until the first tick, the per-tick bound, DTMF
-delivered on the leg's own tick, the jitter budget kept in step."""
+delivered on the leg's own tick, the jitter budget kept in step; SRTP legs
+decode only what authenticates under the peer's key and send under ours."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import struct
 from collections.abc import Iterator
 from unittest import mock
 
+import pylibsrtp
 import pytest
 
 from voxgate.budget import BufferCaps, SessionBudget
@@ -17,6 +19,7 @@ from voxgate.deadman import DeadmanConfig, SessionTimers
 from voxgate.pipeline.playback import PlaybackTracker
 from voxgate.rtp.dtmf import DtmfEvent
 from voxgate.rtp.stream import RtpStream
+from voxgate.sip.sdes import Crypto
 from voxgate.transports.rtp_leg import (
     LEGS_PER_CHECK,
     MAX_PACKETS_PER_TICK,
@@ -24,6 +27,7 @@ from voxgate.transports.rtp_leg import (
     RtpReadiness,
 )
 from voxgate.transports.rtp_ports import PortPool
+from voxgate.transports.srtp import SrtpContext
 
 PCMU = 0
 EVENT_PT = 101
@@ -49,7 +53,7 @@ class Legs:
         self.budget = SessionBudget(BufferCaps.from_ms(
             {"jitter": 200, "playout": 200, "utterance": 200}, 1 << 20, 1000))
 
-    def leg(self) -> RtpLeg:
+    def leg(self, srtp: SrtpContext | None = None) -> RtpLeg:
         sock = self.pool.open_socket()
         assert sock is not None
         stream = RtpStream(payload_type=PCMU, telephone_event_pt=EVENT_PT, ssrc=1,
@@ -58,7 +62,8 @@ class Legs:
         timers = SessionTimers(DeadmanConfig(1, 1, 1, 0, 0, 60, 0), 0.0)
         leg = RtpLeg(pool=self.pool, readiness=self.readiness, sock=sock, stream=stream,
                      codec=codec_for("PCMU"), playback=PlaybackTracker(timers, lambda i, s: None),
-                     on_dtmf=self.dtmf.append, budget=self.budget, playback_allowance_s=0.0)
+                     on_dtmf=self.dtmf.append, budget=self.budget, playback_allowance_s=0.0,
+                     srtp=srtp)
         self.legs.append(leg)
         return leg
 
@@ -183,3 +188,40 @@ def test_later_legs_in_a_long_tick_get_a_fresh_check(legs: Legs) -> None:
         leg.receive(0.02, 1)
     assert last.packets_in == 0
     assert last.receive(0.02, 1)[0] is True  # the LEGS_PER_CHECK-th call checked again
+
+
+# --- SRTP (RFC 3711) ----------------------------------------------------------
+
+PEER_KEY, OUR_KEY, WRONG_KEY = b"\x01" * 30, b"\x02" * 30, b"\x03" * 30
+
+
+def srtp_session(key: bytes, direction: int) -> pylibsrtp.Session:
+    return pylibsrtp.Session(pylibsrtp.Policy(key=key, ssrc_type=direction))
+
+
+def test_an_srtp_leg_decodes_the_peers_key_and_drops_the_rest_counted(legs: Legs) -> None:
+    offered = Crypto(1, "AES_CM_128_HMAC_SHA1_80", PEER_KEY)
+    leg = legs.leg(SrtpContext(offered, offered.answer(OUR_KEY)))
+    leg.receive(0.0, 1)
+    peer = srtp_session(PEER_KEY, pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
+    wrong = srtp_session(WRONG_KEY, pylibsrtp.Policy.SSRC_ANY_OUTBOUND)
+    good = peer.protect(rtp(1))
+    legs.send(leg, wrong.protect(rtp(1, payload=b"\x00" * 160)))  # a wrong key
+    legs.send(leg, rtp(2, payload=b"\x00" * 170))  # plain RTP (its last bytes as a tag)
+    legs.send(leg, good)
+    legs.send(leg, good)  # replayed
+    arrived, frames = leg.receive(0.02, 1)
+    assert arrived and frames == [codec_for("PCMU").decode(b"\xff" * 160)]
+    assert leg.packets_in == 1
+    counters = leg.counters()
+    assert (counters["srtp_drop_auth"], counters["srtp_drop_replay"]) == (2, 1)
+    assert counters["drop_bad_packet"] == 0  # never reached the RTP parser
+
+    leg.send(None, [], 0.04)  # our packet: protected with our key, the peer can read it
+    datagram, _ = legs.peer.recvfrom(2048)
+    plain = srtp_session(OUR_KEY, pylibsrtp.Policy.SSRC_ANY_INBOUND).unprotect(datagram)
+    assert len(datagram) == len(plain) + 10 and plain[12:] == b"\xff" * 160
+
+
+def test_a_plain_leg_reports_no_srtp_counters(legs: Legs) -> None:
+    assert not any(name.startswith("srtp_") for name in legs.leg().counters())

@@ -4,13 +4,16 @@ Sans-IO: bytes in, frozen records out, bytes back. The flow for an INVITE
 with an offer is::
 
     offer = parse_sdp_untrusted(body)          # RemoteProtocolError → 400
-    negotiated = negotiate(offer)              # NoCommonCodec → 488
+    negotiated = negotiate(offer, srtp="offer")  # NotAcceptable → 488
     answer = build_answer(offer, negotiated, local_address=..., local_port=...,
-                          session_id=..., session_version=...)
+                          session_id=..., session_version=...,
+                          local_crypto=...)     # ours, when negotiated.crypto
 
-We accept at most one stream: the first ``m=audio`` line over ``RTP/AVP``
-that offers PCMU or PCMA, and answer every other ``m=`` line with port 0.
-Addresses are IP literals; ``c=`` lines naming a host are rejected.
+We accept at most one stream: the first ``m=audio`` line that offers PCMU or
+PCMA over ``RTP/AVP`` or, as ``srtp`` allows, ``RTP/SAVP`` with a usable
+``a=crypto`` line (SDES, :mod:`voxgate.sip.sdes`); every other ``m=`` line is
+answered with port 0. Addresses are IP literals; ``c=`` lines naming a host
+are rejected.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
 from voxgate.errors import LocalProtocolError, RemoteProtocolError
+from voxgate.sip.sdes import SRTP_MODES, SRTP_PROTO, Crypto, first_usable_crypto
 
 PTIME_MS = 20
 """Packetization time we send and ask for (``a=ptime``, RFC 4566 §6)."""
@@ -327,8 +331,9 @@ SUPPORTED_CODECS: dict[str, Codec] = {
 """Codecs by upper-case SDP encoding name, with their RFC 3551 static payload types."""
 
 
-class NoCommonCodec(RemoteProtocolError):
-    """No offered audio stream has a codec we support (SIP 488, RFC 3261 §21.4.26)."""
+class NotAcceptable(RemoteProtocolError):
+    """No offered audio stream has a codec, profile and keys we accept (SIP 488
+    Not Acceptable Here, RFC 3261 §21.4.26); the reason says what was missing."""
 
     def __init__(self, reason: str) -> None:
         super().__init__(reason, status_hint=488)
@@ -346,7 +351,9 @@ class Negotiated:
     stream with port 0 is disabled and never accepted). ``direction`` is
     ours, for the answer: the offer's mirrored (sendonly → recvonly …), minus
     sending when ``remote_rtp`` is ``None``. ``media_index`` is the accepted
-    ``m=`` line's position in the offer.
+    ``m=`` line's position in the offer. ``crypto`` is the offer's SDES line
+    we chose (RFC 4568: the peer's key, its suite and tag) when the stream is
+    ``RTP/SAVP``, ``None`` for plain ``RTP/AVP``.
     """
 
     codec: Codec
@@ -355,6 +362,7 @@ class Negotiated:
     direction: str
     ptime_ms: int
     media_index: int
+    crypto: Crypto | None = None
 
 
 # RFC 3264 §6.1: the answer's direction mirrors the offer's.
@@ -397,30 +405,53 @@ def _telephone_event_pt(media: MediaDescription) -> int | None:
     return None
 
 
+# [rtp] srtp mode → the transport protocols we accept (RFC 3551, RFC 3711 §12).
+_PROTOS = {
+    "off": ("RTP/AVP",),
+    "offer": ("RTP/AVP", SRTP_PROTO),
+    "required": (SRTP_PROTO,),
+}
+
+
 def negotiate(
-    offer: SessionDescription, *, preference: Sequence[str] = ("PCMU", "PCMA")
+    offer: SessionDescription,
+    *,
+    preference: Sequence[str] = ("PCMU", "PCMA"),
+    srtp: str = "off",
 ) -> Negotiated:
     """Pick the audio stream and codec to answer ``offer`` with (RFC 3264 §6.1).
 
-    The stream is the first ``m=audio`` line with a non-zero port over
-    ``RTP/AVP`` that offers a codec named in ``preference``; the codec is the
-    first such one in the offer's own order (the answerer keeps the offerer's
-    preference). ``c=`` at media level wins over session level.
+    The stream is the first ``m=audio`` line with a non-zero port that offers
+    a codec named in ``preference`` over a protocol ``srtp`` allows: ``off``
+    plain ``RTP/AVP`` only, ``offer`` that or ``RTP/SAVP``, ``required``
+    ``RTP/SAVP`` only; an ``RTP/SAVP`` line also needs a usable ``a=crypto``
+    line (:func:`~voxgate.sip.sdes.first_usable_crypto`, RFC 4568). The codec
+    is the first such one in the offer's own order (the answerer keeps the
+    offerer's preference). ``c=`` at media level wins over session level.
 
-    Raises :class:`NoCommonCodec` (status_hint 488) when no stream qualifies,
+    Raises :class:`NotAcceptable` (status_hint 488) when no stream qualifies,
     :class:`~voxgate.errors.LocalProtocolError` when ``preference`` names a
-    codec outside :data:`SUPPORTED_CODECS`.
+    codec outside :data:`SUPPORTED_CODECS` or ``srtp`` is not one of
+    :data:`~voxgate.sip.sdes.SRTP_MODES`.
     """
     unknown = [name for name in preference if name.upper() not in SUPPORTED_CODECS]
     if unknown:
         raise LocalProtocolError(f"unsupported codecs in preference: {unknown}")
+    if srtp not in SRTP_MODES:
+        raise LocalProtocolError(f"srtp mode {srtp!r} is not one of {SRTP_MODES}")
+    protos = _PROTOS[srtp]
     wanted = frozenset(name.upper() for name in preference)
     for index, media in enumerate(offer.media):
-        if media.media != "audio" or media.port == 0 or media.proto != "RTP/AVP":
+        if media.media != "audio" or media.port == 0 or media.proto not in protos:
             continue
         codec = _first_common_codec(media, wanted)
         if codec is None:
             continue
+        crypto = None
+        if media.proto == SRTP_PROTO:
+            crypto = first_usable_crypto(media.attributes)
+            if crypto is None:
+                continue
         address = media.connection or offer.connection
         remote_rtp = (
             None
@@ -435,21 +466,30 @@ def negotiate(
             direction=table[media.direction(offer.direction)],
             ptime_ms=PTIME_MS,
             media_index=index,
+            crypto=crypto,
         )
-    raise NoCommonCodec(f"no RTP/AVP audio stream offers any of {', '.join(sorted(wanted))}")
+    with_keys = " with a usable a=crypto (AES_CM_128_HMAC_SHA1_80/_32)" if (
+        SRTP_PROTO in protos) else ""
+    raise NotAcceptable(f"no {' or '.join(protos)} audio stream{with_keys} offers any of "
+                        f"{', '.join(sorted(wanted))}")
 
 
-def _accepted_media_lines(negotiated: Negotiated, local_port: int) -> list[str]:
+def _accepted_media_lines(
+    negotiated: Negotiated, local_port: int, local_crypto: Crypto | None
+) -> list[str]:
     codec, event_pt = negotiated.codec, negotiated.telephone_event_pt
     formats = f"{codec.payload_type}" if event_pt is None else f"{codec.payload_type} {event_pt}"
+    proto = "RTP/AVP" if local_crypto is None else SRTP_PROTO
     lines = [
-        f"m=audio {local_port} RTP/AVP {formats}",
+        f"m=audio {local_port} {proto} {formats}",
         f"a=rtpmap:{codec.payload_type} {codec.name}/{codec.clock_rate_hz}",
     ]
     if event_pt is not None:
         # RFC 4733 §7.1.1: events 0-15 are DTMF digits, 16 is flash.
         lines += [f"a=rtpmap:{event_pt} {TELEPHONE_EVENT}/8000", f"a=fmtp:{event_pt} 0-16"]
     lines += [f"a=ptime:{negotiated.ptime_ms}", f"a={negotiated.direction}"]
+    if local_crypto is not None:
+        lines.append(f"a=crypto:{local_crypto.to_sdp()}")
     return lines
 
 
@@ -461,19 +501,24 @@ def build_answer(
     local_port: int,
     session_id: int,
     session_version: int,
+    local_crypto: Crypto | None = None,
 ) -> bytes:
     """Serialize our answer to ``offer`` (RFC 3264 §6), CRLF line ends.
 
     One ``m=`` line per offered one, same order; the accepted one at
     ``local_port`` with the negotiated codec (and telephone-event, if
-    offered), ``a=ptime`` and our direction, the others with port 0.
+    offered), ``a=ptime`` and our direction, the others with port 0. When
+    ``negotiated.crypto`` is set, the accepted line is ``RTP/SAVP`` and
+    carries ``local_crypto`` (our key, :meth:`Crypto.answer`, RFC 4568 §7.1.2).
     ``local_address`` (an IP literal) goes into ``o=`` and a session-level
     ``c=`` as ``IN IP4`` or ``IN IP6``. ``session_version`` must grow with
     every changed answer in the dialog (RFC 3264 §8); the caller keeps it.
 
     Raises :class:`~voxgate.errors.LocalProtocolError` for an address that is
-    not an IP literal, a port outside 1-65535, negative ids, or a
-    ``negotiated`` that does not belong to ``offer``.
+    not an IP literal, a port outside 1-65535, negative ids, a
+    ``negotiated`` that does not belong to ``offer``, or ``local_crypto``
+    given without ``negotiated.crypto`` (or missing with it, or for another
+    tag or suite).
     """
     try:
         address = ipaddress.ip_address(local_address)
@@ -483,6 +528,10 @@ def build_answer(
         raise LocalProtocolError("local port, session id or version out of range")
     if not 0 <= negotiated.media_index < len(offer.media):
         raise LocalProtocolError(f"offer has no m= line {negotiated.media_index}")
+    offered = negotiated.crypto
+    if (None if offered is None else (offered.tag, offered.suite)) != (
+            None if local_crypto is None else (local_crypto.tag, local_crypto.suite)):
+        raise LocalProtocolError("local_crypto must answer negotiated.crypto (same tag, suite)")
     connection = f"IN IP{address.version} {address}"
     lines = [
         "v=0",
@@ -493,7 +542,7 @@ def build_answer(
     ]
     for index, media in enumerate(offer.media):
         if index == negotiated.media_index:
-            lines += _accepted_media_lines(negotiated, local_port)
+            lines += _accepted_media_lines(negotiated, local_port, local_crypto)
         else:
             lines.append(f"m={media.media} 0 {media.proto} {' '.join(media.formats)}")
     return ("\r\n".join(lines) + "\r\n").encode("ascii")

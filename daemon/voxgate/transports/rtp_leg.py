@@ -18,6 +18,11 @@ late in a long tick still gets what arrived while the legs before it ran, as
 a read at its own turn would. A quiet leg makes no syscall; a leg with one
 packet makes one ``recvfrom``; a tick of N legs makes about N / 32 + 1
 ``epoll_wait`` calls.
+
+SRTP (RFC 3711): a leg whose call negotiated it has :attr:`RtpLeg.srtp` set;
+every datagram read is unprotected before the stream sees it (failures are
+dropped and counted there) and every packet sent is protected. A plain RTP
+leg pays one ``is None`` test per packet each way.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ from voxgate.rtp.dtmf import DtmfEvent
 from voxgate.rtp.jitter import FrameState
 from voxgate.rtp.stream import RtpStream
 from voxgate.transports.rtp_ports import PortPool
+from voxgate.transports.srtp import SrtpContext
 
 MAX_DATAGRAM_BYTES = 2048
 """Largest RTP datagram read; G.711 at 20 ms is 172 bytes."""
@@ -107,13 +113,15 @@ class RtpLeg:
 
     Its socket joins ``readiness`` on the first :meth:`receive` (the call is
     answered and ticked): until then datagrams wait in the kernel, as early
-    media must not fill the jitter buffer of a call still ringing.
+    media must not fill the jitter buffer of a call still ringing. ``srtp``
+    is the call's SRTP state, ``None`` for plain RTP (a re-INVITE that
+    changes the keys re-keys it, :meth:`SrtpContext.rekey`).
     """
 
     __slots__ = (
         "_allowance_s", "_budget", "_dtmf_pending", "_fd", "_frames_elapsed", "_jitter_held_bytes",
         "_on_dtmf", "_packets_seen", "_playback", "_pool", "_readiness", "_silence", "_sock",
-        "codec", "local_port", "send_errors", "sending", "stream",
+        "codec", "local_port", "send_errors", "sending", "srtp", "stream",
     )
 
     def __init__(
@@ -128,6 +136,7 @@ class RtpLeg:
         on_dtmf: Callable[[DtmfEvent], None],
         budget: SessionBudget,
         playback_allowance_s: float,
+        srtp: SrtpContext | None = None,
     ) -> None:
         self._pool = pool
         self._readiness = readiness
@@ -147,6 +156,7 @@ class RtpLeg:
         self._silence = codec.silence(SAMPLES_PER_FRAME)
         self.sending = True
         self.send_errors = 0
+        self.srtp = srtp
 
     @property
     def packets_in(self) -> int:
@@ -166,6 +176,11 @@ class RtpLeg:
             data, source = sock.recvfrom(MAX_DATAGRAM_BYTES)
         except OSError:  # BlockingIOError: drained; others (ICMP errors): retried next tick
             return False
+        if self.srtp is not None:
+            unprotected = self.srtp.unprotect_untrusted(data)
+            if unprotected is None:  # counted by the SRTP context
+                return True
+            data = unprotected
         dtmf = self.stream.receive_datagram_untrusted(data, source[:2], now)
         if dtmf is not None:
             self._dtmf_pending.append(dtmf)
@@ -221,9 +236,14 @@ class RtpLeg:
         if sock is None or not self.sending or remote is None:
             return
         payload = self._silence if pcm is None else self.codec.encode(pcm)
+        datagram = stream.build_outbound(payload, frames_elapsed=self._frames_elapsed)
+        if self.srtp is not None:
+            protected = self.srtp.protect(datagram)
+            if protected is None:  # counted by the SRTP context
+                return
+            datagram = protected
         try:
-            sock.sendto(stream.build_outbound(payload, frames_elapsed=self._frames_elapsed),
-                        remote)
+            sock.sendto(datagram, remote)
         except OSError as e:
             self.send_errors += 1
             if self.send_errors == 1:
@@ -233,11 +253,14 @@ class RtpLeg:
         """Nothing to take back: RTP audio already sent is on the wire."""
 
     def counters(self) -> dict[str, int]:
-        """This leg's counters by name (packets, drops by cause); DTMF, speech turns
-        and budget drops are the session's (:meth:`Session.counters`)."""
+        """This leg's counters by name (packets, drops by cause, SRTP drops when
+        the call uses SRTP); DTMF, speech turns and budget drops are the
+        session's (:meth:`Session.counters`)."""
         st = self.stream.stats
         jitter = st.jitter
+        srtp = {} if self.srtp is None else self.srtp.counters()
         return {
+            **srtp,
             "packets_in": st.packets_in,
             "packets_out": st.packets_out,
             "bytes_in": st.bytes_in,

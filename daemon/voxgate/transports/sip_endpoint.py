@@ -7,7 +7,10 @@ each ``IncomingCall`` whose SDP offer is acceptable to the call lifecycle
 refusal, an RTP leg once admitted (503 ``no-rtp-port`` when none is free or
 the process is out of descriptors, 500 when the session cannot be built). A
 failure while handling one event is logged with its Call-ID and ends or
-refuses only that call. Running short of descriptors or kernel buffers while
+refuses only that call. ``[rtp] srtp`` decides whether an offer may (or
+must) be SRTP with SDES keys; such a call's leg gets an
+:class:`~voxgate.transports.srtp.SrtpContext` with a fresh key of ours,
+which the answer carries. Running short of descriptors or kernel buffers while
 receiving (the loop backs off) or sending (the datagram is dropped; the
 transaction layer retransmits) is logged once per episode and counted.
 """
@@ -19,6 +22,7 @@ import ipaddress
 import logging
 import math
 import random
+import secrets
 import socket
 import uuid
 from collections.abc import Callable
@@ -41,6 +45,7 @@ from voxgate.session import Session, SessionCore
 from voxgate.sip import uas
 from voxgate.sip.headers import parse_name_addr
 from voxgate.sip.ratelimit import FloodLimits
+from voxgate.sip.sdes import KEY_SALT_BYTES, Crypto
 from voxgate.sip.sdp import (
     Negotiated,
     SessionDescription,
@@ -51,6 +56,7 @@ from voxgate.sip.sdp import (
 from voxgate.sip.uri import parse_uri_untrusted
 from voxgate.transports.rtp_leg import RtpLeg, RtpReadiness
 from voxgate.transports.rtp_ports import PortPool
+from voxgate.transports.srtp import SrtpContext
 
 HEARTBEAT_S = 1.0
 """The SIP loops check in with the watchdog at least this often, even when idle."""
@@ -219,10 +225,12 @@ class SipEndpoint:
     def answer(self, call_key: str) -> None:
         call = self._calls[call_key]
         assert call.leg is not None
+        srtp = call.leg.srtp
         sdp = build_answer(
             call.offer, call.negotiated,
             local_address=self.config.rtp.sdp_address, local_port=call.leg.local_port,
             session_id=call.sdp_session_id, session_version=call.sdp_version,
+            local_crypto=None if srtp is None else srtp.local,
         )
         self.act(lambda core, now: core.accept(call_key, sdp, now))
 
@@ -266,17 +274,20 @@ class SipEndpoint:
             remote_addr=negotiated.remote_rtp,
             silence_byte=codec.silence(1)[0],
         )
+        offered = negotiated.crypto
+        srtp = None if offered is None else SrtpContext(offered, _our_crypto(offered))
         leg = RtpLeg(pool=self.ports, readiness=self.rtp_readiness, sock=sock, stream=stream,
                      codec=codec,
                      playback=core.pipeline.playback, on_dtmf=core.pipeline.dtmf,
                      budget=core.budget,
-                     playback_allowance_s=cfg.rtp.playback_allowance_ms / 1000)
+                     playback_allowance_s=cfg.rtp.playback_allowance_ms / 1000, srtp=srtp)
         call.leg = leg
+        details = {"local_rtp_port": leg.local_port, "source": _fmt(call.event.source)}
+        if offered is not None:
+            details["srtp"] = offered.suite
         return Leg(media=leg, signaling=_Signaling(self, call.event.call_key), codec=codec.name,
                    remote=lambda: _fmt(stream.remote_addr), counters=leg.counters,
-                   answer_delay_s=cfg.sip.answer_delay_ms / 1000,
-                   details={"local_rtp_port": leg.local_port,
-                            "source": _fmt(call.event.source)})
+                   answer_delay_s=cfg.sip.answer_delay_ms / 1000, details=details)
 
     # -- the loops --------------------------------------------------------
 
@@ -404,7 +415,8 @@ class SipEndpoint:
     def _incoming_call(self, event: uas.IncomingCall) -> None:
         try:
             offer = parse_sdp_untrusted(event.sdp_offer)
-            negotiated = negotiate(offer, preference=self.config.rtp.codecs)
+            negotiated = negotiate(offer, preference=self.config.rtp.codecs,
+                                   srtp=self.config.rtp.srtp)
         except RemoteProtocolError as e:
             status = e.status_hint or 400
             log_event(logging.INFO, "call_refused", f"refused with {status}",
@@ -427,19 +439,29 @@ class SipEndpoint:
         if call is None or call.leg is None or call.session is None:
             self.core.answer_reinvite(event.call_key, None, 481, now)
             return
+        srtp = call.leg.srtp
         try:
             offer = parse_sdp_untrusted(event.sdp_offer)
-            negotiated = negotiate(offer, preference=(call.negotiated.codec.name,))
+            # The call keeps its media protection: SRTP stays SRTP, plain stays plain.
+            negotiated = negotiate(offer, preference=(call.negotiated.codec.name,),
+                                   srtp="off" if srtp is None else "required")
         except RemoteProtocolError as e:
             self.core.answer_reinvite(event.call_key, None, e.status_hint or 488, now)
             return
+        local_crypto = None
+        if srtp is not None:
+            offered = negotiated.crypto
+            assert offered is not None  # srtp="required"
+            if (offered.suite, offered.key_salt) != (srtp.remote.suite, srtp.remote.key_salt):
+                srtp.rekey(offered, _our_crypto(offered))  # RFC 4568 §7.1.4: new keys
+            local_crypto = offered.answer(srtp.local.key_salt)
         call.offer, call.negotiated = offer, negotiated
         call.sdp_version += 1
         call.leg.stream.set_remote_addr(negotiated.remote_rtp)
         _apply_direction(call.leg, call.session, negotiated, now)
         sdp = build_answer(offer, negotiated, local_address=self.config.rtp.sdp_address,
                            local_port=call.leg.local_port, session_id=call.sdp_session_id,
-                           session_version=call.sdp_version)
+                           session_version=call.sdp_version, local_crypto=local_crypto)
         self.core.answer_reinvite(event.call_key, sdp, 200, now)
         log_event(logging.INFO, "call_reinvite", "media updated", call=call.session,
                   direction=negotiated.direction, remote=_fmt(negotiated.remote_rtp))
@@ -455,6 +477,11 @@ def _apply_direction(leg: RtpLeg, session: Session, negotiated: Negotiated, now:
     leg.sending = negotiated.remote_rtp is not None and direction in ("sendrecv", "sendonly")
     # A caller that holds (sendonly, inactive, 0.0.0.0) may well send nothing.
     session.media_changed(direction == "sendrecv", now)
+
+
+def _our_crypto(offered: Crypto) -> Crypto:
+    """Our answer to the peer's ``a=crypto`` line with a fresh random key (RFC 4568 §7.1.2)."""
+    return offered.answer(secrets.token_bytes(KEY_SALT_BYTES))
 
 
 def _configure_digest(core: uas.UasCore, config: Config) -> None:
