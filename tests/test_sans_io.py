@@ -18,6 +18,7 @@ SANS_IO_MODULES = [
     "voxgate.sip.uas",
     "voxgate.sip.sdp",
     "voxgate.sip.ratelimit",
+    "voxgate.sip.registration",
     "voxgate.rtp.packet",
     "voxgate.rtp.jitter",
     "voxgate.rtp.dtmf",
