@@ -26,6 +26,10 @@ Not supported (the request is refused as a bad header): ``qop=auth-int``,
 requests without ``qop`` (RFC 2069), the ``-sess`` algorithms, ``userhash``
 and ``username*``.
 
+The client side (our REGISTER, :mod:`voxgate.sip.registration`):
+:func:`choose_challenge` picks the strongest answerable challenge of a
+401/407 and :func:`credentials_value` answers it with the same hashes.
+
 Credentials file (:func:`parse_credentials`), one entry a line, ``#``
 comments and blank lines ignored:
 

@@ -3,9 +3,10 @@
 Datagrams go in with :meth:`UasCore.receive_datagram`, events come out of
 :meth:`UasCore.next_event`, datagrams to send out of
 :meth:`UasCore.datagrams_to_send`; the application answers calls with the
-action methods (``accept``, ``reject``, ``hangup`` …). Time is always the
-caller's ``now`` (monotonic seconds); timers are ``next_deadline()`` +
-``handle_timer(now)``.
+action methods (``accept``, ``reject``, ``hangup`` …); requests outside a
+call (our REGISTER) go out with ``send_request`` and end as
+``RequestCompleted``. Time is always the caller's ``now`` (monotonic
+seconds); timers are ``next_deadline()`` + ``handle_timer(now)``.
 
 Policy choices: Max-Forwards is not checked (a UAS consumes the request, so
 ``Max-Forwards: 0`` on OPTIONS is answered normally; §8.2 has no Max-Forwards
