@@ -172,11 +172,12 @@ def running_kamailio(
 @contextlib.contextmanager
 def running_registrar(
     workdir: Path, users: Mapping[str, str], domain: str = "127.0.0.1",
+    algorithm: str = "MD5",
 ) -> Iterator[Kamailio]:
     """Start Kamailio as a registrar whose subscribers are ``users`` (username →
     plaintext password) of ``domain`` (also the digest realm; not matched: any
-    domain's REGISTER of the username authenticates) and wait until ``kamcmd``
-    answers.
+    domain's REGISTER of the username authenticates), challenging with digest
+    ``algorithm`` (MD5 or SHA-256), and wait until ``kamcmd`` answers.
 
     Raises:
         RuntimeError: it exited or did not answer within :data:`READY_TIMEOUT_S`.
@@ -195,7 +196,8 @@ def running_registrar(
     (db_dir / "subscriber").write_text(
         "id(int,auto) username(string) domain(string) password(string) ha1(string) "
         "ha1b(string)\n" + "".join(f"{row}\n" for row in rows))
-    with _running(workdir, REGISTRAR_CONFIG, [f'DB_URL="text://{db_dir}"'], None) as kamailio:
+    defines = [f'DB_URL="text://{db_dir}"', f'AUTH_ALGORITHM="{algorithm}"']
+    with _running(workdir, REGISTRAR_CONFIG, defines, None) as kamailio:
         yield kamailio
 
 

@@ -16,9 +16,11 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
 from tests.harness import requires
 from tests.harness.audio import SpeechClip
-from tests.harness.daemon import PortRange, free_udp_port
+from tests.harness.daemon import ConfigOverrides, PortRange, free_udp_port
 from tests.harness.kamailio import running_registrar
 from tests.harness.sipp import Sipp
 from tests.integration.conftest import StartDaemon
@@ -35,18 +37,29 @@ def _registered(rows: list[dict[str, object]]) -> list[dict[str, object]]:
     return rows if rows and all(r["state"] == "registered" for r in rows) else []
 
 
+def _secret(tmp_path: Path, password: str) -> Path:
+    secret = tmp_path / "registration.secret"
+    secret.write_text(f"# the registrar's subscriber\n{USER}:{password}\n")
+    secret.chmod(0o600)
+    return secret
+
+
+def _registration(registrar: str, secret: Path) -> ConfigOverrides:
+    return {"sip.registrations": [{
+        "registrar": registrar, "aor": f"sip:{USER}@127.0.0.1", "credentials_file": str(secret),
+        "expires_s": 60, "retry_initial_s": 1.0}]}
+
+
+@pytest.mark.parametrize("algorithm", ["MD5", "SHA-256"])
 def test_registers_with_kamailio_takes_its_call_and_unregisters_on_stop(
     start_daemon: StartDaemon, reserve_ports: Callable[[int], PortRange], clip: SpeechClip,
-    tmp_path: Path,
+    tmp_path: Path, algorithm: str,
 ) -> None:
-    secret = tmp_path / "registration.secret"
-    secret.write_text(f"# the registrar's subscriber\n{USER}:{PASSWORD}\n")
-    secret.chmod(0o600)
-    with running_registrar(tmp_path / "kamailio", {USER: PASSWORD}) as kam:
+    secret = _secret(tmp_path, PASSWORD)
+    with running_registrar(tmp_path / "kamailio", {USER: PASSWORD},
+                           algorithm=algorithm) as kam:
         registrar = f"sip:127.0.0.1:{kam.port}"
-        daemon = start_daemon({"sip.registrations": [{
-            "registrar": registrar, "aor": f"sip:{USER}@127.0.0.1",
-            "credentials_file": str(secret), "expires_s": 60, "retry_initial_s": 1.0}]})
+        daemon = start_daemon(_registration(registrar, secret))
         contact = f"sip:{USER}@127.0.0.1:{daemon.sip_port}"
 
         # Registered: voxgatectl says so, and so does Kamailio's location table.
@@ -82,3 +95,23 @@ def test_registers_with_kamailio_takes_its_call_and_unregisters_on_stop(
         assert "expires 0" in kam.log_text()
         events = daemon.events("sip_registration")
         assert [e["state"] for e in events][-2:] == ["unregistering", "unregistered"], events
+
+
+def test_wrong_password_fails_and_retries_with_backoff(
+    start_daemon: StartDaemon, tmp_path: Path,
+) -> None:
+    secret = _secret(tmp_path, "not the password")
+    with running_registrar(tmp_path / "kamailio", {USER: PASSWORD}) as kam:
+        daemon = start_daemon(_registration(f"sip:127.0.0.1:{kam.port}", secret))
+        # The answer to the challenge is challenged again: no third REGISTER until the
+        # retry (1 s, then 2 s …).
+        row = wait_until(lambda: [r for r in ctl_json(daemon, "registrations")
+                                  if r["failures"] >= 2], "two failed tries", 10.0)[0]
+        assert (row["state"], row["last_status"], row["last_error"]) in [
+            ("failed", 401, "credentials refused"), ("registering", 401, "credentials refused")]
+        assert kam.contacts() == []
+        failed = daemon.events("sip_registration")
+        assert [e.get("next_try_in_s") for e in failed if e["state"] == "failed"][:2] == [
+            "1.000", "2.000"], failed
+        assert daemon.terminate() == 0  # nothing to remove: no REGISTER with Expires: 0
+        assert "expires 0" not in kam.log_text()
