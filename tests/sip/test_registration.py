@@ -13,6 +13,7 @@ from voxgate.sip.headers import parse_cseq, parse_name_addr, parse_via
 from voxgate.sip.message import Request, Response, make_response
 from voxgate.sip.parser import parse_message_untrusted
 from voxgate.sip.registration import (
+    MAX_FOLLOW_UPS,
     BindingSettings,
     OutgoingRequest,
     RegistrationClient,
@@ -265,3 +266,25 @@ def test_register_runs_on_a_uas_client_transaction() -> None:
     core.handle_timer(NOW + 1000 + 33)
     assert core.next_event() == RequestCompleted(refresh.branch, None)
     assert core.active_transactions == 0
+
+
+def test_a_registrar_that_always_says_stale_fails_the_try() -> None:
+    reg = client()
+    reg.start(NOW)
+    out = sent_one(reg)
+    for nonce in range(10):
+        stale = CHALLENGE.replace("n1", f"s{nonce}") + ", stale=true"
+        reg.receive_response(out.branch, answer(out, 401, ("WWW-Authenticate", stale)), NOW)
+        sent = reg.requests_to_send()
+        if not sent:
+            break
+        out = sent[0]
+    assert nonce == MAX_FOLLOW_UPS
+    status = reg.statuses(NOW)[0]
+    assert (status.state, status.last_error) == (
+        "failed", f"401 again after {MAX_FOLLOW_UPS} follow-up REGISTERs")
+    # the next try starts afresh
+    reg.handle_timer(NOW + 5)
+    out = sent_one(reg)
+    reg.receive_response(out.branch, answer(out, 401, ("WWW-Authenticate", CHALLENGE)), NOW + 5)
+    assert len(reg.requests_to_send()) == 1

@@ -13,6 +13,7 @@ A 401/407 is answered once with digest credentials (RFC 7616, qop=auth,
 SHA-256 or MD5, a fresh cnonce and the nonce count); a second challenge to
 the answer is a failure unless it says ``stale=true``. A 423 Interval Too
 Brief is retried at once with its Min-Expires (at most :data:`MAX_EXPIRES_S`).
+One try sends at most :data:`MAX_FOLLOW_UPS` such follow-up REGISTERs.
 A 2xx grants the ``expires`` of our Contact in it, else its Expires header,
 else what we asked (§10.2.4); the binding is refreshed at half of that. Any
 other final status, or no final response (Timer F), is a failure: the next
@@ -48,6 +49,9 @@ Address = tuple[str, int]
 
 MAX_EXPIRES_S = 86_400
 """Longest registration we ask for, also after a 423's Min-Expires (seconds)."""
+MAX_FOLLOW_UPS = 4
+"""REGISTERs one try may send after its first (challenge answers, 423 re-asks): a
+registrar that keeps answering stale=true or raising Min-Expires fails the try."""
 _MAX_WARNING_CHARS = 100
 
 
@@ -121,6 +125,7 @@ class _Binding:
         self.in_flight: str | None = None  # branch of the REGISTER awaiting its answer
         self.requested_expires = 0
         self.authorized = False  # the REGISTER in flight carries credentials
+        self.follow_ups = 0  # REGISTERs of this try after its first
         self.nonce = ""
         self.nonce_count = 0
         self.last_status: int | None = None
@@ -208,12 +213,14 @@ class RegistrationClient:
         if 200 <= status < 300:
             self._count(b, "ok")
             self._succeeded(b, response, now)
-        elif status in (401, 407):
-            self._count(b, "challenge")
-            self._challenged(b, response, now)
-        elif status == 423:
-            self._count(b, "interval_too_brief")
-            self._too_brief(b, response, now)
+        elif status in (401, 407, 423):
+            self._count(b, "interval_too_brief" if status == 423 else "challenge")
+            if b.follow_ups >= MAX_FOLLOW_UPS:
+                self._fail(b, now, f"{status} again after {MAX_FOLLOW_UPS} follow-up REGISTERs")
+            elif status == 423:
+                self._too_brief(b, response, now)
+            else:
+                self._challenged(b, response, now)
         else:
             self._count(b, "rejected")
             warning = response.headers.get("Warning") or ""
@@ -288,7 +295,7 @@ class RegistrationClient:
             self._fail(b, now, f"no credentials for realm {challenge.realm[:40]!r}")
             return
         header = "Proxy-Authorization" if proxy else "Authorization"
-        self._send(b, b.requested_expires, authorization=(header, value))
+        self._send(b, b.requested_expires, authorization=(header, value), follow_up=True)
 
     def _too_brief(self, b: _Binding, response: Response, now: float) -> None:
         """423: ask again for the registrar's Min-Expires (§10.2.8, §20.23)."""
@@ -303,7 +310,7 @@ class RegistrationClient:
                                     f"{b.requested_expires}")
             return
         b.expires_s = minimum
-        self._send(b, minimum)
+        self._send(b, minimum, follow_up=True)
 
     def _fail(self, b: _Binding, now: float, error: str) -> None:
         b.last_error = error
@@ -320,10 +327,11 @@ class RegistrationClient:
         b.state = BindingState.UNREGISTERING
         self._send(b, 0)
 
-    def _send(self, b: _Binding, expires_s: int,
-              authorization: tuple[str, str] | None = None) -> None:
+    def _send(self, b: _Binding, expires_s: int, *,
+              authorization: tuple[str, str] | None = None, follow_up: bool = False) -> None:
         """Queue the binding's next REGISTER (§10.2): same Call-ID, CSeq + 1, our
-        Contact with ``expires_s`` (0: removal)."""
+        Contact with ``expires_s`` (0: removal); ``follow_up``: in the same try (after a
+        challenge or a 423), else a new try."""
         s = b.settings
         b.cseq += 1
         branch = MAGIC_COOKIE + self._token()
@@ -342,6 +350,7 @@ class RegistrationClient:
             headers.add(*authorization)
         b.in_flight, b.requested_expires = branch, expires_s
         b.authorized = authorization is not None
+        b.follow_ups = b.follow_ups + 1 if follow_up else 0
         self._by_branch[branch] = b
         self._outgoing.append(OutgoingRequest(Request("REGISTER", s.registrar_uri, headers),
                                               branch, s.registrar))
