@@ -365,6 +365,8 @@ def test_registrations_are_read_with_their_credentials(tmp_path):
                            "twice"),
         (REGISTRATION + "bogus = 1\n", "[sip.registrations.0] bogus: unknown key"),
         ("[sip]\nregistrations = 1\n", "[[sip.registrations]]: must be an array of tables"),
+        ('[sip]\nlisten = "0.0.0.0:5060"\n' + REGISTRATION,
+         "[sip] advertise: [[sip.registrations]] register sip:USER@0.0.0.0:5060: set advertise"),
     ],
 )
 def test_bad_registration_names_the_entry_and_key(tmp_path, text, expected):

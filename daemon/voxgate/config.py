@@ -650,7 +650,7 @@ def _check_consistency(config: Config) -> None:
             c in config.sip.auth_realm for c in '"\\'):
         raise ConfigError(f"{src}: [sip] auth_realm: 1-64 printable ASCII characters "
                           "without quotes or backslashes")
-    _check_registrations(config.sip.registrations, src)
+    _check_registrations(config.sip, src)
     algorithms = config.sip.auth_algorithms
     if not algorithms or len(set(algorithms)) < len(algorithms) or not set(algorithms) <= set(
             DIGEST_ALGORITHMS):
@@ -713,11 +713,16 @@ def _check_consistency(config: Config) -> None:
 _CONTACT_USER = re.compile(r"[A-Za-z0-9._~+-]{1,64}\Z")
 
 
-def _check_registrations(registrations: tuple[RegistrationConfig, ...], src: str) -> None:
+def _check_registrations(sip: SipConfig, src: str) -> None:
     """Registrar ``sip:IP[:port]`` (names are not resolved), AOR ``sip:user@host``, a
-    plain contact user, retry_initial_s ≤ retry_max_s, each (registrar, aor) once."""
+    plain contact user, retry_initial_s ≤ retry_max_s, each (registrar, aor) once, and a
+    Contact address a registrar can reach (not 0.0.0.0 or ::)."""
+    if sip.registrations and ipaddress.ip_address(sip.advertised_host_port[0]).is_unspecified:
+        raise ConfigError(f"{src}: [sip] advertise: [[sip.registrations]] register "
+                          f"sip:USER@{sip.advertise or sip.listen}: set advertise to the "
+                          "address the registrar reaches us at")
     seen: set[tuple[str, str]] = set()
-    for i, reg in enumerate(registrations):
+    for i, reg in enumerate(sip.registrations):
         where = f"{src}: [[sip.registrations]] #{i + 1}"
         try:
             registrar = parse_uri_untrusted(reg.registrar)

@@ -288,3 +288,16 @@ def test_a_registrar_that_always_says_stale_fails_the_try() -> None:
     out = sent_one(reg)
     reg.receive_response(out.branch, answer(out, 401, ("WWW-Authenticate", CHALLENGE)), NOW + 5)
     assert len(reg.requests_to_send()) == 1
+
+
+def test_retry_after_of_a_refusal_is_honoured_when_longer_than_the_backoff() -> None:
+    reg = client()
+    reg.start(NOW)
+    out = sent_one(reg)
+    reg.receive_response(out.branch, answer(out, 503, ("Retry-After", "120 (maintenance)")),
+                         NOW)
+    assert reg.next_deadline() == NOW + 120
+    reg.handle_timer(NOW + 120)
+    out = sent_one(reg)
+    reg.receive_response(out.branch, answer(out, 503, ("Retry-After", "1")), NOW + 120)
+    assert reg.next_deadline() == NOW + 120 + backoff_delay_s(2, 5.0, 40.0)

@@ -18,9 +18,9 @@ A 2xx grants the ``expires`` of our Contact in it, else its Expires header,
 else what we asked (§10.2.4); the binding is refreshed at half of that. Any
 other final status, or no final response (Timer F), is a failure: the next
 try waits :func:`voxgate.backoff.backoff_delay_s` from the binding's
-``retry_initial_s`` to ``retry_max_s``. :meth:`RegistrationClient.stop`
-removes every binding with ``Expires: 0`` for its own Contact (§10.2.2) and
-tries nothing more.
+``retry_initial_s`` to ``retry_max_s``, or the response's Retry-After when
+that is longer. :meth:`RegistrationClient.stop` removes every binding with
+``Expires: 0`` for its own Contact (§10.2.2) and tries nothing more.
 
 The transactions are not ours: :meth:`RegistrationClient.requests_to_send`
 hands out each REGISTER (top Via and branch already set) for the UAS core's
@@ -225,7 +225,7 @@ class RegistrationClient:
             self._count(b, "rejected")
             warning = response.headers.get("Warning") or ""
             detail = f"{status} {response.reason}" + (f" ({warning})" if warning else "")
-            self._fail(b, now, detail[:_MAX_WARNING_CHARS])
+            self._fail(b, now, detail[:_MAX_WARNING_CHARS], _retry_after_s(response))
 
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timer` must next run (monotonic seconds), or ``None``."""
@@ -312,14 +312,16 @@ class RegistrationClient:
         b.expires_s = minimum
         self._send(b, minimum, follow_up=True)
 
-    def _fail(self, b: _Binding, now: float, error: str) -> None:
+    def _fail(self, b: _Binding, now: float, error: str, retry_after_s: int = 0) -> None:
+        """The try failed: retry after the backoff delay, or ``retry_after_s`` (the
+        registrar's Retry-After, §20.33) when that is longer; stopping: give up."""
         b.last_error = error
         if b.stopping:
             b.state, b.registered_until = BindingState.UNREGISTERED, None
             return
         b.state = BindingState.FAILED
-        b.next_try_at = now + b.backoff.delay_s(b.settings.retry_initial_s,
-                                                b.settings.retry_max_s)
+        delay = b.backoff.delay_s(b.settings.retry_initial_s, b.settings.retry_max_s)
+        b.next_try_at = now + max(delay, retry_after_s)
 
     # --- requests --------------------------------------------------------------------------
 
@@ -377,6 +379,16 @@ def _granted_expires_s(response: Response, contact_uri: str, requested: int) -> 
         except RemoteProtocolError:
             pass
     return requested
+
+
+def _retry_after_s(response: Response) -> int:
+    """The Retry-After delta-seconds (at most :data:`MAX_EXPIRES_S`; comment and
+    parameters ignored), 0 when absent or unparsable."""
+    value = (response.headers.get("Retry-After") or "").split("(", 1)[0].split(";", 1)[0]
+    try:
+        return parse_uint(value, MAX_EXPIRES_S, "Retry-After")
+    except RemoteProtocolError:
+        return 0
 
 
 def _uri_key(uri: str) -> tuple[str, str | None, str, int]:
