@@ -14,6 +14,7 @@ import pytest
 from tests.harness.daemon import user_python, user_pythonpath
 from voxgate.config import Config, load_config
 from voxgate.errors import EX_CONFIG, ConfigError
+from voxgate.sip.digest import Credential
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = REPO / "config" / "voxgate.toml"
@@ -336,3 +337,64 @@ def test_daemon_refuses_world_readable_credentials_with_78(tmp_path):
     assert bad.returncode == EX_CONFIG, bad.stderr
     assert f"[sip] auth_credentials_file: {users}: must not be accessible to others" \
         in bad.stderr
+
+
+REGISTRATION = '[[sip.registrations]]\nregistrar = "sip:192.0.2.10:5070"\naor = "sip:echo@pbx"\n'
+
+
+def test_registrations_are_read_with_their_credentials(tmp_path):
+    secret = credentials_file(tmp_path, "echo:pass:word\n", 0o600)
+    config = load_config(write(tmp_path, REGISTRATION + f'credentials_file = "{secret}"\n'
+                               'expires_s = 120\n' + REGISTRATION.replace("echo", "desk")
+                               + 'contact_user = "front-desk"\n'))
+    first, second = config.sip.registrations
+    assert (first.registrar, first.aor, first.expires_s, first.contact_user_or_aor) == (
+        "sip:192.0.2.10:5070", "sip:echo@pbx", 120, "echo")
+    assert (second.expires_s, second.retry_initial_s, second.retry_max_s) == (600, 5.0, 300.0)
+    assert second.contact_user_or_aor == "front-desk"
+    assert config.registration_credentials == ((Credential("echo", password="pass:word"),), ())
+    assert Config().sip.registrations == () and Config().registration_credentials == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (REGISTRATION.replace("192.0.2.10", "pbx.example"), "#1 registrar: must be sip:IP"),
+        (REGISTRATION.replace("sip:192", "sip:u@192"), "#1 registrar: must be sip:IP"),
+        (REGISTRATION.replace("sip:192", "tel:192"), "#1 registrar: must be sip:IP"),
+        (REGISTRATION.replace("sip:echo@pbx", "sip:pbx"), "#1 aor: must be sip:user@domain"),
+        (REGISTRATION + 'contact_user = "a b"\n', "#1 contact_user: 1-64 letters"),
+        (REGISTRATION + "expires_s = 30\n",
+         "[sip.registrations.0] expires_s: must be between 60 and 86400"),
+        (REGISTRATION + "retry_initial_s = 60\nretry_max_s = 10\n",
+         "#1 retry_initial_s: must not be above retry_max_s"),
+        (REGISTRATION * 2, "#2 aor: 'sip:echo@pbx' is registered with 'sip:192.0.2.10:5070' "
+                           "twice"),
+        (REGISTRATION + "bogus = 1\n", "[sip.registrations.0] bogus: unknown key"),
+        ("[sip]\nregistrations = 1\n", "[[sip.registrations]]: must be an array of tables"),
+        ('[sip]\nlisten = "0.0.0.0:5060"\n' + REGISTRATION,
+         "[sip] advertise: [[sip.registrations]] register sip:USER@0.0.0.0:5060: set advertise"),
+    ],
+)
+def test_bad_registration_names_the_entry_and_key(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, text))
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("text", "mode", "expected"),
+    [
+        ("echo:pw\n", 0o604, "must not be accessible to others"),
+        ("echo:pw\nother:pw\n", 0o600, "must hold one user's credentials"),
+        ("# none\n", 0o600, "no credentials in the file"),
+    ],
+)
+def test_bad_registration_credentials_file(tmp_path, text, mode, expected):
+    secret = credentials_file(tmp_path, text, mode)
+    path = write(tmp_path, REGISTRATION + f'credentials_file = "{secret}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(
+        f"{path}: [[sip.registrations]] #1 credentials_file: {secret}: ")
+    assert expected in str(info.value)

@@ -19,6 +19,7 @@ SANS_IO_MODULES = [
     "voxgate.sip.sdp",
     "voxgate.sip.sdes",
     "voxgate.sip.ratelimit",
+    "voxgate.sip.registration",
     "voxgate.rtp.packet",
     "voxgate.rtp.jitter",
     "voxgate.rtp.dtmf",

@@ -22,10 +22,11 @@ from typing import Any
 
 from voxgate.agents.dialogue import BUILTIN_MENU, Choice, Menu, Step, menu_problem
 from voxgate.cidr import parse_networks
-from voxgate.errors import ConfigError
+from voxgate.errors import ConfigError, RemoteProtocolError
 from voxgate.sip.digest import ALGORITHMS as DIGEST_ALGORITHMS
 from voxgate.sip.digest import Credential, parse_credentials
 from voxgate.sip.sdes import SRTP_MODES
+from voxgate.sip.uri import parse_uri_untrusted
 
 DEFAULT_PATH = Path("/etc/voxgate/voxgate.toml")
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -37,6 +38,30 @@ CODECS = ("PCMU", "PCMA")
 
 def _range(lo: float, hi: float) -> dict[str, tuple[float, float]]:
     return {"range": (lo, hi)}
+
+
+@dataclass(frozen=True)
+class RegistrationConfig:
+    """One ``[[sip.registrations]]`` entry: voxgate's contact registered with a
+    registrar (a PBX) under an address-of-record (RFC 3261 §10)."""
+
+    registrar: str = ""
+    """The registrar's URI, ``sip:IP[:port]`` (the REGISTER's Request-URI and where it goes)."""
+    aor: str = ""
+    """The address-of-record, ``sip:user@domain`` (To and From)."""
+    contact_user: str = ""
+    """The user part of the registered Contact ``sip:USER@[sip] advertise-or-listen``
+    ("" = the AOR's user)."""
+    credentials_file: str = ""
+    """Digest credentials for the registrar's challenges, one user ("" = none)."""
+    expires_s: int = field(default=600, metadata=_range(60, 86_400))
+    retry_initial_s: float = field(default=5.0, metadata=_range(0.1, 3600))
+    retry_max_s: float = field(default=300.0, metadata=_range(0.1, 86_400))
+
+    @property
+    def contact_user_or_aor(self) -> str:
+        """``contact_user``, else the AOR's user part (checked when loading)."""
+        return self.contact_user or parse_uri_untrusted(self.aor).user or ""
 
 
 @dataclass(frozen=True)
@@ -59,6 +84,7 @@ class SipConfig:
     auth_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
     auth_nonce_ttl_s: float = field(default=300.0, metadata=_range(10, 86_400))
     auth_replay_table_size: int = field(default=4096, metadata=_range(16, 1_000_000))
+    registrations: tuple[RegistrationConfig, ...] = ()
 
     @property
     def host(self) -> str:
@@ -335,6 +361,9 @@ class Config:
     source: str = "<embedded default>"
     sip_credentials: tuple[Credential, ...] = ()
     """The entries of ``[sip] auth_credentials_file``, read when the file is loaded."""
+    registration_credentials: tuple[tuple[Credential, ...], ...] = ()
+    """The entries of each ``[[sip.registrations]]`` credentials_file, in their order
+    (empty for an entry without one)."""
 
 
 RECOGNIZER_RSS_BYTES = 160 << 20
@@ -392,7 +421,7 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     section_types = {
         f.name: f.default_factory
         for f in dataclasses.fields(Config)
-        if f.name not in ("source", "tenants", "sip_credentials")
+        if f.name not in ("source", "tenants", "sip_credentials", "registration_credentials")
     }
     for name, value in data.items():
         if name == "tenants":
@@ -407,6 +436,10 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     _check_consistency(config)
     if config.sip.auth_credentials_file:
         config = dataclasses.replace(config, sip_credentials=_read_sip_credentials(config))
+    if config.sip.registrations:
+        count = len(config.sip.registrations)
+        config = dataclasses.replace(config, registration_credentials=tuple(
+            _read_registration_credentials(config, i) for i in range(count)))
     return config
 
 
@@ -415,10 +448,35 @@ MAX_CREDENTIALS_FILE_BYTES = 1 << 20
 
 def _read_sip_credentials(config: Config) -> tuple[Credential, ...]:
     """``[sip] auth_credentials_file``'s entries; raises ConfigError naming the key and
-    the file when it is missing, unreadable, readable or writable by "other", too large,
-    or malformed (see :func:`voxgate.sip.digest.parse_credentials`)."""
+    the file (see :func:`_read_credentials_file`), or an HA1 for another realm."""
     path = Path(config.sip.auth_credentials_file)
     where = f"{config.source}: [sip] auth_credentials_file: {path}"
+    entries = _read_credentials_file(path, where)
+    for entry in entries:
+        if entry.realm is not None and entry.realm != config.sip.auth_realm:
+            raise ConfigError(f"{where}: the HA1 of {entry.username!r} is for realm "
+                              f"{entry.realm!r}, not [sip] auth_realm {config.sip.auth_realm!r}")
+    return entries
+
+
+def _read_registration_credentials(config: Config, index: int) -> tuple[Credential, ...]:
+    """The entries of ``[[sip.registrations]]`` #``index + 1``'s credentials_file (none
+    when it is ""); one username only, else ConfigError (and see
+    :func:`_read_credentials_file`)."""
+    name = config.sip.registrations[index].credentials_file
+    if not name:
+        return ()
+    where = f"{config.source}: [[sip.registrations]] #{index + 1} credentials_file: {name}"
+    entries = _read_credentials_file(Path(name), where)
+    if len({entry.username for entry in entries}) > 1:
+        raise ConfigError(f"{where}: must hold one user's credentials")
+    return entries
+
+
+def _read_credentials_file(path: Path, where: str) -> tuple[Credential, ...]:
+    """A credentials file's entries; raises ConfigError starting with ``where`` when it
+    is missing, unreadable, readable or writable by "other", too large, or malformed
+    (see :func:`voxgate.sip.digest.parse_credentials`)."""
     try:
         # O_NONBLOCK: a FIFO in its place must not hang the load
         with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
@@ -439,10 +497,6 @@ def _read_sip_credentials(config: Config) -> tuple[Credential, ...]:
         raise ConfigError(f"{where}: not UTF-8") from e
     except ValueError as e:
         raise ConfigError(f"{where}: {e}") from e
-    for entry in entries:
-        if entry.realm is not None and entry.realm != config.sip.auth_realm:
-            raise ConfigError(f"{where}: the HA1 of {entry.username!r} is for realm "
-                              f"{entry.realm!r}, not [sip] auth_realm {config.sip.auth_realm!r}")
     return entries
 
 
@@ -531,6 +585,8 @@ def _parse_menu(value: Any, section: str, source: str) -> Menu:
 
 
 _NESTED: dict[tuple[type, str], Any] = {
+    (SipConfig, "registrations"):
+        lambda v, sec, src: _parse_tables(RegistrationConfig, sec, v, src),
     (AgentConfig, "webhook"): lambda v, sec, src: _parse_table(WebhookConfig, sec, v, src),
     (AgentConfig, "menu"): _parse_menu,
     (AgentConfig, "stream"): lambda v, sec, src: _parse_table(StreamConfig, sec, v, src),
@@ -597,6 +653,7 @@ def _check_consistency(config: Config) -> None:
             c in config.sip.auth_realm for c in '"\\'):
         raise ConfigError(f"{src}: [sip] auth_realm: 1-64 printable ASCII characters "
                           "without quotes or backslashes")
+    _check_registrations(config.sip, src)
     algorithms = config.sip.auth_algorithms
     if not algorithms or len(set(algorithms)) < len(algorithms) or not set(algorithms) <= set(
             DIGEST_ALGORITHMS):
@@ -657,6 +714,44 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"{src}: [log] level: must be one of {', '.join(LOG_LEVELS)}")
     if config.log.target not in LOG_TARGETS:
         raise ConfigError(f"{src}: [log] target: must be one of {', '.join(LOG_TARGETS)}")
+
+
+_CONTACT_USER = re.compile(r"[A-Za-z0-9._~+-]{1,64}\Z")
+
+
+def _check_registrations(sip: SipConfig, src: str) -> None:
+    """Registrar ``sip:IP[:port]`` (names are not resolved), AOR ``sip:user@host``, a
+    plain contact user, retry_initial_s ≤ retry_max_s, each (registrar, aor) once, and a
+    Contact address a registrar can reach (not 0.0.0.0 or ::)."""
+    if sip.registrations and ipaddress.ip_address(sip.advertised_host_port[0]).is_unspecified:
+        raise ConfigError(f"{src}: [sip] advertise: [[sip.registrations]] register "
+                          f"sip:USER@{sip.advertise or sip.listen}: set advertise to the "
+                          "address the registrar reaches us at")
+    seen: set[tuple[str, str]] = set()
+    for i, reg in enumerate(sip.registrations):
+        where = f"{src}: [[sip.registrations]] #{i + 1}"
+        try:
+            registrar = parse_uri_untrusted(reg.registrar)
+            ipaddress.ip_address(registrar.host)
+            if registrar.scheme != "sip" or registrar.user is not None or registrar.headers:
+                raise ValueError
+        except (RemoteProtocolError, ValueError) as e:
+            raise ConfigError(f"{where} registrar: must be sip:IP[:port] (an IP address, no "
+                              f"user part), got {reg.registrar!r}") from e
+        try:
+            aor = parse_uri_untrusted(reg.aor)
+            if aor.scheme != "sip" or not aor.user or aor.params or aor.headers:
+                raise ValueError
+        except (RemoteProtocolError, ValueError) as e:
+            raise ConfigError(f"{where} aor: must be sip:user@domain, got {reg.aor!r}") from e
+        if not _CONTACT_USER.match(reg.contact_user_or_aor):
+            raise ConfigError(f"{where} contact_user: 1-64 letters, digits and . _ ~ + -")
+        if reg.retry_initial_s > reg.retry_max_s:
+            raise ConfigError(f"{where} retry_initial_s: must not be above retry_max_s")
+        if (reg.registrar, reg.aor) in seen:
+            raise ConfigError(f"{where} aor: {reg.aor!r} is registered with "
+                              f"{reg.registrar!r} twice")
+        seen.add((reg.registrar, reg.aor))
 
 
 def _check_agent(agent: AgentConfig, src: str) -> None:

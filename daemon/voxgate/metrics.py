@@ -23,7 +23,7 @@ serves the registry on ``/metrics`` (see :mod:`voxgate.metrics_http`).
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -234,6 +234,13 @@ LIVE_METRICS: tuple[LiveMetric, ...] = (
              "unknown_user, wrong_response, stale, replay)", "result"),
     _counter("voxgate_sip_auth_nonces_evicted_total", "Nonces forgotten by the digest "
              "replay table ([sip] auth_replay_table_size)"),
+    _gauge("voxgate_sip_registration_state", "1 for each [[sip.registrations]] binding's "
+           "state, 0 for the others: unregistered, registering, registered, failed, "
+           "unregistering", "registrar", "aor", "state"),
+    _counter("voxgate_sip_register_responses_total", "How our REGISTER requests ended, by "
+             "result (ok: 2xx; challenge: 401/407, answered once; interval_too_brief: 423; "
+             "rejected: another final status; timeout: no final response)", "registrar",
+             "aor", "result"),
     # ALSA lines
     _counter("voxgate_alsa_sessions_total", "Sessions run on an ALSA line", "line"),
     _counter("voxgate_alsa_open_failures_total", "ALSA devices that could not be opened", "line"),
@@ -484,6 +491,20 @@ def admission_values(counters: Mapping[tuple[str, str, str], float]
                 raise LocalProtocolError(f"admission result {result!r} maps to no metric")
         values.setdefault(route[0], {})[route[1]] = n
     return values
+
+
+def registration_values(
+    states: Sequence[tuple[str, str, str]], counts: Mapping[tuple[str, str, str], float],
+    all_states: tuple[str, ...],
+) -> dict[str, dict[tuple[str, ...], float]]:
+    """Each binding's (registrar, aor, state) as a one-hot over ``all_states``, and the
+    REGISTER outcomes by (registrar, aor, result), as live values."""
+    gauge: dict[tuple[str, ...], float] = {
+        (registrar, aor, state): float(state == current)
+        for registrar, aor, current in states for state in all_states}
+    outcomes: dict[tuple[str, ...], float] = {key: n for key, n in counts.items()}
+    return {"voxgate_sip_registration_state": gauge,
+            "voxgate_sip_register_responses_total": outcomes}
 
 
 def one_hot(states: tuple[str, ...], current: str) -> dict[tuple[str, ...], float]:

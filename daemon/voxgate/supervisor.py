@@ -12,7 +12,9 @@ listener has reported ``started``. Then:
   progress, ``READY=1``. An invalid file keeps the old config; ``STATUS=``
   and the reply say why.
 - SIGTERM: drain. ``STOPPING=1``, admission closes (INVITE and OPTIONS get
-  503), calls in progress carry on while ``STATUS=`` counts them down and
+  503), every ``[[sip.registrations]]`` binding is removed (un-REGISTER; the
+  answers are awaited at the end, at most ``SHUTDOWN_GRACE_S``), calls in
+  progress carry on while ``STATUS=`` counts them down and
   ``EXTEND_TIMEOUT_USEC=`` keeps systemd patient; ``[limits]
   drain_timeout_s`` is one deadline on the sessions nursery: the rest end
   there with BYE (reason ``drain-timeout``); post-call deliveries in flight
@@ -77,6 +79,7 @@ from voxgate.metrics import (
     control_values,
     media_values,
     one_hot,
+    registration_values,
     sip_values,
     websocket_values,
 )
@@ -88,6 +91,7 @@ from voxgate.postcall import PostCallQueue
 from voxgate.recording import Recordings
 from voxgate.records import Records
 from voxgate.registry import Registry
+from voxgate.sip.registration import STATES as REGISTRATION_STATES
 from voxgate.systemd import Notifier
 from voxgate.transports.alsa import AlsaLines
 from voxgate.transports.sip_endpoint import HEARTBEAT_S, SipEndpoint
@@ -98,13 +102,15 @@ if TYPE_CHECKING:
     from voxgate.agents.recognizer import RecognizerPool
 
 SHUTDOWN_GRACE_S = 5.0
-"""How long a stop waits for the BYEs it sent to be answered."""
+"""How long a stop waits for the BYEs it sent to be answered, and for the registrars
+to answer the removal of our bindings."""
 STATUS_REFRESH_S = 10.0
 LAG_PROBE_S = 0.1
 CRITICAL_TASKS = ("sip", "admission", "media", "control", "alsa", "websocket")
 # Settings a reload cannot change in a running process (sockets are bound).
-_RESTART_ONLY = ("sip.listen", "sip.advertise", "rtp.address", "rtp.port_min", "rtp.port_max",
-                 "control.socket", "control.group", "metrics.listen", "websocket.listen",
+_RESTART_ONLY = ("sip.listen", "sip.advertise", "sip.registrations", "rtp.address",
+                 "rtp.port_min", "rtp.port_max", "control.socket", "control.group",
+                 "metrics.listen", "websocket.listen",
                  "records.path", "records.keep_days", "records.max_rows", "records.queue_size",
                  "records.recordings_dir", "records.recordings_max_bytes", "postcall.webhook",
                  "postcall.workers", "postcall.max_pending", "postcall.max_attempts",
@@ -196,6 +202,7 @@ class Supervisor:
             **media_values(self.registry.counters()),
             **admission_values(stats.counters),
             **sip_values(dataclasses.asdict(self.endpoint.core.stats)),
+            **self._registration_values(),
             **alsa_values(self.alsa.counters()),
             **websocket_values(self.websocket.counters()),
             **({} if control is None else control_values(
@@ -214,6 +221,11 @@ class Supervisor:
             "voxgate_rtp_ports_exhausted_total": {(): self.endpoint.ports.exhausted},
             "voxgate_rtp_ports_free": {(): self.endpoint.ports.available},
         }
+
+    def _registration_values(self) -> LiveValues:
+        states = [(r.registrar, r.aor, r.state) for r in self.endpoint.registration_statuses()]
+        return registration_values(states, self.endpoint.registrations.counts,
+                                   REGISTRATION_STATES)
 
     def status_changed(self) -> None:
         self._status_changed.set()
@@ -388,9 +400,11 @@ class Supervisor:
             self.stopping = True
             self.notifier.notify("STOPPING=1")
             self.desk.set_draining(True)
+            self.endpoint.stop_registrations()
             self.calls.stop("shutdown")
             await self.registry.wait_empty(SHUTDOWN_GRACE_S)
             await self.endpoint.wait_idle(SHUTDOWN_GRACE_S)
+            await self.endpoint.wait_registrations(SHUTDOWN_GRACE_S)
             nursery.cancel_scope.cancel()
 
     async def _drain_and_exit(self, scope: trio.CancelScope) -> None:
@@ -399,6 +413,7 @@ class Supervisor:
                   sessions=len(self.registry), drain_timeout_s=timeout_s)
         self.notifier.notify("STOPPING=1")
         self.drain()
+        self.endpoint.stop_registrations()  # registrars stop sending us calls
         deadline = trio.current_time() + timeout_s
         self.calls.drain(deadline)
         while len(self.registry):
@@ -417,6 +432,7 @@ class Supervisor:
         self.notifier.notify("STATUS=stopping",
                              f"EXTEND_TIMEOUT_USEC={int((SHUTDOWN_GRACE_S + 5) * 1e6)}")
         await self.endpoint.wait_idle(SHUTDOWN_GRACE_S)
+        await self.endpoint.wait_registrations(SHUTDOWN_GRACE_S)
         if self.postcall is not None:  # deliveries in flight, never the backlog
             self.postcall.stop_claiming()
             with trio.move_on_at(max(deadline, trio.current_time())):

@@ -1,4 +1,4 @@
-"""Run the packaged Kamailio with voxgate's example dispatcher config for a test.
+"""Run Kamailio for a test: the packaged dispatcher example, or a registrar.
 
 :func:`running_kamailio` starts ``kamailio`` (Debian's package) in the
 foreground (``-DD -E``) with ``packaging/kamailio/kamailio-dispatcher.cfg``
@@ -7,11 +7,17 @@ as shipped; only its defines are overridden with ``-A``: the listen address
 directory), the ``ctl`` socket that ``kamcmd`` talks to and the OPTIONS probe
 interval. Its stderr goes to ``kamailio.log``. It is ready once ``kamcmd``
 answers, and is stopped by its PID on the way out whatever happened.
+
+:func:`running_registrar` starts it the same way with
+``kamailio-registrar.cfg`` beside this file: REGISTER checked by ``auth_db``
+against a db_text ``subscriber`` table written in the test's directory
+(plaintext passwords), bindings in memory, INVITEs routed to them.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -19,12 +25,14 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from tests.harness.daemon import REPO_ROOT, free_udp_port
 
 CONFIG = REPO_ROOT / "packaging" / "kamailio" / "kamailio-dispatcher.cfg"
+REGISTRAR_CONFIG = Path(__file__).resolve().parent / "kamailio-registrar.cfg"
+SUBSCRIBER_TABLE_VERSION = 7  # Kamailio 5.x's subscriber schema
 DISPATCHER_SET = 1
 READY_TIMEOUT_S = 15.0
 _STOP_TIMEOUT_S = 10.0
@@ -48,7 +56,7 @@ class Kamailio:
 
     def __init__(
         self, proc: subprocess.Popen[bytes], port: int, ctl_socket: Path,
-        list_path: Path, log_path: Path,
+        list_path: Path | None, log_path: Path,
     ) -> None:
         self.proc = proc
         self.port = port
@@ -87,6 +95,7 @@ class Kamailio:
         Raises:
             AssertionError: kamcmd failed.
         """
+        assert self.list_path is not None, "not the dispatcher config"
         write_dispatcher_list(self.list_path, uris)
         done = self.kamcmd("dispatcher.reload")
         assert done.returncode == 0, f"kamcmd dispatcher.reload: {done.stdout}{done.stderr}"
@@ -105,6 +114,16 @@ class Kamailio:
             if time.monotonic() >= deadline:
                 raise AssertionError(f"{uri} not in state {state} after {timeout_s} s: {flags}")
             time.sleep(_POLL_S)
+
+    def contacts(self) -> list[str]:
+        """The registered contacts (``kamcmd ul.dump``'s ``Address`` lines).
+
+        Raises:
+            AssertionError: kamcmd failed.
+        """
+        done = self.kamcmd("ul.dump")
+        assert done.returncode == 0, f"kamcmd ul.dump: {done.stdout}{done.stderr}"
+        return re.findall(r"Address: (\S+)", done.stdout)
 
     def log_text(self) -> str:
         """Everything Kamailio wrote to stderr so far."""
@@ -143,18 +162,65 @@ def running_kamailio(
         RuntimeError: it exited or did not answer within :data:`READY_TIMEOUT_S`.
     """
     workdir.mkdir(parents=True, exist_ok=True)
-    run_dir = Path(tempfile.mkdtemp(prefix="vg-kam-"))  # short: AF_UNIX paths are ≤ 107 B
     list_path = workdir / "dispatcher.list"
     write_dispatcher_list(list_path, uris)
+    defines = [f'DISPATCHER_LIST="{list_path}"', f"PING_INTERVAL_S={ping_interval_s}"]
+    with _running(workdir, CONFIG, defines, list_path) as kamailio:
+        yield kamailio
+
+
+@contextlib.contextmanager
+def running_registrar(
+    workdir: Path, users: Mapping[str, str], domain: str = "127.0.0.1",
+    algorithm: str = "MD5",
+) -> Iterator[Kamailio]:
+    """Start Kamailio as a registrar whose subscribers are ``users`` (username →
+    plaintext password) of ``domain`` (also the digest realm; not matched: any
+    domain's REGISTER of the username authenticates), challenging with digest
+    ``algorithm`` (MD5 or SHA-256), and wait until ``kamcmd`` answers.
+
+    Raises:
+        RuntimeError: it exited or did not answer within :data:`READY_TIMEOUT_S`.
+    """
+    db_dir = workdir / "dbtext"
+    db_dir.mkdir(parents=True, exist_ok=True)
+    (db_dir / "version").write_text(
+        "id(int,auto) table_name(string) table_version(int)\n"
+        f"1:subscriber:{SUBSCRIBER_TABLE_VERSION}\n")
+    rows = []
+    for i, (user, password) in enumerate(users.items(), 1):
+        # Checked against the password (calculate_ha1); the HA1 columns may not be empty.
+        ha1 = hashlib.md5(f"{user}:{domain}:{password}".encode()).hexdigest()
+        ha1b = hashlib.md5(f"{user}@{domain}:{domain}:{password}".encode()).hexdigest()
+        rows.append(":".join([str(i), *map(_dbtext, (user, domain, password)), ha1, ha1b]))
+    (db_dir / "subscriber").write_text(
+        "id(int,auto) username(string) domain(string) password(string) ha1(string) "
+        "ha1b(string)\n" + "".join(f"{row}\n" for row in rows))
+    defines = [f'DB_URL="text://{db_dir}"', f'AUTH_ALGORITHM="{algorithm}"']
+    with _running(workdir, REGISTRAR_CONFIG, defines, None) as kamailio:
+        yield kamailio
+
+
+def _dbtext(value: str) -> str:
+    """A db_text field: ``:`` and ``\\`` escaped with a backslash."""
+    return re.sub(r"([:\\])", r"\\\1", value)
+
+
+@contextlib.contextmanager
+def _running(
+    workdir: Path, config: Path, defines: Sequence[str], list_path: Path | None,
+) -> Iterator[Kamailio]:
+    """``config`` with ``defines`` (``-A``) plus LISTEN on a free port and CTL_SOCKET."""
+    run_dir = Path(tempfile.mkdtemp(prefix="vg-kam-"))  # short: AF_UNIX paths are ≤ 107 B
     port = free_udp_port()
     ctl_socket = run_dir / "kamailio_ctl"
     argv = [
-        "kamailio", "-f", str(CONFIG), "-DD", "-E", "-Y", str(run_dir),
+        "kamailio", "-f", str(config), "-DD", "-E", "-Y", str(run_dir),
         "-A", f"LISTEN=udp:127.0.0.1:{port}",
-        "-A", f'DISPATCHER_LIST="{list_path}"',
         "-A", f'CTL_SOCKET="unix:{ctl_socket}"',
-        "-A", f"PING_INTERVAL_S={ping_interval_s}",
     ]
+    for define in defines:
+        argv += ["-A", define]
     log_path = workdir / "kamailio.log"
     kamailio: Kamailio | None = None
     try:

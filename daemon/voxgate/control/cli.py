@@ -333,6 +333,17 @@ def render_providers(result: Any) -> str:
                  rows)
 
 
+def render_registrations(result: Any) -> str:
+    """``registrations``: one row per ``[[sip.registrations]]`` binding, in config order."""
+    rows = []
+    for r in (_as_dict(x) for x in _as_list(result)):
+        rows.append((r.get("aor"), r.get("registrar"), r.get("state"),
+                     _format_age(r.get("expires_in_s")), _format_age(r.get("next_try_in_s")),
+                     r.get("last_status"), r.get("failures"), r.get("last_error") or "-"))
+    return table(("AOR", "REGISTRAR", "STATE", "EXPIRES_IN", "NEXT_TRY", "STATUS", "FAILURES",
+                  "LAST ERROR"), rows)
+
+
 def parse_duration_s(text: str) -> float:
     """``90``, ``90s``, ``15m``, ``2h``, ``7d`` → seconds; raises ArgumentTypeError."""
     units = {"s": 1, "m": 60, "h": 3600, "d": 86_400}
@@ -613,6 +624,8 @@ def _build_parser() -> argparse.ArgumentParser:
     add("jobs", _simple("jobs", render_jobs), "post-call job queue: backlog and failures")
     add("providers", _simple("providers", render_providers),
         "bot providers: health, ramp share, errors, sessions")
+    add("registrations", _simple("registrations", render_registrations),
+        "[[sip.registrations]]: each binding's state, expiry, last status and error")
     add("hangup", _simple("hangup", render_message), "end one session").add_argument("id")
     drain = add("drain", _run_drain, "stop admitting calls; sessions in progress go on")
     drain.add_argument("--wait", action="store_true",

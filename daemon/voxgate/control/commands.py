@@ -8,6 +8,7 @@ The shapes of ``status`` (``state``, ``sessions.active/queued/by_tenant``,
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
@@ -119,6 +120,12 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
                                             "configured")
         return [row for pool in pools for row in pool.snapshot()]
 
+    async def registrations(args: Mapping[str, Any]) -> list[dict[str, object]]:
+        statuses = sup.endpoint.registration_statuses()
+        if not statuses:
+            raise CommandError(UNAVAILABLE, "no [[sip.registrations]] configured")
+        return [dataclasses.asdict(status) for status in statuses]
+
     async def hangup(args: Mapping[str, Any]) -> dict[str, str]:
         sid = session_id(args)
         if not sup.registry.hangup(sid):
@@ -152,7 +159,7 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
 
     return {
         "status": status, "sessions": sessions, "show": show, "calls": calls, "jobs": jobs,
-        "providers": providers, "hangup": hangup,
+        "providers": providers, "registrations": registrations, "hangup": hangup,
         "drain": drain, "resume": resume, "reload": reload, "health": health_cmd,
         "metrics": metrics, "devices": devices_command, "line": sup.alsa.line_command,
     }

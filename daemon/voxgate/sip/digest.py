@@ -26,6 +26,10 @@ Not supported (the request is refused as a bad header): ``qop=auth-int``,
 requests without ``qop`` (RFC 2069), the ``-sess`` algorithms, ``userhash``
 and ``username*``.
 
+The client side (our REGISTER, :mod:`voxgate.sip.registration`):
+:func:`choose_challenge` picks the strongest answerable challenge of a
+401/407 and :func:`credentials_value` answers it with the same hashes.
+
 Credentials file (:func:`parse_credentials`), one entry a line, ``#``
 comments and blank lines ignored:
 
@@ -170,6 +174,13 @@ def parse_authorization_untrusted(value: str) -> DigestResponse | str:
     Never raises. Bounded: at most :data:`MAX_HEADER_CHARS` characters and
     :data:`MAX_PARAMS` parameters, each given once.
     """
+    params = _digest_params_untrusted(value)
+    return params if isinstance(params, str) else _digest_response(params)
+
+
+def _digest_params_untrusted(value: str) -> dict[str, str] | str:
+    """The parameters of one ``Digest`` credentials or challenge value (names lower-cased,
+    quoted values unquoted), or why not. Bounded like :func:`parse_authorization_untrusted`."""
     if len(value) > MAX_HEADER_CHARS:
         return "too long"
     scheme = _SCHEME_RE.match(value)
@@ -186,7 +197,7 @@ def parse_authorization_untrusted(value: str) -> DigestResponse | str:
             return "repeated or too many parameters"
         params[name] = re.sub(r"\\(.)", r"\1", raw[1:-1]) if raw.startswith('"') else raw
         position = found.end()
-    return _digest_response(params)
+    return params
 
 
 def _digest_response(params: dict[str, str]) -> DigestResponse | str:
@@ -363,3 +374,80 @@ def expected_response(entry: Credential, response: DigestResponse, method: str,
     ha1 = entry.ha1 or h(f"{response.username}:{realm}:{entry.password}")
     ha2 = h(f"{method}:{response.uri}")
     return h(f"{ha1}:{response.nonce}:{response.nc}:{response.cnonce}:auth:{ha2}")
+
+
+# --- the client side: answering a challenge (RFC 3261 §22.2, §22.3; RFC 7616 §3.4) ---------
+
+MAX_CHALLENGES = 8
+"""Challenge values of one response that are looked at; the rest are ignored."""
+_UNSAFE_QUOTED = re.compile(r'["\\\x00-\x1f\x7f]')
+
+
+@dataclass(frozen=True, slots=True)
+class Challenge:
+    """One ``WWW-Authenticate``/``Proxy-Authenticate: Digest`` challenge that offers
+    ``qop=auth`` with an algorithm of :data:`ALGORITHMS`; ``stale`` is RFC 7616 §3.3's."""
+
+    realm: str
+    nonce: str
+    algorithm: str
+    opaque: str | None
+    stale: bool
+
+
+def parse_challenge_untrusted(value: str) -> Challenge | str:
+    """Parse one challenge value (untrusted text): the challenge or why it cannot be
+    answered. Never raises; bounded like :func:`parse_authorization_untrusted`."""
+    params = _digest_params_untrusted(value)
+    if isinstance(params, str):
+        return params
+    if "realm" not in params or "nonce" not in params:
+        return "missing realm or nonce"
+    algorithm = params.get("algorithm", "MD5").upper()
+    if algorithm not in ALGORITHMS:
+        return f"unsupported algorithm {algorithm[:20]!r}"
+    if "auth" not in {q.strip().lower() for q in params.get("qop", "").split(",")}:
+        return "qop=auth not offered"
+    quoted = [params["realm"], params["nonce"], params.get("opaque", "")]
+    if any(_UNSAFE_QUOTED.search(text) for text in quoted):
+        return "quotes, backslashes or controls in realm, nonce or opaque"
+    return Challenge(realm=params["realm"], nonce=params["nonce"], algorithm=algorithm,
+                     opaque=params.get("opaque"),
+                     stale=params.get("stale", "false").lower() == "true")
+
+
+def choose_challenge(values: Sequence[str]) -> Challenge | str:
+    """The challenge to answer among one response's values (the first
+    :data:`MAX_CHALLENGES`): the first of the strongest algorithm, in
+    :data:`ALGORITHMS` order (RFC 7616 §3.7); else why none can be answered."""
+    parsed = [parse_challenge_untrusted(value) for value in values[:MAX_CHALLENGES]]
+    usable = [c for c in parsed if isinstance(c, Challenge)]
+    if not usable:
+        return next((p for p in parsed if isinstance(p, str)), "no Digest challenge")
+    order = list(ALGORITHMS)
+    return min(usable, key=lambda c: order.index(c.algorithm))
+
+
+def credentials_value(challenge: Challenge, entries: Sequence[Credential], method: str,
+                      uri: str, *, cnonce: str, nc: int) -> str | None:
+    """The ``Authorization``/``Proxy-Authorization`` value answering ``challenge`` for a
+    ``method`` request to ``uri`` with qop=auth, ``cnonce`` and nonce count ``nc`` (≥ 1).
+
+    The first entry with a password, or with an HA1 for the challenge's realm and
+    algorithm, answers; ``None`` when no entry can.
+    """
+    entry = next((e for e in entries if e.password is not None
+                  or (e.realm, e.algorithm) == (challenge.realm, challenge.algorithm)), None)
+    if entry is None:
+        return None
+    answer = DigestResponse(
+        username=entry.username, realm=challenge.realm, nonce=challenge.nonce, uri=uri,
+        response="", algorithm=challenge.algorithm, cnonce=cnonce, nc=f"{nc:08x}", qop="auth",
+        opaque=challenge.opaque)
+    response = expected_response(entry, answer, method, challenge.realm)
+    value = (f'Digest username="{entry.username}", realm="{challenge.realm}", '
+             f'nonce="{challenge.nonce}", uri="{uri}", response="{response}", '
+             f'algorithm={challenge.algorithm}, cnonce="{cnonce}", nc={answer.nc}, qop=auth')
+    if challenge.opaque is not None:
+        value += f', opaque="{challenge.opaque}"'
+    return value

@@ -3,9 +3,10 @@
 Datagrams go in with :meth:`UasCore.receive_datagram`, events come out of
 :meth:`UasCore.next_event`, datagrams to send out of
 :meth:`UasCore.datagrams_to_send`; the application answers calls with the
-action methods (``accept``, ``reject``, ``hangup`` …). Time is always the
-caller's ``now`` (monotonic seconds); timers are ``next_deadline()`` +
-``handle_timer(now)``.
+action methods (``accept``, ``reject``, ``hangup`` …); requests outside a
+call (our REGISTER) go out with ``send_request`` and end as
+``RequestCompleted``. Time is always the caller's ``now`` (monotonic
+seconds); timers are ``next_deadline()`` + ``handle_timer(now)``.
 
 Policy choices: Max-Forwards is not checked (a UAS consumes the request, so
 ``Max-Forwards: 0`` on OPTIONS is answered normally; §8.2 has no Max-Forwards
@@ -162,6 +163,15 @@ class HangupCompleted:
 
 
 @dataclass(frozen=True, slots=True)
+class RequestCompleted:
+    """A request sent with :meth:`UasCore.send_request` ended: its first final
+    response, or ``None`` when none came (Timer F, §17.1.2.2)."""
+
+    branch: str
+    response: Response | None
+
+
+@dataclass(frozen=True, slots=True)
 class BadMessageReceived:
     """A malformed message (for the log); any possible 4xx was already sent."""
 
@@ -177,6 +187,7 @@ SipEvent = (
     | CallEnded
     | ReInvite
     | HangupCompleted
+    | RequestCompleted
     | BadMessageReceived
 )
 
@@ -328,6 +339,7 @@ class UasCore:
         self._calls_by_id: dict[DialogId, _Call] = {}
         self._call_ids: Counter[str] = Counter()  # the Call-IDs of _calls
         self._merge_index: dict[tuple[str, str, int], str] = {}
+        self._requests: set[str] = set()  # branches of send_request()'s transactions
         self._latest_now = float("-inf")  # the latest ``now`` seen, for forget()
         self._counts = dict.fromkeys(
             (
@@ -391,6 +403,10 @@ class UasCore:
         """Run due transaction timers; may queue events and datagrams."""
         self._latest_now = max(self._latest_now, now)
         for txn in self._transactions.handle_timer(now):
+            branch = txn.key.branch or ""
+            if branch in self._requests:  # ended without a final response
+                self._requests.discard(branch)
+                self._events.append(RequestCompleted(branch, None))
             call = self._call_of(txn)
             if call is None:
                 continue
@@ -535,6 +551,25 @@ class UasCore:
         else:
             self._send_bye(call, now)
 
+    def send_request(self, request: Request, destination: Address, now: float) -> bool:
+        """Send a non-INVITE request outside any call (a REGISTER) on a client
+        transaction (§17.1.2: Timer E retransmits it, Timer F gives up).
+
+        ``request`` must carry its top Via with an RFC 3261 branch; its outcome comes
+        as :class:`RequestCompleted` with that branch. Returns False (and sends
+        nothing) when the transaction table is full (counted in
+        ``transactions_refused``). Raises LocalProtocolError for an INVITE or a
+        request without such a branch.
+        """
+        branch = parse_via(request.headers.get("Via") or "").branch or ""
+        if request.method == "INVITE" or not branch.startswith(MAGIC_COOKIE):
+            raise LocalProtocolError("send_request takes non-INVITE requests with an "
+                                     "RFC 3261 branch in their top Via")
+        if self._transactions.create_client(request, branch, destination, now) is None:
+            return False
+        self._requests.add(branch)
+        return True
+
     def forget(self, call_key: str) -> None:
         """Drop the call's dialog state (unknown keys are ignored).
 
@@ -562,8 +597,14 @@ class UasCore:
             self._counts["responses_dropped"] += 1
             return
         call = self._call_of(txn)
-        if txn.receive_response(response, now) and call is not None:
+        if not txn.receive_response(response, now):
+            return
+        branch = txn.key.branch or ""
+        if call is not None:
             self._events.append(HangupCompleted(call.key, response.status))
+        elif branch in self._requests:
+            self._requests.discard(branch)
+            self._events.append(RequestCompleted(branch, response))
 
     def _receive_request(self, request: Request, source: Address, now: float) -> None:
         via = parse_via(request.headers.get("Via") or "")

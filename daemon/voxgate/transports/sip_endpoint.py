@@ -13,6 +13,13 @@ must) be SRTP with SDES keys; such a call's leg gets an
 which the answer carries. Running short of descriptors or kernel buffers while
 receiving (the loop backs off) or sending (the datagram is dropped; the
 transaction layer retransmits) is logged once per episode and counted.
+
+The same socket registers ``[[sip.registrations]]`` (the sans-IO
+:class:`~voxgate.sip.registration.RegistrationClient`; its REGISTERs run on the
+UAS core's client transactions and their answers come back as
+``RequestCompleted``) once it is bound; every change of a binding's state is
+logged. Calls that a registrar sends to the registered contact are INVITEs
+like any other.
 """
 
 from __future__ import annotations
@@ -45,6 +52,7 @@ from voxgate.session import Session, SessionCore
 from voxgate.sip import uas
 from voxgate.sip.headers import parse_name_addr
 from voxgate.sip.ratelimit import FloodLimits
+from voxgate.sip.registration import BindingSettings, BindingStatus, RegistrationClient
 from voxgate.sip.sdes import KEY_SALT_BYTES, Crypto
 from voxgate.sip.sdp import (
     Negotiated,
@@ -53,7 +61,7 @@ from voxgate.sip.sdp import (
     negotiate,
     parse_sdp_untrusted,
 )
-from voxgate.sip.uri import parse_uri_untrusted
+from voxgate.sip.uri import format_host_port, parse_uri_untrusted
 from voxgate.transports.rtp_leg import RtpLeg, RtpReadiness
 from voxgate.transports.rtp_ports import PortPool
 from voxgate.transports.srtp import SrtpContext
@@ -163,6 +171,10 @@ class SipEndpoint:
                                 flood_limits=FloodLimits.from_settings(config.sip))
         self.core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
         _configure_digest(self.core, config)
+        self.registrations = RegistrationClient(_binding_settings(config),
+                                                via_host_port=format_host_port(host, port))
+        self._registration_states = [r.state for r in self.registrations.statuses(0.0)]
+        self._registrations_settled = trio.Event()
         self.ports = PortPool(config.rtp.address, config.rtp.port_min, config.rtp.port_max)
         self.rtp_readiness = RtpReadiness()  # one readiness check per tick for all legs
         self._sock: socket.socket | None = None
@@ -190,6 +202,8 @@ class SipEndpoint:
             self._sock = sock
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._timer_loop)
+                self.registrations.start(trio.current_time())
+                self._pump()
                 task_status.started()
                 await self._receive_loop(sock)
         finally:
@@ -199,6 +213,26 @@ class SipEndpoint:
         """Wait until no call is left and our BYEs are answered; False on timeout."""
         with trio.move_on_after(timeout_s):
             await self._idle.wait()
+            return True
+        return False
+
+    def registration_statuses(self) -> list[BindingStatus]:
+        """Each ``[[sip.registrations]]`` binding now, in config order."""
+        return self.registrations.statuses(trio.current_time())
+
+    def stop_registrations(self) -> None:
+        """Remove every registered binding (REGISTER with Expires: 0); see
+        :meth:`wait_registrations`."""
+        self.registrations.stop(trio.current_time())
+        self._pump()
+
+    async def wait_registrations(self, timeout_s: float) -> bool:
+        """Wait until no REGISTER is in flight (after :meth:`stop_registrations`: the
+        removals are answered or timed out); False on timeout."""
+        with trio.move_on_after(timeout_s):
+            while self.registrations.pending:
+                self._registrations_settled = trio.Event()
+                await self._registrations_settled.wait()
             return True
         return False
 
@@ -323,11 +357,13 @@ class SipEndpoint:
 
     async def _timer_loop(self) -> None:
         while True:
-            deadline = self.core.next_deadline()
-            with trio.move_on_at(math.inf if deadline is None else deadline), \
-                    trio.move_on_after(HEARTBEAT_S):
+            deadlines = (self.core.next_deadline(), self.registrations.next_deadline())
+            deadline = min((d for d in deadlines if d is not None), default=math.inf)
+            with trio.move_on_at(deadline), trio.move_on_after(HEARTBEAT_S):
                 await self._timers_changed.wait()
-            self.core.handle_timer(trio.current_time())
+            now = trio.current_time()
+            self.core.handle_timer(now)
+            self.registrations.handle_timer(now)
             self._pump()
             # Re-arm after our own pump: its wake-up is for the other tasks' changes.
             self._timers_changed = trio.Event()
@@ -345,6 +381,7 @@ class SipEndpoint:
                 call = self._calls.get(call_key) if call_key is not None else None
                 if call is not None:
                     self.calls.end(call.ticket, "error")
+        self._start_registers()
         available, why = self.admission.availability()
         self.core.available = available
         self.core.unavailable_reason = why or ""
@@ -352,6 +389,26 @@ class SipEndpoint:
         for data, addr in self.core.datagrams_to_send():
             self._send(data, addr)
         self._timers_changed.set()
+
+    def _start_registers(self) -> None:
+        """Start a client transaction for each queued REGISTER (none free: it failed),
+        log binding state changes, wake :meth:`wait_registrations`."""
+        now = trio.current_time()
+        for out in self.registrations.requests_to_send():
+            if not self.core.send_request(out.request, out.destination, now):
+                self.registrations.receive_response(out.branch, None, now)
+        statuses = self.registrations.statuses(now)
+        for i, status in enumerate(statuses):
+            if status.state != self._registration_states[i]:
+                self._registration_states[i] = status.state
+                failed = status.state == "failed"
+                log_event(logging.WARNING if failed else logging.INFO, "sip_registration",
+                          f"{status.aor} at {status.registrar}: {status.state}",
+                          aor=status.aor, registrar=status.registrar, state=status.state,
+                          status=status.last_status, error=status.last_error or None,
+                          expires_in_s=status.expires_in_s, next_try_in_s=status.next_try_in_s)
+        if not self.registrations.pending:
+            self._registrations_settled.set()
 
     def _send(self, data: bytes, addr: tuple[str, int]) -> None:
         """One datagram; one the kernel does not take is dropped and counted (a full
@@ -389,6 +446,9 @@ class SipEndpoint:
             if event.call_key not in self._calls:
                 self.core.forget(event.call_key)
             self._update_idle()
+        elif isinstance(event, uas.RequestCompleted):
+            self.registrations.receive_response(event.branch, event.response,
+                                                trio.current_time())
         elif isinstance(event, uas.BadMessageReceived):
             log_event(logging.WARNING, "sip_bad_message", event.reason, call_id=event.call_id,
                       source=f"{event.source[0]}:{event.source[1]}")
@@ -490,6 +550,22 @@ def _configure_digest(core: uas.UasCore, config: Config) -> None:
                           nonce_ttl_s=config.sip.auth_nonce_ttl_s,
                           max_nonces=config.sip.auth_replay_table_size,
                           algorithms=config.sip.auth_algorithms)
+
+
+def _binding_settings(config: Config) -> list[BindingSettings]:
+    """``[[sip.registrations]]`` as the registration core's bindings: our Contact is
+    ``sip:USER@`` the advertised SIP address (restart-only, like ``[sip] advertise``)."""
+    contact_host_port = format_host_port(*config.sip.advertised_host_port)
+    bindings = []
+    for reg, credentials in zip(config.sip.registrations, config.registration_credentials,
+                                strict=True):
+        registrar = parse_uri_untrusted(reg.registrar)  # checked when loading
+        bindings.append(BindingSettings(
+            registrar_uri=reg.registrar, registrar=(registrar.host, registrar.port or 5060),
+            aor=reg.aor, contact_uri=f"sip:{reg.contact_user_or_aor}@{contact_host_port}",
+            credentials=credentials, expires_s=reg.expires_s,
+            retry_initial_s=reg.retry_initial_s, retry_max_s=reg.retry_max_s))
+    return bindings
 
 
 def _max_dialogs(config: Config) -> int:
