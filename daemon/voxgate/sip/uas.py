@@ -162,6 +162,22 @@ class HangupCompleted:
 
 
 @dataclass(frozen=True, slots=True)
+class TransferEnded:
+    """Our blind transfer (:meth:`UasCore.refer`, RFC 3515) is over.
+
+    ``succeeded`` when a NOTIFY's ``message/sipfrag`` status line reports a 2xx
+    (or the REFER's 2xx carried ``Refer-Sub: false``, RFC 4488 §4: no NOTIFY
+    follows). Otherwise ``status`` is the REFER's 3xx-6xx, the sipfrag's
+    3xx-6xx, or ``None`` (Timer F, or the subscription terminated without a
+    final status). The call itself goes on either way: the app hangs up.
+    """
+
+    call_key: str
+    succeeded: bool
+    status: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class BadMessageReceived:
     """A malformed message (for the log); any possible 4xx was already sent."""
 
@@ -177,6 +193,7 @@ SipEvent = (
     | CallEnded
     | ReInvite
     | HangupCompleted
+    | TransferEnded
     | BadMessageReceived
 )
 
@@ -213,6 +230,9 @@ class UasStats:
     auth_stale: int
     auth_replay: int
     auth_nonces_evicted: int  # replay table: least recently used nonce forgotten
+    transfers_succeeded: int  # our REFER's NOTIFY reported 2xx (or 202 with Refer-Sub: false)
+    transfers_failed: int  # REFER refused or timed out, or its NOTIFY reported 3xx-6xx
+    transfers_refused: int  # refer() refused before sending: bad target, call not answered …
 
 
 # --- per-call state -----------------------------------------------------------------------
@@ -236,9 +256,11 @@ class _Call:
         "invite_txn",
         "key",
         "merge_key",
+        "refer_txn",
         "reinvite_target",
         "reinvite_txn",
         "source",
+        "transferring",
     )
 
     def __init__(
@@ -260,6 +282,8 @@ class _Call:
         self.bye_txn: Transaction | None = None
         self.hangup_deferred = False
         self.hangup_reason: str | None = None
+        self.refer_txn: Transaction | None = None
+        self.transferring = False  # a REFER sent, its outcome not known yet
 
 
 class UasCore:
@@ -335,7 +359,8 @@ class UasCore:
                 "dialogs_refused", "messages_dropped_backlog", "late_actions",
                 "flood_refused_invite", "flood_refused_options", "flood_refused_other",
                 "flood_dropped", "flood_dropped_unparsed", "responses_too_large",
-                "untrusted_refused",
+                "untrusted_refused", "transfers_succeeded", "transfers_failed",
+                "transfers_refused",
             ),
             0,
         )  # fmt: skip
@@ -402,6 +427,8 @@ class UasCore:
                     self._events.append(CallEnded(call.key, "ack-timeout"))
             elif txn is call.bye_txn and txn.outcome == "timeout":
                 self._events.append(HangupCompleted(call.key, None))
+            elif txn is call.refer_txn and txn.outcome == "timeout":
+                self._transfer_ended(call, False, None)
 
     @property
     def active_transactions(self) -> int:
@@ -535,6 +562,39 @@ class UasCore:
         else:
             self._send_bye(call, now)
 
+    def refer(self, call_key: str, target: str, now: float) -> None:
+        """Transfer the answered call blindly to ``target`` (RFC 3515 §2.4.1).
+
+        Sends a REFER in the dialog (client transaction, Timers E/F) with
+        ``Refer-To: <target>``, ``Referred-By`` (RFC 3892) and our Contact;
+        the outcome comes as :class:`TransferEnded` (the REFER's answer, then
+        the NOTIFYs' ``message/sipfrag``, RFC 3515 §2.4.4-5). Raises
+        LocalProtocolError, sending nothing, when ``target`` is not a well-formed
+        ``sip:``/``sips:`` URI, the call is unknown, not confirmed, or already
+        transferring.
+        """
+        try:
+            parse_uri_untrusted(target)
+            call = self._call(call_key)
+            if (call.dialog.state is not DialogState.CONFIRMED
+                    or call.awaiting_ack is call.invite_txn):
+                raise LocalProtocolError(f"call {call_key!r} is not answered and acknowledged")
+            if call.transferring:
+                raise LocalProtocolError(f"call {call_key!r} is already being transferred")
+        except RemoteProtocolError as exc:
+            self._counts["transfers_refused"] += 1
+            raise LocalProtocolError(f"transfer target: {exc.reason}") from exc
+        except LocalProtocolError:
+            self._counts["transfers_refused"] += 1
+            raise
+        extra = [("Refer-To", f"<{target}>"), ("Referred-By", self._contact),
+                 ("Contact", self._contact)]
+        txn = self._send_in_dialog(call, "REFER", now, extra)
+        call.transferring = True
+        if txn is None:
+            self._transfer_ended(call, False, None)
+        call.refer_txn = txn
+
     def forget(self, call_key: str) -> None:
         """Drop the call's dialog state (unknown keys are ignored).
 
@@ -562,8 +622,14 @@ class UasCore:
             self._counts["responses_dropped"] += 1
             return
         call = self._call_of(txn)
-        if txn.receive_response(response, now) and call is not None:
+        if not txn.receive_response(response, now) or call is None:
+            return
+        if txn is not call.refer_txn:
             self._events.append(HangupCompleted(call.key, response.status))
+        elif response.status >= 300:
+            self._transfer_ended(call, False, response.status)
+        elif (response.headers.get("Refer-Sub") or "").strip().lower() == "false":
+            self._transfer_ended(call, True, response.status)  # RFC 4488 §4: no NOTIFY
 
     def _receive_request(self, request: Request, source: Address, now: float) -> None:
         via = parse_via(request.headers.get("Via") or "")
@@ -587,6 +653,9 @@ class UasCore:
                 if auth_user is None:
                     return
                 inc = inc._replace(auth_user=auth_user)
+        if request.method == "NOTIFY" and self._dialog_call(request) is not None:
+            self._receive_notify(inc, now)
+            return
         rejection = _check_request(request)
         if rejection is not None:
             self._answer(inc, now, rejection[0], to_tag=self._token(), extra=rejection[1])
@@ -734,6 +803,36 @@ class UasCore:
         self._end_pending_invites(call, 487, now)  # §15.1.2
         call.dialog.state = DialogState.TERMINATED
         self._events.append(CallEnded(call.key, "bye"))
+
+    def _receive_notify(self, inc: _Incoming, now: float) -> None:
+        """A NOTIFY in one of our dialogs (RFC 6665 §4.1.3): our REFER's progress
+        (RFC 3515 §2.4.5) answered 200, anything else 481 (no such subscription)."""
+        request = inc.request
+        call = self._dialog_call(request)
+        event = (request.headers.get("Event") or "").split(";")[0]
+        if call is None or not call.transferring or event.strip().lower() != "refer":
+            self._answer(inc, now, 481, to_tag=None)
+            return
+        try:
+            call.dialog.update_remote_cseq(_cseq_number(request))
+        except RemoteProtocolError as exc:
+            self._answer(inc, now, exc.status_hint or 500, to_tag=None)
+            return
+        if self._answer(inc, now, 200, to_tag=None) is None:
+            return
+        status = sipfrag_status(request.body)
+        terminated = (request.headers.get("Subscription-State") or "").strip().lower()
+        if status is not None and status >= 200:
+            self._transfer_ended(call, 200 <= status < 300, status)
+        elif terminated.startswith("terminated"):
+            self._transfer_ended(call, False, None)
+
+    def _transfer_ended(self, call: _Call, succeeded: bool, status: int | None) -> None:
+        """Report the transfer's outcome once."""
+        if call.transferring:
+            call.transferring = False
+            self._counts["transfers_succeeded" if succeeded else "transfers_failed"] += 1
+            self._events.append(TransferEnded(call.key, succeeded, status))
 
     def _receive_cancel(self, inc: _Incoming, now: float) -> None:
         invite_txn = self._transactions.match_cancelled_invite(inc.request, inc.via)
@@ -899,19 +998,29 @@ class UasCore:
     def _send_bye(self, call: _Call, now: float) -> None:
         call.hangup_deferred = False
         self._end_pending_invites(call, 487, now)
-        request = call.dialog.build_request("BYE", now)
-        branch = MAGIC_COOKIE + self._token()
-        request.headers.set("Via", f"SIP/2.0/UDP {self._hostport};branch={branch};rport")
-        request.headers.add("User-Agent", self.user_agent)
-        for name, value in _reason_headers(call.hangup_reason):
-            request.headers.add(name, value)
         call.dialog.state = DialogState.TERMINATED
-        txn = self._transactions.create_client(request, branch, self._next_hop(call), now)
+        txn = self._send_in_dialog(call, "BYE", now, _reason_headers(call.hangup_reason))
         if txn is None:
             self._events.append(HangupCompleted(call.key, None))
             return
-        txn.call_key = call.key
         call.bye_txn = txn
+
+    def _send_in_dialog(
+        self, call: _Call, method: str, now: float, extra: Sequence[tuple[str, str]]
+    ) -> Transaction | None:
+        """Send ``method`` in the call's dialog (§12.2.1.1) as a client non-INVITE
+        transaction with our Via, User-Agent and ``extra``; ``None`` when the
+        transaction table is full (nothing sent)."""
+        request = call.dialog.build_request(method, now)
+        branch = MAGIC_COOKIE + self._token()
+        request.headers.set("Via", f"SIP/2.0/UDP {self._hostport};branch={branch};rport")
+        request.headers.add("User-Agent", self.user_agent)
+        for name, value in extra:
+            request.headers.add(name, value)
+        txn = self._transactions.create_client(request, branch, self._next_hop(call), now)
+        if txn is not None:
+            txn.call_key = call.key
+        return txn
 
     def _next_hop(self, call: _Call) -> Address:
         """Where our in-dialog request goes (§8.1.2), without name resolution."""
@@ -983,6 +1092,16 @@ def _check_request(request: Request) -> tuple[int, list[tuple[str, str]]] | None
     ):
         return 406, []
     return None
+
+
+_SIPFRAG_STATUS_RE = re.compile(rb"\s*SIP/2\.0[ \t]+([1-6][0-9][0-9])(?:[ \t\r\n]|$)")
+
+
+def sipfrag_status(body: bytes) -> int | None:
+    """The status of a ``message/sipfrag`` body's status line (RFC 3420, e.g.
+    ``SIP/2.0 200 OK``), or ``None`` when it starts with no such line."""
+    match = _SIPFRAG_STATUS_RE.match(body)
+    return int(match[1]) if match else None
 
 
 def _minimal_response(request: Request, status: int, to_tag: str) -> Response:
