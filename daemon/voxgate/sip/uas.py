@@ -14,7 +14,9 @@ re-creates the dialog with that tag (§12.2.2 allows it); other requests for
 an unknown dialog get 481. We never resolve host names: a response goes to
 the source address (we stamp ``received``), and our BYE goes to the remote
 target or first route when that is an IP literal, else to where the INVITE
-came from.
+came from. Our REFER (blind transfer, RFC 3515) goes the same way; a NOTIFY
+is taken only inside a dialog with a transfer running (else 481; outside any
+dialog 405, as other methods we do not implement).
 
 Size: a response copies the request's Via, From, To, Call-ID, CSeq (§8.2.6.2)
 and, in a dialog, Record-Route (§12.1.1); over UDP it must fit one datagram,
@@ -287,7 +289,7 @@ class _Call:
 
 
 class UasCore:
-    """The whole UAS: transactions, dialogs, §8.2 checks, answers and BYE.
+    """The whole UAS: transactions, dialogs, §8.2 checks, answers, BYE and REFER.
 
     Bounds: ``max_transactions`` live transactions (beyond: 503, counted),
     ``max_dialogs`` calls (beyond: INVITE answered 503, counted),

@@ -241,7 +241,7 @@ class SipEndpoint:
             raise LookupError(session_id)
         self.act(lambda core, now: core.refer(call.event.call_key, target, now))
         log_event(logging.INFO, "sip_transfer_started", f"REFER to {target}",
-                  call_id=call.event.call_id)
+                  call=call.session)
 
     def release(self, call_key: str) -> None:
         """The session is gone: forget the call and, unless our BYE is still in
@@ -413,11 +413,11 @@ class SipEndpoint:
             return
         if event.succeeded:
             log_event(logging.INFO, "sip_transfer_succeeded", "transferee reached the target",
-                      call_id=call.event.call_id, status=event.status)
+                      call=call.session, status=event.status)
             self.calls.end(call.ticket, "transferred")
         else:
             log_event(logging.WARNING, "sip_transfer_failed", "transfer failed; call goes on",
-                      call_id=call.event.call_id, status=event.status)
+                      call=call.session, status=event.status)
 
     def _cancel(self, call_key: str) -> None:
         self._end(call_key, "cancel")
