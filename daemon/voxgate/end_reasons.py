@@ -27,6 +27,7 @@ EndReason = Literal[
     "provider-lost",         # the bot's connection was lost and did not come back
     "device-lost",           # an ALSA line's device failed
     "operator",              # voxgatectl hangup, voxgatectl line stop
+    "transferred",           # a blind transfer (SIP REFER) succeeded: the caller is elsewhere
     "drain-timeout",         # still up at [limits] drain_timeout_s after SIGTERM
     "shutdown",              # a second SIGTERM, or SIGINT
     "error",                 # a fault in this call's own handling

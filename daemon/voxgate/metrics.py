@@ -241,6 +241,9 @@ LIVE_METRICS: tuple[LiveMetric, ...] = (
              "result (ok: 2xx; challenge: 401/407, answered once; interval_too_brief: 423; "
              "rejected: another final status; timeout: no final response)", "registrar",
              "aor", "result"),
+    _counter("voxgate_sip_transfers_total", "Blind transfers (REFER, RFC 3515) by outcome: "
+             "succeeded, failed (REFER refused or timed out, NOTIFY 3xx-6xx), refused (bad "
+             "target URI or call not answered: nothing sent)", "outcome"),
     # ALSA lines
     _counter("voxgate_alsa_sessions_total", "Sessions run on an ALSA line", "line"),
     _counter("voxgate_alsa_open_failures_total", "ALSA devices that could not be opened", "line"),
@@ -370,6 +373,8 @@ _SIP: Mapping[str, _Route] = {  # the fields of voxgate.sip.uas.UasStats
     **{f"auth_{result.value}": ("voxgate_sip_auth_total", (result.value,))
        for result in AuthResult},
     "auth_nonces_evicted": ("voxgate_sip_auth_nonces_evicted_total", ()),
+    **{f"transfers_{outcome}": ("voxgate_sip_transfers_total", (outcome,))
+       for outcome in ("succeeded", "failed", "refused")},
 }
 
 _ALSA: Mapping[str, _Route] = {  # the fields of voxgate.transports.alsa.LineStats

@@ -42,16 +42,18 @@ def write_config(
     rtp_last: int,
     record_dir: Path,
     mediaenc: str | None = None,
+    max_calls: int = 1,
 ) -> None:
     """Write ``config`` and ``accounts`` for one headless PCMU/PCMA caller
-    (``mediaenc``: the account's media encryption, e.g. ``srtp-mand``)."""
+    (``mediaenc``: the account's media encryption, e.g. ``srtp-mand``;
+    ``max_calls`` calls at once: 2 lets it follow a REFER, RFC 3515)."""
     config_dir.mkdir(parents=True, exist_ok=True)
     record_dir.mkdir(parents=True, exist_ok=True)
     settings = [
         ("poll_method", "epoll"),
         ("sip_listen", f"127.0.0.1:{sip_port}"),
         ("call_local_timeout", "30"),
-        ("call_max_calls", "1"),
+        ("call_max_calls", str(max_calls)),
         ("audio_source", f"aufile,{clip.pcm16_wav}"),
         ("audio_player", "alsa,null"),
         ("audio_alert", "alsa,null"),
@@ -90,6 +92,7 @@ def call_and_record(
     rtp_last: int,
     run_s: int,
     mediaenc: str | None = None,
+    max_calls: int = 1,
 ) -> BaresipResult:
     """Dial ``sip:echo@HOST:PORT``, play the clip, quit after ``run_s`` seconds
     (``mediaenc``: see :func:`write_config`).
@@ -98,19 +101,48 @@ def call_and_record(
         subprocess.TimeoutExpired: baresip outlived ``run_s`` plus a grace period
             (it is killed first).
     """
+    proc = start_call(target, workdir, clip=clip, sip_port=sip_port, rtp_first=rtp_first,
+                      rtp_last=rtp_last, run_s=run_s, mediaenc=mediaenc, max_calls=max_calls)
+    return finish_call(proc, workdir, run_s)
+
+
+def start_call(
+    target: tuple[str, int],
+    workdir: Path,
+    *,
+    clip: SpeechClip,
+    sip_port: int,
+    rtp_first: int,
+    rtp_last: int,
+    run_s: int,
+    mediaenc: str | None = None,
+    max_calls: int = 1,
+) -> subprocess.Popen[bytes]:
+    """Start baresip dialing ``sip:echo@HOST:PORT`` (quits after ``run_s`` seconds);
+    console output to ``workdir/baresip.log``. End it with :func:`finish_call`
+    (``mediaenc``, ``max_calls``: see :func:`write_config`)."""
     config_dir = workdir / "baresip"
-    record_dir = workdir / "recordings"
     write_config(
         config_dir, clip=clip, sip_port=sip_port, rtp_first=rtp_first, rtp_last=rtp_last,
-        record_dir=record_dir, mediaenc=mediaenc,
+        record_dir=workdir / "recordings", mediaenc=mediaenc, max_calls=max_calls,
     )
     argv = [
         "baresip", "-f", str(config_dir),
         "-e", f"/dial sip:echo@{target[0]}:{target[1]}", "-t", str(run_s),
     ]
+    with (workdir / "baresip.log").open("wb") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+
+
+def finish_call(proc: subprocess.Popen[bytes], workdir: Path, run_s: int) -> BaresipResult:
+    """Wait for baresip started by :func:`start_call` (``run_s`` plus a grace period,
+    then it is killed) and collect its output and recordings.
+
+    Raises:
+        subprocess.TimeoutExpired: baresip outlived ``run_s`` plus the grace period.
+    """
+    record_dir = workdir / "recordings"
     log_path = workdir / "baresip.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         returncode = proc.wait(timeout=run_s + _GRACE_S)
     finally:

@@ -428,6 +428,11 @@ def _simple(cmd: str, render: Callable[[Any], str]) -> Callable[[ControlClient,
     return run
 
 
+def _run_transfer(client: ControlClient, args: argparse.Namespace) -> int:
+    _emit(args, client.call("transfer", {"id": args.id, "target": args.target}), render_message)
+    return EX_OK
+
+
 def _run_calls(client: ControlClient, args: argparse.Namespace) -> int:
     request = {"since_s": args.since, "tenant": args.tenant, "reason": args.reason,
                "limit": args.limit}
@@ -627,6 +632,10 @@ def _build_parser() -> argparse.ArgumentParser:
     add("registrations", _simple("registrations", render_registrations),
         "[[sip.registrations]]: each binding's state, expiry, last status and error")
     add("hangup", _simple("hangup", render_message), "end one session").add_argument("id")
+    transfer = add("transfer", _run_transfer,
+                   "blind-transfer one SIP call (REFER); it ends with reason transferred")
+    transfer.add_argument("id")
+    transfer.add_argument("target", help="the SIP URI to send the caller to (sip:…)")
     drain = add("drain", _run_drain, "stop admitting calls; sessions in progress go on")
     drain.add_argument("--wait", action="store_true",
                        help="wait until no session is left (--timeout SECONDS: give up "

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from voxgate.control.devices import devices_command
 from voxgate.control.protocol import RELOAD_FAILED, plural
 from voxgate.control.server import CommandError, Handler
+from voxgate.errors import LocalProtocolError
 from voxgate.metrics import exposition
 
 if TYPE_CHECKING:
@@ -132,6 +133,20 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
             raise CommandError(NOT_FOUND, f"no session {sid!r}")
         return {"message": f"session {sid} ending (reason operator)"}
 
+    async def transfer(args: Mapping[str, Any]) -> dict[str, str]:
+        sid = session_id(args)
+        target = _text(args, "target")
+        if not target:
+            raise CommandError(BAD_ARGS, "args.target must be a SIP URI")
+        try:
+            sup.endpoint.transfer(sid, target)
+        except LookupError:
+            raise CommandError(NOT_FOUND, f"no SIP call with session {sid!r}") from None
+        except LocalProtocolError as e:
+            raise CommandError(BAD_ARGS, f"transfer refused: {e}") from None
+        return {"message": f"session {sid}: REFER sent to {target}; the call ends with "
+                           f"reason transferred once the transferee reports success"}
+
     async def drain(args: Mapping[str, Any]) -> dict[str, str]:
         sup.drain()
         return {"message": f"draining: admission closed, "
@@ -160,6 +175,7 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
     return {
         "status": status, "sessions": sessions, "show": show, "calls": calls, "jobs": jobs,
         "providers": providers, "registrations": registrations, "hangup": hangup,
+        "transfer": transfer,
         "drain": drain, "resume": resume, "reload": reload, "health": health_cmd,
         "metrics": metrics, "devices": devices_command, "line": sup.alsa.line_command,
     }

@@ -413,7 +413,7 @@ class ServerTransaction(Transaction):
 
 
 class ClientTransaction(Transaction):
-    """A client non-INVITE transaction (§17.1.2), used for our BYE and REGISTER.
+    """A client non-INVITE transaction (§17.1.2), used for our BYE, REFER and REGISTER.
 
     The request is sent on construction; Timer E retransmits it.
     """

@@ -15,7 +15,9 @@ re-creates the dialog with that tag (§12.2.2 allows it); other requests for
 an unknown dialog get 481. We never resolve host names: a response goes to
 the source address (we stamp ``received``), and our BYE goes to the remote
 target or first route when that is an IP literal, else to where the INVITE
-came from.
+came from. Our REFER (blind transfer, RFC 3515) goes the same way; a NOTIFY
+is taken only inside a dialog with a transfer running (else 481; outside any
+dialog 405, as other methods we do not implement).
 
 Size: a response copies the request's Via, From, To, Call-ID, CSeq (§8.2.6.2)
 and, in a dialog, Record-Route (§12.1.1); over UDP it must fit one datagram,
@@ -172,6 +174,22 @@ class RequestCompleted:
 
 
 @dataclass(frozen=True, slots=True)
+class TransferEnded:
+    """Our blind transfer (:meth:`UasCore.refer`, RFC 3515) is over.
+
+    ``succeeded`` when a NOTIFY's ``message/sipfrag`` status line reports a 2xx
+    (or the REFER's 2xx carried ``Refer-Sub: false``, RFC 4488 §4: no NOTIFY
+    follows). Otherwise ``status`` is the REFER's 3xx-6xx, the sipfrag's
+    3xx-6xx, or ``None`` (Timer F, or the subscription terminated without a
+    final status). The call itself goes on either way: the app hangs up.
+    """
+
+    call_key: str
+    succeeded: bool
+    status: int | None
+
+
+@dataclass(frozen=True, slots=True)
 class BadMessageReceived:
     """A malformed message (for the log); any possible 4xx was already sent."""
 
@@ -188,6 +206,7 @@ SipEvent = (
     | ReInvite
     | HangupCompleted
     | RequestCompleted
+    | TransferEnded
     | BadMessageReceived
 )
 
@@ -224,6 +243,9 @@ class UasStats:
     auth_stale: int
     auth_replay: int
     auth_nonces_evicted: int  # replay table: least recently used nonce forgotten
+    transfers_succeeded: int  # our REFER's NOTIFY reported 2xx (or 202 with Refer-Sub: false)
+    transfers_failed: int  # REFER refused or timed out, or its NOTIFY reported 3xx-6xx
+    transfers_refused: int  # refer() refused before sending: bad target, call not answered …
 
 
 # --- per-call state -----------------------------------------------------------------------
@@ -247,9 +269,11 @@ class _Call:
         "invite_txn",
         "key",
         "merge_key",
+        "refer_txn",
         "reinvite_target",
         "reinvite_txn",
         "source",
+        "transferring",
     )
 
     def __init__(
@@ -271,10 +295,12 @@ class _Call:
         self.bye_txn: Transaction | None = None
         self.hangup_deferred = False
         self.hangup_reason: str | None = None
+        self.refer_txn: Transaction | None = None
+        self.transferring = False  # a REFER sent, its outcome not known yet
 
 
 class UasCore:
-    """The whole UAS: transactions, dialogs, §8.2 checks, answers and BYE.
+    """The whole UAS: transactions, dialogs, §8.2 checks, answers, BYE and REFER.
 
     Bounds: ``max_transactions`` live transactions (beyond: 503, counted),
     ``max_dialogs`` calls (beyond: INVITE answered 503, counted),
@@ -347,7 +373,8 @@ class UasCore:
                 "dialogs_refused", "messages_dropped_backlog", "late_actions",
                 "flood_refused_invite", "flood_refused_options", "flood_refused_other",
                 "flood_dropped", "flood_dropped_unparsed", "responses_too_large",
-                "untrusted_refused",
+                "untrusted_refused", "transfers_succeeded", "transfers_failed",
+                "transfers_refused",
             ),
             0,
         )  # fmt: skip
@@ -418,6 +445,8 @@ class UasCore:
                     self._events.append(CallEnded(call.key, "ack-timeout"))
             elif txn is call.bye_txn and txn.outcome == "timeout":
                 self._events.append(HangupCompleted(call.key, None))
+            elif txn is call.refer_txn and txn.outcome == "timeout":
+                self._transfer_ended(call, False, None)
 
     @property
     def active_transactions(self) -> int:
@@ -570,6 +599,39 @@ class UasCore:
         self._requests.add(branch)
         return True
 
+    def refer(self, call_key: str, target: str, now: float) -> None:
+        """Transfer the answered call blindly to ``target`` (RFC 3515 §2.4.1).
+
+        Sends a REFER in the dialog (client transaction, Timers E/F) with
+        ``Refer-To: <target>``, ``Referred-By`` (RFC 3892) and our Contact;
+        the outcome comes as :class:`TransferEnded` (the REFER's answer, then
+        the NOTIFYs' ``message/sipfrag``, RFC 3515 §2.4.4-5). Raises
+        LocalProtocolError, sending nothing, when ``target`` is not a well-formed
+        ``sip:``/``sips:`` URI, the call is unknown, not confirmed, or already
+        transferring.
+        """
+        try:
+            parse_uri_untrusted(target)
+            call = self._call(call_key)
+            if (call.dialog.state is not DialogState.CONFIRMED
+                    or call.awaiting_ack is call.invite_txn):
+                raise LocalProtocolError(f"call {call_key!r} is not answered and acknowledged")
+            if call.transferring:
+                raise LocalProtocolError(f"call {call_key!r} is already being transferred")
+        except RemoteProtocolError as exc:
+            self._counts["transfers_refused"] += 1
+            raise LocalProtocolError(f"transfer target: {exc.reason}") from exc
+        except LocalProtocolError:
+            self._counts["transfers_refused"] += 1
+            raise
+        extra = [("Refer-To", f"<{target}>"), ("Referred-By", self._contact),
+                 ("Contact", self._contact)]
+        txn = self._send_in_dialog(call, "REFER", now, extra)
+        call.transferring = True
+        if txn is None:
+            self._transfer_ended(call, False, None)
+        call.refer_txn = txn
+
     def forget(self, call_key: str) -> None:
         """Drop the call's dialog state (unknown keys are ignored).
 
@@ -599,10 +661,16 @@ class UasCore:
         call = self._call_of(txn)
         if not txn.receive_response(response, now):
             return
-        branch = txn.key.branch or ""
         if call is not None:
-            self._events.append(HangupCompleted(call.key, response.status))
-        elif branch in self._requests:
+            if txn is not call.refer_txn:
+                self._events.append(HangupCompleted(call.key, response.status))
+            elif response.status >= 300:
+                self._transfer_ended(call, False, response.status)
+            elif (response.headers.get("Refer-Sub") or "").strip().lower() == "false":
+                self._transfer_ended(call, True, response.status)  # RFC 4488 §4: no NOTIFY
+            return
+        branch = txn.key.branch or ""
+        if branch in self._requests:
             self._requests.discard(branch)
             self._events.append(RequestCompleted(branch, response))
 
@@ -628,6 +696,9 @@ class UasCore:
                 if auth_user is None:
                     return
                 inc = inc._replace(auth_user=auth_user)
+        if request.method == "NOTIFY" and self._dialog_call(request) is not None:
+            self._receive_notify(inc, now)
+            return
         rejection = _check_request(request)
         if rejection is not None:
             self._answer(inc, now, rejection[0], to_tag=self._token(), extra=rejection[1])
@@ -775,6 +846,36 @@ class UasCore:
         self._end_pending_invites(call, 487, now)  # §15.1.2
         call.dialog.state = DialogState.TERMINATED
         self._events.append(CallEnded(call.key, "bye"))
+
+    def _receive_notify(self, inc: _Incoming, now: float) -> None:
+        """A NOTIFY in one of our dialogs (RFC 6665 §4.1.3): our REFER's progress
+        (RFC 3515 §2.4.5) answered 200, anything else 481 (no such subscription)."""
+        request = inc.request
+        call = self._dialog_call(request)
+        event = (request.headers.get("Event") or "").split(";")[0]
+        if call is None or not call.transferring or event.strip().lower() != "refer":
+            self._answer(inc, now, 481, to_tag=None)
+            return
+        try:
+            call.dialog.update_remote_cseq(_cseq_number(request))
+        except RemoteProtocolError as exc:
+            self._answer(inc, now, exc.status_hint or 500, to_tag=None)
+            return
+        if self._answer(inc, now, 200, to_tag=None) is None:
+            return
+        status = sipfrag_status(request.body)
+        terminated = (request.headers.get("Subscription-State") or "").strip().lower()
+        if status is not None and status >= 200:
+            self._transfer_ended(call, 200 <= status < 300, status)
+        elif terminated.startswith("terminated"):
+            self._transfer_ended(call, False, None)
+
+    def _transfer_ended(self, call: _Call, succeeded: bool, status: int | None) -> None:
+        """Report the transfer's outcome once."""
+        if call.transferring:
+            call.transferring = False
+            self._counts["transfers_succeeded" if succeeded else "transfers_failed"] += 1
+            self._events.append(TransferEnded(call.key, succeeded, status))
 
     def _receive_cancel(self, inc: _Incoming, now: float) -> None:
         invite_txn = self._transactions.match_cancelled_invite(inc.request, inc.via)
@@ -940,19 +1041,29 @@ class UasCore:
     def _send_bye(self, call: _Call, now: float) -> None:
         call.hangup_deferred = False
         self._end_pending_invites(call, 487, now)
-        request = call.dialog.build_request("BYE", now)
-        branch = MAGIC_COOKIE + self._token()
-        request.headers.set("Via", f"SIP/2.0/UDP {self._hostport};branch={branch};rport")
-        request.headers.add("User-Agent", self.user_agent)
-        for name, value in _reason_headers(call.hangup_reason):
-            request.headers.add(name, value)
         call.dialog.state = DialogState.TERMINATED
-        txn = self._transactions.create_client(request, branch, self._next_hop(call), now)
+        txn = self._send_in_dialog(call, "BYE", now, _reason_headers(call.hangup_reason))
         if txn is None:
             self._events.append(HangupCompleted(call.key, None))
             return
-        txn.call_key = call.key
         call.bye_txn = txn
+
+    def _send_in_dialog(
+        self, call: _Call, method: str, now: float, extra: Sequence[tuple[str, str]]
+    ) -> Transaction | None:
+        """Send ``method`` in the call's dialog (§12.2.1.1) as a client non-INVITE
+        transaction with our Via, User-Agent and ``extra``; ``None`` when the
+        transaction table is full (nothing sent)."""
+        request = call.dialog.build_request(method, now)
+        branch = MAGIC_COOKIE + self._token()
+        request.headers.set("Via", f"SIP/2.0/UDP {self._hostport};branch={branch};rport")
+        request.headers.add("User-Agent", self.user_agent)
+        for name, value in extra:
+            request.headers.add(name, value)
+        txn = self._transactions.create_client(request, branch, self._next_hop(call), now)
+        if txn is not None:
+            txn.call_key = call.key
+        return txn
 
     def _next_hop(self, call: _Call) -> Address:
         """Where our in-dialog request goes (§8.1.2), without name resolution."""
@@ -1024,6 +1135,16 @@ def _check_request(request: Request) -> tuple[int, list[tuple[str, str]]] | None
     ):
         return 406, []
     return None
+
+
+_SIPFRAG_STATUS_RE = re.compile(rb"\s*SIP/2\.0[ \t]+([1-6][0-9][0-9])(?:[ \t\r\n]|$)")
+
+
+def sipfrag_status(body: bytes) -> int | None:
+    """The status of a ``message/sipfrag`` body's status line (RFC 3420, e.g.
+    ``SIP/2.0 200 OK``), or ``None`` when it starts with no such line."""
+    match = _SIPFRAG_STATUS_RE.match(body)
+    return int(match[1]) if match else None
 
 
 def _minimal_response(request: Request, status: int, to_tag: str) -> Response:

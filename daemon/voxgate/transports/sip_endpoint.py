@@ -272,6 +272,19 @@ class SipEndpoint:
         self._hangups_pending.add(call_key)
         self.act(lambda core, now: core.hangup(call_key, now, reason=reason))
 
+    def transfer(self, session_id: str, target: str) -> None:
+        """Blind-transfer the SIP call of session ``session_id`` to the SIP URI ``target``
+        (a REFER, RFC 3515); the session ends with ``transferred`` once the transferee
+        reports success, a failure is logged and the call goes on. Raises
+        LookupError for no such SIP call, LocalProtocolError when the UAS refuses
+        (malformed URI, call not answered, a transfer already running; counted)."""
+        call = next((c for c in self._calls.values() if c.ticket == session_id), None)
+        if call is None:
+            raise LookupError(session_id)
+        self.act(lambda core, now: core.refer(call.event.call_key, target, now))
+        log_event(logging.INFO, "sip_transfer_started", f"REFER to {target}",
+                  call=call.session)
+
     def release(self, call_key: str) -> None:
         """The session is gone: forget the call and, unless our BYE is still in
         flight (then at HangupCompleted), its dialog state."""
@@ -449,6 +462,8 @@ class SipEndpoint:
         elif isinstance(event, uas.RequestCompleted):
             self.registrations.receive_response(event.branch, event.response,
                                                 trio.current_time())
+        elif isinstance(event, uas.TransferEnded):
+            self._transfer_ended(event)
         elif isinstance(event, uas.BadMessageReceived):
             log_event(logging.WARNING, "sip_bad_message", event.reason, call_id=event.call_id,
                       source=f"{event.source[0]}:{event.source[1]}")
@@ -462,6 +477,18 @@ class SipEndpoint:
             del self._calls[call_key]
             self.core.forget(call_key)
             self._update_idle()
+
+    def _transfer_ended(self, event: uas.TransferEnded) -> None:
+        call = self._calls.get(event.call_key)
+        if call is None:
+            return
+        if event.succeeded:
+            log_event(logging.INFO, "sip_transfer_succeeded", "transferee reached the target",
+                      call=call.session, status=event.status)
+            self.calls.end(call.ticket, "transferred")
+        else:
+            log_event(logging.WARNING, "sip_transfer_failed", "transfer failed; call goes on",
+                      call=call.session, status=event.status)
 
     def _cancel(self, call_key: str) -> None:
         self._end(call_key, "cancel")
