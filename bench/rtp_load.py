@@ -263,10 +263,14 @@ def daemon_overrides(sessions: int, *, load_gate: bool = True) -> ConfigOverride
 def run_once(sessions: int, run: int, options: Options, workdir: Path) -> RunResult:
     """Fresh daemon, the generator through ramp, window and hang-up, and the figures."""
     workdir.mkdir(parents=True, exist_ok=True)
-    media = reserve_port_range(2 * sessions)
+    # The same size as the daemon's range: reserve_port_range locks slots of one size
+    # on one grid, so two ranges of different sizes could overlap (the generator's
+    # ports then take the daemon's: 503 no-rtp-port).
+    rtp_ports = 2 * sessions + 100
+    media = reserve_port_range(rtp_ports)
     try:
         overrides = daemon_overrides(sessions, load_gate=options.load_gate)
-        with running_daemon(workdir / "daemon", overrides, rtp_ports=2 * sessions + 100,
+        with running_daemon(workdir / "daemon", overrides, rtp_ports=rtp_ports,
                             cpu=DAEMON_CPU) as daemon:
             time.sleep(_IDLE_SETTLE_S)
             idle_rss = rss_kib(daemon.pid)
