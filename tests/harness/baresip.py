@@ -16,7 +16,13 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.harness.audio import SAMPLE_RATE_HZ, SpeechClip
+from tests.harness.audio import (
+    SAMPLE_RATE_HZ,
+    SpeechClip,
+    active_ratio,
+    compare_echo,
+    read_wav,
+)
 
 MODULE_PATH = Path("/usr/lib/baresip/modules")
 _KILL_TIMEOUT_S = 10.0
@@ -160,3 +166,16 @@ def finish_call(proc: subprocess.Popen[bytes], workdir: Path, run_s: int) -> Bar
 def _newest(directory: Path, pattern: str) -> Path | None:
     found = sorted(directory.glob(pattern), key=lambda p: p.stat().st_mtime)
     return found[-1] if found else None
+
+
+def assert_echoed(result: BaresipResult, clip: SpeechClip) -> None:
+    """Assert that baresip's recording of the call holds the echo of ``clip``: long
+    enough, not silence, and its voiced segments found in order (see
+    :func:`tests.harness.audio.compare_echo`)."""
+    assert result.received_wav is not None, result.output[-3000:]
+    received = read_wav(result.received_wav).to_pcm16()
+    assert len(received) / 2 / 8000 >= clip.duration_s * 0.8, result.output[-3000:]
+    assert active_ratio(received) >= 0.3, "the recording is (nearly) silence"
+    match = compare_echo(received, clip.pcm16)
+    assert match.segments_matched >= 0.7, match
+    assert match.overlap_s >= clip.duration_s * 0.7, match
