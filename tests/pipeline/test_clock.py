@@ -7,6 +7,7 @@ import time
 import trio
 
 from voxgate.pipeline.clock import MediaClock
+from voxgate.pipeline.media_load import MediaLoad
 
 
 class Leg:
@@ -63,3 +64,39 @@ async def test_failing_leg_is_detached_and_told():
     assert isinstance(bad.failed, ValueError)
     assert len(clock) == 1
     assert len(good.elapsed) >= 3
+
+
+
+async def _utilisation_beside(burn: bool) -> float:
+    """The second window's utilisation while another task burns 5 ms of CPU every
+    20 ms (``burn``) or only sleeps."""
+    reports: list[float] = []
+    two_windows = trio.Event()
+
+    def report(load: MediaLoad) -> None:
+        reports.append(load.utilisation)
+        if len(reports) == 2:
+            two_windows.set()
+
+    async def busy() -> None:
+        while True:
+            started = time.thread_time()
+            while burn and time.thread_time() - started < 0.005:
+                pass
+            await trio.sleep(0.015 if burn else 0.02)
+
+    clock = MediaClock(on_load=report)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(clock.run)
+        nursery.start_soon(busy)
+        await two_windows.wait()
+        nursery.cancel_scope.cancel()
+    return reports[1]
+
+
+async def test_utilisation_counts_the_loops_cpu_between_ticks_not_only_ticking():
+    """Work that is not a session's tick (SIP, control, GC) still takes the loop from
+    the calls, so it counts: with empty ticks, a task burning a quarter of the time
+    shows (a sleeping one does not)."""
+    assert await _utilisation_beside(burn=False) < 0.1
+    assert 0.1 < await _utilisation_beside(burn=True) < 0.6

@@ -9,13 +9,16 @@ runs its pipeline on the frames due and the leg sends one frame. At 300 calls
 that is one wake-up per 20 ms instead of 30 000 task switches a second. The
 clock never bursts to catch up: when the loop was late by whole frames it
 ticks once and tells the sessions how many frames elapsed, and the skip is
-counted. Each tick's wake-up lag and work go to a
+counted. Each tick's wake-up lag and the CPU time the event loop's thread
+used since the previous tick (ticking sessions, but also SIP, control,
+records and garbage collection: all of it delays the next tick) go to a
 :class:`~voxgate.pipeline.media_load.MediaLoad`, whose verdict admission
 heeds.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Protocol
 
@@ -66,6 +69,7 @@ class MediaClock:
         """Tick forever on an absolute schedule; cancellation stops it between ticks."""
         frame = self.frame_s
         next_tick = trio.current_time() + frame
+        cpu_s = time.thread_time()
         task_status.started()
         while True:
             await trio.sleep_until(next_tick)
@@ -82,6 +86,7 @@ class MediaClock:
                 except Exception as exc:
                     self.detach(leg)
                     leg.fail(exc)
-            if self.load.tick(now, lag_s, trio.current_time() - now):
+            cpu_before_s, cpu_s = cpu_s, time.thread_time()
+            if self.load.tick(now, lag_s, cpu_s - cpu_before_s):
                 self._on_load(self.load)
             next_tick += frame * frames_elapsed

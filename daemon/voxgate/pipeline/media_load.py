@@ -2,10 +2,12 @@
 
 The media clock (:mod:`voxgate.pipeline.clock`) reports every tick how late
 it woke (``lag_s``: the event loop had other work, or the process waited for
-a core) and how long ticking every session took (``work_s``). Over windows of
-``window_s`` this gives the *utilisation* (the share of wall time spent
-ticking sessions) and the wake-up lag's 90th percentile (robust to one
-garbage collection or one slow control command). When either crosses its
+a core) and the CPU time the event loop's thread used since the previous
+tick (``busy_s``: ticking sessions, SIP, control, garbage collection). Over
+windows of ``window_s`` this gives the *utilisation* (the share of wall time
+the loop was busy: what it has left for more calls, whatever the work is)
+and the wake-up lag's 90th percentile (robust to one garbage collection or
+one slow control command). When either crosses its
 limit the clock is unhealthy and admission refuses new calls with 503 +
 Retry-After (SIP OPTIONS answer 503 too, so a dispatcher moves traffic),
 before the calls already up lose frames; it is healthy again once both are
@@ -32,7 +34,7 @@ class MediaLoad:
         window_s: window length in seconds.
     """
 
-    __slots__ = ("_lags", "_started", "_work_s", "healthy", "lag_max_s", "lag_p90_s",
+    __slots__ = ("_busy_s", "_lags", "_started", "healthy", "lag_max_s", "lag_p90_s",
                  "utilisation", "utilisation_max", "window_s")
 
     def __init__(self, utilisation_max: float, lag_max_s: float,
@@ -46,11 +48,13 @@ class MediaLoad:
         self.lag_p90_s = 0.0
         """Of the last whole window."""
         self._started: float | None = None
-        self._work_s = 0.0
+        self._busy_s = 0.0
         self._lags: list[float] = []
 
-    def tick(self, now: float, lag_s: float, work_s: float) -> bool:
-        """One tick that woke ``lag_s`` late at ``now`` and took ``work_s`` (seconds).
+    def tick(self, now: float, lag_s: float, busy_s: float) -> bool:
+        """One tick that woke ``lag_s`` late at ``now``, the loop busy ``busy_s`` since the last.
+
+        Seconds, all three.
 
         Returns True when this tick closed a window (the figures and
         :attr:`healthy` were updated: report them), else False. A window
@@ -63,15 +67,15 @@ class MediaLoad:
         if closed:
             self._close(now - started)
             self._started = now
-        self._work_s += work_s
+        self._busy_s += busy_s
         self._lags.append(lag_s)
         return closed
 
     def _close(self, elapsed_s: float) -> None:
         lags = sorted(self._lags)
         self.lag_p90_s = lags[min(len(lags) - 1, int(len(lags) * 0.9))]
-        self.utilisation = self._work_s / elapsed_s
-        self._work_s = 0.0
+        self.utilisation = self._busy_s / elapsed_s
+        self._busy_s = 0.0
         self._lags.clear()
         share = 1.0 if self.healthy else RECOVER_SHARE
         self.healthy = (self.utilisation < self.utilisation_max * share
