@@ -71,6 +71,8 @@ class CallRequest:
     peer: str = ""
     """Where the call comes from, for log records: the SIP peer's ``address:port``,
     the WebSocket client's, the ALSA capture device."""
+    direction: str = "inbound"
+    """``outbound`` for a call we place (``voxgatectl call``), for its record."""
 
 
 @dataclass
@@ -89,6 +91,9 @@ class Leg:
     """Media tasks that live in the session's nursery (e.g. an ALSA capture reader)."""
     details: Mapping[str, Any] = field(default_factory=dict)
     """The transport's own fields for the ``call_start`` log line (ports, line, pacing)."""
+    connect: Callable[[], Awaitable[EndReason | None]] | None = None
+    """An outbound call's dialling (see :class:`~voxgate.session.Session`): returns
+    when the callee answered (``None``) or the end reason when it did not."""
 
 
 class CallSetup(Protocol):
@@ -294,6 +299,7 @@ class Calls:
             from_uri=request.from_uri, to_uri=request.to_uri,
             agent=agent_kind(cfg, admitted.tenant),
             queue_wait_s=round(admitted.waited_s, 3), cost_per_minute=cfg.records.cost_per_minute,
+            direction=request.direction,
         )
         if self.records is not None:
             self.records.admitted(record)
@@ -339,7 +345,7 @@ class Calls:
             clock=self._clock, answer_delay_s=leg.answer_delay_s,
             fallback_prompt=self.fallback_prompt, tenant=tenant, from_uri=request.from_uri,
             to_uri=request.to_uri, peer=request.peer, tasks=leg.tasks,
-            stop_reason=lambda: self._stop_reason,
+            stop_reason=lambda: self._stop_reason, connect=leg.connect,
         )
         record.codec = leg.codec
         if self.recordings is not None:

@@ -666,7 +666,7 @@ class UasCore:
         return True
 
     def invite(self, target: str, sdp_offer: bytes, now: float, *, from_user: str = "voxgate",
-               credentials: Sequence[Credential] = ()) -> str:
+               credentials: Sequence[Credential] = (), call_id: str | None = None) -> str:
         """Place an outbound call to ``target`` (we are the UAC, §13.2.1) and return its
         call key.
 
@@ -675,7 +675,8 @@ class UasCore:
         ``sdp_offer``, From ``sip:<from_user>@`` our address, on a client
         INVITE transaction (Timer A retransmits it, Timer B gives up, §17.1.1).
         A 401/407 is answered with ``credentials`` (RFC 7616, at most
-        :data:`~voxgate.sip.uac.MAX_AUTH_FOLLOW_UPS` times). Outcomes come as
+        :data:`~voxgate.sip.uac.MAX_AUTH_FOLLOW_UPS` times). ``call_id``: the
+        Call-ID to use (default: 128 random bits, hex). Outcomes come as
         OutboundProgress, then OutboundAnswered or OutboundFailed; after the
         answer the call is like an answered inbound one (``hangup``, CallEnded).
         Raises LocalProtocolError, sending nothing, for a ``target`` that is not
@@ -693,7 +694,8 @@ class UasCore:
         if len(self._calls) >= self.max_dialogs:
             self._counts["dialogs_refused"] += 1
             raise LocalProtocolError("outbound call refused: max_dialogs calls held")
-        call_id, local_tag = f"{self._token()}{self._token()}", self._token()
+        call_id = call_id or f"{self._token()}{self._token()}"
+        local_tag = self._token()
         cseq = 1 + secrets.randbelow(2**31 - 2**20)
         branch = MAGIC_COOKIE + self._token()
         request = build_invite(
