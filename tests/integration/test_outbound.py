@@ -2,7 +2,7 @@
 
 voxgated (echo agent) calls a SIPp UAS: the call is admitted like any other,
 rings, is answered, RTP flows both ways and our BYE ends it, the record says
-``outbound``; a second call while the only slot is taken is refused; a busy
+``outbound``; the callee's BYE ends it as well; a second call while the only slot is taken is refused; a busy
 callee (486) ends the call with ``callee-busy``; a callee that challenges with
 401 is answered with ``[sip] outbound_credentials_file``; a callee that only
 rings is cancelled at ``[sip] outbound_ring_timeout_s`` (reason ``ring-timeout``).
@@ -27,11 +27,12 @@ RUN_S = 20
 
 
 def callee(tmp_path: Path, daemon: Daemon, scenario: str, media_port: int,
-           clip: SpeechClip | None = None) -> tuple[Sipp, int]:
+           clip: SpeechClip | None = None, duration_ms: int = 1000) -> tuple[Sipp, int]:
     """A SIPp UAS playing ``scenario`` on a free port; returns it and its port."""
     port = free_udp_port()
     sipp = Sipp(scenario, ("127.0.0.1", daemon.sip_address[1]), workdir=tmp_path / scenario,
-                local_port=port, media_port=media_port, clip=clip, timeout_s=RUN_S)
+                local_port=port, media_port=media_port, clip=clip, timeout_s=RUN_S,
+                duration_ms=duration_ms)
     sipp.start()
     return sipp, port
 
@@ -84,6 +85,20 @@ def test_outbound_call_answered_media_both_ways_our_bye(
     metrics = ctl_json(daemon, "metrics")["text"]
     assert 'voxgate_sip_outbound_calls_total{outcome="answered"} 1.0' in metrics
     assert 'voxgate_sip_outbound_calls_total{outcome="refused"} 1.0' in metrics
+
+
+def test_callee_hangs_up_with_bye(
+    start_daemon: StartDaemon, reserve_ports: Callable[[int], PortRange], tmp_path: Path,
+) -> None:
+    daemon = start_daemon()
+    sipp, port = callee(tmp_path, daemon, "uas_outbound_bye.xml", reserve_ports(4).first,
+                        duration_ms=2000)
+    sid = call(daemon, port)
+    record = ended_record(daemon, sid)
+    assert record["reason"] == "bye", record
+    assert record["direction"] == "outbound" and record["answered_at"] is not None, record
+    result = sipp.wait()
+    assert result.successful_calls == 1, result.describe()  # its BYE got our 200
 
 
 def test_busy_callee_ends_with_callee_busy(
