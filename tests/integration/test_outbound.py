@@ -2,10 +2,12 @@
 
 voxgated (echo agent) calls a SIPp UAS: the call is admitted like any other,
 rings, is answered, RTP flows both ways and our BYE ends it, the record says
-``outbound``; the callee's BYE ends it as well; a second call while the only slot is taken is refused; a busy
-callee (486) ends the call with ``callee-busy``; a callee that challenges with
-401 is answered with ``[sip] outbound_credentials_file``; a callee that only
-rings is cancelled at ``[sip] outbound_ring_timeout_s`` (reason ``ring-timeout``).
+``outbound``; the callee's BYE ends it as well; a second call while the only
+slot is taken is refused; a busy callee (486) ends the call with
+``callee-busy``; a callee that challenges with 401 is answered with
+``[sip] outbound_credentials_file``; a callee that only rings is cancelled at
+``[sip] outbound_ring_timeout_s`` (reason ``ring-timeout``); a draining daemon
+refuses to call.
 """
 
 from __future__ import annotations
