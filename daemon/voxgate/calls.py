@@ -73,6 +73,8 @@ class CallRequest:
     the WebSocket client's, the ALSA capture device."""
     direction: str = "inbound"
     """``outbound`` for a call we place (``voxgatectl call``), for its record."""
+    agent: str | None = None
+    """The agent kind to run instead of the tenant's (``voxgatectl call --agent``)."""
 
 
 @dataclass
@@ -297,7 +299,7 @@ class Calls:
             session_id=request.ticket, call_id=request.call_id,
             transport=request.info.transport, tenant=admitted.tenant, admitted_at=time.time(),
             from_uri=request.from_uri, to_uri=request.to_uri,
-            agent=agent_kind(cfg, admitted.tenant),
+            agent=request.agent or agent_kind(cfg, admitted.tenant),
             queue_wait_s=round(admitted.waited_s, 3), cost_per_minute=cfg.records.cost_per_minute,
             direction=request.direction,
         )
@@ -330,7 +332,7 @@ class Calls:
         transport = request.info.transport
         try:
             core = SessionCore.build(self.config, transport, now, tenant=tenant,
-                                     providers=self.providers)
+                                     providers=self.providers, kind=request.agent)
             leg = setup.build(request.ticket, core, now)
         except Exception as exc:
             refused = isinstance(exc, SetupRefused)

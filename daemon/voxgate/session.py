@@ -123,9 +123,10 @@ class SessionCore:
 
     @classmethod
     def build(cls, config: Config, transport: str, now: float, *, tenant: str = "default",
-              providers: ProviderPool | None = None) -> SessionCore:
+              providers: ProviderPool | None = None, kind: str | None = None) -> SessionCore:
         """A new core from ``config`` (``[budget]``, ``[timers]``, ``[vad]``, ``[agent]``)
-        for a call of ``tenant``; ``providers`` serves stream agents.
+        for a call of ``tenant``; ``providers`` serves stream agents; ``kind`` names
+        the agent kind when not the tenant's (see :func:`~voxgate.agents.factory.make_agent`).
 
         The ``jitter`` budget buffer is capped by ``[rtp] jitter_buffer_max_ms``
         for every transport's inbound queue; ``utterance`` (the caller's speech
@@ -146,7 +147,8 @@ class SessionCore:
         playout = Playout(budget)
         vad = VoiceActivityDetector(aggressiveness=config.vad.aggressiveness,
                                     start_ms=config.vad.start_ms, stop_ms=config.vad.stop_ms)
-        agent = make_agent(config, playout, budget, tenant=tenant, providers=providers)
+        agent = make_agent(config, playout, budget, tenant=tenant, providers=providers,
+                           kind=kind)
 
         def done(utterance_id: int, signal: str) -> None:
             PLAYBACK_COMPLETION.labels(transport, signal).inc()

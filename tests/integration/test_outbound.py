@@ -39,9 +39,9 @@ def callee(tmp_path: Path, daemon: Daemon, scenario: str, media_port: int,
     return sipp, port
 
 
-def call(daemon: Daemon, port: int) -> str:
+def call(daemon: Daemon, port: int, *options: str) -> str:
     """``voxgatectl call`` to the callee on ``port``; its printed session id."""
-    done = voxgatectl(control_socket(daemon), "call", f"sip:callee@127.0.0.1:{port}")
+    done = voxgatectl(control_socket(daemon), "call", f"sip:callee@127.0.0.1:{port}", *options)
     assert done.returncode == 0, done.stderr
     sid = done.stdout.strip()
     assert len(sid) == 12, done.stdout
@@ -108,9 +108,10 @@ def test_busy_callee_ends_with_callee_busy(
 ) -> None:
     daemon = start_daemon()
     sipp, port = callee(tmp_path, daemon, "uas_486.xml", reserve_ports(4).first)
-    sid = call(daemon, port)
+    sid = call(daemon, port, "--tenant", "default", "--agent", "echo")
     record = ended_record(daemon, sid)
     assert record["reason"] == "callee-busy", record
+    assert (record["tenant"], record["agent"]) == ("default", "echo"), record
     assert record["direction"] == "outbound" and record["answered_at"] is None, record
     daemon.wait_log(r"event=sip_outbound_failed\b.*\bstatus=486\b", timeout_s=5)
     result = sipp.wait()
@@ -154,3 +155,7 @@ def test_draining_daemon_refuses_outbound_calls(start_daemon: StartDaemon) -> No
     assert "call refused: draining" in refused.stderr, refused.stderr
     bad = voxgatectl(control_socket(daemon), "call", "sip:callee@example.com")
     assert bad.returncode == 1 and "bad-args" in bad.stderr, bad.stderr
+    for option, value in (("--agent", "local"), ("--tenant", "nobody")):
+        bad = voxgatectl(control_socket(daemon), "call", "sip:callee@127.0.0.1:5999",
+                         option, value)
+        assert bad.returncode == 1 and "bad-args" in bad.stderr, bad.stderr

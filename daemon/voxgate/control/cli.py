@@ -434,7 +434,7 @@ def _run_transfer(client: ControlClient, args: argparse.Namespace) -> int:
 
 
 def _run_call(client: ControlClient, args: argparse.Namespace) -> int:
-    request = {"uri": args.uri, "tenant": args.tenant}
+    request = {"uri": args.uri, "tenant": args.tenant, "agent": args.agent}
     _emit(args, client.call("call", {k: v for k, v in request.items() if v is not None}),
           render_session_id)
     return EX_OK
@@ -652,6 +652,8 @@ def _build_parser() -> argparse.ArgumentParser:
                "place an outbound SIP call through admission; prints its session id")
     call.add_argument("uri", help="the SIP URI to call (sip:user@IP[:port])")
     call.add_argument("--tenant", help="the tenant to admit it in (default: the tenant rules)")
+    call.add_argument("--agent", help="the agent kind to run, one the config runs "
+                                      "(default: the tenant's)")
     drain = add("drain", _run_drain, "stop admitting calls; sessions in progress go on")
     drain.add_argument("--wait", action="store_true",
                        help="wait until no session is left (--timeout SECONDS: give up "

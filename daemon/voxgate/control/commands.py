@@ -153,15 +153,16 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
 
         target = _text(args, "uri")
         tenant = _text(args, "tenant")
+        agent = _text(args, "agent")
         if not target:
             raise CommandError(BAD_ARGS, "args.uri must be a SIP URI (sip:user@IP[:port])")
         if tenant is not None and tenant != "default" and tenant not in {
                 t.name for t in sup.admission.limits.tenants}:
             raise CommandError(BAD_ARGS, f"no tenant {tenant!r} configured")
         try:
-            sid = sup.endpoint.place_call(target, tenant=tenant)
+            sid = sup.endpoint.place_call(target, tenant=tenant, agent=agent)
         except ValueError as e:
-            raise CommandError(BAD_ARGS, f"args.uri: {e}") from None
+            raise CommandError(BAD_ARGS, str(e)) from None
         except OutboundRefused as e:
             raise CommandError(REFUSED, f"call refused: {e.refusal.reason}") from None
         return {"id": sid, "message": f"session {sid}: calling {target}"}

@@ -49,6 +49,7 @@ import trio
 from prometheus_client import Counter
 
 from voxgate import admission as adm
+from voxgate.agents.factory import agent_kinds
 from voxgate.calls import CallRequest, Calls, Leg, SetupRefused
 from voxgate.cidr import parse_networks
 from voxgate.codec.g711 import codec_for
@@ -416,12 +417,15 @@ class SipEndpoint:
         log_event(logging.INFO, "sip_transfer_started", f"REFER to {target}",
                   call=call.session)
 
-    def place_call(self, target: str, *, tenant: str | None = None) -> str:
+    def place_call(self, target: str, *, tenant: str | None = None,
+                   agent: str | None = None) -> str:
         """Place an outbound call to the SIP URI ``target`` (``sip:`` with an IP
         address) in ``tenant`` (None: the tenant rules decide, on the target's
-        user and host); returns its session id at once, the INVITE goes out once
+        user and host), running ``agent`` (a kind the config runs; None: the
+        tenant's); returns its session id at once, the INVITE goes out once
         admitted (see the module docstring). Raises ValueError for a bad
-        ``target``, :class:`OutboundRefused` when admission refuses the call."""
+        ``target`` or ``agent``, :class:`OutboundRefused` when admission refuses
+        the call."""
         try:
             uri = parse_uri_untrusted(target)
             ipaddress.ip_address(uri.host)
@@ -429,6 +433,10 @@ class SipEndpoint:
             raise ValueError(f"{target[:80]!r} is not a sip: URI with an IP address") from None
         if uri.scheme != "sip":
             raise ValueError(f"{target[:80]!r} is not a sip: URI")
+        kinds = agent_kinds(self.config)
+        if agent is not None and agent not in kinds:
+            raise ValueError(f"agent {agent[:20]!r} is not one the config runs "
+                             f"({', '.join(sorted(kinds))})")
         codec = SUPPORTED_CODECS[self.config.rtp.codecs[0].upper()]
         offered = Negotiated(codec=codec, telephone_event_pt=DEFAULT_TELEPHONE_EVENT_PT,
                              remote_rtp=None, direction="sendrecv", ptime_ms=PTIME_MS,
@@ -442,7 +450,7 @@ class SipEndpoint:
         self.calls.start(CallRequest(
             ticket, call.call_id, info, to_uri=target, peer=f"{uri.host}:{uri.port or 5060}",
             from_uri=f"sip:{self.config.sip.outbound_from_user}@{host_port}",
-            direction="outbound"), call)
+            direction="outbound", agent=agent), call)
         if call.refusal is not None:
             raise OutboundRefused(call.refusal)
         return ticket
