@@ -95,6 +95,9 @@ def test_retransmitted_2xx_is_acked_again() -> None:
     assert len(acks) == 3
     assert len({a.serialize() for a in acks}) == 1
     assert link.take_events() == [OutboundAnswered(key, SDP_ANSWER)]
+    link.advance(33.0)  # Timer M (RFC 6026): the INVITE transaction is gone, the call goes on
+    assert link.core.active_transactions == 0
+    assert link.core.active_dialogs == 1
 
 
 def test_callee_hangs_up_with_bye() -> None:
@@ -124,6 +127,8 @@ def test_busy_callee_is_acked_and_fails() -> None:
     link.send(busy)  # retransmitted: ACKed again, reported once
     assert [r.method for r in link.requests] == ["ACK", "ACK"]
     assert link.take_events() == []
+    link.advance(33.0)  # Timer D (64·T1)
+    assert link.core.active_transactions == 0
 
 
 def test_no_answer_retransmits_then_timer_b_fails() -> None:
@@ -188,6 +193,7 @@ def test_ring_timeout_cancels_then_487() -> None:
     link.send(answer(invite, 180))
     link.take_events()
     link.core.hangup(key, link.clock.now, reason="ring-timeout")
+    link.core.hangup(key, link.clock.now, reason="shutdown")  # a second hangup: one CANCEL
     link.pump()
     (cancel,) = link.requests
     assert cancel.method == "CANCEL" and cancel.uri == invite.uri

@@ -635,9 +635,10 @@ class UasCore:
         if state is DialogState.TERMINATED:
             self._counts["late_actions"] += 1
         elif state is DialogState.EARLY and call.outbound is not None:
-            call.outbound.cancel_wanted = True
-            if call.outbound.txn.state is State.PROCEEDING:
-                self._send_cancel(call.outbound, now)
+            out = call.outbound
+            out.cancel_wanted = True
+            if out.txn.state is State.PROCEEDING and not out.cancel_sent:
+                self._send_cancel(out, now)
         elif state is DialogState.EARLY:
             self._reject(call, 480, now, _reason_headers(reason))
             self._events.append(HangupCompleted(call_key, 480))

@@ -57,7 +57,7 @@ from voxgate.config import Config
 from voxgate.end_reasons import EndReason
 from voxgate.errors import LocalProtocolError, RemoteProtocolError, is_resource_shortage
 from voxgate.logging import SHORTAGE_BACKOFF_S, ResourceShortage, log_event
-from voxgate.metrics import REGISTRY
+from voxgate.metrics import REGISTRY, SIP_OUTBOUND_CALLS
 from voxgate.rtp.stream import RtpStream
 from voxgate.session import Session, SessionCore
 from voxgate.sip import uas
@@ -90,13 +90,6 @@ SIP_SEND_FAILURES = Counter(
     "voxgate_sip_send_failures",
     "SIP datagrams the kernel did not take (dropped), by errno name",
     ["error"], registry=REGISTRY,
-)
-
-OUTBOUND_CALLS = Counter(
-    "voxgate_sip_outbound_calls",
-    "Outbound calls (voxgatectl call) by outcome: answered, busy, rejected, unreachable, "
-    "ring-timeout, ended (before the answer, by us), refused (admission), failed (not placed)",
-    ["outcome"], registry=REGISTRY,
 )
 
 _Action = Callable[[uas.UasCore, float], None]
@@ -190,7 +183,7 @@ class _OutboundCall:
 
     def refused(self, refusal: adm.Refusal) -> None:
         self.refusal = refusal
-        OUTBOUND_CALLS.labels("refused").inc()
+        SIP_OUTBOUND_CALLS.labels("refused").inc()
 
     def build(self, ticket: str, core: SessionCore, now: float) -> Leg:
         return self.endpoint.build_outbound_leg(self, core)
@@ -199,7 +192,7 @@ class _OutboundCall:
         self.session = session
 
     def failed(self, exc: Exception) -> None:
-        OUTBOUND_CALLS.labels("failed").inc()  # the lifecycle logged it
+        SIP_OUTBOUND_CALLS.labels("failed").inc()  # the lifecycle logged it
 
     async def connect(self) -> EndReason | None:
         """Send the INVITE and wait for its outcome (see the module docstring):
@@ -209,7 +202,7 @@ class _OutboundCall:
         try:
             endpoint.place_invite(self)
         except LocalProtocolError as e:
-            OUTBOUND_CALLS.labels("failed").inc()
+            SIP_OUTBOUND_CALLS.labels("failed").inc()
             log_event(logging.WARNING, "sip_outbound_failed", f"INVITE not sent: {e}",
                       call=self.session, target=self.target)
             return "error"
@@ -217,15 +210,15 @@ class _OutboundCall:
             await self.decided.wait()
         outcome = self.outcome
         if outcome is None:
-            OUTBOUND_CALLS.labels("ring-timeout").inc()
+            SIP_OUTBOUND_CALLS.labels("ring-timeout").inc()
             return "ring-timeout"
         if isinstance(outcome, uas.OutboundFailed):
             reason = _outbound_failure(outcome.status)
-            OUTBOUND_CALLS.labels(reason.removeprefix("callee-")).inc()
+            SIP_OUTBOUND_CALLS.labels(reason.removeprefix("callee-")).inc()
             log_event(logging.INFO, "sip_outbound_failed", outcome.reason, call=self.session,
                       target=self.target, status=outcome.status, reason=reason)
             return reason
-        OUTBOUND_CALLS.labels("answered").inc()
+        SIP_OUTBOUND_CALLS.labels("answered").inc()
         return endpoint.take_answer(self, outcome.sdp_answer)
 
 
@@ -245,7 +238,7 @@ class _OutboundSignaling:
 
     def refuse(self, reason: str) -> None:
         if self._call.outcome is None:
-            OUTBOUND_CALLS.labels("ended").inc()
+            SIP_OUTBOUND_CALLS.labels("ended").inc()
         self.hangup(reason)
 
     def hangup(self, reason: str) -> None:
