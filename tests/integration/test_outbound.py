@@ -16,8 +16,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tests.harness import requires
+import pytest
+
+from tests.harness import missing_tools, requires
 from tests.harness.audio import SpeechClip
+from tests.harness.baresip import assert_echoed, finish_call, start_callee
 from tests.harness.daemon import Daemon, PortRange, free_udp_port
 from tests.harness.sipp import Sipp
 from tests.integration.conftest import StartDaemon
@@ -39,9 +42,9 @@ def callee(tmp_path: Path, daemon: Daemon, scenario: str, media_port: int,
     return sipp, port
 
 
-def call(daemon: Daemon, port: int, *options: str) -> str:
-    """``voxgatectl call`` to the callee on ``port``; its printed session id."""
-    done = voxgatectl(control_socket(daemon), "call", f"sip:callee@127.0.0.1:{port}", *options)
+def call(daemon: Daemon, port: int, *options: str, user: str = "callee") -> str:
+    """``voxgatectl call`` to ``user`` on ``port``; its printed session id."""
+    done = voxgatectl(control_socket(daemon), "call", f"sip:{user}@127.0.0.1:{port}", *options)
     assert done.returncode == 0, done.stderr
     sid = done.stdout.strip()
     assert len(sid) == 12, done.stdout
@@ -87,6 +90,31 @@ def test_outbound_call_answered_media_both_ways_our_bye(
     metrics = ctl_json(daemon, "metrics")["text"]
     assert 'voxgate_sip_outbound_calls_total{outcome="answered"} 1.0' in metrics
     assert 'voxgate_sip_outbound_calls_total{outcome="refused"} 1.0' in metrics
+
+
+def test_baresip_callee_hears_the_echo_and_hangs_up(
+    start_daemon: StartDaemon, reserve_ports: Callable[[int], PortRange], tmp_path: Path,
+    clip: SpeechClip,
+) -> None:
+    """baresip answers at once, plays the clip and hangs up at its end (BYE); the
+    echo agent's answer is in its recording."""
+    if missing_tools("baresip"):
+        pytest.skip("missing baresip")
+    daemon = start_daemon()
+    media = reserve_ports(10)
+    port = free_udp_port()
+    baresip = start_callee(tmp_path, clip=clip, sip_port=port, rtp_first=media.first,
+                           rtp_last=media.last, run_s=RUN_S)
+    try:
+        wait_until(lambda: "baresip is ready" in (tmp_path / "baresip.log").read_text(
+            errors="replace"), "baresip ready", timeout_s=10)
+        sid = call(daemon, port, user="caller")  # baresip's account
+        record = ended_record(daemon, sid)
+    finally:
+        result = finish_call(baresip, tmp_path, RUN_S)
+    assert record["reason"] == "bye", (record, result.output[-3000:])
+    assert record["direction"] == "outbound" and record["packets_in"] > 50, record
+    assert_echoed(result, clip)
 
 
 def test_callee_hangs_up_with_bye(
