@@ -311,6 +311,47 @@ def test_bad_sip_credentials_file_names_key_and_file(tmp_path, text, mode, expec
     assert expected in str(info.value)
 
 
+def test_outbound_call_keys(tmp_path):
+    default = Config().sip
+    assert (default.outbound_credentials_file, default.outbound_ring_timeout_s,
+            default.outbound_from_user) == ("", 30.0, "voxgate")
+    assert Config().outbound_credentials == ()
+    users = credentials_file(tmp_path, "alice:secret\n", 0o600)
+    config = load_config(write(tmp_path, f'[sip]\noutbound_credentials_file = "{users}"\n'
+                                         'outbound_ring_timeout_s = 5\n'
+                                         'outbound_from_user = "agent.1"\n'))
+    assert [c.username for c in config.outbound_credentials] == ["alice"]
+    assert (config.sip.outbound_ring_timeout_s, config.sip.outbound_from_user) == (5.0, "agent.1")
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ('outbound_ring_timeout_s = 0', "[sip] outbound_ring_timeout_s"),
+        ('outbound_ring_timeout_s = 601', "[sip] outbound_ring_timeout_s"),
+        ('outbound_from_user = "a b"', "[sip] outbound_from_user: 1-64 letters"),
+        ('outbound_from_user = ""', "[sip] outbound_from_user: 1-64 letters"),
+    ],
+)
+def test_bad_outbound_keys(tmp_path, text, expected):
+    with pytest.raises(ConfigError) as info:
+        load_config(write(tmp_path, f"[sip]\n{text}\n"))
+    assert expected in str(info.value)
+
+
+@pytest.mark.parametrize(("text", "mode", "expected"), [
+    ("alice:pw\n", 0o644, "must not be accessible to others"),
+    ("alice:pw\nbob:pw\n", 0o600, "must hold one user's credentials"),
+])
+def test_bad_outbound_credentials_file(tmp_path, text, mode, expected):
+    users = credentials_file(tmp_path, text, mode)
+    path = write(tmp_path, f'[sip]\noutbound_credentials_file = "{users}"\n')
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: [sip] outbound_credentials_file: {users}: ")
+    assert expected in str(info.value)
+
+
 @pytest.mark.parametrize("mode", ["off", "offer", "required"])
 def test_srtp_modes(tmp_path, mode):
     assert load_config(write(tmp_path, f'[rtp]\nsrtp = "{mode}"\n')).rtp.srtp == mode

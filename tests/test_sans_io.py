@@ -21,6 +21,7 @@ SANS_IO_MODULES = [
     "voxgate.sip.ratelimit",
     "voxgate.sip.digest",
     "voxgate.sip.registration",
+    "voxgate.sip.uac",
     "voxgate.rtp.packet",
     "voxgate.rtp.jitter",
     "voxgate.rtp.dtmf",

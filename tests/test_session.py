@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Awaitable, Callable
 
 import pytest
 import trio
@@ -12,6 +13,7 @@ import trio.testing
 from voxgate.agents.base import Agent
 from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.deadman import DeadmanConfig, SessionTimers
+from voxgate.end_reasons import EndReason
 from voxgate.pipeline.clock import MediaClock
 from voxgate.pipeline.pipeline import Pipeline
 from voxgate.pipeline.playback import PlaybackTracker
@@ -93,7 +95,9 @@ TIMERS = DeadmanConfig(first_media_s=2, media_inactivity_s=1, recovery_window_s=
 
 def make(clock: MediaClock, media: FakeMedia, *, delay_s: float = 0, max_s: float = 60,
          agent_cls: type[Agent] = Agent, session_bytes: int = 1 << 20,
-         prompt: tuple[bytes, ...] = ()) -> tuple[Session, FakeSignaling]:
+         prompt: tuple[bytes, ...] = (),
+         connect: Callable[[], Awaitable[EndReason | None]] | None = None,
+         ) -> tuple[Session, FakeSignaling]:
     signaling = FakeSignaling()
     budget = SessionBudget(BufferCaps.from_ms({"playout": 1000}, session_bytes, 500))
     playout = Playout(budget)
@@ -105,6 +109,7 @@ def make(clock: MediaClock, media: FakeMedia, *, delay_s: float = 0, max_s: floa
     session = Session(
         session_id="s1", call_id="c1", transport="test", codec="PCMU", signaling=signaling,
         media=media, core=core, clock=clock, answer_delay_s=delay_s, fallback_prompt=prompt,
+        connect=connect,
     )
     return session, signaling
 
@@ -273,3 +278,51 @@ async def test_runaway_agent_is_dropped_then_ended_for_budget(autojump_clock):
     # the playout cap (1000 ms of PCM16) plus the one frame pushed before the drop
     assert session.budget.peak_bytes <= 16000 + 320
     assert signaling.calls[-2:] == ["hangup:budget", "release"]
+
+
+def dialling(after_s: float, outcome: EndReason | None,
+             log: list[str]) -> Callable[[], Awaitable[EndReason | None]]:
+    """An outbound call's ``connect``: ``outcome`` after ``after_s`` (or cancelled)."""
+    async def connect() -> EndReason | None:
+        try:
+            await trio.sleep(after_s)
+        except trio.Cancelled:
+            log.append("dial cancelled")
+            raise
+        log.append("dialled")
+        return outcome
+    return connect
+
+
+async def test_outbound_answers_when_connect_returns(autojump_clock):
+    clock = MediaClock()
+    log: list[str] = []
+    session, signaling = make(clock, FakeMedia(), max_s=10,
+                              connect=dialling(3, None, log))
+    await run_with_clock(session, clock)
+    assert log == ["dialled"]
+    assert session.answered_at is not None
+    assert session.answered_at - session.started_at == pytest.approx(3)
+    assert signaling.calls == ["answer", "hangup:max-duration", "release"]
+
+
+async def test_outbound_not_answered_ends_with_connects_reason(autojump_clock):
+    clock = MediaClock()
+    log: list[str] = []
+    session, signaling = make(clock, FakeMedia(), connect=dialling(1, "callee-busy", log))
+    await run_with_clock(session, clock)
+    assert session.end_reason == "callee-busy"
+    assert session.answered_at is None
+    assert signaling.calls == ["release"]  # the callee said no: nothing to cancel
+
+
+async def test_outbound_ended_while_dialling_cancels_the_dial(autojump_clock):
+    clock = MediaClock()
+    log: list[str] = []
+    session, signaling = make(clock, FakeMedia(), connect=dialling(100, None, log))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(session.run)
+        await trio.sleep(1)
+        session.end("operator")
+    assert log == ["dial cancelled"]
+    assert signaling.calls == ["refuse:operator", "release"]

@@ -71,6 +71,10 @@ class CallRequest:
     peer: str = ""
     """Where the call comes from, for log records: the SIP peer's ``address:port``,
     the WebSocket client's, the ALSA capture device."""
+    direction: str = "inbound"
+    """``outbound`` for a call we place (``voxgatectl call``), for its record."""
+    agent: str | None = None
+    """The agent kind to run instead of the tenant's (``voxgatectl call --agent``)."""
 
 
 @dataclass
@@ -89,6 +93,9 @@ class Leg:
     """Media tasks that live in the session's nursery (e.g. an ALSA capture reader)."""
     details: Mapping[str, Any] = field(default_factory=dict)
     """The transport's own fields for the ``call_start`` log line (ports, line, pacing)."""
+    connect: Callable[[], Awaitable[EndReason | None]] | None = None
+    """An outbound call's dialling (see :class:`~voxgate.session.Session`): returns
+    when the callee answered (``None``) or the end reason when it did not."""
 
 
 class CallSetup(Protocol):
@@ -292,8 +299,9 @@ class Calls:
             session_id=request.ticket, call_id=request.call_id,
             transport=request.info.transport, tenant=admitted.tenant, admitted_at=time.time(),
             from_uri=request.from_uri, to_uri=request.to_uri,
-            agent=agent_kind(cfg, admitted.tenant),
+            agent=request.agent or agent_kind(cfg, admitted.tenant),
             queue_wait_s=round(admitted.waited_s, 3), cost_per_minute=cfg.records.cost_per_minute,
+            direction=request.direction,
         )
         if self.records is not None:
             self.records.admitted(record)
@@ -324,7 +332,7 @@ class Calls:
         transport = request.info.transport
         try:
             core = SessionCore.build(self.config, transport, now, tenant=tenant,
-                                     providers=self.providers)
+                                     providers=self.providers, kind=request.agent)
             leg = setup.build(request.ticket, core, now)
         except Exception as exc:
             refused = isinstance(exc, SetupRefused)
@@ -339,7 +347,7 @@ class Calls:
             clock=self._clock, answer_delay_s=leg.answer_delay_s,
             fallback_prompt=self.fallback_prompt, tenant=tenant, from_uri=request.from_uri,
             to_uri=request.to_uri, peer=request.peer, tasks=leg.tasks,
-            stop_reason=lambda: self._stop_reason,
+            stop_reason=lambda: self._stop_reason, connect=leg.connect,
         )
         record.codec = leg.codec
         if self.recordings is not None:

@@ -85,6 +85,12 @@ class SipConfig:
     auth_nonce_ttl_s: float = field(default=300.0, metadata=_range(10, 86_400))
     auth_replay_table_size: int = field(default=4096, metadata=_range(16, 1_000_000))
     registrations: tuple[RegistrationConfig, ...] = ()
+    outbound_credentials_file: str = ""
+    """Digest credentials answering a 401/407 to our outbound INVITEs, one user ("" = none)."""
+    outbound_ring_timeout_s: float = field(default=30.0, metadata=_range(1, 600))
+    """An outbound call unanswered this long is cancelled (reason ring-timeout)."""
+    outbound_from_user: str = "voxgate"
+    """The user part of our outbound calls' From ``sip:USER@[sip] advertise-or-listen``."""
 
     @property
     def host(self) -> str:
@@ -364,6 +370,8 @@ class Config:
     registration_credentials: tuple[tuple[Credential, ...], ...] = ()
     """The entries of each ``[[sip.registrations]]`` credentials_file, in their order
     (empty for an entry without one)."""
+    outbound_credentials: tuple[Credential, ...] = ()
+    """The entries of ``[sip] outbound_credentials_file`` (none when it is "")."""
 
 
 RECOGNIZER_RSS_BYTES = 160 << 20
@@ -421,7 +429,8 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
     section_types = {
         f.name: f.default_factory
         for f in dataclasses.fields(Config)
-        if f.name not in ("source", "tenants", "sip_credentials", "registration_credentials")
+        if f.name not in ("source", "tenants", "sip_credentials", "registration_credentials",
+                          "outbound_credentials")
     }
     for name, value in data.items():
         if name == "tenants":
@@ -440,6 +449,11 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         count = len(config.sip.registrations)
         config = dataclasses.replace(config, registration_credentials=tuple(
             _read_registration_credentials(config, i) for i in range(count)))
+    if config.sip.outbound_credentials_file:
+        config = dataclasses.replace(config, outbound_credentials=_read_one_user_credentials(
+            config.sip.outbound_credentials_file,
+            f"{config.source}: [sip] outbound_credentials_file: "
+            f"{config.sip.outbound_credentials_file}"))
     return config
 
 
@@ -467,6 +481,12 @@ def _read_registration_credentials(config: Config, index: int) -> tuple[Credenti
     if not name:
         return ()
     where = f"{config.source}: [[sip.registrations]] #{index + 1} credentials_file: {name}"
+    return _read_one_user_credentials(name, where)
+
+
+def _read_one_user_credentials(name: str, where: str) -> tuple[Credential, ...]:
+    """A credentials file holding one username's entries (a client's); else
+    ConfigError starting with ``where`` (and see :func:`_read_credentials_file`)."""
     entries = _read_credentials_file(Path(name), where)
     if len({entry.username for entry in entries}) > 1:
         raise ConfigError(f"{where}: must hold one user's credentials")
@@ -654,6 +674,8 @@ def _check_consistency(config: Config) -> None:
         raise ConfigError(f"{src}: [sip] auth_realm: 1-64 printable ASCII characters "
                           "without quotes or backslashes")
     _check_registrations(config.sip, src)
+    if not _CONTACT_USER.match(config.sip.outbound_from_user):
+        raise ConfigError(f"{src}: [sip] outbound_from_user: 1-64 letters, digits and . _ ~ + -")
     algorithms = config.sip.auth_algorithms
     if not algorithms or len(set(algorithms)) < len(algorithms) or not set(algorithms) <= set(
             DIGEST_ALGORITHMS):

@@ -28,6 +28,9 @@ EndReason = Literal[
     "device-lost",           # an ALSA line's device failed
     "operator",              # voxgatectl hangup, voxgatectl line stop
     "transferred",           # a blind transfer (SIP REFER) succeeded: the caller is elsewhere
+    "callee-busy",           # our outbound INVITE was answered 486, 600 or 603
+    "callee-rejected",       # our outbound INVITE got another 3xx-6xx (or a 401/407 not passed)
+    "callee-unreachable",    # our outbound INVITE got no final response (Timer B)
     "drain-timeout",         # still up at [limits] drain_timeout_s after SIGTERM
     "shutdown",              # a second SIGTERM, or SIGINT
     "error",                 # a fault in this call's own handling

@@ -75,6 +75,13 @@ QUEUE_WAIT = Histogram(
     "voxgate_queue_wait_seconds", "Time calls waited in the admission queue",
     registry=REGISTRY, buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, float("inf")),
 )
+SIP_OUTBOUND_CALLS = Counter(
+    "voxgate_sip_outbound_calls",
+    "Outbound calls (voxgatectl call) by outcome: answered, busy (486/600/603), rejected "
+    "(other 3xx-6xx), unreachable (no final response), ring-timeout, ended (by us before "
+    "the answer), refused (admission), failed (not placed)",
+    ["outcome"], registry=REGISTRY,
+)
 PLAYBACK_COMPLETION = Counter(
     "voxgate_playback_completion", "Utterances finished, by transport and by the signal "
     "that ended them (drained, mark, paced, deadman, cleared)",

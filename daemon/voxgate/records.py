@@ -154,6 +154,8 @@ class CallRecord:
     turns: list[dict[str, object]] = field(default_factory=list)
     recording_path: str | None = None
     cost_per_minute: float = 0.0
+    direction: str = "inbound"
+    """``inbound`` (the peer called us) or ``outbound`` (``voxgatectl call``)."""
 
     def to_json(self) -> dict[str, object]:
         """THE JSON shape of a call (``voxgatectl calls --json``/``show``, ``call.completed``).
@@ -221,6 +223,7 @@ class CallRecord:
             answered_at=_epoch(d.get("answered_at"), "answered_at"),
             ended_at=_epoch(d.get("ended_at"), "ended_at"),
             reason=_optional(d, "reason", str),
+            direction=_typed(d, "direction", str, "inbound"),
             state=_typed(d, "state", str, ACTIVE),
             packets_in=_typed(d, "packets_in", int, 0),
             packets_out=_typed(d, "packets_out", int, 0),

@@ -12,6 +12,10 @@ One timer mechanism: while the call is answered, the media clock's 20 ms
 tick checks the timers' next deadline (no task per timer, none per packet);
 before the answer, the session's own task waits for the ring deadline.
 
+An outbound call (``connect`` given) answers when its dialling task returns
+that the callee answered, instead of after ``answer_delay_s``; when the
+callee does not answer, the session ends with the reason it returns.
+
 Whatever ends the call (BYE from either side, CANCEL, a deadman, the budget,
 a drain deadline, an error in its own code) ends only this session:
 :meth:`Session.run` is the error boundary, correct for Trio's exception
@@ -62,7 +66,8 @@ if TYPE_CHECKING:
     from voxgate.agents.stream import ProviderPool
 
 # End reasons after which the peer is already gone: no BYE from us.
-_PEER_ENDED: frozenset[EndReason] = frozenset({"bye", "cancel"})
+_PEER_ENDED: frozenset[EndReason] = frozenset(
+    {"bye", "cancel", "callee-busy", "callee-rejected", "callee-unreachable"})
 
 
 class SessionState(str, Enum):
@@ -118,9 +123,10 @@ class SessionCore:
 
     @classmethod
     def build(cls, config: Config, transport: str, now: float, *, tenant: str = "default",
-              providers: ProviderPool | None = None) -> SessionCore:
+              providers: ProviderPool | None = None, kind: str | None = None) -> SessionCore:
         """A new core from ``config`` (``[budget]``, ``[timers]``, ``[vad]``, ``[agent]``)
-        for a call of ``tenant``; ``providers`` serves stream agents.
+        for a call of ``tenant``; ``providers`` serves stream agents; ``kind`` names
+        the agent kind when not the tenant's (see :func:`~voxgate.agents.factory.make_agent`).
 
         The ``jitter`` budget buffer is capped by ``[rtp] jitter_buffer_max_ms``
         for every transport's inbound queue; ``utterance`` (the caller's speech
@@ -141,7 +147,8 @@ class SessionCore:
         playout = Playout(budget)
         vad = VoiceActivityDetector(aggressiveness=config.vad.aggressiveness,
                                     start_ms=config.vad.start_ms, stop_ms=config.vad.stop_ms)
-        agent = make_agent(config, playout, budget, tenant=tenant, providers=providers)
+        agent = make_agent(config, playout, budget, tenant=tenant, providers=providers,
+                           kind=kind)
 
         def done(utterance_id: int, signal: str) -> None:
             PLAYBACK_COMPLETION.labels(transport, signal).inc()
@@ -174,12 +181,15 @@ class Session:
         peer: str = "",
         tasks: tuple[Callable[[], Awaitable[None]], ...] = (),
         stop_reason: Callable[[], EndReason] = lambda: "shutdown",
+        connect: Callable[[], Awaitable[EndReason | None]] | None = None,
     ) -> None:
         """``peer`` is where the call comes from, for its log records (the SIP
         peer's address, the WebSocket client's, the ALSA device); ``tasks`` run in
         the session's nursery beside its agent (media readers); ``stop_reason()``
         names the end reason when the session is cancelled from outside (a drain
-        deadline, a stop)."""
+        deadline, a stop); ``connect()`` dials an outbound call: it returns
+        ``None`` once the callee answered, else the end reason (it is cancelled
+        when the session ends first)."""
         self.session_id = session_id
         self.tenant = tenant
         self.peer = peer
@@ -200,6 +210,9 @@ class Session:
         self._fallback_prompt = fallback_prompt
         self._tasks = tasks
         self._stop_reason = stop_reason
+        self._connect = connect
+        self._answer_at = math.inf
+        self._ring_wakeup = trio.Event()  # the call ended or was answered while ringing
         self.state = SessionState.ADMITTING
         self.end_reason: EndReason | None = None
         self.started_at = math.nan
@@ -235,6 +248,7 @@ class Session:
         if self.end_reason is None:
             self.end_reason = reason
         self._end_requested.set()
+        self._ring_wakeup.set()
 
     def media_changed(self, expected: bool, now: float) -> None:
         """The peer moved or held its media (re-INVITE): re-base the media timers."""
@@ -301,6 +315,8 @@ class Session:
             try:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._lifecycle, nursery.cancel_scope)
+                    if self._connect is not None:
+                        nursery.start_soon(self._dial, self._connect)
                     nursery.start_soon(self.agent.run)
                     for task in self._tasks:
                         nursery.start_soon(task)
@@ -312,14 +328,26 @@ class Session:
         finally:
             self._finish()
 
+    async def _dial(self, connect: Callable[[], Awaitable[EndReason | None]]) -> None:
+        """Dial the outbound call: answer when the callee has, else end."""
+        reason = await connect()
+        if reason is not None:
+            self.end(reason)
+        else:
+            self._answer_at = trio.current_time()
+            self._ring_wakeup.set()
+
     async def _lifecycle(self, scope: trio.CancelScope) -> None:
-        answer_at = self.started_at + self._answer_delay_s
-        if self._answer_delay_s > 0:
-            self.signaling.ring()
-        while self.end_reason is None and trio.current_time() < answer_at:
+        if self._connect is None:
+            self._answer_at = self.started_at + self._answer_delay_s
+            if self._answer_delay_s > 0:
+                self.signaling.ring()
+        while self.end_reason is None and trio.current_time() < self._answer_at:
             deadline = self.timers.next_deadline()
-            with trio.move_on_at(min(answer_at, math.inf if deadline is None else deadline)):
-                await self._end_requested.wait()
+            wake_at = min(self._answer_at, math.inf if deadline is None else deadline)
+            with trio.move_on_at(wake_at):
+                await self._ring_wakeup.wait()
+            self._ring_wakeup = trio.Event()
             for event in self.timers.handle_timer(trio.current_time()):
                 self._on_timer(event)
         if self.end_reason is None:

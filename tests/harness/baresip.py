@@ -7,7 +7,9 @@ audio received (``*-dec.wav``) into a directory, ``g711`` is the only codec,
 ``menu`` executes the ``-e "/dial URI"`` command, and the single account
 (``regint=0``) never registers. ``-t`` bounds the whole run. With
 ``mediaenc="srtp-mand"`` the ``srtp`` module is loaded and the account offers
-only RTP/SAVP with SDES keys (RFC 4568 ``a=crypto``).
+only RTP/SAVP with SDES keys (RFC 4568 ``a=crypto``). As a callee
+(:func:`start_callee`) the account answers every call at once
+(``answermode=auto``) and plays and records the same way.
 """
 
 from __future__ import annotations
@@ -49,10 +51,12 @@ def write_config(
     record_dir: Path,
     mediaenc: str | None = None,
     max_calls: int = 1,
+    auto_answer: bool = False,
 ) -> None:
     """Write ``config`` and ``accounts`` for one headless PCMU/PCMA caller
     (``mediaenc``: the account's media encryption, e.g. ``srtp-mand``;
-    ``max_calls`` calls at once: 2 lets it follow a REFER, RFC 3515)."""
+    ``max_calls`` calls at once: 2 lets it follow a REFER, RFC 3515;
+    ``auto_answer``: it answers incoming calls at once)."""
     config_dir.mkdir(parents=True, exist_ok=True)
     record_dir.mkdir(parents=True, exist_ok=True)
     settings = [
@@ -85,7 +89,24 @@ def write_config(
     account = f"<sip:caller@127.0.0.1:{sip_port}>;regint=0;audio_codecs=PCMU,PCMA"
     if mediaenc:
         account += f";mediaenc={mediaenc}"
+    if auto_answer:
+        account += ";answermode=auto"
     (config_dir / "accounts").write_text(account + "\n")
+
+
+def start_callee(
+    workdir: Path, *, clip: SpeechClip, sip_port: int, rtp_first: int, rtp_last: int,
+    run_s: int,
+) -> subprocess.Popen[bytes]:
+    """Start baresip answering calls to ``sip:…@127.0.0.1:sip_port`` at once, playing the
+    clip (it hangs up at the clip's end) and recording what it hears; quits after
+    ``run_s`` seconds. End it with :func:`finish_call`."""
+    config_dir = workdir / "baresip"
+    write_config(config_dir, clip=clip, sip_port=sip_port, rtp_first=rtp_first,
+                 rtp_last=rtp_last, record_dir=workdir / "recordings", auto_answer=True)
+    argv = ["baresip", "-f", str(config_dir), "-t", str(run_s)]
+    with (workdir / "baresip.log").open("wb") as log:
+        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
 
 
 def call_and_record(

@@ -52,8 +52,10 @@ def agent_kind(config: Config, tenant: str) -> str:
 
 
 def make_agent(config: Config, playout: Playout, budget: SessionBudget, *,
-               tenant: str = "default", providers: ProviderPool | None = None) -> Agent:
-    """A new agent of the tenant's kind (its ``agent`` key, else ``[agent] kind``;
+               tenant: str = "default", providers: ProviderPool | None = None,
+               kind: str | None = None) -> Agent:
+    """A new agent of ``kind`` (one of :func:`agent_kinds`, e.g. ``voxgatectl call
+    --agent``), else of the tenant's kind (its ``agent`` key, else ``[agent] kind``;
     validated by the config) speaking into ``playout``.
 
     ``budget`` holds the session's buffers (the local agent collects the
@@ -68,7 +70,7 @@ def make_agent(config: Config, playout: Playout, budget: SessionBudget, *,
         LocalProtocolError: a stream agent without a provider pool.
     """
     own = next((t for t in config.tenants if t.name == tenant), None)
-    kind = agent_kind(config, tenant)
+    kind = kind or agent_kind(config, tenant)
     if kind == "stream":
         from voxgate.agents.stream import StreamAgent
 

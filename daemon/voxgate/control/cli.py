@@ -433,6 +433,18 @@ def _run_transfer(client: ControlClient, args: argparse.Namespace) -> int:
     return EX_OK
 
 
+def _run_call(client: ControlClient, args: argparse.Namespace) -> int:
+    request = {"uri": args.uri, "tenant": args.tenant, "agent": args.agent}
+    _emit(args, client.call("call", {k: v for k, v in request.items() if v is not None}),
+          render_session_id)
+    return EX_OK
+
+
+def render_session_id(result: Any) -> str:
+    """``call``: the new session's id alone (for scripts: ``id=$(voxgatectl call …)``)."""
+    return _cell(_as_dict(result).get("id", ""))
+
+
 def _run_calls(client: ControlClient, args: argparse.Namespace) -> int:
     request = {"since_s": args.since, "tenant": args.tenant, "reason": args.reason,
                "limit": args.limit}
@@ -636,6 +648,12 @@ def _build_parser() -> argparse.ArgumentParser:
                    "blind-transfer one SIP call (REFER); it ends with reason transferred")
     transfer.add_argument("id")
     transfer.add_argument("target", help="the SIP URI to send the caller to (sip:…)")
+    call = add("call", _run_call,
+               "place an outbound SIP call through admission; prints its session id")
+    call.add_argument("uri", help="the SIP URI to call (sip:user@IP[:port])")
+    call.add_argument("--tenant", help="the tenant to admit it in (default: the tenant rules)")
+    call.add_argument("--agent", help="the agent kind to run, one the config runs "
+                                      "(default: the tenant's)")
     drain = add("drain", _run_drain, "stop admitting calls; sessions in progress go on")
     drain.add_argument("--wait", action="store_true",
                        help="wait until no session is left (--timeout SECONDS: give up "

@@ -26,6 +26,7 @@ NOT_FOUND = "not-found"
 BAD_ARGS = "bad-args"
 STOPPING = "stopping"
 UNAVAILABLE = "unavailable"
+REFUSED = "refused"
 MAX_CALLS_LISTED = 1000
 
 
@@ -147,6 +148,25 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
         return {"message": f"session {sid}: REFER sent to {target}; the call ends with "
                            f"reason transferred once the transferee reports success"}
 
+    async def call(args: Mapping[str, Any]) -> dict[str, str]:
+        from voxgate.transports.sip_endpoint import OutboundRefused
+
+        target = _text(args, "uri")
+        tenant = _text(args, "tenant")
+        agent = _text(args, "agent")
+        if not target:
+            raise CommandError(BAD_ARGS, "args.uri must be a SIP URI (sip:user@IP[:port])")
+        if tenant is not None and tenant != "default" and tenant not in {
+                t.name for t in sup.admission.limits.tenants}:
+            raise CommandError(BAD_ARGS, f"no tenant {tenant!r} configured")
+        try:
+            sid = sup.endpoint.place_call(target, tenant=tenant, agent=agent)
+        except ValueError as e:
+            raise CommandError(BAD_ARGS, str(e)) from None
+        except OutboundRefused as e:
+            raise CommandError(REFUSED, f"call refused: {e.refusal.reason}") from None
+        return {"id": sid, "message": f"session {sid}: calling {target}"}
+
     async def drain(args: Mapping[str, Any]) -> dict[str, str]:
         sup.drain()
         return {"message": f"draining: admission closed, "
@@ -175,7 +195,7 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
     return {
         "status": status, "sessions": sessions, "show": show, "calls": calls, "jobs": jobs,
         "providers": providers, "registrations": registrations, "hangup": hangup,
-        "transfer": transfer,
+        "transfer": transfer, "call": call,
         "drain": drain, "resume": resume, "reload": reload, "health": health_cmd,
         "metrics": metrics, "devices": devices_command, "line": sup.alsa.line_command,
     }

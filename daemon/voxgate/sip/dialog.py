@@ -1,7 +1,8 @@
 """UAS dialog state (RFC 3261 §12), sans-IO.
 
-A :class:`Dialog` is created from an INVITE we answer (§12.1.1) and builds
-the requests we send inside it, i.e. our BYE (§12.2.1.1). Header values of
+A :class:`Dialog` is created from an INVITE we answer (§12.1.1) or from the
+2xx to an INVITE we sent (§12.1.2) and builds the requests we send inside
+it, i.e. our BYE (§12.2.1.1) and the ACK for a 2xx (§13.2.2.4). Header values of
 the peer are kept as it sent them (already unfolded by the parser), so
 From/To/Route come back byte-identical.
 """
@@ -13,7 +14,7 @@ from dataclasses import dataclass
 
 from voxgate.errors import LocalProtocolError, RemoteProtocolError
 from voxgate.sip.headers import parse_cseq, parse_name_addr
-from voxgate.sip.message import Headers, Request
+from voxgate.sip.message import Headers, Request, Response
 from voxgate.sip.uri import parse_uri_untrusted
 
 VIA_PLACEHOLDER = "SIP/2.0/UDP voxgate.invalid"
@@ -26,8 +27,8 @@ MAX_FORWARDS = 70
 
 
 class DialogState(enum.Enum):
-    EARLY = "early"  # INVITE received, no final response yet
-    CONFIRMED = "confirmed"  # 2xx sent
+    EARLY = "early"  # INVITE received or sent, no final response yet
+    CONFIRMED = "confirmed"  # 2xx sent or received
     TERMINATED = "terminated"  # rejected, cancelled or BYE sent/received
 
 
@@ -93,10 +94,7 @@ class Dialog:
         contact = headers.get("Contact")
         target = parse_name_addr(contact).uri if contact and contact.strip() != "*" else remote.uri
         route_set = tuple(headers.get_all("Record-Route"))
-        strict = False
-        if route_set:
-            first = parse_uri_untrusted(parse_name_addr(route_set[0]).uri)
-            strict = "lr" not in first.params
+        strict = _strict_route(route_set)
         if to.tag is None:
             to_value = f"{to_value};tag={local_tag}"
         return cls(
@@ -108,6 +106,34 @@ class Dialog:
             strict_route=strict,
             remote_cseq=cseq.number,
             local_cseq=local_cseq,
+        )
+
+    @classmethod
+    def from_2xx_untrusted(cls, invite: Request, response: Response) -> Dialog:
+        """Build the dialog the 2xx to our ``invite`` creates (§12.1.2, we are the UAC).
+
+        Route set: the response's Record-Route values reversed; remote target:
+        its Contact (the Request-URI when it has none); remote CSeq empty (0);
+        local CSeq the INVITE's. Raises RemoteProtocolError(400) when To has
+        no tag, or To, Contact or Record-Route does not parse.
+        """
+        to_value = response.headers.get("To") or ""
+        to = parse_name_addr(to_value)
+        if to.tag is None:
+            raise RemoteProtocolError("2xx to our INVITE without a To tag", 400)
+        from_value = invite.headers.get("From") or ""
+        contact = response.headers.get("Contact")
+        target = parse_name_addr(contact).uri if contact else invite.uri
+        route_set = tuple(reversed(response.headers.get_all("Record-Route")))
+        return cls(
+            dialog_id=DialogId(invite.call_id, parse_name_addr(from_value).tag or "", to.tag),
+            local_party=from_value,
+            remote_party=to_value,
+            remote_target=target,
+            route_set=route_set,
+            strict_route=_strict_route(route_set),
+            remote_cseq=0,
+            local_cseq=parse_cseq(invite.headers.get("CSeq") or "").number,
         )
 
     def update_remote_cseq(self, number: int) -> None:
@@ -143,6 +169,15 @@ class Dialog:
             raise LocalProtocolError("local CSeq space exhausted")
         self.local_cseq += 1
         self.last_request_at = now
+        return self._build(method, self.local_cseq)
+
+    def build_ack(self, invite_cseq: int) -> Request:
+        """The ACK for a 2xx to our INVITE with CSeq number ``invite_cseq``
+        (§13.2.2.4): built like any request in the dialog but with the INVITE's
+        CSeq number (method ACK); the Via is :data:`VIA_PLACEHOLDER`."""
+        return self._build("ACK", invite_cseq)
+
+    def _build(self, method: str, cseq: int) -> Request:
         routes = list(self.route_set)
         uri = self.remote_target
         if self.strict_route:
@@ -156,10 +191,17 @@ class Dialog:
                 ("From", self.local_party),
                 ("To", self.remote_party),
                 ("Call-ID", self.id.call_id),
-                ("CSeq", f"{self.local_cseq} {method}"),
+                ("CSeq", f"{cseq} {method}"),
             ]
         )
         return Request(method, _strip_uri_headers(uri), headers)
+
+
+def _strict_route(route_set: tuple[str, ...]) -> bool:
+    """Whether the first route is a strict router (no ``lr``, §12.1.1, §12.1.2)."""
+    if not route_set:
+        return False
+    return "lr" not in parse_uri_untrusted(parse_name_addr(route_set[0]).uri).params
 
 
 def _strip_uri_headers(uri: str) -> str:

@@ -451,3 +451,39 @@ def credentials_value(challenge: Challenge, entries: Sequence[Credential], metho
     if challenge.opaque is not None:
         value += f', opaque="{challenge.opaque}"'
     return value
+
+
+class ChallengeAnswerer:
+    """Answers the 401/407 challenges to one client's series of requests (a binding's
+    REGISTERs, an outbound call's INVITEs; RFC 3261 §22.2-22.3, RFC 7616).
+
+    It keeps the nonce and its count across answers (the count rises while the
+    server keeps the nonce) and whether the request in flight carried
+    credentials (:attr:`authorized`, set by the caller when it sends): a second
+    challenge to credentials is a refusal unless it says ``stale=true``.
+    """
+
+    def __init__(self) -> None:
+        self.authorized = False
+        self._nonce = ""
+        self._nonce_count = 0
+
+    def answer(self, status: int, challenges: Sequence[str], entries: Sequence[Credential],
+               method: str, uri: str, *, cnonce: str) -> tuple[str, str] | str:
+        """The ``(header name, value)`` answering a ``status`` (401 or 407) response
+        whose ``WWW-Authenticate``/``Proxy-Authenticate`` values are ``challenges``,
+        for a ``method`` request to ``uri``; else why it cannot be answered."""
+        challenge = choose_challenge(challenges)
+        if isinstance(challenge, str):
+            return f"cannot answer the challenge: {challenge}"
+        if self.authorized and not challenge.stale:
+            return "credentials refused"
+        if challenge.nonce == self._nonce:
+            self._nonce_count += 1
+        else:
+            self._nonce, self._nonce_count = challenge.nonce, 1
+        value = credentials_value(challenge, entries, method, uri, cnonce=cnonce,
+                                  nc=self._nonce_count)
+        if value is None:
+            return f"no credentials for realm {challenge.realm[:40]!r}"
+        return ("Proxy-Authorization" if status == 407 else "Authorization", value)

@@ -39,7 +39,7 @@ from dataclasses import dataclass
 
 from voxgate.backoff import Backoff
 from voxgate.errors import RemoteProtocolError
-from voxgate.sip.digest import Credential, choose_challenge, credentials_value
+from voxgate.sip.digest import ChallengeAnswerer, Credential
 from voxgate.sip.headers import parse_name_addr, parse_uint
 from voxgate.sip.message import Headers, Request, Response
 from voxgate.sip.transaction import MAGIC_COOKIE
@@ -124,10 +124,8 @@ class _Binding:
         self.next_try_at: float | None = None  # refresh or retry
         self.in_flight: str | None = None  # branch of the REGISTER awaiting its answer
         self.requested_expires = 0
-        self.authorized = False  # the REGISTER in flight carries credentials
+        self.challenges = ChallengeAnswerer()  # its ``authorized``: the REGISTER in flight
         self.follow_ups = 0  # REGISTERs of this try after its first
-        self.nonce = ""
-        self.nonce_count = 0
         self.last_status: int | None = None
         self.last_error = ""
         self.backoff = Backoff()
@@ -275,27 +273,14 @@ class RegistrationClient:
 
     def _challenged(self, b: _Binding, response: Response, now: float) -> None:
         """Answer a 401/407 with credentials (§22.2, §22.3), once per challenge."""
-        proxy = response.status == 407
-        challenge = choose_challenge(
-            response.headers.get_all("Proxy-Authenticate" if proxy else "WWW-Authenticate"))
-        if isinstance(challenge, str):
-            self._fail(b, now, f"cannot answer the challenge: {challenge}")
+        name = "Proxy-Authenticate" if response.status == 407 else "WWW-Authenticate"
+        answer = b.challenges.answer(response.status, response.headers.get_all(name),
+                                     b.settings.credentials, "REGISTER",
+                                     b.settings.registrar_uri, cnonce=self._token())
+        if isinstance(answer, str):
+            self._fail(b, now, answer)
             return
-        if b.authorized and not challenge.stale:
-            self._fail(b, now, "credentials refused")
-            return
-        if challenge.nonce == b.nonce:
-            b.nonce_count += 1
-        else:
-            b.nonce, b.nonce_count = challenge.nonce, 1
-        value = credentials_value(challenge, b.settings.credentials, "REGISTER",
-                                  b.settings.registrar_uri, cnonce=self._token(),
-                                  nc=b.nonce_count)
-        if value is None:
-            self._fail(b, now, f"no credentials for realm {challenge.realm[:40]!r}")
-            return
-        header = "Proxy-Authorization" if proxy else "Authorization"
-        self._send(b, b.requested_expires, authorization=(header, value), follow_up=True)
+        self._send(b, b.requested_expires, authorization=answer, follow_up=True)
 
     def _too_brief(self, b: _Binding, response: Response, now: float) -> None:
         """423: ask again for the registrar's Min-Expires (§10.2.8, §20.23)."""
@@ -351,7 +336,7 @@ class RegistrationClient:
         if authorization is not None:
             headers.add(*authorization)
         b.in_flight, b.requested_expires = branch, expires_s
-        b.authorized = authorization is not None
+        b.challenges.authorized = authorization is not None
         b.follow_ups = b.follow_ups + 1 if follow_up else 0
         self._by_branch[branch] = b
         self._outgoing.append(OutgoingRequest(Request("REGISTER", s.registrar_uri, headers),

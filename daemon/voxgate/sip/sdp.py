@@ -14,6 +14,10 @@ PCMA over ``RTP/AVP`` or, as ``srtp`` allows, ``RTP/SAVP`` with a usable
 ``a=crypto`` line (SDES, :mod:`voxgate.sip.sdes`); every other ``m=`` line is
 answered with port 0. Addresses are IP literals; ``c=`` lines naming a host
 are rejected.
+
+For an outbound call we are the offerer: :func:`build_offer` makes the
+offer, and the answer goes through :func:`negotiate` like an offer (its
+stream, codec and direction mirrored the same way, RFC 3264 §7).
 """
 
 from __future__ import annotations
@@ -520,29 +524,69 @@ def build_answer(
     given without ``negotiated.crypto`` (or missing with it, or for another
     tag or suite).
     """
-    try:
-        address = ipaddress.ip_address(local_address)
-    except ValueError:
-        raise LocalProtocolError(f"local address {local_address!r} is not an IP") from None
-    if not 0 < local_port <= 0xFFFF or session_id < 0 or session_version < 0:
-        raise LocalProtocolError("local port, session id or version out of range")
+    lines = _session_lines(local_address, local_port, session_id, session_version)
     if not 0 <= negotiated.media_index < len(offer.media):
         raise LocalProtocolError(f"offer has no m= line {negotiated.media_index}")
     offered = negotiated.crypto
     if (None if offered is None else (offered.tag, offered.suite)) != (
             None if local_crypto is None else (local_crypto.tag, local_crypto.suite)):
         raise LocalProtocolError("local_crypto must answer negotiated.crypto (same tag, suite)")
-    connection = f"IN IP{address.version} {address}"
-    lines = [
-        "v=0",
-        f"o=- {session_id} {session_version} {connection}",
-        "s=voxgate",
-        f"c={connection}",
-        "t=0 0",
-    ]
     for index, media in enumerate(offer.media):
         if index == negotiated.media_index:
             lines += _accepted_media_lines(negotiated, local_port, local_crypto)
         else:
             lines.append(f"m={media.media} 0 {media.proto} {' '.join(media.formats)}")
     return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+DEFAULT_TELEPHONE_EVENT_PT = 101
+"""The dynamic payload type our offers give telephone-event (RFC 4733, RFC 3551 §3)."""
+
+
+def build_offer(
+    codec: str,
+    *,
+    local_address: str,
+    local_port: int,
+    session_id: int,
+    session_version: int,
+) -> bytes:
+    """Serialize our offer for an outbound call (RFC 3264 §5), CRLF line ends:
+    one ``RTP/AVP`` ``m=audio`` line at ``local_port`` with ``codec`` (a
+    :data:`SUPPORTED_CODECS` name, its static payload type) and telephone-event
+    (:data:`DEFAULT_TELEPHONE_EVENT_PT`, events 0-16), ``a=ptime`` and
+    ``a=sendrecv``; ``o=`` and ``c=`` as in :func:`build_answer`.
+
+    Raises :class:`~voxgate.errors.LocalProtocolError` for an unknown codec,
+    an address that is not an IP literal, a port outside 1-65535 or negative ids.
+    """
+    chosen = SUPPORTED_CODECS.get(codec.upper())
+    if chosen is None:
+        raise LocalProtocolError(f"unsupported codec {codec!r}")
+    lines = _session_lines(local_address, local_port, session_id, session_version)
+    offered = Negotiated(codec=chosen, telephone_event_pt=DEFAULT_TELEPHONE_EVENT_PT,
+                         remote_rtp=None, direction="sendrecv", ptime_ms=PTIME_MS,
+                         media_index=0)
+    lines += _accepted_media_lines(offered, local_port, None)
+    return ("\r\n".join(lines) + "\r\n").encode("ascii")
+
+
+def _session_lines(
+    local_address: str, local_port: int, session_id: int, session_version: int
+) -> list[str]:
+    """The session-level lines of our SDP (``v= o= s= c= t=``); raises
+    LocalProtocolError for a bad address, port or ids (see :func:`build_answer`)."""
+    try:
+        address = ipaddress.ip_address(local_address)
+    except ValueError:
+        raise LocalProtocolError(f"local address {local_address!r} is not an IP") from None
+    if not 0 < local_port <= 0xFFFF or session_id < 0 or session_version < 0:
+        raise LocalProtocolError("local port, session id or version out of range")
+    connection = f"IN IP{address.version} {address}"
+    return [
+        "v=0",
+        f"o=- {session_id} {session_version} {connection}",
+        "s=voxgate",
+        f"c={connection}",
+        "t=0 0",
+    ]

@@ -7,7 +7,8 @@ inputs; the table decides. Timers are absolute deadlines in monotonic seconds
 of ``(datagram, (host, port))`` pairs that the driver drains.
 
 Only UDP is supported, so the unreliable-transport timer values always apply
-(Timer G/E retransmissions, Timer I = T4, Timer J = 64·T1, Timer K = T4).
+(Timer A/G/E retransmissions, Timer I = T4, Timer J = 64·T1, Timer K = T4,
+Timer D = 64·T1, i.e. 32 s with the default T1).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from dataclasses import dataclass
 
 from voxgate.errors import LocalProtocolError
 from voxgate.sip.headers import Via, parse_cseq, parse_name_addr, parse_via
-from voxgate.sip.message import Request, Response
+from voxgate.sip.message import Headers, Request, Response
 
 Address = tuple[str, int]
 
@@ -30,9 +31,11 @@ class Kind(enum.Enum):
     SERVER_INVITE = "server-invite"  # §17.2.1 + RFC 6026 Accepted
     SERVER_NON_INVITE = "server-non-invite"  # §17.2.2
     CLIENT_NON_INVITE = "client-non-invite"  # §17.1.2
+    CLIENT_INVITE = "client-invite"  # §17.1.1 + RFC 6026 Accepted
 
 
 class State(enum.Enum):
+    CALLING = "Calling"
     TRYING = "Trying"
     PROCEEDING = "Proceeding"
     COMPLETED = "Completed"
@@ -50,6 +53,10 @@ class Input(enum.Enum):
     ACK_2XX = "ACK for 2xx (matched by dialog)"
     RECV_1XX = "receive 1xx"
     RECV_FINAL = "receive final"
+    RECV_2XX = "receive 2xx"
+    TIMER_A = "Timer A"
+    TIMER_B = "Timer B"
+    TIMER_D = "Timer D"
     TIMER_E = "Timer E"
     TIMER_F = "Timer F"
     TIMER_G = "Timer G"
@@ -57,10 +64,12 @@ class Input(enum.Enum):
     TIMER_I = "Timer I"
     TIMER_J = "Timer J"
     TIMER_K = "Timer K"
+    TIMER_M = "Timer M"
 
 
 _SI, _SN, _CN = Kind.SERVER_INVITE, Kind.SERVER_NON_INVITE, Kind.CLIENT_NON_INVITE
-_T, _P, _C = State.TRYING, State.PROCEEDING, State.COMPLETED
+_CI = Kind.CLIENT_INVITE
+_K, _T, _P, _C = State.CALLING, State.TRYING, State.PROCEEDING, State.COMPLETED
 _A, _F, _X = State.ACCEPTED, State.CONFIRMED, State.TERMINATED
 
 # The whole state machine. A pair missing from this table is an input that
@@ -134,6 +143,33 @@ TRANSITIONS: dict[Kind, dict[State, dict[Input, State]]] = {
             Input.TIMER_K: _X,
         },
     },
+    # §17.1.1, with RFC 6026: a 2xx moves to Accepted, where retransmitted 2xx
+    # still match (the UAC core ACKs each again, §13.2.2.4) until Timer M.
+    # Timer B also runs in Proceeding once we sent a CANCEL (§9.1: no final
+    # response 64·T1 after it ends the transaction).
+    _CI: {
+        _K: {
+            Input.TIMER_A: _K,
+            Input.TIMER_B: _X,
+            Input.RECV_1XX: _P,
+            Input.RECV_2XX: _A,
+            Input.RECV_FINAL: _C,
+        },
+        _P: {
+            Input.RECV_1XX: _P,
+            Input.RECV_2XX: _A,
+            Input.RECV_FINAL: _C,
+            Input.TIMER_B: _X,
+        },
+        _C: {
+            Input.RECV_FINAL: _C,  # resend the ACK
+            Input.TIMER_D: _X,
+        },
+        _A: {
+            Input.RECV_2XX: _A,  # passed up for a new ACK
+            Input.TIMER_M: _X,
+        },
+    },
 }
 
 # Timers armed on entering a state (replacing every running timer), as
@@ -145,6 +181,10 @@ ON_ENTER: dict[tuple[Kind, State], dict[Input, str]] = {
     (_SN, _C): {Input.TIMER_J: "timeout_s"},
     (_CN, _T): {Input.TIMER_E: "t1_s", Input.TIMER_F: "timeout_s"},
     (_CN, _C): {Input.TIMER_K: "t4_s"},
+    (_CI, _K): {Input.TIMER_A: "t1_s", Input.TIMER_B: "timeout_s"},
+    (_CI, _P): {},
+    (_CI, _C): {Input.TIMER_D: "timeout_s"},
+    (_CI, _A): {Input.TIMER_M: "timeout_s"},
 }
 
 # How a transaction ends when it ends by these inputs (otherwise "completed").
@@ -153,9 +193,11 @@ TIMEOUT_OUTCOMES: dict[tuple[State, Input], str] = {
     (_A, Input.TIMER_H): "ack-timeout",  # no ACK for our 2xx (§13.3.1.4)
     (_T, Input.TIMER_F): "timeout",
     (_P, Input.TIMER_F): "timeout",
+    (_K, Input.TIMER_B): "timeout",
+    (_P, Input.TIMER_B): "timeout",
 }
 
-_RETRANSMIT_TIMERS = frozenset({Input.TIMER_E, Input.TIMER_G})
+_RETRANSMIT_TIMERS = frozenset({Input.TIMER_A, Input.TIMER_E, Input.TIMER_G})
 _RESEND_STATES = frozenset({_P, _C})  # a retransmitted request gets the last response again
 
 
@@ -239,7 +281,7 @@ class Transaction:
 
     ``call_key`` is an opaque label for the transaction user (the UAS core).
     ``outcome`` is set on termination: ``"completed"``, ``"timeout"``
-    (Timer H on a 3xx-6xx, Timer F) or ``"ack-timeout"`` (Timer H on a 2xx).
+    (Timer H on a 3xx-6xx, Timer F, Timer B) or ``"ack-timeout"`` (Timer H on a 2xx).
     """
 
     def __init__(
@@ -292,7 +334,9 @@ class Transaction:
         if self._last_sent is not None:
             self._outbox.send(self._last_sent, self.destination, retransmission=True)
         interval = self._intervals.get(timer, self._config.t1_s)
-        if self.state is State.PROCEEDING:  # §17.1.2.2: Timer E at T2 once provisional
+        if timer is Input.TIMER_A:  # §17.1.1.2: doubling without the T2 cap
+            interval = 2 * interval
+        elif self.state is State.PROCEEDING:  # §17.1.2.2: Timer E at T2 once provisional
             interval = self._config.t2_s
         else:
             interval = min(2 * interval, self._config.t2_s)
@@ -443,6 +487,78 @@ class ClientTransaction(Transaction):
         return first_final
 
 
+class ClientInviteTransaction(Transaction):
+    """A client INVITE transaction (§17.1.1, RFC 6026), used for our outbound calls.
+
+    The INVITE is sent on construction; Timer A retransmits it (T1, doubling)
+    until a provisional, Timer B (64·T1) gives up in Calling. A 3xx-6xx is
+    acknowledged here (§17.1.1.3, again for each retransmission of it) and
+    Timer D absorbs retransmissions; a 2xx moves to Accepted, where Timer M
+    (64·T1) keeps matching retransmitted 2xx for the UAC core to ACK
+    (§13.2.2.4: the 2xx ACK is the core's, not the transaction's).
+    """
+
+    def __init__(
+        self,
+        key: TransactionKey,
+        request: Request,
+        destination: Address,
+        outbox: Outbox,
+        timers: TimerConfig,
+        now: float,
+    ) -> None:
+        super().__init__(
+            Kind.CLIENT_INVITE, key, request, destination, outbox, timers, State.CALLING, now
+        )
+        self.final_status: int | None = None
+        self._send(request.serialize())
+
+    def receive_response(self, response: Response, now: float) -> bool:
+        """Feed a matching response; True when the transaction user must see it:
+        a 1xx before the final response, every 2xx (retransmissions too, each
+        needs its ACK), the first 3xx-6xx (already ACKed)."""
+        status = response.status
+        first_final = self.final_status is None
+        if status < 200:
+            return self._fire(Input.RECV_1XX, now)
+        if not self._fire(Input.RECV_2XX if status < 300 else Input.RECV_FINAL, now):
+            return False
+        if first_final:
+            self.final_status = status
+        if status >= 300:
+            if first_final:
+                self._send(non_2xx_ack(self.request, response).serialize())
+            elif self._last_sent is not None:
+                self._outbox.send(self._last_sent, self.destination, retransmission=True)
+            return first_final
+        return True
+
+    def cancel_sent(self, now: float) -> None:
+        """Our CANCEL of this INVITE went out: without a final response within
+        64·T1 the transaction ends with outcome ``"timeout"`` (§9.1)."""
+        if self.state is State.PROCEEDING:
+            self._deadlines[Input.TIMER_B] = now + self._config.timeout_s
+
+
+def non_2xx_ack(invite: Request, response: Response) -> Request:
+    """The ACK for a 3xx-6xx to ``invite`` (§17.1.1.3): the INVITE's Request-URI,
+    top Via, Route, From, Call-ID and CSeq number, the response's To (its tag)."""
+    cseq = parse_cseq(invite.headers.get("CSeq") or "")
+    headers = Headers([
+        ("Via", invite.headers.get("Via") or ""),
+        ("Max-Forwards", "70"),
+        *(("Route", r) for r in invite.headers.get_all("Route")),
+        ("From", invite.headers.get("From") or ""),
+        ("To", response.headers.get("To") or ""),
+        ("Call-ID", invite.call_id),
+        ("CSeq", f"{cseq.number} ACK"),
+    ])
+    return Request("ACK", invite.uri, headers)
+
+
+ClientTransactionType = ClientTransaction | ClientInviteTransaction
+
+
 class TransactionTable:
     """Every live transaction, bounded by ``max_transactions``, fair across sources.
 
@@ -475,7 +591,7 @@ class TransactionTable:
         self.failure_retransmissions_capped = 0
         self._outbox = outbox
         self._server: dict[TransactionKey, ServerTransaction] = {}
-        self._client: dict[tuple[str, str], ClientTransaction] = {}
+        self._client: dict[tuple[str, str], ClientTransactionType] = {}
         self._held: Counter[str] = Counter()  # source host → server transactions held
 
     def __len__(self) -> int:
@@ -489,7 +605,7 @@ class TransactionTable:
         """The INVITE transaction a CANCEL targets (§9.2: same key, method INVITE)."""
         return self._server.get(server_key(cancel, via, "INVITE"))
 
-    def match_response(self, response: Response) -> ClientTransaction | None:
+    def match_response(self, response: Response) -> ClientTransactionType | None:
         """The client transaction of ``response`` (§17.1.3: branch + CSeq method)."""
         via_value = response.headers.get("Via")
         cseq_value = response.headers.get("CSeq")
@@ -539,6 +655,18 @@ class TransactionTable:
         key = TransactionKey(branch, "", request.method)
         txn = ClientTransaction(key, request, destination, self._outbox, self.timers, now)
         self._client[(branch, request.method)] = txn
+        return txn
+
+    def create_client_invite(
+        self, request: Request, branch: str, destination: Address, now: float
+    ) -> ClientInviteTransaction | None:
+        """Start a client INVITE transaction (sends ``request`` at once), like
+        :meth:`create_client`; ``None`` (counted in ``refused``) when full."""
+        if not self._has_room():
+            return None
+        key = TransactionKey(branch, "", "INVITE")
+        txn = ClientInviteTransaction(key, request, destination, self._outbox, self.timers, now)
+        self._client[(branch, "INVITE")] = txn
         return txn
 
     def _has_room(self) -> bool:

@@ -19,6 +19,14 @@ came from. Our REFER (blind transfer, RFC 3515) goes the same way; a NOTIFY
 is taken only inside a dialog with a transfer running (else 481; outside any
 dialog 405, as other methods we do not implement).
 
+Outbound calls (:meth:`UasCore.invite`, we are the UAC, :mod:`voxgate.sip.uac`)
+go to an IP-literal target only; they report ``OutboundProgress``, then
+``OutboundAnswered`` (the dialog is confirmed and the 2xx ACKed) or
+``OutboundFailed``; once answered they are calls like the others (BYE either
+way, re-INVITE from the callee). A 2xx from a second fork of the INVITE is
+not taken (§13.2.2.4 would ACK and BYE it; it is dropped and counted in
+``responses_dropped``).
+
 Size: a response copies the request's Via, From, To, Call-ID, CSeq (§8.2.6.2)
 and, in a dialog, Record-Route (§12.1.1); over UDP it must fit one datagram,
 at most 65,535 bytes with the IP and UDP headers (§18.1.1), and we have no
@@ -44,7 +52,7 @@ from voxgate.cidr import IPNetwork, source_in
 from voxgate.end_reasons import EndReason
 from voxgate.errors import LocalProtocolError, RemoteProtocolError
 from voxgate.sip.dialog import Dialog, DialogId, DialogState
-from voxgate.sip.digest import AuthResult, DigestAuthenticator
+from voxgate.sip.digest import AuthResult, Credential, DigestAuthenticator
 from voxgate.sip.headers import (
     Via,
     parse_cseq,
@@ -58,12 +66,20 @@ from voxgate.sip.parser import BadMessage, parse_message_untrusted
 from voxgate.sip.ratelimit import FloodLimits, RequestClass, SourceRateLimiter, Verdict
 from voxgate.sip.transaction import (
     MAGIC_COOKIE,
+    ClientInviteTransaction,
     Outbox,
     ServerTransaction,
     State,
     TimerConfig,
     Transaction,
     TransactionTable,
+)
+from voxgate.sip.uac import (
+    MAX_AUTH_FOLLOW_UPS,
+    Outbound,
+    build_cancel,
+    build_invite,
+    follow_up_invite,
 )
 from voxgate.sip.uri import format_host_port, parse_uri_untrusted
 
@@ -190,6 +206,34 @@ class TransferEnded:
 
 
 @dataclass(frozen=True, slots=True)
+class OutboundProgress:
+    """Our INVITE got a provisional response (101-199: 180 Ringing, 183 …)."""
+
+    call_key: str
+    status: int
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundAnswered:
+    """Our INVITE was answered 2xx: the dialog is confirmed and the ACK sent
+    (§13.2.2.4); ``sdp_answer`` is the 2xx's body."""
+
+    call_key: str
+    sdp_answer: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class OutboundFailed:
+    """Our INVITE ended without a call: its final 3xx-6xx (``status``, already
+    ACKed, after any challenge answered), or ``None`` when no final response came
+    (Timer B) or the 2xx could not make a dialog; ``reason`` says which."""
+
+    call_key: str
+    status: int | None
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
 class BadMessageReceived:
     """A malformed message (for the log); any possible 4xx was already sent."""
 
@@ -207,6 +251,9 @@ SipEvent = (
     | HangupCompleted
     | RequestCompleted
     | TransferEnded
+    | OutboundProgress
+    | OutboundAnswered
+    | OutboundFailed
     | BadMessageReceived
 )
 
@@ -269,6 +316,7 @@ class _Call:
         "invite_txn",
         "key",
         "merge_key",
+        "outbound",
         "refer_txn",
         "reinvite_target",
         "reinvite_txn",
@@ -280,13 +328,15 @@ class _Call:
         self,
         key: str,
         dialog: Dialog,
-        invite_txn: ServerTransaction,
+        invite_txn: ServerTransaction | None,
         source: Address,
         merge_key: tuple[str, str, int],
+        outbound: Outbound | None = None,
     ) -> None:
         self.key = key
         self.dialog = dialog
-        self.invite_txn = invite_txn
+        self.invite_txn = invite_txn  # None for an outbound call
+        self.outbound = outbound
         self.source = source
         self.merge_key = merge_key
         self.reinvite_txn: ServerTransaction | None = None
@@ -297,6 +347,11 @@ class _Call:
         self.hangup_reason: str | None = None
         self.refer_txn: Transaction | None = None
         self.transferring = False  # a REFER sent, its outcome not known yet
+
+    @property
+    def unacked_2xx(self) -> bool:
+        """Our 2xx to the initial INVITE awaits its ACK."""
+        return self.invite_txn is not None and self.awaiting_ack is self.invite_txn
 
 
 class UasCore:
@@ -437,7 +492,11 @@ class UasCore:
             call = self._call_of(txn)
             if call is None:
                 continue
-            if txn.outcome == "ack-timeout" and txn is call.awaiting_ack:
+            out = call.outbound
+            if out is not None and txn is out.txn and txn.outcome == "timeout":
+                call.dialog.state = DialogState.TERMINATED
+                self._outbound_ended(call, None, "no final response (Timer B)")
+            elif txn.outcome == "ack-timeout" and txn is call.awaiting_ack:
                 call.awaiting_ack = None
                 if call.hangup_deferred:
                     self._send_bye(call, now)
@@ -496,8 +555,9 @@ class UasCore:
         if not 101 <= status <= 199:
             raise LocalProtocolError(f"{status} is not a provisional status")
         call = self._call(call_key)
-        if self._pending(call.invite_txn):
-            call.invite_txn.send_response(self._dialog_response(call, call.invite_txn, status), now)
+        txn = call.invite_txn
+        if txn is not None and self._pending(txn):
+            txn.send_response(self._dialog_response(call, txn, status), now)
 
     def accept(self, call_key: str, sdp_answer: bytes, now: float) -> None:
         """Answer the INVITE with 200 OK, our Contact and ``sdp_answer`` (§13.3.1.4).
@@ -506,14 +566,13 @@ class UasCore:
         (CallEnded "ack-timeout").
         """
         call = self._call(call_key)
-        if not self._pending(call.invite_txn):
+        txn = call.invite_txn
+        if txn is None or not self._pending(txn):
             return
-        response = self._dialog_response(
-            call, call.invite_txn, 200, body=sdp_answer, extra=[("Allow", ALLOW)]
-        )
-        call.invite_txn.send_response(response, now)
+        response = self._dialog_response(call, txn, 200, body=sdp_answer, extra=[("Allow", ALLOW)])
+        txn.send_response(response, now)
         call.dialog.state = DialogState.CONFIRMED
-        call.awaiting_ack = call.invite_txn
+        call.awaiting_ack = txn
 
     def reject(
         self,
@@ -564,18 +623,26 @@ class UasCore:
 
         Answered: a BYE (client transaction, Timers E/F), deferred until the
         ACK or Timer H when the 2xx is not acknowledged yet. Not answered: the
-        INVITE gets 480. ``reason`` goes in ``Reason: Q.850;cause=16;text=…``
-        and ``X-Voxgate-Reason``. Ended already: nothing happens.
+        INVITE gets 480; our outbound INVITE is cancelled (§9.1: a CANCEL once a
+        provisional response came; a 2xx arriving anyway is ACKed and BYEd) and
+        HangupCompleted carries its final status (``None``: Timer B).
+        ``reason`` goes in ``Reason: Q.850;cause=16;text=…`` and
+        ``X-Voxgate-Reason``. Ended already: nothing happens.
         """
         call = self._call(call_key)
         call.hangup_reason = reason
         state = call.dialog.state
         if state is DialogState.TERMINATED:
             self._counts["late_actions"] += 1
+        elif state is DialogState.EARLY and call.outbound is not None:
+            out = call.outbound
+            out.cancel_wanted = True
+            if out.txn.state is State.PROCEEDING and not out.cancel_sent:
+                self._send_cancel(out, now)
         elif state is DialogState.EARLY:
             self._reject(call, 480, now, _reason_headers(reason))
             self._events.append(HangupCompleted(call_key, 480))
-        elif call.awaiting_ack is call.invite_txn:
+        elif call.unacked_2xx:
             call.hangup_deferred = True
         else:
             self._send_bye(call, now)
@@ -599,6 +666,60 @@ class UasCore:
         self._requests.add(branch)
         return True
 
+    def invite(self, target: str, sdp_offer: bytes, now: float, *, from_user: str = "voxgate",
+               credentials: Sequence[Credential] = (), call_id: str | None = None) -> str:
+        """Place an outbound call to ``target`` (we are the UAC, §13.2.1) and return its
+        call key.
+
+        ``target`` is a ``sip:`` URI whose host is an IP literal (no name
+        resolution); the INVITE goes there (port 5060 by default) with
+        ``sdp_offer``, From ``sip:<from_user>@`` our address, on a client
+        INVITE transaction (Timer A retransmits it, Timer B gives up, §17.1.1).
+        A 401/407 is answered with ``credentials`` (RFC 7616, at most
+        :data:`~voxgate.sip.uac.MAX_AUTH_FOLLOW_UPS` times). ``call_id``: the
+        Call-ID to use (default: 128 random bits, hex). Outcomes come as
+        OutboundProgress, then OutboundAnswered or OutboundFailed; after the
+        answer the call is like an answered inbound one (``hangup``, CallEnded).
+        Raises LocalProtocolError, sending nothing, for a ``target`` that is not
+        such a URI, when ``max_dialogs`` calls are held or the transaction table
+        is full (counted in ``transactions_refused``).
+        """
+        try:
+            uri = parse_uri_untrusted(target)
+            ipaddress.ip_address(uri.host)
+        except (RemoteProtocolError, ValueError):
+            raise LocalProtocolError(f"outbound target {target[:80]!r} is not a sip: URI "
+                                     "with an IP address") from None
+        if uri.scheme != "sip":
+            raise LocalProtocolError(f"outbound target {target[:80]!r} is not a sip: URI")
+        if len(self._calls) >= self.max_dialogs:
+            self._counts["dialogs_refused"] += 1
+            raise LocalProtocolError("outbound call refused: max_dialogs calls held")
+        call_id = call_id or f"{self._token()}{self._token()}"
+        local_tag = self._token()
+        cseq = 1 + secrets.randbelow(2**31 - 2**20)
+        branch = MAGIC_COOKIE + self._token()
+        request = build_invite(
+            target, from_uri=f"sip:{from_user}@{self._hostport}", local_tag=local_tag,
+            call_id=call_id, cseq=cseq, via_host_port=self._hostport, branch=branch,
+            contact=self._contact, user_agent=self.user_agent, allow=ALLOW, sdp_offer=sdp_offer)
+        destination = (uri.host, uri.port or 5060)
+        txn = self._transactions.create_client_invite(request, branch, destination, now)
+        if txn is None:
+            raise LocalProtocolError("outbound call refused: transaction table full")
+        dialog = Dialog(  # early, until the 2xx makes the real one (§12.1.2)
+            dialog_id=DialogId(call_id, local_tag, ""),
+            local_party=request.headers.get("From") or "",
+            remote_party=request.headers.get("To") or "", remote_target=target, route_set=(),
+            strict_route=False, remote_cseq=0, local_cseq=cseq)
+        key = f"{call_id};;{local_tag}"
+        call = _Call(key, dialog, None, destination, (call_id, local_tag, cseq),
+                     Outbound(request, txn, tuple(credentials)))
+        txn.call_key = key
+        self._calls[key] = call
+        self._call_ids[call_id] += 1
+        return key
+
     def refer(self, call_key: str, target: str, now: float) -> None:
         """Transfer the answered call blindly to ``target`` (RFC 3515 §2.4.1).
 
@@ -613,8 +734,7 @@ class UasCore:
         try:
             parse_uri_untrusted(target)
             call = self._call(call_key)
-            if (call.dialog.state is not DialogState.CONFIRMED
-                    or call.awaiting_ack is call.invite_txn):
+            if call.dialog.state is not DialogState.CONFIRMED or call.unacked_2xx:
                 raise LocalProtocolError(f"call {call_key!r} is not answered and acknowledged")
             if call.transferring:
                 raise LocalProtocolError(f"call {call_key!r} is already being transferred")
@@ -642,7 +762,7 @@ class UasCore:
         call = self._calls.pop(call_key, None)
         if call is not None:
             self._end_pending_invites(call, 480, self._latest_now)
-            del self._calls_by_id[call.dialog.id]
+            self._calls_by_id.pop(call.dialog.id, None)  # an unanswered outbound call: absent
             self._call_ids[call.dialog.id.call_id] -= 1
             if not self._call_ids[call.dialog.id.call_id]:
                 del self._call_ids[call.dialog.id.call_id]
@@ -659,6 +779,10 @@ class UasCore:
             self._counts["responses_dropped"] += 1
             return
         call = self._call_of(txn)
+        if isinstance(txn, ClientInviteTransaction):
+            if txn.receive_response(response, now) and call is not None:
+                self._outbound_response(call, txn, response, now)
+            return
         if not txn.receive_response(response, now):
             return
         if call is not None:
@@ -673,6 +797,104 @@ class UasCore:
         if branch in self._requests:
             self._requests.discard(branch)
             self._events.append(RequestCompleted(branch, response))
+
+    def _outbound_response(
+        self, call: _Call, txn: ClientInviteTransaction, response: Response, now: float
+    ) -> None:
+        """A response our outbound INVITE's transaction passed up (§13.2.2)."""
+        out = call.outbound
+        if out is None or txn is not out.txn:
+            return  # an INVITE replaced after a challenge
+        status = response.status
+        if status < 200:
+            if out.cancel_wanted and not out.cancel_sent:
+                self._send_cancel(out, now)  # §9.1: now that a provisional came
+            elif not out.cancel_wanted and status > 100:
+                self._events.append(OutboundProgress(call.key, status))
+            return
+        if status < 300:
+            self._outbound_2xx(call, out, response, now)
+            return
+        reason = f"{status} {response.reason}"[:_MAX_REASON_CHARS]
+        if status in (401, 407) and not out.cancel_wanted:
+            error = self._outbound_authorize(call, out, response, now)
+            if error is None:
+                return
+            reason = error
+        call.dialog.state = DialogState.TERMINATED
+        self._outbound_ended(call, status, reason)
+
+    def _outbound_ended(self, call: _Call, status: int | None, reason: str) -> None:
+        """The outbound INVITE ended without a call: report it to whoever waits
+        (a hangup that cancelled, or the call's start)."""
+        out = call.outbound
+        if out is not None and out.cancel_wanted:
+            self._events.append(HangupCompleted(call.key, status))
+        else:
+            self._events.append(OutboundFailed(call.key, status, reason))
+
+    def _outbound_2xx(self, call: _Call, out: Outbound, response: Response, now: float) -> None:
+        """ACK every 2xx (§13.2.2.4); the first confirms the dialog (§12.1.2)."""
+        to_tag = parse_name_addr(response.headers.get("To") or "").tag
+        if out.ack is not None and out.ack_destination is not None:
+            if to_tag == call.dialog.id.remote_tag:
+                self._outbox.send(out.ack, out.ack_destination, retransmission=True)
+            else:
+                self._counts["responses_dropped"] += 1  # another fork's 2xx
+            return
+        try:
+            dialog = Dialog.from_2xx_untrusted(out.request, response)
+        except RemoteProtocolError as exc:
+            call.dialog.state = DialogState.TERMINATED
+            self._outbound_ended(call, None, f"unusable 2xx: {exc.reason}")
+            return
+        dialog.state = DialogState.CONFIRMED
+        call.dialog = dialog
+        self._calls_by_id[dialog.id] = call
+        ack = dialog.build_ack(_cseq_number(out.request))
+        ack.headers.set("Via", f"SIP/2.0/UDP {self._hostport};branch={MAGIC_COOKIE}"
+                               f"{self._token()};rport")
+        ack.headers.add("User-Agent", self.user_agent)
+        out.ack, out.ack_destination = ack.serialize(), self._next_hop(call)
+        self._outbox.send(out.ack, out.ack_destination)
+        if out.cancel_wanted:  # the answer crossed our CANCEL: end it with a BYE
+            self._send_bye(call, now)
+        else:
+            self._events.append(OutboundAnswered(call.key, response.body))
+
+    def _outbound_authorize(
+        self, call: _Call, out: Outbound, response: Response, now: float
+    ) -> str | None:
+        """Send the INVITE again with credentials for a 401/407 (§22.2); ``None``
+        when sent, else why not."""
+        if out.auth_follow_ups >= MAX_AUTH_FOLLOW_UPS:
+            return f"{response.status} again after {MAX_AUTH_FOLLOW_UPS} answered challenges"
+        name = "Proxy-Authenticate" if response.status == 407 else "WWW-Authenticate"
+        answer = out.challenges.answer(response.status, response.headers.get_all(name),
+                                       out.credentials, "INVITE", out.request.uri,
+                                       cnonce=self._token())
+        if isinstance(answer, str):
+            return f"{response.status}: {answer}"
+        branch = MAGIC_COOKIE + self._token()
+        request = follow_up_invite(out.request, branch, answer)
+        txn = self._transactions.create_client_invite(request, branch, out.txn.destination, now)
+        if txn is None:
+            return "transaction table full"
+        txn.call_key = call.key
+        out.request, out.txn = request, txn
+        out.challenges.authorized = True
+        out.auth_follow_ups += 1
+        call.dialog.local_cseq = _cseq_number(request)
+        return None
+
+    def _send_cancel(self, out: Outbound, now: float) -> None:
+        """CANCEL our INVITE (§9.1) on a client transaction of its own, with the
+        INVITE's branch; its answer reports nothing (the INVITE's 487 does)."""
+        out.cancel_sent = True
+        branch = parse_via(out.request.headers.get("Via") or "").branch or ""
+        self._transactions.create_client(build_cancel(out.request), branch,
+                                         out.txn.destination, now)
+        out.txn.cancel_sent(now)
 
     def _receive_request(self, request: Request, source: Address, now: float) -> None:
         via = parse_via(request.headers.get("Via") or "")
@@ -817,7 +1039,9 @@ class UasCore:
         except RemoteProtocolError as exc:
             self._answer(inc, now, exc.status_hint or 500, to_tag=tag)
             return
-        if self._pending(call.invite_txn, count=False) or call.reinvite_txn or call.awaiting_ack:
+        invite_txn = call.invite_txn
+        if ((invite_txn is not None and self._pending(invite_txn, count=False))
+                or call.reinvite_txn or call.awaiting_ack):
             # §14.2: an INVITE while one is unanswered (or unacknowledged) gets 500 + Retry-After
             extra = [("Retry-After", str(secrets.randbelow(11)))]
             self._answer(inc, now, 500, to_tag=tag, extra=extra)
@@ -1024,11 +1248,10 @@ class UasCore:
     def _reject(
         self, call: _Call, status: int, now: float, extra: Sequence[tuple[str, str]]
     ) -> None:
-        if not self._pending(call.invite_txn):
+        txn = call.invite_txn
+        if txn is None or not self._pending(txn):
             return
-        call.invite_txn.send_response(
-            self._dialog_response(call, call.invite_txn, status, extra=extra), now
-        )
+        txn.send_response(self._dialog_response(call, txn, status, extra=extra), now)
         call.dialog.state = DialogState.TERMINATED
 
     def _end_pending_invites(self, call: _Call, status: int, now: float) -> None:

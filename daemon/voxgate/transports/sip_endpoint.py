@@ -20,6 +20,16 @@ UAS core's client transactions and their answers come back as
 ``RequestCompleted``) once it is bound; every change of a binding's state is
 logged. Calls that a registrar sends to the registered contact are INVITEs
 like any other.
+
+Outbound calls (:meth:`SipEndpoint.place_call`, ``voxgatectl call``) go through
+the same lifecycle: admission first (refused: :class:`OutboundRefused`, nothing
+is sent), then the RTP leg, then the session, whose dialling task sends our
+INVITE with an SDP offer (the first of ``[rtp] codecs`` and telephone-event,
+plain RTP) and waits up to ``[sip] outbound_ring_timeout_s`` for the answer
+(then CANCEL, reason ``ring-timeout``). A 3xx-6xx ends the call with
+``callee-busy`` or ``callee-rejected``, no final response with
+``callee-unreachable``; once answered the call runs like an inbound one.
+Outcomes are counted in ``voxgate_sip_outbound_calls_total{outcome}``.
 """
 
 from __future__ import annotations
@@ -33,20 +43,21 @@ import secrets
 import socket
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import trio
 from prometheus_client import Counter
 
 from voxgate import admission as adm
+from voxgate.agents.factory import agent_kinds
 from voxgate.calls import CallRequest, Calls, Leg, SetupRefused
 from voxgate.cidr import parse_networks
 from voxgate.codec.g711 import codec_for
 from voxgate.config import Config
 from voxgate.end_reasons import EndReason
-from voxgate.errors import RemoteProtocolError, is_resource_shortage
+from voxgate.errors import LocalProtocolError, RemoteProtocolError, is_resource_shortage
 from voxgate.logging import SHORTAGE_BACKOFF_S, ResourceShortage, log_event
-from voxgate.metrics import REGISTRY
+from voxgate.metrics import REGISTRY, SIP_OUTBOUND_CALLS
 from voxgate.rtp.stream import RtpStream
 from voxgate.session import Session, SessionCore
 from voxgate.sip import uas
@@ -55,9 +66,13 @@ from voxgate.sip.ratelimit import FloodLimits
 from voxgate.sip.registration import BindingSettings, BindingStatus, RegistrationClient
 from voxgate.sip.sdes import KEY_SALT_BYTES, Crypto
 from voxgate.sip.sdp import (
+    DEFAULT_TELEPHONE_EVENT_PT,
+    PTIME_MS,
+    SUPPORTED_CODECS,
     Negotiated,
     SessionDescription,
     build_answer,
+    build_offer,
     negotiate,
     parse_sdp_untrusted,
 )
@@ -85,6 +100,15 @@ _REFUSAL_STATUS = {"shutdown": 503, "error": 500, "ack-timeout": 408, "ring-time
 
 class NoRtpPort(SetupRefused):
     """Every port of ``[rtp] port_min..port_max`` is taken: the call gets 503."""
+
+
+class OutboundRefused(Exception):
+    """Admission refused an outbound call (``refusal``: its reason, e.g. full or
+    draining); no INVITE was sent."""
+
+    def __init__(self, refusal: adm.Refusal) -> None:
+        super().__init__(refusal.reason)
+        self.refusal = refusal
 
 
 @dataclass
@@ -125,6 +149,105 @@ class _Call:
                                  retry_after_s=self.endpoint.config.limits.retry_after_s)
         else:
             self.endpoint.refuse(self, 500, "error")
+
+    @property
+    def call_key(self) -> str:
+        return self.event.call_key
+
+
+@dataclass
+class _OutboundCall:
+    """One call we place: its :class:`~voxgate.calls.CallSetup`, then its dialling.
+
+    ``negotiated`` is our offer's until the answer, then the answer's; ``offer``
+    is the last SDP the peer sent (its answer, a re-INVITE's offer).
+    """
+
+    endpoint: SipEndpoint
+    ticket: str
+    call_id: str
+    target: str
+    negotiated: Negotiated
+    sdp_session_id: int
+    offer: SessionDescription | None = None
+    sdp_version: int = 1
+    call_key: str = ""  # once the INVITE is sent
+    leg: RtpLeg | None = None
+    session: Session | None = None
+    refusal: adm.Refusal | None = None
+    outcome: uas.OutboundAnswered | uas.OutboundFailed | None = None
+    decided: trio.Event = field(default_factory=trio.Event)
+
+    def queued(self, decision: adm.Queued) -> None:
+        """Nothing to tell anyone: the INVITE goes out once admitted."""
+
+    def refused(self, refusal: adm.Refusal) -> None:
+        self.refusal = refusal
+        SIP_OUTBOUND_CALLS.labels("refused").inc()
+
+    def build(self, ticket: str, core: SessionCore, now: float) -> Leg:
+        return self.endpoint.build_outbound_leg(self, core)
+
+    def started(self, session: Session) -> None:
+        self.session = session
+
+    def failed(self, exc: Exception) -> None:
+        SIP_OUTBOUND_CALLS.labels("failed").inc()  # the lifecycle logged it
+
+    async def connect(self) -> EndReason | None:
+        """Send the INVITE and wait for its outcome (see the module docstring):
+        ``None`` once answered and the media set up, else the end reason.
+        Cancelled when the session ends first (the hangup then cancels the INVITE)."""
+        endpoint = self.endpoint
+        try:
+            endpoint.place_invite(self)
+        except LocalProtocolError as e:
+            SIP_OUTBOUND_CALLS.labels("failed").inc()
+            log_event(logging.WARNING, "sip_outbound_failed", f"INVITE not sent: {e}",
+                      call=self.session, target=self.target)
+            return "error"
+        with trio.move_on_after(endpoint.config.sip.outbound_ring_timeout_s):
+            await self.decided.wait()
+        outcome = self.outcome
+        if outcome is None:
+            SIP_OUTBOUND_CALLS.labels("ring-timeout").inc()
+            return "ring-timeout"
+        if isinstance(outcome, uas.OutboundFailed):
+            reason = _outbound_failure(outcome.status)
+            SIP_OUTBOUND_CALLS.labels(reason.removeprefix("callee-")).inc()
+            log_event(logging.INFO, "sip_outbound_failed", outcome.reason, call=self.session,
+                      target=self.target, status=outcome.status, reason=reason)
+            return reason
+        SIP_OUTBOUND_CALLS.labels("answered").inc()
+        return endpoint.take_answer(self, outcome.sdp_answer)
+
+
+class _OutboundSignaling:
+    """:class:`~voxgate.session.CallSignaling` of a call we place: answered by the
+    callee, so only ending it does anything (CANCEL before the answer, BYE after)."""
+
+    def __init__(self, endpoint: SipEndpoint, call: _OutboundCall) -> None:
+        self._endpoint = endpoint
+        self._call = call
+
+    def ring(self) -> None:
+        """The callee rings, not us."""
+
+    def answer(self) -> None:
+        """The callee answered already (the session answers after ``connect``)."""
+
+    def refuse(self, reason: str) -> None:
+        if self._call.outcome is None:
+            SIP_OUTBOUND_CALLS.labels("ended").inc()
+        self.hangup(reason)
+
+    def hangup(self, reason: str) -> None:
+        if self._call.call_key:
+            self._endpoint.hangup(self._call.call_key, reason)
+
+    def release(self) -> None:
+        if self._call.call_key:
+            self._endpoint.release(self._call.call_key)
 
 
 class _Signaling:
@@ -178,7 +301,8 @@ class SipEndpoint:
         self.ports = PortPool(config.rtp.address, config.rtp.port_min, config.rtp.port_max)
         self.rtp_readiness = RtpReadiness()  # one readiness check per tick for all legs
         self._sock: socket.socket | None = None
-        self._calls: dict[str, _Call] = {}  # call key → call; bounded by the UAS's max_dialogs
+        # call key → call; bounded by the UAS's max_dialogs
+        self._calls: dict[str, _Call | _OutboundCall] = {}
         self._hangups_pending: set[str] = set()
         self._timers_changed = trio.Event()
         self._idle = trio.Event()
@@ -257,8 +381,9 @@ class SipEndpoint:
         self._pump()
 
     def answer(self, call_key: str) -> None:
+        """Answer an inbound call 200 with our SDP answer."""
         call = self._calls[call_key]
-        assert call.leg is not None
+        assert isinstance(call, _Call) and call.leg is not None
         srtp = call.leg.srtp
         sdp = build_answer(
             call.offer, call.negotiated,
@@ -281,9 +406,90 @@ class SipEndpoint:
         call = next((c for c in self._calls.values() if c.ticket == session_id), None)
         if call is None:
             raise LookupError(session_id)
-        self.act(lambda core, now: core.refer(call.event.call_key, target, now))
+        self.act(lambda core, now: core.refer(call.call_key, target, now))
         log_event(logging.INFO, "sip_transfer_started", f"REFER to {target}",
                   call=call.session)
+
+    def place_call(self, target: str, *, tenant: str | None = None,
+                   agent: str | None = None) -> str:
+        """Place an outbound call to the SIP URI ``target`` (``sip:`` with an IP
+        address) in ``tenant`` (None: the tenant rules decide, on the target's
+        user and host), running ``agent`` (a kind the config runs; None: the
+        tenant's); returns its session id at once, the INVITE goes out once
+        admitted (see the module docstring). Raises ValueError for a bad
+        ``target`` or ``agent``, :class:`OutboundRefused` when admission refuses
+        the call."""
+        try:
+            uri = parse_uri_untrusted(target)
+            ipaddress.ip_address(uri.host)
+        except (RemoteProtocolError, ValueError):
+            raise ValueError(f"{target[:80]!r} is not a sip: URI with an IP address") from None
+        if uri.scheme != "sip":
+            raise ValueError(f"{target[:80]!r} is not a sip: URI")
+        kinds = agent_kinds(self.config)
+        if agent is not None and agent not in kinds:
+            raise ValueError(f"agent {agent[:20]!r} is not one the config runs "
+                             f"({', '.join(sorted(kinds))})")
+        codec = SUPPORTED_CODECS[self.config.rtp.codecs[0].upper()]
+        offered = Negotiated(codec=codec, telephone_event_pt=DEFAULT_TELEPHONE_EVENT_PT,
+                             remote_rtp=None, direction="sendrecv", ptime_ms=PTIME_MS,
+                             media_index=0)
+        ticket = uuid.uuid4().hex[:12]
+        call = _OutboundCall(self, ticket, f"{uuid.uuid4().hex}@voxgate", target, offered,
+                             sdp_session_id=random.getrandbits(31))
+        host_port = format_host_port(*self.config.sip.advertised_host_port)
+        info = adm.CallInfo(ruri_user=uri.user_unescaped, ruri_host=uri.host, headers={},
+                            source_ip=None, transport="sip", tenant_hint=tenant)
+        self.calls.start(CallRequest(
+            ticket, call.call_id, info, to_uri=target, peer=f"{uri.host}:{uri.port or 5060}",
+            from_uri=f"sip:{self.config.sip.outbound_from_user}@{host_port}",
+            direction="outbound", agent=agent), call)
+        if call.refusal is not None:
+            raise OutboundRefused(call.refusal)
+        return ticket
+
+    def build_outbound_leg(self, call: _OutboundCall, core: SessionCore) -> Leg:
+        """The RTP leg of an admitted outbound call (no remote address until the
+        answer); raises NoRtpPort when no port is free."""
+        leg, details = self._rtp_leg(call.negotiated, core)
+        call.leg = leg
+        details["target"] = call.target
+        return Leg(media=leg, signaling=_OutboundSignaling(self, call), codec=leg.codec.name,
+                   remote=lambda: _fmt(leg.stream.remote_addr), counters=leg.counters,
+                   details=details, connect=call.connect)
+
+    def place_invite(self, call: _OutboundCall) -> None:
+        """Send the outbound call's INVITE with our offer; raises LocalProtocolError
+        when the UAS core refuses (its dialog or transaction limits)."""
+        assert call.leg is not None
+        cfg = self.config
+        offer = build_offer(call.negotiated.codec.name, local_address=cfg.rtp.sdp_address,
+                            local_port=call.leg.local_port, session_id=call.sdp_session_id,
+                            session_version=call.sdp_version)
+        call.call_key = self.core.invite(
+            call.target, offer, trio.current_time(), from_user=cfg.sip.outbound_from_user,
+            credentials=cfg.outbound_credentials, call_id=call.call_id)
+        self._calls[call.call_key] = call
+        self._idle = trio.Event()
+        self._pump()
+
+    def take_answer(self, call: _OutboundCall, sdp_answer: bytes) -> EndReason | None:
+        """Apply the callee's SDP answer to the leg (RFC 3264 §7): ``None``, or
+        ``error`` when it does not accept our offer (the call is then ended by BYE)."""
+        assert call.leg is not None and call.session is not None
+        try:
+            answer = parse_sdp_untrusted(sdp_answer)
+            negotiated = negotiate(answer, preference=(call.negotiated.codec.name,))
+        except RemoteProtocolError as e:
+            log_event(logging.WARNING, "sip_outbound_bad_answer", f"SDP answer: {e.reason}",
+                      call=call.session)
+            return "error"
+        call.offer, call.negotiated = answer, negotiated
+        call.leg.stream.set_remote_addr(negotiated.remote_rtp)
+        _apply_direction(call.leg, call.session, negotiated, trio.current_time())
+        log_event(logging.INFO, "sip_outbound_answered", "callee answered", call=call.session,
+                  target=call.target, remote=_fmt(negotiated.remote_rtp))
+        return None
 
     def release(self, call_key: str) -> None:
         """The session is gone: forget the call and, unless our BYE is still in
@@ -304,11 +510,23 @@ class SipEndpoint:
 
     def build_leg(self, call: _Call, core: SessionCore) -> Leg:
         """The RTP leg of an admitted call; raises NoRtpPort when no port is free."""
+        leg, details = self._rtp_leg(call.negotiated, core)
+        call.leg = leg
+        details["source"] = _fmt(call.event.source)
+        stream = leg.stream
+        return Leg(media=leg, signaling=_Signaling(self, call.event.call_key),
+                   codec=leg.codec.name, remote=lambda: _fmt(stream.remote_addr),
+                   counters=leg.counters,
+                   answer_delay_s=self.config.sip.answer_delay_ms / 1000, details=details)
+
+    def _rtp_leg(self, negotiated: Negotiated, core: SessionCore
+                 ) -> tuple[RtpLeg, dict[str, str | int | None]]:
+        """An RTP leg for ``negotiated`` (SRTP when it carries the peer's key) and
+        its ``call_start`` details; raises NoRtpPort when no port is free."""
         cfg = self.config
         sock = self.ports.open_socket()
         if sock is None:
             raise NoRtpPort("no free RTP port")
-        negotiated = call.negotiated
         codec = codec_for(negotiated.codec.name)
         stream = RtpStream(
             payload_type=negotiated.codec.payload_type,
@@ -328,13 +546,10 @@ class SipEndpoint:
                      playback=core.pipeline.playback, on_dtmf=core.pipeline.dtmf,
                      budget=core.budget,
                      playback_allowance_s=cfg.rtp.playback_allowance_ms / 1000, srtp=srtp)
-        call.leg = leg
-        details = {"local_rtp_port": leg.local_port, "source": _fmt(call.event.source)}
+        details: dict[str, str | int | None] = {"local_rtp_port": leg.local_port}
         if offered is not None:
             details["srtp"] = offered.suite
-        return Leg(media=leg, signaling=_Signaling(self, call.event.call_key), codec=codec.name,
-                   remote=lambda: _fmt(stream.remote_addr), counters=leg.counters,
-                   answer_delay_s=cfg.sip.answer_delay_ms / 1000, details=details)
+        return leg, details
 
     # -- the loops --------------------------------------------------------
 
@@ -464,6 +679,15 @@ class SipEndpoint:
                                                 trio.current_time())
         elif isinstance(event, uas.TransferEnded):
             self._transfer_ended(event)
+        elif isinstance(event, uas.OutboundProgress):
+            outbound = self._calls.get(event.call_key)
+            log_event(logging.INFO, "sip_outbound_progress", f"callee answered {event.status}",
+                      call=None if outbound is None else outbound.session, status=event.status)
+        elif isinstance(event, uas.OutboundAnswered | uas.OutboundFailed):
+            outbound = self._calls.get(event.call_key)
+            if isinstance(outbound, _OutboundCall):
+                outbound.outcome = event
+                outbound.decided.set()
         elif isinstance(event, uas.BadMessageReceived):
             log_event(logging.WARNING, "sip_bad_message", event.reason, call_id=event.call_id,
                       source=f"{event.source[0]}:{event.source[1]}")
@@ -569,6 +793,14 @@ def _apply_direction(leg: RtpLeg, session: Session, negotiated: Negotiated, now:
 def _our_crypto(offered: Crypto) -> Crypto:
     """Our answer to the peer's ``a=crypto`` line with a fresh random key (RFC 4568 §7.1.2)."""
     return offered.answer(secrets.token_bytes(KEY_SALT_BYTES))
+
+
+def _outbound_failure(status: int | None) -> EndReason:
+    """The end reason of an outbound call whose INVITE got ``status`` (3xx-6xx, or
+    ``None``: no final response)."""
+    if status is None:
+        return "callee-unreachable"
+    return "callee-busy" if status in (486, 600, 603) else "callee-rejected"
 
 
 def _configure_digest(core: uas.UasCore, config: Config) -> None:
