@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import gc
 import weakref
+from collections.abc import Callable
 
 import pytest
 import trio
 import trio.testing
 
 from voxgate.agents.base import Agent
+from voxgate.agents.transfer import TransferFailure
 from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.deadman import DeadmanConfig, SessionTimers
+from voxgate.errors import LocalProtocolError
 from voxgate.pipeline.clock import MediaClock
 from voxgate.pipeline.pipeline import Pipeline
 from voxgate.pipeline.playback import PlaybackTracker
@@ -86,6 +89,15 @@ class FloodAgent(Agent):
             self.playout.push(FRAME)
 
 
+class TransferAgent(Agent):
+    def __init__(self, playout: Playout) -> None:
+        super().__init__(playout)
+        self.failures: list[TransferFailure] = []
+
+    def transfer_failed(self, failure: TransferFailure) -> None:
+        self.failures.append(failure)
+
+
 TIMERS = DeadmanConfig(first_media_s=2, media_inactivity_s=1, recovery_window_s=2,
                        agent_response_s=1, playback_deadman_s=0.5, max_duration_s=60,
                        ring_timeout_s=30)
@@ -93,7 +105,8 @@ TIMERS = DeadmanConfig(first_media_s=2, media_inactivity_s=1, recovery_window_s=
 
 def make(clock: MediaClock, media: FakeMedia, *, delay_s: float = 0, max_s: float = 60,
          agent_cls: type[Agent] = Agent, session_bytes: int = 1 << 20,
-         prompt: tuple[bytes, ...] = ()) -> tuple[Session, FakeSignaling]:
+         prompt: tuple[bytes, ...] = (),
+         transfer_to: Callable[[str], None] | None = None) -> tuple[Session, FakeSignaling]:
     signaling = FakeSignaling()
     budget = SessionBudget(BufferCaps.from_ms({"playout": 1000}, session_bytes, 500))
     playout = Playout(budget)
@@ -105,6 +118,7 @@ def make(clock: MediaClock, media: FakeMedia, *, delay_s: float = 0, max_s: floa
     session = Session(
         session_id="s1", call_id="c1", transport="test", codec="PCMU", signaling=signaling,
         media=media, core=core, clock=clock, answer_delay_s=delay_s, fallback_prompt=prompt,
+        transfer_to=transfer_to,
     )
     return session, signaling
 
@@ -273,3 +287,33 @@ async def test_runaway_agent_is_dropped_then_ended_for_budget(autojump_clock):
     # the playout cap (1000 ms of PCM16) plus the one frame pushed before the drop
     assert session.budget.peak_bytes <= 16000 + 320
     assert signaling.calls[-2:] == ["hangup:budget", "release"]
+
+
+async def test_a_transfer_is_checked_and_every_failure_told_to_the_agent():
+    sent: list[str] = []
+
+    def transfer_to(target: str) -> None:
+        if "busy" in target:
+            raise LocalProtocolError("already being transferred")
+        sent.append(target)
+
+    session, _ = make(MediaClock(), FakeMedia(), agent_cls=TransferAgent,
+                      transfer_to=transfer_to)
+    agent = session.agent
+    assert isinstance(agent, TransferAgent)
+    for target in "tel:+15551234", "<sip:human@192.0.2.1>", "sip:" + "h" * 600 + "@x":
+        session.transfer(target)
+    session.transfer("sip:human@192.0.2.1")
+    session.transfer("sip:busy@192.0.2.1")
+    assert sent == ["sip:human@192.0.2.1"]
+    assert [(f.status, f.reason) for f in agent.failures] == [
+        (400, "bad-target"), (400, "bad-target"), (400, "bad-target"), (None, "refused")]
+    assert agent.failures[-1].target == "sip:busy@192.0.2.1"
+
+
+async def test_a_transport_without_transfer_fails_with_501():
+    session, _ = make(MediaClock(), FakeMedia(), agent_cls=TransferAgent)
+    session.transfer("sip:human@192.0.2.1")
+    assert isinstance(session.agent, TransferAgent)
+    assert session.agent.failures == [
+        TransferFailure("sip:human@192.0.2.1", 501, "not-supported")]

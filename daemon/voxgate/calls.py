@@ -89,6 +89,8 @@ class Leg:
     """Media tasks that live in the session's nursery (e.g. an ALSA capture reader)."""
     details: Mapping[str, Any] = field(default_factory=dict)
     """The transport's own fields for the ``call_start`` log line (ports, line, pacing)."""
+    transfer: Callable[[str], None] | None = None
+    """Blind transfer of the call to a SIP URI (SIP only; see ``Session(transfer_to=)``)."""
 
 
 class CallSetup(Protocol):
@@ -339,7 +341,7 @@ class Calls:
             clock=self._clock, answer_delay_s=leg.answer_delay_s,
             fallback_prompt=self.fallback_prompt, tenant=tenant, from_uri=request.from_uri,
             to_uri=request.to_uri, peer=request.peer, tasks=leg.tasks,
-            stop_reason=lambda: self._stop_reason,
+            stop_reason=lambda: self._stop_reason, transfer_to=leg.transfer,
         )
         record.codec = leg.codec
         if self.recordings is not None:

@@ -39,6 +39,7 @@ import trio
 from prometheus_client import Counter
 
 from voxgate import admission as adm
+from voxgate.agents.transfer import TransferFailure, TransferFailureReason
 from voxgate.calls import CallRequest, Calls, Leg, SetupRefused
 from voxgate.cidr import parse_networks
 from voxgate.codec.g711 import codec_for
@@ -103,6 +104,8 @@ class _Call:
     sdp_version: int = 1
     leg: RtpLeg | None = None
     session: Session | None = None
+    transfer_target: str = ""
+    """The target of the call's latest REFER."""
 
     def queued(self, decision: adm.Queued) -> None:
         self.endpoint.act(lambda core, now: core.send_provisional(self.event.call_key, 180, now))
@@ -168,7 +171,8 @@ class SipEndpoint:
         host, port = config.sip.advertised_host_port
         self.core = uas.UasCore(local_host=host, local_port=port,
                                 max_dialogs=_max_dialogs(config),
-                                flood_limits=FloodLimits.from_settings(config.sip))
+                                flood_limits=FloodLimits.from_settings(config.sip),
+                                transfer_timeout_s=config.sip.transfer_timeout_s)
         self.core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
         _configure_digest(self.core, config)
         self.registrations = RegistrationClient(_binding_settings(config),
@@ -241,6 +245,7 @@ class SipEndpoint:
         self.config = config
         self.core.max_dialogs = _max_dialogs(config)
         self.core.flood_limits = FloodLimits.from_settings(config.sip)
+        self.core.transfer_timeout_s = config.sip.transfer_timeout_s
         self.core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
         _configure_digest(self.core, config)
         self._pump()
@@ -281,7 +286,12 @@ class SipEndpoint:
         call = next((c for c in self._calls.values() if c.ticket == session_id), None)
         if call is None:
             raise LookupError(session_id)
+        self._refer(call, target)
+
+    def _refer(self, call: _Call, target: str) -> None:
+        """Send the call's REFER to ``target``; raises as :meth:`transfer`."""
         self.act(lambda core, now: core.refer(call.event.call_key, target, now))
+        call.transfer_target = target
         log_event(logging.INFO, "sip_transfer_started", f"REFER to {target}",
                   call=call.session)
 
@@ -334,7 +344,8 @@ class SipEndpoint:
             details["srtp"] = offered.suite
         return Leg(media=leg, signaling=_Signaling(self, call.event.call_key), codec=codec.name,
                    remote=lambda: _fmt(stream.remote_addr), counters=leg.counters,
-                   answer_delay_s=cfg.sip.answer_delay_ms / 1000, details=details)
+                   answer_delay_s=cfg.sip.answer_delay_ms / 1000, details=details,
+                   transfer=lambda target: self._refer(call, target))
 
     # -- the loops --------------------------------------------------------
 
@@ -489,6 +500,13 @@ class SipEndpoint:
         else:
             log_event(logging.WARNING, "sip_transfer_failed", "transfer failed; call goes on",
                       call=call.session, status=event.status)
+            if call.session is not None:
+                reason: TransferFailureReason = "timeout" if event.timed_out else "failed"
+                call.session.transfer_failed(
+                    TransferFailure(call.transfer_target, event.status, reason),
+                    "no final NOTIFY within [sip] transfer_timeout_s" if event.timed_out
+                    else "the transferee reported failure" if event.status
+                    else "no final status")
 
     def _cancel(self, call_key: str) -> None:
         self._end(call_key, "cancel")
