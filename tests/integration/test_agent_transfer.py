@@ -1,5 +1,5 @@
 """Transfer to a human started by the agent: a local menu's ``transfer`` choice, a
-stream bot's ``transfer`` message.
+webhook's ``transfer`` reply, a stream bot's ``transfer`` message.
 
 SIPp calls voxgated (``[agent] kind = "local"``), presses 1 (RFC 4733) and,
 as the transferee, answers the agent's REFER 202 and reports the outcome by
@@ -23,6 +23,7 @@ from tests.harness.daemon import Daemon, PortRange, free_udp_port
 from tests.harness.sipp import Sipp
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import ctl_json, ctl_ok, wait_until
+from tests.integration.test_local_agent import Hook, _webhook
 from tests.integration.test_stream_agent import stream_config
 
 pytestmark = requires("sipp", "espeak-ng")
@@ -70,6 +71,23 @@ def test_menu_choice_transfers_the_caller(
     assert sipp.successful_calls == 1, sipp.describe()
     metrics = ctl_ok(daemon, "metrics")
     assert 'voxgate_sip_transfers_total{outcome="succeeded"} 1' in metrics
+
+
+def test_a_webhook_reply_transfers_the_caller(
+    start_daemon: StartDaemon, reserve_ports: Callable[[int], PortRange], tmp_path: Path,
+) -> None:
+    hook = Hook(always={"say": "One moment please.", "transfer": HUMAN})
+    menu = {**MENU, "agent.menu.steps.choices": [{"dtmf": "1", "say": "You pressed one."}]}
+    with _webhook(hook):
+        daemon, caller = call(start_daemon, reserve_ports, tmp_path, "200 OK",
+                              {**menu, "agent.webhook": {"url": hook.url}})
+        turn = daemon.wait_log(r"event=agent_turn\b.*\bdtmf=1\b.*", timeout_s=30)
+        assert "source=webhook" in turn.group(0) and f"transfer={HUMAN}" in turn.group(0), (
+            turn.group(0))
+        daemon.wait_log(r"event=call_end\b.*\breason=transferred\b", timeout_s=15)
+        sipp = caller.wait()
+    assert sipp.successful_calls == 1, sipp.describe()
+    assert hook.posts and hook.posts[0]["dtmf"] == "1"
 
 
 def test_failed_transfer_is_told_to_the_menu_and_the_call_goes_on(
