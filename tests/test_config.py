@@ -42,6 +42,12 @@ def test_partial_file_takes_defaults(tmp_path):
     config = load_config(write(tmp_path, '[sip]\nlisten = "[::1]:5070"\n'))
     assert (config.sip.host, config.sip.port) == ("::1", 5070)
     assert config.limits.max_sessions == 100
+    assert config.sip.transfer_timeout_s == 60.0
+
+
+def test_transfer_timeout(tmp_path):
+    config = load_config(write(tmp_path, "[sip]\ntransfer_timeout_s = 5\n"))
+    assert config.sip.transfer_timeout_s == 5.0
 
 
 @pytest.mark.parametrize(
@@ -67,6 +73,7 @@ def test_partial_file_takes_defaults(tmp_path):
          "[sip] trusted_cidrs: 'nope' is not a CIDR"),
         ('[limits]\nmedia_utilisation_max = 0\n', "[limits] media_utilisation_max: must be"),
         ('[sip]\nadvertise = "192.0.2.1"\n', "[sip] advertise: must be HOST:PORT"),
+        ("[sip]\ntransfer_timeout_s = 0\n", "[sip] transfer_timeout_s: must be between 1 and"),
         ('[rtp]\nadvertise = "nat.example"\n', "[rtp] advertise: must be an IP address"),
         ('[[tenants]]\nname = "a"\nheader_name = "X-T"\n', "go together"),
         ('[[tenants]]\nname = "a"\nbogus = 1\n', "[tenants.0] bogus: unknown key"),

@@ -41,6 +41,8 @@ SANS_IO_MODULES = [
     "voxgate.end_reasons",
     "voxgate.agents.providers",
     "voxgate.agents.bot_wire",
+    "voxgate.agents.transfer",
+    "voxgate.agents.dialogue",
 ]
 
 # webrtcvad's import pulls in socket/threading through importlib.metadata, so

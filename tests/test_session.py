@@ -11,9 +11,11 @@ import trio
 import trio.testing
 
 from voxgate.agents.base import Agent
+from voxgate.agents.transfer import TransferFailure
 from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.deadman import DeadmanConfig, SessionTimers
 from voxgate.end_reasons import EndReason
+from voxgate.errors import LocalProtocolError
 from voxgate.pipeline.clock import MediaClock
 from voxgate.pipeline.pipeline import Pipeline
 from voxgate.pipeline.playback import PlaybackTracker
@@ -88,6 +90,15 @@ class FloodAgent(Agent):
             self.playout.push(FRAME)
 
 
+class TransferAgent(Agent):
+    def __init__(self, playout: Playout) -> None:
+        super().__init__(playout)
+        self.failures: list[TransferFailure] = []
+
+    def transfer_failed(self, failure: TransferFailure) -> None:
+        self.failures.append(failure)
+
+
 TIMERS = DeadmanConfig(first_media_s=2, media_inactivity_s=1, recovery_window_s=2,
                        agent_response_s=1, playback_deadman_s=0.5, max_duration_s=60,
                        ring_timeout_s=30)
@@ -97,6 +108,7 @@ def make(clock: MediaClock, media: FakeMedia, *, delay_s: float = 0, max_s: floa
          agent_cls: type[Agent] = Agent, session_bytes: int = 1 << 20,
          prompt: tuple[bytes, ...] = (),
          connect: Callable[[], Awaitable[EndReason | None]] | None = None,
+         transfer_to: Callable[[str], None] | None = None,
          ) -> tuple[Session, FakeSignaling]:
     signaling = FakeSignaling()
     budget = SessionBudget(BufferCaps.from_ms({"playout": 1000}, session_bytes, 500))
@@ -110,6 +122,7 @@ def make(clock: MediaClock, media: FakeMedia, *, delay_s: float = 0, max_s: floa
         session_id="s1", call_id="c1", transport="test", codec="PCMU", signaling=signaling,
         media=media, core=core, clock=clock, answer_delay_s=delay_s, fallback_prompt=prompt,
         connect=connect,
+        transfer_to=transfer_to,
     )
     return session, signaling
 
@@ -326,3 +339,33 @@ async def test_outbound_ended_while_dialling_cancels_the_dial(autojump_clock):
         session.end("operator")
     assert log == ["dial cancelled"]
     assert signaling.calls == ["refuse:operator", "release"]
+
+
+async def test_a_transfer_is_checked_and_every_failure_told_to_the_agent():
+    sent: list[str] = []
+
+    def transfer_to(target: str) -> None:
+        if "busy" in target:
+            raise LocalProtocolError("already being transferred")
+        sent.append(target)
+
+    session, _ = make(MediaClock(), FakeMedia(), agent_cls=TransferAgent,
+                      transfer_to=transfer_to)
+    agent = session.agent
+    assert isinstance(agent, TransferAgent)
+    for target in "tel:+15551234", "<sip:human@192.0.2.1>", "sip:" + "h" * 600 + "@x":
+        session.transfer(target)
+    session.transfer("sip:human@192.0.2.1")
+    session.transfer("sip:busy@192.0.2.1")
+    assert sent == ["sip:human@192.0.2.1"]
+    assert [(f.status, f.reason) for f in agent.failures] == [
+        (400, "bad-target"), (400, "bad-target"), (400, "bad-target"), (None, "refused")]
+    assert agent.failures[-1].target == "sip:busy@192.0.2.1"
+
+
+async def test_a_transport_without_transfer_fails_with_501():
+    session, _ = make(MediaClock(), FakeMedia(), agent_cls=TransferAgent)
+    session.transfer("sip:human@192.0.2.1")
+    assert isinstance(session.agent, TransferAgent)
+    assert session.agent.failures == [
+        TransferFailure("sip:human@192.0.2.1", 501, "not-supported")]

@@ -96,6 +96,8 @@ class Leg:
     connect: Callable[[], Awaitable[EndReason | None]] | None = None
     """An outbound call's dialling (see :class:`~voxgate.session.Session`): returns
     when the callee answered (``None``) or the end reason when it did not."""
+    transfer: Callable[[str], None] | None = None
+    """Blind transfer of the call to a SIP URI (SIP only; see ``Session(transfer_to=)``)."""
 
 
 class CallSetup(Protocol):
@@ -348,6 +350,7 @@ class Calls:
             fallback_prompt=self.fallback_prompt, tenant=tenant, from_uri=request.from_uri,
             to_uri=request.to_uri, peer=request.peer, tasks=leg.tasks,
             stop_reason=lambda: self._stop_reason, connect=leg.connect,
+            transfer_to=leg.transfer,
         )
         record.codec = leg.codec
         if self.recordings is not None:

@@ -84,6 +84,7 @@ class SipConfig:
     auth_algorithms: tuple[str, ...] = ("SHA-256", "MD5")
     auth_nonce_ttl_s: float = field(default=300.0, metadata=_range(10, 86_400))
     auth_replay_table_size: int = field(default=4096, metadata=_range(16, 1_000_000))
+    transfer_timeout_s: float = field(default=60.0, metadata=_range(1, 3600))
     registrations: tuple[RegistrationConfig, ...] = ()
     outbound_credentials_file: str = ""
     """Digest credentials answering a 401/407 to our outbound INVITEs, one user ("" = none)."""

@@ -82,6 +82,12 @@ SIP_OUTBOUND_CALLS = Counter(
     "the answer), refused (admission), failed (not placed)",
     ["outcome"], registry=REGISTRY,
 )
+AGENT_TRANSFER_FAILURES = Counter(
+    "voxgate_agent_transfer_failures", "Transfers that failed and were told to the agent "
+    "(the call went on), by transport and reason (bad-target, not-supported, refused, "
+    "failed, timeout)",
+    ["transport", "reason"], registry=REGISTRY,
+)
 PLAYBACK_COMPLETION = Counter(
     "voxgate_playback_completion", "Utterances finished, by transport and by the signal "
     "that ended them (drained, mark, paced, deadman, cleared)",
@@ -125,7 +131,8 @@ PROVIDER_CONNECT = Histogram(
 BOT_MESSAGES_DROPPED = Counter(
     "voxgate_bot_messages_dropped", "Stream-agent messages dropped, by provider and reason "
     "(from the bot: malformed, rate; to it: send_queue, caller audio the socket could not "
-    "take)", ["provider", "reason"], registry=REGISTRY,
+    "take; no_bot, a transfer_failed while no bot was connected)", ["provider", "reason"],
+    registry=REGISTRY,
 )
 LOOP_LAG = Histogram(
     "voxgate_loop_lag_seconds", "Event-loop lag measured by the watchdog",
@@ -250,7 +257,8 @@ LIVE_METRICS: tuple[LiveMetric, ...] = (
              "aor", "result"),
     _counter("voxgate_sip_transfers_total", "Blind transfers (REFER, RFC 3515) by outcome: "
              "succeeded, failed (REFER refused or timed out, NOTIFY 3xx-6xx), refused (bad "
-             "target URI or call not answered: nothing sent)", "outcome"),
+             "target URI or call not answered: nothing sent), timeout (no final NOTIFY "
+             "within [sip] transfer_timeout_s)", "outcome"),
     # ALSA lines
     _counter("voxgate_alsa_sessions_total", "Sessions run on an ALSA line", "line"),
     _counter("voxgate_alsa_open_failures_total", "ALSA devices that could not be opened", "line"),
@@ -381,7 +389,7 @@ _SIP: Mapping[str, _Route] = {  # the fields of voxgate.sip.uas.UasStats
        for result in AuthResult},
     "auth_nonces_evicted": ("voxgate_sip_auth_nonces_evicted_total", ()),
     **{f"transfers_{outcome}": ("voxgate_sip_transfers_total", (outcome,))
-       for outcome in ("succeeded", "failed", "refused")},
+       for outcome in ("succeeded", "failed", "refused", "timeout")},
 }
 
 _ALSA: Mapping[str, _Route] = {  # the fields of voxgate.transports.alsa.LineStats

@@ -40,6 +40,7 @@ import trio
 
 from voxgate.agents.base import Agent, AgentControls
 from voxgate.agents.factory import make_agent
+from voxgate.agents.transfer import TransferFailure, target_problem
 from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.config import Config
 from voxgate.deadman import (
@@ -55,7 +56,12 @@ from voxgate.deadman import (
 from voxgate.end_reasons import EndReason
 from voxgate.errors import LocalProtocolError
 from voxgate.logging import log_event
-from voxgate.metrics import PLAYBACK_COMPLETION, SESSION_DURATION, SESSIONS_ENDED
+from voxgate.metrics import (
+    AGENT_TRANSFER_FAILURES,
+    PLAYBACK_COMPLETION,
+    SESSION_DURATION,
+    SESSIONS_ENDED,
+)
 from voxgate.pipeline.clock import MediaClock
 from voxgate.pipeline.pipeline import MediaLeg, Pipeline
 from voxgate.pipeline.playback import DEADMAN, PlaybackTracker
@@ -182,6 +188,7 @@ class Session:
         tasks: tuple[Callable[[], Awaitable[None]], ...] = (),
         stop_reason: Callable[[], EndReason] = lambda: "shutdown",
         connect: Callable[[], Awaitable[EndReason | None]] | None = None,
+        transfer_to: Callable[[str], None] | None = None,
     ) -> None:
         """``peer`` is where the call comes from, for its log records (the SIP
         peer's address, the WebSocket client's, the ALSA device); ``tasks`` run in
@@ -189,7 +196,9 @@ class Session:
         names the end reason when the session is cancelled from outside (a drain
         deadline, a stop); ``connect()`` dials an outbound call: it returns
         ``None`` once the callee answered, else the end reason (it is cancelled
-        when the session ends first)."""
+        when the session ends first); ``transfer_to(target)`` sends the call's
+        blind transfer (None: the transport cannot transfer) and raises
+        LocalProtocolError when the transport refuses it."""
         self.session_id = session_id
         self.tenant = tenant
         self.peer = peer
@@ -213,6 +222,7 @@ class Session:
         self._connect = connect
         self._answer_at = math.inf
         self._ring_wakeup = trio.Event()  # the call ended or was answered while ringing
+        self._transfer_to = transfer_to
         self.state = SessionState.ADMITTING
         self.end_reason: EndReason | None = None
         self.started_at = math.nan
@@ -242,6 +252,32 @@ class Session:
     def caller_turn_ended(self) -> None:
         """The agent took the caller's keys as a turn: its answer is due now."""
         self.pipeline.caller_turn_ended(trio.current_time())
+
+    def transfer(self, target: str) -> None:
+        """The agent transfers the caller to ``target`` (see
+        :meth:`~voxgate.agents.base.AgentControls.transfer`); a target that is not a
+        SIP URI, a transport that cannot transfer (status 501) and a refusal by the
+        SIP layer are told to the agent at once."""
+        problem = target_problem(target)
+        if problem is not None:
+            self.transfer_failed(TransferFailure(target, 400, "bad-target"), problem)
+        elif self._transfer_to is None:
+            self.transfer_failed(TransferFailure(target, 501, "not-supported"),
+                                 f"a {self.transport} call cannot be transferred")
+        else:
+            try:
+                self._transfer_to(target)
+            except LocalProtocolError as exc:
+                self.transfer_failed(TransferFailure(target, None, "refused"), str(exc))
+
+    def transfer_failed(self, failure: TransferFailure, why: str) -> None:
+        """A transfer of this call failed (``why``, for the log): count it and tell the
+        agent; the call goes on."""
+        AGENT_TRANSFER_FAILURES.labels(self.transport, failure.reason).inc()
+        self._log(logging.WARNING, "transfer_failed", f"transfer failed: {why}",
+                  target=failure.target, reason=failure.reason,
+                  status="" if failure.status is None else failure.status)
+        self.agent.transfer_failed(failure)
 
     def end(self, reason: EndReason) -> None:
         """Ask the session to end with ``reason``; the first reason given wins."""

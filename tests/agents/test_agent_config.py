@@ -57,6 +57,14 @@ def test_menu_and_webhook_parse(tmp_path):
         Choice(phrases=("yes",), say="Okay.", hangup=True), Choice(dtmf="5", next="main"))),)
 
 
+def test_transfer_choice_parses(tmp_path):
+    text = MENU.replace('dtmf = "5"\nnext = "main"', 'dtmf = "5"\ntransfer = "sip:human@10.0.0.1"')
+    menu = load(tmp_path, text.replace('start = "main"', 'start = "main"\n'
+                                       'transfer_failed_say = "Nobody is here."')).agent.menu
+    assert menu is not None and menu.transfer_failed_say == "Nobody is here."
+    assert menu.steps[0].choices[1] == Choice(dtmf="5", transfer="sip:human@10.0.0.1")
+
+
 def test_budget_utterance_ms(tmp_path):
     assert load(tmp_path, "[budget]\nutterance_ms = 5000\n").budget.utterance_ms == 5000
 
@@ -77,6 +85,12 @@ def test_budget_utterance_ms(tmp_path):
         (("barge_in = false\n", 'barge_in = false\nplugin = "m:f"\n'),
          "set either plugin or [agent.webhook] url"),
         (('start = "main"', 'start = "nowhere"'), "[agent.menu] start: no step"),
+        (('dtmf = "5"\nnext = "main"', 'dtmf = "5"\ntransfer = "http://x"'),
+         "[agent.menu] steps #1 choices #2 transfer: not a sip:/sips: URI"),
+        (('dtmf = "5"\nnext = "main"', 'dtmf = "5"\ntransfer = "<sip:a@b>"'),
+         "[agent.menu] steps #1 choices #2 transfer: must be a bare sip:/sips: URI"),
+        (('dtmf = "5"', 'dtmf = "5"\ntransfer = "sip:human@10.0.0.1"'),
+         "[agent.menu] steps #1 choices #2 transfer: not with next or hangup"),
     ],
 )
 def test_errors_name_the_key(tmp_path, change, expected):

@@ -15,11 +15,13 @@ from voxgate.agents.bot_wire import (
     BotAudio,
     BotClear,
     BotMark,
+    BotTransfer,
     BotWireError,
     CallMeta,
     TwilioWire,
     VonageWire,
 )
+from voxgate.agents.transfer import MAX_TARGET_CHARS, TransferFailure
 from voxgate.codec.g711 import PCMU
 
 META = CallMeta(call_id="abc@10.0.0.1", session_id="0123456789ab", tenant="acme",
@@ -80,12 +82,33 @@ def test_bot_messages_of_any_length_become_events():
     json.dumps({"event": "media", "streamSid": "x", "media": {"payload": "!!"}}),
     json.dumps({"event": "mark", "streamSid": "x", "mark": {"name": 5}}),
     "[" * 5000 + "]" * 5000, '{"event": "clear", "streamSid": "x", "n": ' + "1" * 5000 + "}",
-    "x" * 70_000,
+    "x" * 70_000, json.dumps({"event": "transfer", "streamSid": "x"}),
+    json.dumps({"event": "transfer", "streamSid": "x", "transfer": {"target": 5}}),
+    json.dumps({"event": "transfer", "streamSid": "x",
+                "transfer": {"target": "sip:" + "a" * MAX_TARGET_CHARS}}),
 ])
 def test_malformed_bot_messages_raise_only_bot_wire_error(message):
     wire = TwilioWire(META, max_message_bytes=65536)
     with pytest.raises(BotWireError):
         wire.receive_untrusted(message)
+
+
+def test_twilio_transfer_and_its_failure():
+    wire = TwilioWire(META, max_message_bytes=65536)
+    wire.opening()
+    asked = wire.receive_untrusted(json.dumps(
+        {"event": "transfer", "streamSid": wire.stream_sid,
+         "transfer": {"target": "sip:human@10.0.0.9"}}))
+    assert asked == BotTransfer("sip:human@10.0.0.9")
+    # Not checked here: a bad target is the session's to refuse (told back as below).
+    assert wire.receive_untrusted(json.dumps(
+        {"event": "transfer", "streamSid": "x", "transfer": {"target": "tel:1"}})
+    ) == BotTransfer("tel:1")
+    told = json.loads(wire.transfer_failed(TransferFailure("sip:human@10.0.0.9", 486, "failed")))
+    assert told == {"event": "transfer_failed", "streamSid": wire.stream_sid,
+                    "sequenceNumber": "2",
+                    "transfer": {"target": "sip:human@10.0.0.9", "status": 486,
+                                 "reason": "failed"}}
 
 
 # -- Vonage ----------------------------------------------------------------------------
@@ -219,6 +242,15 @@ def test_vonage_notify_comes_back_with_its_payload():
     assert wire.mark("m1") is None and wire.mark("5") is None  # Twilio marks: no payload
 
 
+def test_vonage_transfer_and_its_failure():
+    wire = vonage()
+    assert wire.receive_untrusted('{"action": "transfer", "target": "sip:h@10.0.0.9"}') == (
+        BotTransfer("sip:h@10.0.0.9"))
+    told = json.loads(wire.transfer_failed(TransferFailure("sip:h@10.0.0.9", None, "timeout")))
+    assert told == {"event": "websocket:transfer_failed", "target": "sip:h@10.0.0.9",
+                    "status": None, "reason": "timeout"}
+
+
 def test_vonage_dtmf_is_a_websocket_dtmf_event():
     assert json.loads(vonage().dtmf("#")) == {"event": "websocket:dtmf", "digit": "#",
                                                "duration": 100}
@@ -231,6 +263,8 @@ def test_vonage_dtmf_is_a_websocket_dtmf_event():
     json.dumps({"action": "notify", "payload": {"name": "x" * MAX_NOTIFY_PAYLOAD_BYTES}}),
     '{"action": "notify", "payload": ' + "[" * 20 + "]" * 20 + "}",
     '{"action": "clear", "n": ' + "1" * 5000 + "}", "x" * 70_000, bytes(70_000),
+    '{"action": "transfer"}', '{"action": "transfer", "target": ["sip:a@b"]}',
+    json.dumps({"action": "transfer", "target": "sip:" + "a" * MAX_TARGET_CHARS}),
 ])
 def test_malformed_vonage_messages_raise_only_bot_wire_error(message):
     with pytest.raises(BotWireError):

@@ -12,6 +12,7 @@ from voxgate.agents.dialogue import (
     BUILTIN_MENU,
     CONFIRM_STEP,
     NO_MATCH,
+    TRANSFER_FAILED_INTENT,
     Choice,
     Dialogue,
     KeyInput,
@@ -107,6 +108,31 @@ def test_follow_takes_the_integrators_answer():
     assert answer.next_step == "more"
     unknown = dialogue.follow("Hi.", "nowhere", True)
     assert (unknown.say, unknown.next_step, unknown.hangup) == ("Hi.", "main", True)
+
+
+HUMAN = "sip:human@192.0.2.7"
+TRANSFER_MENU = dataclasses.replace(BUILTIN_MENU, steps=(dataclasses.replace(
+    BUILTIN_MENU.steps[0], choices=(
+        Choice(phrases=("agent",), dtmf="0", say="Connecting you.", transfer=HUMAN),
+        *BUILTIN_MENU.steps[0].choices[2:]),
+), *BUILTIN_MENU.steps[1:]), transfer_failed_say="Nobody is free.")
+
+
+def test_a_transfer_choice_transfers_then_a_failure_goes_back_to_the_step():
+    assert menu_problem(TRANSFER_MENU) is None
+    dialogue = Dialogue(TRANSFER_MENU)
+    answer = take(dialogue, KeyInput("0"))
+    assert (answer.say, answer.transfer, answer.next_step, answer.hangup) == (
+        "Connecting you.", HUMAN, "main", False)
+    failed = dialogue.transfer_failed()
+    assert (failed.say, failed.next_step, failed.intent, failed.transfer) == (
+        "Nobody is free. Say balance, agent, or goodbye.", "main", TRANSFER_FAILED_INTENT, "")
+
+
+def test_follow_takes_an_integrators_transfer_over_next_and_hangup():
+    answer = Dialogue(BUILTIN_MENU).follow("One moment.", "more", True, HUMAN)
+    assert (answer.say, answer.transfer, answer.next_step, answer.hangup) == (
+        "One moment.", HUMAN, "main", False)
 
 
 def take(dialogue: Dialogue, heard_input: SpeechInput | KeyInput):

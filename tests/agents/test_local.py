@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
@@ -9,7 +10,9 @@ import pytest
 import trio
 import trio.testing
 
+from voxgate.agents.dialogue import BUILTIN_MENU, Choice
 from voxgate.agents.local import CallerUtterance, LocalAgent, LocalRuntime, shared_runtime
+from voxgate.agents.transfer import TransferFailure
 from voxgate.agents.webhook import PluginIntegrator
 from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.config import AgentConfig, Config, TimersConfig
@@ -31,6 +34,10 @@ class Controls:
         self.hangups: list[str] = []
         self.barge_in: list[bool] = []
         self.key_turns = 0
+        self.transfers: list[str] = []
+
+    def transfer(self, target: str) -> None:
+        self.transfers.append(target)
 
     def hangup(self, reason: str) -> None:
         self.hangups.append(reason)
@@ -206,6 +213,32 @@ async def test_dtmf_digit_string_and_first_voice():
         nursery.cancel_scope.cancel()
 
 
+async def test_a_transfer_choice_transfers_after_its_say_and_a_failure_is_spoken():
+    steps = BUILTIN_MENU.steps
+    menu = dataclasses.replace(BUILTIN_MENU, steps=(dataclasses.replace(steps[0], choices=(
+        Choice(dtmf="0", say="Connecting you.", transfer="sip:human@192.0.2.7"),
+        *steps[0].choices[2:])), *steps[1:]))
+    agent, controls, _ = make(AgentConfig(kind="local", menu=menu))
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        agent.on_dtmf(DtmfEvent("0", 100, trio.current_time()))
+        await trio.testing.wait_all_tasks_blocked()
+        assert turns_of(agent)[-1]["transfer"] == "sip:human@192.0.2.7"
+        assert controls.transfers == []  # not before "Connecting you." is played
+        agent.on_playback_done(2, "paced")
+        assert controls.transfers == ["sip:human@192.0.2.7"]
+        agent.transfer_failed(TransferFailure("sip:human@192.0.2.7", 486, "failed"))
+        await trio.testing.wait_all_tasks_blocked()
+        last = turns_of(agent)[-1]
+        assert (last["input"], last["status"], last["intent"], last["next"]) == (
+            "transfer", 486, "transfer-failed", "main")
+        assert last["say"] == f"{menu.transfer_failed_say} {steps[0].prompt}"
+        assert agent.describe()["stats"]["transfer_failures"] == 1  # type: ignore[index]
+        assert controls.hangups == []
+        nursery.cancel_scope.cancel()
+
+
 async def _hook(request: dict[str, object]) -> dict[str, object] | None:
     if request["transcript"] == "agent":
         return {"say": f"Hello {request['call']}.", "next": "main"}
@@ -227,6 +260,27 @@ async def test_integrator_reply_overrides_the_menu():
         assert (first["source"], first["say"]) == (
             "plugin", "Hello c1. Say balance, agent, or goodbye.")
         assert (second["source"], second["next"]) == ("menu", "account")
+        nursery.cancel_scope.cancel()
+
+
+async def _transfer_hook(request: dict[str, object]) -> dict[str, object] | None:
+    return {"say": "One moment.", "transfer": "sip:human@192.0.2.7", "next": "more"}
+
+
+async def test_integrator_reply_transfers_the_caller():
+    agent, controls, recognizer = make()
+    agent._runtime.integrator = PluginIntegrator(_transfer_hook, max_concurrent=1, timeout_s=1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(agent.run)
+        await trio.testing.wait_all_tasks_blocked()
+        recognizer.transcripts += ["agent"]
+        speak(agent, 0, 10)
+        await trio.testing.wait_all_tasks_blocked()
+        turn = turns_of(agent)[-1]
+        assert (turn["source"], turn["say"], turn["next"], turn["transfer"]) == (
+            "plugin", "One moment.", "main", "sip:human@192.0.2.7")
+        agent.on_playback_done(2, "paced")
+        assert controls.transfers == ["sip:human@192.0.2.7"]
         nursery.cancel_scope.cancel()
 
 

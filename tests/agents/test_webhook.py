@@ -45,13 +45,17 @@ REQUEST = {"session": "s1", "tenant": "default", "call": "c1", "step": "main",
         (b"{}", Reply()),
         (b'{"say": "Hi.", "hangup": true, "next": "more"}', Reply("Hi.", True, "more")),
         (b'{"say": null, "extra": 1}', Reply()),
+        (b'{"say": "One moment.", "transfer": "sip:human@192.0.2.7"}',
+         Reply("One moment.", transfer="sip:human@192.0.2.7")),
     ],
 )
 def test_replies(body, reply):
     assert parse_reply_untrusted(body) == reply
 
 
-@pytest.mark.parametrize("body", [b"{", b"[1]", b'{"say": 3}', b'{"hangup": "yes"}', b"\xff"])
+@pytest.mark.parametrize("body", [b"{", b"[1]", b'{"say": 3}', b'{"hangup": "yes"}', b"\xff",
+                                  b'{"transfer": 5}', b'{"transfer": "tel:+15551234"}',
+                                  b'{"transfer": "sip:a@b c"}'])
 def test_bad_replies(body):
     with pytest.raises(RemoteProtocolError):
         parse_reply_untrusted(body)
@@ -79,7 +83,7 @@ def test_hostile_replies_are_remote_protocol_errors(body):
 
 
 def test_empty_reply():
-    assert Reply().empty and not Reply(next="x").empty
+    assert Reply().empty and not Reply(next="x").empty and not Reply(transfer="sip:x").empty
 
 
 class Hook(BaseHTTPRequestHandler):

@@ -18,7 +18,11 @@ auto hang-up off) or ``VonageFrameSerializer`` (Vonage audio connector, PCM16 at
   ``InterruptionFrame``: the serializer sends Twilio ``clear`` / Vonage ``{"action":"clear"}``);
 * on ``*`` ends the pipeline (``EndWorkerFrame``: queued audio is played out, Pipecat
   sends its end silence, then closes the WebSocket with 1000);
-* on ``0`` cancels the pipeline (``CancelWorkerFrame``: the socket closes at once).
+* on ``0`` cancels the pipeline (``CancelWorkerFrame``: the socket closes at once);
+* with ``--transfer-key K --transfer-target URI``, on ``K`` (instead of the above)
+  asks voxgate to transfer the caller: Twilio ``{"event":"transfer","streamSid":S,
+  "transfer":{"target":URI}}`` or Vonage ``{"action":"transfer","target":URI}``
+  (event ``transfer_asked``); voxgate's ``transfer_failed`` answer is logged as ``raw``.
 
 Everything the tests may check goes to ``--events`` as JSON lines, each with ``event``,
 ``conn`` (connection number from 1) and ``t`` (Unix time): ``accepted``, ``start``
@@ -183,6 +187,8 @@ def describe_twilio(data: str | bytes, stream_sid: str | None) -> dict[str, Any]
         fields.update(protocol=message.get("protocol"), version=message.get("version"))
     elif kind in ("start", "stop"):
         fields[kind] = message.get(kind)
+    elif kind == "transfer_failed":
+        fields["transfer"] = message.get("transfer")
     return fields
 
 
@@ -267,10 +273,11 @@ def tone(seconds: float, hz: float, sample_rate: int) -> bytes:
 class CallerEcho(FrameProcessor):
     """Echo caller audio; act on DTMF as the module docstring says."""
 
-    def __init__(self, conn: Connection, out_rate: int) -> None:
+    def __init__(self, conn: Connection, out_rate: int, transfer: tuple[str, str] | None) -> None:
         super().__init__(name="caller-echo")
         self._conn = conn
         self._out_rate = out_rate
+        self._transfer = transfer  # (key, target)
         self._marks = 0
         self._interrupt_task: asyncio.Task[None] | None = None
 
@@ -305,11 +312,20 @@ class CallerEcho(FrameProcessor):
         )
 
     async def _on_digit(self, digit: str) -> None:
-        if digit == "1":
+        if self._transfer is not None and digit == self._transfer[0]:
+            target = self._transfer[1]
+            message: dict[str, Any]
+            if self._conn.protocol == "twilio":
+                message = {"event": "transfer", "streamSid": self._conn.stream_sid,
+                           "transfer": {"target": target}}
+            else:
+                message = {"action": "transfer", "target": target}
+            self._conn.event("transfer_asked", target=target)
+            await self.push_frame(OutputTransportMessageFrame(message=message))
+        elif digit == "1":
             await self._play(MARK_TONE_S, MARK_TONE_HZ)
             self._marks += 1
             name = f"m{self._marks}"
-            message: dict[str, Any]
             if self._conn.protocol == "twilio":
                 sid = self._conn.stream_sid
                 message = {"event": "mark", "streamSid": sid, "mark": {"name": name}}
@@ -353,6 +369,8 @@ class BotConfig:
     protocol: str
     sample_rate: int
     log: EventLog
+    transfer: tuple[str, str] | None = None
+    """``--transfer-key`` and ``--transfer-target``, when given."""
     server: uvicorn.Server | None = None
 
     def shutting_down(self) -> bool:
@@ -418,7 +436,8 @@ async def run_connection(websocket: WebSocket, conn: Connection, config: BotConf
             allowed_origins=[],
         ),
     )
-    pipeline = Pipeline([transport.input(), CallerEcho(conn, rate), transport.output()])
+    echo = CallerEcho(conn, rate, config.transfer)
+    pipeline = Pipeline([transport.input(), echo, transport.output()])
     worker = PipelineWorker(
         pipeline,
         params=PipelineParams(audio_in_sample_rate=rate, audio_out_sample_rate=rate),
@@ -515,11 +534,14 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--events", type=Path, help="JSON-lines event log (default stdout)")
     parser.add_argument("--log-level", default="INFO", help="Pipecat (loguru) level on stderr")
+    parser.add_argument("--transfer-key", help="DTMF key that asks voxgate for a transfer")
+    parser.add_argument("--transfer-target", help="the SIP URI of that transfer")
     args = parser.parse_args(argv)
 
     logger.remove()
     logger.add(sys.stderr, level=args.log_level.upper())
-    config = BotConfig(args.protocol, args.sample_rate, EventLog(args.events))
+    transfer = (args.transfer_key, args.transfer_target) if args.transfer_key else None
+    config = BotConfig(args.protocol, args.sample_rate, EventLog(args.events), transfer)
     asyncio.run(serve(args.host, args.port, config))
 
 

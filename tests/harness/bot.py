@@ -344,11 +344,14 @@ class PipecatBot(BotProcess):
         workdir: Path | None = None,
         log_level: str = "INFO",
         ready_timeout_s: float = READY_TIMEOUT_S,
+        transfer: tuple[str, str] | None = None,
     ) -> None:
+        """``transfer``: (key, SIP URI): that key makes the bot ask for a transfer there."""
         super().__init__(port=port, workdir=workdir, ready_timeout_s=ready_timeout_s)
         self.protocol: Protocol = protocol
         self.sample_rate = sample_rate
         self._log_level = log_level
+        self._transfer = transfer
 
     def command(self) -> list[str]:
         """The bot's command line."""
@@ -363,6 +366,8 @@ class PipecatBot(BotProcess):
         ]
         if self.protocol == "vonage":
             cmd += ["--sample-rate", str(self.sample_rate)]
+        if self._transfer is not None:
+            cmd += ["--transfer-key", self._transfer[0], "--transfer-target", self._transfer[1]]
         return cmd
 
 

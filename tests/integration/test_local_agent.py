@@ -68,6 +68,8 @@ class Hook:
     slow_calls: set[str] = field(default_factory=set)
     no_match_calls: set[str] = field(default_factory=set)
     url: str = ""
+    always: dict[str, object] = field(default_factory=dict)
+    """When set, the reply to every request."""
 
 
 @dataclass
@@ -308,7 +310,9 @@ class _HookHandler(BaseHTTPRequestHandler):
         if request["call"] in self.hook.slow_calls:
             time.sleep(SLOW_WEBHOOK_S)
         reply: dict[str, object] = {}
-        if request["intent"] == "agent":
+        if self.hook.always:
+            reply = self.hook.always
+        elif request["intent"] == "agent":
             reply = {"say": WEBHOOK_SAY, "next": "main"}
         elif request["intent"] == "no-match" and request["call"] in self.hook.no_match_calls:
             reply = {"say": CALL_BACK_SAY, "next": "main"}

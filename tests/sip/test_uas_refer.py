@@ -150,3 +150,41 @@ def test_notify_without_our_refer_gets_481() -> None:
     (b"garbage", None), (b"SIP/2.0 2000 OK", None), (b"SIP/2.0 099 x", None)])
 def test_sipfrag_status(body: bytes, status: int | None) -> None:
     assert sipfrag_status(body) == status
+
+
+def test_no_final_notify_within_transfer_timeout_s_fails_as_timeout() -> None:
+    link = FakeLink()
+    link.core.transfer_timeout_s = 10.0
+    key, tag, refer = referred(link)
+    link.send(make_response(refer, 202))
+    assert notify(link, tag, b"SIP/2.0 100 Trying\r\n") == 200
+    link.advance(9.9)
+    assert link.take_events() == []
+    link.advance(0.2)
+    assert link.take_events() == [TransferEnded(key, False, 408, timed_out=True)]
+    stats = link.core.stats
+    assert (stats.transfers_timeout, stats.transfers_failed) == (1, 0)
+    assert notify(link, tag, b"SIP/2.0 200 OK\r\n", "terminated") == 481  # too late
+    assert link.take_events() == []
+    link.run_timers_out()
+    assert link.core.next_deadline() is None
+
+
+def test_a_transfer_that_ended_leaves_no_deadline() -> None:
+    link = FakeLink()
+    key, tag, refer = referred(link)
+    link.send(make_response(refer, 202))
+    assert notify(link, tag, b"SIP/2.0 486 Busy Here\r\n", "terminated") == 200
+    assert link.take_events() == [TransferEnded(key, False, 486)]
+    link.run_timers_out()
+    assert link.take_events() == [] and link.core.next_deadline() is None
+    assert link.core.stats.transfers_timeout == 0
+
+
+def test_forgetting_a_transferring_call_drops_its_deadline() -> None:
+    link = FakeLink()
+    key, _, refer = referred(link)
+    link.send(make_response(refer, 202))
+    link.core.forget(key)
+    link.run_timers_out()
+    assert link.take_events() == [] and link.core.next_deadline() is None

@@ -109,9 +109,20 @@ def test_round_trip_from_the_media_server(event):
     assert parse_message_untrusted(serialize(event, sequence_number=4)) == event
 
 
-@pytest.mark.parametrize("event", [Media(SID, FRAME), Mark(SID, "3"), Clear(SID)])
+@pytest.mark.parametrize("event", [
+    Media(SID, FRAME), Mark(SID, "3"), Clear(SID),
+    ms.TransferFailed(SID, "sip:human@10.0.0.9", 486, "failed"),
+    ms.TransferFailed(SID, "sip:human@10.0.0.9", None, "timeout"),
+])
 def test_round_trip_of_our_messages(event):
     assert parse_message_untrusted(serialize(event), ms.FROM_VOXGATE) == event
+
+
+def test_round_trip_of_a_bots_transfer():
+    event = ms.Transfer(SID, "sip:human@10.0.0.9")
+    assert parse_message_untrusted(serialize(event), ms.FROM_BOT) == event
+    with pytest.raises(MediaStreamError):  # a media server cannot ask for one
+        parse_message_untrusted(serialize(event))
 
 
 def test_our_messages_have_twilios_layout():

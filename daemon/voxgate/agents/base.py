@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from voxgate.agents.transfer import TransferFailure
 from voxgate.end_reasons import EndReason
 from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import SpeechStarted, SpeechStopped
@@ -48,6 +49,15 @@ class AgentControls(Protocol):
         """The caller finished a turn the VAD cannot see (keys pressed): the
         agent-response deadman (``[timers] agent_response_s``) starts as after speech."""
 
+    def transfer(self, target: str) -> None:
+        """Blind-transfer the caller to the SIP URI ``target`` (REFER, RFC 3515).
+
+        Returns at once. Success ends the call with reason ``transferred``;
+        any failure, including an invalid ``target`` or a call that cannot be
+        transferred (not SIP), comes back as :meth:`Agent.transfer_failed`,
+        possibly before this returns, and the call goes on.
+        """
+
 
 class Agent:
     """Base class: every hook does nothing; :meth:`run` returns at once."""
@@ -79,6 +89,11 @@ class Agent:
     def on_playback_done(self, utterance_id: int, signal: str) -> None:
         """An utterance from ``playout.say`` finished playing; ``signal`` says how we
         know (``paced``, ``mark``, ``drained``, ``deadman`` or ``cleared``)."""
+
+    def transfer_failed(self, failure: TransferFailure) -> None:
+        """A transfer this call asked for (by the agent or ``voxgatectl transfer``)
+        did not happen; the call goes on. Called from the session's event loop:
+        must not block."""
 
     async def run(self) -> None:
         """Long-running work in the session's nursery; cancelled at call end."""

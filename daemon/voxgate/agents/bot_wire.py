@@ -25,6 +25,14 @@ so a bot written for a cloud media-streams gateway works unchanged:
   it has played with ``{"event": "websocket:notify", "payload": {...}}``.
   Nothing closes the stream but the socket's close.
 
+Transfer to a human (voxgate's extension of both): the bot sends ``twilio``
+``{"event": "transfer", "streamSid": S, "transfer": {"target": "sip:…"}}`` or
+``vonage`` ``{"action": "transfer", "target": "sip:…"}`` (:class:`BotTransfer`);
+a failed transfer is answered ``{"event": "transfer_failed", "streamSid": S,
+"transfer": {"target", "status", "reason"}}`` or ``{"event":
+"websocket:transfer_failed", "target", "status", "reason"}``
+(:class:`~voxgate.agents.transfer.TransferFailure`).
+
 Inside voxgate audio is 20 ms frames of 8 kHz PCM16
 (:mod:`voxgate.pipeline.frames`); a wire converts from and to its own
 format. Every method that reads the bot's bytes raises :class:`BotWireError`
@@ -43,6 +51,7 @@ import numpy as np
 import numpy.typing as npt
 import soxr
 
+from voxgate.agents.transfer import MAX_TARGET_CHARS, TransferFailure
 from voxgate.codec.g711 import PCMU
 from voxgate.errors import RemoteProtocolError
 from voxgate.jsonbounds import UntrustedJSONError, loads_untrusted
@@ -95,7 +104,14 @@ class BotClear:
     """Drop the agent audio not played yet (the bot's barge-in)."""
 
 
-BotEvent = BotAudio | BotMark | BotClear
+@dataclass(frozen=True, slots=True)
+class BotTransfer:
+    """Blind-transfer the caller to ``target`` (checked by the session, not here)."""
+
+    target: str
+
+
+BotEvent = BotAudio | BotMark | BotClear | BotTransfer
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +153,9 @@ class BotWire(Protocol):
 
     def closing(self) -> list[str | bytes]:
         """The messages that end the stream."""
+
+    def transfer_failed(self, failure: TransferFailure) -> str | bytes:
+        """The message telling the bot its transfer failed."""
 
     def receive_untrusted(self, data: str | bytes) -> BotEvent | None:
         """One message from the bot; None for one that needs no action.
@@ -208,7 +227,14 @@ class TwilioWire:
             return BotAudio(PCMU.decode(event.payload))
         if isinstance(event, ms.Mark):
             return BotMark(event.name)
+        if isinstance(event, ms.Transfer):
+            return BotTransfer(event.target)
         return BotClear()
+
+    def transfer_failed(self, failure: TransferFailure) -> str:
+        event = ms.TransferFailed(self.stream_sid, failure.target, failure.status,
+                                  failure.reason)
+        return ms.serialize(event, sequence_number=self._next())
 
 
 def _compact_json(value: object) -> str:
@@ -314,16 +340,23 @@ class VonageWire:
         """Nothing: Vonage has no closing message, the socket's close ends the stream."""
         return []
 
+    def transfer_failed(self, failure: TransferFailure) -> str:
+        """``websocket:transfer_failed`` with the target, status and reason."""
+        return _compact_json({"event": "websocket:transfer_failed", "target": failure.target,
+                              "status": failure.status, "reason": failure.reason})
+
     def receive_untrusted(self, data: str | bytes) -> BotEvent | None:
         """Binary: audio (None while no whole 8 kHz sample is out); text:
-        ``clear`` or ``notify``.
+        ``clear``, ``notify`` or ``transfer``.
 
         Raises:
             BotWireError: over ``max_message_bytes``; text that is not a JSON
                 object (bounded: :func:`~voxgate.jsonbounds.loads_untrusted`,
                 :data:`VONAGE_MAX_DEPTH` deep); an unknown ``action``; a
                 ``notify`` whose payload is not an object of at most
-                :data:`MAX_NOTIFY_PAYLOAD_BYTES`.
+                :data:`MAX_NOTIFY_PAYLOAD_BYTES`; a ``transfer`` whose
+                ``target`` is not a string of at most
+                :data:`~voxgate.agents.transfer.MAX_TARGET_CHARS`.
         """
         if isinstance(data, bytes):
             return self._audio(data)
@@ -347,6 +380,12 @@ class VonageWire:
             if len(name.encode()) > MAX_NOTIFY_PAYLOAD_BYTES:
                 raise BotWireError(f"notify.payload over {MAX_NOTIFY_PAYLOAD_BYTES} bytes")
             return BotMark(name)
+        if action == "transfer":
+            target = msg.get("target")
+            if not isinstance(target, str) or len(target) > MAX_TARGET_CHARS:
+                raise BotWireError(f"transfer.target missing, not a string or over "
+                                   f"{MAX_TARGET_CHARS} characters")
+            return BotTransfer(target)
         raise BotWireError(f"unknown action {str(action)[:40]!r}")
 
     def _audio(self, data: bytes) -> BotAudio | None:

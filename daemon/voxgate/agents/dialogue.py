@@ -4,6 +4,7 @@ A :class:`Menu` is declarative (``[agent.menu]`` in the config, or
 :data:`BUILTIN_MENU`)::
 
     greeting ─▶ start step ─(input)─▶ matching choice ─▶ say, next step (its prompt), hang up
+                                 │                     └─▶ say, transfer to a human (REFER)
                                  └──(nothing matches)──▶ no_match + the step's prompt again
 
 An input is what the caller said (:class:`SpeechInput`: the free-form
@@ -28,6 +29,11 @@ Rejection and confirmation (speech only; keys are exact and never confirmed)::
         confirmation (grammar :data:`CONFIRM_STEP`: yes / no, keys 1 / 2):
           yes ─▶ the choice's answer    no ─▶ the step's prompt    else ─▶ no-match, asked again
 
+A choice with ``transfer`` (a ``sip:``/``sips:`` URI) says its ``say`` and
+then hands the caller to that target (blind transfer). When the transfer
+fails the caller hears the menu's ``transfer_failed_say`` and the step's prompt
+again (:meth:`Dialogue.transfer_failed`): the menu goes on.
+
 Every answer names the turn's *intent* (:func:`intent_of`): the matched
 choice's name, :data:`NO_MATCH`, or ``yes``/``no`` in a confirmation.
 
@@ -40,6 +46,8 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+
+from voxgate.agents.transfer import target_problem
 
 DIGIT_WORDS = {
     "zero": "0", "oh": "0", "one": "1", "two": "2", "three": "3", "four": "4",
@@ -81,6 +89,8 @@ class Choice:
             menu's ``hangup_confidence``, else the caller is asked first).
         intent: the name the integrator, the logs and the call record see ("" takes
             :func:`intent_of`'s default).
+        transfer: a ``sip:``/``sips:`` URI to transfer the caller to once ``say`` has
+            been played ("" for none; not with ``next`` or ``hangup``).
     """
 
     phrases: tuple[str, ...] = ()
@@ -90,6 +100,7 @@ class Choice:
     next: str = ""
     hangup: bool = False
     intent: str = ""
+    transfer: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +151,8 @@ class Menu:
         fallback_say: said with the fallback, after the no-match answer.
         confirm_digits_say: the digit read-back; ``{digits}`` is the digits.
         confirm_hangup_say: the question before a doubtful hang-up choice.
+        transfer_failed_say: said when a ``transfer`` choice's transfer failed, before
+            the step's prompt.
     """
 
     greeting: str = ""
@@ -155,6 +168,7 @@ class Menu:
     fallback_say: str = ""
     confirm_digits_say: str = "I heard {digits}. Is that right? Say yes or no."
     confirm_hangup_say: str = "Do you want to end the call? Say yes or no."
+    transfer_failed_say: str = "Sorry, nobody can take your call right now."
     steps: tuple[Step, ...] = ()
 
     def step(self, name: str) -> Step:
@@ -192,6 +206,12 @@ def menu_problem(menu: Menu) -> str | None:
                 return f"{at} dtmf: only 0-9 * # A-D"
             if _DIGITS_FIELD in choice.say and not choice.digits:
                 return f"{at} say: {{digits}} needs digits = true"
+            if choice.transfer:
+                if choice.next or choice.hangup:
+                    return f"{at} transfer: not with next or hangup"
+                problem = target_problem(choice.transfer)
+                if problem is not None:
+                    return f"{at} transfer: {problem}"
             if choice.intent == NO_MATCH:
                 return f"{at} intent: {NO_MATCH!r} is the intent of no match"
     if menu.start and menu.start not in names:
@@ -260,6 +280,7 @@ class Answer:
         intent: what the input meant (see :func:`intent_of`, :data:`NO_MATCH`).
         no_matches: no-matches in a row in the step once this answer is taken.
         confirming: the choice (and digits) a yes/no question asks about, if any.
+        transfer: the SIP URI to transfer the caller to once ``say`` is played ("": none).
     """
 
     say: str
@@ -270,6 +291,11 @@ class Answer:
     intent: str = ""
     no_matches: int = 0
     confirming: Pending | None = None
+    transfer: str = ""
+
+
+TRANSFER_FAILED_INTENT = "transfer-failed"
+"""The intent of the turn that tells the caller their transfer failed."""
 
 
 class Dialogue:
@@ -325,12 +351,22 @@ class Dialogue:
             return False
         return not match[0].hangup or confidence >= self.menu.hangup_confidence
 
-    def follow(self, say: str, next_step: str, hangup: bool) -> Answer:
+    def follow(self, say: str, next_step: str, hangup: bool, transfer: str = "") -> Answer:
         """An integrator's answer: ``say``, then ``next_step``'s prompt (unknown or ""
-        stays in the current step silently). It ends any no-match run and question."""
+        stays in the current step silently), or the transfer to ``transfer`` (a checked
+        SIP URI; it wins over ``next_step`` and ``hangup``). It ends any no-match run
+        and question."""
+        if transfer:
+            return self._answer(Choice(say=say, transfer=transfer), "", "")
         choice = Choice(say=say, next=next_step if _has_step(self.menu, next_step) else "",
                         hangup=hangup)
         return self._answer(choice, "", "")
+
+    def transfer_failed(self) -> Answer:
+        """The answer when a transfer failed: ``transfer_failed_say`` and the current
+        step's prompt; the menu goes on in that step."""
+        return Answer(_join(self.menu.transfer_failed_say, self.step.prompt), self.step.name,
+                      intent=TRANSFER_FAILED_INTENT)
 
     def go(self, answer: Answer) -> None:
         """Take ``answer``: move to its step, keep its no-match count and question."""
@@ -422,7 +458,8 @@ class Dialogue:
         say = choice.say.replace(_DIGITS_FIELD, " ".join(digits))
         if choice.next:
             say = _join(say, self.menu.step(choice.next).prompt)
-        return Answer(say, choice.next or self.step.name, choice.hangup, True, digits, intent)
+        return Answer(say, choice.next or self.step.name, choice.hangup, True, digits, intent,
+                      transfer=choice.transfer)
 
 
 def _sure_to_hang_up(heard: SpeechInput, menu: Menu) -> bool:

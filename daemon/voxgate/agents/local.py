@@ -35,6 +35,12 @@ turn, so the endpointing wait counts, be it shorter or longer than ``[vad]
 stop_ms``) to when the answer's first frame is due out of the playout queue;
 time to first voice from the answer to the first agent frame played.
 
+A menu choice (or an integrator's reply) with a transfer target hands the
+caller to it once its ``say`` has been played
+(:meth:`~voxgate.agents.base.AgentControls.transfer`); a failed transfer comes
+back as an input of its own, answered with the menu's ``transfer_failed_say``
+and the step's prompt (a turn with ``input=transfer``).
+
 A slow integrator: the session's agent-response deadman plays the fallback
 prompt at ``[timers] agent_response_s``; the integrator's reply is spoken
 after it if it comes within its own ``agent_response_s`` plus
@@ -68,6 +74,7 @@ from voxgate.agents.dialogue import (
 from voxgate.agents.endpoint import Endpointer, Verdict
 from voxgate.agents.recognizer import Recognition, Recognizer, menu_grammars, shared_pool
 from voxgate.agents.synth import SynthesisError, Synthesizer
+from voxgate.agents.transfer import TransferFailure
 from voxgate.agents.webhook import Ask, Integrator, integrator_for
 from voxgate.budget import BoundedAudioQueue, SessionBudget
 from voxgate.config import AgentConfig, Config
@@ -157,7 +164,7 @@ class LocalAgentStats:
     """Counters of one local agent."""
 
     __slots__ = ("barge_ins", "dropped_checks", "dropped_inputs", "ignored_utterances",
-                 "no_matches", "synthesis_errors", "turns")
+                 "no_matches", "synthesis_errors", "transfer_failures", "transfers", "turns")
 
     def __init__(self) -> None:
         self.turns = 0
@@ -171,6 +178,10 @@ class LocalAgentStats:
         """Speech that started while the agent talked with barge-in off."""
         self.barge_ins = 0
         self.synthesis_errors = 0
+        self.transfers = 0
+        """Transfers the agent asked for."""
+        self.transfer_failures = 0
+        """Failed transfers it was told of."""
 
 
 class LocalAgent(Agent):
@@ -194,14 +205,15 @@ class LocalAgent(Agent):
         self._capturing = False
         self._speech_at = 0.0
         self._barged_in = False
-        self._inputs_in, self._inputs = trio.open_memory_channel[CallerUtterance | KeyPress](
-            INPUT_QUEUE)
+        self._inputs_in, self._inputs = trio.open_memory_channel[
+            CallerUtterance | KeyPress | TransferFailure](INPUT_QUEUE)
         self._checks_in, self._checks = trio.open_memory_channel[EndpointCheck](CHECK_QUEUE)
         config = runtime.config
         self._endpointer = Endpointer(check_ms=config.endpoint_check_ms,
                                       max_ms=config.endpoint_max_ms)
         self._turns: deque[dict[str, Any]] = deque(maxlen=MAX_TURNS_KEPT)
         self._hangup_after: int | None = None
+        self._transfer_after: tuple[int, str] | None = None
         self._first_voice_s: float | None = None
         self.stats = LocalAgentStats()
 
@@ -261,8 +273,20 @@ class LocalAgent(Agent):
     def on_playback_done(self, utterance_id: int, signal: str) -> None:
         if utterance_id == self._hangup_after:
             self.controls.hangup(HANGUP_REASON)
+        if self._transfer_after is not None and utterance_id == self._transfer_after[0]:
+            target = self._transfer_after[1]
+            self._transfer_after = None
+            self._transfer(target)
 
-    def _offer(self, item: CallerUtterance | KeyPress) -> None:
+    def transfer_failed(self, failure: TransferFailure) -> None:
+        self.stats.transfer_failures += 1
+        self._offer(failure)
+
+    def _transfer(self, target: str) -> None:
+        self.stats.transfers += 1
+        self.controls.transfer(target)
+
+    def _offer(self, item: CallerUtterance | KeyPress | TransferFailure) -> None:
         try:
             self._inputs_in.send_nowait(item)
         except trio.WouldBlock:
@@ -302,14 +326,15 @@ class LocalAgent(Agent):
         integrator = self._runtime.integrator
         return integrator.connect() if integrator is not None else _nothing()
 
-    async def _next_input(self) -> CallerUtterance | KeyInput:
-        """The next utterance, or key string the menu takes (keys are collected here)."""
+    async def _next_input(self) -> CallerUtterance | KeyInput | TransferFailure:
+        """The next utterance, key string the menu takes (keys are collected here) or
+        failed transfer."""
         dialogue = self._dialogue
         while True:
             deadline = dialogue.next_deadline()
             with trio.move_on_at(math.inf if deadline is None else deadline):
                 item = await self._inputs.receive()
-                if isinstance(item, CallerUtterance):
+                if not isinstance(item, KeyPress):
                     return item
                 keys = dialogue.key(item.digit, item.at)
                 if keys is not None:
@@ -321,9 +346,16 @@ class LocalAgent(Agent):
                 self.controls.caller_turn_ended()
                 return timed_out
 
-    async def _take_turn(self, item: CallerUtterance | KeyInput, ask: Ask | None) -> None:
+    async def _take_turn(self, item: CallerUtterance | KeyInput | TransferFailure,
+                         ask: Ask | None) -> None:
         dialogue = self._dialogue
         record: dict[str, Any] = {"step": dialogue.step.name}
+        if isinstance(item, TransferFailure):
+            answer = dialogue.transfer_failed()
+            record.update(input="transfer", transfer=item.target, reason=item.reason,
+                          status=item.status, source="menu", intent=answer.intent)
+            await self._speak(answer, record, None)
+            return
         heard: Input
         caller_done_at = None
         if isinstance(item, KeyInput):
@@ -364,7 +396,7 @@ class LocalAgent(Agent):
             return answer
         assert self._runtime.integrator is not None
         record["source"] = self._runtime.integrator.kind
-        return dialogue.follow(reply.say, reply.next, reply.hangup)
+        return dialogue.follow(reply.say, reply.next, reply.hangup, reply.transfer)
 
     def _request(self, heard: Input, answer: Answer) -> dict[str, object]:
         """The integrator's request for ``heard`` and the menu's ``answer`` to it (see
@@ -401,6 +433,8 @@ class LocalAgent(Agent):
             utterance_id = self.playout.say(frames)
             if answer.hangup:
                 self._hangup_after = utterance_id
+            if answer.transfer:
+                self._transfer_after = (utterance_id, answer.transfer)
             if caller_done_at is not None:
                 ahead = max(0, len(self.playout) - len(frames))
                 response_s = now + ahead * FRAME_S - caller_done_at
@@ -408,6 +442,10 @@ class LocalAgent(Agent):
                 record["response_ms"] = round(response_s * 1000)
         elif answer.hangup:
             self.controls.hangup(HANGUP_REASON)
+        elif answer.transfer:
+            self._transfer(answer.transfer)
+        if answer.transfer:
+            record["transfer"] = answer.transfer
         self.stats.turns += 1
         record.update(turn=self.stats.turns, say=answer.say[:_LOGGED_TEXT_CHARS],
                       next=step.name, hangup=answer.hangup, synthesis_ms=_ms_since(started),

@@ -53,11 +53,13 @@ from voxgate.agents.bot_wire import (
     BotAudio,
     BotClear,
     BotMark,
+    BotTransfer,
     BotWire,
     BotWireError,
     CallMeta,
 )
 from voxgate.agents.provider_pool import HealthPool, health_settings
+from voxgate.agents.transfer import TransferFailure
 from voxgate.config import ProviderConfig, StreamConfig
 from voxgate.logging import log_event
 from voxgate.metrics import BOT_MESSAGES_DROPPED, RESPONSE_LATENCY
@@ -217,6 +219,14 @@ class StreamAgent(Agent):
     def on_playback_done(self, utterance_id: int, signal: str) -> None:
         for name in self._marks.pop(utterance_id, ()):
             self._acknowledge(name)
+
+    def transfer_failed(self, failure: TransferFailure) -> None:
+        """Tell the connected bot; dropped and counted (``send_queue``, ``no_bot``) when
+        the send queue is full or no bot is connected (a reconnection)."""
+        if self._wire is not None:
+            self._send(self._wire.transfer_failed(failure))
+        else:
+            BOT_MESSAGES_DROPPED.labels(self.provider, "no_bot").inc()
 
     def describe(self) -> dict[str, object]:
         return {"provider": self.provider, "failovers": self.failovers, "resumes": self.resumes,
@@ -405,6 +415,10 @@ class StreamAgent(Agent):
         elif isinstance(event, BotClear):
             self._pending = b""
             self.controls.clear_playout()
+        elif isinstance(event, BotTransfer):
+            log_event(logging.INFO, "bot_transfer", "the bot asks for a transfer",
+                      call=self.controls, provider=provider, target=event.target[:200])
+            self.controls.transfer(event.target)
 
     def _play(self, pcm: bytes, now: float) -> None:
         if self._turn_ended_at is not None:

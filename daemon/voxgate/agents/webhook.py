@@ -23,7 +23,10 @@ no-matches included, the agent asks the integrator with one JSON object::
 
 The integrator answers ``{"say": "…", "hangup": false, "next": "step"}`` (every
 field optional), which wins over the menu's answer (a no-match's too: the
-integrator handles what the menu does not know). An empty answer (``{}``,
+integrator handles what the menu does not know). ``{"say": "…", "transfer":
+"sip:…"}`` says ``say`` and then transfers the caller to that SIP URI (it wins
+over ``next`` and ``hangup``; a target that is not a ``sip:``/``sips:`` URI
+makes the reply malformed). An empty answer (``{}``,
 ``null``, HTTP 204) lets the menu answer.
 
 * ``[agent.webhook] url`` (or ``urls``, several): an HTTP POST with httpx on
@@ -65,6 +68,7 @@ import trio
 
 from voxgate.agents.provider_pool import HealthPool, health_settings
 from voxgate.agents.providers import HealthSettings
+from voxgate.agents.transfer import target_problem
 from voxgate.config import AgentConfig, WebhookConfig
 from voxgate.errors import ConfigError, RemoteProtocolError
 from voxgate.jsonbounds import loads_untrusted
@@ -85,23 +89,26 @@ Plugin = Callable[[dict[str, object]], Awaitable[object]]
 
 @dataclass(frozen=True, slots=True)
 class Reply:
-    """An integrator's answer: ``say`` it, go to step ``next``, ``hangup`` after it."""
+    """An integrator's answer: ``say`` it, go to step ``next``, ``hangup`` after it, or
+    ``transfer`` the caller to that SIP URI after it."""
 
     say: str = ""
     hangup: bool = False
     next: str = ""
+    transfer: str = ""
 
     @property
     def empty(self) -> bool:
         """Says nothing, moves nowhere, keeps the call: the menu answers instead."""
-        return not (self.say or self.hangup or self.next)
+        return not (self.say or self.hangup or self.next or self.transfer)
 
 
 def reply_from_untrusted(data: object) -> Reply:
     """A :class:`Reply` from a decoded JSON value (None → the empty reply).
 
     Raises:
-        RemoteProtocolError: not an object, or a field of the wrong type.
+        RemoteProtocolError: not an object, a field of the wrong type, or a
+            ``transfer`` that is not a ``sip:``/``sips:`` URI.
     """
     if data is None:
         return Reply()
@@ -110,10 +117,15 @@ def reply_from_untrusted(data: object) -> Reply:
     say = data.get("say") or ""
     hangup = data.get("hangup") or False
     next_step = data.get("next") or ""
-    if not (isinstance(say, str) and isinstance(next_step, str) and isinstance(hangup, bool)):
-        raise RemoteProtocolError("reply fields: say and next are strings, hangup a boolean",
-                                  status_hint=None)
-    return Reply(say, hangup, next_step)
+    transfer = data.get("transfer") or ""
+    if not (isinstance(say, str) and isinstance(next_step, str) and isinstance(hangup, bool)
+            and isinstance(transfer, str)):
+        raise RemoteProtocolError("reply fields: say, next and transfer are strings, hangup "
+                                  "a boolean", status_hint=None)
+    problem = target_problem(transfer) if transfer else None
+    if problem is not None:
+        raise RemoteProtocolError(f"reply transfer: {problem}", status_hint=None)
+    return Reply(say, hangup, next_step, transfer)
 
 
 def counts_against_url(status_code: int) -> bool:

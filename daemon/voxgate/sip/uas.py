@@ -17,7 +17,9 @@ the source address (we stamp ``received``), and our BYE goes to the remote
 target or first route when that is an IP literal, else to where the INVITE
 came from. Our REFER (blind transfer, RFC 3515) goes the same way; a NOTIFY
 is taken only inside a dialog with a transfer running (else 481; outside any
-dialog 405, as other methods we do not implement).
+dialog 405, as other methods we do not implement). The REFER's implicit
+subscription is waited on for at most ``transfer_timeout_s``: then the
+transfer ends as failed (``timed_out``) and a later NOTIFY gets 481.
 
 Outbound calls (:meth:`UasCore.invite`, we are the UAC, :mod:`voxgate.sip.uac`)
 go to an IP-literal target only; they report ``OutboundProgress``, then
@@ -196,13 +198,16 @@ class TransferEnded:
     ``succeeded`` when a NOTIFY's ``message/sipfrag`` status line reports a 2xx
     (or the REFER's 2xx carried ``Refer-Sub: false``, RFC 4488 §4: no NOTIFY
     follows). Otherwise ``status`` is the REFER's 3xx-6xx, the sipfrag's
-    3xx-6xx, or ``None`` (Timer F, or the subscription terminated without a
-    final status). The call itself goes on either way: the app hangs up.
+    3xx-6xx, 408 with ``timed_out`` (no final NOTIFY within
+    :attr:`UasCore.transfer_timeout_s`), or ``None`` (Timer F, or the
+    subscription terminated without a final status). The call itself goes on
+    either way: the app hangs up.
     """
 
     call_key: str
     succeeded: bool
     status: int | None
+    timed_out: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -293,6 +298,7 @@ class UasStats:
     transfers_succeeded: int  # our REFER's NOTIFY reported 2xx (or 202 with Refer-Sub: false)
     transfers_failed: int  # REFER refused or timed out, or its NOTIFY reported 3xx-6xx
     transfers_refused: int  # refer() refused before sending: bad target, call not answered …
+    transfers_timeout: int  # no final NOTIFY within transfer_timeout_s
 
 
 # --- per-call state -----------------------------------------------------------------------
@@ -387,6 +393,7 @@ class UasCore:
         timers: TimerConfig | None = None,
         flood_limits: FloodLimits | None = None,
         max_datagram_bytes: int = MAX_UDP_PAYLOAD_BYTES,
+        transfer_timeout_s: float = 60.0,
     ) -> None:
         self.local_host = local_host
         self.local_port = local_port
@@ -408,6 +415,11 @@ class UasCore:
         self.max_datagram_bytes = max_datagram_bytes
         """Largest datagram we send; a response that would not fit is cut down to a
         minimal 513 (see the module docstring)."""
+        self.transfer_timeout_s = transfer_timeout_s
+        """Longest wait (s) from our REFER to the NOTIFY with its final status; then the
+        transfer has failed (:class:`TransferEnded` ``timed_out``). For REFERs sent from
+        then on: the app may change it (reload)."""
+        self._transfer_deadlines: dict[str, float] = {}  # call key → deadline, transferring
         self._max_queued_events = max_queued_events
         self._outbox = Outbox(max_queued_datagrams)
         self._transactions = TransactionTable(
@@ -429,7 +441,7 @@ class UasCore:
                 "flood_refused_invite", "flood_refused_options", "flood_refused_other",
                 "flood_dropped", "flood_dropped_unparsed", "responses_too_large",
                 "untrusted_refused", "transfers_succeeded", "transfers_failed",
-                "transfers_refused",
+                "transfers_refused", "transfers_timeout",
             ),
             0,
         )  # fmt: skip
@@ -479,11 +491,18 @@ class UasCore:
 
     def next_deadline(self) -> float | None:
         """When :meth:`handle_timer` must next run (monotonic seconds), or ``None``."""
-        return self._transactions.next_deadline()
+        deadline = self._transactions.next_deadline()
+        if self._transfer_deadlines:
+            transfers = min(self._transfer_deadlines.values())  # one per transferring call
+            deadline = transfers if deadline is None else min(deadline, transfers)
+        return deadline
 
     def handle_timer(self, now: float) -> None:
-        """Run due transaction timers; may queue events and datagrams."""
+        """Run due transaction and transfer timers; may queue events and datagrams."""
         self._latest_now = max(self._latest_now, now)
+        for key, deadline in list(self._transfer_deadlines.items()):
+            if now >= deadline:
+                self._transfer_ended(self._calls[key], False, 408, timed_out=True)
         for txn in self._transactions.handle_timer(now):
             branch = txn.key.branch or ""
             if branch in self._requests:  # ended without a final response
@@ -748,6 +767,7 @@ class UasCore:
                  ("Contact", self._contact)]
         txn = self._send_in_dialog(call, "REFER", now, extra)
         call.transferring = True
+        self._transfer_deadlines[call_key] = now + self.transfer_timeout_s
         if txn is None:
             self._transfer_ended(call, False, None)
         call.refer_txn = txn
@@ -760,6 +780,7 @@ class UasCore:
         transaction waits forever; the app should have answered it).
         """
         call = self._calls.pop(call_key, None)
+        self._transfer_deadlines.pop(call_key, None)
         if call is not None:
             self._end_pending_invites(call, 480, self._latest_now)
             self._calls_by_id.pop(call.dialog.id, None)  # an unanswered outbound call: absent
@@ -1094,12 +1115,15 @@ class UasCore:
         elif terminated.startswith("terminated"):
             self._transfer_ended(call, False, None)
 
-    def _transfer_ended(self, call: _Call, succeeded: bool, status: int | None) -> None:
+    def _transfer_ended(self, call: _Call, succeeded: bool, status: int | None, *,
+                        timed_out: bool = False) -> None:
         """Report the transfer's outcome once."""
         if call.transferring:
             call.transferring = False
-            self._counts["transfers_succeeded" if succeeded else "transfers_failed"] += 1
-            self._events.append(TransferEnded(call.key, succeeded, status))
+            del self._transfer_deadlines[call.key]
+            outcome = "timeout" if timed_out else "succeeded" if succeeded else "failed"
+            self._counts[f"transfers_{outcome}"] += 1
+            self._events.append(TransferEnded(call.key, succeeded, status, timed_out))
 
     def _receive_cancel(self, inc: _Incoming, now: float) -> None:
         invite_txn = self._transactions.match_cancelled_invite(inc.request, inc.via)

@@ -24,6 +24,15 @@ From voxgate to the media server: ``media`` (``{"event": "media",
 echoes it once the audio sent before it has played) and ``clear``
 (``{"event": "clear", "streamSid": S}``: drop the audio not played yet).
 
+**Transfer (a voxgate extension; Twilio transfers with TwiML instead).** A
+bot behind the stream agent asks for a blind transfer of the caller with
+``{"event": "transfer", "streamSid": S, "transfer": {"target": "sip:…"}}``; a
+transfer that fails (the call goes on) is answered with ``{"event":
+"transfer_failed", "streamSid": S, "transfer": {"target": "sip:…", "status":
+486, "reason": "failed"}}`` (``status`` null when there is none; ``reason``
+one of :data:`~voxgate.agents.transfer.TransferFailureReason`). Success ends the
+call: the stream then stops as at any hang-up.
+
 Payloads are G.711 µ-law at 8000 Hz, mono, in whole 20 ms frames
 (:data:`FRAME_BYTES` bytes each); ``sequenceNumber``, ``chunk`` and
 ``timestamp`` (ms) are decimal strings (plain integers are accepted).
@@ -59,6 +68,7 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Final, TypeGuard
 
+from voxgate.agents.transfer import MAX_TARGET_CHARS
 from voxgate.errors import LocalProtocolError, RemoteProtocolError
 from voxgate.jsonbounds import JSONTooLargeError, UntrustedJSONError, loads_untrusted
 from voxgate.rtp.dtmf import DTMF_DIGITS
@@ -193,7 +203,25 @@ class Clear:
     stream_sid: str
 
 
-Event = Connected | Start | Media | Dtmf | Mark | Stop | Clear
+@dataclass(frozen=True, slots=True)
+class Transfer:
+    """The bot asks voxgate to blind-transfer the caller to the SIP URI ``target``."""
+
+    stream_sid: str
+    target: str
+
+
+@dataclass(frozen=True, slots=True)
+class TransferFailed:
+    """voxgate tells the bot that its transfer failed (see the module docstring)."""
+
+    stream_sid: str
+    target: str
+    status: int | None
+    reason: str
+
+
+Event = Connected | Start | Media | Dtmf | Mark | Stop | Clear | Transfer | TransferFailed
 
 FROM_MEDIA_SERVER: Final = "media-server"
 FROM_VOXGATE: Final = "voxgate"
@@ -354,6 +382,23 @@ def _parse_clear(msg: dict[str, Any]) -> Clear:
     return Clear(_string(msg, "streamSid", "clear"))
 
 
+def _parse_transfer(msg: dict[str, Any]) -> Transfer:
+    transfer = _object(msg.get("transfer"), "transfer")
+    return Transfer(_string(msg, "streamSid", "transfer"),
+                    _string(transfer, "target", "transfer", max_chars=MAX_TARGET_CHARS))
+
+
+def _parse_transfer_failed(msg: dict[str, Any]) -> TransferFailed:
+    transfer = _object(msg.get("transfer"), "transfer_failed.transfer")
+    status = transfer.get("status")
+    if status is not None and not (type(status) is int and 100 <= status <= 699):
+        raise _policy("transfer_failed.transfer.status is not null or a SIP status")
+    return TransferFailed(
+        _string(msg, "streamSid", "transfer_failed"),
+        _string(transfer, "target", "transfer_failed.transfer", max_chars=MAX_TARGET_CHARS),
+        status, _string(transfer, "reason", "transfer_failed.transfer"))
+
+
 _PARSERS: Final[Mapping[str, Mapping[str, Callable[[dict[str, Any]], Event]]]] = {
     FROM_MEDIA_SERVER: {
         "connected": _parse_connected, "start": _parse_start,
@@ -362,11 +407,11 @@ _PARSERS: Final[Mapping[str, Mapping[str, Callable[[dict[str, Any]], Event]]]] =
     },
     FROM_VOXGATE: {
         "media": lambda msg: _parse_media(msg, FROM_VOXGATE),
-        "mark": _parse_mark, "clear": _parse_clear,
+        "mark": _parse_mark, "clear": _parse_clear, "transfer_failed": _parse_transfer_failed,
     },
     FROM_BOT: {
         "media": lambda msg: _parse_media(msg, FROM_BOT),
-        "mark": _parse_mark, "clear": _parse_clear,
+        "mark": _parse_mark, "clear": _parse_clear, "transfer": _parse_transfer,
     },
 }
 
@@ -444,6 +489,13 @@ def serialize(event: Event, *, sequence_number: int | None = None) -> str:
     elif isinstance(event, Stop):
         msg = {"event": "stop", "streamSid": event.stream_sid,
                "stop": {"accountSid": event.account_sid, "callSid": event.call_sid}}
+    elif isinstance(event, Transfer):
+        msg = {"event": "transfer", "streamSid": event.stream_sid,
+               "transfer": {"target": event.target}}
+    elif isinstance(event, TransferFailed):
+        msg = {"event": "transfer_failed", "streamSid": event.stream_sid,
+               "transfer": {"target": event.target, "status": event.status,
+                            "reason": event.reason}}
     else:
         msg = {"event": "clear", "streamSid": event.stream_sid}
     if sequence_number is not None:

@@ -50,6 +50,7 @@ from prometheus_client import Counter
 
 from voxgate import admission as adm
 from voxgate.agents.factory import agent_kinds
+from voxgate.agents.transfer import TransferFailure, TransferFailureReason
 from voxgate.calls import CallRequest, Calls, Leg, SetupRefused
 from voxgate.cidr import parse_networks
 from voxgate.codec.g711 import codec_for
@@ -127,6 +128,8 @@ class _Call:
     sdp_version: int = 1
     leg: RtpLeg | None = None
     session: Session | None = None
+    transfer_target: str = ""
+    """The target of the call's latest REFER."""
 
     def queued(self, decision: adm.Queued) -> None:
         self.endpoint.act(lambda core, now: core.send_provisional(self.event.call_key, 180, now))
@@ -175,6 +178,8 @@ class _OutboundCall:
     leg: RtpLeg | None = None
     session: Session | None = None
     refusal: adm.Refusal | None = None
+    transfer_target: str = ""
+    """The target of the call's latest REFER."""
     outcome: uas.OutboundAnswered | uas.OutboundFailed | None = None
     decided: trio.Event = field(default_factory=trio.Event)
 
@@ -291,7 +296,8 @@ class SipEndpoint:
         host, port = config.sip.advertised_host_port
         self.core = uas.UasCore(local_host=host, local_port=port,
                                 max_dialogs=_max_dialogs(config),
-                                flood_limits=FloodLimits.from_settings(config.sip))
+                                flood_limits=FloodLimits.from_settings(config.sip),
+                                transfer_timeout_s=config.sip.transfer_timeout_s)
         self.core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
         _configure_digest(self.core, config)
         self.registrations = RegistrationClient(_binding_settings(config),
@@ -365,6 +371,7 @@ class SipEndpoint:
         self.config = config
         self.core.max_dialogs = _max_dialogs(config)
         self.core.flood_limits = FloodLimits.from_settings(config.sip)
+        self.core.transfer_timeout_s = config.sip.transfer_timeout_s
         self.core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
         _configure_digest(self.core, config)
         self._pump()
@@ -406,7 +413,12 @@ class SipEndpoint:
         call = next((c for c in self._calls.values() if c.ticket == session_id), None)
         if call is None:
             raise LookupError(session_id)
+        self._refer(call, target)
+
+    def _refer(self, call: _Call | _OutboundCall, target: str) -> None:
+        """Send the call's REFER to ``target``; raises as :meth:`transfer`."""
         self.act(lambda core, now: core.refer(call.call_key, target, now))
+        call.transfer_target = target
         log_event(logging.INFO, "sip_transfer_started", f"REFER to {target}",
                   call=call.session)
 
@@ -456,7 +468,8 @@ class SipEndpoint:
         details["target"] = call.target
         return Leg(media=leg, signaling=_OutboundSignaling(self, call), codec=leg.codec.name,
                    remote=lambda: _fmt(leg.stream.remote_addr), counters=leg.counters,
-                   details=details, connect=call.connect)
+                   details=details, connect=call.connect,
+                   transfer=lambda target: self._refer(call, target))
 
     def place_invite(self, call: _OutboundCall) -> None:
         """Send the outbound call's INVITE with our offer; raises LocalProtocolError
@@ -517,7 +530,8 @@ class SipEndpoint:
         return Leg(media=leg, signaling=_Signaling(self, call.event.call_key),
                    codec=leg.codec.name, remote=lambda: _fmt(stream.remote_addr),
                    counters=leg.counters,
-                   answer_delay_s=self.config.sip.answer_delay_ms / 1000, details=details)
+                   answer_delay_s=self.config.sip.answer_delay_ms / 1000, details=details,
+                   transfer=lambda target: self._refer(call, target))
 
     def _rtp_leg(self, negotiated: Negotiated, core: SessionCore
                  ) -> tuple[RtpLeg, dict[str, str | int | None]]:
@@ -713,6 +727,13 @@ class SipEndpoint:
         else:
             log_event(logging.WARNING, "sip_transfer_failed", "transfer failed; call goes on",
                       call=call.session, status=event.status)
+            if call.session is not None:
+                reason: TransferFailureReason = "timeout" if event.timed_out else "failed"
+                call.session.transfer_failed(
+                    TransferFailure(call.transfer_target, event.status, reason),
+                    "no final NOTIFY within [sip] transfer_timeout_s" if event.timed_out
+                    else "the transferee reported failure" if event.status
+                    else "no final status")
 
     def _cancel(self, call_key: str) -> None:
         self._end(call_key, "cancel")
