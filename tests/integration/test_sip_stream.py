@@ -1,0 +1,184 @@
+"""SIP over TCP and TLS against the real daemon (RFC 3261 §18, RFC 5630).
+
+SIPp calls over TCP (``-t t1``) and TLS (``-t l1``) and hears its echo; raw
+sockets try the framing attacks (huge Content-Length, no Content-Length,
+endless header section, slow-loris, idle, too many connections) and TLS
+garbage: each is refused and counted in
+``voxgate_sip_stream_closed_total{transport,reason}`` while the listener keeps
+serving and an OPTIONS on a fresh connection still gets its 200.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import socket
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from tests.harness import requires
+from tests.harness.audio import SpeechClip
+from tests.harness.daemon import Daemon, PortRange, free_udp_port, status_code
+from tests.harness.sipp import Sipp, SippResult
+from tests.integration.conftest import StartDaemon
+from tests.integration.test_metrics import scrape, value
+from tests.integration.test_websocket import free_tcp_port
+
+ReservePorts = Callable[[int], PortRange]
+READ_TIMEOUT_S = 10.0
+MESSAGE_TIMEOUT_S = 1.0
+IDLE_TIMEOUT_S = 2.0
+PER_SOURCE = 4
+
+
+def options(port: int, call_id: str, transport: str = "TCP", content_length: str = "0",
+            body: bytes = b"") -> bytes:
+    """An OPTIONS to the daemon's stream port (``content_length`` verbatim, "" = none)."""
+    length = f"Content-Length: {content_length}\r\n" if content_length else ""
+    return (f"OPTIONS sip:echo@127.0.0.1:{port} SIP/2.0\r\n"
+            f"Via: SIP/2.0/{transport} 127.0.0.1:5999;branch=z9hG4bK{call_id}\r\n"
+            f"From: <sip:probe@127.0.0.1>;tag={call_id}\r\nTo: <sip:echo@127.0.0.1>\r\n"
+            f"Call-ID: {call_id}\r\nCSeq: 1 OPTIONS\r\nMax-Forwards: 70\r\n"
+            f"{length}\r\n").encode() + body
+
+
+@contextlib.contextmanager
+def connected(port: int) -> Iterator[socket.socket]:
+    with socket.create_connection(("127.0.0.1", port), timeout=READ_TIMEOUT_S) as sock:
+        yield sock
+
+
+def read_until_closed(sock: socket.socket) -> bytes:
+    """Everything the daemon sends until it closes the connection (bounded by the timeout)."""
+    data = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65_536):
+            data += chunk
+    return data
+
+
+def read_message(sock: socket.socket) -> bytes:
+    """One whole response (these carry no body)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65_536)
+        assert chunk, f"closed after {data!r}"
+        data += chunk
+    return data
+
+
+def closed_counts(metrics_port: int, transport: str) -> dict[str, float]:
+    text = scrape(metrics_port)
+    reasons = ("framing", "message-timeout", "idle-timeout", "limit-source", "tls-handshake",
+               "peer-closed")
+    return {r: value(text, "voxgate_sip_stream_closed_total", transport=transport,
+                     reason=r) or 0.0 for r in reasons}
+
+
+def wait_connections(metrics_port: int, transport: str, count: int) -> None:
+    """Wait (bounded) until the daemon holds ``count`` connections of ``transport``."""
+    deadline = time.monotonic() + READ_TIMEOUT_S
+    while value(scrape(metrics_port), "voxgate_sip_stream_connections",
+                transport=transport) != count:
+        assert time.monotonic() < deadline, f"never {count} {transport} connections"
+        time.sleep(0.05)
+
+
+def stream_daemon(start_daemon: StartDaemon, extra: dict[str, str] | None = None,
+                  rtp: dict[str, str] | None = None) -> tuple[Daemon, int, int]:
+    """A daemon with ``[sip] listen_tcp`` (or what ``extra`` sets) and ``/metrics``:
+    (daemon, stream port, metrics port)."""
+    port, metrics_port = free_tcp_port(), free_tcp_port()
+    sip: dict[str, str | int | float] = {
+        "listen": f"127.0.0.1:{free_udp_port()}", "listen_tcp": f"127.0.0.1:{port}",
+        "stream_message_timeout_s": MESSAGE_TIMEOUT_S, "stream_idle_timeout_s": IDLE_TIMEOUT_S,
+        "stream_max_connections_per_source": PER_SOURCE, "answer_delay_ms": 0}
+    sip.update(extra or {})
+    overrides: dict[str, dict[str, str | int | float]] = {
+        "sip": sip, "metrics": {"listen": f"127.0.0.1:{metrics_port}"}}
+    if rtp:
+        overrides["rtp"] = dict(rtp)
+    daemon = start_daemon(overrides)
+    return daemon, port, metrics_port
+
+
+def sipp_over(transport: str, daemon_port: int, workdir: Path, media: PortRange,
+              clip: SpeechClip, extra_args: tuple[str, ...] = ()) -> SippResult:
+    """Two SIPp echo calls over ``-t transport`` (t1 or l1) to the daemon's stream port."""
+    sipp = Sipp("uac_echo", ("127.0.0.1", daemon_port), workdir=workdir,
+                local_port=free_tcp_port(), media_port=media.first, clip=clip, calls=2,
+                limit=2, rate=2.0, duration_ms=round(clip.duration_s * 1000) + 1000,
+                timeout_s=40.0, extra_args=("-t", transport, *extra_args))
+    return sipp.run()
+
+
+@requires("sipp")
+def test_sipp_echo_calls_over_tcp(start_daemon: StartDaemon, reserve_ports: ReservePorts,
+                                  clip: SpeechClip, tmp_path: Path) -> None:
+    daemon, port, metrics_port = stream_daemon(start_daemon)
+    result = sipp_over("t1", port, tmp_path / "sipp", reserve_ports(8), clip)
+    assert result.returncode == 0, result.describe()
+    assert (result.successful_calls, result.failed_calls) == (2, 0), result.describe()
+    ended = daemon.events("call_end")
+    assert len(ended) == 2, ended
+    text = scrape(metrics_port)
+    assert value(text, "voxgate_sip_stream_connections", transport="TCP") == 0.0
+
+
+def test_tcp_bad_input_is_refused_counted_and_harmless(start_daemon: StartDaemon) -> None:
+    daemon, port, metrics_port = stream_daemon(start_daemon)
+
+    with connected(port) as sock:  # keep-alive ping → pong (RFC 5626 §4.4.1), then OPTIONS
+        sock.sendall(b"\r\n\r\n" + options(port, "ok1"))
+        reply = read_message(sock)
+        assert reply.startswith(b"\r\n") and status_code(reply.lstrip(b"\r\n")) == 200, reply
+
+    with connected(port) as sock:  # huge Content-Length: 413, closed, no body awaited
+        sock.sendall(options(port, "huge", content_length="100000000"))
+        assert status_code(read_until_closed(sock)) == 413
+
+    with connected(port) as sock:  # no Content-Length on a stream: 400, closed
+        sock.sendall(options(port, "nolen", content_length=""))
+        assert status_code(read_until_closed(sock)) == 400
+
+    with connected(port) as sock:  # an endless header section: closed
+        sock.sendall(options(port, "endless")[:-2])
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            for _ in range(10):
+                sock.sendall(b"X-Filler: " + b"a" * 8000 + b"\r\n")
+        assert read_until_closed(sock) == b""
+
+    with connected(port) as sock:  # slow-loris: a byte a while, never a whole message
+        data = options(port, "slow")
+        started = time.monotonic()
+        with contextlib.suppress(ConnectionResetError, BrokenPipeError):
+            for byte in data[:40]:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.1)
+        assert read_until_closed(sock) == b""
+        assert time.monotonic() - started < READ_TIMEOUT_S
+
+    with connected(port) as sock:  # idle: closed after the idle timeout
+        assert read_until_closed(sock) == b""
+
+    with contextlib.ExitStack() as stack:  # one connection more than a source may hold
+        held = [stack.enter_context(connected(port)) for _ in range(PER_SOURCE)]
+        time.sleep(0.3)
+        with connected(port) as extra:
+            assert read_until_closed(extra) == b""
+        held[0].sendall(options(port, "held"))  # the held connections still work
+        assert status_code(read_message(held[0])) == 200
+
+    wait_connections(metrics_port, "TCP", 0)
+    with connected(port) as sock:  # after all that, the listener still answers
+        sock.sendall(options(port, "ok2"))
+        assert status_code(read_message(sock)) == 200
+
+    counts = closed_counts(metrics_port, "TCP")
+    assert counts["framing"] >= 3, counts
+    assert counts["message-timeout"] >= 1, counts
+    assert counts["idle-timeout"] >= 1, counts
+    assert counts["limit-source"] >= 1, counts
+    assert daemon.alive()
+    reasons = {e.get("msg", "") for e in daemon.events("sip_stream_framing")}
+    assert any("Content-Length" in r for r in reasons), reasons
