@@ -11,13 +11,18 @@ serving and an OPTIONS on a fresh connection still gets its 200.
 from __future__ import annotations
 
 import contextlib
+import math
+import os
 import socket
+import ssl
+import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tests.harness import requires
 from tests.harness.audio import SpeechClip
+from tests.harness.baresip import assert_echoed, call_and_record
 from tests.harness.daemon import Daemon, PortRange, free_udp_port, status_code
 from tests.harness.sipp import Sipp, SippResult
 from tests.integration.conftest import StartDaemon
@@ -182,3 +187,71 @@ def test_tcp_bad_input_is_refused_counted_and_harmless(start_daemon: StartDaemon
     assert daemon.alive()
     reasons = {e.get("msg", "") for e in daemon.events("sip_stream_framing")}
     assert any("Content-Length" in r for r in reasons), reasons
+
+
+def self_signed(directory: Path) -> tuple[Path, Path]:
+    """A throw-away certificate for 127.0.0.1 and its key: (cert.pem, key.pem)."""
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True, timeout=60)
+    key.chmod(0o600)
+    return cert, key
+
+
+def tls_daemon(start_daemon: StartDaemon, tmp_path: Path,
+               rtp: dict[str, str] | None = None) -> tuple[Daemon, int, int, Path]:
+    """A daemon with ``[sip] listen_tls`` only (no TCP) and ``/metrics``:
+    (daemon, TLS port, metrics port, certificate)."""
+    cert, key = self_signed(tmp_path)
+    port = free_tcp_port()
+    daemon, _, metrics_port = stream_daemon(start_daemon, {
+        "listen_tcp": "", "listen_tls": f"127.0.0.1:{port}",
+        "tls_certificate": str(cert), "tls_private_key": str(key)}, rtp)
+    return daemon, port, metrics_port, cert
+
+
+@requires("openssl")
+def test_tls_garbage_refused_and_counted_while_tls_peers_are_served(
+        start_daemon: StartDaemon, tmp_path: Path) -> None:
+    daemon, port, metrics_port, cert = tls_daemon(start_daemon, tmp_path)
+    context = ssl.create_default_context(cafile=str(cert))
+
+    with connected(port) as raw:  # not TLS at all: the handshake fails, closed
+        raw.sendall(options(port, "plain", transport="TLS"))
+        assert read_until_closed(raw) == b""
+    with connected(port) as raw:  # a TLS record header, then junk
+        raw.sendall(b"\x16\x03\x01\x02\x00" + os.urandom(512))
+        assert read_until_closed(raw) == b""
+    with connected(port) as raw:  # a handshake never started: cut after the timeout
+        raw.sendall(b"\x16\x03")
+        assert read_until_closed(raw) == b""
+
+    with connected(port) as raw, context.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(options(port, "tls1", transport="TLS"))
+        reply = read_message(tls)
+        assert status_code(reply) == 200, reply
+        assert b"SIP/2.0/TLS 127.0.0.1:5999" in reply
+        tls.sendall(options(port, "tls2", transport="TLS", content_length=""))
+        assert status_code(read_until_closed(tls)) == 400
+
+    assert closed_counts(metrics_port, "TLS")["tls-handshake"] >= 3
+    assert daemon.alive()
+
+
+@requires("baresip", "openssl")
+def test_baresip_over_tls_with_mandatory_srtp_hears_its_echo(
+        start_daemon: StartDaemon, reserve_ports: ReservePorts, clip: SpeechClip,
+        tmp_path: Path) -> None:
+    daemon, port, _, cert = tls_daemon(start_daemon, tmp_path, {"srtp": "required"})
+    rtp = reserve_ports(10)
+    result = call_and_record(
+        ("127.0.0.1", port), tmp_path / "baresip", clip=clip, sip_port=free_udp_port(),
+        rtp_first=rtp.first, rtp_last=rtp.last, run_s=math.ceil(clip.duration_s) + 6,
+        mediaenc="srtp-mand", transport="tls", cafile=cert)
+    assert_echoed(result, clip)
+    start = daemon.wait_log(r"event=call_start\b", timeout_s=5)
+    assert "srtp=AES_CM_128_HMAC_SHA1_80" in start.string, start.string
+    daemon.wait_log(r"event=call_end\b.*\breason=bye\b", timeout_s=10)

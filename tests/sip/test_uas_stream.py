@@ -68,14 +68,18 @@ def test_tcp_call_answered_on_its_connection_and_our_bye_goes_there_once() -> No
     assert link.take_events() == [HangupCompleted(event.call_key, None)]
 
 
-def test_tls_contact_is_a_sips_uri() -> None:
+@pytest.mark.parametrize(("scheme", "contact"), [
+    ("sip", "<sip:127.0.0.1:5061;transport=tls>"), ("sips", "<sips:127.0.0.1:5061>")])
+def test_tls_contact_follows_the_request_uri_scheme(scheme: str, contact: str) -> None:
     link = stream_link("TLS")
-    link.send(link.uac.invite(), CONNECTION)
+    invite = link.uac.invite()
+    invite.uri = f"{scheme}:echo@127.0.0.1:5061"
+    link.send(invite, CONNECTION)
     (event,) = link.take_events()
     assert isinstance(event, IncomingCall)
     link.core.accept(event.call_key, SDP_ANSWER, link.clock.now)
     link.pump()
-    assert on_connection(link)[-1].headers.get("Contact") == "<sips:127.0.0.1:5061>"
+    assert on_connection(link)[-1].headers.get("Contact") == contact  # RFC 5630 §3.1.3
 
 
 def test_failure_sent_once_and_transaction_ends_at_its_ack() -> None:

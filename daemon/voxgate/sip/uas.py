@@ -9,8 +9,8 @@ call (our REGISTER) go out with ``send_request`` and end as
 seconds); timers are ``next_deadline()`` + ``handle_timer(now)``.
 
 Transport (§18): one core serves one transport, ``"UDP"``, ``"TCP"`` or
-``"TLS"``, named in our Via and Contact (``sips:`` over TLS, RFC 5630;
-``;transport=tcp`` over TCP). "Datagrams" are then whole framed messages
+``"TLS"``, named in our Via and Contact (``;transport=tcp`` or ``tls``; a
+``sips:`` Contact to a ``sips:`` Request-URI, RFC 5630). "Datagrams" are then whole framed messages
 (:mod:`voxgate.sip.framing`) and their address names the connection: over a
 reliable transport responses go to the connection the request came on
 (§18.2.2), in-dialog requests (our BYE, REFER) to the connection the call's
@@ -1053,7 +1053,9 @@ class UasCore:
         if txn is call.invite_txn:
             headers.extend(("Record-Route", v) for v in txn.request.headers.get_all("Record-Route"))
         if 101 <= status < 300:
-            headers.append(("Contact", self._contact))
+            sips = self.transport == "TLS" and txn.request.uri[:5].lower() == "sips:"
+            # RFC 5630 §3.1.3: a SIPS Request-URI gets a SIPS Contact.
+            headers.append(("Contact", f"<sips:{self._hostport}>" if sips else self._contact))
         headers.extend(extra)
         if body:
             headers.append(("Content-Type", SDP))
@@ -1198,12 +1200,10 @@ def sipfrag_status(body: bytes) -> int | None:
 
 
 def _contact_uri(transport: str, hostport: str) -> str:
-    """Our Contact for ``transport`` (§8.1.1.8; a SIPS URI over TLS, RFC 5630 §3.1.3)."""
-    if transport == "TLS":
-        return f"<sips:{hostport}>"
-    if transport == "TCP":
-        return f"<sip:{hostport};transport=tcp>"
-    return f"<sip:{hostport}>"
+    """Our Contact for ``transport`` (§8.1.1.8, §19.1.1 transport parameter)."""
+    if transport == "UDP":
+        return f"<sip:{hostport}>"
+    return f"<sip:{hostport};transport={transport.lower()}>"
 
 
 def _minimal_response(request: Request, status: int, to_tag: str) -> Response:
