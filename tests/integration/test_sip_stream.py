@@ -255,3 +255,27 @@ def test_baresip_over_tls_with_mandatory_srtp_hears_its_echo(
     start = daemon.wait_log(r"event=call_start\b", timeout_s=5)
     assert "srtp=AES_CM_128_HMAC_SHA1_80" in start.string, start.string
     daemon.wait_log(r"event=call_end\b.*\breason=bye\b", timeout_s=10)
+
+
+@requires("openssl")
+def test_tls_client_ca_requires_a_client_certificate(start_daemon: StartDaemon,
+                                                     tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)  # self-signed: it is its own CA
+    port = free_tcp_port()
+    _, _, metrics_port = stream_daemon(start_daemon, {
+        "listen_tcp": "", "listen_tls": f"127.0.0.1:{port}", "tls_certificate": str(cert),
+        "tls_private_key": str(key), "tls_client_ca": str(cert)})
+    anonymous = ssl.create_default_context(cafile=str(cert))
+    # Refused in the handshake; with TLS 1.3 the client learns it at its first read.
+    with (connected(port) as raw, contextlib.suppress(ssl.SSLError, ConnectionResetError),
+          anonymous.wrap_socket(raw, server_hostname="127.0.0.1") as tls):
+        tls.sendall(options(port, "anon", transport="TLS"))
+        assert read_until_closed(tls) == b""
+    wait_connections(metrics_port, "TLS", 0)
+    assert closed_counts(metrics_port, "TLS")["tls-handshake"] == 1
+
+    known = ssl.create_default_context(cafile=str(cert))
+    known.load_cert_chain(str(cert), str(key))
+    with connected(port) as raw, known.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
+        tls.sendall(options(port, "known", transport="TLS"))
+        assert status_code(read_message(tls)) == 200
