@@ -23,11 +23,16 @@ from pathlib import Path
 from tests.harness import requires
 from tests.harness.audio import SpeechClip
 from tests.harness.baresip import assert_echoed, call_and_record
-from tests.harness.daemon import Daemon, PortRange, free_udp_port, status_code
+from tests.harness.daemon import (
+    Daemon,
+    PortRange,
+    free_tcp_port,
+    free_udp_port,
+    status_code,
+)
 from tests.harness.sipp import Sipp, SippResult
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_metrics import scrape, value
-from tests.integration.test_websocket import free_tcp_port
 
 ReservePorts = Callable[[int], PortRange]
 READ_TIMEOUT_S = 10.0
