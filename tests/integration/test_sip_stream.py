@@ -30,7 +30,7 @@ from tests.harness.daemon import (
     free_udp_port,
     status_code,
 )
-from tests.harness.sipp import Sipp, SippResult
+from tests.harness.sipp import Sipp
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_metrics import scrape, value
 
@@ -112,21 +112,22 @@ def stream_daemon(start_daemon: StartDaemon, extra: dict[str, str] | None = None
     return daemon, port, metrics_port
 
 
-def sipp_over(transport: str, daemon_port: int, workdir: Path, media: PortRange,
-              clip: SpeechClip, extra_args: tuple[str, ...] = ()) -> SippResult:
-    """Two SIPp echo calls over ``-t transport`` (t1 or l1) to the daemon's stream port."""
-    sipp = Sipp("uac_echo", ("127.0.0.1", daemon_port), workdir=workdir,
-                local_port=free_tcp_port(), media_port=media.first, clip=clip, calls=2,
-                limit=2, rate=2.0, duration_ms=round(clip.duration_s * 1000) + 1000,
-                timeout_s=40.0, extra_args=("-t", transport, *extra_args))
-    return sipp.run()
+def sipp_over_tcp(daemon_port: int, workdir: Path, media: PortRange, clip: SpeechClip, *,
+                  calls: int = 2, duration_ms: int | None = None) -> Sipp:
+    """SIPp echo calls (all at once) over TCP (``-t t1``) to the daemon's stream port,
+    each ``duration_ms`` long (default: the clip and a second)."""
+    duration_ms = duration_ms or round(clip.duration_s * 1000) + 1000
+    return Sipp("uac_echo", ("127.0.0.1", daemon_port), workdir=workdir,
+                local_port=free_tcp_port(), media_port=media.first, clip=clip, calls=calls,
+                limit=calls, rate=2.0, duration_ms=duration_ms, timeout_s=40.0,
+                extra_args=("-t", "t1"))
 
 
 @requires("sipp")
 def test_sipp_echo_calls_over_tcp(start_daemon: StartDaemon, reserve_ports: ReservePorts,
                                   clip: SpeechClip, tmp_path: Path) -> None:
     daemon, port, metrics_port = stream_daemon(start_daemon)
-    result = sipp_over("t1", port, tmp_path / "sipp", reserve_ports(8), clip)
+    result = sipp_over_tcp(port, tmp_path / "sipp", reserve_ports(8), clip).run()
     assert result.returncode == 0, result.describe()
     assert (result.successful_calls, result.failed_calls) == (2, 0), result.describe()
     ended = daemon.events("call_end")
@@ -135,8 +136,34 @@ def test_sipp_echo_calls_over_tcp(start_daemon: StartDaemon, reserve_ports: Rese
     assert value(text, "voxgate_sip_stream_connections", transport="TCP") == 0.0
 
 
-def test_tcp_bad_input_is_refused_counted_and_harmless(start_daemon: StartDaemon) -> None:
+@requires("sipp")
+def test_tcp_bad_input_is_refused_counted_and_harmless(
+        start_daemon: StartDaemon, reserve_ports: ReservePorts, clip: SpeechClip,
+        tmp_path: Path) -> None:
+    """The attacks run while a SIPp call over TCP goes on; it ends normally."""
     daemon, port, metrics_port = stream_daemon(start_daemon)
+    with sipp_over_tcp(port, tmp_path / "sipp", reserve_ports(4), clip, calls=1,
+                       duration_ms=20_000) as sipp:
+        daemon.wait_log(r"event=call_start\b", timeout_s=10)
+        attack(port, metrics_port, held_already=1)  # SIPp's connection
+        result = sipp.wait()
+    assert (result.returncode, result.successful_calls) == (0, 1), result.describe()
+    assert len(daemon.events("call_end")) == 1
+
+    counts = closed_counts(metrics_port, "TCP")
+    assert counts["framing"] >= 3, counts
+    assert counts["message-timeout"] >= 1, counts
+    assert counts["idle-timeout"] >= 1, counts
+    assert counts["limit-source"] >= 1, counts
+    assert daemon.alive()
+    reasons = {e.get("msg", "") for e in daemon.events("sip_stream_framing")}
+    assert any("Content-Length" in r for r in reasons), reasons
+
+
+def attack(port: int, metrics_port: int, held_already: int) -> None:
+    """Keep-alive, framing attacks, slow-loris, idle and too many connections (with
+    ``held_already`` open from 127.0.0.1), each checked for its answer and the close;
+    then a fresh OPTIONS gets its 200."""
 
     with connected(port) as sock:  # keep-alive ping → pong (RFC 5626 §4.4.1), then OPTIONS
         sock.sendall(b"\r\n\r\n" + options(port, "ok1"))
@@ -172,26 +199,18 @@ def test_tcp_bad_input_is_refused_counted_and_harmless(start_daemon: StartDaemon
         assert read_until_closed(sock) == b""
 
     with contextlib.ExitStack() as stack:  # one connection more than a source may hold
-        held = [stack.enter_context(connected(port)) for _ in range(PER_SOURCE)]
+        held = [stack.enter_context(connected(port))
+                for _ in range(PER_SOURCE - held_already)]
         time.sleep(0.3)
         with connected(port) as extra:
             assert read_until_closed(extra) == b""
         held[0].sendall(options(port, "held"))  # the held connections still work
         assert status_code(read_message(held[0])) == 200
 
-    wait_connections(metrics_port, "TCP", 0)
+    wait_connections(metrics_port, "TCP", held_already)
     with connected(port) as sock:  # after all that, the listener still answers
         sock.sendall(options(port, "ok2"))
         assert status_code(read_message(sock)) == 200
-
-    counts = closed_counts(metrics_port, "TCP")
-    assert counts["framing"] >= 3, counts
-    assert counts["message-timeout"] >= 1, counts
-    assert counts["idle-timeout"] >= 1, counts
-    assert counts["limit-source"] >= 1, counts
-    assert daemon.alive()
-    reasons = {e.get("msg", "") for e in daemon.events("sip_stream_framing")}
-    assert any("Content-Length" in r for r in reasons), reasons
 
 
 def self_signed(directory: Path) -> tuple[Path, Path]:

@@ -145,11 +145,6 @@ class StreamListener:
         self._gauge = STREAM_CONNECTIONS.labels(self.transport)
         self._gauge.set(0)
 
-    @property
-    def connections(self) -> int:
-        """Open connections (TLS ones once their handshake is done)."""
-        return len(self._connections)
-
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, report started, serve until cancelled. Raises OSError when the
         address cannot be bound."""
