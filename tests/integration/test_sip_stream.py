@@ -28,11 +28,16 @@ from tests.harness.daemon import (
     PortRange,
     free_tcp_port,
     free_udp_port,
+    invite_request,
     status_code,
 )
 from tests.harness.sipp import Sipp
 from tests.integration.conftest import StartDaemon
+from tests.integration.test_control import ctl_json, ctl_ok
 from tests.integration.test_metrics import scrape, value
+from voxgate.sip.framing import StreamFramer
+from voxgate.sip.message import Request, make_response
+from voxgate.sip.parser import parse_message_untrusted
 
 ReservePorts = Callable[[int], PortRange]
 READ_TIMEOUT_S = 10.0
@@ -303,3 +308,52 @@ def test_tls_client_ca_requires_a_client_certificate(start_daemon: StartDaemon,
     with connected(port) as raw, known.wrap_socket(raw, server_hostname="127.0.0.1") as tls:
         tls.sendall(options(port, "known", transport="TLS"))
         assert status_code(read_message(tls)) == 200
+
+
+def read_sip(sock: socket.socket, framer: StreamFramer) -> bytes:
+    """The next whole SIP message on ``sock`` (framed by Content-Length)."""
+    while (message := framer.next_message()) is None:
+        chunk = sock.recv(65_536)
+        assert chunk, "closed"
+        framer.receive_data(chunk)
+    return message
+
+
+def test_our_bye_opens_a_connection_when_the_callers_is_gone(
+        start_daemon: StartDaemon, reserve_ports: ReservePorts) -> None:
+    """The caller closes its connection after the ACK: the daemon's BYE goes to the
+    caller's Contact on a connection the daemon opens (RFC 3261 §18.1.1)."""
+    daemon, port, metrics_port = stream_daemon(start_daemon)
+    media = reserve_ports(2)
+    with socket.create_server(("127.0.0.1", 0)) as contact:
+        contact.settimeout(READ_TIMEOUT_S)
+        contact_port = contact.getsockname()[1]
+        invite = invite_request(port, contact_port, "gone1", media.first)
+        with connected(port) as caller:
+            framer = StreamFramer(65_535)
+            caller.sendall(invite.replace(b"SIP/2.0/UDP", b"SIP/2.0/TCP"))
+            while status_code(ok := read_sip(caller, framer)) < 200:
+                pass
+            assert status_code(ok) == 200, ok
+            answer = parse_message_untrusted(ok)
+            to = answer.headers.get("To") or ""
+            caller.sendall(
+                f"ACK sip:echo@127.0.0.1:{port} SIP/2.0\r\n"
+                f"Via: SIP/2.0/TCP 127.0.0.1:{contact_port};branch=z9hG4bK-ack-gone1\r\n"
+                f"From: <sip:probe@127.0.0.1:{contact_port}>;tag=probe-gone1\r\nTo: {to}\r\n"
+                "Call-ID: gone1\r\nCSeq: 1 ACK\r\nMax-Forwards: 70\r\n"
+                "Content-Length: 0\r\n\r\n".encode())
+            time.sleep(0.3)
+        wait_connections(metrics_port, "TCP", 0)
+        sessions = ctl_json(daemon, "sessions")
+        (sid,) = [s["id"] for s in sessions if s["call_id"] == "gone1"]
+        ctl_ok(daemon, "hangup", sid)
+        opened, _ = contact.accept()
+        with opened:
+            opened.settimeout(READ_TIMEOUT_S)
+            bye = parse_message_untrusted(read_sip(opened, StreamFramer(65_535)))
+            assert isinstance(bye, Request) and bye.method == "BYE", bye
+            assert (bye.headers.get("Via") or "").startswith(f"SIP/2.0/TCP 127.0.0.1:{port};")
+            opened.sendall(make_response(bye, 200).serialize())
+            daemon.wait_log(r"event=call_end\b.*\bcall_id=gone1\b", timeout_s=10)
+    assert daemon.alive()

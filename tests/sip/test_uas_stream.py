@@ -43,6 +43,7 @@ def test_reliable_timers() -> None:
 
 def test_tcp_call_answered_on_its_connection_and_our_bye_goes_there_once() -> None:
     link = stream_link("TCP")
+    link.core.connection_opened(CONNECTION)
     invite = link.uac.invite()
     link.send(invite, CONNECTION)
     (event,) = link.take_events()
@@ -66,6 +67,23 @@ def test_tcp_call_answered_on_its_connection_and_our_bye_goes_there_once() -> No
     assert sum(b"BYE sip" in d[:8] for d, _ in link.elsewhere) == 1
     link.advance(0.2)
     assert link.take_events() == [HangupCompleted(event.call_key, None)]
+
+
+def test_bye_goes_to_the_remote_target_once_the_connection_is_gone() -> None:
+    link = stream_link("TCP")
+    link.core.connection_opened(CONNECTION)
+    invite = link.uac.invite()
+    link.send(invite, CONNECTION)
+    (event,) = link.take_events()
+    assert isinstance(event, IncomingCall)
+    link.core.accept(event.call_key, SDP_ANSWER, link.clock.now)
+    link.pump()
+    link.send(link.uac.ack_for(invite, on_connection(link)[-1]), CONNECTION)
+    link.core.connection_closed(CONNECTION)
+    link.core.hangup(event.call_key, link.clock.now)
+    link.pump()
+    (bye,) = link.requests  # to the Contact, sip:caller@127.0.0.2:5070: the UAC's address
+    assert bye.method == "BYE"
 
 
 @pytest.mark.parametrize(("scheme", "contact"), [

@@ -14,7 +14,10 @@ Transport (§18): one core serves one transport, ``"UDP"``, ``"TCP"`` or
 (:mod:`voxgate.sip.framing`) and their address names the connection: over a
 reliable transport responses go to the connection the request came on
 (§18.2.2), in-dialog requests (our BYE, REFER) to the connection the call's
-INVITE came on, and the transaction timers are the reliable ones (§17).
+INVITE came on while the driver reports it open (:meth:`UasCore.connection_opened`,
+:meth:`UasCore.connection_closed`), else to the next hop as over UDP (the
+driver opens a connection there), and the transaction timers are the reliable
+ones (§17).
 
 Policy choices: Max-Forwards is not checked (a UAS consumes the request, so
 ``Max-Forwards: 0`` on OPTIONS is answered normally; §8.2 has no Max-Forwards
@@ -358,6 +361,7 @@ class UasCore:
         """Whether the transport is reliable (TCP, TLS): §17 timers, §18.2.2 answers."""
         self._hostport = format_host_port(local_host, local_port)
         self._contact = _contact_uri(transport, self._hostport)
+        self._connections: set[Address] = set()  # open connections (reliable transports)
         self._token = random_token or (lambda: secrets.token_hex(8))
         self.max_dialogs = max_dialogs
         """Most calls (dialogs) held at once; the app may change it (reload)."""
@@ -487,6 +491,15 @@ class UasCore:
     def active_transactions(self) -> int:
         """Live transactions (server and client)."""
         return len(self._transactions)
+
+    def connection_opened(self, peer: Address) -> None:
+        """The driver holds a connection with ``peer`` (reliable transports): our
+        in-dialog requests for calls that came on it go on it."""
+        self._connections.add(peer)
+
+    def connection_closed(self, peer: Address) -> None:
+        """The connection with ``peer`` is gone: in-dialog requests go to the next hop."""
+        self._connections.discard(peer)
 
     def has_calls_from(self, source: Address) -> bool:
         """Whether a call not yet forgotten came from ``source`` (over a reliable
@@ -1116,15 +1129,17 @@ class UasCore:
 
     def _next_hop(self, call: _Call) -> Address:
         """Where our in-dialog request goes (§8.1.2), without name resolution:
-        over a reliable transport the connection the INVITE came on."""
-        if self.reliable:
+        over a reliable transport the connection the INVITE came on while it is
+        open; else the remote target or first route when that is an IP literal
+        (port 5060, 5061 for ``sips:``, §19.1.2), else where the INVITE came from."""
+        if self.reliable and call.source in self._connections:
             return call.source
         try:
             uri = parse_uri_untrusted(call.dialog.next_hop_uri())
             ipaddress.ip_address(uri.host)
         except (RemoteProtocolError, ValueError):
             return call.source
-        return (uri.host, uri.port or 5060)
+        return (uri.host, uri.port or (5061 if uri.scheme == "sips" else 5060))
 
     def _pending(self, txn: ServerTransaction, *, count: bool = True) -> bool:
         """Whether ``txn`` still awaits its final response; else count a late action."""

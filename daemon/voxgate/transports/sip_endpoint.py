@@ -71,7 +71,12 @@ from voxgate.sip.sdp import (
 from voxgate.sip.uri import format_host_port, parse_uri_untrusted
 from voxgate.transports.rtp_leg import RtpLeg, RtpReadiness
 from voxgate.transports.rtp_ports import PortPool
-from voxgate.transports.sip_stream import StreamLimits, StreamListener, tls_server_context
+from voxgate.transports.sip_stream import (
+    StreamLimits,
+    StreamListener,
+    tls_client_context,
+    tls_server_context,
+)
 from voxgate.transports.srtp import SrtpContext
 
 HEARTBEAT_S = 1.0
@@ -180,10 +185,11 @@ class SipEndpoint:
         self.streams = [
             StreamListener(_build_core(config, transport, split_host_port(listen)[1]),
                            split_host_port(listen), StreamLimits.from_config(config),
-                           self._pump, tls_context=tls)
-            for transport, listen, tls in (
-                ("TCP", config.sip.listen_tcp, None),
-                ("TLS", config.sip.listen_tls, tls_server_context(config)))
+                           self._pump, tls_context=tls, tls_client_context=client)
+            for transport, listen, tls, client in (
+                ("TCP", config.sip.listen_tcp, None, None),
+                ("TLS", config.sip.listen_tls, tls_server_context(config),
+                 tls_client_context(config)))
             if listen]
         self._cores = [self.core, *(stream.core for stream in self.streams)]
         self._core_of_call: dict[str, uas.UasCore] = {}  # call key → its core, if not UDP

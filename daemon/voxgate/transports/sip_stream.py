@@ -6,11 +6,14 @@ accepted connection is keyed by the peer's address: its bytes go through a
 :class:`~voxgate.sip.framing.StreamFramer` and every whole message into the
 core as if it were a datagram from that address; what the core sends to an
 address goes out on that connection (responses on the connection the request
-came on, §18.2.2; our in-dialog requests on the one the call came on).
-Nothing is sent to an address without a connection: we open none (the peer's
-source port is rarely one it listens on, and over TLS we could not check its
-identity); such a message is dropped and counted (``no-connection``) and its
-transaction times out.
+came on, §18.2.2; our in-dialog requests on the one the call came on). When
+that connection is gone the core sends to the call's remote target instead,
+and for a message to an address without a connection we open one (within
+``stream_message_timeout_s``, the limits below; over TLS the server's
+certificate must verify against the system CAs or ``tls_client_ca``); one
+that cannot be opened drops what waited for it, counted in
+``voxgate_sip_stream_messages_dropped_total{reason="connect-failed"}``, and
+its transaction times out. The core learns which connections are open.
 
 Bounds, each refusal or closure counted in
 ``voxgate_sip_stream_closed_total{transport,reason}``:
@@ -52,6 +55,8 @@ RECEIVE_BYTES = 16_384
 """Most bytes read from a connection at once."""
 MAX_QUEUED_BYTES_FACTOR = 4
 """A connection may have this many largest messages' worth of bytes waiting to be sent."""
+MAX_WAITING_MESSAGES = 16
+"""Messages that may wait for a connection being opened; more are dropped."""
 
 STREAM_CONNECTIONS = Gauge(
     "voxgate_sip_stream_connections", "Open SIP connections, by transport",
@@ -84,6 +89,25 @@ class StreamLimits:
         sip = config.sip
         return cls(sip.stream_max_connections, sip.stream_max_connections_per_source,
                    sip.stream_idle_timeout_s, sip.stream_message_timeout_s)
+
+
+def tls_client_context(config: Config) -> ssl.SSLContext | None:
+    """The TLS client context for connections we open on ``[sip] listen_tls``'s
+    behalf (TLS 1.2 or later; the server's certificate must verify against the
+    system CAs, or ``tls_client_ca`` when set, and name its IP address), or
+    ``None`` when TLS is off. Presents our certificate (``tls_certificate``).
+    Raises ConfigError like :func:`tls_server_context`."""
+    sip = config.sip
+    if not sip.listen_tls:
+        return None
+    try:
+        context = ssl.create_default_context(cafile=sip.tls_client_ca or None)
+        context.minimum_version = ssl.TLSVersion.TLSv1_2
+        context.load_cert_chain(sip.tls_certificate, sip.tls_private_key)
+    except (OSError, ssl.SSLError) as e:
+        raise ConfigError(f"{config.source}: [sip] tls_client_ca/tls_certificate: cannot "
+                          f"load them for outgoing connections: {e}") from e
+    return context
 
 
 def tls_server_context(config: Config) -> ssl.SSLContext | None:
@@ -132,15 +156,18 @@ class StreamListener:
     (the endpoint's pump, which calls :meth:`flush`)."""
 
     def __init__(self, core: UasCore, listen: tuple[str, int], limits: StreamLimits,
-                 on_input: Callable[[], None],
-                 tls_context: ssl.SSLContext | None = None) -> None:
+                 on_input: Callable[[], None], tls_context: ssl.SSLContext | None = None,
+                 tls_client_context: ssl.SSLContext | None = None) -> None:
         self.core = core
         self.transport = core.transport
         self.listen = listen
         self.limits = limits
         self._on_input = on_input
         self._tls = tls_context
+        self._tls_client = tls_client_context
         self._connections: dict[Address, _Connection] = {}
+        self._connecting: dict[Address, list[bytes]] = {}  # outbound, not open yet
+        self._nursery: trio.Nursery | None = None
         self._per_source: Tally[str] = Tally()
         self._gauge = STREAM_CONNECTIONS.labels(self.transport)
         self._gauge.set(0)
@@ -156,17 +183,27 @@ class StreamListener:
             raise OSError(e.errno, f"{key} {host}:{port}: {e.strerror}") from e
         async with trio.open_nursery() as nursery:
             await nursery.start(trio.serve_listeners, self._serve, listeners)
+            self._nursery = nursery
             task_status.started()
 
     def flush(self) -> None:
-        """Queue every message the core produced on its connection (none: dropped,
-        counted); a connection whose queue would overflow is closed."""
+        """Queue every message the core produced on its connection (none: one is
+        opened); a connection whose queue would overflow is closed."""
         for data, addr in self.core.datagrams_to_send():
             conn = self._connections.get(addr)
-            if conn is None:
+            if conn is not None:
+                self._queue(conn, data)
+            elif addr in self._connecting:
+                waiting = self._connecting[addr]
+                if len(waiting) >= MAX_WAITING_MESSAGES:
+                    STREAM_DROPPED.labels(self.transport, "send-queue-full").inc()
+                else:
+                    waiting.append(data)
+            elif self._nursery is None or self._refusal(addr) is not None:
                 STREAM_DROPPED.labels(self.transport, "no-connection").inc()
-                continue
-            self._queue(conn, data)
+            else:
+                self._connecting[addr] = [data]
+                self._nursery.start_soon(self._connect, addr)
 
     def set_limits(self, limits: StreamLimits) -> None:
         """New bounds (reload) for new connections and the next deadlines."""
@@ -190,7 +227,7 @@ class StreamListener:
         conn.scope.cancel()
 
     def _refusal(self, peer: Address) -> str | None:
-        if len(self._connections) >= self.limits.max_connections:
+        if len(self._connections) + len(self._connecting) >= self.limits.max_connections:
             return "limit-total"
         if self._per_source[peer[0]] >= self.limits.max_connections_per_source:
             return "limit-source"
@@ -209,13 +246,42 @@ class StreamListener:
             STREAM_CLOSED.labels(self.transport, reason).inc()
             await trio.aclose_forcefully(stream)
             return
+        await self._run(_Connection(peer, stream, trio.CancelScope()), self._tls is not None)
+
+    async def _connect(self, peer: Address) -> None:
+        """Open a connection to ``peer`` for the messages waiting for it (TLS: the
+        client side of the handshake), then serve it like an accepted one."""
+        stream: trio.SocketStream | None = None
+        with trio.move_on_after(self.limits.message_timeout_s):
+            try:
+                stream = await trio.open_tcp_stream(*peer)
+            except OSError as e:
+                log_event(logging.INFO, "sip_stream_connect_failed", str(e),
+                          peer=f"{peer[0]}:{peer[1]}", transport=self.transport)
+        waiting = self._connecting.pop(peer)
+        if stream is None or peer in self._connections or self._refusal(peer) is not None:
+            STREAM_DROPPED.labels(self.transport, "connect-failed").inc(len(waiting))
+            if stream is not None:
+                await trio.aclose_forcefully(stream)
+            return
         conn = _Connection(peer, stream, trio.CancelScope())
+        if self._tls_client is not None:
+            conn.stream = trio.SSLStream(stream, self._tls_client, server_hostname=peer[0])
+        for data in waiting:
+            self._queue(conn, data)
+        await self._run(conn, self._tls_client is not None)
+
+    async def _run(self, conn: _Connection, handshake: bool) -> None:
+        """A connection from its registration to its close (within ``conn.scope``):
+        the TLS handshake if ``handshake``, then reading and writing."""
+        peer = conn.peer
         self._connections[peer] = conn
         self._per_source[peer[0]] += 1
         self._gauge.set(len(self._connections))
+        self.core.connection_opened(peer)
         try:
             with conn.scope:
-                if self._tls is not None and not await self._handshake(conn, self._tls):
+                if handshake and not await self._handshake(conn):
                     return
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._write_loop, conn)
@@ -225,6 +291,7 @@ class StreamListener:
                         await conn.flushed.wait()
                     nursery.cancel_scope.cancel()
         finally:
+            self.core.connection_closed(peer)
             del self._connections[peer]
             self._per_source[peer[0]] -= 1
             if not self._per_source[peer[0]]:
@@ -233,12 +300,14 @@ class StreamListener:
             STREAM_CLOSED.labels(self.transport, conn.close_reason or "closed").inc()
             await trio.aclose_forcefully(conn.stream)
 
-    async def _handshake(self, conn: _Connection, context: ssl.SSLContext) -> bool:
-        """The server side of the TLS handshake within ``message_timeout_s``
-        (``conn.stream`` becomes the TLS stream); False after a failure or timeout
-        (``close_reason`` ``tls-handshake``)."""
-        tls = trio.SSLStream(conn.stream, context, server_side=True)
-        conn.stream = tls
+    async def _handshake(self, conn: _Connection) -> bool:
+        """The TLS handshake within ``message_timeout_s`` (``conn.stream`` becomes the
+        TLS stream, server side for accepted connections); False after a failure or
+        timeout (``close_reason`` ``tls-handshake``)."""
+        tls = conn.stream
+        if not isinstance(tls, trio.SSLStream):
+            assert self._tls is not None
+            tls = conn.stream = trio.SSLStream(conn.stream, self._tls, server_side=True)
         with trio.move_on_after(self.limits.message_timeout_s):
             try:
                 await tls.do_handshake()
