@@ -55,6 +55,16 @@ class StreamFramer:
         self._failed: FramingError | None = None
 
     @property
+    def failed(self) -> bool:
+        """Whether a framing error ended the stream (see :meth:`next_message`)."""
+        return self._failed is not None
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes held for the message being received."""
+        return len(self._buffer)
+
+    @property
     def partial(self) -> bool:
         """Whether part of a message is buffered (a read deadline should run)."""
         return bool(self._buffer)
