@@ -283,6 +283,7 @@ def test_baresip_over_tls_with_mandatory_srtp_hears_its_echo(
     assert_echoed(result, clip)
     start = daemon.wait_log(r"event=call_start\b", timeout_s=5)
     assert "srtp=AES_CM_128_HMAC_SHA1_80" in start.string, start.string
+    assert "sip_transport=TLS" in start.string, start.string
     daemon.wait_log(r"event=call_end\b.*\breason=bye\b", timeout_s=10)
 
 

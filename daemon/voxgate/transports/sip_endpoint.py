@@ -364,6 +364,9 @@ class SipEndpoint:
                      playback_allowance_s=cfg.rtp.playback_allowance_ms / 1000, srtp=srtp)
         call.leg = leg
         details = {"local_rtp_port": leg.local_port, "source": _fmt(call.event.source)}
+        sip_transport = self._core(call.event.call_key).transport
+        if sip_transport != "UDP":
+            details["sip_transport"] = sip_transport
         if offered is not None:
             details["srtp"] = offered.suite
         return Leg(media=leg, signaling=_Signaling(self, call.event.call_key), codec=codec.name,
