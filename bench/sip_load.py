@@ -22,6 +22,9 @@ Call records (``[records]``) are on by default, as in production;
 (2 s, X per second, a second SIPp) beside the measured ones, so records and
 post-call jobs are written all through the window; ``--postcall`` sends every
 ``call.completed`` job to an HTTP sink in this process (on the peers' core).
+``--transport tcp`` carries the SIP of every call over TCP (``[sip]
+listen_tcp``, SIPp ``-t t1``: one connection for all calls); the Debian SIPp
+is built without TLS, so there is no ``tls``.
 
 It prints a table, the largest N meeting gap p99 ≤ 30 ms, gap max ≤ 100 ms,
 loss ≤ 0.1 % and echo p99 ≤ 60 ms with every call successful, and stops
@@ -43,7 +46,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from tests.harness.audio import SpeechClip, make_speech_clip
-from tests.harness.daemon import ConfigOverrides, free_udp_port, reserve_port_range, running_daemon
+from tests.harness.daemon import (
+    ConfigOverrides,
+    free_tcp_port,
+    free_udp_port,
+    reserve_port_range,
+    running_daemon,
+)
 from tests.harness.pcap import (
     Capture,
     FlowStats,
@@ -123,6 +132,7 @@ class Options:
     records: bool
     churn_cps: float
     postcall_url: str
+    transport: str = "udp"
 
 
 def clock_counters(control_socket: str) -> tuple[dict[float, float], float]:
@@ -219,6 +229,11 @@ def run_step(sessions: int, clip: SpeechClip, workdir: Path, options: Options) -
         "limits": {"max_sessions": sessions + churn_up + 50, "drain_timeout_s": 5},
         "log": {"level": "warning"},
     }
+    tcp_port = free_tcp_port()
+    sipp_args: list[str] = []
+    if options.transport == "tcp":
+        overrides = {**overrides, "sip": {"listen_tcp": f"127.0.0.1:{tcp_port}"}}
+        sipp_args = ["-t", "t1"]
     if not options.records:
         overrides = {**overrides, "records": {"path": ""}}
     elif options.postcall_url:
@@ -233,20 +248,21 @@ def run_step(sessions: int, clip: SpeechClip, workdir: Path, options: Options) -
             idle_rss = rss_kib(daemon.pid)
             pcap_path = workdir / "rtp.pcap"
             capture = Capture(pcap_path, daemon.rtp.first, daemon.rtp.last, cpu=PEER_CPU)
+            target = ("127.0.0.1", tcp_port) if sipp_args else daemon.sip_address
             sipp = Sipp(
-                "uac_echo", daemon.sip_address, workdir=workdir / "sipp",
+                "uac_echo", target, workdir=workdir / "sipp",
                 local_port=free_udp_port(), media_port=media.first, clip=clip,
                 calls=sessions, limit=sessions, rate=sessions / ramp_s,
                 duration_ms=round((duration_s + ramp_s) * 1000),
-                timeout_s=duration_s + 2 * ramp_s + 60, cpu=PEER_CPU,
+                timeout_s=duration_s + 2 * ramp_s + 60, cpu=PEER_CPU, extra_args=sipp_args,
             )
             if churn_total:
                 churn.enter_context(Sipp(
-                    "uac_echo", daemon.sip_address, workdir=workdir / "churn",
+                    "uac_echo", target, workdir=workdir / "churn",
                     local_port=free_udp_port(), media_port=media.first + 2 * sessions + 32,
                     clip=clip, calls=churn_total, limit=2 * churn_up, rate=options.churn_cps,
                     duration_ms=CHURN_CALL_MS, timeout_s=duration_s + 2 * ramp_s + 60,
-                    cpu=PEER_CPU,
+                    cpu=PEER_CPU, extra_args=sipp_args,
                 ))
             with capture, sipp:
                 t0 = time.time()
@@ -340,6 +356,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="call records in SQLite (default: on)")
     parser.add_argument("--churn-cps", type=float, default=0.0, metavar="X",
                         help="extra 2 s calls per second beside the measured ones (default: 0)")
+    parser.add_argument("--transport", choices=("udp", "tcp"), default="udp",
+                        help="SIP transport of the calls (default: udp)")
     parser.add_argument("--postcall", action="store_true",
                         help="post every call.completed job to an HTTP sink in this process")
     args = parser.parse_args(argv)
@@ -355,10 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, {PEER_CPU})  # this process (analysis, sink) stays off the daemon's
     print(f"workdir {workdir}; clip {clip.duration_s:.2f} s; daemon on CPU {DAEMON_CPU}, "
           f"SIPp, tcpdump and this process on CPU {PEER_CPU}; records {args.records}, "
-          f"churn {args.churn_cps:g} calls/s, post-call sink {'on' if args.postcall else 'off'}")
+          f"churn {args.churn_cps:g} calls/s, post-call sink {'on' if args.postcall else 'off'}, "
+          f"SIP over {args.transport.upper()}")
     with contextlib.ExitStack() as stack:
         url = stack.enter_context(postcall_sink()) if args.postcall else ""
-        options = Options(args.duration, args.ramp, args.records == "on", args.churn_cps, url)
+        options = Options(args.duration, args.ramp, args.records == "on", args.churn_cps, url,
+                          args.transport)
         _TABLE.step_through(
             steps, lambda n: run_step(n, clip, workdir / f"n{n}", options),
             _warnings, "session")

@@ -90,6 +90,21 @@ def call_flows() -> Seeds:
     return flows
 
 
+def stream_reads(flows: Seeds) -> Seeds:
+    """One TCP connection's reads: the call flows cut every 97 bytes, keep-alives
+    (RFC 5626), and framing errors (no, a huge Content-Length)."""
+    reads: Seeds = {}
+    for name, data in flows.items():
+        stream = b"".join(data.split(RECORD_SEPARATOR))
+        reads[f"{name}-chunks"] = _records(*(stream[i:i + 97] for i in range(0, len(stream), 97)))
+    options = FakeLink().uac.request("OPTIONS").serialize()
+    head = options.split(b"Content-Length")[0]
+    reads["pings-then-options"] = _records(b"\r\n\r\n", b"\r\n\r\n\r\n" + options, b"\r\n")
+    reads["no-content-length"] = head + b"\r\n"
+    reads["huge-content-length"] = head + b"Content-Length: 99999999\r\n\r\n"
+    return reads
+
+
 def sdp_offers() -> Seeds:
     """Offers of SIPp, baresip, Asterisk, FreeSWITCH and the tests' UAC, plus sdp01.dat's,
     and one with SDES keys (RFC 4568)."""
@@ -268,6 +283,7 @@ def corpus() -> dict[str, Seeds]:
         "sip_uri": uris,
         "sip_headers": headers,
         "sip_uas": {**torture, **flows},
+        "sip_stream": stream_reads(flows),
         "sdp": sdp_offers(),
         "rtp_packet": rtp_packets(),
         "rtp_pipeline": rtp_streams(),

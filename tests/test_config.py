@@ -74,6 +74,11 @@ def test_transfer_timeout(tmp_path):
         ('[limits]\nmedia_utilisation_max = 0\n', "[limits] media_utilisation_max: must be"),
         ('[sip]\nadvertise = "192.0.2.1"\n', "[sip] advertise: must be HOST:PORT"),
         ("[sip]\ntransfer_timeout_s = 0\n", "[sip] transfer_timeout_s: must be between 1 and"),
+        ('[sip]\nlisten_tcp = "5061"\n', "[sip] listen_tcp: must be HOST:PORT"),
+        ('[sip]\nlisten_tls = "127.0.0.1:5061"\n',
+         "[sip] tls_certificate/tls_private_key: both PEM files are needed"),
+        ("[sip]\nstream_message_timeout_s = 0\n", "[sip] stream_message_timeout_s: must be"),
+        ("[sip]\nstream_max_connections = 0\n", "[sip] stream_max_connections: must be"),
         ('[rtp]\nadvertise = "nat.example"\n', "[rtp] advertise: must be an IP address"),
         ('[[tenants]]\nname = "a"\nheader_name = "X-T"\n', "go together"),
         ('[[tenants]]\nname = "a"\nbogus = 1\n', "[tenants.0] bogus: unknown key"),
@@ -173,6 +178,17 @@ def test_check_config_exit_codes(tmp_path):
     assert bad.returncode == EX_CONFIG
     assert bad.stderr.count("\n") == 1
     assert "[sip] listen" in bad.stderr
+
+
+def test_check_config_loads_the_tls_pem_files(tmp_path):
+    """An unloadable certificate fails the check (exit 78) naming the keys and files."""
+    missing = tmp_path / "missing.pem"
+    text = (f'[sip]\nlisten_tls = "127.0.0.1:5061"\ntls_certificate = "{missing}"\n'
+            f'tls_private_key = "{missing}"\n')
+    bad = run_voxgated("--check-config", str(write(tmp_path, text)))
+    assert bad.returncode == EX_CONFIG
+    assert "[sip] tls_certificate/tls_private_key: cannot load" in bad.stderr
+    assert str(missing) in bad.stderr
 
 
 def test_check_config_without_path_checks_the_config_option(tmp_path):

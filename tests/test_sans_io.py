@@ -13,6 +13,7 @@ SANS_IO_MODULES = [
     "voxgate.sip.uri",
     "voxgate.sip.headers",
     "voxgate.sip.parser",
+    "voxgate.sip.framing",
     "voxgate.sip.transaction",
     "voxgate.sip.dialog",
     "voxgate.sip.uas",

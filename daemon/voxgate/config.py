@@ -92,6 +92,15 @@ class SipConfig:
     """An outbound call unanswered this long is cancelled (reason ring-timeout)."""
     outbound_from_user: str = "voxgate"
     """The user part of our outbound calls' From ``sip:USER@[sip] advertise-or-listen``."""
+    listen_tcp: str = ""
+    listen_tls: str = ""
+    tls_certificate: str = ""
+    tls_private_key: str = ""
+    tls_client_ca: str = ""
+    stream_max_connections: int = field(default=1024, metadata=_range(1, 1_000_000))
+    stream_max_connections_per_source: int = field(default=64, metadata=_range(1, 1_000_000))
+    stream_idle_timeout_s: float = field(default=300.0, metadata=_range(1, 86_400))
+    stream_message_timeout_s: float = field(default=10.0, metadata=_range(0.1, 3600))
 
     @property
     def host(self) -> str:
@@ -650,6 +659,20 @@ def _check_value(f: dataclasses.Field[Any], value: Any, where: str) -> Any:
     return value
 
 
+def _check_stream_listeners(sip: SipConfig, src: str) -> None:
+    """``[sip] listen_tcp``/``listen_tls`` are HOST:PORT; TLS needs its PEM files."""
+    for key in ("listen_tcp", "listen_tls"):
+        value = getattr(sip, key)
+        if value:
+            try:
+                split_host_port(value)
+            except ValueError as e:
+                raise ConfigError(f"{src}: [sip] {key}: {e}, got {value!r}") from e
+    if sip.listen_tls and not (sip.tls_certificate and sip.tls_private_key):
+        raise ConfigError(f"{src}: [sip] tls_certificate/tls_private_key: both PEM files "
+                          "are needed with listen_tls")
+
+
 def _check_consistency(config: Config) -> None:
     src = config.source
     try:
@@ -661,6 +684,7 @@ def _check_consistency(config: Config) -> None:
             split_host_port(config.sip.advertise)
         except ValueError as e:
             raise ConfigError(f"{src}: [sip] advertise: {e}, got {config.sip.advertise!r}") from e
+    _check_stream_listeners(config.sip, src)
     if config.rtp.advertise:
         try:
             ipaddress.ip_address(config.rtp.advertise)

@@ -95,6 +95,7 @@ from voxgate.sip.registration import STATES as REGISTRATION_STATES
 from voxgate.systemd import Notifier
 from voxgate.transports.alsa import AlsaLines
 from voxgate.transports.sip_endpoint import HEARTBEAT_S, SipEndpoint
+from voxgate.transports.sip_stream import tls_server_context
 from voxgate.transports.websocket import WebSocketEndpoint
 from voxgate.watchdog import Watchdog
 
@@ -108,7 +109,9 @@ STATUS_REFRESH_S = 10.0
 LAG_PROBE_S = 0.1
 CRITICAL_TASKS = ("sip", "admission", "media", "control", "alsa", "websocket")
 # Settings a reload cannot change in a running process (sockets are bound).
-_RESTART_ONLY = ("sip.listen", "sip.advertise", "sip.registrations", "rtp.address",
+_RESTART_ONLY = ("sip.listen", "sip.listen_tcp", "sip.listen_tls", "sip.tls_certificate",
+                 "sip.tls_private_key", "sip.tls_client_ca", "sip.advertise",
+                 "sip.registrations", "rtp.address",
                  "rtp.port_min", "rtp.port_max", "control.socket", "control.group",
                  "metrics.listen", "websocket.listen",
                  "records.path", "records.keep_days", "records.max_rows", "records.queue_size",
@@ -201,7 +204,7 @@ class Supervisor:
         return {
             **media_values(self.registry.counters()),
             **admission_values(stats.counters),
-            **sip_values(dataclasses.asdict(self.endpoint.core.stats)),
+            **sip_values(dataclasses.asdict(self.endpoint.stats)),
             **self._registration_values(),
             **alsa_values(self.alsa.counters()),
             **websocket_values(self.websocket.counters()),
@@ -632,6 +635,7 @@ def main(argv: list[str] | None = None) -> int:
         config = Config() if path is None else load_config(path)
         _prompt(config)
         check_agent(config)
+        tls_server_context(config)
     except ConfigError as e:
         print(f"voxgated: config error: {e}", file=sys.stderr)
         return EX_CONFIG

@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
+from functools import partial
 
 from fuzz.targets.framing import split_records
 from voxgate.config import RtpConfig
 from voxgate.errors import RemoteProtocolError
 from voxgate.sip import uas
+from voxgate.sip.framing import FramingError, StreamFramer
 from voxgate.sip.headers import (
     parse_cseq,
     parse_name_addr,
@@ -23,7 +25,12 @@ from voxgate.sip.headers import (
     split_list_value,
 )
 from voxgate.sip.message import Request, make_response
-from voxgate.sip.parser import MAX_DELTA_SECONDS, BadMessage, parse_message_untrusted
+from voxgate.sip.parser import (
+    MAX_DELTA_SECONDS,
+    MAX_MESSAGE_BYTES,
+    BadMessage,
+    parse_message_untrusted,
+)
 from voxgate.sip.sdes import KEY_SALT_BYTES
 from voxgate.sip.sdp import build_answer, negotiate, parse_sdp_untrusted
 from voxgate.sip.uri import parse_uri_untrusted
@@ -132,11 +139,11 @@ def sdp(data: bytes) -> None:
     assert again.crypto == ours, (again, negotiated)
 
 
-def new_uas_core() -> uas.UasCore:
+def new_uas_core(transport: str = "UDP") -> uas.UasCore:
     """The :func:`sip_uas` core at ``UAS_HOST:UAS_PORT``: tags and branches count up
     (``t0``, ``t1`` …), so seeds can hold the To tag of the answer to their INVITE."""
     counter = itertools.count()
-    return uas.UasCore(local_host=UAS_HOST, local_port=UAS_PORT,
+    return uas.UasCore(local_host=UAS_HOST, local_port=UAS_PORT, transport=transport,
                        random_token=lambda: f"t{next(counter)}")
 
 
@@ -151,10 +158,48 @@ def sip_uas(data: bytes) -> None:
     and the app's actions are legal at the moment they are taken).
     """
     core = new_uas_core()
+    _drive(core, [partial(core.receive_datagram, datagram, PEER)
+                  for datagram in split_records(data)])
+
+
+def sip_stream(data: bytes) -> None:
+    """The reads of one TCP connection (cut by
+    :func:`~fuzz.targets.framing.split_records`) through a
+    :class:`~voxgate.sip.framing.StreamFramer` into a TCP
+    :class:`~voxgate.sip.uas.UasCore`, driven like :func:`sip_uas`; a framing
+    error is answered from its header section as ``transports/sip_stream.py``
+    does, and the connection's later reads are ignored.
+
+    Crash: any exception but FramingError leaving the framer, a message longer
+    than the bound, or a framer still buffering more than the bound.
+    """
+    core = new_uas_core("TCP")
+    core.connection_opened(PEER)
+    framer = StreamFramer(MAX_MESSAGE_BYTES)
+
+    def read(chunk: bytes, now: float) -> None:
+        if framer.failed:
+            return
+        framer.receive_data(chunk)
+        try:
+            while (message := framer.next_message()) is not None:
+                assert len(message) <= MAX_MESSAGE_BYTES, len(message)
+                core.receive_datagram(message, PEER, now)
+        except FramingError as exc:
+            if exc.head:
+                core.reject_message(exc.head, PEER, now, exc.reason, exc.status_hint or 400)
+        assert framer.buffered_bytes <= MAX_MESSAGE_BYTES + len(chunk), framer.buffered_bytes
+
+    _drive(core, [partial(read, chunk) for chunk in split_records(data)])
+
+
+def _drive(core: uas.UasCore, steps: list[Callable[[float], None]]) -> None:
+    """Run each input step at its time, answering events and running timers as
+    the SIP endpoint does; hang up what is left, run the timers out."""
     calls: set[str] = set()
     now = 1000.0
-    for datagram in split_records(data):
-        core.receive_datagram(datagram, PEER, now)
+    for step in steps:
+        step(now)
         _answer_events(core, calls, now)
         core.datagrams_to_send()
         now += DATAGRAM_INTERVAL_S

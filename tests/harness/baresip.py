@@ -10,6 +10,9 @@ audio received (``*-dec.wav``) into a directory, ``g711`` is the only codec,
 only RTP/SAVP with SDES keys (RFC 4568 ``a=crypto``). As a callee
 (:func:`start_callee`) the account answers every call at once
 (``answermode=auto``) and plays and records the same way.
+only RTP/SAVP with SDES keys (RFC 4568 ``a=crypto``). With ``transport="tls"``
+(or ``"tcp"``) the account and the dialled URI carry ``;transport=…`` and
+``cafile`` (``sip_cafile``) is what the server's certificate is checked against.
 """
 
 from __future__ import annotations
@@ -52,11 +55,14 @@ def write_config(
     mediaenc: str | None = None,
     max_calls: int = 1,
     auto_answer: bool = False,
+    transport: str | None = None,
+    cafile: Path | None = None,
 ) -> None:
     """Write ``config`` and ``accounts`` for one headless PCMU/PCMA caller
     (``mediaenc``: the account's media encryption, e.g. ``srtp-mand``;
     ``max_calls`` calls at once: 2 lets it follow a REFER, RFC 3515;
-    ``auto_answer``: it answers incoming calls at once)."""
+    ``auto_answer``: it answers incoming calls at once; ``transport``,
+    ``cafile``: see the module docstring)."""
     config_dir.mkdir(parents=True, exist_ok=True)
     record_dir.mkdir(parents=True, exist_ok=True)
     settings = [
@@ -84,6 +90,7 @@ def write_config(
         ("module_tmp", "account.so"),
         ("module_app", "menu.so"),
         ("snd_path", str(record_dir)),
+        *([("sip_cafile", str(cafile))] if cafile else []),
     ]
     (config_dir / "config").write_text("".join(f"{k}\t{v}\n" for k, v in settings))
     account = f"<sip:caller@127.0.0.1:{sip_port}>;regint=0;audio_codecs=PCMU,PCMA"
@@ -91,6 +98,8 @@ def write_config(
         account += f";mediaenc={mediaenc}"
     if auto_answer:
         account += ";answermode=auto"
+    if transport:
+        account += f";transport={transport}"
     (config_dir / "accounts").write_text(account + "\n")
 
 
@@ -120,16 +129,19 @@ def call_and_record(
     run_s: int,
     mediaenc: str | None = None,
     max_calls: int = 1,
+    transport: str | None = None,
+    cafile: Path | None = None,
 ) -> BaresipResult:
     """Dial ``sip:echo@HOST:PORT``, play the clip, quit after ``run_s`` seconds
-    (``mediaenc``: see :func:`write_config`).
+    (``mediaenc``, ``transport``, ``cafile``: see :func:`write_config`).
 
     Raises:
         subprocess.TimeoutExpired: baresip outlived ``run_s`` plus a grace period
             (it is killed first).
     """
     proc = start_call(target, workdir, clip=clip, sip_port=sip_port, rtp_first=rtp_first,
-                      rtp_last=rtp_last, run_s=run_s, mediaenc=mediaenc, max_calls=max_calls)
+                      rtp_last=rtp_last, run_s=run_s, mediaenc=mediaenc, max_calls=max_calls,
+                      transport=transport, cafile=cafile)
     return finish_call(proc, workdir, run_s)
 
 
@@ -144,18 +156,22 @@ def start_call(
     run_s: int,
     mediaenc: str | None = None,
     max_calls: int = 1,
+    transport: str | None = None,
+    cafile: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start baresip dialing ``sip:echo@HOST:PORT`` (quits after ``run_s`` seconds);
     console output to ``workdir/baresip.log``. End it with :func:`finish_call`
-    (``mediaenc``, ``max_calls``: see :func:`write_config`)."""
+    (``mediaenc``, ``max_calls``, ``transport``, ``cafile``: see :func:`write_config`)."""
     config_dir = workdir / "baresip"
     write_config(
         config_dir, clip=clip, sip_port=sip_port, rtp_first=rtp_first, rtp_last=rtp_last,
         record_dir=workdir / "recordings", mediaenc=mediaenc, max_calls=max_calls,
+        transport=transport, cafile=cafile,
     )
+    uri = f"sip:echo@{target[0]}:{target[1]}" + (f";transport={transport}" if transport else "")
     argv = [
         "baresip", "-f", str(config_dir),
-        "-e", f"/dial sip:echo@{target[0]}:{target[1]}", "-t", str(run_s),
+        "-e", f"/dial {uri}", "-t", str(run_s),
     ]
     with (workdir / "baresip.log").open("wb") as log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=log)

@@ -80,6 +80,15 @@ def free_udp_port(host: str = "127.0.0.1") -> int:
         return port
 
 
+def free_tcp_port(host: str = "127.0.0.1") -> int:
+    """A TCP port the kernel says is free right now (bind to port 0, read, close)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
 def _ephemeral_floor() -> int:
     try:
         text = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text()

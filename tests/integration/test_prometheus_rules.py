@@ -38,6 +38,7 @@ from tests.harness.daemon import (
     REPO_ROOT,
     Daemon,
     PortRange,
+    free_tcp_port,
     free_udp_port,
     invite_request,
     status_code,
@@ -45,7 +46,6 @@ from tests.harness.daemon import (
 from tests.harness.sipp import Sipp
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import ctl_ok, wait_until
-from tests.integration.test_websocket import free_tcp_port
 
 ReservePorts = Callable[[int], PortRange]
 PROMETHEUS_DIR = REPO_ROOT / "packaging" / "prometheus"

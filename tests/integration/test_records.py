@@ -22,11 +22,10 @@ from typing import Any
 
 import pytest
 
-from tests.harness.daemon import Daemon
+from tests.harness.daemon import Daemon, free_tcp_port
 from tests.harness.phone import Phone
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import ctl_json, wait_until
-from tests.integration.test_websocket import free_tcp_port
 
 with warnings.catch_warnings():
     # Python 3.11/3.12 deprecate audioop (PEP 594) with a DeprecationWarning at import.

@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import json
 import re
-import socket
 import wave
 from collections import Counter
 from pathlib import Path
@@ -26,7 +25,7 @@ from typing import Any
 import trio
 
 from tests.harness.audio import SpeechClip, compare_echo, decode_g711, encode_ulaw
-from tests.harness.daemon import Daemon
+from tests.harness.daemon import Daemon, free_tcp_port
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import ctl_ok
 from tests.transports.test_websocket import (
@@ -47,13 +46,6 @@ from voxgate.transports.media_stream import FRAME_BYTES, Stop
 SILENCE = b"\xff" * FRAME_BYTES
 TURN_S = 15.0
 """Upper bound for a caller turn plus the agent's fallback prompt to play out."""
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def ws_daemon(start_daemon: StartDaemon, **sections: dict[str, Any]) -> tuple[Daemon, int]:

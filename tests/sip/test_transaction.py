@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from voxgate.errors import LocalProtocolError
@@ -49,7 +51,7 @@ def top_via(req: Request):
     return parse_via(req.headers.get("Via") or "")
 
 
-def server(req: Request, outbox: Outbox, now: float = 0.0, **timers: float) -> ServerTransaction:
+def server(req: Request, outbox: Outbox, now: float = 0.0, **timers: Any) -> ServerTransaction:
     return ServerTransaction(
         server_key(req, top_via(req)), req, DEST, outbox, TimerConfig(**timers), now
     )

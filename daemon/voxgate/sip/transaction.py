@@ -1,4 +1,4 @@
-"""SIP transactions over UDP (RFC 3261 §17, RFC 6026), sans-IO.
+"""SIP transactions over UDP, TCP and TLS (RFC 3261 §17, RFC 6026), sans-IO.
 
 Every state transition lives in :data:`TRANSITIONS` below (the h11
 ``_state.py`` idea): ``(kind, state, input) -> next state``. Handlers feed
@@ -6,9 +6,13 @@ inputs; the table decides. Timers are absolute deadlines in monotonic seconds
 (``now`` is always passed in); outputs go to a shared bounded :class:`Outbox`
 of ``(datagram, (host, port))`` pairs that the driver drains.
 
-Only UDP is supported, so the unreliable-transport timer values always apply
-(Timer A/G/E retransmissions, Timer I = T4, Timer J = 64·T1, Timer K = T4,
-Timer D = 64·T1, i.e. 32 s with the default T1).
+Over UDP the unreliable-transport timer values apply (Timer A/G/E
+retransmissions, Timer I = T4, Timer J = 64·T1, Timer K = T4, Timer D =
+64·T1, i.e. 32 s with the default T1). With ``TimerConfig(reliable=True)``
+(TCP, TLS) Timers A and E and the Timer G of a 3xx-6xx are not used and
+Timers D, I, J and K are 0 (§17.1.1.2, §17.1.2.2, §17.2.1, §17.2.2); the 2xx
+to an INVITE is still retransmitted until its ACK (§13.3.1.4 applies to
+every transport).
 """
 
 from __future__ import annotations
@@ -198,16 +202,34 @@ TIMEOUT_OUTCOMES: dict[tuple[State, Input], str] = {
 }
 
 _RETRANSMIT_TIMERS = frozenset({Input.TIMER_A, Input.TIMER_E, Input.TIMER_G})
+_UNUSED_WHEN_RELIABLE = frozenset({(_SI, _C, Input.TIMER_G), (_CN, _T, Input.TIMER_E),
+                                   (_CI, _K, Input.TIMER_A)})
+"""Retransmission timers a reliable transport does not run (§17.1.1.2, §17.1.2.2, §17.2.1)."""
+_ZERO_WHEN_RELIABLE = frozenset({Input.TIMER_D, Input.TIMER_I, Input.TIMER_J, Input.TIMER_K})
+"""Wait timers that are 0 over a reliable transport (§17.1.1.2, §17.1.2.2, §17.2.1, §17.2.2)."""
 _RESEND_STATES = frozenset({_P, _C})  # a retransmitted request gets the last response again
 
 
 @dataclass(frozen=True, slots=True)
 class TimerConfig:
-    """RFC 3261 §17.1.1.1 timer values in seconds (Table 4)."""
+    """RFC 3261 §17.1.1.1 timer values in seconds (Table 4); ``reliable`` for
+    TCP and TLS (no request or 3xx-6xx retransmissions, Timers I/J/K 0)."""
 
     t1_s: float = 0.5
     t2_s: float = 4.0
     t4_s: float = 5.0
+    reliable: bool = False
+
+    def armed(self, kind: Kind, state: State) -> dict[Input, float]:
+        """The timers started on entering ``state`` of a ``kind`` transaction,
+        as ``timer -> duration in seconds``."""
+        armed = {}
+        for timer, duration in ON_ENTER.get((kind, state), {}).items():
+            if self.reliable and (kind, state, timer) in _UNUSED_WHEN_RELIABLE:
+                continue
+            zero = self.reliable and timer in _ZERO_WHEN_RELIABLE
+            armed[timer] = 0.0 if zero else float(getattr(self, duration))
+        return armed
 
     @property
     def timeout_s(self) -> float:
@@ -359,10 +381,10 @@ class Transaction:
             if self.outcome is None:
                 self.outcome = "completed"
             return
-        armed = ON_ENTER.get((self.kind, state))
-        if armed is not None:
-            self._deadlines = {t: now + getattr(self._config, d) for t, d in armed.items()}
-            self._intervals = {t: getattr(self._config, d) for t, d in armed.items()}
+        if (self.kind, state) in ON_ENTER:
+            armed = self._config.armed(self.kind, state)
+            self._deadlines = {t: now + d for t, d in armed.items()}
+            self._intervals = dict(armed)
 
     def _send(self, data: bytes) -> None:
         self._last_sent = data

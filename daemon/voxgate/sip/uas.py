@@ -8,6 +8,17 @@ call (our REGISTER) go out with ``send_request`` and end as
 ``RequestCompleted``. Time is always the caller's ``now`` (monotonic
 seconds); timers are ``next_deadline()`` + ``handle_timer(now)``.
 
+Transport (§18): one core serves one transport, ``"UDP"``, ``"TCP"`` or
+``"TLS"``, named in our Via and Contact (``;transport=tcp`` or ``tls``; a
+``sips:`` Contact to a ``sips:`` Request-URI, RFC 5630). "Datagrams" are then whole framed messages
+(:mod:`voxgate.sip.framing`) and their address names the connection: over a
+reliable transport responses go to the connection the request came on
+(§18.2.2), in-dialog requests (our BYE, REFER) to the connection the call's
+INVITE came on while the driver reports it open (:meth:`UasCore.connection_opened`,
+:meth:`UasCore.connection_closed`), else to the next hop as over UDP (the
+driver opens a connection there), and the transaction timers are the reliable
+ones (§17).
+
 Policy choices: Max-Forwards is not checked (a UAS consumes the request, so
 ``Max-Forwards: 0`` on OPTIONS is answered normally; §8.2 has no Max-Forwards
 step). An INVITE whose To tag matches no dialog is taken as a new call that
@@ -86,6 +97,9 @@ from voxgate.sip.uac import (
 from voxgate.sip.uri import format_host_port, parse_uri_untrusted
 
 Address = tuple[str, int]
+
+TRANSPORTS = ("UDP", "TCP", "TLS")
+"""The transports a core can serve (RFC 3261 §18, RFC 5630)."""
 
 ALLOWED_METHODS = ("INVITE", "ACK", "BYE", "CANCEL", "OPTIONS")
 ALLOW = ", ".join(ALLOWED_METHODS)
@@ -394,6 +408,7 @@ class UasCore:
         flood_limits: FloodLimits | None = None,
         max_datagram_bytes: int = MAX_UDP_PAYLOAD_BYTES,
         transfer_timeout_s: float = 60.0,
+        transport: str = "UDP",
     ) -> None:
         self.local_host = local_host
         self.local_port = local_port
@@ -401,8 +416,14 @@ class UasCore:
         self.available = True
         self.unavailable_reason = "unavailable"
         self.retry_after_s = 30
+        if transport not in TRANSPORTS:
+            raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
+        self.transport = transport
+        self.reliable = transport != "UDP"
+        """Whether the transport is reliable (TCP, TLS): §17 timers, §18.2.2 answers."""
         self._hostport = format_host_port(local_host, local_port)
-        self._contact = f"<sip:{self._hostport}>"
+        self._contact = _contact_uri(transport, self._hostport)
+        self._connections: set[Address] = set()  # open connections (reliable transports)
         self._token = random_token or (lambda: secrets.token_hex(8))
         self.max_dialogs = max_dialogs
         """Most calls (dialogs) held at once; the app may change it (reload)."""
@@ -423,7 +444,8 @@ class UasCore:
         self._max_queued_events = max_queued_events
         self._outbox = Outbox(max_queued_datagrams)
         self._transactions = TransactionTable(
-            outbox=self._outbox, max_transactions=max_transactions, timers=timers
+            outbox=self._outbox, max_transactions=max_transactions,
+            timers=timers or TimerConfig(reliable=self.reliable),
         )
         self._rate_limiter = SourceRateLimiter()
         self.flood_limits = flood_limits or FloodLimits()
@@ -474,6 +496,23 @@ class UasCore:
             self._receive_request(message, source, now)
         except RemoteProtocolError as exc:  # raised before any state was changed
             self._refuse_bad(exc, message, source, now)
+
+    def reject_message(self, head: bytes, source: Address, now: float, reason: str,
+                       status: int = 400) -> None:
+        """Refuse a message the stream framer could not frame (no or a bad
+        Content-Length, §18.3): answer ``status`` statelessly from its header
+        section ``head`` when that holds a request with a Via, like any bad
+        message (counted in ``bad_messages``, reported as BadMessageReceived).
+        The caller closes the connection after sending the answer."""
+        self._counts["messages_in"] += 1
+        request: Request | Response | None
+        try:
+            request = parse_message_untrusted(head)
+        except BadMessage as exc:
+            request = exc.partial
+        if not isinstance(request, Request):
+            request = None
+        self._refuse_bad(RemoteProtocolError(reason, status), request, source, now)
 
     def _of_a_known_call_raw_untrusted(self, data: bytes) -> bool:
         """Whether the raw datagram's Call-ID is one of our calls' (a retransmitted
@@ -530,6 +569,20 @@ class UasCore:
     def active_transactions(self) -> int:
         """Live transactions (server and client)."""
         return len(self._transactions)
+
+    def connection_opened(self, peer: Address) -> None:
+        """The driver holds a connection with ``peer`` (reliable transports): our
+        in-dialog requests for calls that came on it go on it."""
+        self._connections.add(peer)
+
+    def connection_closed(self, peer: Address) -> None:
+        """The connection with ``peer`` is gone: in-dialog requests go to the next hop."""
+        self._connections.discard(peer)
+
+    def has_calls_from(self, source: Address) -> bool:
+        """Whether a call not yet forgotten came from ``source`` (over a reliable
+        transport: on that connection, which must then stay open). O(calls)."""
+        return any(call.source == source for call in self._calls.values())
 
     @property
     def active_dialogs(self) -> int:
@@ -919,7 +972,7 @@ class UasCore:
 
     def _receive_request(self, request: Request, source: Address, now: float) -> None:
         via = parse_via(request.headers.get("Via") or "")
-        inc = _Incoming(request, via, _stamp_top_via(request, via, source), source)
+        inc = _Incoming(request, via, self._answer_to(request, via, source), source)
         if request.method == "ACK":
             self._receive_ack(inc, now)
             return
@@ -1173,7 +1226,7 @@ class UasCore:
             return
         try:
             via = parse_via(request.headers.get("Via") or "")
-            destination = _stamp_top_via(request, via, source)
+            destination = self._answer_to(request, via, source)
         except RemoteProtocolError:
             destination = source
         response = self._response(request, exc.status_hint, to_tag=self._token())
@@ -1261,7 +1314,9 @@ class UasCore:
         if txn is call.invite_txn:
             headers.extend(("Record-Route", v) for v in txn.request.headers.get_all("Record-Route"))
         if 101 <= status < 300:
-            headers.append(("Contact", self._contact))
+            sips = self.transport == "TLS" and txn.request.uri[:5].lower() == "sips:"
+            # RFC 5630 §3.1.3: a SIPS Request-URI gets a SIPS Contact.
+            headers.append(("Contact", f"<sips:{self._hostport}>" if sips else self._contact))
         headers.extend(extra)
         if body:
             headers.append(("Content-Type", SDP))
@@ -1303,7 +1358,8 @@ class UasCore:
         transaction table is full (nothing sent)."""
         request = call.dialog.build_request(method, now)
         branch = MAGIC_COOKIE + self._token()
-        request.headers.set("Via", f"SIP/2.0/UDP {self._hostport};branch={branch};rport")
+        request.headers.set("Via",
+                            f"SIP/2.0/{self.transport} {self._hostport};branch={branch};rport")
         request.headers.add("User-Agent", self.user_agent)
         for name, value in extra:
             request.headers.add(name, value)
@@ -1312,14 +1368,25 @@ class UasCore:
             txn.call_key = call.key
         return txn
 
+    def _answer_to(self, request: Request, via: Via, source: Address) -> Address:
+        """Stamp the top Via (§18.2.1) and return where responses go: over a
+        reliable transport the connection the request came on, else §18.2.2."""
+        destination = _stamp_top_via(request, via, source)
+        return source if self.reliable else destination
+
     def _next_hop(self, call: _Call) -> Address:
-        """Where our in-dialog request goes (§8.1.2), without name resolution."""
+        """Where our in-dialog request goes (§8.1.2), without name resolution:
+        over a reliable transport the connection the INVITE came on while it is
+        open; else the remote target or first route when that is an IP literal
+        (port 5060, 5061 for ``sips:``, §19.1.2), else where the INVITE came from."""
+        if self.reliable and call.source in self._connections:
+            return call.source
         try:
             uri = parse_uri_untrusted(call.dialog.next_hop_uri())
             ipaddress.ip_address(uri.host)
         except (RemoteProtocolError, ValueError):
             return call.source
-        return (uri.host, uri.port or 5060)
+        return (uri.host, uri.port or (5061 if uri.scheme == "sips" else 5060))
 
     def _pending(self, txn: ServerTransaction, *, count: bool = True) -> bool:
         """Whether ``txn`` still awaits its final response; else count a late action."""
@@ -1392,6 +1459,13 @@ def sipfrag_status(body: bytes) -> int | None:
     ``SIP/2.0 200 OK``), or ``None`` when it starts with no such line."""
     match = _SIPFRAG_STATUS_RE.match(body)
     return int(match[1]) if match else None
+
+
+def _contact_uri(transport: str, hostport: str) -> str:
+    """Our Contact for ``transport`` (§8.1.1.8, §19.1.1 transport parameter)."""
+    if transport == "UDP":
+        return f"<sip:{hostport}>"
+    return f"<sip:{hostport};transport={transport.lower()}>"
 
 
 def _minimal_response(request: Request, status: int, to_tag: str) -> Response:

@@ -30,10 +30,17 @@ plain RTP) and waits up to ``[sip] outbound_ring_timeout_s`` for the answer
 ``callee-busy`` or ``callee-rejected``, no final response with
 ``callee-unreachable``; once answered the call runs like an inbound one.
 Outcomes are counted in ``voxgate_sip_outbound_calls_total{outcome}``.
+
+``[sip] listen_tcp`` and ``listen_tls`` add a
+:class:`~voxgate.transports.sip_stream.StreamListener` each, with a UAS core of
+their own (transport TCP or TLS); their calls are handled exactly like the
+UDP ones, each call's actions going to the core it came from. Registrations
+stay on UDP.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import ipaddress
 import logging
@@ -54,7 +61,7 @@ from voxgate.agents.transfer import TransferFailure, TransferFailureReason
 from voxgate.calls import CallRequest, Calls, Leg, SetupRefused
 from voxgate.cidr import parse_networks
 from voxgate.codec.g711 import codec_for
-from voxgate.config import Config
+from voxgate.config import Config, split_host_port
 from voxgate.end_reasons import EndReason
 from voxgate.errors import LocalProtocolError, RemoteProtocolError, is_resource_shortage
 from voxgate.logging import SHORTAGE_BACKOFF_S, ResourceShortage, log_event
@@ -80,6 +87,12 @@ from voxgate.sip.sdp import (
 from voxgate.sip.uri import format_host_port, parse_uri_untrusted
 from voxgate.transports.rtp_leg import RtpLeg, RtpReadiness
 from voxgate.transports.rtp_ports import PortPool
+from voxgate.transports.sip_stream import (
+    StreamLimits,
+    StreamListener,
+    tls_client_context,
+    tls_server_context,
+)
 from voxgate.transports.srtp import SrtpContext
 
 HEARTBEAT_S = 1.0
@@ -132,7 +145,8 @@ class _Call:
     """The target of the call's latest REFER."""
 
     def queued(self, decision: adm.Queued) -> None:
-        self.endpoint.act(lambda core, now: core.send_provisional(self.event.call_key, 180, now))
+        key = self.event.call_key
+        self.endpoint.act(key, lambda core, now: core.send_provisional(key, 180, now))
 
     def refused(self, refusal: adm.Refusal) -> None:
         self.endpoint.refuse(self, refusal.sip_status, refusal.reason,
@@ -263,7 +277,8 @@ class _Signaling:
         self._call_key = call_key
 
     def ring(self) -> None:
-        self._endpoint.act(lambda core, now: core.send_provisional(self._call_key, 180, now))
+        key = self._call_key
+        self._endpoint.act(key, lambda core, now: core.send_provisional(key, 180, now))
 
     def answer(self) -> None:
         self._endpoint.answer(self._call_key)
@@ -271,7 +286,7 @@ class _Signaling:
     def refuse(self, reason: str) -> None:
         status = _REFUSAL_STATUS.get(reason, 480)
         key = self._call_key
-        self._endpoint.act(lambda core, now: core.reject(key, status, now, reason=reason))
+        self._endpoint.act(key, lambda core, now: core.reject(key, status, now, reason=reason))
 
     def hangup(self, reason: str) -> None:
         self._endpoint.hangup(self._call_key, reason)
@@ -294,12 +309,18 @@ class SipEndpoint:
         self.admission = calls.desk.admission
         self._check_in = check_in
         host, port = config.sip.advertised_host_port
-        self.core = uas.UasCore(local_host=host, local_port=port,
-                                max_dialogs=_max_dialogs(config),
-                                flood_limits=FloodLimits.from_settings(config.sip),
-                                transfer_timeout_s=config.sip.transfer_timeout_s)
-        self.core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
-        _configure_digest(self.core, config)
+        self.core = _build_core(config, "UDP", port)
+        self.streams = [
+            StreamListener(_build_core(config, transport, split_host_port(listen)[1]),
+                           split_host_port(listen), StreamLimits.from_config(config),
+                           self._pump, tls_context=tls, tls_client_context=client)
+            for transport, listen, tls, client in (
+                ("TCP", config.sip.listen_tcp, None, None),
+                ("TLS", config.sip.listen_tls, tls_server_context(config),
+                 tls_client_context(config)))
+            if listen]
+        self._cores = [self.core, *(stream.core for stream in self.streams)]
+        self._core_of_call: dict[str, uas.UasCore] = {}  # call key → its core, if not UDP
         self.registrations = RegistrationClient(_binding_settings(config),
                                                 via_host_port=format_host_port(host, port))
         self._registration_states = [r.state for r in self.registrations.statuses(0.0)]
@@ -321,7 +342,8 @@ class SipEndpoint:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind the SIP socket, report started, then serve until cancelled.
 
-        Raises OSError when ``[sip] listen`` cannot be bound.
+        Raises OSError when ``[sip] listen`` (``listen_tcp``, ``listen_tls``) cannot be
+        bound.
         """
         host, port = self.config.sip.host, self.config.sip.port
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -331,6 +353,8 @@ class SipEndpoint:
             sock.bind((host, port))
             self._sock = sock
             async with trio.open_nursery() as nursery:
+                for stream in self.streams:
+                    await nursery.start(stream.run)
                 nursery.start_soon(self._timer_loop)
                 self.registrations.start(trio.current_time())
                 self._pump()
@@ -369,12 +393,18 @@ class SipEndpoint:
     def apply_config(self, config: Config) -> None:
         """Take a reloaded config: for new calls; calls in progress keep their settings."""
         self.config = config
-        self.core.max_dialogs = _max_dialogs(config)
-        self.core.flood_limits = FloodLimits.from_settings(config.sip)
-        self.core.transfer_timeout_s = config.sip.transfer_timeout_s
-        self.core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
-        _configure_digest(self.core, config)
+        for core in self._cores:
+            _configure_core(core, config)
+        for stream in self.streams:
+            stream.set_limits(StreamLimits.from_config(config))
         self._pump()
+
+    @property
+    def stats(self) -> uas.UasStats:
+        """The UAS counters of every transport's core, summed."""
+        totals = [sum(values) for values in zip(
+            *(dataclasses.astuple(core.stats) for core in self._cores), strict=True)]
+        return uas.UasStats(*totals)
 
     def poke(self) -> None:
         """Admission changed: refresh OPTIONS availability and timers soon (not re-entrant)."""
@@ -382,9 +412,10 @@ class SipEndpoint:
 
     # -- actions from sessions -------------------------------------------
 
-    def act(self, action: _Action) -> None:
-        """Run one UAS action now and send what it produced."""
-        action(self.core, trio.current_time())
+    def act(self, call_key: str, action: _Action) -> None:
+        """Run one UAS action on the core of call ``call_key`` now and send what it
+        produced."""
+        action(self._core(call_key), trio.current_time())
         self._pump()
 
     def answer(self, call_key: str) -> None:
@@ -398,11 +429,11 @@ class SipEndpoint:
             session_id=call.sdp_session_id, session_version=call.sdp_version,
             local_crypto=None if srtp is None else srtp.local,
         )
-        self.act(lambda core, now: core.accept(call_key, sdp, now))
+        self.act(call_key, lambda core, now: core.accept(call_key, sdp, now))
 
     def hangup(self, call_key: str, reason: str) -> None:
         self._hangups_pending.add(call_key)
-        self.act(lambda core, now: core.hangup(call_key, now, reason=reason))
+        self.act(call_key, lambda core, now: core.hangup(call_key, now, reason=reason))
 
     def transfer(self, session_id: str, target: str) -> None:
         """Blind-transfer the SIP call of session ``session_id`` to the SIP URI ``target``
@@ -417,7 +448,8 @@ class SipEndpoint:
 
     def _refer(self, call: _Call | _OutboundCall, target: str) -> None:
         """Send the call's REFER to ``target``; raises as :meth:`transfer`."""
-        self.act(lambda core, now: core.refer(call.call_key, target, now))
+        key = call.call_key
+        self.act(key, lambda core, now: core.refer(key, target, now))
         call.transfer_target = target
         log_event(logging.INFO, "sip_transfer_started", f"REFER to {target}",
                   call=call.session)
@@ -508,7 +540,7 @@ class SipEndpoint:
         """The session is gone: forget the call and, unless our BYE is still in
         flight (then at HangupCompleted), its dialog state."""
         if call_key not in self._hangups_pending:
-            self.core.forget(call_key)
+            self._forget(call_key)
         self._calls.pop(call_key, None)
         self._update_idle()
         self._pump()
@@ -526,6 +558,9 @@ class SipEndpoint:
         leg, details = self._rtp_leg(call.negotiated, core)
         call.leg = leg
         details["source"] = _fmt(call.event.source)
+        sip_transport = self._core(call.event.call_key).transport
+        if sip_transport != "UDP":
+            details["sip_transport"] = sip_transport
         stream = leg.stream
         return Leg(media=leg, signaling=_Signaling(self, call.event.call_key),
                    codec=leg.codec.name, remote=lambda: _fmt(stream.remote_addr),
@@ -599,38 +634,58 @@ class SipEndpoint:
 
     async def _timer_loop(self) -> None:
         while True:
-            deadlines = (self.core.next_deadline(), self.registrations.next_deadline())
+            deadlines = (*(core.next_deadline() for core in self._cores),
+                         self.registrations.next_deadline())
             deadline = min((d for d in deadlines if d is not None), default=math.inf)
             with trio.move_on_at(deadline), trio.move_on_after(HEARTBEAT_S):
                 await self._timers_changed.wait()
             now = trio.current_time()
-            self.core.handle_timer(now)
+            for core in self._cores:
+                core.handle_timer(now)
             self.registrations.handle_timer(now)
             self._pump()
             # Re-arm after our own pump: its wake-up is for the other tasks' changes.
             self._timers_changed = trio.Event()
 
     def _pump(self) -> None:
-        """Handle every queued event, send every queued datagram, re-arm timers."""
-        while (event := self.core.next_event()) is not None:
-            try:
-                self._handle(event)
-            except Exception as exc:
-                call_key = getattr(event, "call_key", None)
-                log_event(logging.ERROR, "sip_event_error", f"handling {type(event).__name__} "
-                          f"failed: {exc!r}", call_id=getattr(event, "call_id", None),
-                          exc_info=exc)
-                call = self._calls.get(call_key) if call_key is not None else None
-                if call is not None:
-                    self.calls.end(call.ticket, "error")
+        """Handle every queued event, send every queued message, re-arm timers."""
+        for core in self._cores:
+            while (event := core.next_event()) is not None:
+                if isinstance(event, uas.IncomingCall) and core is not self.core:
+                    self._core_of_call[event.call_key] = core
+                self._handle_safely(event)
         self._start_registers()
         available, why = self.admission.availability()
-        self.core.available = available
-        self.core.unavailable_reason = why or ""
-        self.core.retry_after_s = self.admission.limits.retry_after_s
+        for core in self._cores:
+            core.available = available
+            core.unavailable_reason = why or ""
+            core.retry_after_s = self.admission.limits.retry_after_s
         for data, addr in self.core.datagrams_to_send():
             self._send(data, addr)
+        for stream in self.streams:
+            stream.flush()
         self._timers_changed.set()
+
+    def _handle_safely(self, event: uas.SipEvent) -> None:
+        """Handle one event; a failure is logged and ends only that event's call."""
+        try:
+            self._handle(event)
+        except Exception as exc:
+            call_key = getattr(event, "call_key", None)
+            log_event(logging.ERROR, "sip_event_error", f"handling {type(event).__name__} "
+                      f"failed: {exc!r}", call_id=getattr(event, "call_id", None),
+                      exc_info=exc)
+            call = self._calls.get(call_key) if call_key is not None else None
+            if call is not None:
+                self.calls.end(call.ticket, "error")
+
+    def _core(self, call_key: str) -> uas.UasCore:
+        """The UAS core (transport) call ``call_key`` came on."""
+        return self._core_of_call.get(call_key, self.core)
+
+    def _forget(self, call_key: str) -> None:
+        """Drop the call's dialog state in its core (see UasCore.forget)."""
+        self._core_of_call.pop(call_key, self.core).forget(call_key)
 
     def _start_registers(self) -> None:
         """Start a client transaction for each queued REGISTER (none free: it failed),
@@ -686,7 +741,7 @@ class SipEndpoint:
         elif isinstance(event, uas.HangupCompleted):
             self._hangups_pending.discard(event.call_key)
             if event.call_key not in self._calls:
-                self.core.forget(event.call_key)
+                self._forget(event.call_key)
             self._update_idle()
         elif isinstance(event, uas.RequestCompleted):
             self.registrations.receive_response(event.branch, event.response,
@@ -713,7 +768,7 @@ class SipEndpoint:
         self.calls.end(call.ticket, reason)
         if call.session is None:  # cancelled while queued: the UAS answered 487
             del self._calls[call_key]
-            self.core.forget(call_key)
+            self._forget(call_key)
             self._update_idle()
 
     def _transfer_ended(self, event: uas.TransferEnded) -> None:
@@ -740,9 +795,9 @@ class SipEndpoint:
 
     def _refuse(self, event: uas.IncomingCall, status: int, reason: str, *,
                 retry_after_s: int | None = None) -> None:
-        self.core.reject(event.call_key, status, trio.current_time(), reason=reason,
-                         retry_after_s=retry_after_s)
-        self.core.forget(event.call_key)
+        self._core(event.call_key).reject(event.call_key, status, trio.current_time(),
+                                          reason=reason, retry_after_s=retry_after_s)
+        self._forget(event.call_key)
 
     def _incoming_call(self, event: uas.IncomingCall) -> None:
         try:
@@ -768,8 +823,9 @@ class SipEndpoint:
     def _reinvite(self, event: uas.ReInvite) -> None:
         call = self._calls.get(event.call_key)
         now = trio.current_time()
+        core = self._core(event.call_key)
         if call is None or call.leg is None or call.session is None:
-            self.core.answer_reinvite(event.call_key, None, 481, now)
+            core.answer_reinvite(event.call_key, None, 481, now)
             return
         srtp = call.leg.srtp
         try:
@@ -778,7 +834,7 @@ class SipEndpoint:
             negotiated = negotiate(offer, preference=(call.negotiated.codec.name,),
                                    srtp="off" if srtp is None else "required")
         except RemoteProtocolError as e:
-            self.core.answer_reinvite(event.call_key, None, e.status_hint or 488, now)
+            core.answer_reinvite(event.call_key, None, e.status_hint or 488, now)
             return
         local_crypto = None
         if srtp is not None:
@@ -794,7 +850,7 @@ class SipEndpoint:
         sdp = build_answer(offer, negotiated, local_address=self.config.rtp.sdp_address,
                            local_port=call.leg.local_port, session_id=call.sdp_session_id,
                            session_version=call.sdp_version, local_crypto=local_crypto)
-        self.core.answer_reinvite(event.call_key, sdp, 200, now)
+        core.answer_reinvite(event.call_key, sdp, 200, now)
         log_event(logging.INFO, "call_reinvite", "media updated", call=call.session,
                   direction=negotiated.direction, remote=_fmt(negotiated.remote_rtp))
 
@@ -822,6 +878,25 @@ def _outbound_failure(status: int | None) -> EndReason:
     if status is None:
         return "callee-unreachable"
     return "callee-busy" if status in (486, 600, 603) else "callee-rejected"
+
+
+def _build_core(config: Config, transport: str, port: int) -> uas.UasCore:
+    """A UAS core for ``transport`` whose Via and Contact name the advertised host
+    and ``port`` (UDP: the advertised port)."""
+    host, udp_port = config.sip.advertised_host_port
+    core = uas.UasCore(local_host=host, local_port=udp_port if transport == "UDP" else port,
+                       transport=transport, max_dialogs=_max_dialogs(config))
+    _configure_core(core, config)
+    return core
+
+
+def _configure_core(core: uas.UasCore, config: Config) -> None:
+    """The reloadable settings of a core: limits, trusted sources, digest."""
+    core.max_dialogs = _max_dialogs(config)
+    core.flood_limits = FloodLimits.from_settings(config.sip)
+    core.transfer_timeout_s = config.sip.transfer_timeout_s
+    core.trusted_networks = parse_networks(config.sip.trusted_cidrs)
+    _configure_digest(core, config)
 
 
 def _configure_digest(core: uas.UasCore, config: Config) -> None:
