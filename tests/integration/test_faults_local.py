@@ -31,7 +31,13 @@ from pathlib import Path
 import pytest
 
 from tests.harness.audio import SpeechClip
-from tests.harness.daemon import Daemon, invite_request, options_request, status_code
+from tests.harness.daemon import (
+    Daemon,
+    free_tcp_port,
+    invite_request,
+    options_request,
+    status_code,
+)
 from tests.harness.phone import Phone, headers_of
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import _ctl_command, wait_until
@@ -73,13 +79,6 @@ def set_fd_limits(pid: int, soft: int, hard: int) -> None:
 
 def highest_fd(pid: int) -> int:
     return max(int(fd) for fd in os.listdir(f"/proc/{pid}/fd"))
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def websocket_upgrade(port: int) -> socket.socket:

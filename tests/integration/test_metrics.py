@@ -18,11 +18,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.harness import requires
 from tests.harness.audio import SpeechClip
-from tests.harness.daemon import Daemon, PortRange, free_udp_port, render_toml
+from tests.harness.daemon import Daemon, PortRange, free_tcp_port, free_udp_port, render_toml
 from tests.harness.sipp import Sipp
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import ctl_ok, wait_until
-from tests.integration.test_faults_local import free_tcp_port
 from voxgate.metrics_http import MAX_CONNECTIONS
 
 HTTP_TIMEOUT_S = 10.0

@@ -9,7 +9,6 @@ import contextlib
 import logging
 import os
 import random
-import socket
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -25,6 +24,7 @@ from trio_websocket import (
     wrap_client_stream,
 )
 
+from tests.harness.daemon import free_tcp_port
 from voxgate.admission import Admission, limits_from_config
 from voxgate.admission_desk import AdmissionDesk
 from voxgate.agents.base import Agent
@@ -51,13 +51,6 @@ from voxgate.transports.websocket import WebSocketEndpoint
 SID = "MZ00000000000000000000000000000001"
 SILENCE = PCMU.silence(160)
 TONE = bytes(range(160)) * 2  # a PCM16 frame that is not silence
-
-
-def free_tcp_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
 
 
 def make_config(**sections: dict[str, Any]) -> Config:
