@@ -20,7 +20,8 @@
  * a=crypto:1 AES_CM_128_HMAC_SHA1_80 and a fresh key per call (RFC 4568
  * §6.2.1); the answer's a=crypto gives the daemon's key, every packet sent is
  * protected and every one received unprotected with libsrtp2 (RFC 3711)
- * before the figures below see it.
+ * before the figures below see it; libsrtp2's AES and HMAC-SHA1 run on OpenSSL
+ * (see "libsrtp2's AES-ICM-128 and HMAC-SHA1 on OpenSSL" below).
  * Every call sends a 160-byte µ-law frame every 20 ms; the calls' phases are
  * spread evenly over the 20 ms period, or all equal with --aligned. The frames
  * are the clip (--clip, raw µ-law bytes, L = 160·m + 1 samples) looped as one
@@ -51,10 +52,13 @@
 #include <string.h>
 #include <strings.h>
 #include <netinet/tcp.h>
+#include <openssl/core_names.h>
 #include <openssl/err.h>
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
+#include <srtp2/auth.h>
+#include <srtp2/cipher.h>
 #include <srtp2/srtp.h>
 #include <sys/epoll.h>
 #include <sys/random.h>
@@ -512,6 +516,169 @@ static int parse_sdp(const char *body, struct sockaddr_in *out) {
     out->sin_family = AF_INET;
     out->sin_port = htons((uint16_t)port);
     return inet_pton(AF_INET, ip, &out->sin_addr) == 1 ? 0 : -1;
+}
+
+/* --- libsrtp2's AES-ICM-128 and HMAC-SHA1 on OpenSSL ---
+ * Debian's libsrtp2 is built on NSS, which sets up a crypto context per packet
+ * (~10 µs per protect + unprotect here); these replace its two primitives for
+ * AES_CM_128_HMAC_SHA1_80 (srtp_replace_cipher_type/_auth_type, each checked by
+ * libsrtp's self-test against the vectors below) while libsrtp2 keeps doing SRTP
+ * itself (key derivation, index/ROC, replay, RFC 3711 §3-4). */
+
+struct icm_state {
+    EVP_CIPHER_CTX *ctx;
+    uint8_t salt[16]; /* the 14-byte salt, then 2 zero bytes (RFC 3711 §4.1.1) */
+};
+
+static const srtp_cipher_type_t icm_ossl;
+
+static srtp_err_status_t icm_alloc(srtp_cipher_pointer_t *cp, int key_len, int tag_len) {
+    (void)tag_len;
+    if (key_len != SRTP_AES_ICM_128_KEY_LEN_WSALT)
+        return srtp_err_status_bad_param;
+    srtp_cipher_t *c = calloc(1, sizeof *c);
+    struct icm_state *s = calloc(1, sizeof *s);
+    if (!c || !s || !(s->ctx = EVP_CIPHER_CTX_new()))
+        return srtp_err_status_alloc_fail;
+    c->type = &icm_ossl;
+    c->state = s;
+    c->key_len = key_len;
+    c->algorithm = SRTP_AES_ICM_128;
+    *cp = c;
+    return srtp_err_status_ok;
+}
+
+static srtp_err_status_t icm_dealloc(srtp_cipher_pointer_t c) {
+    struct icm_state *s = c->state;
+    EVP_CIPHER_CTX_free(s->ctx);
+    free(s);
+    free(c);
+    return srtp_err_status_ok;
+}
+
+/* key: the 16-byte key then the 14-byte salt */
+static srtp_err_status_t icm_init(void *state, const uint8_t *key) {
+    struct icm_state *s = state;
+    memset(s->salt, 0, sizeof s->salt);
+    memcpy(s->salt, key + SRTP_AES_128_KEY_LEN, SRTP_SALT_LEN);
+    return EVP_EncryptInit_ex(s->ctx, EVP_aes_128_ctr(), NULL, key, NULL) == 1
+               ? srtp_err_status_ok
+               : srtp_err_status_init_fail;
+}
+
+/* counter = salt XOR iv (iv: the SSRC and packet index, placed by libsrtp) */
+static srtp_err_status_t icm_set_iv(void *state, uint8_t *iv, srtp_cipher_direction_t dir) {
+    (void)dir;
+    struct icm_state *s = state;
+    uint8_t counter[16];
+    for (int j = 0; j < 16; j++)
+        counter[j] = s->salt[j] ^ iv[j];
+    return EVP_EncryptInit_ex(s->ctx, NULL, NULL, NULL, counter) == 1 ? srtp_err_status_ok
+                                                                     : srtp_err_status_cipher_fail;
+}
+
+/* CTR mode: encrypting and decrypting are the same, in place */
+static srtp_err_status_t icm_crypt(void *state, uint8_t *buf, unsigned int *len) {
+    struct icm_state *s = state;
+    int out = 0;
+    return EVP_EncryptUpdate(s->ctx, buf, &out, buf, (int)*len) == 1 ? srtp_err_status_ok
+                                                                    : srtp_err_status_cipher_fail;
+}
+
+/* RFC 3711 Appendix B.2: the first 32 bytes of keystream for a zero index */
+static const uint8_t icm_test_key[SRTP_AES_ICM_128_KEY_LEN_WSALT] = {
+    0x2b, 0x7e, 0x15, 0x16, 0x28, 0xae, 0xd2, 0xa6, 0xab, 0xf7, 0x15, 0x88, 0x09, 0xcf, 0x4f,
+    0x3c, 0xf0, 0xf1, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8, 0xf9, 0xfa, 0xfb, 0xfc, 0xfd};
+static uint8_t icm_test_nonce[16];
+static const uint8_t icm_test_plain[32];
+static const uint8_t icm_test_cipher[32] = {
+    0xe0, 0x3e, 0xad, 0x09, 0x35, 0xc9, 0x5e, 0x80, 0xe1, 0x66, 0xb1, 0x6d, 0xd9, 0x2b, 0x4e, 0xb4,
+    0xd2, 0x35, 0x13, 0x16, 0x2b, 0x02, 0xd0, 0xf7, 0x2a, 0x43, 0xa2, 0xfe, 0x4a, 0x5f, 0x97, 0xab};
+static const srtp_cipher_test_case_t icm_test = {
+    SRTP_AES_ICM_128_KEY_LEN_WSALT, icm_test_key, icm_test_nonce, 32, icm_test_plain, 32,
+    icm_test_cipher, 0, NULL, 0, NULL};
+
+static const srtp_cipher_type_t icm_ossl = {
+    icm_alloc, icm_dealloc, icm_init,  NULL, icm_crypt, icm_crypt, icm_set_iv,
+    NULL,      "AES-128 counter mode (OpenSSL)", &icm_test, SRTP_AES_ICM_128};
+
+static EVP_MAC *hmac_alg;
+static const srtp_auth_type_t hmac_ossl;
+
+static srtp_err_status_t hmac_alloc(srtp_auth_pointer_t *ap, int key_len, int out_len) {
+    if (key_len < 0 || key_len > 20 || out_len < 0 || out_len > 20)
+        return srtp_err_status_bad_param;
+    srtp_auth_t *a = calloc(1, sizeof *a);
+    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(hmac_alg);
+    if (!a || !ctx)
+        return srtp_err_status_alloc_fail;
+    a->type = &hmac_ossl;
+    a->state = ctx;
+    a->out_len = out_len;
+    a->key_len = key_len;
+    *ap = a;
+    return srtp_err_status_ok;
+}
+
+static srtp_err_status_t hmac_dealloc(srtp_auth_pointer_t a) {
+    EVP_MAC_CTX_free(a->state);
+    free(a);
+    return srtp_err_status_ok;
+}
+
+static srtp_err_status_t hmac_init(void *state, const uint8_t *key, int key_len) {
+    OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, "SHA1", 0),
+                           OSSL_PARAM_construct_end()};
+    return EVP_MAC_init(state, key, (size_t)key_len, params) == 1 ? srtp_err_status_ok
+                                                                 : srtp_err_status_auth_fail;
+}
+
+/* a new tag with the same key */
+static srtp_err_status_t hmac_start(void *state) {
+    return EVP_MAC_init(state, NULL, 0, NULL) == 1 ? srtp_err_status_ok : srtp_err_status_auth_fail;
+}
+
+static srtp_err_status_t hmac_update(void *state, const uint8_t *buf, int len) {
+    return EVP_MAC_update(state, buf, (size_t)len) == 1 ? srtp_err_status_ok
+                                                        : srtp_err_status_auth_fail;
+}
+
+static srtp_err_status_t hmac_compute(void *state, const uint8_t *buf, int len, int tag_len,
+                                      uint8_t *tag) {
+    uint8_t full[EVP_MAX_MD_SIZE];
+    size_t full_len = 0;
+    if (tag_len > 20 || EVP_MAC_update(state, buf, (size_t)len) != 1 ||
+        EVP_MAC_final(state, full, &full_len, sizeof full) != 1)
+        return srtp_err_status_auth_fail;
+    memcpy(tag, full, (size_t)tag_len);
+    return srtp_err_status_ok;
+}
+
+/* RFC 2202 §3 test case 1 */
+static const uint8_t hmac_test_key[20] = {0x0b, 0x0b, 0x0b, 0x0b, 0x0b, 0x0b, 0x0b,
+                                          0x0b, 0x0b, 0x0b, 0x0b, 0x0b, 0x0b, 0x0b,
+                                          0x0b, 0x0b, 0x0b, 0x0b, 0x0b, 0x0b};
+static const uint8_t hmac_test_data[8] = {'H', 'i', ' ', 'T', 'h', 'e', 'r', 'e'};
+static const uint8_t hmac_test_tag[20] = {0xb6, 0x17, 0x31, 0x86, 0x55, 0x05, 0x72,
+                                          0x64, 0xe2, 0x8b, 0xc0, 0xb6, 0xfb, 0x37,
+                                          0x8c, 0x8e, 0xf1, 0x46, 0xbe, 0x00};
+static const srtp_auth_test_case_t hmac_test = {20, hmac_test_key, 8, hmac_test_data, 20,
+                                                hmac_test_tag, NULL};
+
+static const srtp_auth_type_t hmac_ossl = {
+    hmac_alloc, hmac_dealloc, hmac_init, hmac_compute, hmac_update, hmac_start,
+    "HMAC-SHA1 (OpenSSL)", &hmac_test, SRTP_HMAC_SHA1};
+
+/* libsrtp2 ready, its AES-ICM-128 and HMAC-SHA1 on OpenSSL */
+static void srtp_setup(void) {
+    hmac_alg = EVP_MAC_fetch(NULL, "HMAC", NULL);
+    if (!hmac_alg || srtp_init() != srtp_err_status_ok ||
+        srtp_replace_cipher_type(&icm_ossl, SRTP_AES_ICM_128) != srtp_err_status_ok ||
+        srtp_replace_auth_type(&hmac_ossl, SRTP_HMAC_SHA1) != srtp_err_status_ok) {
+        fprintf(stderr, "rtpload: libsrtp2 setup (OpenSSL AES-ICM/HMAC-SHA1) failed\n");
+        ERR_print_errors_fp(stderr);
+        exit(1);
+    }
 }
 
 /* an SRTP session (AES_CM_128_HMAC_SHA1_80, RFC 3711 §5) for what we send or receive */
@@ -986,10 +1153,8 @@ static void setup(void) {
     getsockname(sip_fd, (struct sockaddr *)&a, &al);
     sip_local_port = ntohs(a.sin_port);
     add_fd(sip_fd, ID_SIP);
-    if (opt_srtp && srtp_init() != srtp_err_status_ok) {
-        fprintf(stderr, "srtp_init failed\n");
-        exit(1);
-    }
+    if (opt_srtp)
+        srtp_setup();
     calls = calloc((size_t)opt_calls, sizeof *calls);
     if (!calls)
         die("calloc");
