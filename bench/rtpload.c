@@ -40,6 +40,7 @@
  * gcc -O2 -std=c11 -o rtpload rtpload.c $(pkg-config --cflags --libs libsrtp2 openssl)
  */
 #define _GNU_SOURCE
+#define OPENSSL_SUPPRESS_DEPRECATED /* SHA1_*: see "libsrtp2's AES-ICM-128 ..." */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -52,8 +53,8 @@
 #include <string.h>
 #include <strings.h>
 #include <netinet/tcp.h>
-#include <openssl/core_names.h>
 #include <openssl/err.h>
+#include <openssl/sha.h>
 #include <openssl/evp.h>
 #include <openssl/ssl.h>
 #include <openssl/x509v3.h>
@@ -523,11 +524,19 @@ static int parse_sdp(const char *body, struct sockaddr_in *out) {
  * (~10 µs per protect + unprotect here); these replace its two primitives for
  * AES_CM_128_HMAC_SHA1_80 (srtp_replace_cipher_type/_auth_type, each checked by
  * libsrtp's self-test against the vectors below) while libsrtp2 keeps doing SRTP
- * itself (key derivation, index/ROC, replay, RFC 3711 §3-4). */
+ * itself (key derivation, index/ROC, replay, RFC 3711 §3-4). Nothing is set up per
+ * packet: the keystream is AES-128-ECB over a batch of counter blocks, the HMAC
+ * copies SHA-1 states keyed once (OpenSSL's low-level SHA1_*, deprecated but the
+ * one way to copy a digest state without an allocation). */
+
+#define ICM_BATCH_BLOCKS 12 /* keystream made per AES call: a whole 160-byte payload */
 
 struct icm_state {
-    EVP_CIPHER_CTX *ctx;
-    uint8_t salt[16]; /* the 14-byte salt, then 2 zero bytes (RFC 3711 §4.1.1) */
+    EVP_CIPHER_CTX *ecb;
+    uint8_t salt[16];    /* the 14-byte salt, then 2 zero bytes (RFC 3711 §4.1.1) */
+    uint8_t counter[16]; /* the next keystream block's counter */
+    uint8_t keystream[ICM_BATCH_BLOCKS * 16];
+    unsigned used; /* keystream bytes used; all: make more */
 };
 
 static const srtp_cipher_type_t icm_ossl;
@@ -538,7 +547,7 @@ static srtp_err_status_t icm_alloc(srtp_cipher_pointer_t *cp, int key_len, int t
         return srtp_err_status_bad_param;
     srtp_cipher_t *c = calloc(1, sizeof *c);
     struct icm_state *s = calloc(1, sizeof *s);
-    if (!c || !s || !(s->ctx = EVP_CIPHER_CTX_new()))
+    if (!c || !s || !(s->ecb = EVP_CIPHER_CTX_new()))
         return srtp_err_status_alloc_fail;
     c->type = &icm_ossl;
     c->state = s;
@@ -550,7 +559,7 @@ static srtp_err_status_t icm_alloc(srtp_cipher_pointer_t *cp, int key_len, int t
 
 static srtp_err_status_t icm_dealloc(srtp_cipher_pointer_t c) {
     struct icm_state *s = c->state;
-    EVP_CIPHER_CTX_free(s->ctx);
+    EVP_CIPHER_CTX_free(s->ecb);
     free(s);
     free(c);
     return srtp_err_status_ok;
@@ -561,28 +570,43 @@ static srtp_err_status_t icm_init(void *state, const uint8_t *key) {
     struct icm_state *s = state;
     memset(s->salt, 0, sizeof s->salt);
     memcpy(s->salt, key + SRTP_AES_128_KEY_LEN, SRTP_SALT_LEN);
-    return EVP_EncryptInit_ex(s->ctx, EVP_aes_128_ctr(), NULL, key, NULL) == 1
-               ? srtp_err_status_ok
-               : srtp_err_status_init_fail;
+    if (EVP_EncryptInit_ex(s->ecb, EVP_aes_128_ecb(), NULL, key, NULL) != 1 ||
+        EVP_CIPHER_CTX_set_padding(s->ecb, 0) != 1)
+        return srtp_err_status_init_fail;
+    s->used = sizeof s->keystream;
+    return srtp_err_status_ok;
 }
 
 /* counter = salt XOR iv (iv: the SSRC and packet index, placed by libsrtp) */
 static srtp_err_status_t icm_set_iv(void *state, uint8_t *iv, srtp_cipher_direction_t dir) {
     (void)dir;
     struct icm_state *s = state;
-    uint8_t counter[16];
     for (int j = 0; j < 16; j++)
-        counter[j] = s->salt[j] ^ iv[j];
-    return EVP_EncryptInit_ex(s->ctx, NULL, NULL, NULL, counter) == 1 ? srtp_err_status_ok
-                                                                     : srtp_err_status_cipher_fail;
+        s->counter[j] = s->salt[j] ^ iv[j];
+    s->used = sizeof s->keystream;
+    return srtp_err_status_ok;
 }
 
-/* CTR mode: encrypting and decrypting are the same, in place */
+/* CTR mode, the block counter in the last 16 bits (as libsrtp): encrypting and
+   decrypting are the same, in place */
 static srtp_err_status_t icm_crypt(void *state, uint8_t *buf, unsigned int *len) {
     struct icm_state *s = state;
-    int out = 0;
-    return EVP_EncryptUpdate(s->ctx, buf, &out, buf, (int)*len) == 1 ? srtp_err_status_ok
-                                                                    : srtp_err_status_cipher_fail;
+    for (unsigned j = 0; j < *len; j++) {
+        if (s->used == sizeof s->keystream) {
+            uint8_t counters[sizeof s->keystream];
+            for (int b = 0; b < ICM_BATCH_BLOCKS; b++) {
+                memcpy(counters + 16 * b, s->counter, 16);
+                if (++s->counter[15] == 0)
+                    s->counter[14]++;
+            }
+            int out = 0;
+            if (EVP_EncryptUpdate(s->ecb, s->keystream, &out, counters, sizeof counters) != 1)
+                return srtp_err_status_cipher_fail;
+            s->used = 0;
+        }
+        buf[j] ^= s->keystream[s->used++];
+    }
+    return srtp_err_status_ok;
 }
 
 /* RFC 3711 Appendix B.2: the first 32 bytes of keystream for a zero index */
@@ -602,18 +626,22 @@ static const srtp_cipher_type_t icm_ossl = {
     icm_alloc, icm_dealloc, icm_init,  NULL, icm_crypt, icm_crypt, icm_set_iv,
     NULL,      "AES-128 counter mode (OpenSSL)", &icm_test, SRTP_AES_ICM_128};
 
-static EVP_MAC *hmac_alg;
+struct hmac_state {
+    SHA_CTX inner, outer; /* after the key XOR ipad / opad (RFC 2104 §2) */
+    SHA_CTX work;         /* the tag being made */
+};
+
 static const srtp_auth_type_t hmac_ossl;
 
 static srtp_err_status_t hmac_alloc(srtp_auth_pointer_t *ap, int key_len, int out_len) {
-    if (key_len < 0 || key_len > 20 || out_len < 0 || out_len > 20)
+    if (key_len < 0 || key_len > SHA_DIGEST_LENGTH || out_len < 0 || out_len > SHA_DIGEST_LENGTH)
         return srtp_err_status_bad_param;
     srtp_auth_t *a = calloc(1, sizeof *a);
-    EVP_MAC_CTX *ctx = EVP_MAC_CTX_new(hmac_alg);
-    if (!a || !ctx)
+    struct hmac_state *s = calloc(1, sizeof *s);
+    if (!a || !s)
         return srtp_err_status_alloc_fail;
     a->type = &hmac_ossl;
-    a->state = ctx;
+    a->state = s;
     a->out_len = out_len;
     a->key_len = key_len;
     *ap = a;
@@ -621,36 +649,53 @@ static srtp_err_status_t hmac_alloc(srtp_auth_pointer_t *ap, int key_len, int ou
 }
 
 static srtp_err_status_t hmac_dealloc(srtp_auth_pointer_t a) {
-    EVP_MAC_CTX_free(a->state);
+    free(a->state);
     free(a);
     return srtp_err_status_ok;
 }
 
 static srtp_err_status_t hmac_init(void *state, const uint8_t *key, int key_len) {
-    OSSL_PARAM params[] = {OSSL_PARAM_construct_utf8_string(OSSL_MAC_PARAM_DIGEST, "SHA1", 0),
-                           OSSL_PARAM_construct_end()};
-    return EVP_MAC_init(state, key, (size_t)key_len, params) == 1 ? srtp_err_status_ok
-                                                                 : srtp_err_status_auth_fail;
+    struct hmac_state *s = state;
+    uint8_t ipad[SHA_CBLOCK], opad[SHA_CBLOCK];
+    memset(ipad, 0x36, sizeof ipad);
+    memset(opad, 0x5c, sizeof opad);
+    for (int j = 0; j < key_len; j++) {
+        ipad[j] ^= key[j];
+        opad[j] ^= key[j];
+    }
+    SHA1_Init(&s->inner);
+    SHA1_Update(&s->inner, ipad, sizeof ipad);
+    SHA1_Init(&s->outer);
+    SHA1_Update(&s->outer, opad, sizeof opad);
+    s->work = s->inner;
+    return srtp_err_status_ok;
 }
 
 /* a new tag with the same key */
 static srtp_err_status_t hmac_start(void *state) {
-    return EVP_MAC_init(state, NULL, 0, NULL) == 1 ? srtp_err_status_ok : srtp_err_status_auth_fail;
+    struct hmac_state *s = state;
+    s->work = s->inner;
+    return srtp_err_status_ok;
 }
 
 static srtp_err_status_t hmac_update(void *state, const uint8_t *buf, int len) {
-    return EVP_MAC_update(state, buf, (size_t)len) == 1 ? srtp_err_status_ok
-                                                        : srtp_err_status_auth_fail;
+    struct hmac_state *s = state;
+    SHA1_Update(&s->work, buf, (size_t)len);
+    return srtp_err_status_ok;
 }
 
 static srtp_err_status_t hmac_compute(void *state, const uint8_t *buf, int len, int tag_len,
                                       uint8_t *tag) {
-    uint8_t full[EVP_MAX_MD_SIZE];
-    size_t full_len = 0;
-    if (tag_len > 20 || EVP_MAC_update(state, buf, (size_t)len) != 1 ||
-        EVP_MAC_final(state, full, &full_len, sizeof full) != 1)
-        return srtp_err_status_auth_fail;
-    memcpy(tag, full, (size_t)tag_len);
+    struct hmac_state *s = state;
+    uint8_t digest[SHA_DIGEST_LENGTH];
+    if (tag_len > SHA_DIGEST_LENGTH)
+        return srtp_err_status_bad_param;
+    SHA1_Update(&s->work, buf, (size_t)len);
+    SHA1_Final(digest, &s->work);
+    SHA_CTX outer = s->outer;
+    SHA1_Update(&outer, digest, sizeof digest);
+    SHA1_Final(digest, &outer);
+    memcpy(tag, digest, (size_t)tag_len);
     return srtp_err_status_ok;
 }
 
@@ -671,8 +716,7 @@ static const srtp_auth_type_t hmac_ossl = {
 
 /* libsrtp2 ready, its AES-ICM-128 and HMAC-SHA1 on OpenSSL */
 static void srtp_setup(void) {
-    hmac_alg = EVP_MAC_fetch(NULL, "HMAC", NULL);
-    if (!hmac_alg || srtp_init() != srtp_err_status_ok ||
+    if (srtp_init() != srtp_err_status_ok ||
         srtp_replace_cipher_type(&icm_ossl, SRTP_AES_ICM_128) != srtp_err_status_ok ||
         srtp_replace_auth_type(&hmac_ossl, SRTP_HMAC_SHA1) != srtp_err_status_ok) {
         fprintf(stderr, "rtpload: libsrtp2 setup (OpenSSL AES-ICM/HMAC-SHA1) failed\n");
