@@ -591,7 +591,7 @@ static srtp_err_status_t icm_set_iv(void *state, uint8_t *iv, srtp_cipher_direct
    decrypting are the same, in place */
 static srtp_err_status_t icm_crypt(void *state, uint8_t *buf, unsigned int *len) {
     struct icm_state *s = state;
-    for (unsigned j = 0; j < *len; j++) {
+    for (unsigned j = 0; j < *len;) {
         if (s->used == sizeof s->keystream) {
             uint8_t counters[sizeof s->keystream];
             for (int b = 0; b < ICM_BATCH_BLOCKS; b++) {
@@ -604,7 +604,14 @@ static srtp_err_status_t icm_crypt(void *state, uint8_t *buf, unsigned int *len)
                 return srtp_err_status_cipher_fail;
             s->used = 0;
         }
-        buf[j] ^= s->keystream[s->used++];
+        unsigned n = *len - j;
+        if (n > sizeof s->keystream - s->used)
+            n = sizeof s->keystream - s->used;
+        const uint8_t *ks = s->keystream + s->used;
+        for (unsigned k = 0; k < n; k++) /* one loop the compiler vectorises */
+            buf[j + k] ^= ks[k];
+        j += n;
+        s->used += n;
     }
     return srtp_err_status_ok;
 }
