@@ -14,7 +14,8 @@
  * carries every call's SIP on ONE TLS connection (RFC 3261 §18, as a PBX or
  * SBC trunk would): Via SIP/2.0/TLS, Contact ;transport=tls, no
  * retransmissions (reliable transport, §17.1.1.2), received bytes framed by
- * Content-Length (§18.3), written and read non-blocking from the epoll loop.
+ * Content-Length (§18.3), written and read non-blocking from the epoll loop
+ * (its messages are stamped when read: a stream has no kernel timestamps).
  * The daemon's certificate is verified against --tls-ca FILE (and its IP
  * 127.0.0.1), or not at all without it. --srtp offers RTP/SAVP with
  * a=crypto:1 AES_CM_128_HMAC_SHA1_80 and a fresh key per call (RFC 4568
@@ -22,6 +23,7 @@
  * protected and every one received unprotected with libsrtp2 (RFC 3711)
  * before the figures below see it; libsrtp2's AES and HMAC-SHA1 run on OpenSSL
  * (see "libsrtp2's AES-ICM-128 and HMAC-SHA1 on OpenSSL" below).
+ *
  * Every call sends a 160-byte µ-law frame every 20 ms; the calls' phases are
  * spread evenly over the 20 ms period, or all equal with --aligned. The frames
  * are the clip (--clip, raw µ-law bytes, L = 160·m + 1 samples) looped as one
