@@ -5,6 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 APT_PACKAGES := python3 python3-venv python3-dev gcc pkg-config libsystemd-dev systemd \
 	sip-tester baresip kamailio espeak-ng sox libsox-fmt-all tcpdump util-linux procps \
+	libssl-dev libsrtp2-dev \
 	dpkg-dev curl libasound2-dev libasound2-plugins alsa-utils libportaudio2 \
 	prometheus lintian debootstrap systemd-container man-db
 STAMP := $(VENV)/.installed

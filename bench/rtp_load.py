@@ -9,7 +9,12 @@ generator pinned to CPU 1, N calls INVITEd at ``--rate`` calls/s, each
 streaming the µ-law speech clip (20 ms frames, phases spread over the 20 ms
 period, or all on one phase with ``--aligned``), then a steady window of
 ``--duration`` seconds, then BYE. The generator runs SCHED_FIFO (``--fifo``) so
-other work on its core cannot make it send late. Over the window:
+other work on its core cannot make it send late. ``--transport tls`` carries
+every call's SIP on one TLS connection to the daemon's ``[sip] listen_tls`` (a
+self-signed certificate for 127.0.0.1, which the generator verifies), as a
+trunk would; ``--srtp`` offers RTP/SAVP with SDES keys and runs the daemon with
+``[rtp] srtp = "required"``, the generator protecting and unprotecting every
+packet with libsrtp2. Over the window:
 
 - from the generator: the daemon's outbound RTP inter-packet gaps (p50/p99/max)
   and loss from sequence numbers; echo latency p50/p99 (every echoed payload
@@ -44,7 +49,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tests.harness.audio import FRAME_SAMPLES, make_speech_clip, read_wav
-from tests.harness.daemon import ConfigOverrides, reserve_port_range, running_daemon
+from tests.harness.certs import self_signed
+from tests.harness.daemon import (
+    ConfigOverrides,
+    TomlTable,
+    free_tcp_port,
+    reserve_port_range,
+    running_daemon,
+)
 
 from bench.sip_load import DAEMON_CPU, PEER_CPU, clock_counters, cpu_ticks, rss_kib
 from bench.table import (
@@ -63,8 +75,24 @@ _IDLE_SETTLE_S = 1.0
 _GENERATOR_SLACK_S = 60.0  # beyond ramp + window + hang-up before the generator is killed
 
 
+GENERATOR_LIBRARIES = ("libsrtp2", "openssl")
+"""pkg-config names of what the generator links (Debian libsrtp2-dev, libssl-dev)."""
+
+
+def generator_link_flags() -> list[str]:
+    """Compiler and linker flags for :data:`GENERATOR_LIBRARIES` from pkg-config, or
+    plain ``-lsrtp2 -lssl -lcrypto`` when pkg-config is missing or does not know them."""
+    try:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", *GENERATOR_LIBRARIES],
+                               check=True, capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ["-lsrtp2", "-lssl", "-lcrypto"]
+    return flags.split()
+
+
 def build_generator(cache_dir: Path) -> Path:
-    """The compiled generator (``gcc -O2 -std=c11``), built once per source version.
+    """The compiled generator (``gcc -O2 -std=c11`` with :func:`generator_link_flags`),
+    built once per source version.
 
     The binary is named after the source's SHA-256, so an edited ``rtpload.c`` is
     rebuilt; it is written to a temporary name and renamed into place.
@@ -78,7 +106,7 @@ def build_generator(cache_dir: Path) -> Path:
         cache_dir.mkdir(parents=True, exist_ok=True)
         partial = binary.with_suffix(f".{os.getpid()}.tmp")
         subprocess.run(["gcc", "-O2", "-std=c11", "-Wall", "-o", str(partial),
-                        str(GENERATOR_SOURCE)], check=True)
+                        str(GENERATOR_SOURCE), *generator_link_flags()], check=True)
         partial.replace(binary)
     return binary
 
@@ -117,6 +145,8 @@ class GeneratorReport:
     echo_unmatched: int
     send_late_p99_ms: float
     gen_cpu_pct: float
+    srtp_errors: int
+    sip_connection_error: str
 
     @classmethod
     def from_json(cls, report: dict[str, object]) -> GeneratorReport:
@@ -156,6 +186,8 @@ class GeneratorReport:
             echo_unmatched=count("echo_unmatched"),
             send_late_p99_ms=_num(report, "send_late_p99_ms"),
             gen_cpu_pct=_num(report, "gen_cpu_pct"),
+            srtp_errors=count("srtp_errors"),
+            sip_connection_error=str(report.get("sip_connection_error", "")),
         )
 
 
@@ -221,6 +253,8 @@ def failure_reasons(r: RunResult) -> list[str]:
         reasons.append(f"first refusal's Warning: {r.gen.refusal_warning}")
     if r.daemon_exited:
         reasons.append("the daemon exited")
+    if r.gen.sip_connection_error:
+        reasons.append(f"the SIP TLS connection ended: {r.gen.sip_connection_error}")
     checks = (("gap p99", r.gen.gap_p99_ms, GAP_P99_LIMIT_MS, "ms"),
               ("gap max", r.gen.gap_max_ms, GAP_MAX_LIMIT_MS, "ms"),
               ("loss", r.gen.loss_pct, LOSS_LIMIT_PCT, "%"),
@@ -229,6 +263,14 @@ def failure_reasons(r: RunResult) -> list[str]:
         if not value <= limit:
             reasons.append(f"{name} {value:.3g} {unit} > {limit:g}")
     return reasons
+
+
+@dataclass(frozen=True, slots=True)
+class TlsFiles:
+    """The daemon's certificate (the generator's CA too) and key, PEM."""
+
+    certificate: Path
+    private_key: Path
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,21 +285,31 @@ class Options:
     aligned: bool
     load_gate: bool
     fifo_priority: int
+    tls: TlsFiles | None
+    srtp: bool
 
 
-def daemon_overrides(sessions: int, *, load_gate: bool = True) -> ConfigOverrides:
+def daemon_overrides(sessions: int, *, load_gate: bool = True, tls: TlsFiles | None = None,
+                     tls_port: int = 0, srtp: bool = False) -> ConfigOverrides:
     """Room for N calls, quiet logs, and per-source SIP rate limits out of the way: every
     call comes from one address. Without ``load_gate`` admission ignores the media clock's
-    utilisation and lag (the highest limits the config takes), to measure raw capacity."""
+    utilisation and lag (the highest limits the config takes), to measure raw capacity.
+    With ``tls`` the daemon also listens for SIP over TLS on 127.0.0.1:``tls_port``; with
+    ``srtp`` it takes SRTP calls only (``[rtp] srtp = "required"``)."""
     limits: dict[str, int | float] = {"max_sessions": sessions + 50, "drain_timeout_s": 5}
     if not load_gate:
         limits |= {"media_utilisation_max": 1.0, "media_lag_max_ms": 10_000}
-    return {
-        "limits": limits,
-        "log": {"level": "warning"},
-        "sip": {"invites_per_source_per_s": 100_000.0, "invite_burst": 1_000_000,
-                "requests_per_source_per_s": 100_000.0, "requests_burst": 1_000_000},
-    }
+    sip: dict[str, str | int | float] = {
+        "invites_per_source_per_s": 100_000.0, "invite_burst": 1_000_000,
+        "requests_per_source_per_s": 100_000.0, "requests_burst": 1_000_000}
+    if tls is not None:
+        sip |= {"listen_tls": f"127.0.0.1:{tls_port}",
+                "tls_certificate": str(tls.certificate),
+                "tls_private_key": str(tls.private_key)}
+    overrides: dict[str, TomlTable] = {"limits": limits, "log": {"level": "warning"}, "sip": sip}
+    if srtp:
+        overrides["rtp"] = {"srtp": "required"}
+    return overrides
 
 
 def run_once(sessions: int, run: int, options: Options, workdir: Path) -> RunResult:
@@ -269,17 +321,23 @@ def run_once(sessions: int, run: int, options: Options, workdir: Path) -> RunRes
     rtp_ports = 2 * sessions + 100
     media = reserve_port_range(rtp_ports)
     try:
-        overrides = daemon_overrides(sessions, load_gate=options.load_gate)
+        tls_port = free_tcp_port() if options.tls else 0
+        overrides = daemon_overrides(sessions, load_gate=options.load_gate, tls=options.tls,
+                                     tls_port=tls_port, srtp=options.srtp)
         with running_daemon(workdir / "daemon", overrides, rtp_ports=rtp_ports,
                             cpu=DAEMON_CPU) as daemon:
             time.sleep(_IDLE_SETTLE_S)
             idle_rss = rss_kib(daemon.pid)
             fifo = ["chrt", "--fifo", str(options.fifo_priority)] if options.fifo_priority else []
             argv = [*fifo, "taskset", "-c", str(PEER_CPU), str(options.generator),
-                    "--sip-port", str(daemon.sip_port), "--rtp-base", str(media.first),
-                    "--clip", str(options.clip_ulaw), "--calls", str(sessions),
+                    "--sip-port", str(tls_port or daemon.sip_port), "--rtp-base",
+                    str(media.first), "--clip", str(options.clip_ulaw), "--calls", str(sessions),
                     "--rate", str(options.rate_cps), "--duration", str(options.duration_s),
                     "--settle", str(options.settle_s)]
+            if options.tls:
+                argv += ["--transport", "tls", "--tls-ca", str(options.tls.certificate)]
+            if options.srtp:
+                argv.append("--srtp")
             if options.aligned:
                 argv.append("--aligned")
             limit_s = (sessions / options.rate_cps + options.settle_s + options.duration_s
@@ -366,6 +424,9 @@ def generator_warnings(r: RunResult) -> list[str]:
         warnings.append(f"warning: rtpload used {r.gen.gen_cpu_pct:.1f} % of its core")
     if not r.gen.send_late_p99_ms <= SEND_LATE_LIMIT_MS:
         warnings.append(f"warning: rtpload sent late (p99 {r.gen.send_late_p99_ms:.2f} ms)")
+    if r.gen.srtp_errors:
+        warnings.append(f"warning: {r.gen.srtp_errors} SRTP packets failed to protect or "
+                        "unprotect (auth/replay)")
     return warnings
 
 
@@ -410,6 +471,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fifo", type=int, default=1, metavar="PRIORITY",
                         help="run the generator SCHED_FIFO at this priority so other work on "
                         "its core cannot delay its sends (root; 0: normal; default: 1)")
+    parser.add_argument("--transport", choices=("udp", "tls"), default="udp",
+                        help="SIP over UDP, or every call on one TLS connection to "
+                        "[sip] listen_tls (default: udp)")
+    parser.add_argument("--srtp", action="store_true",
+                        help="SRTP with SDES keys (RFC 4568), the daemon with "
+                        "[rtp] srtp = \"required\" (default: plain RTP)")
     parser.add_argument("--all-steps", action="store_true",
                         help="keep stepping after an N no run sustained")
     parser.add_argument("--workdir", type=Path, default=None,
@@ -421,13 +488,18 @@ def main(argv: list[str] | None = None) -> int:
     if args.duration < 10:
         parser.error("--duration must be at least 10 s (the drift compares 5 s ends)")
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="voxgate-rtp-load-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    tls = TlsFiles(*self_signed(workdir)) if args.transport == "tls" else None
     options = Options(build_generator(default_cache_dir()), clip_ulaw_file(workdir), args.rate,
-                      args.duration, args.settle, args.aligned, not args.no_load_gate, args.fifo)
+                      args.duration, args.settle, args.aligned, not args.no_load_gate, args.fifo,
+                      tls, args.srtp)
     os.sched_setaffinity(0, {PEER_CPU})  # this process stays off the daemon's core
     print(f"workdir {workdir}; daemon on CPU {DAEMON_CPU}, rtpload on CPU {PEER_CPU}; "
           f"{args.rate:g} INVITE/s, {args.duration:g} s window, phases "
           f"{'aligned' if args.aligned else 'spread'}, admission load gate "
-          f"{'off' if args.no_load_gate else 'on'}", flush=True)
+          f"{'off' if args.no_load_gate else 'on'}; SIP over {args.transport.upper()}"
+          f"{' (one connection)' if tls else ''}, {'SRTP' if args.srtp else 'plain RTP'}",
+          flush=True)
     print(TABLE.header(), flush=True)
     results: list[RunResult] = []
     for sessions in args.steps:

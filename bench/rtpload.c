@@ -5,10 +5,25 @@
  * --tick-us grid) to the next thing due, then one non-blocking epoll_wait
  * harvests every socket that became readable; the kernel's receive timestamps
  * (SO_TIMESTAMPNS) make the batching invisible in the figures and keep the
- * wake-ups per second independent of N. For N calls it acts as a SIP UAC over UDP
+ * wake-ups per second independent of N. For N calls it acts as a SIP UAC
  * towards 127.0.0.1:--sip-port: INVITE (PCMU/8000 + telephone-event, each
  * call its own RTP socket at --rtp-base + 2*i), 100/1xx/200, ACK; after the
  * test window BYE and wait for its 200. INVITEs start at --rate calls/s.
+ *
+ * --transport udp (default) sends SIP from one UDP socket. --transport tls
+ * carries every call's SIP on ONE TLS connection (RFC 3261 §18, as a PBX or
+ * SBC trunk would): Via SIP/2.0/TLS, Contact ;transport=tls, no
+ * retransmissions (reliable transport, §17.1.1.2), received bytes framed by
+ * Content-Length (§18.3), written and read non-blocking from the epoll loop
+ * (its messages are stamped when read: a stream has no kernel timestamps).
+ * The daemon's certificate is verified against --tls-ca FILE (and its IP
+ * 127.0.0.1), or not at all without it. --srtp offers RTP/SAVP with
+ * a=crypto:1 AES_CM_128_HMAC_SHA1_80 and a fresh key per call (RFC 4568
+ * §6.2.1); the answer's a=crypto gives the daemon's key, every packet sent is
+ * protected and every one received unprotected with libsrtp2 (RFC 3711)
+ * before the figures below see it; libsrtp2's AES and HMAC-SHA1 run on OpenSSL
+ * (see "libsrtp2's AES-ICM-128 and HMAC-SHA1 on OpenSSL" below).
+ *
  * Every call sends a 160-byte µ-law frame every 20 ms; the calls' phases are
  * spread evenly over the 20 ms period, or all equal with --aligned. The frames
  * are the clip (--clip, raw µ-law bytes, L = 160·m + 1 samples) looped as one
@@ -24,9 +39,10 @@
  * {"event":"window_start"|"window_mid"|"window_end", ...} while it runs, then
  * {"event":"result", ...} with every figure (times in ms).
  *
- * gcc -O2 -std=c11 -o rtpload rtpload.c; libc only.
+ * gcc -O2 -std=c11 -o rtpload rtpload.c $(pkg-config --cflags --libs libsrtp2 openssl)
  */
 #define _GNU_SOURCE
+#define OPENSSL_SUPPRESS_DEPRECATED /* SHA1_*: see "libsrtp2's AES-ICM-128 ..." */
 #include <arpa/inet.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -38,7 +54,17 @@
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
+#include <netinet/tcp.h>
+#include <openssl/err.h>
+#include <openssl/sha.h>
+#include <openssl/evp.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <srtp2/auth.h>
+#include <srtp2/cipher.h>
+#include <srtp2/srtp.h>
 #include <sys/epoll.h>
+#include <sys/random.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -64,6 +90,9 @@
 #define MAX_EVENTS 512
 #define SEND_CHECK_EVENTS 16 /* events handled between checks for due frames (power of 2) */
 #define SIP_MAX_BYTES 8192
+#define TLS_READ_BYTES 16384
+#define KEY_SALT_BYTES 30 /* SRTP master key + salt (RFC 4568 §6.2.1) */
+#define KEY_B64_CHARS 40
 
 enum state { ST_IDLE, ST_INVITING, ST_PROCEEDING, ST_UP, ST_REJECTED, ST_BYEING, ST_DONE };
 
@@ -95,7 +124,27 @@ struct call {
     uint64_t rx_win, rx_total;
     uint64_t unmatched, ambiguous, stale;
     int daemon_bye;
+    /* --srtp: our key (base64, as offered) and the two sessions */
+    char key_b64[KEY_B64_CHARS + 1];
+    srtp_t srtp_tx, srtp_rx;
 };
+
+/* a growable byte buffer */
+struct bytes {
+    char *p;
+    size_t n, cap;
+};
+
+static void reserve(struct bytes *b, size_t cap) {
+    if (cap <= b->cap)
+        return;
+    b->cap = cap > 2 * b->cap ? cap : 2 * b->cap;
+    b->p = realloc(b->p, b->cap);
+    if (!b->p) {
+        perror("realloc");
+        exit(1);
+    }
+}
 
 /* growable float array (values in µs) */
 struct series {
@@ -135,7 +184,8 @@ static double pct_ms(const struct series *s, int q) {
 /* --- options --- */
 static int opt_calls = 10, opt_sip_port, opt_rtp_base, opt_aligned, opt_tick_us = 250;
 static double opt_rate = 100.0, opt_duration = 20.0, opt_settle = 2.0;
-static const char *opt_clip;
+static const char *opt_clip, *opt_tls_ca;
+static int opt_tls, opt_srtp;
 
 /* --- state --- */
 static struct call *calls;
@@ -150,7 +200,13 @@ static uint32_t clip_len; /* L samples = distinct frames */
 static uint32_t *table;  /* open addressing: frame index + 1 (| AMBIGUOUS), 0 empty */
 static uint32_t table_mask;
 static struct series gaps, echo, echo_first5, echo_last5, late, answer;
-static uint64_t tx_packets, tx_errors, rx_foreign, sip_rx, sip_unparsed;
+static uint64_t tx_packets, tx_errors, rx_foreign, sip_rx, sip_unparsed, srtp_errors;
+/* --transport tls: the connection, bytes not yet framed / not yet written */
+static SSL *tls;
+static struct bytes tls_in, tls_out;
+static int tls_want_write;
+static uint32_t sip_epoll_events = EPOLLIN;
+static char sip_connection_error[96]; /* why the TLS connection ended, "" while it is up */
 static int status_counts[700];
 static char first_warning[160]; /* the Warning header of the first INVITE refused */
 static char run_id[32];
@@ -258,39 +314,104 @@ static int64_t lookup_frame(const uint8_t *payload) {
     }
 }
 
-/* --- SIP --- */
+/* --- the TLS connection (--transport tls) --- */
 
-static void sip_send(const char *msg, int len) {
-    if (sendto(sip_fd, msg, (size_t)len, 0, (struct sockaddr *)&daemon_sip, sizeof daemon_sip) < 0)
-        perror("sendto sip");
+static void tls_close(const char *why) {
+    if (sip_connection_error[0])
+        return;
+    snprintf(sip_connection_error, sizeof sip_connection_error, "%s", why);
+    fprintf(stderr, "rtpload: SIP TLS connection: %s\n", why);
+    ERR_print_errors_fp(stderr);
+    epoll_ctl(ep_fd, EPOLL_CTL_DEL, sip_fd, NULL);
 }
 
+/* after an SSL_read/SSL_write that returned ret <= 0: 1 while the connection is usable
+   (the call is retried when the socket is readable, or writable: tls_want_write) */
+static int tls_blocked(int ret) {
+    int err = SSL_get_error(tls, ret);
+    if (err == SSL_ERROR_WANT_READ)
+        return 1;
+    if (err == SSL_ERROR_WANT_WRITE) {
+        tls_want_write = 1;
+        return 1;
+    }
+    tls_close(err == SSL_ERROR_ZERO_RETURN ? "closed by the daemon"
+              : err == SSL_ERROR_SYSCALL   ? "closed or reset"
+                                           : "TLS error");
+    return 0;
+}
+
+/* write what is queued, as far as the socket takes it; EPOLLOUT while some is left */
+static void tls_flush(void) {
+    while (tls_out.n && !sip_connection_error[0]) {
+        int w = SSL_write(tls, tls_out.p, tls_out.n > INT32_MAX ? INT32_MAX : (int)tls_out.n);
+        if (w <= 0) {
+            tls_blocked(w);
+            break;
+        }
+        memmove(tls_out.p, tls_out.p + w, tls_out.n - (size_t)w);
+        tls_out.n -= (size_t)w;
+    }
+    uint32_t want = EPOLLIN | (tls_want_write ? EPOLLOUT : 0);
+    if (want != sip_epoll_events && !sip_connection_error[0]) {
+        struct epoll_event ev = {.events = want, .data.u32 = ID_SIP};
+        if (epoll_ctl(ep_fd, EPOLL_CTL_MOD, sip_fd, &ev) < 0)
+            die("epoll_ctl");
+        sip_epoll_events = want;
+    }
+}
+
+static void sip_send(const char *msg, int len) {
+    if (opt_tls) {
+        if (sip_connection_error[0])
+            return;
+        reserve(&tls_out, tls_out.n + (size_t)len);
+        memcpy(tls_out.p + tls_out.n, msg, (size_t)len);
+        tls_out.n += (size_t)len;
+        tls_flush();
+    } else if (sendto(sip_fd, msg, (size_t)len, 0, (struct sockaddr *)&daemon_sip,
+                      sizeof daemon_sip) < 0) {
+        perror("sendto sip");
+    }
+}
+
+static const char *via_transport(void) { return opt_tls ? "TLS" : "UDP"; }
+
+/* INVITE and BYE retransmit from T1 over UDP, never over TLS (RFC 3261 §17.1.1.2):
+   the first retransmission falls due after the transaction's timeout */
+static int64_t first_retransmit_ns(void) { return opt_tls ? INVITE_TIMEOUT_NS : SIP_T1_NS; }
+
 static int call_sdp(int i, char *out, size_t cap) {
+    char crypto[96] = "";
+    if (opt_srtp)
+        snprintf(crypto, sizeof crypto, "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:%s\r\n",
+                 calls[i].key_b64);
     return snprintf(out, cap,
                     "v=0\r\no=rtpload %d 1 IN IP4 127.0.0.1\r\ns=-\r\nc=IN IP4 127.0.0.1\r\n"
-                    "t=0 0\r\nm=audio %d RTP/AVP 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
+                    "t=0 0\r\nm=audio %d %s 0 101\r\na=rtpmap:0 PCMU/8000\r\n"
                     "a=rtpmap:101 telephone-event/8000\r\na=fmtp:101 0-16\r\na=ptime:20\r\n"
-                    "a=sendrecv\r\n",
-                    i, calls[i].port);
+                    "a=sendrecv\r\n%s",
+                    i, calls[i].port, opt_srtp ? "RTP/SAVP" : "RTP/AVP", crypto);
 }
 
 static void send_invite(int i) {
-    char sdp[512], msg[2048];
+    char sdp[640], msg[2048];
     int sdp_len = call_sdp(i, sdp, sizeof sdp);
     int len = snprintf(msg, sizeof msg,
                        "INVITE sip:echo@127.0.0.1:%d SIP/2.0\r\n"
-                       "Via: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK-%s-%d-inv;rport\r\n"
+                       "Via: SIP/2.0/%s 127.0.0.1:%d;branch=z9hG4bK-%s-%d-inv;rport\r\n"
                        "Max-Forwards: 70\r\n"
                        "From: \"rtpload\" <sip:rtpload@127.0.0.1:%d>;tag=%s-%d\r\n"
                        "To: <sip:echo@127.0.0.1:%d>\r\n"
                        "Call-ID: %s-%d\r\n"
                        "CSeq: 1 INVITE\r\n"
-                       "Contact: <sip:rtpload@127.0.0.1:%d>\r\n"
+                       "Contact: <sip:rtpload@127.0.0.1:%d%s>\r\n"
                        "Subject: voxgate echo\r\n"
                        "Content-Type: application/sdp\r\n"
                        "Content-Length: %d\r\n\r\n%s",
-                       opt_sip_port, sip_local_port, run_id, i, sip_local_port, run_id, i,
-                       opt_sip_port, run_id, i, sip_local_port, sdp_len, sdp);
+                       opt_sip_port, via_transport(), sip_local_port, run_id, i, sip_local_port,
+                       run_id, i, opt_sip_port, run_id, i, sip_local_port,
+                       opt_tls ? ";transport=tls" : "", sdp_len, sdp);
     sip_send(msg, len);
 }
 
@@ -304,15 +425,15 @@ static void send_ack(int i, int for_2xx) {
         snprintf(uri, sizeof uri, "sip:echo@127.0.0.1:%d", opt_sip_port);
     int len = snprintf(msg, sizeof msg,
                        "ACK %s SIP/2.0\r\n"
-                       "Via: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK-%s-%d-%s;rport\r\n"
+                       "Via: SIP/2.0/%s 127.0.0.1:%d;branch=z9hG4bK-%s-%d-%s;rport\r\n"
                        "Max-Forwards: 70\r\n"
                        "From: \"rtpload\" <sip:rtpload@127.0.0.1:%d>;tag=%s-%d\r\n"
                        "To: %s\r\n"
                        "Call-ID: %s-%d\r\n"
                        "CSeq: 1 ACK\r\n"
                        "Content-Length: 0\r\n\r\n",
-                       uri, sip_local_port, run_id, i, for_2xx ? "ack" : "inv", sip_local_port,
-                       run_id, i, c->to_hdr, run_id, i);
+                       uri, via_transport(), sip_local_port, run_id, i, for_2xx ? "ack" : "inv",
+                       sip_local_port, run_id, i, c->to_hdr, run_id, i);
     sip_send(msg, len);
 }
 
@@ -321,15 +442,15 @@ static void send_bye(int i) {
     char msg[1024];
     int len = snprintf(msg, sizeof msg,
                        "BYE %s SIP/2.0\r\n"
-                       "Via: SIP/2.0/UDP 127.0.0.1:%d;branch=z9hG4bK-%s-%d-bye;rport\r\n"
+                       "Via: SIP/2.0/%s 127.0.0.1:%d;branch=z9hG4bK-%s-%d-bye;rport\r\n"
                        "Max-Forwards: 70\r\n"
                        "From: \"rtpload\" <sip:rtpload@127.0.0.1:%d>;tag=%s-%d\r\n"
                        "To: %s\r\n"
                        "Call-ID: %s-%d\r\n"
                        "CSeq: 2 BYE\r\n"
                        "Content-Length: 0\r\n\r\n",
-                       c->req_uri, sip_local_port, run_id, i, sip_local_port, run_id, i, c->to_hdr,
-                       run_id, i);
+                       c->req_uri, via_transport(), sip_local_port, run_id, i, sip_local_port,
+                       run_id, i, c->to_hdr, run_id, i);
     sip_send(msg, len);
 }
 
@@ -400,6 +521,252 @@ static int parse_sdp(const char *body, struct sockaddr_in *out) {
     return inet_pton(AF_INET, ip, &out->sin_addr) == 1 ? 0 : -1;
 }
 
+/* --- libsrtp2's AES-ICM-128 and HMAC-SHA1 on OpenSSL ---
+ * Debian's libsrtp2 is built on NSS, which sets up a crypto context per packet
+ * (~10 µs per protect + unprotect here); these replace its two primitives for
+ * AES_CM_128_HMAC_SHA1_80 (srtp_replace_cipher_type/_auth_type, each checked by
+ * libsrtp's self-test against the vectors below) while libsrtp2 keeps doing SRTP
+ * itself (key derivation, index/ROC, replay, RFC 3711 §3-4). Nothing is set up per
+ * packet: the keystream is AES-128-ECB over a batch of counter blocks, the HMAC
+ * copies SHA-1 states keyed once (OpenSSL's low-level SHA1_*, deprecated but the
+ * one way to copy a digest state without an allocation). */
+
+#define ICM_BATCH_BLOCKS 12 /* keystream made per AES call: a whole 160-byte payload */
+
+struct icm_state {
+    EVP_CIPHER_CTX *ecb;
+    uint8_t salt[16];    /* the 14-byte salt, then 2 zero bytes (RFC 3711 §4.1.1) */
+    uint8_t counter[16]; /* the next keystream block's counter */
+    uint8_t keystream[ICM_BATCH_BLOCKS * 16];
+    unsigned used; /* keystream bytes used; all: make more */
+};
+
+static const srtp_cipher_type_t icm_ossl;
+
+static srtp_err_status_t icm_alloc(srtp_cipher_pointer_t *cp, int key_len, int tag_len) {
+    (void)tag_len;
+    if (key_len != SRTP_AES_ICM_128_KEY_LEN_WSALT)
+        return srtp_err_status_bad_param;
+    srtp_cipher_t *c = calloc(1, sizeof *c);
+    struct icm_state *s = calloc(1, sizeof *s);
+    if (!c || !s || !(s->ecb = EVP_CIPHER_CTX_new()))
+        return srtp_err_status_alloc_fail;
+    c->type = &icm_ossl;
+    c->state = s;
+    c->key_len = key_len;
+    c->algorithm = SRTP_AES_ICM_128;
+    *cp = c;
+    return srtp_err_status_ok;
+}
+
+static srtp_err_status_t icm_dealloc(srtp_cipher_pointer_t c) {
+    struct icm_state *s = c->state;
+    EVP_CIPHER_CTX_free(s->ecb);
+    free(s);
+    free(c);
+    return srtp_err_status_ok;
+}
+
+/* key: the 16-byte key then the 14-byte salt */
+static srtp_err_status_t icm_init(void *state, const uint8_t *key) {
+    struct icm_state *s = state;
+    memset(s->salt, 0, sizeof s->salt);
+    memcpy(s->salt, key + SRTP_AES_128_KEY_LEN, SRTP_SALT_LEN);
+    if (EVP_EncryptInit_ex(s->ecb, EVP_aes_128_ecb(), NULL, key, NULL) != 1 ||
+        EVP_CIPHER_CTX_set_padding(s->ecb, 0) != 1)
+        return srtp_err_status_init_fail;
+    s->used = sizeof s->keystream;
+    return srtp_err_status_ok;
+}
+
+/* counter = salt XOR iv (iv: the SSRC and packet index, placed by libsrtp) */
+static srtp_err_status_t icm_set_iv(void *state, uint8_t *iv, srtp_cipher_direction_t dir) {
+    (void)dir;
+    struct icm_state *s = state;
+    for (int j = 0; j < 16; j++)
+        s->counter[j] = s->salt[j] ^ iv[j];
+    s->used = sizeof s->keystream;
+    return srtp_err_status_ok;
+}
+
+/* CTR mode, the block counter in the last 16 bits (as libsrtp): encrypting and
+   decrypting are the same, in place */
+static srtp_err_status_t icm_crypt(void *state, uint8_t *buf, unsigned int *len) {
+    struct icm_state *s = state;
+    for (unsigned j = 0; j < *len;) {
+        if (s->used == sizeof s->keystream) {
+            uint8_t counters[sizeof s->keystream];
+            for (int b = 0; b < ICM_BATCH_BLOCKS; b++) {
+                memcpy(counters + 16 * b, s->counter, 16);
+                if (++s->counter[15] == 0)
+                    s->counter[14]++;
+            }
+            int out = 0;
+            if (EVP_EncryptUpdate(s->ecb, s->keystream, &out, counters, sizeof counters) != 1)
+                return srtp_err_status_cipher_fail;
+            s->used = 0;
+        }
+        unsigned n = *len - j;
+        if (n > sizeof s->keystream - s->used)
+            n = sizeof s->keystream - s->used;
+        const uint8_t *ks = s->keystream + s->used;
+        for (unsigned k = 0; k < n; k++) /* one loop the compiler vectorises */
+            buf[j + k] ^= ks[k];
+        j += n;
+        s->used += n;
+    }
+    return srtp_err_status_ok;
+}
+
+/* RFC 3711 Appendix B.2: the first 32 bytes of keystream for a zero index */
+static const uint8_t icm_test_key[SRTP_AES_ICM_128_KEY_LEN_WSALT] = {
+    0x2b, 0x7e, 0x15, 0x16, 0x28, 0xae, 0xd2, 0xa6, 0xab, 0xf7, 0x15, 0x88, 0x09, 0xcf, 0x4f,
+    0x3c, 0xf0, 0xf1, 0xf2, 0xf3, 0xf4, 0xf5, 0xf6, 0xf7, 0xf8, 0xf9, 0xfa, 0xfb, 0xfc, 0xfd};
+static uint8_t icm_test_nonce[16];
+static const uint8_t icm_test_plain[32];
+static const uint8_t icm_test_cipher[32] = {
+    0xe0, 0x3e, 0xad, 0x09, 0x35, 0xc9, 0x5e, 0x80, 0xe1, 0x66, 0xb1, 0x6d, 0xd9, 0x2b, 0x4e, 0xb4,
+    0xd2, 0x35, 0x13, 0x16, 0x2b, 0x02, 0xd0, 0xf7, 0x2a, 0x43, 0xa2, 0xfe, 0x4a, 0x5f, 0x97, 0xab};
+static const srtp_cipher_test_case_t icm_test = {
+    SRTP_AES_ICM_128_KEY_LEN_WSALT, icm_test_key, icm_test_nonce, 32, icm_test_plain, 32,
+    icm_test_cipher, 0, NULL, 0, NULL};
+
+static const srtp_cipher_type_t icm_ossl = {
+    icm_alloc, icm_dealloc, icm_init,  NULL, icm_crypt, icm_crypt, icm_set_iv,
+    NULL,      "AES-128 counter mode (OpenSSL)", &icm_test, SRTP_AES_ICM_128};
+
+struct hmac_state {
+    SHA_CTX inner, outer; /* after the key XOR ipad / opad (RFC 2104 §2) */
+    SHA_CTX work;         /* the tag being made */
+};
+
+static const srtp_auth_type_t hmac_ossl;
+
+static srtp_err_status_t hmac_alloc(srtp_auth_pointer_t *ap, int key_len, int out_len) {
+    if (key_len < 0 || key_len > SHA_DIGEST_LENGTH || out_len < 0 || out_len > SHA_DIGEST_LENGTH)
+        return srtp_err_status_bad_param;
+    srtp_auth_t *a = calloc(1, sizeof *a);
+    struct hmac_state *s = calloc(1, sizeof *s);
+    if (!a || !s)
+        return srtp_err_status_alloc_fail;
+    a->type = &hmac_ossl;
+    a->state = s;
+    a->out_len = out_len;
+    a->key_len = key_len;
+    *ap = a;
+    return srtp_err_status_ok;
+}
+
+static srtp_err_status_t hmac_dealloc(srtp_auth_pointer_t a) {
+    free(a->state);
+    free(a);
+    return srtp_err_status_ok;
+}
+
+static srtp_err_status_t hmac_init(void *state, const uint8_t *key, int key_len) {
+    struct hmac_state *s = state;
+    uint8_t ipad[SHA_CBLOCK], opad[SHA_CBLOCK];
+    memset(ipad, 0x36, sizeof ipad);
+    memset(opad, 0x5c, sizeof opad);
+    for (int j = 0; j < key_len; j++) {
+        ipad[j] ^= key[j];
+        opad[j] ^= key[j];
+    }
+    SHA1_Init(&s->inner);
+    SHA1_Update(&s->inner, ipad, sizeof ipad);
+    SHA1_Init(&s->outer);
+    SHA1_Update(&s->outer, opad, sizeof opad);
+    s->work = s->inner;
+    return srtp_err_status_ok;
+}
+
+/* a new tag with the same key */
+static srtp_err_status_t hmac_start(void *state) {
+    struct hmac_state *s = state;
+    s->work = s->inner;
+    return srtp_err_status_ok;
+}
+
+static srtp_err_status_t hmac_update(void *state, const uint8_t *buf, int len) {
+    struct hmac_state *s = state;
+    SHA1_Update(&s->work, buf, (size_t)len);
+    return srtp_err_status_ok;
+}
+
+static srtp_err_status_t hmac_compute(void *state, const uint8_t *buf, int len, int tag_len,
+                                      uint8_t *tag) {
+    struct hmac_state *s = state;
+    uint8_t digest[SHA_DIGEST_LENGTH];
+    if (tag_len > SHA_DIGEST_LENGTH)
+        return srtp_err_status_bad_param;
+    SHA1_Update(&s->work, buf, (size_t)len);
+    SHA1_Final(digest, &s->work);
+    SHA_CTX outer = s->outer;
+    SHA1_Update(&outer, digest, sizeof digest);
+    SHA1_Final(digest, &outer);
+    memcpy(tag, digest, (size_t)tag_len);
+    return srtp_err_status_ok;
+}
+
+/* RFC 2202 §3 test case 1 */
+static const uint8_t hmac_test_key[20] = {0x0b, 0x0b, 0x0b, 0x0b, 0x0b, 0x0b, 0x0b,
+                                          0x0b, 0x0b, 0x0b, 0x0b, 0x0b, 0x0b, 0x0b,
+                                          0x0b, 0x0b, 0x0b, 0x0b, 0x0b, 0x0b};
+static const uint8_t hmac_test_data[8] = {'H', 'i', ' ', 'T', 'h', 'e', 'r', 'e'};
+static const uint8_t hmac_test_tag[20] = {0xb6, 0x17, 0x31, 0x86, 0x55, 0x05, 0x72,
+                                          0x64, 0xe2, 0x8b, 0xc0, 0xb6, 0xfb, 0x37,
+                                          0x8c, 0x8e, 0xf1, 0x46, 0xbe, 0x00};
+static const srtp_auth_test_case_t hmac_test = {20, hmac_test_key, 8, hmac_test_data, 20,
+                                                hmac_test_tag, NULL};
+
+static const srtp_auth_type_t hmac_ossl = {
+    hmac_alloc, hmac_dealloc, hmac_init, hmac_compute, hmac_update, hmac_start,
+    "HMAC-SHA1 (OpenSSL)", &hmac_test, SRTP_HMAC_SHA1};
+
+/* libsrtp2 ready, its AES-ICM-128 and HMAC-SHA1 on OpenSSL */
+static void srtp_setup(void) {
+    if (srtp_init() != srtp_err_status_ok ||
+        srtp_replace_cipher_type(&icm_ossl, SRTP_AES_ICM_128) != srtp_err_status_ok ||
+        srtp_replace_auth_type(&hmac_ossl, SRTP_HMAC_SHA1) != srtp_err_status_ok) {
+        fprintf(stderr, "rtpload: libsrtp2 setup (OpenSSL AES-ICM/HMAC-SHA1) failed\n");
+        ERR_print_errors_fp(stderr);
+        exit(1);
+    }
+}
+
+/* an SRTP session (AES_CM_128_HMAC_SHA1_80, RFC 3711 §5) for what we send or receive */
+static srtp_t srtp_session(const uint8_t key_salt[KEY_SALT_BYTES], srtp_ssrc_type_t direction) {
+    srtp_policy_t policy;
+    memset(&policy, 0, sizeof policy);
+    srtp_crypto_policy_set_rtp_default(&policy.rtp);
+    srtp_crypto_policy_set_rtcp_default(&policy.rtcp);
+    policy.ssrc.type = direction;
+    policy.key = (unsigned char *)key_salt;
+    srtp_t session;
+    if (srtp_create(&session, &policy) != srtp_err_status_ok) {
+        fprintf(stderr, "srtp_create failed\n");
+        exit(1);
+    }
+    return session;
+}
+
+/* the answer's a=crypto (RFC 4568 §9.1): our tag 1 and suite, the daemon's key and
+   salt into key_salt; 0 on success */
+static int parse_crypto(const char *body, uint8_t key_salt[KEY_SALT_BYTES]) {
+    static const char prefix[] = "a=crypto:1 AES_CM_128_HMAC_SHA1_80 inline:";
+    const char *a = strstr(body, prefix);
+    if (!a)
+        return -1;
+    const char *b64 = a + sizeof prefix - 1;
+    if (strcspn(b64, "|\r\n \t") != KEY_B64_CHARS)
+        return -1;
+    uint8_t out[KEY_SALT_BYTES + 3]; /* EVP_DecodeBlock writes whole 3-byte groups */
+    if (EVP_DecodeBlock(out, (const unsigned char *)b64, KEY_B64_CHARS) != KEY_SALT_BYTES)
+        return -1;
+    memcpy(key_salt, out, KEY_SALT_BYTES);
+    return 0;
+}
+
 static void on_answer(int i, const char *msg, int64_t now) {
     struct call *c = &calls[i];
     char contact[256];
@@ -425,6 +792,15 @@ static void on_answer(int i, const char *msg, int64_t now) {
         fail(c, "answer without audio address");
         c->state = ST_UP; /* hung up with the others */
         return;
+    }
+    if (opt_srtp) {
+        uint8_t key_salt[KEY_SALT_BYTES];
+        if (!strstr(body, " RTP/SAVP ") || parse_crypto(body + 4, key_salt) != 0) {
+            fail(c, "answer without RTP/SAVP and our a=crypto");
+            c->state = ST_UP;
+            return;
+        }
+        c->srtp_rx = srtp_session(key_salt, ssrc_any_inbound);
     }
     if (connect(c->fd, (struct sockaddr *)&rtp, sizeof rtp) < 0) {
         fail(c, "connect: %s", strerror(errno));
@@ -520,10 +896,71 @@ static void on_sip(char *msg, int64_t now) {
     }
 }
 
+/* Complete messages at the front of tls_in to on_sip, by Content-Length (RFC 3261
+   §18.3); CRLFs between messages (keep-alives, RFC 5626 §3.5.1) are skipped. */
+static void tls_frame(int64_t now) {
+    static char msg[SIP_MAX_BYTES + 1];
+    size_t off = 0;
+    while (!sip_connection_error[0]) {
+        while (tls_in.n - off >= 2 && tls_in.p[off] == '\r' && tls_in.p[off + 1] == '\n')
+            off += 2;
+        const char *start = tls_in.p + off;
+        const char *end = memmem(start, tls_in.n - off, "\r\n\r\n", 4);
+        if (!end) {
+            if (tls_in.n - off > SIP_MAX_BYTES)
+                tls_close("header section too large");
+            break;
+        }
+        size_t head = (size_t)(end - start) + 4;
+        char length[32];
+        if (head > SIP_MAX_BYTES) {
+            tls_close("header section too large");
+            break;
+        }
+        memcpy(msg, start, head);
+        msg[head] = '\0';
+        if (!header(msg, "Content-Length", 'l', length, sizeof length)) {
+            tls_close("message without Content-Length");
+            break;
+        }
+        size_t total = head + strtoul(length, NULL, 10);
+        if (total > SIP_MAX_BYTES) {
+            tls_close("message too large");
+            break;
+        }
+        if (tls_in.n - off < total)
+            break;
+        memcpy(msg, start, total);
+        msg[total] = '\0';
+        off += total;
+        on_sip(msg, now);
+    }
+    memmove(tls_in.p, tls_in.p + off, tls_in.n - off);
+    tls_in.n -= off;
+}
+
+/* the SIP connection is readable or writable: read and frame all there is, write what
+   is queued (either may want the other direction) */
+static void tls_event(void) {
+    tls_want_write = 0;
+    while (!sip_connection_error[0]) {
+        reserve(&tls_in, tls_in.n + TLS_READ_BYTES);
+        int r = SSL_read(tls, tls_in.p + tls_in.n, TLS_READ_BYTES);
+        if (r <= 0) {
+            tls_blocked(r);
+            break;
+        }
+        tls_in.n += (size_t)r;
+        tls_frame(mono());
+    }
+    tls_flush();
+}
+
 /* --- RTP --- */
 
 static void send_frame(struct call *c, int64_t due) {
-    uint8_t pkt[RTP_HEADER_BYTES + FRAME_BYTES];
+    _Alignas(8) uint8_t pkt[RTP_HEADER_BYTES + FRAME_BYTES + SRTP_MAX_TRAILER_LEN];
+    int pkt_len = RTP_HEADER_BYTES + FRAME_BYTES;
     uint32_t n = c->nsent;
     uint32_t frame = c->frame0 + n;
     uint16_t seq = (uint16_t)(c->seq0 + n);
@@ -542,7 +979,10 @@ static void send_frame(struct call *c, int64_t due) {
     pkt[11] = (uint8_t)c->ssrc;
     memcpy(pkt + RTP_HEADER_BYTES, stream + frame_offset(frame), FRAME_BYTES);
     int64_t before = mono();
-    if (send(c->fd, pkt, sizeof pkt, 0) < 0) {
+    if (opt_srtp && srtp_protect(c->srtp_tx, pkt, &pkt_len) != srtp_err_status_ok) {
+        srtp_errors++;
+        tx_errors++;
+    } else if (send(c->fd, pkt, (size_t)pkt_len, 0) < 0) {
         tx_errors++;
     } else {
         tx_packets++;
@@ -577,11 +1017,23 @@ static ssize_t recv_stamped(int fd, void *buf, size_t cap, int64_t *rx) {
 }
 
 static void on_rtp(struct call *c) {
-    uint8_t buf[2048];
+    _Alignas(8) uint8_t buf[2048];
     int64_t rx;
     ssize_t len = recv_stamped(c->fd, buf, sizeof buf, &rx);
     if (len < 0)
         return;
+    if (opt_srtp) {
+        int plain_len = (int)len;
+        if (!c->srtp_rx) { /* before the answer was read */
+            rx_foreign++;
+            return;
+        }
+        if (srtp_unprotect(c->srtp_rx, buf, &plain_len) != srtp_err_status_ok) {
+            srtp_errors++;
+            return;
+        }
+        len = plain_len;
+    }
     if (len < RTP_HEADER_BYTES || (buf[0] >> 6) != 2 || (buf[1] & 0x7F) != PT_PCMU || !rx) {
         rx_foreign++;
         return;
@@ -642,7 +1094,8 @@ static void on_rtp(struct call *c) {
 static void usage(void) {
     fprintf(stderr,
             "usage: rtpload --sip-port P --rtp-base B --clip FILE [--calls N] [--rate CPS]\n"
-            "               [--duration S] [--settle S] [--tick-us US] [--aligned]\n");
+            "               [--duration S] [--settle S] [--tick-us US] [--aligned]\n"
+            "               [--transport udp|tls] [--tls-ca FILE] [--srtp]\n");
     exit(2);
 }
 
@@ -651,6 +1104,10 @@ static void parse_args(int argc, char **argv) {
         const char *k = argv[a];
         if (!strcmp(k, "--aligned")) {
             opt_aligned = 1;
+            continue;
+        }
+        if (!strcmp(k, "--srtp")) {
+            opt_srtp = 1;
             continue;
         }
         if (a + 1 >= argc)
@@ -672,6 +1129,10 @@ static void parse_args(int argc, char **argv) {
             opt_settle = atof(v);
         else if (!strcmp(k, "--tick-us"))
             opt_tick_us = atoi(v);
+        else if (!strcmp(k, "--transport") && (!strcmp(v, "udp") || !strcmp(v, "tls")))
+            opt_tls = !strcmp(v, "tls");
+        else if (!strcmp(k, "--tls-ca"))
+            opt_tls_ca = v;
         else
             usage();
     }
@@ -686,6 +1147,34 @@ static void add_fd(int fd, uint32_t id) {
         die("epoll_ctl");
 }
 
+/* one TLS connection to the daemon, handshake done (blocking), then non-blocking */
+static void tls_connect(void) {
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    sip_fd = socket(AF_INET, SOCK_STREAM, 0);
+    if (!ctx || sip_fd < 0)
+        die("tls setup");
+    SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
+    SSL_CTX_set_verify(ctx, opt_tls_ca ? SSL_VERIFY_PEER : SSL_VERIFY_NONE, NULL);
+    if (opt_tls_ca && SSL_CTX_load_verify_locations(ctx, opt_tls_ca, NULL) != 1) {
+        ERR_print_errors_fp(stderr);
+        exit(1);
+    }
+    if (connect(sip_fd, (struct sockaddr *)&daemon_sip, sizeof daemon_sip) < 0)
+        die("connect sip");
+    int on = 1;
+    setsockopt(sip_fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+    tls = SSL_new(ctx);
+    if (!tls || SSL_set_fd(tls, sip_fd) != 1 ||
+        (opt_tls_ca && X509_VERIFY_PARAM_set1_ip_asc(SSL_get0_param(tls), "127.0.0.1") != 1) ||
+        SSL_connect(tls) != 1) {
+        fprintf(stderr, "rtpload: TLS handshake with 127.0.0.1:%d failed\n", opt_sip_port);
+        ERR_print_errors_fp(stderr);
+        exit(1);
+    }
+    if (fcntl(sip_fd, F_SETFL, fcntl(sip_fd, F_GETFL) | O_NONBLOCK) < 0)
+        die("fcntl");
+}
+
 static void setup(void) {
     struct rlimit rl;
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur < rl.rlim_max) {
@@ -694,23 +1183,31 @@ static void setup(void) {
     }
     snprintf(run_id, sizeof run_id, "rl%ld", (long)getpid());
     ep_fd = epoll_create1(0);
-    sip_fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
-    if (ep_fd < 0 || sip_fd < 0)
-        die("setup");
-    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
-    if (bind(sip_fd, (struct sockaddr *)&a, sizeof a) < 0)
-        die("bind sip");
-    socklen_t al = sizeof a;
-    getsockname(sip_fd, (struct sockaddr *)&a, &al);
-    sip_local_port = ntohs(a.sin_port);
-    int big = 4 << 20;
-    setsockopt(sip_fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
-    int on = 1;
-    setsockopt(sip_fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof on);
+    if (ep_fd < 0)
+        die("epoll_create1");
     daemon_sip = (struct sockaddr_in){.sin_family = AF_INET,
                                       .sin_port = htons((uint16_t)opt_sip_port),
                                       .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    int on = 1;
+    if (opt_tls) {
+        tls_connect();
+    } else {
+        sip_fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
+        if (sip_fd < 0)
+            die("socket sip");
+        if (bind(sip_fd, (struct sockaddr *)&a, sizeof a) < 0)
+            die("bind sip");
+        int big = 4 << 20;
+        setsockopt(sip_fd, SOL_SOCKET, SO_RCVBUF, &big, sizeof big);
+        setsockopt(sip_fd, SOL_SOCKET, SO_TIMESTAMPNS, &on, sizeof on);
+    }
+    socklen_t al = sizeof a;
+    getsockname(sip_fd, (struct sockaddr *)&a, &al);
+    sip_local_port = ntohs(a.sin_port);
     add_fd(sip_fd, ID_SIP);
+    if (opt_srtp)
+        srtp_setup();
     calls = calloc((size_t)opt_calls, sizeof *calls);
     if (!calls)
         die("calloc");
@@ -728,6 +1225,13 @@ static void setup(void) {
         c->frame0 = (uint32_t)(((uint64_t)i * 7919u) % clip_len); /* calls start in different places */
         c->seq0 = (uint16_t)(i * 2654435761u >> 16);
         c->ssrc = 0x10000000u + (uint32_t)i;
+        if (opt_srtp) {
+            uint8_t key_salt[KEY_SALT_BYTES];
+            if (getrandom(key_salt, sizeof key_salt, 0) != (ssize_t)sizeof key_salt)
+                die("getrandom");
+            EVP_EncodeBlock((unsigned char *)c->key_b64, key_salt, KEY_SALT_BYTES);
+            c->srtp_tx = srtp_session(key_salt, ssrc_any_outbound);
+        }
     }
 }
 
@@ -767,9 +1271,11 @@ static void print_result(double gen_cpu_window_s, double gen_cpu_total_s) {
     uint64_t lost = expected > received ? expected - received : 0;
     double window_s = (double)(window_end - window_start) / 1e9;
     printf("{\"event\":\"result\",\"calls\":%d,\"calls_ok\":%llu,\"calls_answered\":%llu,"
-           "\"aligned\":%s,",
+           "\"aligned\":%s,\"transport\":\"%s\",\"srtp\":%s,\"srtp_errors\":%llu,"
+           "\"sip_connection_error\":\"%s\",",
            opt_calls, (unsigned long long)ok, (unsigned long long)answered,
-           opt_aligned ? "true" : "false");
+           opt_aligned ? "true" : "false", opt_tls ? "tls" : "udp", opt_srtp ? "true" : "false",
+           (unsigned long long)srtp_errors, sip_connection_error);
     print_num("window_s", window_s, 1);
     printf("\"invite_responses\":{");
     int first = 1;
@@ -906,7 +1412,7 @@ int main(int argc, char **argv) {
             struct call *c = &calls[next_invite];
             c->state = ST_INVITING;
             c->invite_ns = c->last_tx_ns = now;
-            c->retx_ns = SIP_T1_NS;
+            c->retx_ns = first_retransmit_ns();
             send_invite(next_invite++);
         }
         now = send_due(now);
@@ -933,7 +1439,7 @@ int main(int argc, char **argv) {
             if (c->state == ST_UP) {
                 c->state = ST_BYEING;
                 c->bye_ns = c->last_tx_ns = now;
-                c->retx_ns = SIP_T1_NS;
+                c->retx_ns = first_retransmit_ns();
                 send_bye(next_bye);
             } else if (c->state == ST_INVITING || c->state == ST_PROCEEDING) {
                 fail(c, "no final answer to INVITE");
@@ -998,7 +1504,9 @@ int main(int argc, char **argv) {
                 die("epoll_wait");
             for (int e = 0; e < n; e++) {
                 uint32_t id = evs[e].data.u32;
-                if (id == ID_SIP) {
+                if (id == ID_SIP && opt_tls) {
+                    tls_event();
+                } else if (id == ID_SIP) {
                     for (int k = 0; k < 64; k++) {
                         int64_t rx;
                         ssize_t len = recv_stamped(sip_fd, sip_buf, SIP_MAX_BYTES, &rx);

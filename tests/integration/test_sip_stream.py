@@ -15,7 +15,6 @@ import math
 import os
 import socket
 import ssl
-import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 from tests.harness import requires
 from tests.harness.audio import SpeechClip
 from tests.harness.baresip import assert_echoed, call_and_record
+from tests.harness.certs import self_signed
 from tests.harness.daemon import (
     Daemon,
     PortRange,
@@ -216,18 +216,6 @@ def attack(port: int, metrics_port: int, held_already: int) -> None:
     with connected(port) as sock:  # after all that, the listener still answers
         sock.sendall(options(port, "ok2"))
         assert status_code(read_message(sock)) == 200
-
-
-def self_signed(directory: Path) -> tuple[Path, Path]:
-    """A throw-away certificate for 127.0.0.1 and its key: (cert.pem, key.pem)."""
-    cert, key = directory / "cert.pem", directory / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-         "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
-         "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=60)
-    key.chmod(0o600)
-    return cert, key
 
 
 def tls_daemon(start_daemon: StartDaemon, tmp_path: Path,
