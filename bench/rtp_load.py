@@ -12,7 +12,8 @@ period, or all on one phase with ``--aligned``), then a steady window of
 other work on its core cannot make it send late. ``--transport tls`` carries
 every call's SIP on one TLS connection to the daemon's ``[sip] listen_tls`` (a
 self-signed certificate for 127.0.0.1, which the generator verifies), as a
-trunk would; ``--srtp`` offers RTP/SAVP with SDES keys and runs the daemon with
+trunk would (``--transport tcp``: one TCP connection to ``[sip] listen_tcp``);
+``--srtp`` offers RTP/SAVP with SDES keys and runs the daemon with
 ``[rtp] srtp = "required"``, the generator protecting and unprotecting every
 packet with libsrtp2. Over the window:
 
@@ -285,16 +286,20 @@ class Options:
     aligned: bool
     load_gate: bool
     fifo_priority: int
+    transport: str
+    """udp, tcp or tls (``tls`` is set for tls)."""
     tls: TlsFiles | None
     srtp: bool
 
 
-def daemon_overrides(sessions: int, *, load_gate: bool = True, tls: TlsFiles | None = None,
-                     tls_port: int = 0, srtp: bool = False) -> ConfigOverrides:
+def daemon_overrides(sessions: int, *, load_gate: bool = True, transport: str = "udp",
+                     tls: TlsFiles | None = None, stream_port: int = 0,
+                     srtp: bool = False) -> ConfigOverrides:
     """Room for N calls, quiet logs, and per-source SIP rate limits out of the way: every
     call comes from one address. Without ``load_gate`` admission ignores the media clock's
     utilisation and lag (the highest limits the config takes), to measure raw capacity.
-    With ``tls`` the daemon also listens for SIP over TLS on 127.0.0.1:``tls_port``; with
+    Over ``transport`` tcp or tls (``tls``: its certificate and key) the daemon also
+    listens for SIP over it on 127.0.0.1:``stream_port``; with
     ``srtp`` it takes SRTP calls only (``[rtp] srtp = "required"``)."""
     limits: dict[str, int | float] = {"max_sessions": sessions + 50, "drain_timeout_s": 5}
     if not load_gate:
@@ -302,8 +307,10 @@ def daemon_overrides(sessions: int, *, load_gate: bool = True, tls: TlsFiles | N
     sip: dict[str, str | int | float] = {
         "invites_per_source_per_s": 100_000.0, "invite_burst": 1_000_000,
         "requests_per_source_per_s": 100_000.0, "requests_burst": 1_000_000}
+    if transport == "tcp":
+        sip["listen_tcp"] = f"127.0.0.1:{stream_port}"
     if tls is not None:
-        sip |= {"listen_tls": f"127.0.0.1:{tls_port}",
+        sip |= {"listen_tls": f"127.0.0.1:{stream_port}",
                 "tls_certificate": str(tls.certificate),
                 "tls_private_key": str(tls.private_key)}
     overrides: dict[str, TomlTable] = {"limits": limits, "log": {"level": "warning"}, "sip": sip}
@@ -321,21 +328,23 @@ def run_once(sessions: int, run: int, options: Options, workdir: Path) -> RunRes
     rtp_ports = 2 * sessions + 100
     media = reserve_port_range(rtp_ports)
     try:
-        tls_port = free_tcp_port() if options.tls else 0
-        overrides = daemon_overrides(sessions, load_gate=options.load_gate, tls=options.tls,
-                                     tls_port=tls_port, srtp=options.srtp)
+        stream_port = free_tcp_port() if options.transport != "udp" else 0
+        overrides = daemon_overrides(sessions, load_gate=options.load_gate,
+                                     transport=options.transport, tls=options.tls,
+                                     stream_port=stream_port, srtp=options.srtp)
         with running_daemon(workdir / "daemon", overrides, rtp_ports=rtp_ports,
                             cpu=DAEMON_CPU) as daemon:
             time.sleep(_IDLE_SETTLE_S)
             idle_rss = rss_kib(daemon.pid)
             fifo = ["chrt", "--fifo", str(options.fifo_priority)] if options.fifo_priority else []
             argv = [*fifo, "taskset", "-c", str(PEER_CPU), str(options.generator),
-                    "--sip-port", str(tls_port or daemon.sip_port), "--rtp-base",
+                    "--sip-port", str(stream_port or daemon.sip_port), "--rtp-base",
                     str(media.first), "--clip", str(options.clip_ulaw), "--calls", str(sessions),
                     "--rate", str(options.rate_cps), "--duration", str(options.duration_s),
                     "--settle", str(options.settle_s)]
+            argv += ["--transport", options.transport]
             if options.tls:
-                argv += ["--transport", "tls", "--tls-ca", str(options.tls.certificate)]
+                argv += ["--tls-ca", str(options.tls.certificate)]
             if options.srtp:
                 argv.append("--srtp")
             if options.aligned:
@@ -471,9 +480,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fifo", type=int, default=1, metavar="PRIORITY",
                         help="run the generator SCHED_FIFO at this priority so other work on "
                         "its core cannot delay its sends (root; 0: normal; default: 1)")
-    parser.add_argument("--transport", choices=("udp", "tls"), default="udp",
-                        help="SIP over UDP, or every call on one TLS connection to "
-                        "[sip] listen_tls (default: udp)")
+    parser.add_argument("--transport", choices=("udp", "tcp", "tls"), default="udp",
+                        help="SIP over UDP, or every call on one TCP or TLS connection to "
+                        "[sip] listen_tcp / listen_tls (default: udp)")
     parser.add_argument("--srtp", action="store_true",
                         help="SRTP with SDES keys (RFC 4568), the daemon with "
                         "[rtp] srtp = \"required\" (default: plain RTP)")
@@ -492,13 +501,14 @@ def main(argv: list[str] | None = None) -> int:
     tls = TlsFiles(*self_signed(workdir)) if args.transport == "tls" else None
     options = Options(build_generator(default_cache_dir()), clip_ulaw_file(workdir), args.rate,
                       args.duration, args.settle, args.aligned, not args.no_load_gate, args.fifo,
-                      tls, args.srtp)
+                      args.transport, tls, args.srtp)
     os.sched_setaffinity(0, {PEER_CPU})  # this process stays off the daemon's core
     print(f"workdir {workdir}; daemon on CPU {DAEMON_CPU}, rtpload on CPU {PEER_CPU}; "
           f"{args.rate:g} INVITE/s, {args.duration:g} s window, phases "
           f"{'aligned' if args.aligned else 'spread'}, admission load gate "
           f"{'off' if args.no_load_gate else 'on'}; SIP over {args.transport.upper()}"
-          f"{' (one connection)' if tls else ''}, {'SRTP' if args.srtp else 'plain RTP'}",
+          f"{' (one connection)' if args.transport != 'udp' else ''}, "
+          f"{'SRTP' if args.srtp else 'plain RTP'}",
           flush=True)
     print(TABLE.header(), flush=True)
     results: list[RunResult] = []

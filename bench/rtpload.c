@@ -12,7 +12,8 @@
  *
  * --transport udp (default) sends SIP from one UDP socket. --transport tls
  * carries every call's SIP on ONE TLS connection (RFC 3261 §18, as a PBX or
- * SBC trunk would): Via SIP/2.0/TLS, Contact ;transport=tls, no
+ * SBC trunk would; --transport tcp the same on one plain TCP connection):
+ * Via SIP/2.0/TLS (TCP), Contact ;transport=tls (tcp), no
  * retransmissions (reliable transport, §17.1.1.2), received bytes framed by
  * Content-Length (§18.3), written and read non-blocking from the epoll loop
  * (its messages are stamped when read: a stream has no kernel timestamps).
@@ -185,7 +186,7 @@ static double pct_ms(const struct series *s, int q) {
 static int opt_calls = 10, opt_sip_port, opt_rtp_base, opt_aligned, opt_tick_us = 250;
 static double opt_rate = 100.0, opt_duration = 20.0, opt_settle = 2.0;
 static const char *opt_clip, *opt_tls_ca;
-static int opt_tls, opt_srtp;
+static int opt_stream, opt_tls, opt_srtp; /* opt_stream: tcp or tls */
 
 /* --- state --- */
 static struct call *calls;
@@ -314,20 +315,29 @@ static int64_t lookup_frame(const uint8_t *payload) {
     }
 }
 
-/* --- the TLS connection (--transport tls) --- */
+/* --- the SIP connection (--transport tcp|tls; `tls` is NULL over TCP) --- */
 
 static void tls_close(const char *why) {
     if (sip_connection_error[0])
         return;
     snprintf(sip_connection_error, sizeof sip_connection_error, "%s", why);
-    fprintf(stderr, "rtpload: SIP TLS connection: %s\n", why);
+    fprintf(stderr, "rtpload: SIP %s connection: %s\n", opt_tls ? "TLS" : "TCP", why);
     ERR_print_errors_fp(stderr);
     epoll_ctl(ep_fd, EPOLL_CTL_DEL, sip_fd, NULL);
 }
 
-/* after an SSL_read/SSL_write that returned ret <= 0: 1 while the connection is usable
-   (the call is retried when the socket is readable, or writable: tls_want_write) */
-static int tls_blocked(int ret) {
+/* after an SSL_read/SSL_write (recv/send over TCP) that returned ret <= 0: 1 while the
+   connection is usable (the call is retried when the socket is readable, or writable:
+   tls_want_write) */
+static int tls_blocked(int ret, int writing) {
+    if (!tls) {
+        if (ret < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            tls_want_write |= writing;
+            return 1;
+        }
+        tls_close(ret == 0 ? "closed by the daemon" : "closed or reset");
+        return 0;
+    }
     int err = SSL_get_error(tls, ret);
     if (err == SSL_ERROR_WANT_READ)
         return 1;
@@ -344,9 +354,12 @@ static int tls_blocked(int ret) {
 /* write what is queued, as far as the socket takes it; EPOLLOUT while some is left */
 static void tls_flush(void) {
     while (tls_out.n && !sip_connection_error[0]) {
-        int w = SSL_write(tls, tls_out.p, tls_out.n > INT32_MAX ? INT32_MAX : (int)tls_out.n);
+        int w = tls ? SSL_write(tls, tls_out.p,
+                                tls_out.n > INT32_MAX ? INT32_MAX : (int)tls_out.n)
+                    : (int)send(sip_fd, tls_out.p, tls_out.n > INT32_MAX ? INT32_MAX : tls_out.n,
+                                MSG_NOSIGNAL);
         if (w <= 0) {
-            tls_blocked(w);
+            tls_blocked(w, 1);
             break;
         }
         memmove(tls_out.p, tls_out.p + w, tls_out.n - (size_t)w);
@@ -362,7 +375,7 @@ static void tls_flush(void) {
 }
 
 static void sip_send(const char *msg, int len) {
-    if (opt_tls) {
+    if (opt_stream) {
         if (sip_connection_error[0])
             return;
         reserve(&tls_out, tls_out.n + (size_t)len);
@@ -375,11 +388,11 @@ static void sip_send(const char *msg, int len) {
     }
 }
 
-static const char *via_transport(void) { return opt_tls ? "TLS" : "UDP"; }
+static const char *via_transport(void) { return opt_tls ? "TLS" : opt_stream ? "TCP" : "UDP"; }
 
 /* INVITE and BYE retransmit from T1 over UDP, never over TLS (RFC 3261 §17.1.1.2):
    the first retransmission falls due after the transaction's timeout */
-static int64_t first_retransmit_ns(void) { return opt_tls ? INVITE_TIMEOUT_NS : SIP_T1_NS; }
+static int64_t first_retransmit_ns(void) { return opt_stream ? INVITE_TIMEOUT_NS : SIP_T1_NS; }
 
 static int call_sdp(int i, char *out, size_t cap) {
     char crypto[96] = "";
@@ -411,7 +424,7 @@ static void send_invite(int i) {
                        "Content-Length: %d\r\n\r\n%s",
                        opt_sip_port, via_transport(), sip_local_port, run_id, i, sip_local_port,
                        run_id, i, opt_sip_port, run_id, i, sip_local_port,
-                       opt_tls ? ";transport=tls" : "", sdp_len, sdp);
+                       opt_tls ? ";transport=tls" : opt_stream ? ";transport=tcp" : "", sdp_len, sdp);
     sip_send(msg, len);
 }
 
@@ -945,9 +958,10 @@ static void tls_event(void) {
     tls_want_write = 0;
     while (!sip_connection_error[0]) {
         reserve(&tls_in, tls_in.n + TLS_READ_BYTES);
-        int r = SSL_read(tls, tls_in.p + tls_in.n, TLS_READ_BYTES);
+        int r = tls ? SSL_read(tls, tls_in.p + tls_in.n, TLS_READ_BYTES)
+                    : (int)recv(sip_fd, tls_in.p + tls_in.n, TLS_READ_BYTES, MSG_DONTWAIT);
         if (r <= 0) {
-            tls_blocked(r);
+            tls_blocked(r, 0);
             break;
         }
         tls_in.n += (size_t)r;
@@ -1095,7 +1109,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: rtpload --sip-port P --rtp-base B --clip FILE [--calls N] [--rate CPS]\n"
             "               [--duration S] [--settle S] [--tick-us US] [--aligned]\n"
-            "               [--transport udp|tls] [--tls-ca FILE] [--srtp]\n");
+            "               [--transport udp|tcp|tls] [--tls-ca FILE] [--srtp]\n");
     exit(2);
 }
 
@@ -1129,8 +1143,11 @@ static void parse_args(int argc, char **argv) {
             opt_settle = atof(v);
         else if (!strcmp(k, "--tick-us"))
             opt_tick_us = atoi(v);
-        else if (!strcmp(k, "--transport") && (!strcmp(v, "udp") || !strcmp(v, "tls")))
+        else if (!strcmp(k, "--transport") &&
+                 (!strcmp(v, "udp") || !strcmp(v, "tcp") || !strcmp(v, "tls"))) {
+            opt_stream = strcmp(v, "udp") != 0;
             opt_tls = !strcmp(v, "tls");
+        }
         else if (!strcmp(k, "--tls-ca"))
             opt_tls_ca = v;
         else
@@ -1147,11 +1164,23 @@ static void add_fd(int fd, uint32_t id) {
         die("epoll_ctl");
 }
 
-/* one TLS connection to the daemon, handshake done (blocking), then non-blocking */
+/* one TCP connection to the daemon, over TLS its handshake done (blocking), then
+   non-blocking */
 static void tls_connect(void) {
-    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
     sip_fd = socket(AF_INET, SOCK_STREAM, 0);
-    if (!ctx || sip_fd < 0)
+    if (sip_fd < 0)
+        die("socket sip");
+    if (!opt_tls) {
+        if (connect(sip_fd, (struct sockaddr *)&daemon_sip, sizeof daemon_sip) < 0)
+            die("connect sip");
+        int on = 1;
+        setsockopt(sip_fd, IPPROTO_TCP, TCP_NODELAY, &on, sizeof on);
+        if (fcntl(sip_fd, F_SETFL, fcntl(sip_fd, F_GETFL) | O_NONBLOCK) < 0)
+            die("fcntl");
+        return;
+    }
+    SSL_CTX *ctx = SSL_CTX_new(TLS_client_method());
+    if (!ctx)
         die("tls setup");
     SSL_CTX_set_mode(ctx, SSL_MODE_ENABLE_PARTIAL_WRITE | SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER);
     SSL_CTX_set_verify(ctx, opt_tls_ca ? SSL_VERIFY_PEER : SSL_VERIFY_NONE, NULL);
@@ -1190,7 +1219,7 @@ static void setup(void) {
                                       .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     struct sockaddr_in a = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     int on = 1;
-    if (opt_tls) {
+    if (opt_stream) {
         tls_connect();
     } else {
         sip_fd = socket(AF_INET, SOCK_DGRAM | SOCK_NONBLOCK, 0);
@@ -1274,7 +1303,7 @@ static void print_result(double gen_cpu_window_s, double gen_cpu_total_s) {
            "\"aligned\":%s,\"transport\":\"%s\",\"srtp\":%s,\"srtp_errors\":%llu,"
            "\"sip_connection_error\":\"%s\",",
            opt_calls, (unsigned long long)ok, (unsigned long long)answered,
-           opt_aligned ? "true" : "false", opt_tls ? "tls" : "udp", opt_srtp ? "true" : "false",
+           opt_aligned ? "true" : "false", opt_tls ? "tls" : opt_stream ? "tcp" : "udp", opt_srtp ? "true" : "false",
            (unsigned long long)srtp_errors, sip_connection_error);
     print_num("window_s", window_s, 1);
     printf("\"invite_responses\":{");
@@ -1504,7 +1533,7 @@ int main(int argc, char **argv) {
                 die("epoll_wait");
             for (int e = 0; e < n; e++) {
                 uint32_t id = evs[e].data.u32;
-                if (id == ID_SIP && opt_tls) {
+                if (id == ID_SIP && opt_stream) {
                     tls_event();
                 } else if (id == ID_SIP) {
                     for (int k = 0; k < 64; k++) {
