@@ -345,3 +345,24 @@ def test_2xx_retransmissions_never_capped() -> None:
     table.handle_timer(0.5)
     assert len(outbox.drain()) == 1
     assert table.failure_retransmissions_capped == 0
+
+
+def test_table_timers_follow_inputs_cancellations_and_firing() -> None:
+    """The table's deadline heap sees timers an input arms (our 486, the ACK), drops
+    the stale entry of a cancelled one (Timer G) and fires only what is due."""
+    table = TransactionTable(outbox=Outbox(100), max_transactions=10)
+    first, second = _invites("127.0.0.2", 2)
+    txn = table.create_server(first, top_via(first), DEST, 0.0, source_host="127.0.0.2")
+    idle = table.create_server(second, top_via(second), DEST, 0.0, source_host="127.0.0.2")
+    assert txn is not None and idle is not None
+    assert table.next_deadline() is None  # Proceeding runs no timer
+    txn.send_response(make_response(first, 486, to_tag="t"), 1.0)
+    assert table.next_deadline() == 1.5  # Timer G, armed by our response
+    txn.stop_retransmitting()
+    assert table.next_deadline() == 33.0  # Timer H once G's entry is found stale
+    assert txn.receive_ack(2.0)
+    assert table.next_deadline() == 7.0  # Timer I (T4) replaced Timer H
+    assert table.handle_timer(6.9) == []
+    assert table.handle_timer(7.0) == [txn]
+    assert len(table) == 1 and table.next_deadline() is None
+    assert table.handle_timer(100.0) == []  # the idle one has no timer to fire

@@ -18,7 +18,10 @@ every transport).
 from __future__ import annotations
 
 import enum
+import heapq
+import itertools
 from collections import Counter
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from voxgate.errors import LocalProtocolError
@@ -329,6 +332,8 @@ class Transaction:
         self._deadlines: dict[Input, float] = {}
         self._intervals: dict[Input, float] = {}
         self._last_sent: bytes | None = None
+        self.on_armed: Callable[[Transaction], None] = lambda txn: None
+        """Called when an input (not a timer) armed a timer: the table schedules it."""
         self._enter(initial, now)
 
     @property
@@ -385,6 +390,7 @@ class Transaction:
             armed = self._config.armed(self.kind, state)
             self._deadlines = {t: now + d for t, d in armed.items()}
             self._intervals = dict(armed)
+            self.on_armed(self)
 
     def _send(self, data: bytes) -> None:
         self._last_sent = data
@@ -560,6 +566,7 @@ class ClientInviteTransaction(Transaction):
         64·T1 the transaction ends with outcome ``"timeout"`` (§9.1)."""
         if self.state is State.PROCEEDING:
             self._deadlines[Input.TIMER_B] = now + self._config.timeout_s
+            self.on_armed(self)
 
 
 def non_2xx_ack(invite: Request, response: Response) -> Request:
@@ -615,6 +622,12 @@ class TransactionTable:
         self._server: dict[TransactionKey, ServerTransaction] = {}
         self._client: dict[tuple[str, str], ClientTransactionType] = {}
         self._held: Counter[str] = Counter()  # source host → server transactions held
+        # Timers: (deadline, tie-break, transaction), a min-heap. An entry goes stale
+        # when its timer fires or is cancelled; it is dropped (and the transaction's
+        # next deadline pushed) once it reaches the top, so a wake-up costs
+        # O(log n) per due transaction instead of a scan of the table.
+        self._timers: list[tuple[float, int, Transaction]] = []
+        self._timer_order = itertools.count()
 
     def __len__(self) -> int:
         return len(self._server) + len(self._client)
@@ -662,6 +675,7 @@ class TransactionTable:
         )
         self._server[txn.key] = txn
         self._held[source_host] += 1
+        self._watch(txn)
         return txn
 
     def create_client(
@@ -677,6 +691,7 @@ class TransactionTable:
         key = TransactionKey(branch, "", request.method)
         txn = ClientTransaction(key, request, destination, self._outbox, self.timers, now)
         self._client[(branch, request.method)] = txn
+        self._watch(txn)
         return txn
 
     def create_client_invite(
@@ -689,6 +704,7 @@ class TransactionTable:
         key = TransactionKey(branch, "", "INVITE")
         txn = ClientInviteTransaction(key, request, destination, self._outbox, self.timers, now)
         self._client[(branch, "INVITE")] = txn
+        self._watch(txn)
         return txn
 
     def _has_room(self) -> bool:
@@ -698,42 +714,72 @@ class TransactionTable:
         return True
 
     def next_deadline(self) -> float | None:
-        """The earliest timer of any transaction (O(n) scan)."""
-        return min((d for t in self._all() if (d := t.next_deadline()) is not None), default=None)
+        """The earliest timer of any transaction (stale heap entries are dropped)."""
+        timers = self._timers
+        while timers:
+            deadline, _, txn = timers[0]
+            current = txn.next_deadline()
+            if current == deadline:
+                return deadline
+            heapq.heappop(timers)  # fired, cancelled or replaced by a later timer
+            if current is not None:
+                self._schedule(txn)
+        return None
 
     def handle_timer(self, now: float) -> list[Transaction]:
         """Fire due timers; remove and return the transactions that terminated."""
-        self._cap_failure_retransmissions(now)
-        for txn in self._all():
+        timers = self._timers
+        due: dict[int, Transaction] = {}
+        while timers and timers[0][0] <= now:
+            txn = heapq.heappop(timers)[2]
+            due[id(txn)] = txn
+        self._cap_failure_retransmissions(due.values(), now)
+        ended: list[Transaction] = []
+        for txn in due.values():
             txn.handle_timer(now)
-        return self._sweep()
+            if not txn.terminated:
+                self._schedule(txn)
+            elif self._remove(txn):
+                ended.append(txn)
+        return ended
 
-    def _cap_failure_retransmissions(self, now: float) -> None:
+    def _watch(self, txn: Transaction) -> None:
+        """Schedule a new transaction's timers, and those its inputs arm later."""
+        txn.on_armed = self._schedule
+        self._schedule(txn)
+
+    def _schedule(self, txn: Transaction) -> None:
+        deadline = txn.next_deadline()
+        if deadline is not None:
+            heapq.heappush(self._timers, (deadline, next(self._timer_order), txn))
+
+    def _cap_failure_retransmissions(self, due: Iterable[Transaction], now: float) -> None:
         """Cancel the due Timer G of sources with too many un-ACKed 3xx-6xx."""
         limit = self.unacked_failures_per_source
         if limit is None:
             return
-        due = [t for t in self._server.values() if t.failure_retransmission_due(now)]
-        if not due:
+        retransmitting = [t for t in due if isinstance(t, ServerTransaction)
+                          and t.failure_retransmission_due(now)]
+        if not retransmitting:
             return
         unacked = Counter(t.source_host for t in self._server.values() if t.awaiting_failure_ack)
-        for txn in due:
+        for txn in retransmitting:
             if unacked[txn.source_host] > limit:
                 txn.stop_retransmitting()
                 self.failure_retransmissions_capped += 1
 
-    def _sweep(self) -> list[Transaction]:
-        """Remove and return terminated transactions."""
-        ended_server = [t for t in self._server.values() if t.terminated]
-        for txn in ended_server:
+    def _remove(self, txn: Transaction) -> bool:
+        """Forget a terminated transaction; False when it was already forgotten."""
+        if isinstance(txn, ServerTransaction):
+            if self._server.get(txn.key) is not txn:
+                return False
+            del self._server[txn.key]
             self._held[txn.source_host] -= 1
             if not self._held[txn.source_host]:
                 del self._held[txn.source_host]  # the counter holds live sources only
-        ended: list[Transaction] = [*ended_server]
-        ended.extend(t for t in self._client.values() if t.terminated)
-        self._server = {k: t for k, t in self._server.items() if not t.terminated}
-        self._client = {k: t for k, t in self._client.items() if not t.terminated}
-        return ended
-
-    def _all(self) -> list[Transaction]:
-        return [*self._server.values(), *self._client.values()]
+            return True
+        client_key = (txn.key.branch or "", txn.key.method)
+        if self._client.get(client_key) is not txn:
+            return False
+        del self._client[client_key]
+        return True
