@@ -1,6 +1,7 @@
 """SIP over TCP and TLS against the real daemon (RFC 3261 §18, RFC 5630).
 
-SIPp calls over TCP (``-t t1``) and TLS (``-t l1``) and hears its echo; raw
+SIPp calls over TCP (``-t t1``) and baresip over TLS with mandatory SRTP (Debian's
+SIPp has no TLS), each hearing its echo; raw
 sockets try the framing attacks (huge Content-Length, no Content-Length,
 endless header section, slow-loris, idle, too many connections) and TLS
 garbage: each is refused and counted in
