@@ -71,22 +71,23 @@ class PortRange:
             self._lock = None
 
 
-def free_udp_port(host: str = "127.0.0.1") -> int:
-    """A UDP port the kernel says is free right now (bind to port 0, read, close)."""
+def _free_port(kind: socket.SocketKind, host: str) -> int:
+    """A port of ``kind`` the kernel says is free right now (bind to port 0, read, close)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_DGRAM) as s:
+    with socket.socket(family, kind) as s:
         s.bind((host, 0))
         port: int = s.getsockname()[1]
         return port
+
+
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port the kernel says is free right now."""
+    return _free_port(socket.SOCK_DGRAM, host)
 
 
 def free_tcp_port(host: str = "127.0.0.1") -> int:
-    """A TCP port the kernel says is free right now (bind to port 0, read, close)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+    """A TCP port the kernel says is free right now."""
+    return _free_port(socket.SOCK_STREAM, host)
 
 
 def _ephemeral_floor() -> int:

@@ -23,6 +23,7 @@ import itertools
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 from voxgate.errors import LocalProtocolError
 from voxgate.sip.headers import Via, parse_cseq, parse_name_addr, parse_via
@@ -484,11 +485,12 @@ class ServerTransaction(Transaction):
         return self._fire(Input.ACK_2XX, now)
 
 
-class ClientTransaction(Transaction):
-    """A client non-INVITE transaction (§17.1.2), used for our BYE, REFER and REGISTER.
+class _Client(Transaction):
+    """What both client transactions share: the request is sent on construction,
+    ``final_status`` is the first final response's status (``None`` until then)."""
 
-    The request is sent on construction; Timer E retransmits it.
-    """
+    KIND: Kind
+    INITIAL: State
 
     def __init__(
         self,
@@ -500,10 +502,19 @@ class ClientTransaction(Transaction):
         now: float,
     ) -> None:
         super().__init__(
-            Kind.CLIENT_NON_INVITE, key, request, destination, outbox, timers, State.TRYING, now
+            self.KIND, key, request, destination, outbox, timers, self.INITIAL, now
         )
         self.final_status: int | None = None
         self._send(request.serialize())
+
+
+class ClientTransaction(_Client):
+    """A client non-INVITE transaction (§17.1.2), used for our BYE, REFER and REGISTER.
+
+    The request is sent on construction; Timer E retransmits it.
+    """
+
+    KIND, INITIAL = Kind.CLIENT_NON_INVITE, State.TRYING
 
     def receive_response(self, response: Response, now: float) -> bool:
         """Feed a matching response; True when it is the first final one."""
@@ -515,7 +526,7 @@ class ClientTransaction(Transaction):
         return first_final
 
 
-class ClientInviteTransaction(Transaction):
+class ClientInviteTransaction(_Client):
     """A client INVITE transaction (§17.1.1, RFC 6026), used for our outbound calls.
 
     The INVITE is sent on construction; Timer A retransmits it (T1, doubling)
@@ -526,20 +537,7 @@ class ClientInviteTransaction(Transaction):
     (§13.2.2.4: the 2xx ACK is the core's, not the transaction's).
     """
 
-    def __init__(
-        self,
-        key: TransactionKey,
-        request: Request,
-        destination: Address,
-        outbox: Outbox,
-        timers: TimerConfig,
-        now: float,
-    ) -> None:
-        super().__init__(
-            Kind.CLIENT_INVITE, key, request, destination, outbox, timers, State.CALLING, now
-        )
-        self.final_status: int | None = None
-        self._send(request.serialize())
+    KIND, INITIAL = Kind.CLIENT_INVITE, State.CALLING
 
     def receive_response(self, response: Response, now: float) -> bool:
         """Feed a matching response; True when the transaction user must see it:
@@ -586,6 +584,7 @@ def non_2xx_ack(invite: Request, response: Response) -> Request:
 
 
 ClientTransactionType = ClientTransaction | ClientInviteTransaction
+_ClientT = TypeVar("_ClientT", ClientTransaction, ClientInviteTransaction)
 
 
 class TransactionTable:
@@ -686,24 +685,22 @@ class TransactionTable:
         ``branch`` must be the branch of the Via the caller put in ``request``.
         Returns ``None`` (counted in ``refused``) when the table is full.
         """
-        if not self._has_room():
-            return None
-        key = TransactionKey(branch, "", request.method)
-        txn = ClientTransaction(key, request, destination, self._outbox, self.timers, now)
-        self._client[(branch, request.method)] = txn
-        self._watch(txn)
-        return txn
+        return self._start_client(ClientTransaction, request, branch, destination, now)
 
     def create_client_invite(
         self, request: Request, branch: str, destination: Address, now: float
     ) -> ClientInviteTransaction | None:
         """Start a client INVITE transaction (sends ``request`` at once), like
         :meth:`create_client`; ``None`` (counted in ``refused``) when full."""
+        return self._start_client(ClientInviteTransaction, request, branch, destination, now)
+
+    def _start_client(self, kind: type[_ClientT], request: Request, branch: str,
+                      destination: Address, now: float) -> _ClientT | None:
         if not self._has_room():
             return None
-        key = TransactionKey(branch, "", "INVITE")
-        txn = ClientInviteTransaction(key, request, destination, self._outbox, self.timers, now)
-        self._client[(branch, "INVITE")] = txn
+        key = TransactionKey(branch, "", request.method)
+        txn = kind(key, request, destination, self._outbox, self.timers, now)
+        self._client[(branch, request.method)] = txn
         self._watch(txn)
         return txn
 
