@@ -7,6 +7,7 @@ and :class:`~voxgate.calls.Calls` in this process, called over UDP on
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -121,7 +122,7 @@ class _Media:
     def receive(self, now: float, frames_elapsed: int) -> tuple[bool, list[bytes]]:
         return True, []
 
-    def send(self, pcm: bytes | None, finished: list[int], now: float) -> None: ...
+    def send(self, pcm: bytes | None, finished: Sequence[int], now: float) -> None: ...
 
     def clear(self) -> None: ...
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import gc
 import weakref
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
 import trio
@@ -64,7 +64,7 @@ class FakeMedia:
             raise RuntimeError("boom")
         return self.ticks not in self.silent_ticks, []
 
-    def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
+    def send(self, pcm: bytes | None, finished: Sequence[int], now: float) -> None:
         self.sent.append(pcm)
 
     def clear(self) -> None:

@@ -345,9 +345,9 @@ class SessionTimers:
             self._others_due = min((at for at, _, _ in self._other_deadlines()), default=math.inf)
             self._others_stale = False
         due = self._others_due
-        media = self._media_deadline()
-        if media is not None and media[0] < due:
-            return media[0]
+        media_due = self._media_due()
+        if media_due < due:
+            return media_due
         return None if due == math.inf else due
 
     def handle_timer(self, now: float) -> list[TimerEvent]:
@@ -374,24 +374,26 @@ class SessionTimers:
         for utterance_id, at in self._playbacks.items():
             yield at, _Timer.PLAYBACK, utterance_id
 
-    def _media_deadline(self) -> tuple[float, _Timer] | None:
-        """(deadline, kind) of the media check armed now (first media, inactivity or
-        recovery), or None while media is not expected."""
+    def _media_due(self) -> float:
+        """When the media check armed now (first media, inactivity or recovery) is
+        due; math.inf while media is not expected. Every tick: no allocation."""
         state = self.state
         if state == ACTIVE and self._media_expected:
-            if self._media_seen:
-                return self._media_at + self.config.media_inactivity_s, _Timer.INACTIVITY
-            return self._media_at + self.config.first_media_s, _Timer.NO_MEDIA
+            config = self.config
+            return self._media_at + (
+                config.media_inactivity_s if self._media_seen else config.first_media_s)
         if state == PAUSED:
-            return self._paused_at + self.config.recovery_window_s, _Timer.RECOVERY
-        return None
+            return self._paused_at + self.config.recovery_window_s
+        return math.inf
 
     def _deadlines(self) -> Iterator[tuple[float, _Timer, int]]:
         """(deadline, kind, utterance id or 0) of every armed timer."""
         yield from self._other_deadlines()
-        media = self._media_deadline()
-        if media is not None:
-            yield media[0], media[1], 0
+        media_due = self._media_due()
+        if media_due != math.inf:
+            kind = (_Timer.RECOVERY if self.state == PAUSED
+                    else _Timer.INACTIVITY if self._media_seen else _Timer.NO_MEDIA)
+            yield media_due, kind, 0
 
     def _fire(self, at: float, kind: _Timer, utterance_id: int) -> TimerEvent:
         self._others_stale = True

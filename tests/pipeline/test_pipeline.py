@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from voxgate.agents.base import Agent
 from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.deadman import AgentFallback, DeadmanConfig, SessionTimers
@@ -161,7 +163,7 @@ class OneFrameLeg:
         assert frame is not None
         return int.from_bytes(frame[:2], "big")
 
-    def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
+    def send(self, pcm: bytes | None, finished: Sequence[int], now: float) -> None:
         self.sent.append(pcm)
 
     def clear(self) -> None: ...

@@ -24,7 +24,7 @@ def test_utterance_is_sent_when_its_last_frame_leaves():
     assert p.speaking
     p.pop()
     p.pop()
-    assert p.take_sent() == []
+    assert p.take_sent() == ()
     p.pop()
     assert p.take_sent() == [uid]
     assert not p.speaking

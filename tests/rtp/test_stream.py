@@ -96,6 +96,24 @@ def test_rtcp_is_counted_and_ignored():
     assert stream.last_received_at is None
 
 
+@pytest.mark.parametrize("datagram", [
+    bytes.fromhex("80c8000600001111") + bytes(20),  # SR, no report block: parses as RTP PT 72
+    bytes.fromhex("81c9000700001111") + bytes(24),  # RR, one block: CC=1 as RTP
+    bytes.fromhex("81ca000300001111") + bytes(4),  # SDES: as RTP, its "CSRC" runs past the end
+])
+def test_rtcp_is_ignored_whether_or_not_it_parses_as_rtp(datagram: bytes):
+    stream = make_stream()
+    assert stream.receive_datagram_untrusted(datagram, NATTED, 1.0) is None
+    assert stream.stats.rtcp_ignored == 1
+    assert stream.stats.bad_packets == stream.stats.unknown_payload_type == 0
+    assert stream.stats.packets_in == 0
+
+
+def test_an_audio_payload_type_in_the_rtcp_range_is_refused():
+    with pytest.raises(LocalProtocolError, match="RTCP"):
+        make_stream(payload_type=72)
+
+
 def test_unknown_payload_type_is_counted():
     stream = make_stream()
     assert stream.receive_datagram_untrusted(audio(1, pt=8), NATTED, 1.0) is None

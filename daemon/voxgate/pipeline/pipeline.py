@@ -14,6 +14,7 @@ the agent may end their turn sooner or later than ``[vad] stop_ms``
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Protocol
 
 from voxgate.agents.base import Agent
@@ -45,7 +46,7 @@ class MediaLeg(Protocol):
         caller's frames due now (``frames_elapsed`` of them when the clock was late,
         concealed or fewer when audio is missing)."""
 
-    def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
+    def send(self, pcm: bytes | None, finished: Sequence[int], now: float) -> None:
         """Send one frame (None: silence); ``finished`` lists the utterances whose
         last frame left the playout queue this tick (their completion signal starts)."""
 
@@ -160,9 +161,11 @@ class Pipeline:
             self.playback.started(utterance_id, duration_s, now)
         if frames_elapsed > 1:
             playout.skip(frames_elapsed - 1)
+        if not self._awaiting_agent:
+            return playout.pop()
         position = playout.next_position
         frame = playout.pop()
-        if frame is not None and self._awaiting_agent and position >= self._answer_from:
+        if frame is not None and position >= self._answer_from:
             self._awaiting_agent = False
             self.timers.agent_started(now)
         return frame

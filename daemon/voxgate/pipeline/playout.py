@@ -15,6 +15,7 @@ once (not a drop) and the utterances it cut are returned.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Sequence
 
 from voxgate.budget import BoundedAudioQueue, SessionBudget
 from voxgate.pipeline.frames import FRAME_S
@@ -97,14 +98,23 @@ class Playout:
         if self._tracked:
             self._settle()
 
-    def take_queued(self) -> list[tuple[int, float]]:
-        """Utterances queued since the last call: (id, seconds until their last frame)."""
-        queued, self._queued = self._queued, []
+    def take_queued(self) -> Sequence[tuple[int, float]]:
+        """Utterances queued since the last call: (id, seconds until their last frame).
+
+        Asked every tick: when there are none it allocates nothing."""
+        queued = self._queued
+        if not queued:
+            return ()
+        self._queued = []
         return queued
 
-    def take_sent(self) -> list[int]:
-        """Utterances whose last frame has left the queue since the last call."""
-        sent, self._sent = self._sent, []
+    def take_sent(self) -> Sequence[int]:
+        """Utterances whose last frame has left the queue since the last call
+        (every tick; allocates nothing when there are none)."""
+        sent = self._sent
+        if not sent:
+            return ()
+        self._sent = []
         return sent
 
     def clear(self) -> list[int]:

@@ -41,6 +41,12 @@ class VadState(enum.Enum):
     STOPPING = "stopping"
 
 
+# Read every frame through module globals: on Python 3.11 ``VadState.QUIET`` goes
+# through ``EnumType.__getattr__`` (about 130 ns, 14 times a global).
+QUIET, STARTING, SPEAKING, STOPPING = (
+    VadState.QUIET, VadState.STARTING, VadState.SPEAKING, VadState.STOPPING)
+
+
 @dataclass(frozen=True, slots=True)
 class SpeechStarted:
     """Speech has lasted ``start_ms``; ``at`` is the ``now`` of its first speech frame."""
@@ -117,7 +123,7 @@ class VoiceActivityDetector:
         self._start_frames = max(1, -(-start_ms // frame_ms))
         self._stop_frames = max(1, -(-stop_ms // frame_ms))
         self._pause_frames = self._stop_frames  # what ends the current pause
-        self.state = VadState.QUIET
+        self.state = QUIET
         """Current state; read it, do not set it."""
         self._run_frames = 0  # length of the current STARTING or STOPPING run
         self._run_at = 0.0  # now of the first frame of that run
@@ -136,25 +142,25 @@ class VoiceActivityDetector:
             raise ValueError(f"PCM frame of {len(pcm_frame)} bytes, expected {self._frame_bytes}")
         speech = self._vad.is_speech(pcm_frame, self._sample_rate_hz)
         state = self.state
-        if state is VadState.SPEAKING:
+        if state is SPEAKING:
             if speech:
                 self._speech_frames += 1
             else:
                 return self._enter_stopping(now)
-        elif state is VadState.STOPPING:
+        elif state is STOPPING:
             if speech:
                 self._speech_frames += self._run_frames + 1
-                self.state = VadState.SPEAKING
+                self.state = SPEAKING
             else:
                 self._run_frames += 1
                 return self._stopped_if_long_enough()
-        elif state is VadState.STARTING:
+        elif state is STARTING:
             if speech:
                 self._run_frames += 1
                 return self._started_if_long_enough()
-            self.state = VadState.QUIET
+            self.state = QUIET
         elif speech:
-            self.state = VadState.STARTING
+            self.state = STARTING
             self._run_frames = 1
             self._run_at = now
             return self._started_if_long_enough()
@@ -164,7 +170,7 @@ class VoiceActivityDetector:
     def pause_at(self) -> float | None:
         """When the current pause in speech began (the ``now`` of its first non-speech
         frame) while STOPPING; None otherwise."""
-        return self._run_at if self.state is VadState.STOPPING else None
+        return self._run_at if self.state is STOPPING else None
 
     def end_pause_after(self, stop_ms: int) -> SpeechStopped | None:
         """End the current pause's speech after ``stop_ms`` of non-speech (rounded up to
@@ -174,7 +180,7 @@ class VoiceActivityDetector:
         Returns the :class:`SpeechStopped` when the pause is already that long,
         None otherwise and when there is no pause.
         """
-        if self.state is not VadState.STOPPING:
+        if self.state is not STOPPING:
             return None
         self._pause_frames = max(1, -(-stop_ms // self._frame_ms))
         return self._stopped_if_long_enough()
@@ -182,13 +188,13 @@ class VoiceActivityDetector:
     def _started_if_long_enough(self) -> SpeechStarted | None:
         if self._run_frames < self._start_frames:
             return None
-        self.state = VadState.SPEAKING
+        self.state = SPEAKING
         self._speech_at = self._run_at
         self._speech_frames = self._run_frames
         return SpeechStarted(self._speech_at)
 
     def _enter_stopping(self, now: float) -> SpeechStopped | None:
-        self.state = VadState.STOPPING
+        self.state = STOPPING
         self._pause_frames = self._stop_frames
         self._run_frames = 1
         self._run_at = now
@@ -197,5 +203,5 @@ class VoiceActivityDetector:
     def _stopped_if_long_enough(self) -> SpeechStopped | None:
         if self._run_frames < self._pause_frames:
             return None
-        self.state = VadState.QUIET
+        self.state = QUIET
         return SpeechStopped(self._run_at, self._speech_frames * self._frame_ms)

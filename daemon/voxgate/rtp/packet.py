@@ -48,6 +48,7 @@ _FIXED_HEADER = struct.Struct("!BBHII")
 # Header extension preamble (RFC 3550 §5.3.1): profile-defined (16), length in
 # 32-bit words not counting this preamble (16).
 _EXTENSION_PREAMBLE = struct.Struct("!HH")
+_tuple_new = tuple.__new__  # what a named tuple's own __new__ calls, minus its frame
 _EXTENSION_PREAMBLE_LENGTH = 4
 _CSRC_STRUCTS = tuple(struct.Struct(f"!{n}I") for n in range(MAX_CSRC_COUNT + 1))
 
@@ -91,15 +92,9 @@ class RtpPacket(NamedTuple):
             raise BadPacket(f"RTP datagram of {length} bytes is shorter than the header")
         first, second, sequence, timestamp, ssrc = _FIXED_HEADER.unpack_from(data)
         marker = bool(second & _MARKER_BIT)
-        if first == _PLAIN_FIRST_BYTE:
-            return cls(
-                second & _PAYLOAD_TYPE_MASK,
-                sequence,
-                timestamp,
-                ssrc,
-                data[RTP_HEADER_LENGTH:],
-                marker,
-            )
+        if first == _PLAIN_FIRST_BYTE:  # built as a tuple: no Python-level __new__ frame
+            return _tuple_new(cls, (second & _PAYLOAD_TYPE_MASK, sequence, timestamp, ssrc,
+                                    data[RTP_HEADER_LENGTH:], marker, ()))
         if first >> 6 != RTP_VERSION:
             raise BadPacket(f"RTP version {first >> 6}, expected {RTP_VERSION}")
         csrc_count = first & _CSRC_COUNT_MASK

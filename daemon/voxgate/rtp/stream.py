@@ -70,6 +70,11 @@ MAX_PACKET_FRAMES = 10
 Address = tuple[str, int]
 
 
+_RTCP_CONFLICT_PT_MIN = 64
+_RTCP_CONFLICT_PT_MAX = 95
+"""RTP payload types that multiplexed RTCP reads as (RFC 5761 §4); never the audio one."""
+
+
 def _usable(addr: Address | None) -> Address | None:
     """``addr`` with its IP in canonical text (as a socket reports sources), or
     None when media cannot go there: None, an unspecified IP or port 0.
@@ -150,7 +155,8 @@ class RtpStream:
             (µ-law 0xFF; A-law 0xD5).
 
     Raises:
-        LocalProtocolError: a payload type outside 0-127, a bad jitter size,
+        LocalProtocolError: a payload type outside 0-127 (or an audio one in
+            RTCP's 64-95), a bad jitter size,
             or a ``remote_addr`` host that is not an IP literal.
     """
 
@@ -198,6 +204,9 @@ class RtpStream:
         for pt in (payload_type, telephone_event_pt):
             if pt is not None and not 0 <= pt <= MAX_PAYLOAD_TYPE:
                 raise LocalProtocolError(f"RTP payload type {pt} is outside 0-127")
+        if _RTCP_CONFLICT_PT_MIN <= payload_type <= _RTCP_CONFLICT_PT_MAX:
+            raise LocalProtocolError(f"RTP payload type {payload_type} conflicts with RTCP "
+                                     "(RFC 5761 §4: 64-95)")
         self._payload_type = payload_type
         self._telephone_event_pt = telephone_event_pt
         self._samples_per_frame = samples_per_frame
@@ -266,18 +275,24 @@ class RtpStream:
         (RFC 4733).
         """
         stats = self.stats
-        if is_rtcp_untrusted(data):
-            stats.rtcp_ignored += 1
-            return None
+        # RTCP (RFC 5761 §4) reads as RTP payload type 64-95, which never is the audio
+        # one (G.711: 0 or 8): so the common audio packet skips the RTCP test.
         try:
             packet = RtpPacket.parse_untrusted(data)
         except BadPacket:
-            stats.bad_packets += 1
+            if is_rtcp_untrusted(data):
+                stats.rtcp_ignored += 1
+            else:
+                stats.bad_packets += 1
             return None
         payload_type = packet.payload_type
-        if payload_type != self._payload_type and payload_type != self._telephone_event_pt:
-            stats.unknown_payload_type += 1
-            return None
+        if payload_type != self._payload_type:
+            if is_rtcp_untrusted(data):
+                stats.rtcp_ignored += 1
+                return None
+            if payload_type != self._telephone_event_pt:
+                stats.unknown_payload_type += 1
+                return None
         if len(packet.payload) > self._max_payload_bytes:
             stats.oversize += 1
             return None

@@ -35,7 +35,7 @@ import math
 import uuid
 import warnings
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Final
 
@@ -180,7 +180,7 @@ class AlsaLeg:
         self.frames_in += len(frames)
         return bool(frames), frames
 
-    def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
+    def send(self, pcm: bytes | None, finished: Sequence[int], now: float) -> None:
         """Write one frame; an utterance completes once the device's buffer has
         played everything written up to its last frame."""
         device = self._device

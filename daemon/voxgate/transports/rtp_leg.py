@@ -30,7 +30,7 @@ from __future__ import annotations
 import logging
 import select
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from voxgate.budget import SessionBudget
 from voxgate.codec.g711 import G711Codec
@@ -38,7 +38,7 @@ from voxgate.logging import log_event
 from voxgate.pipeline.frames import PCM_SILENCE, SAMPLES_PER_FRAME
 from voxgate.pipeline.playback import PlaybackTracker
 from voxgate.rtp.dtmf import DtmfEvent
-from voxgate.rtp.jitter import FrameState
+from voxgate.rtp.jitter import LOST, PLAYED
 from voxgate.rtp.stream import RtpStream
 from voxgate.transports.rtp_ports import PortPool
 from voxgate.transports.srtp import SrtpContext
@@ -119,8 +119,9 @@ class RtpLeg:
     """
 
     __slots__ = (
-        "_allowance_s", "_budget", "_dtmf_pending", "_fd", "_frames_elapsed", "_jitter_held_bytes",
-        "_on_dtmf", "_packets_seen", "_playback", "_pool", "_readiness", "_silence", "_sock",
+        "_allowance_s", "_budget", "_dtmf_pending", "_fd", "_frames_elapsed", "_jitter",
+        "_jitter_held_bytes", "_on_dtmf", "_packets_seen", "_playback", "_pool", "_readiness",
+        "_silence", "_sock", "_stats",
         "codec", "local_port", "send_errors", "sending", "srtp", "stream",
     )
 
@@ -144,6 +145,8 @@ class RtpLeg:
         self._fd: int | None = None  # set once registered with readiness
         self.local_port: int = sock.getsockname()[1]
         self.stream = stream
+        self._jitter = stream.jitter_buffer
+        self._stats = stream.stats
         self.codec = codec
         self._playback = playback
         self._on_dtmf = on_dtmf
@@ -205,8 +208,8 @@ class RtpLeg:
             pending, self._dtmf_pending = self._dtmf_pending, []
             for dtmf in pending:
                 self._on_dtmf(dtmf)
-        stream = self.stream
-        jitter_bytes = stream.jitter_buffer.buffered_bytes
+        jitter = self._jitter
+        jitter_bytes = jitter.buffered_bytes
         if jitter_bytes != self._jitter_held_bytes:
             budget = self._budget
             if jitter_bytes > self._jitter_held_bytes:
@@ -216,17 +219,17 @@ class RtpLeg:
             self._jitter_held_bytes = jitter_bytes
         frames = []
         for _ in range(frames_elapsed):
-            state, payload = stream.pop_frame()
-            if state is FrameState.PLAYED and payload is not None:
+            state, payload = jitter.pop()
+            if state is PLAYED and payload is not None:
                 frames.append(self.codec.decode(payload))
-            elif state is FrameState.LOST:
+            elif state is LOST:
                 frames.append(PCM_SILENCE)
-        packets_in = stream.stats.packets_in
+        packets_in = self._stats.packets_in
         arrived = packets_in != self._packets_seen
         self._packets_seen = packets_in
         return arrived, frames
 
-    def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
+    def send(self, pcm: bytes | None, finished: Sequence[int], now: float) -> None:
         """Encode and send one packet to where the peer's media comes from; the
         finished utterances complete once paced out plus the playback allowance."""
         for utterance_id in finished:

@@ -60,7 +60,7 @@ import math
 import re
 import uuid
 from collections import Counter, deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import trio
@@ -299,7 +299,7 @@ class WebSocketLeg:
             frames.append(PCMU.decode(payload))
         return arrived, frames
 
-    def send(self, pcm: bytes | None, finished: list[int], now: float) -> None:
+    def send(self, pcm: bytes | None, finished: Sequence[int], now: float) -> None:
         """Queue one ``media`` message, then a ``mark`` after each finished utterance
         (it completes when the far end echoes the mark). Nothing once the stream has
         stopped (its ``stop``, read by this tick, waits for the handler)."""
