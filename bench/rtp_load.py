@@ -59,7 +59,14 @@ from tests.harness.daemon import (
     running_daemon,
 )
 
-from bench.sip_load import DAEMON_CPU, PEER_CPU, clock_counters, cpu_ticks, rss_kib
+from bench.sip_load import (
+    DAEMON_CPU,
+    PEER_CPU,
+    clock_counters,
+    core_busy_ticks,
+    cpu_ticks,
+    rss_kib,
+)
 from bench.table import (
     ECHO_P99_LIMIT_MS,
     GAP_MAX_LIMIT_MS,
@@ -201,6 +208,8 @@ class RunResult:
     gen: GeneratorReport
     window_s: float
     daemon_cpu_s: float
+    foreign_cpu_s: float
+    """CPU time others used on the daemon's core over the window."""
     rss_kib: int
     idle_rss_kib: int
     frames_skipped: int
@@ -210,6 +219,11 @@ class RunResult:
     def cpu_pct(self) -> float:
         """Daemon CPU over the window, % of its core."""
         return 100.0 * self.daemon_cpu_s / self.window_s
+
+    @property
+    def foreign_pct(self) -> float:
+        """Other processes' CPU on the daemon's core over the window, % of it."""
+        return 100.0 * self.foreign_cpu_s / self.window_s
 
     @property
     def calls_up(self) -> int:
@@ -365,12 +379,14 @@ def run_once(sessions: int, run: int, options: Options, workdir: Path) -> RunRes
                         name = event.get("event")
                         if name == "window_start":
                             ticks_start, t_start = cpu_ticks(daemon.pid), time.monotonic()
+                            core_start = core_busy_ticks(DAEMON_CPU)
                             _, skipped_start = clock_counters(daemon.control_socket)
                             rss = rss_kib(daemon.pid)
                         elif name == "window_mid":
                             rss = max(rss, rss_kib(daemon.pid))
                         elif name == "window_end":
                             ticks_stop, t_stop = cpu_ticks(daemon.pid), time.monotonic()
+                            core_stop = core_busy_ticks(DAEMON_CPU)
                             _, skipped_stop = clock_counters(daemon.control_socket)
                             rss = max(rss, rss_kib(daemon.pid))
                         elif name == "result":
@@ -390,6 +406,7 @@ def run_once(sessions: int, run: int, options: Options, workdir: Path) -> RunRes
     return RunResult(
         sessions=sessions, run=run, gen=GeneratorReport.from_json(report),
         window_s=t_stop - t_start, daemon_cpu_s=(ticks_stop - ticks_start) / _CLK_TCK,
+        foreign_cpu_s=max(0, core_stop - core_start - (ticks_stop - ticks_start)) / _CLK_TCK,
         rss_kib=rss, idle_rss_kib=idle_rss,
         frames_skipped=round(skipped_stop - skipped_start), daemon_exited=daemon_exited,
     )
@@ -410,6 +427,7 @@ TABLE: Table[RunResult] = Table((
     ("inv50", ".1f", lambda r: r.gen.invite_200_p50_ms),
     ("inv99", ".1f", lambda r: r.gen.invite_200_p99_ms),
     ("cpu%", ".1f", lambda r: r.cpu_pct),
+    ("foreign%", ".1f", lambda r: r.foreign_pct),
     ("ms/sess-s", ".2f", lambda r: r.cpu_ms_per_session_s),
     ("us/tick", ".1f", lambda r: r.us_per_call_tick),
     ("KiB/sess", ".1f", lambda r: r.rss_per_session_kib),
@@ -418,7 +436,8 @@ TABLE: Table[RunResult] = Table((
     ("late99", ".2f", lambda r: r.gen.send_late_p99_ms),
     ("pass", "s", lambda r: "yes" if r.passed else "NO"),
 ))
-"""Times in ms; ``ms/sess-s`` daemon CPU per session-second; ``us/tick`` per call-tick;
+"""Times in ms; ``foreign%`` other processes' CPU on the daemon's core; ``ms/sess-s``
+daemon CPU per session-second; ``us/tick`` per call-tick;
 ``gen%`` the generator's CPU (% of its core); ``late99`` its send lateness p99."""
 
 

@@ -115,6 +115,17 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
+def core_busy_ticks(cpu: int) -> int:
+    """Clock ticks CPU ``cpu`` spent busy (all but idle and iowait, /proc/stat):
+    less the daemon's own :func:`cpu_ticks` over a window, the foreign load on its core."""
+    for line in Path("/proc/stat").read_text().splitlines():
+        fields = line.split()
+        if fields[0] == f"cpu{cpu}":
+            ticks = [int(x) for x in fields[1:8]]  # user nice system idle iowait irq softirq
+            return sum(ticks) - ticks[3] - ticks[4] + (int(fields[8]) if len(fields) > 8 else 0)
+    raise LookupError(f"no cpu{cpu} line in /proc/stat")
+
+
 def rss_kib(pid: int) -> int:
     """VmRSS of ``pid`` in KiB (0 if the line is missing)."""
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
