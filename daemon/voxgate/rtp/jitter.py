@@ -118,7 +118,6 @@ class JitterBuffer:
 
     __slots__ = (
         "_anchored",
-        "_buffered_bytes",
         "_capacity",
         "_frames",
         "_lost_run",
@@ -132,6 +131,7 @@ class JitterBuffer:
         "_silence",
         "_stalled",
         "_surplus_run",
+        "buffered_bytes",
         "stats",
     )
 
@@ -170,7 +170,8 @@ class JitterBuffer:
         self._lost_run = 0
         self._stalled = False  # the last pop held back a partial frame
         self._surplus_run = 0
-        self._buffered_bytes = 0
+        self.buffered_bytes = 0
+        """Payload bytes held, for the memory budget (read every tick; do not set it)."""
         self.stats = JitterStats()
 
     @property
@@ -178,18 +179,13 @@ class JitterBuffer:
         """Frames held, whole or partial (at most ``capacity_frames``)."""
         return len(self._frames)
 
-    @property
-    def buffered_bytes(self) -> int:
-        """Payload bytes held, for the memory budget."""
-        return self._buffered_bytes
-
     def reset(self) -> None:
         """Drop everything and wait for a new first packet (e.g. after an SSRC change).
 
         Not counted in ``stats.resets``, which counts timestamp jumps.
         """
         self._frames.clear()
-        self._buffered_bytes = 0
+        self.buffered_bytes = 0
         self._anchored = False
         self._playing = False
         self._lost_run = 0
@@ -267,8 +263,8 @@ class JitterBuffer:
                     return
             for index, within, count, at in chunks:
                 self._write(index, within, payload[at:at + count])
-        self._buffered_bytes += len(payload)
-        if not self._playing and self._buffered_bytes >= self._prefetch_bytes:
+        self.buffered_bytes += len(payload)
+        if not self._playing and self.buffered_bytes >= self._prefetch_bytes:
             self._playing = True
 
     def _write(self, index: int, within: int, samples: bytes) -> None:
@@ -311,11 +307,11 @@ class JitterBuffer:
             self.stats.played += 1
             self._lost_run = 0
             if isinstance(held, _PartialFrame):
-                self._buffered_bytes -= held.mask.bit_count()
+                self.buffered_bytes -= held.mask.bit_count()
                 self.stats.partial += 1
                 payload = bytes(held.samples)
             else:
-                self._buffered_bytes -= len(held)
+                self.buffered_bytes -= len(held)
                 payload = held
             self._shrink_if_surplus()
             return PLAYED, payload
@@ -374,6 +370,6 @@ class JitterBuffer:
         """Forget frame ``index`` if held."""
         held = self._frames.pop(index, None)
         if held is not None:
-            self._buffered_bytes -= (
+            self.buffered_bytes -= (
                 held.mask.bit_count() if isinstance(held, _PartialFrame) else len(held)
             )
