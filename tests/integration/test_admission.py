@@ -390,8 +390,10 @@ def test_a_busy_media_clock_refuses_new_calls_and_admits_again_under_its_limit(
                             str(clock["detail"])), clock
         _assert_options(daemon, 503, "unhealthy")
         _assert_refused(phone.call(), 503, "unhealthy")
-        shown = voxgatectl(path, "health").stdout
+        health = voxgatectl(path, "health")
+        shown = health.stdout
         assert shown.startswith("UNHEALTHY") and "headroom 0%" in shown, shown
+        assert health.returncode == 3, health  # a probe's `voxgatectl health || alert` fires
         assert daemon.events("media_clock_load"), daemon.log_text()
         for call in calls:
             phone.hang_up(call)

@@ -11,7 +11,8 @@ print as human tables, or as the raw JSON result with ``--json``.
 :data:`DEFAULT_TIMEOUT_S`) and, with ``drain --wait``, the whole drain (default
 no limit).
 
-Exit codes: 0 ok, 1 the daemon said no (an error reply), 2 usage error, 69
+Exit codes: 0 ok, 1 the daemon said no (an error reply), 2 usage error, 3
+``health`` found a component unhealthy, 69
 (EX_UNAVAILABLE) the daemon cannot be reached, did not answer in time or broke
 the protocol, 75 (EX_TEMPFAIL) ``drain --wait --timeout`` ran out with
 sessions left; output cut by a closed pipe (``| head``) ends quietly with 141
@@ -67,6 +68,8 @@ STATUS_WIDTH = 80
 EX_OK = 0
 EX_REFUSED = 1
 """The daemon answered with an error reply."""
+EX_UNHEALTHY = 3
+"""``health``: the daemon answered that a component is unhealthy (for probes and scripts)."""
 EX_UNAVAILABLE = 69
 """sysexits.h: the daemon is not reachable (or answered garbage)."""
 EX_TEMPFAIL = 75
@@ -428,6 +431,13 @@ def _simple(cmd: str, render: Callable[[Any], str]) -> Callable[[ControlClient,
     return run
 
 
+def _run_health(client: ControlClient, args: argparse.Namespace) -> int:
+    """``health``: the verdict and the components; exit 3 when unhealthy."""
+    result = client.call("health", {})
+    _emit(args, result, render_health)
+    return EX_OK if _as_dict(result).get("healthy") else EX_UNHEALTHY
+
+
 def _run_transfer(client: ControlClient, args: argparse.Namespace) -> int:
     _emit(args, client.call("transfer", {"id": args.id, "target": args.target}), render_message)
     return EX_OK
@@ -660,7 +670,7 @@ def _build_parser() -> argparse.ArgumentParser:
                             "then, exit 75; the drain goes on)")
     add("resume", _simple("resume", render_message), "admit calls again after drain")
     add("reload", _simple("reload", render_message), "reload the configuration's limits")
-    add("health", _simple("health", render_health), "health of each component")
+    add("health", _run_health, "health of each component (exit 3: unhealthy)")
     add("metrics", _simple("metrics", render_metrics), "Prometheus metrics text")
     top = add("top", _run_top, "live view, refreshed every second; q quits")
     top.add_argument("--iterations", type=int, default=None, metavar="N",
