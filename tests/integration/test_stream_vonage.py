@@ -65,7 +65,7 @@ def test_the_caller_talks_to_a_pipecat_vonage_bot(start_daemon: StartDaemon, bot
         time.sleep(clip.duration_s + 1.5 + RESAMPLING_S)
         match = compare_echo(peer.audio(started), clip.pcm16)
         assert match.envelope_corr >= 0.8, match
-        assert match.ncc >= 0.5, match
+        assert match.segments_matched >= 0.7, match  # robust to a concealed frame (audio.py)
         audio = bot.events(lambda e: e["event"] == "raw" and e.get("kind") == "audio")
         assert len(audio) >= 50
         assert {m["bytes"] for m in audio} == {bot.sample_rate * 2 // 50}  # 20 ms of PCM16
