@@ -43,6 +43,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from voxgate import __version__
+from voxgate.end_reasons import END_REASONS
 from voxgate.errors import LocalProtocolError
 from voxgate.sip.digest import AuthResult
 from voxgate.transports.srtp import DROP_REASONS as SRTP_DROP_REASONS
@@ -66,6 +67,17 @@ SESSIONS_ENDED = Counter(
     "voxgate_sessions_ended", "Sessions ended, by transport and end reason",
     ["transport", "reason"], registry=REGISTRY,
 )
+
+
+def precreate_sessions_ended(transports: Sequence[str]) -> None:
+    """Put every end reason of each of ``transports`` in ``voxgate_sessions_ended_total``
+    at 0, so that ``rate()`` and ``increase()`` see the first call that ends with it
+    (a series born at 1 shows no increase)."""
+    for transport in transports:
+        for reason in END_REASONS:
+            SESSIONS_ENDED.labels(transport, reason)
+
+
 SESSION_DURATION = Histogram(
     "voxgate_session_duration_seconds", "Session length from arrival to end",
     ["transport"], registry=REGISTRY,

@@ -79,6 +79,7 @@ from voxgate.metrics import (
     control_values,
     media_values,
     one_hot,
+    precreate_sessions_ended,
     registration_values,
     sip_values,
     websocket_values,
@@ -177,6 +178,12 @@ class Supervisor:
         self._webhooks_scope = trio.CancelScope()
         self._recognizers_scope = trio.CancelScope()
         REGISTRY.register(LiveCollector(self.metrics_snapshot))
+        transports = ["sip"]
+        if config.websocket.listen:
+            transports.append("websocket")
+        if config.alsa.lines:
+            transports.append("alsa")
+        precreate_sessions_ended(transports)
         self.stopping = False
         self._status_changed = trio.Event()
         self._last_status = ""

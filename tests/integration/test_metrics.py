@@ -75,6 +75,11 @@ def test_promtool_accepts_a_scrape_after_a_call(
 ) -> None:
     daemon, port = metrics_daemon(start_daemon)
     media = reserve_ports(4)
+    before = scrape(port)  # every end reason is there at 0 before any call ends
+    assert value(before, "voxgate_sessions_ended_total", transport="sip", reason="bye") == 0
+    assert value(before, "voxgate_sessions_ended_total", transport="sip", reason="budget") == 0
+    assert value(before, "voxgate_sessions_ended_total", transport="websocket",
+                 reason="bye") is None  # no [websocket] listen: no series
     sipp = Sipp("uac_echo", daemon.sip_address, workdir=tmp_path / "sipp",
                 local_port=free_udp_port(), media_port=media.first, clip=clip,
                 duration_ms=1500, timeout_s=40.0)
