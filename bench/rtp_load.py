@@ -67,6 +67,7 @@ from bench.table import (
     LIMITS_TEXT,
     LOSS_LIMIT_PCT,
     Table,
+    largest_sustained,
 )
 
 GENERATOR_SOURCE = Path(__file__).with_name("rtpload.c")
@@ -437,15 +438,6 @@ def generator_warnings(r: RunResult) -> list[str]:
         warnings.append(f"warning: {r.gen.srtp_errors} SRTP packets failed to protect or "
                         "unprotect (auth/replay)")
     return warnings
-
-
-def largest_sustained(results: list[RunResult]) -> int | None:
-    """The largest N whose every run was sustained (None: no N was)."""
-    by_n: dict[int, list[RunResult]] = {}
-    for r in results:
-        by_n.setdefault(r.sessions, []).append(r)
-    good = [n for n, runs in by_n.items() if all(r.passed for r in runs)]
-    return max(good, default=None)
 
 
 def clip_ulaw_file(workdir: Path) -> Path:

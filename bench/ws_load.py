@@ -1,7 +1,7 @@
 """WebSocket media-stream load benchmark: N concurrent echo streams against one pinned daemon.
 
 Run from the repository root as ``python -m bench.ws_load``. For each N in
-``--steps`` a fresh ``voxgated`` (echo agent, ``[websocket] listen`` on a free
+``--steps``, ``--runs`` times, a fresh ``voxgated`` (echo agent, ``[websocket] listen`` on a free
 port) is pinned to CPU 0 (``taskset -c 0``); this process pins itself to
 CPU 1 and runs N media-server clients: each connects, sends ``connected`` and
 ``start``, then streams the looped speech clip as 20 ms µ-law ``media``
@@ -21,9 +21,10 @@ up, ``--duration`` s) it measures:
 - the clients' own CPU (percent of their core) and send lateness p99 (a late
   or saturated client voids the figures).
 
-It prints a table and the largest N meeting gap p99 ≤ 30 ms, gap max ≤ 100 ms,
-loss ≤ 0.1 % and echo p99 ≤ 60 ms (``bench/sip_load.py``'s limits) with every
-stream up, and stops at the first N that fails. It never asserts.
+It prints a row per run and the largest N meeting gap p99 ≤ 30 ms, gap max ≤
+100 ms, loss ≤ 0.1 % and echo p99 ≤ 60 ms (``bench/sip_load.py``'s limits)
+with every stream up in all runs, and stops after an N that no run sustained.
+It never asserts.
 """
 
 from __future__ import annotations
@@ -71,9 +72,10 @@ _CLIENT_CPU_LIMIT_PCT = 80.0
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """Figures for one N."""
+    """Figures for one run at one N."""
 
     sessions: int
+    run: int
     streams_up: int
     gap_p50_ms: float
     gap_p99_ms: float
@@ -298,9 +300,9 @@ def drive(sessions: int, port: int, frames: list[bytes], ramp_s: float, duration
                cpu_stop - cpu_start, lateness)
 
 
-def run_step(sessions: int, frames: list[bytes], workdir: Path, duration_s: float,
-             ramp_s: float) -> StepResult:
-    """One N: fresh pinned daemon, N streams, figures over the steady window."""
+def run_step(sessions: int, run_index: int, frames: list[bytes], workdir: Path,
+             duration_s: float, ramp_s: float) -> StepResult:
+    """One run at one N: fresh pinned daemon, N streams, figures over the steady window."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -328,6 +330,7 @@ def run_step(sessions: int, frames: list[bytes], workdir: Path, duration_s: floa
         lost += in_window - sum(1 for at, _ in client.echo_s if start <= at <= stop)
     return StepResult(
         sessions=sessions,
+        run=run_index,
         streams_up=sum(client.up for client in clients),
         gap_p50_ms=percentile(gaps_ms, 50),
         gap_p99_ms=percentile(gaps_ms, 99),
@@ -345,6 +348,7 @@ def run_step(sessions: int, frames: list[bytes], workdir: Path, duration_s: floa
 
 _TABLE: Table[StepResult] = Table((
     ("N", "d", lambda r: r.sessions),
+    ("run", "d", lambda r: r.run),
     ("up", "d", lambda r: r.streams_up),
     ("gap50", ".1f", lambda r: r.gap_p50_ms),
     ("gap99", ".1f", lambda r: r.gap_p99_ms),
@@ -372,11 +376,12 @@ def _warnings(result: StepResult) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse options, step through N, print the table and the verdict."""
+    """Parse options, run every N ``--runs`` times, print the rows and the verdict."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.ws_load", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--steps", default="25,50,100,150,200,300",
                         help="comma-separated stream counts (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per N (default: 3)")
     parser.add_argument("--duration", type=float, default=30.0,
                         help="steady streaming seconds per step, all streams up (default: 30)")
     parser.add_argument("--ramp", type=float, default=5.0,
@@ -395,9 +400,10 @@ def main(argv: list[str] | None = None) -> int:
     os.sched_setaffinity(0, {PEER_CPU})
     print(f"workdir {workdir}; clip {clip.duration_s:.2f} s; daemon on CPU {DAEMON_CPU}, "
           f"clients on CPU {PEER_CPU}")
-    _TABLE.step_through(
-        steps, lambda n: run_step(n, frames, workdir / f"n{n}", args.duration, args.ramp),
-        _warnings, "stream")
+    _TABLE.runs_through(
+        steps, args.runs,
+        lambda n, i: run_step(n, i, frames, workdir / f"n{n}-{i}", args.duration, args.ramp),
+        _warnings)
     return 0
 
 
