@@ -479,3 +479,50 @@ def test_the_media_fast_path_decides_as_the_full_checks(media, expected):
         with pytest.raises(ms.MediaStreamError) as caught:
             parse_message_untrusted(message)
         assert caught.value.close_code == expected
+
+
+_B64 = base64.b64encode(FRAME).decode()
+_MEDIA_BODY = f'"media":{{"track":"inbound","chunk":"2","timestamp":"40","payload":"{_B64}"}}'
+
+
+@pytest.mark.parametrize(("text", "fast"), [
+    pytest.param(f'{{"event":"media","sequenceNumber":"3",{_MEDIA_BODY},"streamSid":"{SID}"}}',
+                 True, id="twilio-order"),
+    pytest.param(f'{{"event":"media","streamSid":"{SID}",{_MEDIA_BODY},"sequenceNumber":"3"}}',
+                 True, id="serialize-order"),
+    pytest.param(f'{{"event":"media","streamSid":"{SID}",{_MEDIA_BODY}}}', True, id="no-sequence"),
+    pytest.param(json.dumps({"event": "media", "sequenceNumber": "3", "streamSid": SID,
+                             "media": {"track": "inbound", "chunk": "2", "timestamp": "40",
+                                       "payload": _B64}}, indent=1), True, id="whitespace"),
+    pytest.param(f'{{"event":"media","streamSid":"MZ",{_MEDIA_BODY},"streamSid":"{SID}"}}',
+                 False, id="repeated-sid"),
+    pytest.param(f'{{"event":"media","sequenceNumber":"3","streamSid":"{SID}",{_MEDIA_BODY},'
+                 '"sequenceNumber":"4"}', False, id="repeated-sequence"),
+    pytest.param(f'{{"event":"media","streamSid":"{SID[:-1]}\\u{ord(SID[-1]):04x}",{_MEDIA_BODY}}}',
+                 False, id="escape"),
+    pytest.param(f'{{"streamSid":"{SID}","event":"media",{_MEDIA_BODY}}}', False, id="other-order"),
+])
+def test_the_media_text_fast_path_decodes_as_json_does(text, fast):
+    """Layouts the fast path takes decode as the full parse would; others fall back to it."""
+    expected = Media(SID, FRAME, "inbound", 2, 40)
+    assert (ms._media_fast_untrusted(text) == expected) is fast
+    assert parse_message_untrusted(text) == expected
+
+
+@pytest.mark.parametrize(("payload", "code"), [
+    pytest.param(_B64[:-4], 1007, id="partial-frame"),
+    pytest.param("QQ=" + "A" * 213, 1007, id="bad-padding"),
+    pytest.param("", 1007, id="empty"),
+])
+def test_bad_payloads_in_the_fast_layout_get_the_full_checks_answer(payload, code):
+    text = f'{{"event":"media","streamSid":"{SID}","media":{{"track":"inbound","chunk":"2",' \
+           f'"timestamp":"40","payload":"{payload}"}}}}'
+    assert ms._media_fast_untrusted(text) is None
+    with pytest.raises(ms.MediaStreamError) as caught:
+        parse_message_untrusted(text)
+    assert caught.value.close_code == code
+
+
+def test_long_whitespace_runs_are_linear_for_the_fast_path():
+    text = '{"event":"media",' + " " * 1_000_000 + "x}"
+    assert ms._media_fast_untrusted(text) is None
