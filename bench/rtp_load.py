@@ -293,6 +293,11 @@ class Options:
     srtp: bool
 
 
+NO_LOAD_GATE: dict[str, int | float] = {"media_utilisation_max": 1.0, "media_lag_max_ms": 10_000}
+"""``[limits]`` under which admission ignores the media clock's utilisation and lag (the
+highest limits the config takes): raw capacity."""
+
+
 def daemon_overrides(sessions: int, *, load_gate: bool = True, transport: str = "udp",
                      tls: TlsFiles | None = None, stream_port: int = 0,
                      srtp: bool = False) -> ConfigOverrides:
@@ -304,7 +309,7 @@ def daemon_overrides(sessions: int, *, load_gate: bool = True, transport: str = 
     ``srtp`` it takes SRTP calls only (``[rtp] srtp = "required"``)."""
     limits: dict[str, int | float] = {"max_sessions": sessions + 50, "drain_timeout_s": 5}
     if not load_gate:
-        limits |= {"media_utilisation_max": 1.0, "media_lag_max_ms": 10_000}
+        limits |= NO_LOAD_GATE
     sip: dict[str, str | int | float] = {
         "invites_per_source_per_s": 100_000.0, "invite_burst": 1_000_000,
         "requests_per_source_per_s": 100_000.0, "requests_burst": 1_000_000}

@@ -7,7 +7,8 @@ pins itself to CPU 1 and runs N media-server clients: each connects, sends
 ``connected`` and ``start``, then streams the looped speech clip as 20 ms
 µ-law ``media`` messages (Twilio's layout, filled into a template) on an
 absolute schedule (the streams start spread over ``--ramp`` seconds, in four
-5 ms phases). The clients are lean so that they are not the
+5 ms phases); ``--no-load-gate`` lets admission ignore the media clock's load
+(raw capacity). The clients are lean so that they are not the
 bottleneck: after the opening handshake (wsproto) one epoll loop without
 tasks drives every stream, frames its own messages (masking key zero, which
 RFC 6455 allows) and reads the daemon's by hand, finding the payload of a
@@ -51,6 +52,7 @@ from tests.harness.daemon import ConfigOverrides, running_daemon
 from tests.harness.pcap import percentile
 from wsproto.events import AcceptConnection, Request
 
+from bench.rtp_load import NO_LOAD_GATE
 from bench.sip_load import DAEMON_CPU, PEER_CPU, cpu_ticks, rss_kib
 from bench.table import GAP_P99_LIMIT_MS, Table, within_limits
 from voxgate.transports.media_stream import FRAME_BYTES, Connected, Start, serialize
@@ -316,14 +318,17 @@ def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, durati
 
 
 def run_step(sessions: int, run_index: int, payloads: list[bytes], workdir: Path,
-             duration_s: float, ramp_s: float) -> StepResult:
+             duration_s: float, ramp_s: float, load_gate: bool) -> StepResult:
     """One run at one N: fresh pinned daemon, N streams, figures over the steady window."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    limits: dict[str, int | float] = {"max_sessions": sessions + 50, "drain_timeout_s": 5}
+    if not load_gate:
+        limits |= NO_LOAD_GATE
     overrides: ConfigOverrides = {
         "websocket": {"listen": f"127.0.0.1:{port}"},
-        "limits": {"max_sessions": sessions + 50, "drain_timeout_s": 5},
+        "limits": limits,
         "log": {"level": "warning"},
     }
     with running_daemon(workdir / "daemon", overrides, cpu=DAEMON_CPU) as daemon:
@@ -401,6 +406,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="steady streaming seconds per step, all streams up (default: 30)")
     parser.add_argument("--ramp", type=float, default=5.0,
                         help="seconds over which the streams start (default: 5)")
+    parser.add_argument("--no-load-gate", action="store_true",
+                        help="admission ignores the media clock's load (raw capacity)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where to keep configs and logs (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -415,10 +422,12 @@ def main(argv: list[str] | None = None) -> int:
                 for i in range(0, len(ulaw) - FRAME_BYTES + 1, FRAME_BYTES)]
     os.sched_setaffinity(0, {PEER_CPU})
     print(f"workdir {workdir}; clip {clip.duration_s:.2f} s; daemon on CPU {DAEMON_CPU}, "
-          f"clients on CPU {PEER_CPU}")
+          f"clients on CPU {PEER_CPU}; admission load gate "
+          f"{'off' if args.no_load_gate else 'on'}")
     _TABLE.runs_through(
         steps, args.runs,
-        lambda n, i: run_step(n, i, payloads, workdir / f"n{n}-{i}", args.duration, args.ramp),
+        lambda n, i: run_step(n, i, payloads, workdir / f"n{n}-{i}", args.duration, args.ramp,
+                              not args.no_load_gate),
         _warnings)
     return 0
 
