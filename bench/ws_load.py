@@ -8,7 +8,9 @@ pins itself to CPU 1 and runs N media-server clients: each connects, sends
 µ-law ``media`` messages (Twilio's layout, filled into a template) on an
 absolute schedule (the streams start spread over ``--ramp`` seconds, in four
 5 ms phases); ``--no-load-gate`` lets admission ignore the media clock's load
-(raw capacity). The clients are lean so that they are not the
+(raw capacity). The daemon's main thread and the clients run SCHED_FIFO
+(``--fifo``) so that other work on their cores (the machine is shared) cannot
+delay them; CPU is still counted per process. The clients are lean so that they are not the
 bottleneck: after the opening handshake (wsproto) one epoll loop without
 tasks drives every stream, frames its own messages (masking key zero, which
 RFC 6455 allows) and reads the daemon's by hand, finding the payload of a
@@ -318,7 +320,7 @@ def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, durati
 
 
 def run_step(sessions: int, run_index: int, payloads: list[bytes], workdir: Path,
-             duration_s: float, ramp_s: float, load_gate: bool) -> StepResult:
+             duration_s: float, ramp_s: float, load_gate: bool, fifo: int) -> StepResult:
     """One run at one N: fresh pinned daemon, N streams, figures over the steady window."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -332,6 +334,8 @@ def run_step(sessions: int, run_index: int, payloads: list[bytes], workdir: Path
         "log": {"level": "warning"},
     }
     with running_daemon(workdir / "daemon", overrides, cpu=DAEMON_CPU) as daemon:
+        if fifo:  # the main thread: the media clock and every socket
+            os.sched_setscheduler(daemon.pid, os.SCHED_FIFO, os.sched_param(fifo))
         time.sleep(1.0)
         idle_rss = rss_kib(daemon.pid)
         run = drive(sessions, port, payloads, ramp_s, duration_s, daemon.pid)
@@ -408,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds over which the streams start (default: 5)")
     parser.add_argument("--no-load-gate", action="store_true",
                         help="admission ignores the media clock's load (raw capacity)")
+    parser.add_argument("--fifo", type=int, default=1, metavar="PRIORITY",
+                        help="run the daemon's main thread and the clients SCHED_FIFO at this "
+                        "priority so other work on their cores cannot delay them (root; 0: "
+                        "normal; default: 1)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where to keep configs and logs (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -421,13 +429,15 @@ def main(argv: list[str] | None = None) -> int:
     payloads = [base64.b64encode(ulaw[i:i + FRAME_BYTES])
                 for i in range(0, len(ulaw) - FRAME_BYTES + 1, FRAME_BYTES)]
     os.sched_setaffinity(0, {PEER_CPU})
+    if args.fifo:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.fifo))
     print(f"workdir {workdir}; clip {clip.duration_s:.2f} s; daemon on CPU {DAEMON_CPU}, "
           f"clients on CPU {PEER_CPU}; admission load gate "
-          f"{'off' if args.no_load_gate else 'on'}")
+          f"{'off' if args.no_load_gate else 'on'}; SCHED_FIFO {args.fifo or 'off'}")
     _TABLE.runs_through(
         steps, args.runs,
         lambda n, i: run_step(n, i, payloads, workdir / f"n{n}-{i}", args.duration, args.ramp,
-                              not args.no_load_gate),
+                              not args.no_load_gate, args.fifo),
         _warnings)
     return 0
 
