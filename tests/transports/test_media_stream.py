@@ -501,6 +501,8 @@ _MEDIA_BODY = f'"media":{{"track":"inbound","chunk":"2","timestamp":"40","payloa
     pytest.param(f'{{"event":"media","streamSid":"{SID[:-1]}\\u{ord(SID[-1]):04x}",{_MEDIA_BODY}}}',
                  False, id="escape"),
     pytest.param(f'{{"streamSid":"{SID}","event":"media",{_MEDIA_BODY}}}', False, id="other-order"),
+    pytest.param(f'{{"event":"media","streamSid":"{SID}",{_MEDIA_BODY}}}'.replace(
+        f'"payload":"{_B64[0]}', f'"payload":"\\u{ord(_B64[0]):04x}'), False, id="payload-escape"),
 ])
 def test_the_media_text_fast_path_decodes_as_json_does(text, fast):
     """Layouts the fast path takes decode as the full parse would; others fall back to it."""

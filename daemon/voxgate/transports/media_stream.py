@@ -319,8 +319,9 @@ def _parse_start(msg: dict[str, Any]) -> Start:
 # sequenceNumber, media, streamSid) or in :func:`serialize`'s (event, streamSid, media,
 # sequenceNumber), ``sequenceNumber`` optional, the ``media`` members in Twilio's order,
 # any JSON whitespace between tokens (RFC 8259 §2). Every string is printable ASCII
-# without escapes (§7), so matched text is valid JSON, decoded as the groups show;
-# quantifiers are possessive (no backtracking: linear in the message).
+# without escapes (§7; the payload once strict base64 decoding took it, which refuses
+# any other character), so text the fast path takes is valid JSON, decoded as the
+# groups show; quantifiers are possessive (no backtracking: linear in the message).
 _WS = r"[ \t\n\r]*+"
 _DECIMAL = r'"([0-9]{1,19}+)"'  # a counter as _counter takes it, as a string
 _SID = rf'"([ !#-\[\]-~]{{0,{MAX_ID_CHARS}}}+)"'  # printable ASCII but " and \
@@ -342,7 +343,7 @@ _MEDIA_TEXT: Final = re.compile(_tokens(
     '"track"', ":", '"(inbound|outbound)"', ",",  # 3
     '"chunk"', ":", _DECIMAL, ",",  # 4
     '"timestamp"', ":", _DECIMAL, ",",  # 5
-    '"payload"', ":", '"([A-Za-z0-9+/=]*+)"', r"\}",  # 6
+    '"payload"', ":", '"([^"]*+)"', r"\}",  # 6: checked by a2b_base64(strict_mode=True)
     _optional(",", '"streamSid"', ":", _SID),  # 7
     _optional(",", '"sequenceNumber"', ":", _DECIMAL),  # 8
     r"\}", ""))
@@ -621,11 +622,12 @@ class MediaStream:
         if self._rate_count > self._max_per_s:
             raise _policy(f"more than {self._max_per_s} messages per second")
         event = parse_message_untrusted(data, max_bytes=self._max_bytes)
-        try:
-            self.state = _TRANSITIONS[self.state, type(event)]
-        except KeyError:
-            name = type(event).__name__.lower()
-            raise _policy(f"{name} message while {self.state}") from None
+        kind = type(event)
+        if kind is not Media or self.state != STREAMING:  # (the hot path stays STREAMING)
+            try:
+                self.state = _TRANSITIONS[self.state, kind]
+            except KeyError:
+                raise _policy(f"{kind.__name__.lower()} message while {self.state}") from None
         stats = self.stats
         stats.messages_in += 1
         if isinstance(event, Start):

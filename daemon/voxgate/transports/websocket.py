@@ -161,7 +161,7 @@ class _Connection:
         frames, TCP ending) is handed to the handler, which it wakes."""
         if not self._parked:
             return
-        ws, stream = self.ws, self.stream
+        ws, stream, leg = self.ws, self.stream, self.leg
         ws.receive_nowait()
         while (data := ws.message_nowait()) is not None:
             try:
@@ -169,8 +169,7 @@ class _Connection:
             except ms.MediaStreamError as e:
                 self._hand_over(e)
                 return
-            leg = self.leg
-            if not isinstance(event, ms.Media) or leg is None:
+            if type(event) is not ms.Media or leg is None:
                 self._hand_over(event)
                 return
             _media_in(self.stats, leg, event, now)
@@ -269,8 +268,11 @@ class WebSocketLeg:
         if self._closed:
             return
         step = ms.FRAME_BYTES
-        for start in range(0, len(payload), step):
-            self._inbound.push(payload[start:start + step])
+        if len(payload) == step:  # the usual message: one frame
+            self._inbound.push(payload)
+        else:
+            for start in range(0, len(payload), step):
+                self._inbound.push(payload[start:start + step])
         self.frames_in += len(payload) // step
         self._arrived = True
 

@@ -53,7 +53,7 @@ from collections import deque
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Final, NoReturn, cast
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -256,6 +256,8 @@ class ServerWebSocket:
         :attr:`needs_attention` is then True. Never raises, never waits.
         """
         events = self._events
+        if self._fast and self._closed is None:  # only fast-path messages (str) are queued
+            return cast(str, events.popleft()) if events else None
         while self._closed is None:
             if not events:
                 if self._fast:
