@@ -318,35 +318,23 @@ def _parse_start(msg: dict[str, Any]) -> Start:
 # path (:func:`_media_fast_untrusted`): the members in Twilio's order (event,
 # sequenceNumber, media, streamSid) or in :func:`serialize`'s (event, streamSid, media,
 # sequenceNumber), ``sequenceNumber`` optional, the ``media`` members in Twilio's order,
-# any JSON whitespace between tokens (RFC 8259 §2). Every string is printable ASCII
-# without escapes (§7; the payload once strict base64 decoding took it, which refuses
-# any other character), so text the fast path takes is valid JSON, decoded as the
-# groups show; quantifiers are possessive (no backtracking: linear in the message).
-_WS = r"[ \t\n\r]*+"
+# no whitespace (JSON with whitespace takes the full parse). Every string is printable
+# ASCII without escapes (RFC 8259 §7; the payload once strict base64 decoding took it,
+# which refuses any other character), so text the fast path takes is valid JSON,
+# decoded as the groups show; quantifiers are possessive (no backtracking: linear).
 _DECIMAL = r'"([0-9]{1,19}+)"'  # a counter as _counter takes it, as a string
 _SID = rf'"([ !#-\[\]-~]{{0,{MAX_ID_CHARS}}}+)"'  # printable ASCII but " and \
-
-
-def _tokens(*parts: str) -> str:
-    return _WS.join(parts)
-
-
-def _optional(*parts: str) -> str:
-    return f"(?:{_tokens(*parts)})?+"
-
-
-_MEDIA_TEXT: Final = re.compile(_tokens(
-    "", r"\{", '"event"', ":", '"media"', ",",
-    _optional('"sequenceNumber"', ":", _DECIMAL, ","),  # 1
-    _optional('"streamSid"', ":", _SID, ","),  # 2
-    '"media"', ":", r"\{",
-    '"track"', ":", '"(inbound|outbound)"', ",",  # 3
-    '"chunk"', ":", _DECIMAL, ",",  # 4
-    '"timestamp"', ":", _DECIMAL, ",",  # 5
-    '"payload"', ":", '"([^"]*+)"', r"\}",  # 6: checked by a2b_base64(strict_mode=True)
-    _optional(",", '"streamSid"', ":", _SID),  # 7
-    _optional(",", '"sequenceNumber"', ":", _DECIMAL),  # 8
-    r"\}", ""))
+_MEDIA_TEXT: Final = re.compile(
+    r'\{"event":"media",'
+    rf'(?:"sequenceNumber":{_DECIMAL},)?+'  # 1
+    rf'(?:"streamSid":{_SID},)?+'  # 2
+    r'"media":\{"track":"(inbound|outbound)",'  # 3
+    rf'"chunk":{_DECIMAL},'  # 4
+    rf'"timestamp":{_DECIMAL},'  # 5
+    r'"payload":"([^"]*+)"\}'  # 6: checked by a2b_base64(strict_mode=True)
+    rf'(?:,"streamSid":{_SID})?+'  # 7
+    rf'(?:,"sequenceNumber":{_DECIMAL})?+'  # 8
+    r'\}')
 
 
 def _media_fast_untrusted(text: str) -> Media | None:
