@@ -293,7 +293,7 @@ class ServerWebSocket:
         return bool(self._backlog)
 
     def send_nowait(self, frame: bytes) -> bool:
-        """Write ``frame`` (one whole frame, e.g. :func:`text_frame`) now, without
+        """Write ``frame`` (whole frames, e.g. :func:`text_frame`'s) now, without
         waiting; False, nothing written, while another send is in progress or a
         backlog waits. What the socket does not take becomes the backlog
         (:attr:`backlogged`): call :meth:`flush`.
