@@ -529,3 +529,22 @@ def test_a_long_unterminated_payload_is_refused_by_the_fast_path():
     text = f'{{"event":"media","streamSid":"{SID}","media":{{"track":"inbound","chunk":"2",' \
            '"timestamp":"40","payload":"' + "A" * 1_000_000
     assert ms._media_fast_untrusted(text) is None
+
+
+def test_the_inbound_media_hot_path_takes_and_counts_only_this_streams_inbound_media():
+    stream = started(max_messages_per_s=5)
+    message = f'{{"event":"media","sequenceNumber":"3",{_MEDIA_BODY},"streamSid":"{SID}"}}'
+    before = stream.stats.messages_in
+    assert stream.inbound_media_untrusted(message, 100.0) == FRAME
+    assert (stream.stats.messages_in - before, stream.stats.frames_in) == (1, 1)
+    others = [message.replace('"inbound"', '"outbound"'), message.replace(SID, SID[:-1] + "x"),
+              json.dumps(json.loads(message)), serialize(Mark(SID, "7"))]
+    assert [stream.inbound_media_untrusted(m, 100.0) for m in others] == [None] * 4
+    assert stream.stats.messages_in - before == 1  # nothing taken: they go the full way
+    assert isinstance(stream.receive_message_untrusted(others[0], 100.0), Media)
+    with pytest.raises(MediaStreamError) as caught:
+        for _ in range(5):
+            stream.inbound_media_untrusted(message, 100.5)
+    assert caught.value.close_code == 1008
+    assert MediaStream(0.0, max_message_bytes=65536, max_messages_per_s=5) \
+        .inbound_media_untrusted(message, 0.0) is None  # not streaming yet

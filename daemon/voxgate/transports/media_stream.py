@@ -337,9 +337,10 @@ _MEDIA_TEXT: Final = re.compile(
     r'\}')
 
 
-def _media_fast_untrusted(text: str) -> Media | None:
+def _media_fields_untrusted(text: str) -> tuple[str, bytes, str, str, str] | None:
     """A media server's ``media`` message of the usual layout (:data:`_MEDIA_TEXT`)
-    checked in one go, without a JSON parser; None when it has another layout or
+    checked in one go, without a JSON parser: (streamSid, payload, track, chunk,
+    timestamp), the last two decimal strings; None when it has another layout or
     anything is off (a repeated member, bad base64, no whole frames), for the full
     parse and checks to decide."""
     match = _MEDIA_TEXT.fullmatch(text)
@@ -354,7 +355,16 @@ def _media_fast_untrusted(text: str) -> Media | None:
         return None
     if not data or len(data) % FRAME_BYTES:
         return None
-    return Media(sid_a if sid_b is None else sid_b, data, track, int(chunk), int(timestamp))
+    return sid_a if sid_b is None else sid_b, data, track, chunk, timestamp
+
+
+def _media_fast_untrusted(text: str) -> Media | None:
+    """:func:`_media_fields_untrusted` as a :class:`Media` event."""
+    fields = _media_fields_untrusted(text)
+    if fields is None:
+        return None
+    stream_sid, data, track, chunk, timestamp = fields
+    return Media(stream_sid, data, track, int(chunk), int(timestamp))
 
 
 def _parse_media(msg: dict[str, Any], sender: str) -> Media:
@@ -603,12 +613,7 @@ class MediaStream:
                 (1008), malformed (see :func:`parse_message_untrusted`), out of
                 order, or for another ``streamSid`` (1008).
         """
-        second = math.floor(now)
-        if second != self._rate_second:
-            self._rate_second, self._rate_count = second, 0
-        self._rate_count += 1
-        if self._rate_count > self._max_per_s:
-            raise _policy(f"more than {self._max_per_s} messages per second")
+        self._count_rate(now)
         event = parse_message_untrusted(data, max_bytes=self._max_bytes)
         kind = type(event)
         if kind is not Media or self.state != STREAMING:  # (the hot path stays STREAMING)
@@ -629,6 +634,39 @@ class MediaStream:
             stats.media_in += 1
             stats.frames_in += len(event.payload) // FRAME_BYTES
         return event
+
+    def inbound_media_untrusted(self, data: str | bytes, now: float) -> bytes | None:
+        """The 20 ms hot path: the µ-law payload (whole frames) of an ``inbound`` track
+        ``media`` message for this stream in the usual layout (no JSON parser, no
+        event), taken and counted as :meth:`receive_message_untrusted` takes it; None,
+        nothing taken, for any other message (give it to :meth:`receive_message_untrusted`).
+
+        Raises:
+            MediaStreamError: over the message rate (1008).
+        """
+        start = self.start
+        if (self.state != STREAMING or start is None or type(data) is not str
+                or len(data) > self._max_bytes):  # ASCII when the layout matches
+            return None
+        fields = _media_fields_untrusted(data)
+        if fields is None or fields[0] != start.stream_sid or fields[2] != INBOUND_TRACK:
+            return None
+        self._count_rate(now)
+        payload = fields[1]
+        stats = self.stats  # as receive_message_untrusted counts a Media event
+        stats.messages_in += 1
+        stats.media_in += 1
+        stats.frames_in += len(payload) // FRAME_BYTES
+        return payload
+
+    def _count_rate(self, now: float) -> None:
+        """Count one message at ``now``; raises MediaStreamError (1008) over the rate."""
+        second = math.floor(now)
+        if second != self._rate_second:
+            self._rate_second, self._rate_count = second, 0
+        self._rate_count += 1
+        if self._rate_count > self._max_per_s:
+            raise _policy(f"more than {self._max_per_s} messages per second")
 
     def next_deadline(self) -> float | None:
         """When the wait for ``start`` runs out (monotonic seconds), or None once started."""

@@ -218,6 +218,10 @@ class _Connection:
         ws.receive_nowait()
         while (data := ws.message_nowait()) is not None:
             try:
+                if leg is not None and (
+                        payload := stream.inbound_media_untrusted(data, now)) is not None:
+                    leg.receive_media_untrusted(payload, now)
+                    continue
                 event = stream.receive_message_untrusted(data, now)
             except ms.MediaStreamError as e:
                 self._hand_over(e)
