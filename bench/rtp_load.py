@@ -74,6 +74,7 @@ from bench.table import (
     LIMITS_TEXT,
     LOSS_LIMIT_PCT,
     Table,
+    largest_sustained,
 )
 
 GENERATOR_SOURCE = Path(__file__).with_name("rtpload.c")
@@ -306,6 +307,11 @@ class Options:
     srtp: bool
 
 
+NO_LOAD_GATE: dict[str, int | float] = {"media_utilisation_max": 1.0, "media_lag_max_ms": 10_000}
+"""``[limits]`` under which admission ignores the media clock's utilisation and lag (the
+highest limits the config takes): raw capacity."""
+
+
 def daemon_overrides(sessions: int, *, load_gate: bool = True, transport: str = "udp",
                      tls: TlsFiles | None = None, stream_port: int = 0,
                      srtp: bool = False) -> ConfigOverrides:
@@ -317,7 +323,7 @@ def daemon_overrides(sessions: int, *, load_gate: bool = True, transport: str = 
     ``srtp`` it takes SRTP calls only (``[rtp] srtp = "required"``)."""
     limits: dict[str, int | float] = {"max_sessions": sessions + 50, "drain_timeout_s": 5}
     if not load_gate:
-        limits |= {"media_utilisation_max": 1.0, "media_lag_max_ms": 10_000}
+        limits |= NO_LOAD_GATE
     sip: dict[str, str | int | float] = {
         "invites_per_source_per_s": 100_000.0, "invite_burst": 1_000_000,
         "requests_per_source_per_s": 100_000.0, "requests_burst": 1_000_000}
@@ -456,15 +462,6 @@ def generator_warnings(r: RunResult) -> list[str]:
         warnings.append(f"warning: {r.gen.srtp_errors} SRTP packets failed to protect or "
                         "unprotect (auth/replay)")
     return warnings
-
-
-def largest_sustained(results: list[RunResult]) -> int | None:
-    """The largest N whose every run was sustained (None: no N was)."""
-    by_n: dict[int, list[RunResult]] = {}
-    for r in results:
-        by_n.setdefault(r.sessions, []).append(r)
-    good = [n for n, runs in by_n.items() if all(r.passed for r in runs)]
-    return max(good, default=None)
 
 
 def clip_ulaw_file(workdir: Path) -> Path:

@@ -31,6 +31,14 @@ LIMITS_TEXT = (f"limits: gap p99 <= {GAP_P99_LIMIT_MS} ms, gap max <= {GAP_MAX_L
 """The walking skeleton's sustained-load criteria, shared by the echo benchmarks."""
 
 
+def largest_sustained(results: Iterable[StepFigures]) -> int | None:
+    """The largest N whose every run passed (None: no N did)."""
+    by_n: dict[int, bool] = {}
+    for r in results:
+        by_n[r.sessions] = by_n.get(r.sessions, True) and r.passed
+    return max((n for n, passed in by_n.items() if passed), default=None)
+
+
 def within_limits(gap_p99_ms: float, gap_max_ms: float, loss_pct: float,
                   echo_p99_ms: float) -> bool:
     """Whether one step's outbound media meets every limit (NaN fails)."""
@@ -77,4 +85,27 @@ class Table(Generic[R]):
         else:
             print(f"largest sustained N: {best.sessions} (RSS per {unit} "
                   f"{best.rss_per_session_kib:.1f} KiB, CPU {best.cpu_pct:.1f} %)")
+        print(LIMITS_TEXT)
+
+    def runs_through(self, steps: Iterable[int], runs: int, run: Callable[[int, int], R],
+                     warnings: Callable[[R], list[str]]) -> None:
+        """Run each step ``runs`` times (``run(n, i)``, ``i`` from 1), print every row
+        and its warnings, stop after a step that no run passed, then print the largest
+        N sustained in all runs (:func:`largest_sustained`) and the limits."""
+        print(self.header(), flush=True)
+        results: list[R] = []
+        for sessions in steps:
+            sustained = False
+            for index in range(1, runs + 1):
+                result = run(sessions, index)
+                results.append(result)
+                print(self.row(result), flush=True)
+                for warning in warnings(result):
+                    print(f"  N={sessions} run {index}: warning: {warning}")
+                sustained = sustained or result.passed
+            if not sustained:
+                break
+        best = largest_sustained(results)
+        print("no N was sustained in every run" if best is None
+              else f"largest N sustained in all {runs} runs: {best}")
         print(LIMITS_TEXT)

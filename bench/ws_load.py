@@ -1,12 +1,16 @@
 """WebSocket media-stream load benchmark: N concurrent echo streams against one pinned daemon.
 
 Run from the repository root as ``python -m bench.ws_load``. For each N in
-``--steps`` a fresh ``voxgated`` (echo agent, ``[websocket] listen`` on a free
-port) is pinned to CPU 0 (``taskset -c 0``); this process pins itself to
-CPU 1 and runs N media-server clients: each connects, sends ``connected`` and
-``start``, then streams the looped speech clip as 20 ms µ-law ``media``
-messages on an absolute schedule (the streams start spread over ``--ramp``
-seconds, in four 5 ms phases). The clients are lean so that they are not the
+``--steps``, ``--runs`` times, a fresh ``voxgated`` (echo agent, ``[websocket]
+listen`` on a free port) is pinned to CPU 0 (``taskset -c 0``); this process
+pins itself to CPU 1 and runs N media-server clients: each connects, sends
+``connected`` and ``start``, then streams the looped speech clip as 20 ms
+µ-law ``media`` messages (Twilio's layout, filled into a template) on an
+absolute schedule (the streams start spread over ``--ramp`` seconds, in four
+5 ms phases); ``--no-load-gate`` lets admission ignore the media clock's load
+(raw capacity). The daemon's main thread and the clients run SCHED_FIFO
+(``--fifo``) so that other work on their cores (the machine is shared) cannot
+delay them; CPU is still counted per process. The clients are lean so that they are not the
 bottleneck: after the opening handshake (wsproto) one epoll loop without
 tasks drives every stream, frames its own messages (masking key zero, which
 RFC 6455 allows) and reads the daemon's by hand, finding the payload of a
@@ -21,9 +25,10 @@ up, ``--duration`` s) it measures:
 - the clients' own CPU (percent of their core) and send lateness p99 (a late
   or saturated client voids the figures).
 
-It prints a table and the largest N meeting gap p99 ≤ 30 ms, gap max ≤ 100 ms,
-loss ≤ 0.1 % and echo p99 ≤ 60 ms (``bench/sip_load.py``'s limits) with every
-stream up, and stops at the first N that fails. It never asserts.
+It prints a row per run and the largest N meeting gap p99 ≤ 30 ms, gap max ≤
+100 ms, loss ≤ 0.1 % and echo p99 ≤ 60 ms (``bench/sip_load.py``'s limits)
+with every stream up in all runs, and stops after an N that no run sustained.
+It never asserts.
 """
 
 from __future__ import annotations
@@ -49,9 +54,10 @@ from tests.harness.daemon import ConfigOverrides, running_daemon
 from tests.harness.pcap import percentile
 from wsproto.events import AcceptConnection, Request
 
+from bench.rtp_load import NO_LOAD_GATE
 from bench.sip_load import DAEMON_CPU, PEER_CPU, cpu_ticks, rss_kib
 from bench.table import GAP_P99_LIMIT_MS, Table, within_limits
-from voxgate.transports.media_stream import FRAME_BYTES, Connected, Media, Start, serialize
+from voxgate.transports.media_stream import FRAME_BYTES, Connected, Start, serialize
 
 FRAME_S = 0.020
 PHASES = 4
@@ -62,6 +68,10 @@ _RECV_BYTES = 65_536
 _MASK_ZERO = b"\x00\x00\x00\x00"
 _HEADER_16 = struct.Struct("!BBH")
 _MEDIA_PREFIX = b'{"event":"media"'
+_MEDIA_TEMPLATE = (b'{"event":"media","sequenceNumber":"%d","media":{"track":"inbound",'
+                   b'"chunk":"%d","timestamp":"%d","payload":"%s"},"streamSid":"%s"}')
+"""A media server's ``media`` message as Twilio lays it out: sequence number, chunk,
+timestamp (ms), base64 payload, stream sid."""
 _PAYLOAD_KEY = b'"payload":"'
 _POLL_BATCH = 32
 """Most sockets read between two looks at the send schedule."""
@@ -71,9 +81,10 @@ _CLIENT_CPU_LIMIT_PCT = 80.0
 
 @dataclass(frozen=True, slots=True)
 class StepResult:
-    """Figures for one N."""
+    """Figures for one run at one N."""
 
     sessions: int
+    run: int
     streams_up: int
     gap_p50_ms: float
     gap_p99_ms: float
@@ -120,7 +131,8 @@ class StreamClient:
 
     index: int
     sock: socket.socket
-    frames: list[bytes]
+    payloads: list[bytes]
+    """The clip's 20 ms frames in base64, from this stream's start in the clip."""
     next_frame: int = 0
     pending: bytearray = field(default_factory=bytearray)
     """Framed bytes the socket has not taken yet."""
@@ -133,6 +145,10 @@ class StreamClient:
     echo_s: list[tuple[float, float]] = field(default_factory=list)
     """(send time, latency) of every echoed frame."""
     up: bool = False
+    sid: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.sid = _sid(self.index).encode()
 
     def send_text(self, text: str | bytes) -> None:
         """Frame a text message and write what the socket takes now."""
@@ -164,35 +180,38 @@ class StreamClient:
             return
         buf = self.inbound
         buf += data
-        while len(buf) >= 2:
-            size = buf[1] & 0x7F
-            head = 2
+        end = len(buf)
+        pos = 0
+        while end - pos >= 2:
+            size = buf[pos + 1] & 0x7F
+            head = pos + 2
             if size == 126:
-                if len(buf) < 4:
+                if end - pos < 4:
                     break
-                size, head = int.from_bytes(buf[2:4], "big"), 4
+                size, head = int.from_bytes(buf[head:head + 2], "big"), head + 2
             elif size == 127:
-                if len(buf) < 10:
+                if end - pos < 10:
                     break
-                size, head = int.from_bytes(buf[2:10], "big"), 10
-            if len(buf) < head + size:
+                size, head = int.from_bytes(buf[head:head + 8], "big"), head + 8
+            if end < head + size:
                 break
-            opcode = buf[0] & 0x0F
-            message = bytes(buf[head:head + size])
-            del buf[:head + size]
+            opcode = buf[pos] & 0x0F
+            pos = head + size
             if opcode == 0x8:  # close
                 self.up = False
                 return
-            if opcode == 0x1 and message.startswith(_MEDIA_PREFIX):
-                self.on_media(message, now)
+            if opcode == 0x1 and buf.startswith(_MEDIA_PREFIX, head):
+                self.on_media(buf, head, pos, now)
+        del buf[:pos]
 
-    def on_media(self, message: bytes, now: float) -> None:
+    def on_media(self, buf: bytearray, start: int, end: int, now: float) -> None:
+        """The media message in ``buf[start:end]`` arrived at ``now``."""
         self.received.append(now)
-        at = message.find(_PAYLOAD_KEY)
+        at = buf.find(_PAYLOAD_KEY, start, end)
         if at < 0:
             return
         at += len(_PAYLOAD_KEY)
-        times = self.sent_at.get(message[at:message.find(b'"', at)])
+        times = self.sent_at.get(bytes(buf[at:buf.find(b'"', at, end)]))
         if times:
             sent = times.popleft()
             self.echo_s.append((sent, now - sent))
@@ -200,15 +219,17 @@ class StreamClient:
     def send_media(self, now: float) -> None:
         """The next frame of the clip as a ``media`` message."""
         chunk = self.next_frame
-        frame = self.frames[chunk % len(self.frames)]
+        payload = self.payloads[chunk % len(self.payloads)]
         self.next_frame += 1
-        payload = base64.b64encode(frame)
-        self.sent_at.setdefault(payload, deque()).append(now)
+        times = self.sent_at.get(payload)
+        if times is None:
+            times = self.sent_at[payload] = deque()
+        times.append(now)
         self.sent.append(now)
-        self.send_text(serialize(Media(_sid(self.index), frame, "inbound", chunk, chunk * 20)))
+        self.send_text(_MEDIA_TEMPLATE % (chunk + 1, chunk, chunk * 20, payload, self.sid))
 
 
-def open_stream(index: int, port: int, frames: list[bytes]) -> StreamClient:
+def open_stream(index: int, port: int, payloads: list[bytes]) -> StreamClient:
     """Connect, handshake (blocking) and send ``connected`` + ``start``."""
     sock = socket.create_connection(("127.0.0.1", port), timeout=10.0)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -222,7 +243,7 @@ def open_stream(index: int, port: int, frames: list[bytes]) -> StreamClient:
     if not isinstance(events[0], AcceptConnection):
         raise RuntimeError(f"stream {index}: handshake refused: {events[0]!r}")
     sock.setblocking(False)
-    client = StreamClient(index, sock, frames, up=True)
+    client = StreamClient(index, sock, payloads, up=True)
     client.send_text(serialize(Connected()))
     client.send_text(serialize(Start(_sid(index), f"CA{index}", "ACbench")))
     return client
@@ -244,14 +265,14 @@ class Run:
     lateness_s: list[float]
 
 
-def drive(sessions: int, port: int, frames: list[bytes], ramp_s: float, duration_s: float,
+def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, duration_s: float,
           pid: int) -> Run:
     """Run the clients in one epoll loop: every 5 ms the streams of that phase whose
     start has come send their next frame; in between, read what arrives."""
     clients: list[StreamClient] = []
     for index in range(sessions):
-        offset = (index * 997) % len(frames)  # each stream its own part of the clip
-        clients.append(open_stream(index, port, frames[offset:] + frames[:offset]))
+        offset = (index * 997) % len(payloads)  # each stream its own part of the clip
+        clients.append(open_stream(index, port, payloads[offset:] + payloads[:offset]))
     by_fd = {client.sock.fileno(): client for client in clients}
     poller = select.epoll()
     for fd in by_fd:
@@ -298,21 +319,26 @@ def drive(sessions: int, port: int, frames: list[bytes], ramp_s: float, duration
                cpu_stop - cpu_start, lateness)
 
 
-def run_step(sessions: int, frames: list[bytes], workdir: Path, duration_s: float,
-             ramp_s: float) -> StepResult:
-    """One N: fresh pinned daemon, N streams, figures over the steady window."""
+def run_step(sessions: int, run_index: int, payloads: list[bytes], workdir: Path,
+             duration_s: float, ramp_s: float, load_gate: bool, fifo: int) -> StepResult:
+    """One run at one N: fresh pinned daemon, N streams, figures over the steady window."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    limits: dict[str, int | float] = {"max_sessions": sessions + 50, "drain_timeout_s": 5}
+    if not load_gate:
+        limits |= NO_LOAD_GATE
     overrides: ConfigOverrides = {
         "websocket": {"listen": f"127.0.0.1:{port}"},
-        "limits": {"max_sessions": sessions + 50, "drain_timeout_s": 5},
+        "limits": limits,
         "log": {"level": "warning"},
     }
     with running_daemon(workdir / "daemon", overrides, cpu=DAEMON_CPU) as daemon:
+        if fifo:  # the main thread: the media clock and every socket
+            os.sched_setscheduler(daemon.pid, os.SCHED_FIFO, os.sched_param(fifo))
         time.sleep(1.0)
         idle_rss = rss_kib(daemon.pid)
-        run = drive(sessions, port, frames, ramp_s, duration_s, daemon.pid)
+        run = drive(sessions, port, payloads, ramp_s, duration_s, daemon.pid)
     clients = run.clients
     start, stop = run.window
     wall_s = stop - start
@@ -328,6 +354,7 @@ def run_step(sessions: int, frames: list[bytes], workdir: Path, duration_s: floa
         lost += in_window - sum(1 for at, _ in client.echo_s if start <= at <= stop)
     return StepResult(
         sessions=sessions,
+        run=run_index,
         streams_up=sum(client.up for client in clients),
         gap_p50_ms=percentile(gaps_ms, 50),
         gap_p99_ms=percentile(gaps_ms, 99),
@@ -345,6 +372,7 @@ def run_step(sessions: int, frames: list[bytes], workdir: Path, duration_s: floa
 
 _TABLE: Table[StepResult] = Table((
     ("N", "d", lambda r: r.sessions),
+    ("run", "d", lambda r: r.run),
     ("up", "d", lambda r: r.streams_up),
     ("gap50", ".1f", lambda r: r.gap_p50_ms),
     ("gap99", ".1f", lambda r: r.gap_p99_ms),
@@ -372,15 +400,22 @@ def _warnings(result: StepResult) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Parse options, step through N, print the table and the verdict."""
+    """Parse options, run every N ``--runs`` times, print the rows and the verdict."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.ws_load", description=(__doc__ or "").split("\n")[0])
     parser.add_argument("--steps", default="25,50,100,150,200,300",
                         help="comma-separated stream counts (default: %(default)s)")
+    parser.add_argument("--runs", type=int, default=3, help="runs per N (default: 3)")
     parser.add_argument("--duration", type=float, default=30.0,
                         help="steady streaming seconds per step, all streams up (default: 30)")
     parser.add_argument("--ramp", type=float, default=5.0,
                         help="seconds over which the streams start (default: 5)")
+    parser.add_argument("--no-load-gate", action="store_true",
+                        help="admission ignores the media clock's load (raw capacity)")
+    parser.add_argument("--fifo", type=int, default=1, metavar="PRIORITY",
+                        help="run the daemon's main thread and the clients SCHED_FIFO at this "
+                        "priority so other work on their cores cannot delay them (root; 0: "
+                        "normal; default: 1)")
     parser.add_argument("--workdir", type=Path, default=None,
                         help="where to keep configs and logs (default: a temp dir)")
     args = parser.parse_args(argv)
@@ -391,13 +426,19 @@ def main(argv: list[str] | None = None) -> int:
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="voxgate-wsbench-"))
     clip = make_speech_clip(workdir / "clip")
     ulaw = encode_ulaw(clip.pcm16) * 2  # twice: the 1-sample tail makes the second pass unique
-    frames = [ulaw[i:i + FRAME_BYTES] for i in range(0, len(ulaw) - FRAME_BYTES + 1, FRAME_BYTES)]
+    payloads = [base64.b64encode(ulaw[i:i + FRAME_BYTES])
+                for i in range(0, len(ulaw) - FRAME_BYTES + 1, FRAME_BYTES)]
     os.sched_setaffinity(0, {PEER_CPU})
+    if args.fifo:
+        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.fifo))
     print(f"workdir {workdir}; clip {clip.duration_s:.2f} s; daemon on CPU {DAEMON_CPU}, "
-          f"clients on CPU {PEER_CPU}")
-    _TABLE.step_through(
-        steps, lambda n: run_step(n, frames, workdir / f"n{n}", args.duration, args.ramp),
-        _warnings, "stream")
+          f"clients on CPU {PEER_CPU}; admission load gate "
+          f"{'off' if args.no_load_gate else 'on'}; SCHED_FIFO {args.fifo or 'off'}")
+    _TABLE.runs_through(
+        steps, args.runs,
+        lambda n, i: run_step(n, i, payloads, workdir / f"n{n}-{i}", args.duration, args.ramp,
+                              not args.no_load_gate, args.fifo),
+        _warnings)
     return 0
 
 

@@ -479,3 +479,72 @@ def test_the_media_fast_path_decides_as_the_full_checks(media, expected):
         with pytest.raises(ms.MediaStreamError) as caught:
             parse_message_untrusted(message)
         assert caught.value.close_code == expected
+
+
+_B64 = base64.b64encode(FRAME).decode()
+_MEDIA_BODY = f'"media":{{"track":"inbound","chunk":"2","timestamp":"40","payload":"{_B64}"}}'
+
+
+@pytest.mark.parametrize(("text", "fast"), [
+    pytest.param(f'{{"event":"media","sequenceNumber":"3",{_MEDIA_BODY},"streamSid":"{SID}"}}',
+                 True, id="twilio-order"),
+    pytest.param(f'{{"event":"media","streamSid":"{SID}",{_MEDIA_BODY},"sequenceNumber":"3"}}',
+                 True, id="serialize-order"),
+    pytest.param(f'{{"event":"media","streamSid":"{SID}",{_MEDIA_BODY}}}', True, id="no-sequence"),
+    pytest.param(json.dumps({"event": "media", "sequenceNumber": "3", "streamSid": SID,
+                             "media": {"track": "inbound", "chunk": "2", "timestamp": "40",
+                                       "payload": _B64}}), False, id="whitespace"),
+    pytest.param(f'{{"event":"media","streamSid":"MZ",{_MEDIA_BODY},"streamSid":"{SID}"}}',
+                 False, id="repeated-sid"),
+    pytest.param(f'{{"event":"media","sequenceNumber":"3","streamSid":"{SID}",{_MEDIA_BODY},'
+                 '"sequenceNumber":"4"}', False, id="repeated-sequence"),
+    pytest.param(f'{{"event":"media","streamSid":"{SID[:-1]}\\u{ord(SID[-1]):04x}",{_MEDIA_BODY}}}',
+                 False, id="escape"),
+    pytest.param(f'{{"streamSid":"{SID}","event":"media",{_MEDIA_BODY}}}', False, id="other-order"),
+    pytest.param(f'{{"event":"media","streamSid":"{SID}",{_MEDIA_BODY}}}'.replace(
+        f'"payload":"{_B64[0]}', f'"payload":"\\u{ord(_B64[0]):04x}'), False, id="payload-escape"),
+])
+def test_the_media_text_fast_path_decodes_as_json_does(text, fast):
+    """Layouts the fast path takes decode as the full parse would; others fall back to it."""
+    expected = Media(SID, FRAME, "inbound", 2, 40)
+    assert (ms._media_fast_untrusted(text) == expected) is fast
+    assert parse_message_untrusted(text) == expected
+
+
+@pytest.mark.parametrize(("payload", "code"), [
+    pytest.param(_B64[:-4], 1007, id="partial-frame"),
+    pytest.param("QQ=" + "A" * 213, 1007, id="bad-padding"),
+    pytest.param("", 1007, id="empty"),
+])
+def test_bad_payloads_in_the_fast_layout_get_the_full_checks_answer(payload, code):
+    text = f'{{"event":"media","streamSid":"{SID}","media":{{"track":"inbound","chunk":"2",' \
+           f'"timestamp":"40","payload":"{payload}"}}}}'
+    assert ms._media_fast_untrusted(text) is None
+    with pytest.raises(ms.MediaStreamError) as caught:
+        parse_message_untrusted(text)
+    assert caught.value.close_code == code
+
+
+def test_a_long_unterminated_payload_is_refused_by_the_fast_path():
+    text = f'{{"event":"media","streamSid":"{SID}","media":{{"track":"inbound","chunk":"2",' \
+           '"timestamp":"40","payload":"' + "A" * 1_000_000
+    assert ms._media_fast_untrusted(text) is None
+
+
+def test_the_inbound_media_hot_path_takes_and_counts_only_this_streams_inbound_media():
+    stream = started(max_messages_per_s=5)
+    message = f'{{"event":"media","sequenceNumber":"3",{_MEDIA_BODY},"streamSid":"{SID}"}}'
+    before = stream.stats.messages_in
+    assert stream.inbound_media_untrusted(message, 100.0) == FRAME
+    assert (stream.stats.messages_in - before, stream.stats.frames_in) == (1, 1)
+    others = [message.replace('"inbound"', '"outbound"'), message.replace(SID, SID[:-1] + "x"),
+              json.dumps(json.loads(message)), serialize(Mark(SID, "7"))]
+    assert [stream.inbound_media_untrusted(m, 100.0) for m in others] == [None] * 4
+    assert stream.stats.messages_in - before == 1  # nothing taken: they go the full way
+    assert isinstance(stream.receive_message_untrusted(others[0], 100.0), Media)
+    with pytest.raises(MediaStreamError) as caught:
+        for _ in range(5):
+            stream.inbound_media_untrusted(message, 100.5)
+    assert caught.value.close_code == 1008
+    assert MediaStream(0.0, max_message_bytes=65536, max_messages_per_s=5) \
+        .inbound_media_untrusted(message, 0.0) is None  # not streaming yet

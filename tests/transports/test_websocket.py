@@ -46,7 +46,7 @@ from voxgate.transports.media_stream import (
     parse_message_untrusted,
     serialize,
 )
-from voxgate.transports.websocket import WebSocketEndpoint
+from voxgate.transports.websocket import WRITE_BATCH_CONNECTIONS, WebSocketEndpoint, _WriteBatch
 
 SID = "MZ00000000000000000000000000000001"
 SILENCE = PCMU.silence(160)
@@ -784,3 +784,25 @@ async def test_a_broken_frame_mid_call_leaves_the_session_waiting_for_a_resumpti
         await wait_until(lambda: served.endpoint.counters().get("streams_dropped") == 1)
         assert served.endpoint.counters()["bad_message_1002"] == 1
         assert len(served.registry) == 1  # it waits for a resumption, it does not end
+
+
+async def test_write_batch_writes_in_bursts_and_the_rest_once_the_running_task_yields():
+    written: list[int] = []
+
+    class Conn:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def write_queued(self) -> None:
+            written.append(self.n)
+
+    batch = _WriteBatch()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(batch.run)
+        await trio.testing.wait_all_tasks_blocked()
+        for n in range(WRITE_BATCH_CONNECTIONS + 3):
+            batch.add(Conn(n))  # type: ignore[arg-type]
+        assert written == list(range(WRITE_BATCH_CONNECTIONS))  # one burst, no yield yet
+        await trio.testing.wait_all_tasks_blocked()
+        assert written == list(range(WRITE_BATCH_CONNECTIONS + 3))  # the rest, by the task
+        nursery.cancel_scope.cancel()

@@ -62,11 +62,12 @@ import base64
 import binascii
 import json
 import math
+import re
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Final, TypeGuard
+from typing import Any, Final
 
 from voxgate.agents.transfer import MAX_TARGET_CHARS
 from voxgate.errors import LocalProtocolError, RemoteProtocolError
@@ -313,23 +314,40 @@ def _parse_start(msg: dict[str, Any]) -> Start:
                  tracks=tuple(tracks), custom_parameters=MappingProxyType(params))
 
 
-def _is_decimal(value: object) -> TypeGuard[str]:
-    """A decimal string as :func:`_counter` takes it."""
-    return (type(value) is str and 0 < len(value) <= 19 and value.isascii()
-            and value.isdigit())
+# The media server's ``media`` message as compact JSON usually has it, for the 20 ms hot
+# path (:func:`_media_fast_untrusted`): the members in Twilio's order (event,
+# sequenceNumber, media, streamSid) or in :func:`serialize`'s (event, streamSid, media,
+# sequenceNumber), ``sequenceNumber`` optional, the ``media`` members in Twilio's order,
+# no whitespace (JSON with whitespace takes the full parse). Every string is printable
+# ASCII without escapes (RFC 8259 §7; the payload once strict base64 decoding took it,
+# which refuses any other character), so text the fast path takes is valid JSON,
+# decoded as the groups show; quantifiers are possessive (no backtracking: linear).
+_DECIMAL = r'"([0-9]{1,19}+)"'  # a counter as _counter takes it, as a string
+_SID = rf'"([ !#-\[\]-~]{{0,{MAX_ID_CHARS}}}+)"'  # printable ASCII but " and \
+_MEDIA_TEXT: Final = re.compile(
+    r'\{"event":"media",'
+    rf'(?:"sequenceNumber":{_DECIMAL},)?+'  # 1
+    rf'(?:"streamSid":{_SID},)?+'  # 2
+    r'"media":\{"track":"(inbound|outbound)",'  # 3
+    rf'"chunk":{_DECIMAL},'  # 4
+    rf'"timestamp":{_DECIMAL},'  # 5
+    r'"payload":"([^"]*+)"\}'  # 6: checked by a2b_base64(strict_mode=True)
+    rf'(?:,"streamSid":{_SID})?+'  # 7
+    rf'(?:,"sequenceNumber":{_DECIMAL})?+'  # 8
+    r'\}')
 
 
-def _media_fast(msg: dict[str, Any]) -> Media | None:
-    """A media server's ``media`` message checked in one go (the 20 ms hot path);
-    None when anything is off, for the full checks to name it."""
-    media = msg.get("media")
-    if type(media) is not dict:
+def _media_fields_untrusted(text: str) -> tuple[str, bytes, str, str, str] | None:
+    """A media server's ``media`` message of the usual layout (:data:`_MEDIA_TEXT`)
+    checked in one go, without a JSON parser: (streamSid, payload, track, chunk,
+    timestamp), the last two decimal strings; None when it has another layout or
+    anything is off (a repeated member, bad base64, no whole frames), for the full
+    parse and checks to decide."""
+    match = _MEDIA_TEXT.fullmatch(text)
+    if match is None:
         return None
-    stream_sid, track, payload = msg.get("streamSid"), media.get("track"), media.get("payload")
-    chunk, timestamp = media.get("chunk"), media.get("timestamp")
-    if not (type(stream_sid) is str and len(stream_sid) <= MAX_ID_CHARS
-            and type(track) is str and track in TRACKS and type(payload) is str
-            and _is_decimal(chunk) and _is_decimal(timestamp)):
+    seq_a, sid_a, track, chunk, timestamp, payload, sid_b, seq_b = match.groups()
+    if (sid_a is None) == (sid_b is None) or (seq_a is not None and seq_b is not None):
         return None
     try:  # strict: accepts a subset of what b64decode(validate=True) does, decoded alike
         data = binascii.a2b_base64(payload, strict_mode=True)
@@ -337,12 +355,19 @@ def _media_fast(msg: dict[str, Any]) -> Media | None:
         return None
     if not data or len(data) % FRAME_BYTES:
         return None
+    return sid_a if sid_b is None else sid_b, data, track, chunk, timestamp
+
+
+def _media_fast_untrusted(text: str) -> Media | None:
+    """:func:`_media_fields_untrusted` as a :class:`Media` event."""
+    fields = _media_fields_untrusted(text)
+    if fields is None:
+        return None
+    stream_sid, data, track, chunk, timestamp = fields
     return Media(stream_sid, data, track, int(chunk), int(timestamp))
 
 
 def _parse_media(msg: dict[str, Any], sender: str) -> Media:
-    if sender == FROM_MEDIA_SERVER and (event := _media_fast(msg)) is not None:
-        return event
     media = _object(msg.get("media"), "media")
     stream_sid = _string(msg, "streamSid", "media")
     payload = _payload(_string(media, "payload", "media", max_chars=1 << 30),
@@ -437,6 +462,9 @@ def parse_message_untrusted(data: str | bytes, sender: str = FROM_MEDIA_SERVER, 
     if not isinstance(data, str):
         raise MediaStreamError(CLOSE_UNSUPPORTED_DATA, "binary messages are not part of the "
                                "protocol: send JSON text")
+    if (sender == FROM_MEDIA_SERVER and len(data) <= max_bytes  # ASCII when it matches
+            and (event := _media_fast_untrusted(data)) is not None):
+        return event
     try:
         msg = loads_untrusted(data, max_bytes=max_bytes, max_depth=MAX_MESSAGE_DEPTH)
     except JSONTooLargeError as e:
@@ -585,30 +613,60 @@ class MediaStream:
                 (1008), malformed (see :func:`parse_message_untrusted`), out of
                 order, or for another ``streamSid`` (1008).
         """
-        second = math.floor(now)
-        if second != self._rate_second:
-            self._rate_second, self._rate_count = second, 0
-        self._rate_count += 1
-        if self._rate_count > self._max_per_s:
-            raise _policy(f"more than {self._max_per_s} messages per second")
+        self._count_rate(now)
         event = parse_message_untrusted(data, max_bytes=self._max_bytes)
-        try:
-            self.state = _TRANSITIONS[self.state, type(event)]
-        except KeyError:
-            name = type(event).__name__.lower()
-            raise _policy(f"{name} message while {self.state}") from None
+        kind = type(event)
+        if kind is not Media or self.state != STREAMING:  # (the hot path stays STREAMING)
+            try:
+                self.state = _TRANSITIONS[self.state, kind]
+            except KeyError:
+                raise _policy(f"{kind.__name__.lower()} message while {self.state}") from None
         stats = self.stats
         stats.messages_in += 1
         if isinstance(event, Start):
             self.start = event
             self._media_prefix = ('{"event":"media","streamSid":' + json.dumps(event.stream_sid)
                                   + ',"media":{"payload":"').encode()
-        elif not isinstance(event, Connected) and event.stream_sid != self.stream_sid:
+        elif not isinstance(event, Connected) and (
+                self.start is None or event.stream_sid != self.start.stream_sid):
             raise _policy("message for another streamSid")
         if isinstance(event, Media):
             stats.media_in += 1
             stats.frames_in += len(event.payload) // FRAME_BYTES
         return event
+
+    def inbound_media_untrusted(self, data: str | bytes, now: float) -> bytes | None:
+        """The 20 ms hot path: the µ-law payload (whole frames) of an ``inbound`` track
+        ``media`` message for this stream in the usual layout (no JSON parser, no
+        event), taken and counted as :meth:`receive_message_untrusted` takes it; None,
+        nothing taken, for any other message (give it to :meth:`receive_message_untrusted`).
+
+        Raises:
+            MediaStreamError: over the message rate (1008).
+        """
+        start = self.start
+        if (self.state != STREAMING or start is None or type(data) is not str
+                or len(data) > self._max_bytes):  # ASCII when the layout matches
+            return None
+        fields = _media_fields_untrusted(data)
+        if fields is None or fields[0] != start.stream_sid or fields[2] != INBOUND_TRACK:
+            return None
+        self._count_rate(now)
+        payload = fields[1]
+        stats = self.stats  # as receive_message_untrusted counts a Media event
+        stats.messages_in += 1
+        stats.media_in += 1
+        stats.frames_in += len(payload) // FRAME_BYTES
+        return payload
+
+    def _count_rate(self, now: float) -> None:
+        """Count one message at ``now``; raises MediaStreamError (1008) over the rate."""
+        second = math.floor(now)
+        if second != self._rate_second:
+            self._rate_second, self._rate_count = second, 0
+        self._rate_count += 1
+        if self._rate_count > self._max_per_s:
+            raise _policy(f"more than {self._max_per_s} messages per second")
 
     def next_deadline(self) -> float | None:
         """When the wait for ``start`` runs out (monotonic seconds), or None once started."""

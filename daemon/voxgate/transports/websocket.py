@@ -21,10 +21,14 @@ module owns the sockets and the sessions:
   read per tick, no task wake-up per message): ``media`` goes straight to the
   leg; any other message, a control frame, an error or TCP ending wakes the
   handler, which handles it as before and sleeps again.
-- The session's messages are written at once from the tick
-  (``send_nowait``, no task switch). Only when the socket does not take them
-  do they wait, on the connection's bounded outbound queue, for its writer
-  task (a full queue drops and counts).
+- The session's messages wait on the connection's bounded outbound queue (a
+  full queue drops and counts) and are written without a task switch in
+  bursts: once :data:`WRITE_BATCH_CONNECTIONS` connections have some, and the
+  rest when the tick is over (one task wake-up per tick). A burst keeps a
+  peer's reader that the first write woke busy through the others instead of
+  waking it once a write (on loopback the writer pays for that wake-up), and a
+  connection's messages of one tick go out in one write. Only when the socket
+  does not take them does the connection's writer task send them.
 - A frame that breaks RFC 6455 (or a message over ``max_message_bytes``) is
   answered with the close frame of its code (1002, 1007, 1009), then TCP
   closes; it is counted as ``bad_message_<code>`` and its session, if any,
@@ -89,6 +93,8 @@ HEARTBEAT_S = 1.0
 """The listener task checks in with the watchdog this often."""
 OUTBOUND_QUEUE_MESSAGES = 32
 """Messages queued for one connection's writer: 640 ms of media, then drops."""
+WRITE_BATCH_CONNECTIONS = 32
+"""Connections whose queued messages are written in one burst (see the module docstring)."""
 HANDSHAKE_TIMEOUT_S = 10.0
 """How long an accepted TCP connection has to complete the opening handshake."""
 CLOSE_TIMEOUT_S = 2.0
@@ -100,11 +106,43 @@ _END_CLOSE = {"shutdown": ms.CLOSE_GOING_AWAY, "drain-timeout": ms.CLOSE_GOING_A
               "error": ms.CLOSE_INTERNAL_ERROR}
 
 
+class _WriteBatch:
+    """The connections with messages queued, written in bursts (see the module
+    docstring): at most :data:`WRITE_BATCH_CONNECTIONS` at once, the rest by
+    :meth:`run` once the running task (the media clock's tick) lets it run."""
+
+    def __init__(self) -> None:
+        self._conns: list[_Connection] = []
+        self._wake = trio.Event()
+
+    def add(self, conn: _Connection) -> None:
+        """``conn`` has messages queued: write them with the next burst."""
+        conns = self._conns
+        conns.append(conn)
+        if len(conns) >= WRITE_BATCH_CONNECTIONS:
+            self.flush()
+        elif len(conns) == 1:
+            self._wake.set()
+
+    def flush(self) -> None:
+        """Write every added connection's queue now (see :meth:`_Connection.write_queued`)."""
+        conns, self._conns = self._conns, []
+        for conn in conns:
+            conn.write_queued()
+
+    async def run(self) -> None:
+        """Flush whenever connections wait, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake = trio.Event()
+            self.flush()
+
+
 class _Connection:
     """One accepted WebSocket: its stream state, its outbound queue and its close."""
 
     def __init__(self, ws: ServerWebSocket, stream: ms.MediaStream, path_tenant: str | None,
-                 headers: dict[str, str], stats: Counter[str]) -> None:
+                 headers: dict[str, str], stats: Counter[str], batch: _WriteBatch) -> None:
         self.ws = ws
         self.stream = stream
         self.stats = stats
@@ -123,31 +161,46 @@ class _Connection:
         self.leg: WebSocketLeg | None = None
         """The leg whose stream this is; while set, the media clock reads the socket."""
         self._queue: deque[tuple[bool, bytes]] = deque()
-        """Frames waiting for the writer (media or not), at most OUTBOUND_QUEUE_MESSAGES."""
+        """Frames waiting (media or not), at most OUTBOUND_QUEUE_MESSAGES."""
+        self._batch = batch
+        self._batched = False  # added to the batch, not written yet
         self._writer_wake = trio.Event()
         self._parked = False
         self._handler_wake = trio.Event()
         self._handed_over: ms.Event | ms.MediaStreamError | None = None
 
     def send_nowait(self, message: str | bytes, *, media: bool) -> bool:
-        """Send ``message`` (JSON text, ``bytes`` as UTF-8) now or queue it for the
-        writer; False (counted) when the queue is full. On a closed connection it
-        is dropped silently: the stream is ending."""
-        frame = text_frame(message if isinstance(message, bytes) else message.encode())
+        """Queue ``message`` (JSON text, ``bytes`` as UTF-8) for the next burst; False
+        (counted) when the queue is full. On a closed connection it is dropped
+        silently: the stream is ending."""
         queue = self._queue
-        try:
-            if not queue and self.ws.send_nowait(frame):
-                if self.ws.backlogged:
-                    self._writer_wake.set()
-                return True
-        except ConnectionClosed:
-            return True
         if len(queue) >= OUTBOUND_QUEUE_MESSAGES:
             self.dropped += 1
             return False
-        queue.append((media, frame))
-        self._writer_wake.set()
+        queue.append((media, text_frame(message if isinstance(message, bytes)
+                                        else message.encode())))
+        if not self._batched:
+            self._batched = True
+            self._batch.add(self)
         return True
+
+    def write_queued(self) -> None:
+        """Write the queued frames in one write, without waiting; what the socket does
+        not take, or everything while a send is in progress, is the writer's."""
+        self._batched = False
+        queue = self._queue
+        if not queue:  # barge-in discarded it
+            return
+        data = queue[0][1] if len(queue) == 1 else b"".join(frame for _, frame in queue)
+        try:
+            if self.ws.send_nowait(data):
+                queue.clear()
+                if not self.ws.backlogged:
+                    return
+        except ConnectionClosed:  # the stream is ending
+            queue.clear()
+            return
+        self._writer_wake.set()
 
     def discard_media(self) -> None:
         """Barge-in: drop the queued ``media`` messages, keep the marks in order."""
@@ -161,16 +214,19 @@ class _Connection:
         frames, TCP ending) is handed to the handler, which it wakes."""
         if not self._parked:
             return
-        ws, stream = self.ws, self.stream
+        ws, stream, leg = self.ws, self.stream, self.leg
         ws.receive_nowait()
         while (data := ws.message_nowait()) is not None:
             try:
+                if leg is not None and (
+                        payload := stream.inbound_media_untrusted(data, now)) is not None:
+                    leg.receive_media_untrusted(payload, now)
+                    continue
                 event = stream.receive_message_untrusted(data, now)
             except ms.MediaStreamError as e:
                 self._hand_over(e)
                 return
-            leg = self.leg
-            if not isinstance(event, ms.Media) or leg is None:
+            if type(event) is not ms.Media or leg is None:
                 self._hand_over(event)
                 return
             _media_in(self.stats, leg, event, now)
@@ -205,7 +261,7 @@ class _Connection:
         self.scope.cancel()
 
     async def write_loop(self) -> None:
-        """Write what ``send_nowait`` could not, whenever it asks."""
+        """Write what :meth:`write_queued` could not, whenever it asks."""
         ws, queue = self.ws, self._queue
         try:
             while True:
@@ -269,8 +325,11 @@ class WebSocketLeg:
         if self._closed:
             return
         step = ms.FRAME_BYTES
-        for start in range(0, len(payload), step):
-            self._inbound.push(payload[start:start + step])
+        if len(payload) == step:  # the usual message: one frame
+            self._inbound.push(payload)
+        else:
+            for start in range(0, len(payload), step):
+                self._inbound.push(payload[start:start + step])
         self.frames_in += len(payload) // step
         self._arrived = True
 
@@ -443,6 +502,7 @@ class WebSocketEndpoint:
         self._calls: dict[str, _Call] = {}  # ticket → call; bounded by max_connections
         self._connections = 0
         """TCP connections held: from their accept until their socket is closed."""
+        self._batch = _WriteBatch()
 
     # -- life cycle -------------------------------------------------------
 
@@ -455,6 +515,7 @@ class WebSocketEndpoint:
         """
         listen = self.config.websocket.listen
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._batch.run)
             if listen:
                 host, port = split_host_port(listen)
                 listeners = await trio.open_tcp_listeners(port, host=host)
@@ -563,7 +624,7 @@ class WebSocketEndpoint:
         headers: dict[str, str] = {}
         for name, value in request.headers:
             headers.setdefault(name, value)
-        conn = _Connection(ws, stream, path_tenant, headers, self.stats)
+        conn = _Connection(ws, stream, path_tenant, headers, self.stats, self._batch)
         self.stats["connections"] += 1
         try:
             with conn.scope:

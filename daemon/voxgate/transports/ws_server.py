@@ -53,7 +53,7 @@ from collections import deque
 from collections.abc import Sequence
 from contextlib import suppress
 from dataclasses import dataclass
-from typing import Final, NoReturn
+from typing import Final, NoReturn, cast
 
 import trio
 from wsproto import ConnectionType, WSConnection
@@ -79,6 +79,7 @@ CLOSE_MESSAGE_TOO_BIG: Final = 1009
 _FIN_TEXT: Final = 0x81  # FIN + opcode 1 (RFC 6455 §5.2)
 _HEADER_16: Final = struct.Struct("!BBH")
 _HEADER_64: Final = struct.Struct("!BBQ")
+_NO_MASK: Final = b"\0\0\0\0"  # a masking key that leaves the payload as it is
 
 
 def text_frame(payload: bytes) -> bytes:
@@ -146,7 +147,7 @@ class ServerWebSocket:
         self._close_timeout_s = close_timeout_s
         self._events: deque[Event | str] = deque()  # parsed; str: a fast-path message
         self._fast = False  # whole text frames are parsed here (see the module docstring)
-        self._inbuf = bytearray()  # fast path: bytes of the next, incomplete frame
+        self._inbuf = b""  # fast path: bytes of the next, incomplete frame
         self._request_head = bytearray()  # the handshake's bytes, until the request is in
         self._text: list[str] = []
         self._binary: list[bytes] = []
@@ -255,6 +256,8 @@ class ServerWebSocket:
         :attr:`needs_attention` is then True. Never raises, never waits.
         """
         events = self._events
+        if self._fast and self._closed is None:  # only fast-path messages (str) are queued
+            return cast(str, events.popleft()) if events else None
         while self._closed is None:
             if not events:
                 if self._fast:
@@ -290,7 +293,7 @@ class ServerWebSocket:
         return bool(self._backlog)
 
     def send_nowait(self, frame: bytes) -> bool:
-        """Write ``frame`` (one whole frame, e.g. :func:`text_frame`) now, without
+        """Write ``frame`` (whole frames, e.g. :func:`text_frame`'s) now, without
         waiting; False, nothing written, while another send is in progress or a
         backlog waits. What the socket does not take becomes the backlog
         (:attr:`backlogged`): call :meth:`flush`.
@@ -356,21 +359,22 @@ class ServerWebSocket:
         if not self._fast:
             self._ws.receive_data(data)
             return
-        buf = self._inbuf
-        buf += data
-        size = len(buf)
+        if self._inbuf:
+            data = self._inbuf + data
+        size = len(data)
         pos = 0
         simple = True
+        events = self._events
         while size - pos >= 2:
-            length = buf[pos + 1] & 0x7F
-            if buf[pos] != _FIN_TEXT or buf[pos + 1] < 0x80 or length == 127:
+            length = data[pos + 1] & 0x7F
+            if data[pos] != _FIN_TEXT or data[pos + 1] < 0x80 or length == 127:
                 simple = False  # not a whole masked text frame with a short length
                 break
             head = pos + 2
             if size - pos < (8 if length == 126 else 6):
                 break
             if length == 126:
-                length = (buf[head] << 8) | buf[head + 1]
+                length = (data[head] << 8) | data[head + 1]
                 head += 2
                 if length < 126:  # not the minimal encoding: wsproto fails it
                     simple = False
@@ -381,23 +385,22 @@ class ServerWebSocket:
             end = head + 4 + length
             if end > size:
                 break
-            payload = bytes(buf[head + 4:end])
-            mask = bytes(buf[head:head + 4])
-            if mask != b"\0\0\0\0" and length:
-                key = int.from_bytes((mask * ((length >> 2) + 1))[:length], "little")
+            payload = data[head + 4:end]
+            if length and data[head:head + 4] != _NO_MASK:
+                key = int.from_bytes((data[head:head + 4] * ((length >> 2) + 1))[:length],
+                                     "little")
                 payload = (int.from_bytes(payload, "little") ^ key).to_bytes(length, "little")
             try:
-                text = payload.decode()
+                events.append(payload.decode())
             except UnicodeDecodeError:  # wsproto fails it with 1007
                 simple = False
                 break
-            self._events.append(text)
             pos = end
-        del buf[:pos]
+        self._inbuf = data[pos:] if pos < size else b""
         if not simple:
             self._fast = False
-            self._ws.receive_data(bytes(buf))
-            self._inbuf = bytearray()
+            self._ws.receive_data(self._inbuf)
+            self._inbuf = b""
 
     async def _on_event(self, event: Event | str) -> str | bytes | None:
         if isinstance(event, str):  # a fast-path message, under max_message_bytes
@@ -494,7 +497,7 @@ class ServerWebSocket:
         if self._closed is None:
             self._closed = ConnectionClosed(code, reason, failed=failed)
         self._events.clear()
-        self._inbuf = bytearray()
+        self._inbuf = b""
         self._text, self._binary, self._message_bytes = [], [], 0
         await self._stream.aclose()
 
