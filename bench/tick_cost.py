@@ -8,9 +8,10 @@ Run from the repository root as ``python -m bench.tick_cost``. It builds
 :class:`~voxgate.transports.rtp_leg.RtpReadiness`, the echo agent), feeds each
 one 20 ms µ-law RTP packet per tick from a peer socket (speech-like noise
 bursts and silence, one second each, so VAD starts and stops turns), and runs
-``--ticks`` media ticks, each :meth:`~voxgate.session.Session.tick`'s body for
-every call in turn. It prints the thread CPU per call-tick (mean, median and
-p10 tick), which still moves with the machine's other work.
+``--ticks`` media ticks, :meth:`~voxgate.session.Session.tick` for every call
+in turn (answered sessions that are not run: no signaling, no event loop). It
+prints the thread CPU per call-tick (mean, median and p10 tick), which still
+moves with the machine's other work.
 
 ``--instructions`` runs the same twice under valgrind's cachegrind (Debian
 ``valgrind``; about 50 times slower, so keep it small: ``--calls 50 --ticks
@@ -30,32 +31,40 @@ import random
 import re
 import shutil
 import socket
-import struct
 import subprocess
 import sys
 import time
 from dataclasses import dataclass
 
-from voxgate.codec.g711 import codec_for
+from voxgate.codec.g711 import PCMU
 from voxgate.config import parse_config
+from voxgate.pipeline.clock import MediaClock
+from voxgate.pipeline.frames import FRAME_S, SAMPLES_PER_FRAME
+from voxgate.rtp.packet import pack_rtp_datagram
 from voxgate.rtp.stream import RtpStream
-from voxgate.session import SessionCore
+from voxgate.session import Session, SessionCore
 from voxgate.transports.rtp_leg import RtpLeg, RtpReadiness
 from voxgate.transports.rtp_ports import PortPool
 
-FRAME_S = 0.020
-SAMPLES_PER_FRAME = 160
-PCMU_SILENCE = b"\xff" * SAMPLES_PER_FRAME
-_HEADER = struct.Struct("!BBHII")
 _NO_TICK_ENV = "VOXGATE_TICK_COST_NO_TICK"
 """Set: send and drain as usual but tick nothing (the baseline of ``--instructions``)."""
 
 
+class _NoSignaling:
+    """The sessions here are never run: nothing to signal."""
+
+    def ring(self) -> None: ...
+    def answer(self) -> None: ...
+    def refuse(self, reason: str) -> None: ...
+    def hangup(self, reason: str) -> None: ...
+    def release(self) -> None: ...
+
+
 @dataclass
 class Call:
-    """One call's media as the daemon holds it, and the peer that sends to it."""
+    """One call's session as the daemon holds it, and the peer that sends to it."""
 
-    core: SessionCore
+    session: Session
     leg: RtpLeg
     peer: socket.socket
 
@@ -63,16 +72,17 @@ class Call:
 def clip(frames: int) -> list[bytes]:
     """µ-law payloads: one second of noise (speech to the VAD), one of silence, …"""
     rng = random.Random(1)
+    silence = PCMU.silence(SAMPLES_PER_FRAME)
     return [bytes(rng.randrange(256) for _ in range(SAMPLES_PER_FRAME))
-            if (i // 50) % 2 == 0 else PCMU_SILENCE for i in range(frames)]
+            if (i // 50) % 2 == 0 else silence for i in range(frames)]
 
 
 def open_calls(count: int, pool: PortPool, readiness: RtpReadiness, now: float) -> list[Call]:
-    """``count`` answered calls' cores and RTP legs, each with a connected peer socket."""
+    """``count`` answered calls' sessions and RTP legs, each with a connected peer socket."""
     config = parse_config({}, "bench.tick_cost")
-    codec = codec_for("PCMU")
+    clock = MediaClock()
     calls = []
-    for _ in range(count):
+    for index in range(count):
         core = SessionCore.build(config, "sip", now)
         core.timers.answered(now)
         sock = pool.open_socket()
@@ -81,31 +91,18 @@ def open_calls(count: int, pool: PortPool, readiness: RtpReadiness, now: float) 
         peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         peer.bind(("127.0.0.1", 0))
         peer.setblocking(False)
-        stream = RtpStream(payload_type=0, telephone_event_pt=101, ssrc=1, initial_sequence=1,
-                           initial_timestamp=1, jitter_capacity_frames=10,
+        stream = RtpStream(payload_type=PCMU.payload_type, telephone_event_pt=101, ssrc=1,
+                           initial_sequence=1, initial_timestamp=1, jitter_capacity_frames=10,
                            jitter_prefetch_frames=3, remote_addr=peer.getsockname())
-        leg = RtpLeg(pool=pool, readiness=readiness, sock=sock, stream=stream, codec=codec,
+        leg = RtpLeg(pool=pool, readiness=readiness, sock=sock, stream=stream, codec=PCMU,
                      playback=core.pipeline.playback, on_dtmf=core.pipeline.dtmf,
                      budget=core.budget, playback_allowance_s=0.2)
         peer.connect(sock.getsockname())
-        calls.append(Call(core, leg, peer))
+        session = Session(session_id=f"bench{index}", call_id=f"bench{index}", transport="sip",
+                          codec=PCMU.name, signaling=_NoSignaling(), media=leg, core=core,
+                          clock=clock, answer_delay_s=0.0)
+        calls.append(Call(session, leg, peer))
     return calls
-
-
-def tick_all(calls: list[Call], now: float) -> None:
-    """One media tick of every call: :meth:`Session.tick`'s body (pipeline step, timers,
-    playback, budget)."""
-    for call in calls:
-        core = call.core
-        timers = core.timers
-        if core.pipeline.step(call.leg, now, 1):
-            timers.on_media(now)
-        deadline = timers.next_deadline()
-        if deadline is not None and now >= deadline:
-            timers.handle_timer(now)
-        core.pipeline.playback.tick(now)
-        if core.budget.over_limit:
-            core.budget.check(now)
 
 
 def run(calls_n: int, ticks: int) -> None:
@@ -119,10 +116,11 @@ def run(calls_n: int, ticks: int) -> None:
     gc.freeze()
     per_tick_s = []
     for t in range(ticks):
-        packet_header = _HEADER.pack(0x80, 0, t & 0xFFFF, (t * SAMPLES_PER_FRAME) & 0xFFFFFFFF, 42)
-        payload = payloads[t % len(payloads)]
+        packet = pack_rtp_datagram(PCMU.payload_type, t & 0xFFFF,
+                                   (t * SAMPLES_PER_FRAME) & 0xFFFFFFFF, 42,
+                                   payloads[t % len(payloads)], False)
         for call in calls:
-            call.peer.send(packet_header + payload)
+            call.peer.send(packet)
             try:
                 while True:
                     call.peer.recv(2048)
@@ -131,7 +129,8 @@ def run(calls_n: int, ticks: int) -> None:
         now += FRAME_S
         if tick:
             started_s = time.thread_time()
-            tick_all(calls, now)
+            for call in calls:
+                call.session.tick(now, 1)
             per_tick_s.append(time.thread_time() - started_s)
     for call in calls:
         call.leg.close()
