@@ -15,7 +15,7 @@ import time
 from tests.harness.daemon import Daemon, free_udp_port, options_request, status_code
 from tests.harness.phone import Call, Phone, headers_of
 from tests.integration.conftest import StartDaemon
-from tests.integration.test_control import control_socket, ctl_json, voxgatectl
+from tests.integration.test_control import control_socket, ctl_json, health_json, voxgatectl
 
 RETRY_AFTER_S = 7
 _PROBE_NUMBERS = itertools.count(1)
@@ -375,7 +375,7 @@ def test_a_busy_media_clock_refuses_new_calls_and_admits_again_under_its_limit(
     _assert_options(daemon, 200)
 
     def media_clock() -> dict[str, object]:
-        component: dict[str, object] = ctl_json(daemon, "health")["components"]["media_clock"]
+        component: dict[str, object] = health_json(daemon)["components"]["media_clock"]
         return component
 
     with Phone(daemon) as phone:

@@ -103,17 +103,25 @@ def voxgatectl(
 
 
 def ctl_ok(daemon: Daemon, *args: str) -> str:
-    """``voxgatectl ARGS`` on ``daemon``, asserted to exit 0 (``health`` also 3, a
-    component unhealthy); returns stdout."""
+    """``voxgatectl ARGS`` on ``daemon``, asserted to exit 0; returns stdout."""
     done = voxgatectl(control_socket(daemon), *args)
-    assert done.returncode in ((0, 3) if "health" in args else (0,)), (
-        f"voxgatectl {args}: exit {done.returncode}\n{done.stderr}")
+    assert done.returncode == 0, f"voxgatectl {args}: exit {done.returncode}\n{done.stderr}"
     return done.stdout
 
 
 def ctl_json(daemon: Daemon, *args: str) -> Any:
     """``voxgatectl --json ARGS`` on ``daemon``, asserted to exit 0; the parsed result."""
     return json.loads(ctl_ok(daemon, "--json", *args))
+
+
+def health_json(daemon: Daemon) -> Any:
+    """``voxgatectl --json health`` on ``daemon``, asserted to exit 0 when healthy and 3
+    when not; the parsed result."""
+    done = voxgatectl(control_socket(daemon), "--json", "health")
+    health = json.loads(done.stdout)
+    assert done.returncode == (0 if health["healthy"] else 3), (
+        f"voxgatectl health: exit {done.returncode}\n{done.stderr}")
+    return health
 
 
 def wait_until(check: Callable[[], Any], what: str, timeout_s: float = 10.0) -> Any:
@@ -210,7 +218,7 @@ def test_every_command_with_and_without_json(
         out = re.search(r"^\s+packets_out: (\d+)$", human, re.M)
         assert out is not None and int(out.group(1)) > 0, human
 
-        health = ctl_json(daemon, "health")
+        health = health_json(daemon)
         assert health["healthy"] is True and "memory" in health["components"], health
         assert ctl_ok(daemon, "health").startswith("healthy"), "health"
 

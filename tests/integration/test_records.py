@@ -25,7 +25,7 @@ import pytest
 from tests.harness.daemon import Daemon, free_tcp_port
 from tests.harness.phone import Phone
 from tests.integration.conftest import StartDaemon
-from tests.integration.test_control import ctl_json, wait_until
+from tests.integration.test_control import ctl_json, health_json, wait_until
 
 with warnings.catch_warnings():
     # Python 3.11/3.12 deprecate audioop (PEP 594) with a DeprecationWarning at import.
@@ -141,7 +141,7 @@ def test_unwritable_records_degrade_health_but_never_calls(start_daemon: StartDa
         call = phone.call()
         assert call.final_status == 200
         phone.hang_up(call)
-    health = ctl_json(daemon, "health")
+    health = health_json(daemon)
     assert health["components"]["records"]["healthy"] is False
     assert len(daemon.events("records_unhealthy")) == 1
     (record,) = records_of(daemon)  # still held in memory, waiting for the disk
@@ -168,13 +168,13 @@ def test_full_records_disk_degrades_health_but_never_calls(start_daemon: StartDa
             assert [c.final_status for c in calls] == [200] * 3
             for call in calls:
                 phone.hang_up(call)
-        wait_until(lambda: not ctl_json(daemon, "health")["components"]["records"]["healthy"],
+        wait_until(lambda: not health_json(daemon)["components"]["records"]["healthy"],
                    "records reported unhealthy")
         assert daemon.alive()
         assert len(daemon.events("records_unhealthy")) == 1
         assert {r["call_id"] for r in records_of(daemon)} == {c.call_id for c in calls}
         filler.unlink()  # space again: the records written, healthy again
-        wait_until(lambda: ctl_json(daemon, "health")["components"]["records"]["healthy"],
+        wait_until(lambda: health_json(daemon)["components"]["records"]["healthy"],
                    "records healthy again", timeout_s=60)
     finally:
         subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -21,7 +21,7 @@ from tests.harness.bot import PipecatBot
 from tests.harness.daemon import Daemon, free_udp_port, options_request, status_code
 from tests.harness.phone import Call, Phone, RtpPeer, offer_telephone_event, press_keys
 from tests.integration.conftest import StartDaemon
-from tests.integration.test_control import ctl_json, wait_until
+from tests.integration.test_control import ctl_json, health_json, wait_until
 from tests.integration.test_recovery import session_id, ulaw_clip, wait_event
 
 TONE_DBFS = -30.0
@@ -165,7 +165,7 @@ def test_failover_to_the_second_provider_and_health(start_daemon: StartDaemon,
     assert providers["bot-2"]["state"] == "healthy", providers
     assert metric(daemon, r'voxgate_provider_up\{provider="bot-1"\}') == 0
     assert metric(daemon, r'voxgate_provider_errors_total\{kind="connect",provider="bot-1"\}') >= 2
-    health = ctl_json(daemon, "health")
+    health = health_json(daemon)
     assert health["components"]["providers"]["healthy"] is True
 
 
@@ -198,7 +198,7 @@ def test_every_provider_down_refuses_calls_and_options_then_ramps_back(
             answered = phone.call("bot")
             assert answered.final_status == 200, answered.final
             _wait_bye(answered)
-        wait_until(lambda: ctl_json(daemon, "health")["components"]["providers"]["healthy"]
+        wait_until(lambda: health_json(daemon)["components"]["providers"]["healthy"]
                    is False, "providers unhealthy", 10.0)
         refused = phone.call("bot")
         assert refused.final_status == 503, refused.final

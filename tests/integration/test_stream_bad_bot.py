@@ -42,7 +42,7 @@ from tests.harness.hostile_bot import HostileBot, Mode
 from tests.harness.phone import Call, Phone, RtpPeer
 from tests.integration.conftest import StartDaemon
 from tests.integration.test_budget import MIB, rss_bytes
-from tests.integration.test_control import ctl_json, wait_until
+from tests.integration.test_control import ctl_json, health_json, wait_until
 from tests.integration.test_recovery import (
     LATE_S,
     hang_up_with_bye,
@@ -237,7 +237,7 @@ def test_the_daemon_serves_a_normal_bot_after_a_hostile_one(
             wait_echo(peer, time.monotonic())
             hang_up_with_bye(phone, daemon, call, sid)
         assert daemon.alive()
-        assert ctl_json(daemon, "health")["components"]["providers"]["healthy"] is True
+        assert health_json(daemon)["components"]["providers"]["healthy"] is True
         wait_until(lambda: not ctl_json(daemon, "sessions"), "no session left", 5.0)
 
 

@@ -17,7 +17,7 @@ from tests.harness import requires
 from tests.harness.daemon import Daemon
 from tests.harness.phone import Phone
 from tests.integration.conftest import StartDaemon
-from tests.integration.test_control import ctl_json, ctl_ok, wait_until
+from tests.integration.test_control import ctl_json, ctl_ok, health_json, wait_until
 from tests.integration.test_local_agent import (
     AGENT_RESPONSE_S,
     MAIN_PROMPT,
@@ -86,7 +86,7 @@ def test_turns_fail_over_to_the_second_url_and_the_first_comes_back(
             reply = _say(peer, "agent")
             _say(peer, "agent")
             providers = _providers(daemon)
-            health = ctl_json(daemon, "health")
+            health = health_json(daemon)
             text = ctl_ok(daemon, "providers")
             metrics = ctl_json(daemon, "metrics")["text"]
 
