@@ -621,8 +621,6 @@ class MediaStream:
                 self.state = _TRANSITIONS[self.state, kind]
             except KeyError:
                 raise _policy(f"{kind.__name__.lower()} message while {self.state}") from None
-        stats = self.stats
-        stats.messages_in += 1
         if isinstance(event, Start):
             self.start = event
             self._media_prefix = ('{"event":"media","streamSid":' + json.dumps(event.stream_sid)
@@ -631,8 +629,9 @@ class MediaStream:
                 self.start is None or event.stream_sid != self.start.stream_sid):
             raise _policy("message for another streamSid")
         if isinstance(event, Media):
-            stats.media_in += 1
-            stats.frames_in += len(event.payload) // FRAME_BYTES
+            self._count_media(event.payload)
+        else:
+            self.stats.messages_in += 1
         return event
 
     def inbound_media_untrusted(self, data: str | bytes, now: float) -> bytes | None:
@@ -652,12 +651,15 @@ class MediaStream:
         if fields is None or fields[0] != start.stream_sid or fields[2] != INBOUND_TRACK:
             return None
         self._count_rate(now)
-        payload = fields[1]
-        stats = self.stats  # as receive_message_untrusted counts a Media event
+        self._count_media(fields[1])
+        return fields[1]
+
+    def _count_media(self, payload: bytes) -> None:
+        """Count one ``media`` message of ``payload`` (whole frames) taken."""
+        stats = self.stats
         stats.messages_in += 1
         stats.media_in += 1
         stats.frames_in += len(payload) // FRAME_BYTES
-        return payload
 
     def _count_rate(self, now: float) -> None:
         """Count one message at ``now``; raises MediaStreamError (1008) over the rate."""
