@@ -90,11 +90,15 @@ async def bot_socket(provider: ProviderConfig, max_message_bytes: int,
     together. On the way out the closing handshake gets :data:`CLOSE_TIMEOUT_S`
     (shielded) and the TCP stream is closed whoever closed first: we own it,
     because trio-websocket 0.12.2's ``open_websocket_url`` leaves it open when
-    the server closes first (one leaked socket per bot hang-up).
+    the server closes first (one leaked socket per bot hang-up). A server that
+    drops the TCP connection during the WebSocket handshake costs the whole
+    ``connect_timeout_s``: trio-websocket 0.12.2 does not end the handshake's
+    wait when its reader sees the stream break.
 
     Raises:
         OSError, HandshakeError, trio.TooSlowError, ssl.SSLError: the connection
-            could not be made.
+            could not be made; always the bare exception, never the exception
+            group the handshake's nursery wraps it in.
     """
     url = urlsplit(provider.url)
     secure = url.scheme == "wss"
@@ -108,18 +112,27 @@ async def bot_socket(provider: ProviderConfig, max_message_bytes: int,
     if secure:
         context = ssl.create_default_context(cafile=provider.ca_file or None)
         stream = trio.SSLStream(tcp, context, server_hostname=host, https_compatible=True)
+    connected = False
     try:
         async with trio.open_nursery() as nursery:
             with trio.fail_at(connect_by):
                 ws = await wrap_client_stream(
                     nursery, stream, host if url.port is None else f"{host}:{port}", resource,
                     max_message_size=max_message_bytes)
+            connected = True
             try:
                 yield ws
             finally:
                 with trio.move_on_after(CLOSE_TIMEOUT_S) as scope:
                     scope.shield = True
                     await ws.aclose()
+    except BaseExceptionGroup as group:
+        # Trio's strict exception groups wrap the handshake's failure (the deadline in
+        # the body, a rejection in trio-websocket's reader task): unwrap it for callers.
+        failures, others = group.split(_CONNECT_ERRORS)
+        if connected or failures is None or others is not None:
+            raise
+        raise failures.exceptions[0] from None
     finally:
         await trio.aclose_forcefully(stream)
 
