@@ -1,5 +1,6 @@
 """The stream agent's connect: a provider failing in the WebSocket handshake is a
-connect error (logged against it, next provider tried), never a crashed call.
+connect error (logged against it, next provider tried), never a crashed call; one
+closing the connection unanswered fails at once, not at the connect deadline.
 
 The failing providers are local TCP servers that accept and then stall or reject the
 handshake; the working one is a trio-websocket server that records what it is sent.
@@ -7,16 +8,20 @@ handshake; the working one is a trio-websocket server that records what it is se
 
 from __future__ import annotations
 
+import contextlib
 import json
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from functools import partial
+from pathlib import Path
 
 import pytest
 import trio
 from trio_websocket import ConnectionRejected, WebSocketRequest, serve_websocket
 
 from tests.agents.test_local import Controls
+from tests.harness.certs import self_signed
 from voxgate.agents.stream import ProviderPool, StreamAgent, bot_socket
 from voxgate.budget import BufferCaps, SessionBudget
 from voxgate.config import ProviderConfig, StreamConfig
@@ -48,13 +53,36 @@ async def forbid(stream: trio.SocketStream) -> None:
     await trio.sleep_forever()
 
 
+async def hang_up(stream: trio.SocketStream) -> None:
+    """Accept the TCP connection and close it unanswered (a bot dying as it accepts)."""
+    await stream.aclose()
+
+
 @pytest.mark.parametrize(("handler", "error"), [(stall, trio.TooSlowError),
-                                                (forbid, ConnectionRejected)])
+                                                (forbid, ConnectionRejected),
+                                                (hang_up, ConnectionResetError)])
 async def test_a_failed_handshake_raises_the_bare_connect_error(
         handler: Callable[[trio.SocketStream], Awaitable[None]], error: type[Exception]) -> None:
     async with tcp_server(handler) as url:
         with pytest.raises(error):
             async with bot_socket(ProviderConfig("bot", url), 65_536, CONNECT_TIMEOUT_S):
+                pass
+
+
+async def test_a_certificate_the_bot_cannot_verify_fails_at_once(tmp_path: Path) -> None:
+    cert, key = self_signed(tmp_path)
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def tls(stream: trio.SocketStream) -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await trio.SSLStream(stream, context, server_side=True).do_handshake()
+        await trio.sleep_forever()
+
+    async with tcp_server(tls) as url:
+        with pytest.raises(ssl.SSLCertVerificationError):
+            async with bot_socket(ProviderConfig("bot", url.replace("ws:", "wss:")), 65_536,
+                                  CONNECT_TIMEOUT_S):
                 pass
 
 

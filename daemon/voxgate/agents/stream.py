@@ -80,6 +80,56 @@ RECONNECT_PAUSE_S: Final = 0.5
 _CONNECT_ERRORS = (OSError, HandshakeError, trio.TooSlowError, ssl.SSLError)
 
 
+class _EndWatch(trio.abc.Stream):
+    """The bot's stream as trio-websocket uses it, calling ``on_end`` once it ends (EOF,
+    or broken: then kept in ``broken``).
+
+    trio-websocket 0.12.2 does not end a client's wait for the handshake's answer when
+    its reader sees the stream end, so without this a bot that crashed (a reconnect can
+    reach its listening socket in the instant before the kernel closes it) or a TLS
+    failure would cost the whole connect timeout.
+    """
+
+    def __init__(self, stream: trio.abc.Stream, on_end: Callable[[], None]) -> None:
+        self._stream = stream
+        self._on_end = on_end
+        self.broken: trio.BrokenResourceError | None = None
+
+    def _ended(self, broken: trio.BrokenResourceError | None) -> None:
+        self.broken = self.broken or broken
+        self._on_end()
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            await self._stream.send_all(data)
+        except trio.BrokenResourceError as exc:
+            self._ended(exc)
+            raise
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self._stream.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        try:
+            data = await self._stream.receive_some(max_bytes)
+        except trio.BrokenResourceError as exc:
+            self._ended(exc)
+            raise
+        if not data:
+            self._ended(None)
+        return data
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+def _handshake_broken(broken: trio.BrokenResourceError | None) -> OSError | ssl.SSLError:
+    """The connect error of a stream that ended before the handshake's answer."""
+    if broken is not None and isinstance(broken.__cause__, ssl.SSLError):
+        return broken.__cause__
+    return ConnectionResetError("the bot closed the connection during the WebSocket handshake")
+
+
 @asynccontextmanager
 async def bot_socket(provider: ProviderConfig, max_message_bytes: int,
                      connect_timeout_s: float) -> AsyncIterator[WebSocketConnection]:
@@ -91,9 +141,9 @@ async def bot_socket(provider: ProviderConfig, max_message_bytes: int,
     (shielded) and the TCP stream is closed whoever closed first: we own it,
     because trio-websocket 0.12.2's ``open_websocket_url`` leaves it open when
     the server closes first (one leaked socket per bot hang-up). A server that
-    drops the TCP connection during the WebSocket handshake costs the whole
-    ``connect_timeout_s``: trio-websocket 0.12.2 does not end the handshake's
-    wait when its reader sees the stream break.
+    closes or resets the connection (or fails TLS) before answering the
+    WebSocket handshake fails it at once (:class:`_EndWatch`), not at the
+    deadline.
 
     Raises:
         OSError, HandshakeError, trio.TooSlowError, ssl.SSLError: the connection
@@ -115,10 +165,16 @@ async def bot_socket(provider: ProviderConfig, max_message_bytes: int,
     connected = False
     try:
         async with trio.open_nursery() as nursery:
-            with trio.fail_at(connect_by):
+            with trio.fail_at(connect_by), trio.CancelScope() as handshake:
+                watched = _EndWatch(stream, handshake.cancel)
+                # Typed for trio's two socket streams, it takes any trio.abc.Stream
+                # (only its `local`/`remote`, unused here, become the stream's repr).
                 ws = await wrap_client_stream(
-                    nursery, stream, host if url.port is None else f"{host}:{port}", resource,
+                    nursery, watched,  # type: ignore[arg-type]
+                    host if url.port is None else f"{host}:{port}", resource,
                     max_message_size=max_message_bytes)
+            if handshake.cancelled_caught:
+                raise _handshake_broken(watched.broken)
             connected = True
             try:
                 yield ws
