@@ -23,11 +23,16 @@ FUZZ_SECONDS ?= 600
 FUZZ_CI_SECONDS ?= 15
 FUZZ_TARGET ?=
 
-.PHONY: setup bot-venv run demo test fuzz bench deb lint clean
+.PHONY: setup bot-venv run demo test test-pure fuzz bench deb lint clean
 
 setup: $(STAMP) $(BOT_STAMP)
 
-$(STAMP): pyproject.toml
+# The editable install also compiles the media cores with mypyc (setup.py): their
+# sources are prerequisites, so editing one rebuilds it (tests/conftest.py refuses to
+# run against a compiled module older than its source).
+NATIVE_SOURCES := $(shell sed -n 's|^    "\(voxgate/.*\.py\)",$$|daemon/\1|p' setup.py)
+
+$(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null \
 		| grep -q 'install ok installed' || echo $$p; done); \
 	if [ -n "$$missing" ]; then \
@@ -57,7 +62,19 @@ test: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 	$(BIN)/pytest -q
+	$(MAKE) test-pure
 	$(BIN)/python -m fuzz.run --seconds-per-target $(FUZZ_CI_SECONDS)
+
+# The pure-Python path (setup.py's VOXGATE_PURE_PYTHON): the unit tests again, on a
+# copy of daemon/ without the compiled modules.
+PURE := build/pure
+test-pure: setup
+	rm -rf $(PURE) && mkdir -p $(PURE)
+	tar -C daemon --exclude='*.so' --exclude=__pycache__ -cf - voxgate | tar -C $(PURE) -xf -
+	PYTHONPATH=$(PURE) $(BIN)/python -c 'from voxgate.supervisor import media_cores; \
+		assert media_cores() == "python", media_cores()'
+	PYTHONPATH=$(PURE) $(BIN)/pytest -q -p no:cacheprovider tests \
+		--ignore=tests/integration --ignore=tests/system
 
 # The system test (tests/system, as root): the .deb installed and driven under a real
 # systemd, in Debian 12 debootstrapped (cached in /var/cache/voxgate-test-system) and

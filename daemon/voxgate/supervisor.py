@@ -56,7 +56,13 @@ from voxgate.admission_desk import AdmissionDesk
 from voxgate.agents.factory import agent_kinds, check_agent
 from voxgate.agents.stream import ProviderPool
 from voxgate.agents.webhook import WebhookPool, webhook_pool
-from voxgate.budget import RssGate, RssLimits, choose_shed_victims, parse_statm_rss_bytes
+from voxgate.budget import (
+    RssGate,
+    RssLimits,
+    SessionBudget,
+    choose_shed_victims,
+    parse_statm_rss_bytes,
+)
 from voxgate.calls import Calls
 from voxgate.config import DEFAULT_PATH, Config, load_config, rss_limits
 from voxgate.control.protocol import decode_reply, encode_request, plural
@@ -126,6 +132,14 @@ _RESTART_ONLY = ("sip.listen", "sip.listen_tcp", "sip.listen_tls", "sip.tls_cert
 _CHECK_CONFIGURED = object()
 """``--check-config`` given without PATH: check the file the daemon would load
 (not a string, which argparse would turn into a Path)."""
+
+
+def media_cores() -> str:
+    """``native`` when the media tick runs the mypyc-compiled modules (setup.py's
+    ``NATIVE_MODULES``, built by ``make setup`` and in the .deb), ``python`` when
+    they were built with ``VOXGATE_PURE_PYTHON=1`` or not built."""
+    return "python" if (sys.modules[SessionBudget.__module__].__file__ or "").endswith(
+        ".py") else "native"
 
 
 class ReloadFailed(Exception):
@@ -379,7 +393,8 @@ class Supervisor:
                 log_event(logging.INFO, "ready", "voxgate ready", sip=config.sip.listen,
                           rtp=f"{config.rtp.address}:{config.rtp.port_min}-{config.rtp.port_max}",
                           control=config.control.socket, max_sessions=config.limits.max_sessions,
-                          agent=config.agent.kind, config=config.source, version=__version__)
+                          agent=config.agent.kind, config=config.source, version=__version__,
+                          media_cores=media_cores())
                 async for signum in signals:
                     await self._on_signal(signal.Signals(signum), nursery)
         log_event(logging.INFO, "stopped", "voxgate stopped")

@@ -28,6 +28,9 @@ class ScriptedVad:
         event, self.next = self.next, None
         return event
 
+    def end_pause_after(self, stop_ms: int) -> SpeechStopped | None:
+        return None
+
 
 class RecordingAgent(Agent):
     def __init__(self, playout: Playout) -> None:
@@ -45,7 +48,7 @@ def make() -> tuple[Pipeline, ScriptedVad, RecordingAgent, SessionTimers, list[t
     agent = RecordingAgent(playout)
     done: list[tuple[int, str]] = []
     vad = ScriptedVad()
-    pipeline = Pipeline(vad, agent, playout, timers,  # type: ignore[arg-type]
+    pipeline = Pipeline(vad, agent, playout, timers,
                         PlaybackTracker(timers, lambda u, s: done.append((u, s))))
     return pipeline, vad, agent, timers, done
 

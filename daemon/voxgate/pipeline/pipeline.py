@@ -21,7 +21,7 @@ from voxgate.agents.base import Agent
 from voxgate.deadman import SessionTimers
 from voxgate.pipeline.playback import CLEARED, PlaybackTracker
 from voxgate.pipeline.playout import Playout
-from voxgate.pipeline.vad import SpeechStarted, VoiceActivityDetector
+from voxgate.pipeline.vad import SpeechStarted, SpeechStopped, VadEvent
 from voxgate.rtp.dtmf import DtmfEvent
 
 
@@ -57,6 +57,21 @@ class MediaLeg(Protocol):
         """Release the leg's socket, stream or device (idempotent)."""
 
 
+class VoiceActivity(Protocol):
+    """The caller's turns from 20 ms PCM frames, as
+    :class:`~voxgate.pipeline.vad.VoiceActivityDetector` gives them."""
+
+    @property
+    def pause_at(self) -> float | None:
+        """While speech is stopping: when the caller paused (the agent may end the turn)."""
+
+    def process(self, pcm: bytes, now: float) -> VadEvent | None:
+        """One 320-byte frame at ``now``: the turn's start or end, if this frame makes it."""
+
+    def end_pause_after(self, stop_ms: int) -> SpeechStopped | None:
+        """End the paused turn once it has lasted ``stop_ms``."""
+
+
 class FrameRecorder(Protocol):
     """Something that records both directions of a call, one frame per tick."""
 
@@ -69,7 +84,7 @@ class Pipeline:
     __slots__ = ("_answer_from", "_awaiting_agent", "agent", "barge_in", "barge_ins", "cleared",
                  "dtmf_events", "playback", "playout", "recorder", "speech_turns", "timers", "vad")
 
-    def __init__(self, vad: VoiceActivityDetector, agent: Agent, playout: Playout,
+    def __init__(self, vad: VoiceActivity, agent: Agent, playout: Playout,
                  timers: SessionTimers, playback: PlaybackTracker) -> None:
         self.vad = vad
         self.agent = agent

@@ -69,7 +69,7 @@ class StreamFramer:
         """Whether part of a message is buffered (a read deadline should run)."""
         return bool(self._buffer)
 
-    def receive_data(self, data: bytes) -> None:
+    def receive_data(self, data: bytes | bytearray) -> None:
         """Append bytes read from the stream (untrusted; never raises); after a
         framing error they are discarded."""
         if self._failed is None:

@@ -474,8 +474,7 @@ def parse_message_untrusted(data: str | bytes, sender: str = FROM_MEDIA_SERVER, 
                                f"message is not valid JSON: {e.reason}") from None
     msg = _object(msg, "message")
     event = msg.get("event")
-    parser = _PARSERS[sender].get(event) if isinstance(event, str) else None
-    if parser is None:
+    if not isinstance(event, str) or (parser := _PARSERS[sender].get(event)) is None:
         raise _policy(f"unknown event {str(event)[:40]!r}")
     if "sequenceNumber" in msg:
         _counter(msg, "sequenceNumber", event, required=True)
