@@ -111,4 +111,5 @@ lint: setup
 	$(BIN)/mypy
 
 clean:
-	rm -rf $(VENV) $(BOT_VENV) .mypy_cache .ruff_cache .pytest_cache
+	rm -rf $(VENV) $(BOT_VENV) .mypy_cache .ruff_cache .pytest_cache build
+	find daemon -name '*.so' -delete

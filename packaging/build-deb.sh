@@ -79,7 +79,7 @@ log "voxgate $VERSION ($ARCH) with $("$PYTHON" --version) in $WORK"
 # Build from a copy so the work tree gets no build/ or *.egg-info.
 mkdir -p "$WORK/src" "$WORK/wheels"
 cp "$REPO/pyproject.toml" "$WORK/src/"
-tar -C "$REPO" --exclude=__pycache__ --exclude='*.egg-info' -cf - daemon | tar -C "$WORK/src" -xf -
+tar -C "$REPO" --exclude=__pycache__ --exclude='*.egg-info' --exclude='*.so' -cf - daemon | tar -C "$WORK/src" -xf -
 
 "$PYTHON" -m venv "$VENV"
 export PIP_CACHE_DIR=${XDG_CACHE_HOME:-$HOME/.cache}/voxgate-deb/pip
