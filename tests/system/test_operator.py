@@ -115,6 +115,8 @@ def test_enable_now(system: Container) -> None:
     assert props["ActiveState"] == "active", props
     assert props["UnitFileState"] == "enabled", props
     assert "admitting" in props["StatusText"], props
+    ready = system.journal_records("-u", "voxgate", "EVENT=ready")
+    assert ready and ready[-1].get("MEDIA_CORES") == "native", ready  # the .deb's mypyc build
     limits = status(system)["limits"]
     assert {key: limits[key] for key in OPERATOR_LIMITS} == OPERATOR_LIMITS, limits
 
