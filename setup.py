@@ -25,10 +25,11 @@ NATIVE_MODULES = (
     "voxgate/rtp/packet.py",
     "voxgate/rtp/seqnum.py",
     "voxgate/rtp/stream.py",
+    "voxgate/transports/media_stream.py",
     "voxgate/transports/rtp_leg.py",
 )
 """Paths under ``daemon/``: the per-call media tick (RTP, jitter buffer, VAD,
-playout, budget, deadman)."""
+playout, budget, deadman) and the WebSocket media-stream messages."""
 
 if os.environ.get("VOXGATE_PURE_PYTHON"):
     setup()

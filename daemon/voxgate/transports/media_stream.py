@@ -463,8 +463,8 @@ def parse_message_untrusted(data: str | bytes, sender: str = FROM_MEDIA_SERVER, 
         raise MediaStreamError(CLOSE_UNSUPPORTED_DATA, "binary messages are not part of the "
                                "protocol: send JSON text")
     if (sender == FROM_MEDIA_SERVER and len(data) <= max_bytes  # ASCII when it matches
-            and (event := _media_fast_untrusted(data)) is not None):
-        return event
+            and (media := _media_fast_untrusted(data)) is not None):
+        return media
     try:
         msg = loads_untrusted(data, max_bytes=max_bytes, max_depth=MAX_MESSAGE_DEPTH)
     except JSONTooLargeError as e:
