@@ -78,7 +78,7 @@ log "voxgate $VERSION ($ARCH) with $("$PYTHON" --version) in $WORK"
 # --- the application ---------------------------------------------------------
 # Build from a copy so the work tree gets no build/ or *.egg-info.
 mkdir -p "$WORK/src" "$WORK/wheels"
-cp "$REPO/pyproject.toml" "$WORK/src/"
+cp "$REPO/pyproject.toml" "$REPO/setup.py" "$WORK/src/"
 tar -C "$REPO" --exclude=__pycache__ --exclude='*.egg-info' --exclude='*.so' -cf - daemon | tar -C "$WORK/src" -xf -
 
 "$PYTHON" -m venv "$VENV"
@@ -90,7 +90,10 @@ if [ -x "$REPO/.venv/bin/pip" ]; then
         | grep -v '^voxgate[= ]' > "$WORK/constraints.txt" || true
     constraints=(-c "$WORK/constraints.txt")
 fi
-"${PIP[@]}" wheel --no-deps -w "$WORK/wheels" "$WORK/src"
+# setup.py compiles the media cores with mypyc: their debug info names the sources
+# relative to the build directory, not under the staging dir.
+CFLAGS="${CFLAGS:-} -ffile-prefix-map=$WORK/src=." \
+    "${PIP[@]}" wheel --no-deps -w "$WORK/wheels" "$WORK/src"
 wheel=$(echo "$WORK"/wheels/voxgate-*.whl)
 "${PIP[@]}" install --no-compile --use-pep517 "${constraints[@]}" "$wheel[manpages]"
 
