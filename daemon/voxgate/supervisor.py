@@ -50,19 +50,13 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from voxgate import __version__
+from voxgate import __version__, budget
 from voxgate.admission import ADMISSION_STATES, Admission, limits_from_config
 from voxgate.admission_desk import AdmissionDesk
 from voxgate.agents.factory import agent_kinds, check_agent
 from voxgate.agents.stream import ProviderPool
 from voxgate.agents.webhook import WebhookPool, webhook_pool
-from voxgate.budget import (
-    RssGate,
-    RssLimits,
-    SessionBudget,
-    choose_shed_victims,
-    parse_statm_rss_bytes,
-)
+from voxgate.budget import RssGate, RssLimits, choose_shed_victims, parse_statm_rss_bytes
 from voxgate.calls import Calls
 from voxgate.config import DEFAULT_PATH, Config, load_config, rss_limits
 from voxgate.control.protocol import decode_reply, encode_request, plural
@@ -138,8 +132,7 @@ def media_cores() -> str:
     """``native`` when the media tick runs the mypyc-compiled modules (setup.py's
     ``NATIVE_MODULES``, built by ``make setup`` and in the .deb), ``python`` when
     they were built with ``VOXGATE_PURE_PYTHON=1`` or not built."""
-    return "python" if (sys.modules[SessionBudget.__module__].__file__ or "").endswith(
-        ".py") else "native"
+    return "python" if (budget.__file__ or "").endswith(".py") else "native"
 
 
 class ReloadFailed(Exception):

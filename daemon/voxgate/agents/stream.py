@@ -188,7 +188,10 @@ async def bot_socket(provider: ProviderConfig, max_message_bytes: int,
         failures, others = group.split(_CONNECT_ERRORS)
         if connected or failures is None or others is not None:
             raise
-        raise failures.exceptions[0] from None
+        failure: BaseException = failures
+        while isinstance(failure, BaseExceptionGroup):  # nested nurseries nest groups
+            failure = failure.exceptions[0]
+        raise failure from None
     finally:
         await trio.aclose_forcefully(stream)
 
