@@ -32,7 +32,7 @@ from typing import Final, Literal
 from voxgate.end_reasons import EndReason
 from voxgate.errors import LocalProtocolError
 
-MIB = 1 << 20
+MIB: Final = 1 << 20
 """One mebibyte, the rounding unit of the derived RSS watermarks."""
 
 BYTES_PER_MS: Mapping[str, int] = MappingProxyType({
@@ -48,7 +48,7 @@ BYTES_PER_MS: Mapping[str, int] = MappingProxyType({
 BUDGET_REASON: Final = "budget"
 """What :meth:`SessionBudget.check` returns: the session's end reason."""
 
-RSS_HYSTERESIS_FRACTION = 0.05
+RSS_HYSTERESIS_FRACTION: Final = 0.05
 """Admission reopens only once RSS is this fraction of the soft mark below it."""
 
 

@@ -294,16 +294,7 @@ class Session:
 
     def tick(self, now: float, frames_elapsed: int) -> None:
         """The media clock's 20 ms tick: the pipeline's step, the timers, the budget."""
-        timers = self.timers
-        if self.pipeline.step(self.media, now, frames_elapsed):
-            recovered = timers.on_media(now)
-            if recovered is not None:
-                self._on_timer(recovered)
-        deadline = timers.next_deadline()
-        if deadline is not None and now >= deadline:
-            for event in timers.handle_timer(now):
-                self._on_timer(event)
-        self.pipeline.playback.tick(now)
+        self.pipeline.tick(self.media, now, frames_elapsed, self._on_timer)
         budget = self.budget
         if budget.over_limit and (reason := budget.check(now)) is not None:
             self.end(reason)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import sys
 import warnings
 from collections.abc import Callable
+from typing import Final
 
 from voxgate.errors import LocalProtocolError
 
@@ -23,11 +24,11 @@ with warnings.catch_warnings():
     warnings.simplefilter("ignore", DeprecationWarning)
     import audioop
 
-PCM_SAMPLE_WIDTH_BYTES = 2
+PCM_SAMPLE_WIDTH_BYTES: Final = 2
 """Bytes per linear sample (PCM16)."""
 
 # audioop reads and writes linear samples in the machine's byte order.
-_NATIVE_IS_LITTLE_ENDIAN = sys.byteorder == "little"
+_NATIVE_IS_LITTLE_ENDIAN: Final = sys.byteorder == "little"
 
 
 class G711Codec:

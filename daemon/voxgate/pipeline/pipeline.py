@@ -14,11 +14,11 @@ the agent may end their turn sooner or later than ``[vad] stop_ms``
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from voxgate.agents.base import Agent
-from voxgate.deadman import SessionTimers
+from voxgate.deadman import SessionTimers, TimerEvent
 from voxgate.pipeline.playback import CLEARED, PlaybackTracker
 from voxgate.pipeline.playout import Playout
 from voxgate.pipeline.vad import SpeechStarted, SpeechStopped, VadEvent
@@ -102,6 +102,26 @@ class Pipeline:
         self.dtmf_events = 0
         self._awaiting_agent = False
         self._answer_from = 0  # playout position of the first frame that answers the turn
+
+    def tick(self, leg: MediaLeg, now: float, frames_elapsed: int,
+             on_timer: Callable[[TimerEvent], None]) -> None:
+        """The session's 20 ms media tick: :meth:`step`, then the deadman timers
+        that it feeds and the paced playback completions that are due.
+
+        ``on_timer`` gets each timer event as it happens (media back after a
+        pause, a deadman that fired), before the playback completions: the
+        session acts on it. In compiled code, one call from the session per tick.
+        """
+        timers = self.timers
+        if self.step(leg, now, frames_elapsed):
+            recovered = timers.on_media(now)
+            if recovered is not None:
+                on_timer(recovered)
+        deadline = timers.next_deadline()
+        if deadline is not None and now >= deadline:
+            for event in timers.handle_timer(now):
+                on_timer(event)
+        self.playback.tick(now)
 
     def step(self, leg: MediaLeg, now: float, frames_elapsed: int) -> bool:
         """The 20 ms media step: caller frames in, one agent frame out.

@@ -18,17 +18,18 @@ first wins, once, and is counted by signal.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Final
 
 from voxgate.deadman import SessionTimers
 
-DRAINED = "drained"
-MARK = "mark"
-PACED = "paced"
-DEADMAN = "deadman"
-CLEARED = "cleared"
+DRAINED: Final = "drained"
+MARK: Final = "mark"
+PACED: Final = "paced"
+DEADMAN: Final = "deadman"
+CLEARED: Final = "cleared"
 """Barge-in cut the utterance short."""
 
-MAX_PENDING = 64
+MAX_PENDING: Final = 64
 
 
 class PlaybackTracker:

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
+from typing import Final
 
 from voxgate.budget import BoundedAudioQueue, SessionBudget
 from voxgate.pipeline.frames import FRAME_S
 
-MAX_TRACKED_UTTERANCES = 64
+MAX_TRACKED_UTTERANCES: Final = 64
 
 
 class Playout:

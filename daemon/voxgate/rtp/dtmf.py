@@ -19,18 +19,19 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Final
 
 from voxgate.errors import BadPacket, LocalProtocolError
 from voxgate.rtp.packet import RtpPacket
 from voxgate.rtp.seqnum import uint32_gt
 
 # event (8), E|R|volume (8), duration in RTP timestamp units (16).
-_TELEPHONE_EVENT = struct.Struct("!BBH")
-TELEPHONE_EVENT_LENGTH = 4
-_END_BIT = 0x80
-_VOLUME_MASK = 0x3F
+_TELEPHONE_EVENT: Final = struct.Struct("!BBH")
+TELEPHONE_EVENT_LENGTH: Final = 4
+_END_BIT: Final = 0x80
+_VOLUME_MASK: Final = 0x3F
 
-DTMF_DIGITS = "0123456789*#ABCD"
+DTMF_DIGITS: Final = "0123456789*#ABCD"
 """The DTMF digit of events 0-15 (RFC 4733 §3.2); other events are not DTMF."""
 
 

@@ -30,16 +30,17 @@ playout slips back one frame (counted ``grown``).
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 from voxgate.errors import LocalProtocolError
 from voxgate.pipeline.frames import SAMPLES_PER_FRAME
 from voxgate.rtp.packet import RtpPacket
 from voxgate.rtp.seqnum import uint32_add, uint32_diff
 
-SHRINK_AFTER_FRAMES = 50
+SHRINK_AFTER_FRAMES: Final = 50
 """Pops in a row with a surplus frame before the buffer gives back one frame (1 s)."""
 
-ULAW_SILENCE_BYTE = 0xFF
+ULAW_SILENCE_BYTE: Final = 0xFF
 """G.711 µ-law code of digital silence, the default ``silence_byte`` (A-law: 0xD5)."""
 
 
@@ -57,7 +58,9 @@ class FrameState(enum.Enum):
 # The media path reads enum members through these module globals: on Python 3.11
 # ``FrameState.PLAYED`` goes through ``EnumType.__getattr__`` (about 130 ns, 14 times
 # a global), and it is read several times per call every 20 ms.
-PLAYED, LOST, IDLE = FrameState.PLAYED, FrameState.LOST, FrameState.IDLE
+PLAYED: Final = FrameState.PLAYED
+LOST: Final = FrameState.LOST
+IDLE: Final = FrameState.IDLE
 
 
 class JitterStats:

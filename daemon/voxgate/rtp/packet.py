@@ -24,39 +24,39 @@ packet is a named tuple: built in C, a third of a frozen dataclass's cost.
 from __future__ import annotations
 
 import struct
-from typing import NamedTuple
+from typing import Final, NamedTuple
 
 from voxgate.errors import BadPacket, LocalProtocolError
 
-RTP_HEADER_LENGTH = 12
+RTP_HEADER_LENGTH: Final = 12
 """Length in bytes of the fixed RTP header (RFC 3550 §5.1)."""
 
-RTP_VERSION = 2
-MAX_PAYLOAD_TYPE = 127
-MAX_CSRC_COUNT = 15
+RTP_VERSION: Final = 2
+MAX_PAYLOAD_TYPE: Final = 127
+MAX_CSRC_COUNT: Final = 15
 
 # V=2, P=0, X=0, CC=0: the first byte of nearly every packet we see or send.
-_PLAIN_FIRST_BYTE = RTP_VERSION << 6
-_PADDING_BIT = 0x20
-_EXTENSION_BIT = 0x10
-_CSRC_COUNT_MASK = 0x0F
-_MARKER_BIT = 0x80
-_PAYLOAD_TYPE_MASK = 0x7F
+_PLAIN_FIRST_BYTE: Final = RTP_VERSION << 6
+_PADDING_BIT: Final = 0x20
+_EXTENSION_BIT: Final = 0x10
+_CSRC_COUNT_MASK: Final = 0x0F
+_MARKER_BIT: Final = 0x80
+_PAYLOAD_TYPE_MASK: Final = 0x7F
 
 # byte 0: V|P|X|CC, byte 1: M|PT, then sequence (16), timestamp (32), SSRC (32).
-_FIXED_HEADER = struct.Struct("!BBHII")
+_FIXED_HEADER: Final = struct.Struct("!BBHII")
 # Header extension preamble (RFC 3550 §5.3.1): profile-defined (16), length in
 # 32-bit words not counting this preamble (16).
-_EXTENSION_PREAMBLE = struct.Struct("!HH")
-_tuple_new = tuple.__new__  # what a named tuple's own __new__ calls, minus its frame
-_EXTENSION_PREAMBLE_LENGTH = 4
-_CSRC_STRUCTS = tuple(struct.Struct(f"!{n}I") for n in range(MAX_CSRC_COUNT + 1))
+_EXTENSION_PREAMBLE: Final = struct.Struct("!HH")
+_tuple_new: Final = tuple.__new__  # what a named tuple's own __new__ calls, minus its frame
+_EXTENSION_PREAMBLE_LENGTH: Final = 4
+_CSRC_STRUCTS: Final = tuple(struct.Struct(f"!{n}I") for n in range(MAX_CSRC_COUNT + 1))
 
 # RFC 5761 §4: with RTP and RTCP on one port, RTP payload types 64-95 are not
 # used, so a second byte (M|PT) of 192-223 is an RTCP packet type
 # (SR=200, RR=201, SDES=202, BYE=203, APP=204 read as PT 72-76 with M set).
-_RTCP_PACKET_TYPE_MIN = 192
-_RTCP_PACKET_TYPE_MAX = 223
+_RTCP_PACKET_TYPE_MIN: Final = 192
+_RTCP_PACKET_TYPE_MAX: Final = 223
 
 
 class RtpPacket(NamedTuple):

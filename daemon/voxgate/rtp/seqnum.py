@@ -9,12 +9,14 @@ RFC 1982 that aiortc's ``uint16_gt`` also uses.
 
 from __future__ import annotations
 
-_UINT16_MASK = 0xFFFF
-_UINT16_HALF = 0x8000
-_UINT16_MOD = 0x10000
-_UINT32_MASK = 0xFFFFFFFF
-_UINT32_HALF = 0x80000000
-_UINT32_MOD = 0x100000000
+from typing import Final
+
+_UINT16_MASK: Final = 0xFFFF
+_UINT16_HALF: Final = 0x8000
+_UINT16_MOD: Final = 0x10000
+_UINT32_MASK: Final = 0xFFFFFFFF
+_UINT32_HALF: Final = 0x80000000
+_UINT32_MOD: Final = 0x100000000
 
 
 def uint16_add(a: int, n: int) -> int:

@@ -51,6 +51,7 @@ by an attacker until the SDP's address sends again or a re-INVITE comes.
 from __future__ import annotations
 
 import ipaddress
+from typing import Final
 
 from voxgate.errors import BadPacket, LocalProtocolError
 from voxgate.pipeline.frames import SAMPLES_PER_FRAME
@@ -58,20 +59,20 @@ from voxgate.rtp.dtmf import DtmfEvent, DtmfReceiver, DtmfStats
 from voxgate.rtp.jitter import ULAW_SILENCE_BYTE, FrameState, JitterBuffer, JitterStats
 from voxgate.rtp.packet import MAX_PAYLOAD_TYPE, RtpPacket, is_rtcp_untrusted, pack_rtp_datagram
 
-PROBATION_PACKETS = 4
+PROBATION_PACKETS: Final = 4
 """Consecutive packets with one SSRC a new source must send before media follows it."""
 
-RELATCH_AFTER_SILENCE_S = 0.5
+RELATCH_AFTER_SILENCE_S: Final = 0.5
 """Default silence of the latched source before another source may take over."""
 
-MAX_PACKET_FRAMES = 10
+MAX_PACKET_FRAMES: Final = 10
 """Longest audio payload accepted, in frames (200 ms); longer ones are dropped."""
 
 Address = tuple[str, int]
 
 
-_RTCP_CONFLICT_PT_MIN = 64
-_RTCP_CONFLICT_PT_MAX = 95
+_RTCP_CONFLICT_PT_MIN: Final = 64
+_RTCP_CONFLICT_PT_MAX: Final = 95
 """RTP payload types that multiplexed RTCP reads as (RFC 5761 §4); never the audio one."""
 
 

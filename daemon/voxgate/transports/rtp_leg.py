@@ -31,6 +31,7 @@ import logging
 import select
 import socket
 from collections.abc import Callable, Sequence
+from typing import Final
 
 from voxgate.budget import SessionBudget
 from voxgate.codec.g711 import G711Codec
@@ -43,15 +44,15 @@ from voxgate.rtp.stream import RtpStream
 from voxgate.transports.rtp_ports import PortPool
 from voxgate.transports.srtp import SrtpContext
 
-MAX_DATAGRAM_BYTES = 2048
+MAX_DATAGRAM_BYTES: Final = 2048
 """Largest RTP datagram read; G.711 at 20 ms is 172 bytes."""
 
-MAX_PACKETS_PER_TICK = 32
+MAX_PACKETS_PER_TICK: Final = 32
 """Rounds of reads at a tick's first readiness check (each later check in the tick
 reads one more datagram per socket); a flood beyond that stays in the kernel
 buffer (and is dropped there)."""
 
-LEGS_PER_CHECK = 32
+LEGS_PER_CHECK: Final = 32
 """Legs ticked between two readiness checks within one tick (about 1 ms of work)."""
 
 
