@@ -434,19 +434,23 @@ class Supervisor:
         self.endpoint.stop_registrations()  # registrars stop sending us calls
         deadline = trio.current_time() + timeout_s
         self.calls.drain(deadline)
-        while len(self.registry):
+        up = len(self.registry)
+        while up:
             left = max(0.0, deadline - trio.current_time())
             self.notifier.notify(
-                f"STATUS=draining: {plural(len(self.registry), 'session')} left, "
+                f"STATUS=draining: {plural(up, 'session')} left, "
                 f"{left:.0f} s to the drain deadline",
                 f"EXTEND_TIMEOUT_USEC={int((left + SHUTDOWN_GRACE_S + 5) * 1e6)}",
             )
-            if left == 0:
+            await self.registry.wait_empty(min(left, 1.0))
+            # At the deadline the calls' own cancel scope ends the rest: they may be
+            # gone before this task sees the registry again.
+            if trio.current_time() >= deadline:
                 log_event(logging.WARNING, "drain_timeout", "drain deadline: ending the rest",
-                          sessions=len(self.registry))
+                          sessions=up)
                 await self.registry.wait_empty(SHUTDOWN_GRACE_S)
                 break
-            await self.registry.wait_empty(min(left, 1.0))
+            up = len(self.registry)
         self.notifier.notify("STATUS=stopping",
                              f"EXTEND_TIMEOUT_USEC={int((SHUTDOWN_GRACE_S + 5) * 1e6)}")
         await self.endpoint.wait_idle(SHUTDOWN_GRACE_S)
