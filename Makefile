@@ -30,7 +30,8 @@ setup: $(STAMP) $(BOT_STAMP)
 # The editable install also compiles the media cores with mypyc (setup.py): their
 # sources are prerequisites, so editing one rebuilds it (tests/conftest.py refuses to
 # run against a compiled module older than its source).
-NATIVE_SOURCES := $(shell sed -n 's|^    "\(voxgate/.*\.py\)",$$|daemon/\1|p' setup.py)
+NATIVE_SOURCES := $(shell sed -n 's|^    "\(voxgate/.*\.py\)",$$|daemon/\1|p' setup.py) \
+	$(wildcard daemon/voxgate/*/_*.c)
 
 $(STAMP): pyproject.toml setup.py $(NATIVE_SOURCES)
 	@missing=$$(for p in $(APT_PACKAGES); do dpkg-query -W -f='$${Status}' $$p 2>/dev/null \

@@ -23,7 +23,13 @@ up, ``--duration`` s) it measures:
 - daemon CPU (utime+stime over the window): percent of its core, ms per
   session-second, and RSS, RSS per stream;
 - the clients' own CPU (percent of their core) and send lateness p99 (a late
-  or saturated client voids the figures).
+  or saturated client voids the figures);
+- other processes' CPU on the daemon's core (``foreign%``) and the media
+  clock's skipped ticks (``voxgatectl metrics``), as ``bench.rtp_load``
+  prints them. A skipped tick costs each stream the frames it missed
+  (:meth:`~voxgate.pipeline.playout.Playout.skip`), whose echoes never come:
+  at 300 streams over 20 s, one skipped tick is 0.1 % loss here (``bench.rtp_load``
+  counts loss by the daemon's sequence numbers, which a skip leaves whole).
 
 It prints a row per run and the largest N meeting gap p99 ≤ 30 ms, gap max ≤
 100 ms, loss ≤ 0.1 % and echo p99 ≤ 60 ms (``bench/sip_load.py``'s limits)
@@ -55,7 +61,14 @@ from tests.harness.pcap import percentile
 from wsproto.events import AcceptConnection, Request
 
 from bench.rtp_load import NO_LOAD_GATE
-from bench.sip_load import DAEMON_CPU, PEER_CPU, cpu_ticks, rss_kib
+from bench.sip_load import (
+    DAEMON_CPU,
+    PEER_CPU,
+    clock_counters,
+    core_busy_ticks,
+    cpu_ticks,
+    rss_kib,
+)
 from bench.table import GAP_P99_LIMIT_MS, Table, within_limits
 from voxgate.transports.media_stream import FRAME_BYTES, Connected, Start, serialize
 
@@ -97,6 +110,8 @@ class StepResult:
     idle_rss_kib: int
     client_cpu_pct: float
     client_late_p99_ms: float
+    foreign_pct: float
+    frames_skipped: int
 
     @property
     def rss_per_session_kib(self) -> float:
@@ -263,10 +278,12 @@ class Run:
     rss_kib: int
     client_cpu_s: float
     lateness_s: list[float]
+    foreign_cpu_s: float
+    frames_skipped: int
 
 
 def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, duration_s: float,
-          pid: int) -> Run:
+          pid: int, control_socket: str) -> Run:
     """Run the clients in one epoll loop: every 5 ms the streams of that phase whose
     start has come send their next frame; in between, read what arrives."""
     clients: list[StreamClient] = []
@@ -282,7 +299,8 @@ def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, durati
     stop_at = t0 + ramp_s + duration_s
     planned_start, planned_stop = t0 + ramp_s + _EDGE_S, stop_at - _EDGE_S
     mid = (planned_start + planned_stop) / 2
-    ticks_start = ticks_stop = rss = 0
+    ticks_start = ticks_stop = rss = core_start = core_stop = 0
+    skipped_start = skipped_stop = 0.0
     cpu_start = cpu_stop = window_start = window_stop = 0.0
     lateness: list[float] = []
     phase_s = FRAME_S / PHASES
@@ -297,10 +315,14 @@ def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, durati
         now = time.monotonic()
         if not window_start and now >= planned_start:
             window_start, ticks_start, cpu_start = now, cpu_ticks(pid), time.process_time()
+            core_start = core_busy_ticks(DAEMON_CPU)
+            skipped_start = clock_counters(control_socket)[1]
         if not rss and now >= mid:
             rss = rss_kib(pid)
         if not window_stop and now >= planned_stop:
             window_stop, ticks_stop, cpu_stop = now, cpu_ticks(pid), time.process_time()
+            core_stop = core_busy_ticks(DAEMON_CPU)
+            skipped_stop = clock_counters(control_socket)[1]
         if now < tick or tick >= stop_at:
             if tick >= stop_at:
                 tick = end
@@ -315,8 +337,11 @@ def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, durati
     poller.close()
     for client in clients:
         client.sock.close()
-    return Run(clients, (window_start, window_stop), (ticks_stop - ticks_start) / _CLK_TCK, rss,
-               cpu_stop - cpu_start, lateness)
+    daemon_ticks = ticks_stop - ticks_start
+    return Run(clients, (window_start, window_stop), daemon_ticks / _CLK_TCK, rss,
+               cpu_stop - cpu_start, lateness,
+               foreign_cpu_s=max(0, core_stop - core_start - daemon_ticks) / _CLK_TCK,
+               frames_skipped=round(skipped_stop - skipped_start))
 
 
 def run_step(sessions: int, run_index: int, payloads: list[bytes], workdir: Path,
@@ -338,7 +363,8 @@ def run_step(sessions: int, run_index: int, payloads: list[bytes], workdir: Path
             os.sched_setscheduler(daemon.pid, os.SCHED_FIFO, os.sched_param(fifo))
         time.sleep(1.0)
         idle_rss = rss_kib(daemon.pid)
-        run = drive(sessions, port, payloads, ramp_s, duration_s, daemon.pid)
+        run = drive(sessions, port, payloads, ramp_s, duration_s, daemon.pid,
+                    daemon.control_socket)
     clients = run.clients
     start, stop = run.window
     wall_s = stop - start
@@ -366,6 +392,8 @@ def run_step(sessions: int, run_index: int, payloads: list[bytes], workdir: Path
         rss_kib=run.rss_kib,
         idle_rss_kib=idle_rss,
         client_cpu_pct=100.0 * run.client_cpu_s / wall_s,
+        foreign_pct=100.0 * run.foreign_cpu_s / wall_s,
+        frames_skipped=run.frames_skipped,
         client_late_p99_ms=percentile([x * 1000 for x in run.lateness_s], 99),
     )
 
@@ -381,11 +409,13 @@ _TABLE: Table[StepResult] = Table((
     ("echo50", ".1f", lambda r: r.echo_p50_ms),
     ("echo99", ".1f", lambda r: r.echo_p99_ms),
     ("cpu%", ".1f", lambda r: r.cpu_pct),
+    ("foreign%", ".1f", lambda r: r.foreign_pct),
     ("ms/sess-s", ".2f", lambda r: r.cpu_ms_per_session_s),
     ("rssMiB", ".1f", lambda r: r.rss_kib / 1024),
     ("KiB/sess", ".1f", lambda r: r.rss_per_session_kib),
     ("clicpu%", ".1f", lambda r: r.client_cpu_pct),
     ("clilate99", ".1f", lambda r: r.client_late_p99_ms),
+    ("skipped", "d", lambda r: r.frames_skipped),
     ("pass", "s", lambda r: "yes" if r.passed else "NO"),
 ))
 

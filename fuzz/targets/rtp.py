@@ -22,7 +22,8 @@ from voxgate.rtp.packet import RtpPacket, is_rtcp_untrusted
 from voxgate.rtp.stream import RtpStream
 from voxgate.session import SessionCore
 from voxgate.sip.sdp import negotiate, parse_sdp_untrusted
-from voxgate.transports.rtp_leg import RtpLeg, RtpReadiness
+from voxgate.transports.datagram import SocketDatagrams
+from voxgate.transports.rtp_leg import MAX_DATAGRAM_BYTES, RtpLeg, RtpReadiness
 from voxgate.transports.rtp_ports import PortPool
 
 Address = tuple[str, int]
@@ -73,7 +74,8 @@ def rtp_packet(data: bytes) -> None:
 
 
 class _LoopbackSocket:
-    """The socket methods :class:`RtpLeg` calls, over an in-memory queue.
+    """The socket methods :class:`RtpLeg` and its
+    :class:`~voxgate.transports.datagram.SocketDatagrams` call, over an in-memory queue.
 
     The queue holds at most one input's datagrams
     (:data:`~fuzz.targets.framing.MAX_RECORDS`); the leg drains it every tick.
@@ -142,8 +144,10 @@ def rtp_pipeline(data: bytes) -> None:
         silence_byte=codec.silence(1)[0],
     )
     sock = _LoopbackSocket()
+    as_socket = cast(socket.socket, sock)
     leg = RtpLeg(pool=PortPool(RTP_ADDRESS, RTP_PORT, RTP_PORT), readiness=RtpReadiness(),
-                 sock=cast(socket.socket, sock), stream=stream, codec=codec,
+                 sock=as_socket, stream=stream, codec=codec,
+                 datagrams=SocketDatagrams(as_socket, MAX_DATAGRAM_BYTES),
                  playback=core.pipeline.playback,
                  on_dtmf=core.pipeline.dtmf, budget=core.budget,
                  playback_allowance_s=config.rtp.playback_allowance_ms / 1000)

@@ -6,6 +6,7 @@ import math
 import struct
 import subprocess
 import sys
+from types import ModuleType
 
 import pytest
 
@@ -145,3 +146,39 @@ def test_import_is_sans_io_and_silent() -> None:
         "assert 'trio' not in sys.modules, 'trio imported'\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def _audioop() -> ModuleType:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import audioop
+    return audioop
+
+
+EVERY_SAMPLE = struct.pack("<65536h", *range(-32768, 32768))
+
+
+@pytest.mark.parametrize(("codec", "law"), [(PCMU, "ulaw"), (PCMA, "alaw")])
+def test_every_sample_and_code_agree_with_audioop(codec: G711Codec, law: str) -> None:
+    """The compiled build looks G.711 up in tables (``_g711.c``): every one of the
+    65,536 samples encodes, and every code decodes, as audioop's own functions do
+    (the pure-Python build calls those)."""
+    audioop = _audioop()
+    assert codec.encode(EVERY_SAMPLE) == getattr(audioop, f"lin2{law}")(EVERY_SAMPLE, 2)
+    assert codec.decode(ALL_CODES) == getattr(audioop, f"{law}2lin")(ALL_CODES, 2)
+
+
+def test_the_lookup_tables_refuse_what_audioop_refuses() -> None:
+    g711 = pytest.importorskip("voxgate.codec._g711")
+    encoder = g711.Encoder(bytes(16384), 2)
+    with pytest.raises(ValueError, match="2-byte"):
+        encoder.encode(b"\x00\x00", 1)
+    with pytest.raises(ValueError, match="whole number"):
+        encoder.encode(b"\x00", 2)
+    with pytest.raises(ValueError, match="65536 >> shift"):
+        g711.Encoder(bytes(100), 2)
+    with pytest.raises(ValueError, match="256 native int16"):
+        g711.Decoder(bytes(100))
+    assert g711.Decoder(bytes(range(256)) * 2).decode(memoryview(b"\x01"), 2) == b"\x02\x03"

@@ -83,19 +83,18 @@ def legs() -> Iterator[Legs]:
     fixture.close()
 
 
-def counting_recvfrom(leg: RtpLeg) -> list[int]:
-    """Count ``recvfrom`` calls on ``leg``'s socket (wraps the socket)."""
-    calls: list[int] = []
-    real = leg._sock
-    assert real is not None
+def counting_reads(leg: RtpLeg) -> list[None]:
+    """Count reads of ``leg``'s socket (wraps its datagram reads and writes)."""
+    calls: list[None] = []
+    real = leg._io
     wrapper = mock.Mock(wraps=real)
 
-    def recvfrom(size: int) -> tuple[bytes, tuple[str, int]]:
-        calls.append(size)
-        return real.recvfrom(size)
+    def recv() -> tuple[bytes, tuple[str, int]] | None:
+        calls.append(None)
+        return real.recv()
 
-    wrapper.recvfrom.side_effect = recvfrom
-    leg._sock = wrapper
+    wrapper.recv.side_effect = recv
+    leg._io = wrapper
     return calls
 
 
@@ -115,7 +114,7 @@ def test_a_quiet_leg_makes_no_read_and_one_check_serves_the_tick(legs: Legs) -> 
     quiet, busy = legs.leg(), legs.leg()
     quiet.receive(0.0, 1)
     busy.receive(0.0, 1)
-    quiet_reads, busy_reads = counting_recvfrom(quiet), counting_recvfrom(busy)
+    quiet_reads, busy_reads = counting_reads(quiet), counting_reads(busy)
     legs.send(busy, rtp(1))
     real_epoll = legs.readiness._epoll
     # set and put back by hand: a mypyc-compiled RtpReadiness has no attribute to delete

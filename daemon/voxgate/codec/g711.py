@@ -4,16 +4,22 @@ An RTP payload carries one byte per sample at 8000 Hz; the linear side is the
 pipeline's PCM16: signed, little-endian, two bytes per sample. A 20 ms frame
 is 160 payload bytes ↔ 320 PCM bytes.
 
-The conversions run on the hot path (every 20 ms per call and direction), so
-they are the C functions of the stdlib ``audioop`` module, which the
-``audioop-lts`` distribution provides under the same name on Python ≥ 3.13.
-The codecs hold no state: one shared object per codec serves every call.
+The conversions are the stdlib ``audioop`` module's (the ``audioop-lts``
+distribution provides it under the same name on Python ≥ 3.13). They run on
+the hot path, every 20 ms per call and direction, and audioop's encoder
+searches each sample's segment (34 instructions a sample, callgrind), so the
+compiled build (setup.py) looks them up instead in tables that audioop fills
+at import: ``voxgate.codec._g711``, a few lines of C that know no G.711 of
+their own (``tests/test_g711.py`` checks every sample and code against
+audioop). The pure-Python build calls audioop. The codecs hold no state: one
+shared object per codec serves every call.
 """
 
 from __future__ import annotations
 
 import sys
 import warnings
+from array import array
 from collections.abc import Callable
 from typing import Final
 
@@ -89,13 +95,39 @@ class G711Codec:
         return self._silence_byte * samples
 
 
+_Conversion = Callable[[bytes, int], bytes]
+
+
+def _lookups(
+    to_linear: _Conversion, from_linear: _Conversion, *, shift: int
+) -> tuple[_Conversion, _Conversion]:
+    """A law's ``(to_linear, from_linear)``: audioop's own functions, or the same
+    results by table lookup when the C extension was built.
+
+    ``shift``: the encoder depends only on the sample's top ``16 - shift``
+    bits (audioop: µ-law 14, A-law 13), so its table holds ``65536 >> shift``
+    codes, one for each such prefix.
+    """
+    try:
+        from voxgate.codec import _g711
+    except ImportError:  # the pure-Python build
+        return to_linear, from_linear
+    prefixes = array("h", range(-32768, 32768, 1 << shift)).tobytes()
+    encoder = _g711.Encoder(from_linear(prefixes, PCM_SAMPLE_WIDTH_BYTES), shift)
+    decoder = _g711.Decoder(to_linear(bytes(range(256)), PCM_SAMPLE_WIDTH_BYTES))
+    return decoder.decode, encoder.encode
+
+
+_ULAW_TO_LINEAR, _ULAW_FROM_LINEAR = _lookups(audioop.ulaw2lin, audioop.lin2ulaw, shift=2)
+_ALAW_TO_LINEAR, _ALAW_FROM_LINEAR = _lookups(audioop.alaw2lin, audioop.lin2alaw, shift=3)
+
 PCMU = G711Codec(
-    "PCMU", 0, to_linear=audioop.ulaw2lin, from_linear=audioop.lin2ulaw, silence_byte=0xFF
+    "PCMU", 0, to_linear=_ULAW_TO_LINEAR, from_linear=_ULAW_FROM_LINEAR, silence_byte=0xFF
 )
 """G.711 µ-law, RTP payload type 0."""
 
 PCMA = G711Codec(
-    "PCMA", 8, to_linear=audioop.alaw2lin, from_linear=audioop.lin2alaw, silence_byte=0xD5
+    "PCMA", 8, to_linear=_ALAW_TO_LINEAR, from_linear=_ALAW_FROM_LINEAR, silence_byte=0xD5
 )
 """G.711 A-law, RTP payload type 8."""
 

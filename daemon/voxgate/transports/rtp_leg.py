@@ -4,7 +4,8 @@ Each tick (20 ms, :meth:`~voxgate.pipeline.pipeline.Pipeline.step`): take what
 arrived into the :class:`~voxgate.rtp.stream.RtpStream` (jitter buffer, DTMF,
 symmetric-RTP latching) and decode the frames due; then encode the pipeline's
 outbound frame (or G.711 silence) and send one packet to where the peer's
-packets come from. No awaits, no task switches.
+packets come from. No awaits, no task switches. The socket's reads and writes
+are :mod:`voxgate.transports.datagram`'s (C in the compiled build).
 
 Reading (measured, ``bench/sip_load.py``): a speculative ``recvfrom`` per call
 per tick that only says "no data" costs a syscall and a raised exception, more
@@ -41,6 +42,7 @@ from voxgate.pipeline.playback import PlaybackTracker
 from voxgate.rtp.dtmf import DtmfEvent
 from voxgate.rtp.jitter import LOST, PLAYED
 from voxgate.rtp.stream import RtpStream
+from voxgate.transports.datagram import Datagrams, datagrams_for
 from voxgate.transports.rtp_ports import PortPool
 from voxgate.transports.srtp import SrtpContext
 
@@ -116,11 +118,12 @@ class RtpLeg:
     answered and ticked): until then datagrams wait in the kernel, as early
     media must not fill the jitter buffer of a call still ringing. ``srtp``
     is the call's SRTP state, ``None`` for plain RTP (a re-INVITE that
-    changes the keys re-keys it, :meth:`SrtpContext.rekey`).
+    changes the keys re-keys it, :meth:`SrtpContext.rekey`). ``datagrams``
+    reads and writes ``sock`` (default: :func:`datagrams_for` it).
     """
 
     __slots__ = (
-        "_allowance_s", "_budget", "_dtmf_pending", "_fd", "_frames_elapsed", "_jitter",
+        "_allowance_s", "_budget", "_dtmf_pending", "_fd", "_frames_elapsed", "_io", "_jitter",
         "_jitter_held_bytes", "_on_dtmf", "_packets_seen", "_playback", "_pool", "_readiness",
         "_silence", "_sock", "_stats",
         "codec", "local_port", "send_errors", "sending", "srtp", "stream",
@@ -139,10 +142,12 @@ class RtpLeg:
         budget: SessionBudget,
         playback_allowance_s: float,
         srtp: SrtpContext | None = None,
+        datagrams: Datagrams | None = None,
     ) -> None:
         self._pool = pool
         self._readiness = readiness
         self._sock: socket.socket | None = sock
+        self._io = datagrams_for(sock, MAX_DATAGRAM_BYTES) if datagrams is None else datagrams
         self._fd: int | None = None  # set once registered with readiness
         self.local_port: int = sock.getsockname()[1]
         self.stream = stream
@@ -173,19 +178,18 @@ class RtpLeg:
     def read_one(self, now: float) -> bool:
         """Read one datagram into the stream (:class:`RtpReadiness` calls it);
         False when none was there or the read failed (retried next tick)."""
-        sock = self._sock
-        if sock is None:
+        if self._sock is None:
             return False
-        try:
-            data, source = sock.recvfrom(MAX_DATAGRAM_BYTES)
-        except OSError:  # BlockingIOError: drained; others (ICMP errors): retried next tick
+        got = self._io.recv()
+        if got is None:  # drained; or a read error (ICMP): retried next tick
             return False
+        data, source = got
         if self.srtp is not None:
             unprotected = self.srtp.unprotect_untrusted(data)
             if unprotected is None:  # counted by the SRTP context
                 return True
             data = unprotected
-        dtmf = self.stream.receive_datagram_untrusted(data, source[:2], now)
+        dtmf = self.stream.receive_datagram_untrusted(data, source, now)
         if dtmf is not None:
             self._dtmf_pending.append(dtmf)
         return True
@@ -235,9 +239,9 @@ class RtpLeg:
         finished utterances complete once paced out plus the playback allowance."""
         for utterance_id in finished:
             self._playback.sent_paced(utterance_id, now, self._allowance_s)
-        sock, stream = self._sock, self.stream
+        stream = self.stream
         remote = stream.remote_addr
-        if sock is None or not self.sending or remote is None:
+        if self._sock is None or not self.sending or remote is None:
             return
         payload = self._silence if pcm is None else self.codec.encode(pcm)
         datagram = stream.build_outbound(payload, frames_elapsed=self._frames_elapsed)
@@ -247,7 +251,7 @@ class RtpLeg:
                 return
             datagram = protected
         try:
-            sock.sendto(datagram, remote)
+            self._io.send(datagram, remote)
         except OSError as e:
             self.send_errors += 1
             if self.send_errors == 1:
