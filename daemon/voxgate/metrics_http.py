@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import gzip
 import logging
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 
@@ -65,9 +65,16 @@ class Answer:
                    message.encode() + b"\n")
 
 
+async def _nothing_before() -> None:
+    pass
+
+
 async def serve_metrics(listen: str, *, registry: CollectorRegistry = REGISTRY,
+                        before_scrape: Callable[[], Awaitable[None]] = _nothing_before,
                         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-    """Bind ``listen`` (HOST:PORT), report started, serve ``registry`` until cancelled.
+    """Bind ``listen`` (HOST:PORT), report started, serve ``registry`` until cancelled;
+    ``before_scrape`` is awaited before each request is answered (the supervisor sums
+    the sessions' counters there, in pieces: :meth:`Supervisor.refresh_metrics`).
 
     Raises OSError when the address cannot be bound.
     """
@@ -82,7 +89,7 @@ async def serve_metrics(listen: str, *, registry: CollectorRegistry = REGISTRY,
             await _refuse_busy(stream)
             return
         try:
-            await _serve_connection(stream, registry)
+            await _serve_connection(stream, registry, before_scrape)
         finally:
             limiter.release()
 
@@ -110,7 +117,8 @@ def answer(method: bytes, target: bytes, headers: Sequence[tuple[bytes, bytes]],
     return Answer(200, out, body)
 
 
-async def _serve_connection(stream: trio.SocketStream, registry: CollectorRegistry) -> None:
+async def _serve_connection(stream: trio.SocketStream, registry: CollectorRegistry,
+                            before_scrape: Callable[[], Awaitable[None]]) -> None:
     """Requests on one connection, in turn, until it closes, breaks the protocol or
     a timeout passes; always closes the stream."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD_BYTES)
@@ -126,6 +134,7 @@ async def _serve_connection(stream: trio.SocketStream, registry: CollectorRegist
             if request is None:
                 return
             try:
+                await before_scrape()
                 reply = answer(request.method, request.target, request.headers, registry)
             except Exception as e:  # a collector's bug: say so, keep serving
                 log_event(logging.ERROR, "metrics_failed", "cannot produce the metrics",

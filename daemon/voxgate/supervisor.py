@@ -44,6 +44,7 @@ import os
 import signal
 import sys
 import time
+from collections import Counter
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -151,6 +152,7 @@ class Supervisor:
             config.limits.media_utilisation_max, config.limits.media_lag_max_ms / 1000),
             on_load=self._media_load)
         self._media_healthy = True
+        self._summed_counters: Counter[str] | None = None  # see refresh_metrics
         self.admission = Admission(limits_from_config(config))
         self.desk = AdmissionDesk(self.admission, self.check_in)
         self._media_load(self.clock.load)  # listed in `voxgatectl health` from the start
@@ -210,13 +212,22 @@ class Supervisor:
             word = "draining"
         return f"{plural(stats.active, 'session')}, {stats.queued} queued, {word}"
 
+    async def refresh_metrics(self) -> None:
+        """Before a scrape: sum the sessions' counters for the next
+        :meth:`metrics_snapshot` without holding up the media clock
+        (:meth:`Registry.summed_counters`)."""
+        self._summed_counters = await self.registry.summed_counters()
+
     def metrics_snapshot(self) -> LiveValues:
-        """Live values for the metrics collector (read at scrape time only)."""
+        """Live values for the metrics collector (read at scrape time only): the
+        sessions' counters as :meth:`refresh_metrics` summed them just before, or
+        summed here in one piece when nothing did."""
         stats = self.admission.statistics()
         rss = self.rss_gate.limits
         control = self._control
+        media, self._summed_counters = self._summed_counters, None
         return {
-            **media_values(self.registry.counters()),
+            **media_values(self.registry.counters() if media is None else media),
             **admission_values(stats.counters),
             **sip_values(dataclasses.asdict(self.endpoint.stats)),
             **self._registration_values(),
@@ -367,7 +378,8 @@ class Supervisor:
                 ]
                 if config.metrics.listen:
                     listeners.append(("[metrics] listen", config.metrics.listen,
-                                      partial(serve_metrics, config.metrics.listen)))
+                                      partial(serve_metrics, config.metrics.listen,
+                                              before_scrape=self.refresh_metrics)))
                 for key, value, start in listeners:
                     try:
                         await nursery.start(start)

@@ -190,6 +190,7 @@ def make_handlers(sup: Supervisor) -> dict[str, Handler]:
         return health()
 
     async def metrics(args: Mapping[str, Any]) -> dict[str, str]:
+        await sup.refresh_metrics()
         return {"text": exposition()}
 
     return {
