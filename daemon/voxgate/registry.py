@@ -39,6 +39,7 @@ class Registry:
     def __init__(self) -> None:
         self._entries: dict[str, Entry] = {}
         self.ended_counters: Counter[str] = Counter()
+        self._last_sum: Counter[str] = Counter()  # see summed_counters
         self._empty = trio.Event()
         self._empty.set()
 
@@ -125,8 +126,10 @@ class Registry:
 
         The sessions are those live when it starts: one that begins meanwhile
         counts from the next sum on, one that ends meanwhile is counted once
-        (from its own counters, not yet from :attr:`ended_counters`), so every
-        total only grows from one sum to the next.
+        (from its own counters, not yet from :attr:`ended_counters`). Two sums
+        can overlap (two scrapers): the one that started first may read a
+        session before it ended and finish last, so each total is at least
+        what the sum before it returned, as a counter must be.
         """
         total = Counter(self.ended_counters)
         entries = list(self._entries.values())
@@ -134,7 +137,11 @@ class Registry:
             await trio.lowlevel.checkpoint()
             for entry in entries[start:start + COUNTERS_CHUNK_SESSIONS]:
                 total.update(_counters(entry))
-        return total
+        for name, value in self._last_sum.items():
+            if total[name] < value:
+                total[name] = value
+        self._last_sum = total
+        return Counter(total)
 
 
 def _counters(entry: Entry) -> dict[str, int]:
