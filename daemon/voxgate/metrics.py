@@ -469,7 +469,7 @@ def route_counters(counts: Mapping[str, float], routes: Mapping[str, _Route],
 
 
 def media_values(counts: Mapping[str, float]) -> dict[str, dict[tuple[str, ...], float]]:
-    """The sessions' summed media counters (``Registry.counters()``) as live values
+    """The sessions' summed media counters (``Registry.summed_counters()``) as live values
     (0 before the first session); those not exported (frames, barge-ins …) are left out."""
     exported = dict.fromkeys(_MEDIA, 0.0)
     exported.update((key, value) for key, value in counts.items()

@@ -152,7 +152,7 @@ class Supervisor:
             config.limits.media_utilisation_max, config.limits.media_lag_max_ms / 1000),
             on_load=self._media_load)
         self._media_healthy = True
-        self._summed_counters: Counter[str] | None = None  # see refresh_metrics
+        self._media_counters: Counter[str] = Counter()  # as refresh_metrics last summed them
         self.admission = Admission(limits_from_config(config))
         self.desk = AdmissionDesk(self.admission, self.check_in)
         self._media_load(self.clock.load)  # listed in `voxgatectl health` from the start
@@ -216,18 +216,16 @@ class Supervisor:
         """Before a scrape: sum the sessions' counters for the next
         :meth:`metrics_snapshot` without holding up the media clock
         (:meth:`Registry.summed_counters`)."""
-        self._summed_counters = await self.registry.summed_counters()
+        self._media_counters = await self.registry.summed_counters()
 
     def metrics_snapshot(self) -> LiveValues:
-        """Live values for the metrics collector (read at scrape time only): the
-        sessions' counters as :meth:`refresh_metrics` summed them just before, or
-        summed here in one piece when nothing did."""
+        """Live values for the metrics collector (read at scrape time only); the
+        sessions' counters as :meth:`refresh_metrics` summed them just before."""
         stats = self.admission.statistics()
         rss = self.rss_gate.limits
         control = self._control
-        media, self._summed_counters = self._summed_counters, None
         return {
-            **media_values(self.registry.counters() if media is None else media),
+            **media_values(self._media_counters),
             **admission_values(stats.counters),
             **sip_values(dataclasses.asdict(self.endpoint.stats)),
             **self._registration_values(),
