@@ -25,7 +25,11 @@ packet with libsrtp2. Over the window:
 - from the daemon: CPU (/proc/PID/stat) as ms per session-second and µs per
   call-tick (CPU s / (N * 50 * window s) * 1e6), RSS per session ((RSS in the
   window - idle RSS) / N), N being the calls answered (503s excluded), and
-  the 20 ms ticks its media clock skipped.
+  the 20 ms ticks its media clock skipped;
+- from the daemon's core: other processes' CPU on it, the hypervisor's steal
+  time, and how fast it ran (:mod:`bench.host_probe`: on a virtual machine the
+  same work takes up to twice as long in spells, which explains runs that fail
+  at a load others sustain).
 
 A run is sustained when every call was answered and up through the window and
 gap p99 ≤ 30 ms, gap max ≤ 100 ms, loss ≤ 0.1 %, echo p99 ≤ 60 ms. It prints a
@@ -59,11 +63,12 @@ from tests.harness.daemon import (
     running_daemon,
 )
 
+from bench.host_probe import HostProbe, ProbeFigures
 from bench.sip_load import (
     DAEMON_CPU,
     PEER_CPU,
     clock_counters,
-    core_busy_ticks,
+    core_ticks,
     cpu_ticks,
     rss_kib,
 )
@@ -211,6 +216,10 @@ class RunResult:
     daemon_cpu_s: float
     foreign_cpu_s: float
     """CPU time others used on the daemon's core over the window."""
+    steal_s: float
+    """Time the hypervisor took the daemon's core over the window."""
+    probe: ProbeFigures
+    """How fast the daemon's core ran (:mod:`bench.host_probe`)."""
     rss_kib: int
     idle_rss_kib: int
     frames_skipped: int
@@ -225,6 +234,11 @@ class RunResult:
     def foreign_pct(self) -> float:
         """Other processes' CPU on the daemon's core over the window, % of it."""
         return 100.0 * self.foreign_cpu_s / self.window_s
+
+    @property
+    def steal_pct(self) -> float:
+        """Steal time on the daemon's core over the window, % of it."""
+        return 100.0 * self.steal_s / self.window_s
 
     @property
     def calls_up(self) -> int:
@@ -371,7 +385,9 @@ def run_once(sessions: int, run: int, options: Options, workdir: Path) -> RunRes
                 argv.append("--aligned")
             limit_s = (sessions / options.rate_cps + options.settle_s + options.duration_s
                        + _GENERATOR_SLACK_S)
-            with (workdir / "rtpload.stderr").open("wb") as stderr, subprocess.Popen(
+            with (workdir / "rtpload.stderr").open("wb") as stderr, HostProbe(
+                DAEMON_CPU, workdir / "host_probe.txt",
+            ) as probe, subprocess.Popen(
                 argv, stdout=subprocess.PIPE, stderr=stderr, text=True,
             ) as proc:
                 watchdog = threading.Timer(limit_s, proc.kill)
@@ -385,14 +401,14 @@ def run_once(sessions: int, run: int, options: Options, workdir: Path) -> RunRes
                         name = event.get("event")
                         if name == "window_start":
                             ticks_start, t_start = cpu_ticks(daemon.pid), time.monotonic()
-                            core_start = core_busy_ticks(DAEMON_CPU)
+                            core_start, steal_start = core_ticks(DAEMON_CPU)
                             _, skipped_start = clock_counters(daemon.control_socket)
                             rss = rss_kib(daemon.pid)
                         elif name == "window_mid":
                             rss = max(rss, rss_kib(daemon.pid))
                         elif name == "window_end":
                             ticks_stop, t_stop = cpu_ticks(daemon.pid), time.monotonic()
-                            core_stop = core_busy_ticks(DAEMON_CPU)
+                            core_stop, steal_stop = core_ticks(DAEMON_CPU)
                             _, skipped_stop = clock_counters(daemon.control_socket)
                             rss = max(rss, rss_kib(daemon.pid))
                         elif name == "result":
@@ -413,6 +429,7 @@ def run_once(sessions: int, run: int, options: Options, workdir: Path) -> RunRes
         sessions=sessions, run=run, gen=GeneratorReport.from_json(report),
         window_s=t_stop - t_start, daemon_cpu_s=(ticks_stop - ticks_start) / _CLK_TCK,
         foreign_cpu_s=max(0, core_stop - core_start - (ticks_stop - ticks_start)) / _CLK_TCK,
+        steal_s=(steal_stop - steal_start) / _CLK_TCK, probe=probe.figures(t_start, t_stop),
         rss_kib=rss, idle_rss_kib=idle_rss,
         frames_skipped=round(skipped_stop - skipped_start), daemon_exited=daemon_exited,
     )
@@ -434,6 +451,9 @@ TABLE: Table[RunResult] = Table((
     ("inv99", ".1f", lambda r: r.gen.invite_200_p99_ms),
     ("cpu%", ".1f", lambda r: r.cpu_pct),
     ("foreign%", ".1f", lambda r: r.foreign_pct),
+    ("steal%", ".1f", lambda r: r.steal_pct),
+    ("probe50", ".0f", lambda r: r.probe.p50_us),
+    ("probe90", ".0f", lambda r: r.probe.p90_us),
     ("ms/sess-s", ".2f", lambda r: r.cpu_ms_per_session_s),
     ("us/tick", ".1f", lambda r: r.us_per_call_tick),
     ("KiB/sess", ".1f", lambda r: r.rss_per_session_kib),
@@ -442,7 +462,9 @@ TABLE: Table[RunResult] = Table((
     ("late99", ".2f", lambda r: r.gen.send_late_p99_ms),
     ("pass", "s", lambda r: "yes" if r.passed else "NO"),
 ))
-"""Times in ms; ``foreign%`` other processes' CPU on the daemon's core; ``ms/sess-s``
+"""Times in ms; ``foreign%`` other processes' CPU on the daemon's core, ``steal%`` the
+hypervisor's, ``probe50``/``probe90`` how fast that core ran (:mod:`bench.host_probe`,
+µs of CPU for a fixed unit of work: lower is faster); ``ms/sess-s``
 daemon CPU per session-second; ``us/tick`` per call-tick;
 ``gen%`` the generator's CPU (% of its core); ``late99`` its send lateness p99."""
 

@@ -115,14 +115,16 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def core_busy_ticks(cpu: int) -> int:
-    """Clock ticks CPU ``cpu`` spent busy (all but idle and iowait, /proc/stat):
-    less the daemon's own :func:`cpu_ticks` over a window, the foreign load on its core."""
+def core_ticks(cpu: int) -> tuple[int, int]:
+    """(busy, steal) clock ticks of CPU ``cpu`` (/proc/stat). Busy is all but idle,
+    iowait and steal: less the daemon's own :func:`cpu_ticks` over a window, the
+    foreign load on its core. Steal is the time the hypervisor ran something else
+    while the core had work (0 on bare metal)."""
     for line in Path("/proc/stat").read_text().splitlines():
         fields = line.split()
         if fields[0] == f"cpu{cpu}":
-            ticks = [int(x) for x in fields[1:8]]  # user nice system idle iowait irq softirq
-            return sum(ticks) - ticks[3] - ticks[4] + (int(fields[8]) if len(fields) > 8 else 0)
+            user, nice, system, _idle, _iowait, irq, softirq, *rest = map(int, fields[1:9])
+            return user + nice + system + irq + softirq, rest[0] if rest else 0
     raise LookupError(f"no cpu{cpu} line in /proc/stat")
 
 

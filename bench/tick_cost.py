@@ -36,6 +36,8 @@ import sys
 import time
 from dataclasses import dataclass
 
+from tests.harness.daemon import reserve_port_range
+
 from voxgate.codec.g711 import PCMU
 from voxgate.config import parse_config
 from voxgate.pipeline.clock import MediaClock
@@ -107,7 +109,9 @@ def open_calls(count: int, pool: PortPool, readiness: RtpReadiness, now: float) 
 
 def run(calls_n: int, ticks: int) -> None:
     """Tick ``calls_n`` calls ``ticks`` times; print the thread CPU per call-tick."""
-    pool = PortPool("127.0.0.1", 40000, 40000 + 2 * calls_n + 2)
+    # Below the ephemeral range, where the peers' sockets take their ports.
+    ports = reserve_port_range(2 * calls_n + 2)
+    pool = PortPool("127.0.0.1", ports.first, ports.last)
     readiness = RtpReadiness()
     now = 1000.0
     calls = open_calls(calls_n, pool, readiness, now)
@@ -135,6 +139,7 @@ def run(calls_n: int, ticks: int) -> None:
     for call in calls:
         call.leg.close()
         call.peer.close()
+    ports.release()
     if tick:
         per_tick_s.sort()
         scale = 1e6 / calls_n

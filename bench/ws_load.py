@@ -24,12 +24,14 @@ up, ``--duration`` s) it measures:
   session-second, and RSS, RSS per stream;
 - the clients' own CPU (percent of their core) and send lateness p99 (a late
   or saturated client voids the figures);
-- other processes' CPU on the daemon's core (``foreign%``) and the media
-  clock's skipped ticks (``voxgatectl metrics``), as ``bench.rtp_load``
-  prints them. A skipped tick costs each stream the frames it missed
-  (:meth:`~voxgate.pipeline.playout.Playout.skip`), whose echoes never come:
-  at 300 streams over 20 s, one skipped tick is 0.1 % loss here (``bench.rtp_load``
-  counts loss by the daemon's sequence numbers, which a skip leaves whole).
+- other processes' CPU on the daemon's core (``foreign%``), the hypervisor's
+  steal time on it (``steal%``), how fast it ran (``probe50``/``probe90``,
+  :mod:`bench.host_probe`) and the media clock's skipped ticks (``voxgatectl
+  metrics``), as ``bench.rtp_load`` prints them. A skipped tick costs each
+  stream the frames it missed (:meth:`~voxgate.pipeline.playout.Playout.skip`),
+  whose echoes never come: one skipped tick is 1 / (50 x window s) loss, 0.067 %
+  over the default 30 s window, 0.1 % over 20 s (``bench.rtp_load`` counts loss
+  by the daemon's sequence numbers, which a skip leaves whole).
 
 It prints a row per run and the largest N meeting gap p99 ≤ 30 ms, gap max ≤
 100 ms, loss ≤ 0.1 % and echo p99 ≤ 60 ms (``bench/sip_load.py``'s limits)
@@ -60,12 +62,13 @@ from tests.harness.daemon import ConfigOverrides, running_daemon
 from tests.harness.pcap import percentile
 from wsproto.events import AcceptConnection, Request
 
+from bench.host_probe import HostProbe, ProbeFigures
 from bench.rtp_load import NO_LOAD_GATE
 from bench.sip_load import (
     DAEMON_CPU,
     PEER_CPU,
     clock_counters,
-    core_busy_ticks,
+    core_ticks,
     cpu_ticks,
     rss_kib,
 )
@@ -111,6 +114,8 @@ class StepResult:
     client_cpu_pct: float
     client_late_p99_ms: float
     foreign_pct: float
+    steal_pct: float
+    probe: ProbeFigures
     frames_skipped: int
 
     @property
@@ -279,6 +284,7 @@ class Run:
     client_cpu_s: float
     lateness_s: list[float]
     foreign_cpu_s: float
+    steal_s: float
     frames_skipped: int
 
 
@@ -299,7 +305,7 @@ def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, durati
     stop_at = t0 + ramp_s + duration_s
     planned_start, planned_stop = t0 + ramp_s + _EDGE_S, stop_at - _EDGE_S
     mid = (planned_start + planned_stop) / 2
-    ticks_start = ticks_stop = rss = core_start = core_stop = 0
+    ticks_start = ticks_stop = rss = core_start = core_stop = steal_start = steal_stop = 0
     skipped_start = skipped_stop = 0.0
     cpu_start = cpu_stop = window_start = window_stop = 0.0
     lateness: list[float] = []
@@ -315,13 +321,13 @@ def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, durati
         now = time.monotonic()
         if not window_start and now >= planned_start:
             window_start, ticks_start, cpu_start = now, cpu_ticks(pid), time.process_time()
-            core_start = core_busy_ticks(DAEMON_CPU)
+            core_start, steal_start = core_ticks(DAEMON_CPU)
             skipped_start = clock_counters(control_socket)[1]
         if not rss and now >= mid:
             rss = rss_kib(pid)
         if not window_stop and now >= planned_stop:
             window_stop, ticks_stop, cpu_stop = now, cpu_ticks(pid), time.process_time()
-            core_stop = core_busy_ticks(DAEMON_CPU)
+            core_stop, steal_stop = core_ticks(DAEMON_CPU)
             skipped_stop = clock_counters(control_socket)[1]
         if now < tick or tick >= stop_at:
             if tick >= stop_at:
@@ -341,6 +347,7 @@ def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, durati
     return Run(clients, (window_start, window_stop), daemon_ticks / _CLK_TCK, rss,
                cpu_stop - cpu_start, lateness,
                foreign_cpu_s=max(0, core_stop - core_start - daemon_ticks) / _CLK_TCK,
+               steal_s=(steal_stop - steal_start) / _CLK_TCK,
                frames_skipped=round(skipped_stop - skipped_start))
 
 
@@ -363,8 +370,9 @@ def run_step(sessions: int, run_index: int, payloads: list[bytes], workdir: Path
             os.sched_setscheduler(daemon.pid, os.SCHED_FIFO, os.sched_param(fifo))
         time.sleep(1.0)
         idle_rss = rss_kib(daemon.pid)
-        run = drive(sessions, port, payloads, ramp_s, duration_s, daemon.pid,
-                    daemon.control_socket)
+        with HostProbe(DAEMON_CPU, workdir / "host_probe.txt") as probe:
+            run = drive(sessions, port, payloads, ramp_s, duration_s, daemon.pid,
+                        daemon.control_socket)
     clients = run.clients
     start, stop = run.window
     wall_s = stop - start
@@ -393,6 +401,8 @@ def run_step(sessions: int, run_index: int, payloads: list[bytes], workdir: Path
         idle_rss_kib=idle_rss,
         client_cpu_pct=100.0 * run.client_cpu_s / wall_s,
         foreign_pct=100.0 * run.foreign_cpu_s / wall_s,
+        steal_pct=100.0 * run.steal_s / wall_s,
+        probe=probe.figures(start, stop),
         frames_skipped=run.frames_skipped,
         client_late_p99_ms=percentile([x * 1000 for x in run.lateness_s], 99),
     )
@@ -410,6 +420,9 @@ _TABLE: Table[StepResult] = Table((
     ("echo99", ".1f", lambda r: r.echo_p99_ms),
     ("cpu%", ".1f", lambda r: r.cpu_pct),
     ("foreign%", ".1f", lambda r: r.foreign_pct),
+    ("steal%", ".1f", lambda r: r.steal_pct),
+    ("probe50", ".0f", lambda r: r.probe.p50_us),
+    ("probe90", ".0f", lambda r: r.probe.p90_us),
     ("ms/sess-s", ".2f", lambda r: r.cpu_ms_per_session_s),
     ("rssMiB", ".1f", lambda r: r.rss_kib / 1024),
     ("KiB/sess", ".1f", lambda r: r.rss_per_session_kib),
