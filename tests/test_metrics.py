@@ -91,6 +91,11 @@ def test_media_counters_start_at_zero_and_skip_the_unexported():
     assert 9 not in {v for series in values.values() for v in series.values()}
 
 
+def test_jitter_delay_changes_are_one_counter_by_change():
+    values = media_values({"jitter_grown": 3, "jitter_shrunk": 2})
+    assert values["voxgate_rtp_jitter_delay_changes_total"] == {("grown",): 3, ("shrunk",): 2}
+
+
 def test_admission_decisions_split_into_admitted_queued_refused_cancelled():
     admission = adm.Admission(adm.AdmissionLimits(max_sessions=1, queue_size=1,
                                                   queue_timeout_s=1.0))

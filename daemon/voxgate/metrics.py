@@ -210,6 +210,8 @@ LIVE_METRICS: tuple[LiveMetric, ...] = (
              "Fallback prompts played because the agent did not answer"),
     _counter("voxgate_playback_deadmans_total", "Utterances ended by the playback deadman"),
     _counter("voxgate_rtp_frames_concealed_total", "Inbound frames lost and concealed"),
+    _counter("voxgate_rtp_jitter_delay_changes_total", "Jitter buffer delay moved by a frame "
+             "(grown: for a late packet; shrunk: given back after a calm spell)", "change"),
     _counter("voxgate_rtcp_ignored_total", "RTCP packets that arrived on an RTP port"),
     _counter("voxgate_srtp_packets_dropped_total", "Inbound packets of SRTP calls dropped "
              "undecoded, by reason (auth: failed authentication, e.g. a wrong key or plain "
@@ -366,6 +368,8 @@ _MEDIA: Mapping[str, _Route] = {
     "agent_fallbacks": ("voxgate_agent_fallbacks_total", ()),
     "playback_deadmans": ("voxgate_playback_deadmans_total", ()),
     "frames_concealed": ("voxgate_rtp_frames_concealed_total", ()),
+    "jitter_grown": ("voxgate_rtp_jitter_delay_changes_total", ("grown",)),
+    "jitter_shrunk": ("voxgate_rtp_jitter_delay_changes_total", ("shrunk",)),
     "rtcp_ignored": ("voxgate_rtcp_ignored_total", ()),
     **{f"srtp_drop_{reason}": ("voxgate_srtp_packets_dropped_total", (reason,))
        for reason in SRTP_DROP_REASONS},

@@ -39,7 +39,7 @@ ULAW_CLIP_NAME = "voxgate_clip_ulaw.wav"
 PCM16_CLIP_NAME = "voxgate_clip_pcm16.wav"
 SILENCE_FLOOR_DBFS = -70.0
 VOICED_DBFS = -45.0  # a 20 ms frame or segment above this carries speech
-SEGMENT_S = 0.5
+SEGMENT_S = 0.25  # short: a frame a jitter buffer inserts or drops breaks one segment
 SEGMENT_SLACK_S = 0.25
 SEGMENT_NCC = 0.9
 _FULL_SCALE = 32768.0
@@ -115,7 +115,12 @@ class EchoMatch:
     within ±``SEGMENT_SLACK_S`` of the overall lag, correlate at
     ``SEGMENT_NCC`` or better, 0..1: the echo is the caller's speech in order
     even when a jitter buffer under load concealed or skipped a frame (which
-    shifts everything after it and so lowers ``ncc``).
+    shifts everything after it and so lowers ``ncc`` and ``envelope_corr``).
+    Measured on ten echoes through the Pipecat bot while the unit tests ran
+    beside them: the daemon's jitter buffer grew by a frame and shrank back in
+    four (the lag 40 ms, then 60, then 40 again); with 0.5 s segments they
+    matched 0.73-0.91, with 0.25 s 0.87-0.96. The same received audio
+    reversed, or cut into 0.2 s pieces and shuffled, matches 0.0 and 0.09.
     """
 
     lag_s: float

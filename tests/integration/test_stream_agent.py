@@ -103,8 +103,9 @@ def test_the_caller_talks_to_a_real_pipecat_bot(start_daemon: StartDaemon, bot: 
                                          "channels": 1}
         time.sleep(clip.duration_s + 1.5)
         match = compare_echo(peer.audio(started), clip.pcm16)
-        assert match.envelope_corr >= 0.8, match
-        assert match.segments_matched >= 0.7, match  # robust to a concealed frame (audio.py)
+        # Not the envelope at one lag: a frame the jitter buffer inserts or drops
+        # under load moves the rest of the echo (EchoMatch).
+        assert match.segments_matched >= 0.7, match
         media = bot.events(lambda e: e["event"] == "raw" and e.get("kind") == "media")
         assert media and all(m["bytes"] == 160 and m["track"] == "inbound" for m in media[:50])
         chunks = [int(m["chunk"]) for m in media[:50]]

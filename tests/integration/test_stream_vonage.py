@@ -64,8 +64,9 @@ def test_the_caller_talks_to_a_pipecat_vonage_bot(start_daemon: StartDaemon, bot
         assert fields["from"].startswith("sip:") and fields["to"].startswith("sip:bot@")
         time.sleep(clip.duration_s + 1.5 + RESAMPLING_S)
         match = compare_echo(peer.audio(started), clip.pcm16)
-        assert match.envelope_corr >= 0.8, match
-        assert match.segments_matched >= 0.7, match  # robust to a concealed frame (audio.py)
+        # Not the envelope at one lag: a frame the jitter buffer inserts or drops
+        # under load moves the rest of the echo (EchoMatch).
+        assert match.segments_matched >= 0.7, match
         audio = bot.events(lambda e: e["event"] == "raw" and e.get("kind") == "audio")
         assert len(audio) >= 50
         assert {m["bytes"] for m in audio} == {bot.sample_rate * 2 // 50}  # 20 ms of PCM16

@@ -285,6 +285,65 @@ def test_sustained_surplus_gives_delay_back():
     assert buffer.buffered_frames <= 2
 
 
+class InPhaseSender:
+    """A sender whose packet ``n`` arrives just before tick ``n``, or just after it."""
+
+    def __init__(self, buffer: JitterBuffer) -> None:
+        self.buffer = buffer
+        self.seq = 0
+
+    def on_time(self, ticks: int) -> None:
+        for _ in range(ticks):
+            self.buffer.push(pkt(self.seq))
+            assert self.buffer.pop()[0] is PLAYED
+            self.seq += 1
+
+    def late(self) -> None:
+        """This tick's packet comes just after the tick: concealed, then played next."""
+        assert self.buffer.pop()[0] is LOST
+        self.buffer.push(pkt(self.seq))
+        self.seq += 1
+
+
+def test_delay_needed_again_soon_after_it_was_given_back_is_kept_twice_as_long():
+    from voxgate.rtp.jitter import SHRINK_AFTER_FRAMES
+
+    buffer = make(capacity=10, prefetch=1)
+    sender = InPhaseSender(buffer)
+    sender.on_time(5)
+    sender.late()  # grown ...
+    sender.on_time(SHRINK_AFTER_FRAMES + 2)  # ... given back after a calm second
+    assert (buffer.stats.grown, buffer.stats.shrunk) == (1, 1)
+    sender.on_time(SHRINK_AFTER_FRAMES)
+    sender.late()  # needed again within two seconds: the next give-back waits two
+    sender.on_time(SHRINK_AFTER_FRAMES + 10)
+    assert (buffer.stats.grown, buffer.stats.shrunk) == (2, 1)
+    sender.on_time(SHRINK_AFTER_FRAMES)
+    assert (buffer.stats.grown, buffer.stats.shrunk) == (2, 2)
+    assert buffer.buffered_frames == 0
+
+
+def test_backoff_is_capped_and_a_late_packet_long_after_starts_from_one_second():
+    from voxgate.rtp.jitter import SHRINK_AFTER_FRAMES, SHRINK_AFTER_MAX_FRAMES
+
+    buffer = make(capacity=10, prefetch=1)
+    sender = InPhaseSender(buffer)
+    sender.on_time(5)
+    calm = SHRINK_AFTER_FRAMES
+    for shrunk in range(1, 8):  # late again each time right after the give-back
+        sender.late()
+        sender.on_time(calm - 1)
+        assert buffer.stats.shrunk == shrunk - 1
+        sender.on_time(2)
+        assert buffer.stats.shrunk == shrunk
+        calm = min(2 * calm, SHRINK_AFTER_MAX_FRAMES)
+    assert calm == SHRINK_AFTER_MAX_FRAMES
+    sender.on_time(2 * SHRINK_AFTER_MAX_FRAMES)  # calm for longer than twice the wait
+    sender.late()
+    sender.on_time(SHRINK_AFTER_FRAMES + 2)
+    assert buffer.stats.shrunk == 8
+
+
 def audio_at(timestamp: int, samples: int, value: int) -> RtpPacket:
     """A packet of `samples` samples, all `value`, at `timestamp` (mod 2**32)."""
     return RtpPacket(0, 0, timestamp & 0xFFFFFFFF, 1234, bytes([value % 256]) * samples)

@@ -38,7 +38,14 @@ from voxgate.rtp.packet import RtpPacket
 from voxgate.rtp.seqnum import uint32_add, uint32_diff
 
 SHRINK_AFTER_FRAMES: Final = 50
-"""Pops in a row with a surplus frame before the buffer gives back one frame (1 s)."""
+"""Pops in a row with a surplus frame before the buffer gives back one frame (1 s),
+unless the last frame it gave back was needed again soon (:data:`SHRINK_AFTER_MAX_FRAMES`)."""
+
+SHRINK_AFTER_MAX_FRAMES: Final = 800
+"""The longest calm (16 s) the buffer waits for before giving back a frame. Each time
+delay it gave back is needed again within twice the calm it had waited for (a sender
+late every few seconds), it waits twice as long the next time, up to this: each
+give-back and re-grow costs the caller a dropped and a concealed frame."""
 
 ULAW_SILENCE_BYTE: Final = 0xFF
 """G.711 µ-law code of digital silence, the default ``silence_byte`` (A-law: 0xD5)."""
@@ -121,6 +128,7 @@ class JitterBuffer:
 
     __slots__ = (
         "_anchored",
+        "_calm_frames",
         "_capacity",
         "_frames",
         "_lost_run",
@@ -131,6 +139,7 @@ class JitterBuffer:
         "_prefetch",
         "_prefetch_bytes",
         "_samples_per_frame",
+        "_shrunk_at",
         "_silence",
         "_stalled",
         "_surplus_run",
@@ -173,6 +182,8 @@ class JitterBuffer:
         self._lost_run = 0
         self._stalled = False  # the last pop held back a partial frame
         self._surplus_run = 0
+        self._calm_frames = SHRINK_AFTER_FRAMES  # surplus pops in a row before a shrink
+        self._shrunk_at: int | None = None  # _next_index after the last shrink
         self.buffered_bytes = 0
         """Payload bytes held, for the memory budget (read every tick; do not set it)."""
         self.stats = JitterStats()
@@ -221,7 +232,8 @@ class JitterBuffer:
                 # grow: the frame just concealed arrived a moment too late (the
                 # sender's phase moved); play it next, one frame more delay, instead
                 # of dropping every packet from now on. Else: still prefetching.
-                self.stats.grown += 1 if grow else 0
+                if grow:
+                    self._grew()
                 start = uint32_diff(packet.timestamp, self._next_timestamp)
             else:
                 self.stats.late += 1
@@ -298,7 +310,7 @@ class JitterBuffer:
         if isinstance(held, _PartialFrame) and len(self._frames) == 1 and not self._stalled:
             # Nothing newer has come: the rest of this frame is likely in flight.
             self._stalled = True
-            self.stats.grown += 1
+            self._grew()
             self.stats.lost += 1
             return LOST, None
         self._stalled = False
@@ -326,19 +338,33 @@ class JitterBuffer:
         return LOST, None
 
     def _shrink_if_surplus(self) -> None:
-        """Give back delay: after SHRINK_AFTER_FRAMES pops in a row that each left
-        at least ``prefetch_frames`` held (in steady state a pop leaves one fewer:
-        the frame it played was part of the prefetch), skip the oldest frame. One
-        frame grown for a late packet is so given back after a calm second."""
+        """Give back delay: after ``_calm_frames`` pops in a row that each left at
+        least ``prefetch_frames`` held (in steady state a pop leaves one fewer: the
+        frame it played was part of the prefetch), skip the oldest frame. One frame
+        grown for a late packet is so given back after a calm second (longer when
+        it was needed again soon after the last time: :meth:`_grew`)."""
         if len(self._frames) < self._prefetch:
             self._surplus_run = 0
             return
         self._surplus_run += 1
-        if self._surplus_run >= SHRINK_AFTER_FRAMES:
+        if self._surplus_run >= self._calm_frames:
             self._surplus_run = 0
             self._drop(self._next_index)
             self._advance(1)
+            self._shrunk_at = self._next_index
             self.stats.shrunk += 1
+
+    def _grew(self) -> None:
+        """Playout slipped back a frame (counted ``grown``). When that comes within
+        twice the calm the last shrink waited for, the shrink gave back delay the
+        network still needed: the next one waits twice as long (at most
+        :data:`SHRINK_AFTER_MAX_FRAMES`). Later than that, one calm second again."""
+        self.stats.grown += 1
+        shrunk_at = self._shrunk_at
+        if shrunk_at is not None and self._next_index - shrunk_at < 2 * self._calm_frames:
+            self._calm_frames = min(2 * self._calm_frames, SHRINK_AFTER_MAX_FRAMES)
+        else:
+            self._calm_frames = SHRINK_AFTER_FRAMES
 
     def _anchor(self, timestamp: int) -> None:
         self._anchored = True
