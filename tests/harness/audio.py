@@ -111,16 +111,17 @@ class EchoMatch:
     cross-correlation of the samples at that lag, -1..1. ``envelope_corr``:
     Pearson correlation of the per-frame energy (dB) envelopes at the frame lag,
     -1..1. ``overlap_s``: length compared. ``segments_matched``: fraction of
-    the reference's voiced 0.5 s segments that each, fitted on their own
+    the reference's voiced ``SEGMENT_S`` segments that each, fitted on their own
     within ±``SEGMENT_SLACK_S`` of the overall lag, correlate at
     ``SEGMENT_NCC`` or better, 0..1: the echo is the caller's speech in order
     even when a jitter buffer under load concealed or skipped a frame (which
     shifts everything after it and so lowers ``ncc`` and ``envelope_corr``).
     Measured on ten echoes through the Pipecat bot while the unit tests ran
-    beside them: the daemon's jitter buffer grew by a frame and shrank back in
-    four (the lag 40 ms, then 60, then 40 again); with 0.5 s segments they
-    matched 0.73-0.91, with 0.25 s 0.87-0.96. The same received audio
-    reversed, or cut into 0.2 s pieces and shuffled, matches 0.0 and 0.09.
+    beside them, the lag moved within four (40 ms, then 60, then 40 again as
+    the jitter buffer grew a frame and gave it back; in one, 60 then 120);
+    with 0.5 s segments they matched 0.73-0.91, with 0.25 s 0.87-0.96. The
+    same received audio reversed, or cut into 0.2 s pieces and shuffled,
+    matches 0.0 and 0.09.
     """
 
     lag_s: float
