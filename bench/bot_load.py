@@ -92,6 +92,7 @@ from bench.sip_load import (
     PEER_CPU,
     analyse,
     clock_counters,
+    core_ticks,
     cpu_ticks,
     lag_p99_ms,
     rss_kib,
@@ -215,16 +216,6 @@ def children_named(name: str) -> list[int]:
     return found
 
 
-def core_ticks(cpu: int) -> tuple[int, int]:
-    """(busy, total) clock ticks of one CPU from ``/proc/stat`` (idle and iowait not busy)."""
-    for line in Path("/proc/stat").read_text().splitlines():
-        fields = line.split()
-        if fields[0] == f"cpu{cpu}":
-            ticks = [int(v) for v in fields[1:]]
-            return sum(ticks) - ticks[3] - ticks[4], sum(ticks)
-    raise ValueError(f"no cpu{cpu} in /proc/stat")
-
-
 class CpuMeter:
     """CPU used over a window by voxgate, the bots, SIPp and the peer core as a whole."""
 
@@ -236,8 +227,8 @@ class CpuMeter:
     def _sample(self) -> tuple[int, int, int, int, int]:
         """Ticks of voxgate, the bots, SIPp; busy and total ticks of the peer core."""
         daemon, bots, sipp = self._pids
-        return (cpu_ticks(daemon), process_ticks(bots), process_ticks(sipp),
-                *core_ticks(PEER_CPU))
+        peer = core_ticks(PEER_CPU)
+        return cpu_ticks(daemon), process_ticks(bots), process_ticks(sipp), peer.busy, peer.total
 
     def stop(self) -> tuple[float, float, float, float]:
         """voxgate, bots and SIPp CPU in % of one core, and the peer core's busy %, since

@@ -401,14 +401,14 @@ def run_once(sessions: int, run: int, options: Options, workdir: Path) -> RunRes
                         name = event.get("event")
                         if name == "window_start":
                             ticks_start, t_start = cpu_ticks(daemon.pid), time.monotonic()
-                            core_start, steal_start = core_ticks(DAEMON_CPU)
+                            core_start = core_ticks(DAEMON_CPU)
                             _, skipped_start = clock_counters(daemon.control_socket)
                             rss = rss_kib(daemon.pid)
                         elif name == "window_mid":
                             rss = max(rss, rss_kib(daemon.pid))
                         elif name == "window_end":
                             ticks_stop, t_stop = cpu_ticks(daemon.pid), time.monotonic()
-                            core_stop, steal_stop = core_ticks(DAEMON_CPU)
+                            core_stop = core_ticks(DAEMON_CPU)
                             _, skipped_stop = clock_counters(daemon.control_socket)
                             rss = max(rss, rss_kib(daemon.pid))
                         elif name == "result":
@@ -428,8 +428,10 @@ def run_once(sessions: int, run: int, options: Options, workdir: Path) -> RunRes
     return RunResult(
         sessions=sessions, run=run, gen=GeneratorReport.from_json(report),
         window_s=t_stop - t_start, daemon_cpu_s=(ticks_stop - ticks_start) / _CLK_TCK,
-        foreign_cpu_s=max(0, core_stop - core_start - (ticks_stop - ticks_start)) / _CLK_TCK,
-        steal_s=(steal_stop - steal_start) / _CLK_TCK, probe=probe.figures(t_start, t_stop),
+        foreign_cpu_s=max(0, core_stop.busy - core_start.busy - (ticks_stop - ticks_start))
+        / _CLK_TCK,
+        steal_s=(core_stop.steal - core_start.steal) / _CLK_TCK,
+        probe=probe.figures(t_start, t_stop),
         rss_kib=rss, idle_rss_kib=idle_rss,
         frames_skipped=round(skipped_stop - skipped_start), daemon_exited=daemon_exited,
     )

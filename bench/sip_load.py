@@ -115,16 +115,26 @@ def cpu_ticks(pid: int) -> int:
     return int(fields[11]) + int(fields[12])
 
 
-def core_ticks(cpu: int) -> tuple[int, int]:
-    """(busy, steal) clock ticks of CPU ``cpu`` (/proc/stat). Busy is all but idle,
-    iowait and steal: less the daemon's own :func:`cpu_ticks` over a window, the
-    foreign load on its core. Steal is the time the hypervisor ran something else
-    while the core had work (0 on bare metal)."""
+@dataclass(frozen=True, slots=True)
+class CoreTicks:
+    """Clock ticks of one CPU since boot (``/proc/stat``); differences over a window."""
+
+    busy: int
+    """All but idle, iowait and steal: less the daemon's own :func:`cpu_ticks` over a
+    window, the foreign load on its core."""
+    steal: int
+    """The hypervisor ran something else while the core had work (0 on bare metal)."""
+    total: int
+
+
+def core_ticks(cpu: int) -> CoreTicks:
+    """CPU ``cpu``'s :class:`CoreTicks` now."""
     for line in Path("/proc/stat").read_text().splitlines():
         fields = line.split()
         if fields[0] == f"cpu{cpu}":
-            user, nice, system, _idle, _iowait, irq, softirq, *rest = map(int, fields[1:9])
-            return user + nice + system + irq + softirq, rest[0] if rest else 0
+            user, nice, system, idle, iowait, irq, softirq, *rest = map(int, fields[1:9])
+            busy, steal = user + nice + system + irq + softirq, rest[0] if rest else 0
+            return CoreTicks(busy, steal, busy + idle + iowait + steal)
     raise LookupError(f"no cpu{cpu} line in /proc/stat")
 
 

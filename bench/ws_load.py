@@ -67,6 +67,7 @@ from bench.rtp_load import NO_LOAD_GATE
 from bench.sip_load import (
     DAEMON_CPU,
     PEER_CPU,
+    CoreTicks,
     clock_counters,
     core_ticks,
     cpu_ticks,
@@ -305,7 +306,8 @@ def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, durati
     stop_at = t0 + ramp_s + duration_s
     planned_start, planned_stop = t0 + ramp_s + _EDGE_S, stop_at - _EDGE_S
     mid = (planned_start + planned_stop) / 2
-    ticks_start = ticks_stop = rss = core_start = core_stop = steal_start = steal_stop = 0
+    ticks_start = ticks_stop = rss = 0
+    core_start = core_stop = CoreTicks(0, 0, 0)
     skipped_start = skipped_stop = 0.0
     cpu_start = cpu_stop = window_start = window_stop = 0.0
     lateness: list[float] = []
@@ -321,13 +323,13 @@ def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, durati
         now = time.monotonic()
         if not window_start and now >= planned_start:
             window_start, ticks_start, cpu_start = now, cpu_ticks(pid), time.process_time()
-            core_start, steal_start = core_ticks(DAEMON_CPU)
+            core_start = core_ticks(DAEMON_CPU)
             skipped_start = clock_counters(control_socket)[1]
         if not rss and now >= mid:
             rss = rss_kib(pid)
         if not window_stop and now >= planned_stop:
             window_stop, ticks_stop, cpu_stop = now, cpu_ticks(pid), time.process_time()
-            core_stop, steal_stop = core_ticks(DAEMON_CPU)
+            core_stop = core_ticks(DAEMON_CPU)
             skipped_stop = clock_counters(control_socket)[1]
         if now < tick or tick >= stop_at:
             if tick >= stop_at:
@@ -346,8 +348,8 @@ def drive(sessions: int, port: int, payloads: list[bytes], ramp_s: float, durati
     daemon_ticks = ticks_stop - ticks_start
     return Run(clients, (window_start, window_stop), daemon_ticks / _CLK_TCK, rss,
                cpu_stop - cpu_start, lateness,
-               foreign_cpu_s=max(0, core_stop - core_start - daemon_ticks) / _CLK_TCK,
-               steal_s=(steal_stop - steal_start) / _CLK_TCK,
+               foreign_cpu_s=max(0, core_stop.busy - core_start.busy - daemon_ticks) / _CLK_TCK,
+               steal_s=(core_stop.steal - core_start.steal) / _CLK_TCK,
                frames_skipped=round(skipped_stop - skipped_start))
 
 
