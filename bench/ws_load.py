@@ -368,8 +368,9 @@ def run_step(sessions: int, run_index: int, payloads: list[bytes], workdir: Path
         "log": {"level": "warning"},
     }
     with running_daemon(workdir / "daemon", overrides, cpu=DAEMON_CPU) as daemon:
-        if fifo:  # the main thread: the media clock and every socket
-            os.sched_setscheduler(daemon.pid, os.SCHED_FIFO, os.sched_param(fifo))
+        if fifo:  # the main thread only (the media clock and every socket), not its threads
+            os.sched_setscheduler(daemon.pid, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK,
+                                  os.sched_param(fifo))
         time.sleep(1.0)
         idle_rss = rss_kib(daemon.pid)
         with HostProbe(DAEMON_CPU, workdir / "host_probe.txt") as probe:
@@ -474,8 +475,9 @@ def main(argv: list[str] | None = None) -> int:
     payloads = [base64.b64encode(ulaw[i:i + FRAME_BYTES])
                 for i in range(0, len(ulaw) - FRAME_BYTES + 1, FRAME_BYTES)]
     os.sched_setaffinity(0, {PEER_CPU})
-    if args.fifo:
-        os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(args.fifo))
+    if args.fifo:  # reset on fork: the daemon and the host probe start SCHED_OTHER
+        os.sched_setscheduler(0, os.SCHED_FIFO | os.SCHED_RESET_ON_FORK,
+                              os.sched_param(args.fifo))
     print(f"workdir {workdir}; clip {clip.duration_s:.2f} s; daemon on CPU {DAEMON_CPU}, "
           f"clients on CPU {PEER_CPU}; admission load gate "
           f"{'off' if args.no_load_gate else 'on'}; SCHED_FIFO {args.fifo or 'off'}")

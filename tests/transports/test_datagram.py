@@ -111,6 +111,28 @@ def test_sends_to_the_address_and_follows_a_new_one(
     assert _arrive(SocketDatagrams(other, MAX_BYTES))[0] == b"z"
 
 
+def test_an_equal_new_tuple_goes_to_the_same_place_and_a_new_port_moves_it(
+    make: Make, pair: tuple[socket.socket, socket.socket], other: socket.socket
+) -> None:
+    """Compiled callers box a new (host, port) tuple per send: the destination
+    is followed by value, the host string alone does not pin it."""
+    ours, peer = pair
+    io = make(ours)
+    host = "127.0.0.1"
+    peer_port, other_port = peer.getsockname()[1], other.getsockname()[1]
+    io.send(b"a", (host, peer_port))
+    io.send(b"b", (host, int(str(peer_port))))  # equal, not the same objects
+    io.send(b"c", (host, other_port))  # the same host str, another port
+    io.send(b"d", ("127.0.0." + "1", peer_port))  # an equal host str, not the same one
+    from_peer = SocketDatagrams(peer, MAX_BYTES)
+    assert [_arrive(from_peer)[0] for _ in range(3)] == [b"a", b"b", b"d"]
+    assert _arrive(SocketDatagrams(other, MAX_BYTES))[0] == b"c"
+    with pytest.raises(OverflowError):  # a bad port after a good one still raises
+        io.send(b"e", (host, 70000))
+    io.send(b"f", (host, peer_port))
+    assert _arrive(from_peer)[0] == b"f"
+
+
 def test_a_bad_destination_raises(make: Make, pair: tuple[socket.socket, socket.socket]) -> None:
     ours, _ = pair
     io = make(ours)

@@ -19,7 +19,8 @@
  *       reported on the socket): the caller tries again at its next tick.
  *   send(datagram, addr) -> None
  *       One sendto(2) to addr, a (host, port) tuple with an IP literal of the
- *       socket's family; parsed once while the same tuple object is passed.
+ *       socket's family; parsed again only when the host or port changes (by
+ *       value: mypyc-compiled callers box a new tuple for every call).
  *       Raises OSError as socket.sendto does (also for a host that is not
  *       such a literal) and OverflowError for a port outside 0-65535.
  *
@@ -45,7 +46,8 @@ typedef struct {
     PyObject *rx_tuple; /* (host, port) of rx_addr, or NULL */
     struct sockaddr_storage tx_addr;
     socklen_t tx_len;
-    PyObject *tx_key; /* the addr object tx_addr was parsed from, or NULL */
+    PyObject *tx_host; /* the host str tx_addr was parsed from, or NULL */
+    long tx_port;      /* and its port */
 } DatagramIo;
 
 static int
@@ -77,7 +79,7 @@ DatagramIo_init(DatagramIo *self, PyObject *args, PyObject *kwds)
     self->max_bytes = max_bytes;
     self->rx_len = 0;
     Py_CLEAR(self->rx_tuple);
-    Py_CLEAR(self->tx_key);
+    Py_CLEAR(self->tx_host);
     return 0;
 }
 
@@ -85,7 +87,7 @@ static void
 DatagramIo_dealloc(DatagramIo *self)
 {
     Py_CLEAR(self->rx_tuple);
-    Py_CLEAR(self->tx_key);
+    Py_CLEAR(self->tx_host);
     PyMem_Free(self->buffer);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
@@ -198,9 +200,33 @@ parse_destination(DatagramIo *self, PyObject *addr)
     }
     memcpy(&self->tx_addr, &parsed, sizeof(parsed));
     self->tx_len = parsed_len;
-    Py_INCREF(addr);
-    Py_XSETREF(self->tx_key, addr);
+    PyObject *host_str = PyTuple_GET_ITEM(addr, 0);
+    Py_INCREF(host_str);
+    Py_XSETREF(self->tx_host, host_str);
+    self->tx_port = port;
     return 0;
+}
+
+/* Whether addr is the (host, port) tx_addr was parsed from, without parsing it:
+ * the same host str (or an equal one) and an int port of the same value. */
+static int
+same_destination(const DatagramIo *self, PyObject *addr)
+{
+    if (self->tx_host == NULL || !PyTuple_Check(addr) || PyTuple_GET_SIZE(addr) != 2) {
+        return 0;
+    }
+    PyObject *host = PyTuple_GET_ITEM(addr, 0);
+    PyObject *port = PyTuple_GET_ITEM(addr, 1);
+    if (host != self->tx_host
+        && !(PyUnicode_CheckExact(host) && PyUnicode_Compare(host, self->tx_host) == 0)) {
+        return 0;
+    }
+    if (!PyLong_CheckExact(port)) {
+        return 0;
+    }
+    int overflow;
+    long value = PyLong_AsLongAndOverflow(port, &overflow);
+    return !overflow && value == self->tx_port;
 }
 
 static PyObject *
@@ -214,7 +240,7 @@ DatagramIo_send(DatagramIo *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_ValueError, "DatagramIo not initialised");
         return NULL;
     }
-    if (args[1] != self->tx_key && parse_destination(self, args[1]) < 0) {
+    if (!same_destination(self, args[1]) && parse_destination(self, args[1]) < 0) {
         return NULL;
     }
     Py_buffer datagram;
