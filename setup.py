@@ -36,9 +36,13 @@ NATIVE_MODULES = (
     "voxgate/rtp/stream.py",
     "voxgate/transports/media_stream.py",
     "voxgate/transports/rtp_leg.py",
+    "voxgate/transports/websocket.py",
+    "voxgate/transports/ws_server.py",
 )
 """Paths under ``daemon/``: the per-call media tick (RTP, jitter buffer, VAD,
-playout, budget, deadman) and the WebSocket media-stream messages."""
+playout, budget, deadman), the WebSocket media-stream messages, and the WebSocket
+endpoint and connection whose reads and writes the tick drives (interpreted, they
+were half the daemon's CPU at 300 streams: py-spy)."""
 
 C_EXTENSIONS = (
     Extension("voxgate.codec._g711", ["daemon/voxgate/codec/_g711.c"]),

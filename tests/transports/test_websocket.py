@@ -801,7 +801,7 @@ async def test_write_batch_writes_in_bursts_and_the_rest_once_the_running_task_y
         nursery.start_soon(batch.run)
         await trio.testing.wait_all_tasks_blocked()
         for n in range(WRITE_BATCH_CONNECTIONS + 3):
-            batch.add(Conn(n))  # type: ignore[arg-type]
+            batch.add(Conn(n))
         assert written == list(range(WRITE_BATCH_CONNECTIONS))  # one burst, no yield yet
         await trio.testing.wait_all_tasks_blocked()
         assert written == list(range(WRITE_BATCH_CONNECTIONS + 3))  # the rest, by the task

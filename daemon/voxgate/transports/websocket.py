@@ -66,6 +66,7 @@ import uuid
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import trio
 
@@ -106,16 +107,23 @@ _END_CLOSE = {"shutdown": ms.CLOSE_GOING_AWAY, "drain-timeout": ms.CLOSE_GOING_A
               "error": ms.CLOSE_INTERNAL_ERROR}
 
 
+class _QueuedWriter(Protocol):
+    """What :class:`_WriteBatch` writes: a connection (:class:`_Connection`) with
+    messages queued."""
+
+    def write_queued(self) -> None: ...
+
+
 class _WriteBatch:
     """The connections with messages queued, written in bursts (see the module
     docstring): at most :data:`WRITE_BATCH_CONNECTIONS` at once, the rest by
     :meth:`run` once the running task (the media clock's tick) lets it run."""
 
     def __init__(self) -> None:
-        self._conns: list[_Connection] = []
+        self._conns: list[_QueuedWriter] = []
         self._wake = trio.Event()
 
-    def add(self, conn: _Connection) -> None:
+    def add(self, conn: _QueuedWriter) -> None:
         """``conn`` has messages queued: write them with the next burst."""
         conns = self._conns
         conns.append(conn)
@@ -653,18 +661,18 @@ class WebSocketEndpoint:
                     # Woken for the socket (a control frame, TCP ending) or detached:
                     # get_message handles it, then the next message, then we sleep again.
                 deadline = stream.next_deadline()
-                with trio.move_on_at(math.inf if deadline is None else deadline):
+                with trio.move_on_at(math.inf if deadline is None else deadline) as timeout:
                     data = await conn.ws.get_message()
                     if self._on_message(conn, data, trio.current_time()):
                         return
-                    continue
-                stream.handle_timer(trio.current_time())
+                if timeout.cancelled_caught:
+                    stream.handle_timer(trio.current_time())
         except ConnectionClosed as e:
             if e.failed:  # a broken frame or an oversized message: the close frame is sent
                 self._bad_message(conn, ms.MediaStreamError(e.code, e.reason))
-        except ms.MediaStreamError as e:
-            self._bad_message(conn, e)
-            conn.close(e.close_code, e.reason)
+        except ms.MediaStreamError as error:  # not "e": compiled, a name has one type
+            self._bad_message(conn, error)
+            conn.close(error.close_code, error.reason)
         except Exception as exc:
             log_event(logging.ERROR, "websocket_error", f"media stream failed: {exc!r}",
                       call=self._session_of(conn), session_id=conn.ticket, remote=conn.remote,

@@ -183,12 +183,17 @@ class ServerWebSocket:
                 await self._close_stream(CLOSE_ABNORMAL, "gone during the handshake")
                 raise HandshakeError("the peer left before its request ended", 0)
             self._request_head += data
+            # The refusal is awaited after the except clauses, not in them: compiled
+            # (setup.py), an await there loses which exception is being handled.
+            refusal: tuple[Event | None, str] | None = None
             try:
                 self._ws.receive_data(data)
             except HandshakeProtocolError as exc:
-                await self._refuse_request(exc.event_hint, str(exc))
+                refusal = exc.event_hint, str(exc)
             except UnicodeError as exc:  # wsproto decodes the target (ASCII) and Host (IDNA)
-                await self._refuse_request(None, f"undecodable request: {exc}")
+                refusal = None, f"undecodable request: {exc}"
+            if refusal is not None:
+                await self._refuse_request(*refusal)
 
     async def reject(self, status: int, headers: Sequence[tuple[bytes, bytes]] = ()) -> None:
         """Answer the request with HTTP ``status`` and ``headers`` (no body) and close
