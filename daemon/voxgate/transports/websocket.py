@@ -670,7 +670,7 @@ class WebSocketEndpoint:
         except ConnectionClosed as e:
             if e.failed:  # a broken frame or an oversized message: the close frame is sent
                 self._bad_message(conn, ms.MediaStreamError(e.code, e.reason))
-        except ms.MediaStreamError as error:  # not "e": compiled, a name has one type
+        except ms.MediaStreamError as error:  # compiled (setup.py): one name per type
             self._bad_message(conn, error)
             conn.close(error.close_code, error.reason)
         except Exception as exc:

@@ -183,15 +183,15 @@ class ServerWebSocket:
                 await self._close_stream(CLOSE_ABNORMAL, "gone during the handshake")
                 raise HandshakeError("the peer left before its request ended", 0)
             self._request_head += data
-            # The refusal is awaited after the except clauses, not in them: compiled
-            # (setup.py), an await there loses which exception is being handled.
+            # Compiled (setup.py): the refusal is awaited after the except clauses (an
+            # await in one loses the exception being handled), one name per type.
             refusal: tuple[Event | None, str] | None = None
             try:
                 self._ws.receive_data(data)
             except HandshakeProtocolError as exc:
                 refusal = exc.event_hint, str(exc)
-            except UnicodeError as exc:  # wsproto decodes the target (ASCII) and Host (IDNA)
-                refusal = None, f"undecodable request: {exc}"
+            except UnicodeError as undecodable:  # wsproto decodes the target and Host (IDNA)
+                refusal = None, f"undecodable request: {undecodable}"
             if refusal is not None:
                 await self._refuse_request(*refusal)
 
