@@ -179,6 +179,20 @@ async def test_killed_worker_gives_no_match_and_is_restarted():
     assert not alive(victim)
 
 
+@requires("espeak-ng")
+async def test_worker_that_dies_idle_is_restarted_before_the_next_utterance():
+    async with open_recognizer(GRAMMARS) as recognizer:
+        pool = recognizer.pool
+        await until(lambda: pool.stats.started == 1, "the worker never got ready")
+        victim = pool.pids[0]
+        os.kill(victim, signal.SIGKILL)
+        await until(lambda: pool.stats.started == 2, "the dead idle worker was not restarted")
+        assert pool.stats.restarts == 1 and victim not in pool.pids
+        after = await recognizer.recognize(spoken("agent"), "main")
+        assert after.decode_s > 0 and (pool.stats.utterances, pool.stats.failed) == (1, 0)
+    assert not alive(victim)
+
+
 async def test_worker_has_the_memory_limit():
     async with open_recognizer(GRAMMARS, memory_bytes=300 << 20) as recognizer:
         pool = recognizer.pool

@@ -21,7 +21,9 @@ Bounds: at most one utterance per worker is decoded, at most
 answered no-match). A worker that dies or takes longer than ``[agent]
 recognizer_timeout_s`` on one utterance is killed and restarted after a
 backoff (``voxgate_recognizer_restarts_total``, one ``recognizer_restart``
-log line); its utterance is answered no-match. :meth:`Recognizer.recognize`
+log line); its utterance is answered no-match. A worker is watched while idle
+too, so one that dies between utterances is restarted at once. Each worker
+that has built its decoders logs one ``recognizer_ready`` line. :meth:`Recognizer.recognize`
 never raises because of a worker.
 
 Rejection: the grammar path's acoustic fit decides (see
@@ -113,7 +115,8 @@ class PoolStats:
         self.dropped = 0
         """Utterances answered no-match at once: the queue was full or the pool not running."""
         self.failed = 0
-        """Utterances answered no-match because their worker died, timed out or erred."""
+        """Utterances answered no-match because their worker died, timed out, erred or
+        was stopped with the pool."""
         self.timeouts = 0
         """Workers killed for taking longer than the decode timeout."""
         self.restarts = 0
@@ -255,16 +258,25 @@ class RecognizerPool:
         assert process.stdin is not None and process.stdout is not None
         self._pids[slot] = process.pid
         reader = MessageReader()
+        started = trio.current_time()
         try:
             with trio.move_on_after(START_TIMEOUT_S) as starting:
                 ready = await _exchange(process, reader, {"init": True}, b"")
             if starting.cancelled_caught or not ready.get("ready"):
                 raise _WorkerLost(f"not ready within {START_TIMEOUT_S:.0f} s")
             self.stats.started += 1
-            async for request in self._receive:
-                if not request.abandoned:
-                    await self._decode_one(process, reader, request)
-            raise _WorkerLost("the request channel closed")  # never: the pool holds it
+            startup_ms = round((trio.current_time() - started) * 1000)
+            log_event(logging.INFO, "recognizer_ready",
+                      f"recognizer worker ready in {startup_ms} ms",
+                      slot=slot, pid=process.pid, startup_ms=startup_ms)
+            # The worker is watched while idle too: one that dies between utterances is
+            # restarted at once, not found dead by (and answering no-match to) the next one.
+            lost: list[_WorkerLost] = []
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._decode_requests, process, reader, lost)
+                status = await process.wait()
+                nursery.cancel_scope.cancel()
+            raise lost[0] if lost else _WorkerLost(f"exited ({status})")
         finally:
             with trio.CancelScope(shield=True):
                 process.kill()
@@ -272,9 +284,23 @@ class RecognizerPool:
                 await process.stdin.aclose()
                 await process.stdout.aclose()
 
+    async def _decode_requests(self, process: trio.Process, reader: MessageReader,
+                               lost: list[_WorkerLost]) -> None:
+        """Feed the worker queued utterances until it is lost; then put why in ``lost``
+        and kill it (which ends :meth:`_serve`'s wait for its exit)."""
+        try:
+            async for request in self._receive:
+                if not request.abandoned:
+                    await self._decode_one(process, reader, request)
+            raise _WorkerLost("the request channel closed")  # never: the pool holds it
+        except _WorkerLost as e:
+            lost.append(e)
+            process.kill()
+
     async def _decode_one(self, process: trio.Process, reader: MessageReader,
                           request: _Request) -> None:
-        """Have the worker decode ``request``; its waiter is woken whatever happens."""
+        """Have the worker decode ``request``; its waiter is woken whatever happens (a
+        no-match, counted as failed, unless the worker answered)."""
         try:
             with trio.move_on_after(self.timeout_s) as decoding:
                 reply = await _exchange(process, reader, {
@@ -284,11 +310,11 @@ class RecognizerPool:
                 self.stats.timeouts += 1
                 raise _WorkerLost(f"no answer within {self.timeout_s:g} s")
             request.result = _recognition(reply)
-            self.stats.utterances += 1
-        except _WorkerLost:
-            self.stats.failed += 1
-            raise
         finally:
+            if request.result is NO_MATCH:  # lost, or cancelled by the worker's exit
+                self.stats.failed += 1
+            else:
+                self.stats.utterances += 1
             request.done.set()
 
 
