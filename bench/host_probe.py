@@ -13,20 +13,29 @@ in a 1.5x one, and its media clock skips ticks.
 200 ms (1-2 % of a core) and prints, a line each, the monotonic time it
 ended and the unit's CPU time in µs: the time of a fixed amount of the
 interpreter's work, as the daemon's is (on an idle core here: 1,100-1,450 µs
-at its fastest, 1,970-2,160 at the median, 10 s each on both cores).
+at its fastest, 1,970-2,160 at the median, 10 s each on both cores). Then the
+CPU time of a fixed unit of system calls, the other half of the daemon's
+work: :data:`SYSCALL_PAIRS` 172-byte UDP datagrams (a 160-byte µ-law frame
+with its RTP header) sent to itself on loopback and read back, as a leg's
+tick sends and reads one packet (here: 263-287 µs at its fastest, 410-468 at
+the median, 10 s each on both idle cores; about 4 µs a pair, a fifth of a
+call-tick). Machines whose Python runs as fast can differ here (virtualised
+network calls, kernel mitigations).
 Benchmarks run it pinned to the daemon's core (:class:`HostProbe`) and print
-its p50/p90 over the window: comparable between runs (lower is faster), and a
-run that failed in a slow spell shows a high p90. Under a SCHED_FIFO daemon
-it runs in the daemon's idle time, which only delays it: its figure is CPU
-time.
+p50/p90 of the first and p50 of the second over the window: comparable
+between runs (lower is faster), and a run that failed in a slow spell shows
+a high p90. Under a SCHED_FIFO daemon it runs in the daemon's idle time,
+which only delays it: its figures are CPU time.
 """
 
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -35,6 +44,8 @@ from tests.harness.pcap import percentile
 
 PERIOD_S = 0.2
 UNIT_ITERATIONS = 8000  # 2-4 ms of CPython 3.11 here
+SYSCALL_PAIRS = 100
+_DATAGRAM = bytes(172)
 
 
 def work_unit() -> int:
@@ -45,29 +56,48 @@ def work_unit() -> int:
     return total
 
 
+def syscall_unit(sock: socket.socket) -> None:
+    """A fixed amount of system calls: :data:`SYSCALL_PAIRS` datagrams that the UDP
+    socket ``sock`` (bound on loopback, blocking) sends to itself and reads back."""
+    address = sock.getsockname()
+    for _ in range(SYSCALL_PAIRS):
+        sock.sendto(_DATAGRAM, address)
+        sock.recv(2048)
+
+
+def _cpu_us(unit: Callable[[], object]) -> float:
+    before = time.thread_time()
+    unit()
+    return (time.thread_time() - before) * 1e6
+
+
 def main() -> None:
-    """Probe until killed: a line ``<monotonic s> <unit CPU µs>`` per unit, flushed.
+    """Probe until killed: a line ``<monotonic s> <Python unit CPU µs> <system call unit
+    CPU µs>`` per period, flushed.
 
     It runs SCHED_OTHER whatever its parent's policy (a SCHED_FIFO benchmark's
     child would otherwise run each unit ahead of a daemon of the same priority).
     """
     os.sched_setscheduler(0, os.SCHED_OTHER, os.sched_param(0))
-    next_at = time.monotonic()
-    while True:
-        cpu_before = time.thread_time()
-        work_unit()
-        cpu_us = (time.thread_time() - cpu_before) * 1e6
-        print(f"{time.monotonic():.6f} {cpu_us:.1f}", flush=True)
-        next_at += PERIOD_S
-        time.sleep(max(0.0, next_at - time.monotonic()))
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        next_at = time.monotonic()
+        while True:
+            python_us = _cpu_us(work_unit)
+            syscall_us = _cpu_us(lambda: syscall_unit(sock))
+            print(f"{time.monotonic():.6f} {python_us:.1f} {syscall_us:.1f}", flush=True)
+            next_at += PERIOD_S
+            time.sleep(max(0.0, next_at - time.monotonic()))
 
 
 @dataclass(frozen=True, slots=True)
 class ProbeFigures:
-    """The probe's unit CPU time over a window, µs (NaN without samples)."""
+    """The probe's units' CPU time over a window, µs (NaN without samples): the Python
+    unit's p50 and p90, the system call unit's p50."""
 
     p50_us: float
     p90_us: float
+    syscall_p50_us: float
     samples: int
 
 
@@ -92,12 +122,15 @@ class HostProbe:
             self._proc.wait()
 
     def figures(self, start_s: float, stop_s: float) -> ProbeFigures:
-        """p50/p90 of the units that ended between monotonic ``start_s`` and ``stop_s``."""
-        units = [float(cpu_us)
-                 for at, cpu_us in (line.split() for line in self._path.read_text().splitlines()
-                                    if line.count(" ") == 1)  # not a line cut by the kill
-                 if start_s <= float(at) <= stop_s]
-        return ProbeFigures(percentile(units, 50), percentile(units, 90), len(units))
+        """Figures of the periods that ended between monotonic ``start_s`` and ``stop_s``."""
+        periods = [(float(python_us), float(syscall_us))
+                   for at, python_us, syscall_us in (
+                       line.split() for line in self._path.read_text().splitlines()
+                       if line.count(" ") == 2)  # not a line cut by the kill
+                   if start_s <= float(at) <= stop_s]
+        python = [p for p, _ in periods]
+        return ProbeFigures(percentile(python, 50), percentile(python, 90),
+                            percentile([s for _, s in periods], 50), len(periods))
 
 
 if __name__ == "__main__":

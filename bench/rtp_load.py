@@ -456,6 +456,7 @@ TABLE: Table[RunResult] = Table((
     ("steal%", ".1f", lambda r: r.steal_pct),
     ("probe50", ".0f", lambda r: r.probe.p50_us),
     ("probe90", ".0f", lambda r: r.probe.p90_us),
+    ("sys50", ".0f", lambda r: r.probe.syscall_p50_us),
     ("ms/sess-s", ".2f", lambda r: r.cpu_ms_per_session_s),
     ("us/tick", ".1f", lambda r: r.us_per_call_tick),
     ("KiB/sess", ".1f", lambda r: r.rss_per_session_kib),
@@ -466,7 +467,8 @@ TABLE: Table[RunResult] = Table((
 ))
 """Times in ms; ``foreign%`` other processes' CPU on the daemon's core, ``steal%`` the
 hypervisor's, ``probe50``/``probe90`` how fast that core ran (:mod:`bench.host_probe`,
-µs of CPU for a fixed unit of work: lower is faster); ``ms/sess-s``
+µs of CPU for a fixed unit of Python work: lower is faster) and ``sys50`` how fast
+its system calls did (the same for a fixed unit of loopback UDP sends and reads); ``ms/sess-s``
 daemon CPU per session-second; ``us/tick`` per call-tick;
 ``gen%`` the generator's CPU (% of its core); ``late99`` its send lateness p99."""
 

@@ -26,12 +26,13 @@ up, ``--duration`` s) it measures:
   or saturated client voids the figures);
 - other processes' CPU on the daemon's core (``foreign%``), the hypervisor's
   steal time on it (``steal%``), how fast it ran (``probe50``/``probe90``,
-  :mod:`bench.host_probe`) and the media clock's skipped ticks (``voxgatectl
-  metrics``), as ``bench.rtp_load`` prints them. A skipped tick costs each
-  stream the frames it missed (:meth:`~voxgate.pipeline.playout.Playout.skip`),
-  whose echoes never come: one skipped tick is 1 / (50 x window s) loss, 0.067 %
-  over the default 30 s window, 0.1 % over 20 s (``bench.rtp_load`` counts loss
-  by the daemon's sequence numbers, which a skip leaves whole).
+  and its system calls ``sys50``, :mod:`bench.host_probe`) and the media
+  clock's skipped ticks (``voxgatectl metrics``), as ``bench.rtp_load`` prints
+  them. A skipped tick costs each stream the frames it missed
+  (:meth:`~voxgate.pipeline.playout.Playout.skip`), whose echoes never come:
+  one skipped tick is 1 / (50 x window s) loss, 0.067 % over the default 30 s
+  window, 0.1 % over 20 s (``bench.rtp_load`` counts loss by the daemon's
+  sequence numbers, which a skip leaves whole).
 
 It prints a row per run and the largest N meeting gap p99 ≤ 30 ms, gap max ≤
 100 ms, loss ≤ 0.1 % and echo p99 ≤ 60 ms (``bench/sip_load.py``'s limits)
@@ -426,6 +427,7 @@ _TABLE: Table[StepResult] = Table((
     ("steal%", ".1f", lambda r: r.steal_pct),
     ("probe50", ".0f", lambda r: r.probe.p50_us),
     ("probe90", ".0f", lambda r: r.probe.p90_us),
+    ("sys50", ".0f", lambda r: r.probe.syscall_p50_us),
     ("ms/sess-s", ".2f", lambda r: r.cpu_ms_per_session_s),
     ("rssMiB", ".1f", lambda r: r.rss_kib / 1024),
     ("KiB/sess", ".1f", lambda r: r.rss_per_session_kib),
