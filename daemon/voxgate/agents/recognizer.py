@@ -23,8 +23,8 @@ recognizer_timeout_s`` on one utterance is killed and restarted after a
 backoff (``voxgate_recognizer_restarts_total``, one ``recognizer_restart``
 log line); its utterance is answered no-match. A worker is watched while idle
 too, so one that dies between utterances is restarted at once. Each worker
-that has built its decoders logs one ``recognizer_ready`` line. :meth:`Recognizer.recognize`
-never raises because of a worker.
+that has built its decoders logs one ``recognizer_ready`` line.
+:meth:`Recognizer.recognize` never raises because of a worker.
 
 Rejection: the grammar path's acoustic fit decides (see
 :func:`voxgate.agents.recognizer_worker.grammar_fit`; measured with
