@@ -259,7 +259,8 @@ class AgentConfig:
     recognizer_memory_bytes: int = field(default=512 << 20, metadata=_range(256 << 20, 1 << 40))
     """Each recogniser worker process's address-space limit (``RLIMIT_AS``)."""
     recognizer_timeout_s: float = field(default=10.0, metadata=_range(1, 600))
-    """A worker taking longer on one utterance is killed and restarted (a no-match)."""
+    """A worker taking longer on one utterance is killed and restarted (a no-match); an
+    utterance that no worker takes within as long is a no-match too."""
     synthesizers: int = field(default=2, metadata=_range(1, 64))
     preroll_ms: int = field(default=300, metadata=_range(0, 2000))
     endpoint_check_ms: int = field(default=300, metadata=_range(0, 10_000))

@@ -217,6 +217,7 @@ async def test_idle_worker_lives_and_runs_below_the_daemon():
 async def test_slow_utterance_times_out_and_the_worker_restarts():
     async with open_recognizer(GRAMMARS, timeout_s=1.0) as recognizer:
         pool = recognizer.pool
+        await until(lambda: pool.stats.started == 1, "the worker never got ready")
         # Two minutes of loud noise: the free-form search takes far longer than 1 s.
         noise = os.urandom(16000 * 120)
         result = await recognizer.recognize(noise, "main")
@@ -224,6 +225,16 @@ async def test_slow_utterance_times_out_and_the_worker_restarts():
         assert pool.stats.timeouts == 1
         await until(lambda: pool.stats.started == 2, "the worker was not restarted")
         assert pool.stats.restarts == 1
+
+
+async def test_utterance_no_worker_takes_in_time_is_a_no_match():
+    # 32 MiB of address space: every worker fails to build its decoders and restarts.
+    async with open_recognizer(GRAMMARS, memory_bytes=32 << 20, timeout_s=1.0) as recognizer:
+        pool = recognizer.pool
+        result = await recognizer.recognize(bytes(3200), "main")
+        assert result.matched == "" and result.decode_s == 0.0
+        assert (pool.stats.expired, pool.stats.started, pool.stats.utterances) == (1, 0, 0)
+        await until(lambda: pool.stats.restarts >= 1, "the failing worker was not restarted")
 
 
 async def test_queue_is_bounded_and_drops_are_counted():

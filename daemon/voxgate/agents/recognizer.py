@@ -23,7 +23,10 @@ recognizer_timeout_s`` on one utterance is killed and restarted after a
 backoff (``voxgate_recognizer_restarts_total``, one ``recognizer_restart``
 log line); its utterance is answered no-match. A worker is watched while idle
 too, so one that dies between utterances is restarted at once. Each worker
-that has built its decoders logs one ``recognizer_ready`` line.
+that has built its decoders logs one ``recognizer_ready`` line. An utterance
+that no worker takes within ``recognizer_timeout_s`` (none ready: they keep
+dying, or are still starting) is answered no-match too, so a caller hears
+the menu's answer instead of waiting for ever.
 :meth:`Recognizer.recognize` never raises because of a worker.
 
 Rejection: the grammar path's acoustic fit decides (see
@@ -107,13 +110,16 @@ NO_MATCH = Recognition("", "", 0.0, 0.0)
 class PoolStats:
     """Counters of one :class:`RecognizerPool`."""
 
-    __slots__ = ("dropped", "failed", "restarts", "started", "timeouts", "utterances")
+    __slots__ = ("dropped", "expired", "failed", "restarts", "started", "timeouts",
+                 "utterances")
 
     def __init__(self) -> None:
         self.utterances = 0
         """Utterances answered by a worker."""
         self.dropped = 0
         """Utterances answered no-match at once: the queue was full or the pool not running."""
+        self.expired = 0
+        """Utterances answered no-match because no worker took them within the timeout."""
         self.failed = 0
         """Utterances answered no-match because their worker died, timed out, erred or
         was stopped with the pool."""
@@ -128,7 +134,7 @@ class PoolStats:
 class _Request:
     """One utterance on its way through the pool."""
 
-    __slots__ = ("abandoned", "done", "free_form", "grammar", "pcm", "result")
+    __slots__ = ("abandoned", "done", "free_form", "grammar", "pcm", "result", "taken")
 
     def __init__(self, pcm: bytes, grammar: str, free_form: bool) -> None:
         self.pcm = pcm
@@ -138,6 +144,8 @@ class _Request:
         self.done = trio.Event()
         self.abandoned = False
         """The caller stopped waiting: a worker skips it."""
+        self.taken = False
+        """A worker is decoding it (or has)."""
 
 
 class _WorkerLost(Exception):
@@ -209,7 +217,8 @@ class RecognizerPool:
 
     async def decode(self, pcm: bytes, grammar: str, free_form: bool) -> Recognition:
         """``pcm`` decoded by a worker with the JSGF text ``grammar`` (no-match when
-        the pool is not running, its queue is full, or the worker fails)."""
+        the pool is not running, its queue is full, no worker takes it within the
+        timeout, or the worker fails)."""
         request = _Request(pcm, grammar, free_form)
         if not self._running:
             self.stats.dropped += 1
@@ -220,7 +229,12 @@ class RecognizerPool:
             self.stats.dropped += 1
             return NO_MATCH
         try:
-            await request.done.wait()
+            with trio.move_on_after(self.timeout_s):
+                await request.done.wait()
+            if not request.taken:
+                self.stats.expired += 1
+                return NO_MATCH
+            await request.done.wait()  # bounded by the worker's own decode timeout
         finally:
             request.abandoned = True
         return request.result
@@ -301,6 +315,7 @@ class RecognizerPool:
                           request: _Request) -> None:
         """Have the worker decode ``request``; its waiter is woken whatever happens (a
         no-match, counted as failed, unless the worker answered)."""
+        request.taken = True
         try:
             with trio.move_on_after(self.timeout_s) as decoding:
                 reply = await _exchange(process, reader, {
