@@ -18,6 +18,9 @@ from tests.integration.conftest import StartDaemon
 from tests.integration.test_control import control_socket, ctl_json, health_json, voxgatectl
 
 RETRY_AFTER_S = 7
+GATE_OFF = {"media_utilisation_max": 1.0, "media_lag_max_ms": 10_000}
+"""The media clock's load gate off: a slow spell of a shared machine must not answer 503
+"unhealthy" where these tests count "full" (the gate's own test sets its limits)."""
 _PROBE_NUMBERS = itertools.count(1)
 
 
@@ -43,7 +46,7 @@ def _options(daemon: Daemon) -> tuple[int, dict[str, list[str]]]:
 
 def _assert_options(daemon: Daemon, status: int, warning: str | None = None) -> None:
     got, headers = _options(daemon)
-    assert got == status, (got, headers)
+    assert got == status, (got, headers.get("warning"), headers)
     if warning is None:
         assert "warning" not in headers, headers
     else:
@@ -59,7 +62,7 @@ def _assert_refused(call: Call, status: int, warning: str) -> None:
 
 
 def _limits(**keys: int | float) -> dict[str, int | float]:
-    return {"retry_after_s": RETRY_AFTER_S, **keys}
+    return {"retry_after_s": RETRY_AFTER_S, **GATE_OFF, **keys}
 
 
 # --- tests -------------------------------------------------------------------------------------
@@ -368,7 +371,7 @@ def test_a_busy_media_clock_refuses_new_calls_and_admits_again_under_its_limit(
 ) -> None:
     # 0.1 % of the core: ten calls use more. So does an idle daemon's loop (its
     # housekeeping), so once the calls are gone the operator raises the limit by reload.
-    daemon = start_daemon({"limits": _limits(media_utilisation_max=0.001)})
+    daemon = start_daemon({"limits": _limits(media_utilisation_max=0.001, media_lag_max_ms=40)})
     text = daemon.config_path.read_text()
     assert "media_utilisation_max = 0.001\n" in text
     path = control_socket(daemon)
